@@ -1,0 +1,132 @@
+"""What the job routes do, kept out of the handlers: validate a spec, record a job, enqueue it."""
+from __future__ import annotations
+
+import base64
+import html
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from api.deps import Principal
+from api.errors import ApiError
+from api.schemas import AuditJobCreate, TrainJobCreate
+from api.settings import Settings
+from models import files as files_repo
+from models import jobs as jobs_repo
+from models.db import Database
+from models.tables import Job
+from worker import queue
+
+
+def invalid_spec(message: str, details: Any = None) -> ApiError:
+    return ApiError(422, "invalid_spec", message, details)
+
+
+def queue_for(device: str) -> str:
+    """GPU work goes to the gpu queue; a worker started by `make serve` listens to both."""
+    return "cpu" if device == "cpu" else "gpu"
+
+
+def resolve_train(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    from starvation.errors import SpecError
+    from starvation.training import resolve_train_spec
+
+    try:
+        resolved = resolve_train_spec(spec)
+    except SpecError as exc:
+        raise invalid_spec(str(exc)) from None
+    if resolved["steps"] > settings.max_steps:
+        raise invalid_spec(f"steps is {resolved['steps']}; the limit is {settings.max_steps}.")
+    if len(resolved["seeds"]) > settings.max_seeds:
+        raise invalid_spec(f"{len(resolved['seeds'])} seeds; the limit is {settings.max_seeds}.")
+    return resolved
+
+
+def check_dataset(session: Session, name: str, owner_id: str) -> None:
+    from starvation.datasets import DATASETS
+
+    if name not in DATASETS and files_repo.get_dataset(session, name, owner_id=owner_id) is None:
+        known = ", ".join(sorted(DATASETS))
+        raise invalid_spec(f"Unknown dataset {name!r}: use a built-in ({known}) or a registered dataset id.")
+
+
+def resolve_audit(session: Session, body: AuditJobCreate, owner_id: str) -> dict[str, Any]:
+    from starvation.audit import PROBES
+
+    spec = body.spec
+    if (spec.checkpoint_id is None) == (spec.train_job_id is None):
+        raise invalid_spec("Give exactly one of checkpoint_id and train_job_id.")
+    if spec.checkpoint_id is not None:
+        if files_repo.get_checkpoint(session, spec.checkpoint_id, owner_id=owner_id) is None:
+            raise invalid_spec(f"No checkpoint with id {spec.checkpoint_id!r}.")
+    else:
+        train_job = jobs_repo.get(session, spec.train_job_id, owner_id=owner_id)
+        if train_job is None or train_job.kind != "train":
+            raise invalid_spec(f"No train job with id {spec.train_job_id!r}.")
+        if train_job.status != "succeeded":
+            raise invalid_spec(f"Train job {spec.train_job_id} is {train_job.status}, not succeeded.")
+    check_dataset(session, spec.dataset.name, owner_id)
+    unknown = sorted(set(spec.probes or []) - set(PROBES))
+    if unknown:
+        raise invalid_spec(f"Unknown probes {unknown}; known: {sorted(PROBES)}.")
+    return spec.model_dump()
+
+
+def submit(
+    session: Session, body: TrainJobCreate | AuditJobCreate, principal: Principal, settings: Settings
+) -> Job:
+    if isinstance(body, TrainJobCreate):
+        spec = resolve_train(body.spec.model_dump(exclude_unset=True), settings)
+        check_dataset(session, spec["dataset"]["name"], principal.owner_id)
+    else:
+        spec = resolve_audit(session, body, principal.owner_id)
+    return jobs_repo.create(
+        session,
+        owner_id=principal.owner_id,
+        kind=body.kind,
+        spec=spec,
+        tags=body.tags,
+        queue=queue_for(spec.get("device", "auto")),
+        callback_url=str(body.callback_url) if body.callback_url else None,
+    )
+
+
+def enqueue(db: Database, job_id: str, queue_name: str) -> None:
+    queue.send_and_record(db, job_id, queue_name)
+
+
+def delete(session: Session, job: Job, settings: Settings) -> None:
+    shutil.rmtree(settings.storage_dir / "jobs" / job.id, ignore_errors=True)
+    for checkpoint in files_repo.checkpoints_of_job(session, job.id):
+        session.delete(checkpoint)
+    jobs_repo.remove(session, job)
+
+
+def report_of(job: Job) -> dict[str, Any]:
+    """The audit report: an audit job's result, or the first seed's report of an audited train job."""
+    result = job.result or {}
+    if job.kind == "audit" and job.status == "succeeded":
+        return result
+    reports = result.get("audit", {}).get("reports") if job.kind == "train" else None
+    if reports:
+        return {**reports[0], "per_seed": reports}
+    raise ApiError(
+        404, "no_report", f"Job {job.id} has no report ({job.kind}, {job.status}; train with audit: true)."
+    )
+
+
+def report_html(session: Session, job: Job) -> str:
+    from starvation.audit import render_report_html
+
+    report = report_of(job)
+    # Plots inline as data URIs: the page needs no second authenticated request per image.
+    urls = {}
+    for name in report.get("plots", []):
+        artifact = files_repo.get_artifact(session, job.id, name)
+        if artifact is not None:
+            data = base64.b64encode(Path(artifact.path).read_bytes()).decode()
+            urls[name] = f"data:{artifact.media_type};base64,{data}"
+    title = f"Reliance report: {job.kind} job {job.id}"
+    return render_report_html(report, urls, html.escape(title))

@@ -1,0 +1,123 @@
+"""Checkpoints: uploaded models (checked, never unpickled) and those train jobs produce."""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Header, Query, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from api.deps import PrincipalDep, SessionDep, SettingsDep
+from api.errors import ApiError, not_found
+from api.idempotency import replay_or_create
+from api.schemas import CheckpointOut, CheckpointPage, ErrorResponse
+from api.uploads import save_limited
+from models import files as files_repo
+from models.tables import Checkpoint, new_id
+
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422)}
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=ERRORS)
+
+SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors"}
+
+
+def checkpoint_out(checkpoint: Checkpoint) -> CheckpointOut:
+    return CheckpointOut.model_validate(checkpoint, from_attributes=True)
+
+
+def parse_json_field(name: str, raw: str | None, kind: type) -> Any:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ApiError(422, "invalid_request", f"{name} is not valid JSON.") from None
+    if not isinstance(value, kind):
+        raise ApiError(422, "invalid_request", f"{name} must be a JSON {kind.__name__}.")
+    return value
+
+
+@router.post("", status_code=201, response_model=CheckpointOut)
+async def upload_checkpoint(
+    session: SessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File()],
+    format: Annotated[Literal["torchscript", "onnx", "safetensors"], Form()],
+    arch: Annotated[str | None, Form()] = None,
+    arch_params: Annotated[str | None, Form(description="JSON object")] = None,
+    input_shape: Annotated[str | None, Form(description='JSON list, e.g. [2, 14, 14]')] = None,
+    num_classes: Annotated[int, Form(ge=2, le=100_000)] = 2,
+    idempotency_key: Annotated[str | None, Header()] = None,
+):
+    from starvation.checkpoints import CheckpointError, validate_checkpoint
+
+    params = parse_json_field("arch_params", arch_params, dict) or {}
+    shape = parse_json_field("input_shape", input_shape, list) or [2, 14, 14]
+    if not all(isinstance(d, int) and 0 < d <= 4096 for d in shape) or not 1 <= len(shape) <= 4:
+        raise ApiError(422, "invalid_request", "input_shape must list 1 to 4 positive sizes (no batch axis).")
+    if format == "safetensors" and not arch:
+        raise ApiError(422, "invalid_request", "A safetensors upload needs `arch` (a built-in architecture).")
+    folder = settings.storage_dir / "checkpoints"
+    tmp_path, sha256, size = await save_limited(file, folder, settings.max_upload_bytes)
+    fields = {"format": format, "arch": arch, "arch_params": params, "input_shape": shape, "num_classes": num_classes}
+    request_hash = json.dumps({"sha256": sha256, **fields}, sort_keys=True)
+
+    def create() -> tuple[int, Any]:
+        try:
+            info = validate_checkpoint(
+                tmp_path, format, arch=arch, arch_params=params, input_shape=tuple(shape),
+                num_classes=num_classes, max_bytes=settings.max_upload_bytes,
+            )
+        except CheckpointError as exc:
+            raise ApiError(422, exc.code, str(exc)) from None
+        checkpoint_id = new_id()
+        final = folder / f"{checkpoint_id}{SUFFIX[format]}"
+        tmp_path.rename(final)
+        model_info = {k: v for k, v in fields.items() if k != "format"}
+        model_info["num_outputs"] = info.get("num_outputs")
+        checkpoint = files_repo.add_checkpoint(
+            session, id=checkpoint_id, owner_id=principal.owner_id, format=format, path=str(final),
+            sha256=sha256, size_bytes=size, model_info=model_info,
+        )
+        return 201, checkpoint_out(checkpoint)
+
+    try:
+        return await run_in_threadpool(
+            replay_or_create, session, principal, idempotency_key, request_hash, create
+        )
+    finally:
+        tmp_path.unlink(missing_ok=True)  # kept only if renamed into place
+
+
+@router.get("", response_model=CheckpointPage)
+def list_checkpoints(
+    session: SessionDep,
+    principal: PrincipalDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+):
+    rows = files_repo.list_checkpoints(session, owner_id=principal.owner_id, limit=limit, after_id=cursor)
+    items = rows[:limit]
+    return CheckpointPage(
+        items=[checkpoint_out(c) for c in items],
+        next_cursor=items[-1].id if len(rows) > limit else None,
+    )
+
+
+@router.get("/{checkpoint_id}", response_model=CheckpointOut)
+def get_checkpoint(checkpoint_id: str, session: SessionDep, principal: PrincipalDep):
+    checkpoint = files_repo.get_checkpoint(session, checkpoint_id, owner_id=principal.owner_id)
+    if checkpoint is None:
+        raise not_found("checkpoint", checkpoint_id)
+    return checkpoint_out(checkpoint)
+
+
+@router.get("/{checkpoint_id}/file", response_class=FileResponse)
+def download_checkpoint(checkpoint_id: str, session: SessionDep, principal: PrincipalDep):
+    checkpoint = files_repo.get_checkpoint(session, checkpoint_id, owner_id=principal.owner_id)
+    if checkpoint is None:
+        raise not_found("checkpoint", checkpoint_id)
+    filename = f"{checkpoint.id}{SUFFIX.get(checkpoint.format, '')}"
+    return FileResponse(checkpoint.path, media_type="application/octet-stream", filename=filename)

@@ -1,0 +1,16 @@
+"""API keys: issued by the admin, each a tenant of its own."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.deps import AdminDep, SessionDep
+from api.schemas import ApiKeyCreate, ApiKeyOut, ErrorResponse
+from models import auth as auth_repo
+
+router = APIRouter(prefix="/v1/api-keys", tags=["auth"], responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}})
+
+
+@router.post("", status_code=201, response_model=ApiKeyOut)
+def create_api_key(body: ApiKeyCreate, session: SessionDep, _: AdminDep):
+    key, secret = auth_repo.issue_key(session, name=body.name)
+    return ApiKeyOut(id=key.id, name=key.name, key=secret, created_at=key.created_at)

@@ -1,0 +1,186 @@
+"""Request and response shapes of API.md, as pydantic models (they make the OpenAPI document)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, NonNegativeInt, PositiveInt
+
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+)$"
+
+
+class DatasetRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200, description="built-in name or a registered dataset id")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    arch: str = Field("mlp", min_length=1, max_length=64)
+    hidden: list[PositiveInt] | None = None
+
+
+class MethodSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=64, description="erm | weight_decay | sd")
+    sd_lambda: float | None = Field(None, ge=0)
+    sd_gamma: float | list[float] | None = None
+    warmup_steps: NonNegativeInt | None = None
+    weight_decay: float | None = Field(None, ge=0)
+
+
+class OptimizerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-4, gt=0, le=10)
+    momentum: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainSpec(BaseModel):
+    """Fields given here override the preset's."""
+
+    model_config = ConfigDict(extra="forbid")
+    preset: str | None = None
+    dataset: DatasetRef | None = None
+    model: ModelSpec | None = None
+    method: MethodSpec | None = None
+    optimizer: OptimizerSpec | None = None
+    steps: PositiveInt | None = None
+    batch_size: PositiveInt | None = Field(None, description="null: full batch, as in the paper")
+    seeds: list[NonNegativeInt] | None = Field(None, min_length=1)
+    eval_every: PositiveInt | None = None
+    device: str | None = Field(None, pattern=DEVICE_PATTERN)
+    audit: bool | None = None
+
+
+class AuditSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    checkpoint_id: str | None = None
+    train_job_id: str | None = None
+    dataset: DatasetRef = Field(default_factory=lambda: DatasetRef(name="colored_mnist"))
+    spurious_attribute: str = "color"
+    probes: list[str] | None = None
+    layer: str | None = Field(None, description="penultimate layer for the linear probe, by name")
+    seed: NonNegativeInt = 0
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+
+
+class TrainJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["train"]
+    spec: TrainSpec = Field(default_factory=TrainSpec)
+    tags: dict[str, str] = Field(default_factory=dict)
+    callback_url: HttpUrl | None = None
+
+
+class AuditJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["audit"]
+    spec: AuditSpec
+    tags: dict[str, str] = Field(default_factory=dict)
+    callback_url: HttpUrl | None = None
+
+
+JobCreate = Annotated[TrainJobCreate | AuditJobCreate, Field(discriminator="kind")]
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float
+    spec: dict[str, Any]
+    tags: dict[str, str]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    cancel_requested: bool
+    error: JobError | None
+    result: dict[str, Any] | None
+    links: dict[str, str]
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class MetricOut(BaseModel):
+    step: int
+    name: str
+    value: float
+    seed: int | None
+    split: str | None
+
+
+class MetricPage(BaseModel):
+    items: list[MetricOut]
+    next_cursor: str | None
+
+
+class CheckpointOut(BaseModel):
+    id: str
+    format: str
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+    job_id: str | None = None
+    seed: int | None = None
+    model_info: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckpointPage(BaseModel):
+    items: list[CheckpointOut]
+    next_cursor: str | None
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    media_type: str
+    size_bytes: int
+    url: str
+
+
+class ArtifactList(BaseModel):
+    items: list[ArtifactOut]
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+
+
+class ApiKeyOut(BaseModel):
+    id: str
+    name: str
+    key: str = Field(description="the secret; shown once")
+    created_at: datetime
+
+
+class DatasetOut(BaseModel):
+    id: str | None = None
+    name: str
+    builtin: bool
+    description: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime | None = None
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetOut]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

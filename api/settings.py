@@ -1,0 +1,49 @@
+"""Every setting of the service, read from the environment (prefix GS_) in one place."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+VAR_DIR = Path("var")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GS_", extra="ignore")
+
+    # Embedded default: a SQLite file and a broker that needs no server, both under ./var/.
+    database_url: str = f"sqlite:///{VAR_DIR / 'gs.sqlite3'}"
+    broker_url: str = "filesystem://"
+    var_dir: Path = VAR_DIR
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N, the worker's default when a spec says auto
+    data_dir: Path | None = None  # full MNIST IDX files, when a user points the service at them
+    worker_queues: str = "gpu,cpu"
+
+    # Limits: each enforced with a 4xx.
+    max_steps: int = 100_000
+    max_seeds: int = 20
+    max_upload_bytes: int = 512 * 1024 * 1024
+    cancel_poll_s: float = Field(0.5, description="how often a running job reads its cancel flag")
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.var_dir / "broker"
+
+    @property
+    def storage_dir(self) -> Path:
+        """Checkpoints, plots and uploaded files."""
+        return self.var_dir / "storage"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.var_dir / "admin_token"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

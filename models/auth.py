@@ -1,0 +1,48 @@
+"""API keys (stored as sha256 of the secret) and Idempotency-Key records."""
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models.tables import ApiKey, IdempotencyRecord
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def issue_key(session: Session, *, name: str, is_admin: bool = False) -> tuple[ApiKey, str]:
+    """A new key; the secret is returned once and only its hash is stored."""
+    secret = "gs_" + secrets.token_urlsafe(32)
+    key = ApiKey(name=name, key_hash=hash_secret(secret), is_admin=is_admin)
+    session.add(key)
+    session.flush()
+    return key, secret
+
+
+def find_by_secret(session: Session, secret: str) -> ApiKey | None:
+    return session.scalar(
+        select(ApiKey).where(ApiKey.key_hash == hash_secret(secret), ApiKey.revoked_at.is_(None))
+    )
+
+
+def get_idempotent(session: Session, owner_id: str, key: str) -> IdempotencyRecord | None:
+    return session.get(IdempotencyRecord, (owner_id, key))
+
+
+def save_idempotent(
+    session: Session, owner_id: str, key: str, request_hash: str, status_code: int, response: Any
+) -> None:
+    session.add(
+        IdempotencyRecord(
+            owner_id=owner_id,
+            key=key,
+            request_hash=request_hash,
+            status_code=status_code,
+            response=response,
+        )
+    )

@@ -1,0 +1,80 @@
+"""Checkpoints, artifacts and user datasets: rows that point at files in the storage folder."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models.tables import Artifact, Checkpoint, Job, UserDataset
+
+
+def add_checkpoint(session: Session, **fields: Any) -> Checkpoint:
+    checkpoint = Checkpoint(**fields)
+    session.add(checkpoint)
+    session.flush()
+    return checkpoint
+
+
+def get_checkpoint(session: Session, checkpoint_id: str, *, owner_id: str | None) -> Checkpoint | None:
+    checkpoint = session.get(Checkpoint, checkpoint_id)
+    if checkpoint is None or (owner_id is not None and checkpoint.owner_id != owner_id):
+        return None
+    return checkpoint
+
+
+def list_checkpoints(
+    session: Session, *, owner_id: str, limit: int, after_id: str | None = None
+) -> Sequence[Checkpoint]:
+    stmt = select(Checkpoint).where(Checkpoint.owner_id == owner_id)
+    if after_id:
+        stmt = stmt.where(Checkpoint.id > after_id)
+    return session.scalars(stmt.order_by(Checkpoint.id).limit(limit + 1)).all()
+
+
+def checkpoints_of_job(session: Session, job_id: str) -> Sequence[Checkpoint]:
+    return session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.seed)
+    ).all()
+
+
+def add_artifact(session: Session, **fields: Any) -> Artifact:
+    artifact = Artifact(**fields)
+    session.add(artifact)
+    session.flush()
+    return artifact
+
+
+def artifacts_of_job(session: Session, job_id: str) -> Sequence[Artifact]:
+    return session.scalars(
+        select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)
+    ).all()
+
+
+def get_artifact(session: Session, job_id: str, name: str) -> Artifact | None:
+    return session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+
+
+def add_dataset(session: Session, **fields: Any) -> UserDataset:
+    dataset = UserDataset(**fields)
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get_dataset(session: Session, dataset_id: str, *, owner_id: str | None) -> UserDataset | None:
+    dataset = session.get(UserDataset, dataset_id)
+    if dataset is None or (owner_id is not None and dataset.owner_id != owner_id):
+        return None
+    return dataset
+
+
+def list_datasets(session: Session, *, owner_id: str) -> Sequence[UserDataset]:
+    return session.scalars(
+        select(UserDataset).where(UserDataset.owner_id == owner_id).order_by(UserDataset.created_at)
+    ).all()
+
+
+def job_owner(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(Job.owner_id).where(Job.id == job_id))

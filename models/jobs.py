@@ -1,0 +1,158 @@
+"""Queries on jobs: the database row is the truth about a job's state."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.orm import Session
+
+from models.tables import Job, utcnow
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+
+
+def create(
+    session: Session,
+    *,
+    owner_id: str,
+    kind: str,
+    spec: dict[str, Any],
+    tags: dict[str, str],
+    queue: str,
+    callback_url: str | None,
+) -> Job:
+    job = Job(
+        owner_id=owner_id, kind=kind, spec=spec, tags=tags, queue=queue, callback_url=callback_url
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get(session: Session, job_id: str, *, owner_id: str | None = None) -> Job | None:
+    """The job, or None when it does not exist or belongs to someone else (owner_id given)."""
+    job = session.get(Job, job_id)
+    if job is None or (owner_id is not None and job.owner_id != owner_id):
+        return None
+    return job
+
+
+def list_page(
+    session: Session,
+    *,
+    owner_id: str,
+    limit: int,
+    after: tuple[datetime, str] | None = None,
+    kind: str | None = None,
+    status: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> list[Job]:
+    """Newest first; `after` is the (created_at, id) of the last job of the previous page.
+
+    Tag filters are applied in Python so the query is the same on SQLite and PostgreSQL JSON;
+    we fetch in chunks until the page is full.
+    """
+    query = select(Job).where(Job.owner_id == owner_id)
+    if kind:
+        query = query.where(Job.kind == kind)
+    if status:
+        query = query.where(Job.status == status)
+    query = query.order_by(Job.created_at.desc(), Job.id.desc())
+    page: list[Job] = []
+    cursor = after
+    while len(page) < limit:
+        chunk_query = query
+        if cursor is not None:
+            created_at, job_id = cursor
+            chunk_query = query.where(
+                or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
+            )
+        chunk = list(session.scalars(chunk_query.limit(limit + 1)))
+        if not chunk:
+            break
+        for job in chunk:
+            if not tags or all(job.tags.get(k) == v for k, v in tags.items()):
+                page.append(job)
+        cursor = (chunk[-1].created_at, chunk[-1].id)
+        if len(chunk) <= limit:
+            break
+    return page[: limit + 1]
+
+
+def claim(session: Session, job_id: str) -> bool:
+    """Move a queued job to running; False if another worker has it or it was cancelled.
+
+    A conditional update, so two deliveries of one message can never both run the job.
+    """
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(status="running", attempts=Job.attempts + 1, started_at=now, heartbeat_at=now)
+    )
+    return result.rowcount == 1
+
+
+def set_progress(session: Session, job_id: str, progress: float | None = None) -> bool:
+    """Record a heartbeat (and progress, when given); returns whether a cancel was requested."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if progress is not None:
+        values["progress"] = progress
+    session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(**values))
+    return cancel_requested(session, job_id)
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def finish(
+    session: Session,
+    job_id: str,
+    status: str,
+    *,
+    result: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> bool:
+    """Close a running job; only one writer ever wins (the job must still be running)."""
+    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": error}
+    if result is not None:
+        values["result"] = result
+    if status == "succeeded":
+        values["progress"] = 1.0
+    outcome = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "running").values(**values)
+    )
+    return outcome.rowcount == 1
+
+
+def request_cancel(session: Session, job: Job) -> None:
+    """A queued job is cancelled at once; a running one is asked to stop (its worker polls)."""
+    if job.status == "queued":
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == "queued")
+            .values(status="cancelled", finished_at=utcnow(), cancel_requested=True)
+        )
+    elif job.status == "running":
+        session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+    session.refresh(job)
+
+
+def remove(session: Session, job: Job) -> None:
+    session.execute(delete(Job).where(Job.id == job.id))
+
+
+def mark_enqueued(session: Session, job_id: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+
+
+def unsent(session: Session, *, older_than: timedelta = timedelta(0)) -> Sequence[Job]:
+    """Queued jobs whose message never reached the broker (the outbox to sweep)."""
+    cutoff = utcnow() - older_than
+    return session.scalars(
+        select(Job).where(Job.status == "queued", Job.enqueued_at.is_(None), Job.created_at <= cutoff)
+    ).all()

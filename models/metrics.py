@@ -1,0 +1,44 @@
+"""Per-step metrics: written in batches (one insert per evaluation), read back in step order."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from models.tables import Metric
+
+
+def add_batch(session: Session, job_id: str, rows: Iterable[dict[str, Any]]) -> int:
+    """rows: dicts with step, name, value, seed, split."""
+    values = [{"job_id": job_id, **row} for row in rows]
+    if values:
+        session.execute(insert(Metric), values)
+    return len(values)
+
+
+def query(
+    session: Session,
+    job_id: str,
+    *,
+    name: str | None = None,
+    seed: int | None = None,
+    split: str | None = None,
+    since_step: int | None = None,
+    after_id: int | None = None,
+    limit: int = 500,
+) -> Sequence[Metric]:
+    """Metrics with step >= since_step, oldest first; `after_id` continues a previous page."""
+    stmt = select(Metric).where(Metric.job_id == job_id)
+    if name is not None:
+        stmt = stmt.where(Metric.name == name)
+    if seed is not None:
+        stmt = stmt.where(Metric.seed == seed)
+    if split is not None:
+        stmt = stmt.where(Metric.split == split)
+    if since_step is not None:
+        stmt = stmt.where(Metric.step >= since_step)
+    if after_id is not None:
+        stmt = stmt.where(Metric.id > after_id)
+    return session.scalars(stmt.order_by(Metric.id).limit(limit)).all()

@@ -1,0 +1,74 @@
+"""The whole pipeline: HTTP → database → broker → worker process → database → HTTP.
+
+Every test here runs twice: on the embedded default and on PostgreSQL + Redis.
+"""
+from __future__ import annotations
+
+import time
+
+SHORT_TRAIN = {"preset": "paper_cmnist_erm", "steps": 20, "eval_every": 10, "seeds": [0, 1]}
+LONG_TRAIN = {"preset": "paper_moons_erm", "steps": 100_000, "eval_every": 1000, "seeds": [0]}
+
+
+def submit(stack, spec: dict, **extra) -> dict:
+    response = stack.client.post("/v1/jobs", json={"kind": "train", "spec": spec, **extra})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_train_job_succeeds_and_serves_its_metrics(stack):
+    job = submit(stack, SHORT_TRAIN, tags={"suite": "e2e"})
+    assert job["status"] == "queued" and job["attempts"] == 0
+
+    done = stack.wait_for(job["id"], ("succeeded", "failed", "cancelled"))
+    assert done["status"] == "succeeded", done["error"]
+    assert done["progress"] == 1.0 and done["attempts"] == 1
+    assert done["started_at"] and done["finished_at"] >= done["started_at"]
+    test_accuracy = done["result"]["splits"]["test"]["accuracy"]
+    assert 0.0 <= test_accuracy["mean"] <= 1.0 and test_accuracy["std"] >= 0.0
+    assert [c["seed"] for c in done["result"]["checkpoints"]] == [0, 1]
+
+    metrics = stack.client.get(f"/v1/jobs/{job['id']}/metrics", params={"name": "accuracy"}).json()["items"]
+    steps = sorted({m["step"] for m in metrics})
+    assert steps[0] == 0 and steps[-1] == 19
+    assert {m["seed"] for m in metrics} == {0, 1}
+    assert {"train", "test"} <= {m["split"] for m in metrics}
+
+    later = stack.client.get(f"/v1/jobs/{job['id']}/metrics", params={"since_step": 10}).json()["items"]
+    assert later and min(m["step"] for m in later) >= 10
+
+    listed = stack.client.get("/v1/jobs", params={"tag": "suite:e2e", "status": "succeeded"}).json()
+    assert job["id"] in [j["id"] for j in listed["items"]]
+
+    checkpoint_id = done["result"]["checkpoints"][0]["torchscript"]
+    download = stack.client.get(f"/v1/checkpoints/{checkpoint_id}/file")
+    assert download.status_code == 200 and download.content[:2] == b"PK"  # a TorchScript zip
+
+
+def test_cancelled_job_stops_within_seconds_and_frees_its_worker(stack):
+    job = submit(stack, LONG_TRAIN)
+    stack.wait_for(job["id"], ("running",), timeout_s=60)
+    time.sleep(0.5)
+    asked = time.monotonic()
+    response = stack.client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 202 and response.json()["cancel_requested"] is True
+    cancelled = stack.wait_for(job["id"], ("cancelled", "succeeded", "failed"), timeout_s=10)
+    assert cancelled["status"] == "cancelled"
+    assert time.monotonic() - asked < 5.0
+
+    follow_up = submit(stack, {**SHORT_TRAIN, "seeds": [0]})
+    assert stack.wait_for(follow_up["id"], ("succeeded", "failed"), timeout_s=90)["status"] == "succeeded"
+
+
+def test_cancel_of_a_queued_job_is_immediate_and_it_never_runs(stack):
+    blocker = submit(stack, LONG_TRAIN)
+    queued = submit(stack, SHORT_TRAIN)
+    response = stack.client.post(f"/v1/jobs/{queued['id']}/cancel")
+    assert response.json()["status"] == "cancelled"
+    stack.client.post(f"/v1/jobs/{blocker['id']}/cancel")
+    stack.wait_for(blocker["id"], ("cancelled",), timeout_s=30)
+    time.sleep(1.0)  # give the worker the chance to (wrongly) pick the cancelled job up
+    again = stack.client.get(f"/v1/jobs/{queued['id']}").json()
+    assert again["status"] == "cancelled" and again["attempts"] == 0 and again["started_at"] is None
+    assert stack.client.delete(f"/v1/jobs/{queued['id']}").status_code == 204
+    assert stack.client.get(f"/v1/jobs/{queued['id']}").status_code == 404

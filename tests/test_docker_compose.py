@@ -1,0 +1,49 @@
+"""docker-compose.yml cannot run here (no Docker engine): check its shape by reading it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_every_service_of_the_stack_is_declared():
+    assert {"api", "worker", "redis", "postgres", "migrate"} <= set(load()["services"])
+
+
+def test_datastores_have_healthchecks_and_the_api_waits_for_them():
+    services = load()["services"]
+    for name in ("postgres", "redis", "api"):
+        assert services[name]["healthcheck"]["test"], name
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_worker_reserves_a_gpu_and_runs_one_job_at_a_time():
+    worker = load()["services"]["worker"]
+    device = worker["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    command = worker["command"]
+    assert command[command.index("--concurrency") + 1] == "1"
+
+
+def test_services_use_postgres_and_redis_urls_the_settings_understand():
+    from api.settings import Settings
+
+    env = load()["services"]["api"]["environment"]
+    settings = Settings(database_url=env["GS_DATABASE_URL"], broker_url=env["GS_BROKER_URL"])
+    assert settings.database_url.startswith("postgresql+psycopg://")
+    assert settings.broker_url.startswith("redis://")
+
+
+def test_dockerfile_copies_every_package_the_services_import():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for folder in ("api", "worker", "models", "starvation", "migrations", "scripts"):
+        assert f"COPY {folder} ./{folder}" in dockerfile

@@ -1,0 +1,86 @@
+"""Audit jobs: load a checkpoint without unpickling it, run the probes, keep the report and plots."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from models import files as files_repo
+from models import jobs as jobs_repo
+from worker.devices import pick_device
+from worker.files import add_artifact
+
+
+def load_dataset(ctx, dataset_spec: dict[str, Any], seed: int):
+    """A built-in dataset by name, or a dataset the job's owner registered, by id."""
+    from starvation import datasets
+
+    name = dataset_spec["name"]
+    if name in datasets.DATASETS:
+        data_dir = str(ctx.settings.data_dir) if ctx.settings.data_dir else None
+        return datasets.build(name, dataset_spec.get("params") or {}, seed=seed, data_dir=data_dir)
+    with ctx.db.session() as session:
+        row = files_repo.get_dataset(session, name, owner_id=ctx.owner_id)
+        if row is None:
+            raise FileNotFoundError(f"dataset {name!r} is neither built in nor registered by this key")
+        path, label = row.path, row.name
+    return datasets.load_npz(path, label)
+
+
+def audit_model(ctx, model, dataset, *, spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Run the probes, register the plots and the JSON report as artifacts, return the report."""
+    from starvation.audit import run_audit
+
+    out_dir = ctx.work_dir / f"{prefix}audit"
+    report = run_audit(
+        model,
+        dataset,
+        probes=spec.get("probes"),
+        spurious_attribute=spec.get("spurious_attribute", "color"),
+        seed=spec.get("seed", 0),
+        out_dir=out_dir,
+    )
+    report["plots"] = [add_artifact(ctx.db, ctx.job_id, out_dir / p, name=f"{prefix}{p}") for p in report["plots"]]
+    report_path = out_dir / "report.json"
+    report_path.write_text(json.dumps(report, indent=2))
+    add_artifact(ctx.db, ctx.job_id, report_path, name=f"{prefix}report.json")
+    return report
+
+
+def checkpoint_to_audit(ctx, spec: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """(path, format, model_info) of the named checkpoint, or the first seed of a train job."""
+    with ctx.db.session() as session:
+        if spec.get("checkpoint_id"):
+            row = files_repo.get_checkpoint(session, spec["checkpoint_id"], owner_id=ctx.owner_id)
+        else:
+            job = jobs_repo.get(session, spec["train_job_id"], owner_id=ctx.owner_id)
+            rows = [c for c in files_repo.checkpoints_of_job(session, job.id) if c.format == "torchscript"] if job else []
+            row = rows[0] if rows else None
+        if row is None:
+            raise FileNotFoundError("the checkpoint to audit no longer exists")
+        return row.path, row.format, dict(row.model_info)
+
+
+def load_model(path: str, fmt: str, model_info: dict[str, Any], device: str, layer: str | None = None):
+    from starvation.checkpoints import load_checkpoint
+
+    return load_checkpoint(
+        path,
+        fmt,
+        arch=model_info.get("arch"),
+        arch_params=model_info.get("arch_params"),
+        input_shape=tuple(model_info["input_shape"]) if model_info.get("input_shape") else None,
+        num_outputs=model_info.get("num_outputs"),
+        layer=layer,
+        device=device,
+    )
+
+
+def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
+    device = pick_device(spec.get("device"), ctx.settings.device)
+    path, fmt, model_info = checkpoint_to_audit(ctx, spec)
+    model = load_model(path, fmt, model_info, device, spec.get("layer"))
+    dataset = load_dataset(ctx, spec["dataset"], spec.get("seed", 0))
+    ctx.on_progress(0.1)
+    report = audit_model(ctx, model, dataset, spec=spec)
+    report["device"] = device
+    return report

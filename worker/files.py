@@ -1,0 +1,40 @@
+"""Registering what a job wrote to disk: checkpoints and artifacts (plots, reports, weights)."""
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+from pathlib import Path
+from typing import Any
+
+from models import files as files_repo
+from models.db import Database
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def add_artifact(db: Database, job_id: str, path: Path, name: str | None = None) -> str:
+    name = name or path.name
+    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    with db.session() as session:
+        files_repo.add_artifact(
+            session, job_id=job_id, name=name, path=str(path), media_type=media_type,
+            size_bytes=path.stat().st_size,
+        )
+    return name
+
+
+def add_checkpoint(
+    db: Database, *, job_id: str, owner_id: str, seed: int, fmt: str, path: Path, model_info: dict[str, Any]
+) -> str:
+    with db.session() as session:
+        checkpoint = files_repo.add_checkpoint(
+            session, owner_id=owner_id, job_id=job_id, seed=seed, format=fmt, path=str(path),
+            sha256=sha256_of(path), size_bytes=path.stat().st_size, model_info=model_info,
+        )
+        return checkpoint.id

@@ -1,0 +1,119 @@
+"""Runs one job: claim it, call the science package, record metrics, files and the outcome."""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from api.settings import Settings, get_settings
+from models import jobs as jobs_repo
+from models import metrics as metrics_repo
+from models.db import Database
+
+log = logging.getLogger("gs.worker")
+
+_db: Database | None = None
+
+
+def database() -> Database:
+    global _db
+    if _db is None:
+        _db = Database(get_settings().database_url)
+    return _db
+
+
+def reset_process_state() -> None:
+    """Called in each forked worker child: never reuse the parent's connections."""
+    global _db
+    _db = None
+
+
+class JobCancelled(Exception):
+    pass
+
+
+@dataclass
+class JobContext:
+    """What a running job may do to the outside world: report metrics and progress, and ask
+    whether it should stop. The science package sees only plain callbacks built from this."""
+
+    db: Database
+    job_id: str
+    owner_id: str
+    settings: Settings
+    _last_poll: float = 0.0
+    _stop: bool = False
+    metrics_written: int = field(default=0)
+
+    @property
+    def work_dir(self) -> Path:
+        return self.settings.storage_dir / "jobs" / self.job_id
+
+    def on_metrics(self, batch: list[Any]) -> None:
+        rows = [
+            {"step": m.step, "name": m.name, "value": float(m.value), "seed": m.seed, "split": m.split}
+            for m in batch
+        ]
+        with self.db.session() as session:
+            self.metrics_written += metrics_repo.add_batch(session, self.job_id, rows)
+
+    def on_progress(self, fraction: float) -> None:
+        with self.db.session() as session:
+            self._stop = jobs_repo.set_progress(session, self.job_id, min(max(fraction, 0.0), 1.0))
+        self._last_poll = time.monotonic()
+
+    def should_stop(self) -> bool:
+        """Cheap to call every step: reads the cancel flag at most every cancel_poll_s."""
+        now = time.monotonic()
+        if not self._stop and now - self._last_poll >= self.settings.cancel_poll_s:
+            self._last_poll = now
+            with self.db.session() as session:
+                self._stop = jobs_repo.set_progress(session, self.job_id)
+        return self._stop
+
+
+def run_job(job_id: str) -> None:
+    db = database()
+    settings = get_settings()
+    with db.session() as session:
+        if not jobs_repo.claim(session, job_id):
+            log.info("job %s not claimable (cancelled, finished or taken)", job_id)
+            return
+        job = jobs_repo.get(session, job_id)
+        assert job is not None
+        kind, spec, owner_id = job.kind, dict(job.spec), job.owner_id
+    ctx = JobContext(db=db, job_id=job_id, owner_id=owner_id, settings=settings)
+    log.info("job %s started (%s)", job_id, kind)
+    status, result, error = run_kind(kind, spec, ctx)
+    with db.session() as session:
+        jobs_repo.finish(session, job_id, status, result=result, error=error)
+    log.info("job %s %s", job_id, status)
+
+
+def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[str, dict | None, dict | None]:
+    from starvation.errors import SpecError
+    from starvation.training import TrainingStopped
+
+    from worker import audit_job, train_job
+
+    handlers: dict[str, Callable[[dict, JobContext], dict]] = {
+        "train": train_job.run,
+        "audit": audit_job.run,
+    }
+    try:
+        return "succeeded", handlers[kind](spec, ctx), None
+    except (TrainingStopped, JobCancelled):
+        return "cancelled", None, None
+    except SpecError as exc:
+        return "failed", None, {"code": "invalid_spec", "message": str(exc)}
+    except FileNotFoundError as exc:
+        return "failed", None, {"code": "missing_input", "message": str(exc)}
+    except Exception as exc:  # our fault: record it for a person, keep the worker alive
+        log.error("job %s crashed:\n%s", ctx.job_id, traceback.format_exc())
+        shutil.rmtree(ctx.work_dir / "tmp", ignore_errors=True)
+        return "failed", None, {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}

@@ -1,0 +1,63 @@
+"""Train jobs: call the training engine, register its checkpoints, audit them when asked."""
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from worker import audit_job
+from worker.devices import pick_device
+from worker.files import add_artifact, add_checkpoint
+
+
+def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
+    from starvation.training import train
+
+    device = pick_device(spec.get("device"), ctx.settings.device)
+    outcome = train(
+        spec,
+        out_dir=ctx.work_dir,
+        device=device,
+        data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
+        on_metrics=ctx.on_metrics,
+        on_progress=lambda fraction: ctx.on_progress(0.9 * fraction if spec.get("audit") else fraction),
+        should_stop=ctx.should_stop,
+    )
+    result: dict[str, Any] = {**outcome.result, "device": device, "checkpoints": []}
+    for ckpt in outcome.checkpoints:
+        model_info = {
+            "arch": ckpt.arch,
+            "arch_params": ckpt.arch_params,
+            "input_shape": list(ckpt.input_shape),
+            "num_outputs": ckpt.num_outputs,
+        }
+        ids = {}
+        for fmt, path in (("torchscript", ckpt.torchscript_path), ("safetensors", ckpt.safetensors_path)):
+            ids[fmt] = add_checkpoint(
+                ctx.db, job_id=ctx.job_id, owner_id=ctx.owner_id, seed=ckpt.seed, fmt=fmt, path=path,
+                model_info=model_info,
+            )
+            add_artifact(ctx.db, ctx.job_id, path)
+        result["checkpoints"].append({"seed": ckpt.seed, **ids})
+        if spec.get("audit"):
+            result.setdefault("audit", {"reports": []})
+            model = audit_job.load_model(str(ckpt.torchscript_path), "torchscript", model_info, device)
+            dataset = audit_job.load_dataset(ctx, spec["dataset"], ckpt.seed)
+            audit_spec = {"seed": ckpt.seed, "spurious_attribute": dataset.attribute_name or "attribute"}
+            report = audit_job.audit_model(ctx, model, dataset, spec=audit_spec, prefix=f"seed{ckpt.seed}-")
+            result["audit"]["reports"].append({"seed": ckpt.seed, **report})
+    if spec.get("audit") and result.get("audit"):
+        result["audit"]["summary"] = summarize(result["audit"]["reports"])
+    return result
+
+
+def summarize(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Reliance over seeds: mean and std of the score, and the verdict of the mean."""
+    from starvation.audit import verdict_for
+
+    scores = [r["summary"]["reliance_score"] for r in reports]
+    mean = statistics.fmean(scores)
+    return {
+        "reliance_score": {"mean": mean, "std": statistics.pstdev(scores) if len(scores) > 1 else 0.0},
+        "verdict": verdict_for(mean),
+        "basis": reports[0]["summary"]["basis"],
+    }
