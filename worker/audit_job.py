@@ -70,9 +70,8 @@ def load_model(path: str, fmt: str, model_info: dict[str, Any], device: str, lay
         arch_params=model_info.get("arch_params"),
         input_shape=tuple(model_info["input_shape"]) if model_info.get("input_shape") else None,
         num_outputs=model_info.get("num_outputs"),
-        layer=layer,
-        device=device,
-    )
+        feature_layer=layer,
+    ).to(device)
 
 
 def run(spec: dict[str, Any], ctx) -> dict[str, Any]:

@@ -52,12 +52,12 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
 
 def summarize(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Reliance over seeds: mean and std of the score, and the verdict of the mean."""
-    from starvation.audit import verdict_for
+    from starvation.audit import verdict
 
     scores = [r["summary"]["reliance_score"] for r in reports]
     mean = statistics.fmean(scores)
     return {
         "reliance_score": {"mean": mean, "std": statistics.pstdev(scores) if len(scores) > 1 else 0.0},
-        "verdict": verdict_for(mean),
+        "verdict": verdict(mean),
         "basis": reports[0]["summary"]["basis"],
     }
