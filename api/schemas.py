@@ -176,6 +176,63 @@ class DatasetList(BaseModel):
     items: list[DatasetOut]
 
 
+class RelianceSummary(BaseModel):
+    reliance_score: float = Field(ge=0, le=1)
+    verdict: Literal["low", "partial", "high"]
+    basis: Literal["counterfactual", "groups"]
+
+
+class GroupAccuracy(BaseModel):
+    label: int
+    attribute: int
+    n: int
+    accuracy: float | None
+
+
+class Counterfactual(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    flip_rate: float
+    accuracy: float
+    accuracy_intervened: float
+
+
+class Corner(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    accuracy: float
+    entropy: float
+
+
+class FourCorners(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    core_and_spurious: Corner
+    core_only: Corner
+    spurious_only: Corner
+    neither: Corner
+
+
+class LinearProbe(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    layer: str | None
+    core_accuracy: float | None
+    spurious_accuracy: float | None
+
+
+class Report(BaseModel):
+    """The reliance report of API.md; probes that did not run are null."""
+
+    model_config = ConfigDict(extra="allow")
+    spurious_attribute: str
+    summary: RelianceSummary
+    groups: list[GroupAccuracy] | None = None
+    average_accuracy: float | None = None
+    worst_group_accuracy: float | None = None
+    counterfactual: Counterfactual | None = None
+    four_corners: FourCorners | None = None
+    linear_probe: LinearProbe | None = None
+    plots: list[str] = Field(default_factory=list)
+    per_seed: list[dict[str, Any]] | None = Field(None, description="train jobs: the report of every seed")
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str

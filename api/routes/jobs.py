@@ -25,6 +25,7 @@ from api.schemas import (
     JobPage,
     MetricOut,
     MetricPage,
+    Report,
 )
 from models import files as files_repo
 from models import jobs as jobs_repo
@@ -218,8 +219,8 @@ async def job_events(job_id: str, request: Request, principal: PrincipalDep):
     return StreamingResponse(stream(), media_type="text/event-stream")
 
 
-@router.get("/{job_id}/report")
-def get_report(job_id: str, session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
+@router.get("/{job_id}/report", response_model=Report)
+def get_report(job_id: str, session: SessionDep, principal: PrincipalDep):
     job = owned_job(session, job_id, principal.owner_id)
     return jobs_service.report_of(job)
 

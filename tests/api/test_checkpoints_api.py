@@ -1,0 +1,96 @@
+"""Uploading models: checked before they are kept, never unpickled, refused with a clear 4xx."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from torch import nn
+
+from tests.fixtures_models import ColourBlind, ColourOnly, malicious_pickle, onnx_bytes, torchscript_bytes
+
+
+def upload(client, headers, content: bytes, fmt: str, name: str = "model.pt", **fields):
+    return client.post(
+        "/v1/checkpoints", files={"file": (name, content)}, data={"format": fmt, **fields}, headers=headers
+    )
+
+
+def stored_files(settings) -> set[str]:
+    folder = settings.storage_dir / "checkpoints"
+    return {p.name for p in folder.iterdir()} if folder.exists() else set()
+
+
+@pytest.fixture
+def settings():
+    from api.settings import get_settings
+
+    return get_settings()
+
+
+def test_torchscript_upload_is_kept_and_downloadable(client, tenant):
+    headers = tenant()
+    content = torchscript_bytes(ColourOnly())
+    response = upload(client, headers, content, "torchscript")
+    assert response.status_code == 201, response.text
+    checkpoint = response.json()
+    assert checkpoint["sha256"] == hashlib.sha256(content).hexdigest()
+    assert checkpoint["size_bytes"] == len(content)
+    assert client.get(f"/v1/checkpoints/{checkpoint['id']}", headers=headers).json()["id"] == checkpoint["id"]
+    assert client.get(f"/v1/checkpoints/{checkpoint['id']}/file", headers=headers).content == content
+    assert checkpoint["id"] in [c["id"] for c in client.get("/v1/checkpoints", headers=headers).json()["items"]]
+    assert client.get(f"/v1/checkpoints/{checkpoint['id']}", headers=tenant("other")).status_code == 404
+
+
+def test_onnx_upload_is_accepted(client, tenant):
+    response = upload(client, tenant(), onnx_bytes(ColourBlind()), "onnx", name="m.onnx")
+    assert response.status_code == 201, response.text
+
+
+def test_malicious_pickle_never_runs_and_is_not_stored(client, tenant, tmp_path, settings):
+    marker = tmp_path / "pwned"
+    before = stored_files(settings)
+    for fmt in ("torchscript", "safetensors", "onnx"):
+        response = upload(client, tenant(), malicious_pickle(marker), fmt, arch="mlp")
+        assert 400 <= response.status_code < 500, response.text
+        assert response.json()["error"]["code"] in {"bad_format", "format_mismatch"}
+    assert not marker.exists()
+    assert stored_files(settings) == before
+
+
+@pytest.mark.parametrize(
+    "make, fmt, code",
+    [
+        (lambda: b"", "torchscript", "empty_file"),
+        (lambda: torchscript_bytes(ColourOnly())[:300], "torchscript", None),
+        (lambda: onnx_bytes(ColourOnly()), "torchscript", "format_mismatch"),
+        (lambda: torchscript_bytes(ColourOnly()), "onnx", "format_mismatch"),
+        (lambda: onnx_bytes(nn.Sequential(nn.Flatten(), nn.Linear(300, 1)), input_shape=(3, 10, 10)), "onnx", None),
+        (lambda: b"\x00" * 64, "safetensors", None),
+    ],
+    ids=["empty", "truncated", "onnx-as-torchscript", "torchscript-as-onnx", "onnx-wrong-input", "garbage"],
+)
+def test_bad_uploads_get_422_and_are_not_stored(client, tenant, settings, make, fmt, code):
+    before = stored_files(settings)
+    response = upload(client, tenant(), make(), fmt, arch="mlp")
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["message"]
+    if code:
+        assert error["code"] == code
+    assert stored_files(settings) == before
+
+
+def test_oversize_upload_is_413(client, tenant, settings, monkeypatch):
+    monkeypatch.setattr(settings, "max_upload_bytes", 1000)
+    before = stored_files(settings)
+    response = upload(client, tenant(), torchscript_bytes(ColourOnly()), "torchscript")
+    assert response.status_code == 413 and response.json()["error"]["code"] == "too_large"
+    assert stored_files(settings) == before
+
+
+def test_bad_form_fields_are_422(client, tenant):
+    content = torchscript_bytes(ColourOnly())
+    assert upload(client, tenant(), content, "pickle").status_code == 422
+    assert upload(client, tenant(), content, "torchscript", input_shape="[2, -1]").status_code == 422
+    assert upload(client, tenant(), content, "torchscript", input_shape="nope").status_code == 422
+    assert upload(client, tenant(), content, "safetensors").json()["error"]["message"].count("arch") >= 1

@@ -1,0 +1,51 @@
+"""Audits through the whole pipeline, on checkpoints built outside this project."""
+from __future__ import annotations
+
+import io
+
+from tests.fixtures_models import ColourBlind, ColourOnly, torchscript_bytes
+
+
+def audit(stack, model) -> dict:
+    upload = stack.client.post(
+        "/v1/checkpoints", files={"file": ("m.pt", io.BytesIO(torchscript_bytes(model)))}, data={"format": "torchscript"}
+    )
+    assert upload.status_code == 201, upload.text
+    spec = {"checkpoint_id": upload.json()["id"], "dataset": {"name": "colored_mnist"}, "spurious_attribute": "color"}
+    job = stack.client.post("/v1/jobs", json={"kind": "audit", "spec": spec})
+    assert job.status_code == 202, job.text
+    done = stack.wait_for(job.json()["id"], ("succeeded", "failed"), timeout_s=120)
+    assert done["status"] == "succeeded", done["error"]
+    return done
+
+
+def test_audit_tells_a_colour_reader_from_a_colour_blind_model(embedded_stack):
+    stack = embedded_stack
+    reader = audit(stack, ColourOnly())
+    report = stack.client.get(f"/v1/jobs/{reader['id']}/report").json()
+    assert report["counterfactual"]["flip_rate"] >= 0.95
+    assert report["summary"] == {"reliance_score": report["counterfactual"]["flip_rate"], "verdict": "high",
+                                 "basis": "counterfactual"}
+    assert report["worst_group_accuracy"] <= report["average_accuracy"]
+
+    blind = audit(stack, ColourBlind())
+    blind_report = stack.client.get(f"/v1/jobs/{blind['id']}/report").json()
+    assert blind_report["counterfactual"]["flip_rate"] <= 0.02
+    assert blind_report["summary"]["verdict"] == "low"
+
+    artifacts = {a["name"] for a in stack.client.get(f"/v1/jobs/{reader['id']}/artifacts").json()["items"]}
+    assert set(report["plots"]) <= artifacts and "report.json" in artifacts
+    plot = stack.client.get(f"/v1/jobs/{reader['id']}/artifacts/{report['plots'][0]}")
+    assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
+
+    page = stack.client.get(f"/v1/jobs/{reader['id']}/report.html")
+    assert page.status_code == 200 and page.text.count('src="data:image/png;base64,') == len(report["plots"])
+
+
+def test_report_of_an_unaudited_job_is_404(embedded_stack):
+    job = embedded_stack.client.post(
+        "/v1/jobs", json={"kind": "train", "spec": {"preset": "paper_moons_erm", "steps": 5, "audit": False}}
+    ).json()
+    embedded_stack.wait_for(job["id"], ("succeeded",), timeout_s=60)
+    response = embedded_stack.client.get(f"/v1/jobs/{job['id']}/report")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "no_report"
