@@ -1,39 +1,25 @@
-"""The FastAPI application: routers, the error shape, and the outbox sweep in the background."""
+"""The FastAPI application: routers, the error shape, and the background loops (api/background.py)."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from fastapi.concurrency import run_in_threadpool
 
-from api import errors
-from api.deps import admin_token, database
+from api import background, errors
+from api.deps import admin_token
+from api.limits import BodySizeLimit
+from api.settings import get_settings
 from api.routes import checkpoints, datasets, jobs, keys, ops
-from worker.queue import sweep_outbox
-
-log = logging.getLogger("gs.api")
-SWEEP_EVERY_S = 5.0
-
-
-async def sweep_forever() -> None:
-    """Jobs committed while the broker was down are sent once it is back."""
-    while True:
-        await asyncio.sleep(SWEEP_EVERY_S)
-        try:
-            await run_in_threadpool(sweep_outbox, database())
-        except Exception as exc:
-            log.warning("outbox sweep failed: %s", exc)
 
 
 @contextlib.asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     admin_token()  # make the local admin token file on first start
-    sweeper = asyncio.create_task(sweep_forever())
+    tasks = background.start()
     yield
-    sweeper.cancel()
+    for task in tasks:
+        task.cancel()
 
 
 def create_app() -> FastAPI:
@@ -45,6 +31,10 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    settings = get_settings()
+    app.add_middleware(
+        BodySizeLimit, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
+    )
     for module in (jobs, checkpoints, datasets, keys, ops):
         app.include_router(module.router)
     return app

@@ -78,7 +78,9 @@ def submit(
     session: Session, body: TrainJobCreate | AuditJobCreate, principal: Principal, settings: Settings
 ) -> Job:
     if isinstance(body, TrainJobCreate):
-        spec = resolve_train(body.spec.model_dump(exclude_unset=True), settings)
+        given = body.spec.model_dump(exclude_unset=True)
+        timeout_s = given.pop("timeout_s", None)  # the service's business, not the engine's
+        spec = resolve_train(given, settings) | ({"timeout_s": timeout_s} if timeout_s else {})
         check_dataset(session, spec["dataset"]["name"], principal.owner_id)
     else:
         spec = resolve_audit(session, body, principal.owner_id)
@@ -93,8 +95,8 @@ def submit(
     )
 
 
-def enqueue(db: Database, job_id: str, queue_name: str) -> None:
-    queue.send_and_record(db, job_id, queue_name)
+def enqueue(db: Database, job: Job) -> None:
+    queue.send_and_record(db, job.id, job.queue, job.spec.get("timeout_s"))
 
 
 def delete(session: Session, job: Job, settings: Settings) -> None:

@@ -52,6 +52,7 @@ class TrainSpec(BaseModel):
     eval_every: PositiveInt | None = None
     device: str | None = Field(None, pattern=DEVICE_PATTERN)
     audit: bool | None = None
+    timeout_s: PositiveInt | None = Field(None, description="the job fails with `timeout` after this long")
 
 
 class AuditSpec(BaseModel):
@@ -64,6 +65,7 @@ class AuditSpec(BaseModel):
     layer: str | None = Field(None, description="penultimate layer for the linear probe, by name")
     seed: NonNegativeInt = 0
     device: str = Field("auto", pattern=DEVICE_PATTERN)
+    timeout_s: PositiveInt | None = Field(None, description="the job fails with `timeout` after this long")
 
 
 class TrainJobCreate(BaseModel):
@@ -102,6 +104,7 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     attempts: int
     cancel_requested: bool
+    worker_id: str | None = Field(None, description="host:pid of the worker process running it")
     error: JobError | None
     result: dict[str, Any] | None
     links: dict[str, str]

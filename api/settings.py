@@ -28,7 +28,18 @@ class Settings(BaseSettings):
     max_steps: int = 100_000
     max_seeds: int = 20
     max_upload_bytes: int = 512 * 1024 * 1024
+    max_body_bytes: int = 1024 * 1024  # JSON request bodies (uploads have max_upload_bytes)
     cancel_poll_s: float = Field(0.5, description="how often a running job reads its cancel flag")
+
+    # Reliability: a running job beats every heartbeat_s; one silent for heartbeat_timeout_s has
+    # lost its worker and is re-queued, up to max_attempts runs, then fails with worker_lost.
+    heartbeat_s: float = 5.0
+    heartbeat_timeout_s: float = 60.0
+    max_attempts: int = 3
+    sweep_every_s: float = 5.0
+    webhook_secret: str | None = None  # HMAC key for callback signatures; default: the admin token
+    webhook_timeout_s: float = 5.0
+    webhook_max_attempts: int = 6
 
     @property
     def broker_folder(self) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from models.tables import Artifact, Checkpoint, Job, UserDataset
@@ -78,3 +78,9 @@ def list_datasets(session: Session, *, owner_id: str) -> Sequence[UserDataset]:
 
 def job_owner(session: Session, job_id: str) -> str | None:
     return session.scalar(select(Job.owner_id).where(Job.id == job_id))
+
+
+def forget_outputs(session: Session, job_id: str) -> None:
+    """Drop the checkpoint and artifact rows of a job (before it runs again)."""
+    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id))
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id))

@@ -5,13 +5,23 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, case, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from models.tables import Job, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
+
+
+def terminal(status: str, **values: Any) -> dict[str, Any]:
+    """Column values for entering a terminal status; a job with a callback_url owes a webhook."""
+    return {
+        "status": status,
+        "finished_at": utcnow(),
+        "webhook_status": case((Job.callback_url.is_not(None), "pending"), else_=None),
+        **values,
+    }
 
 
 def create(
@@ -82,7 +92,7 @@ def list_page(
     return page[: limit + 1]
 
 
-def claim(session: Session, job_id: str) -> bool:
+def claim(session: Session, job_id: str, worker_id: str) -> bool:
     """Move a queued job to running; False if another worker has it or it was cancelled.
 
     A conditional update, so two deliveries of one message can never both run the job.
@@ -91,9 +101,32 @@ def claim(session: Session, job_id: str) -> bool:
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == "queued")
-        .values(status="running", attempts=Job.attempts + 1, started_at=now, heartbeat_at=now)
+        .values(
+            status="running", attempts=Job.attempts + 1, started_at=now, heartbeat_at=now,
+            worker_id=worker_id, progress=0.0,
+        )
     )
     return result.rowcount == 1
+
+
+def reap_stale(session: Session, *, stale_after: timedelta, max_attempts: int) -> dict[str, str]:
+    """Running jobs whose heartbeat stopped lost their worker: re-queue them (the outbox sends
+    them again) or, after max_attempts runs, fail them with worker_lost. Returns {id: action}."""
+    cutoff = utcnow() - stale_after
+    stale = session.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)).all()
+    actions = {}
+    for job in stale:
+        still_stale = (Job.id == job.id, Job.status == "running", Job.heartbeat_at < cutoff)
+        if job.cancel_requested:
+            values = terminal("cancelled")
+        elif job.attempts >= max_attempts:
+            message = f"The worker running this job stopped answering, {job.attempts} times."
+            values = terminal("failed", error={"code": "worker_lost", "message": message})
+        else:
+            values = {"status": "queued", "enqueued_at": None, "worker_id": None}
+        if session.execute(update(Job).where(*still_stale).values(**values)).rowcount == 1:
+            actions[job.id] = values["status"]
+    return actions
 
 
 def set_progress(session: Session, job_id: str, progress: float | None = None) -> bool:
@@ -118,7 +151,7 @@ def finish(
     error: dict[str, Any] | None = None,
 ) -> bool:
     """Close a running job; only one writer ever wins (the job must still be running)."""
-    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": error}
+    values = terminal(status, error=error)
     if result is not None:
         values["result"] = result
     if status == "succeeded":
@@ -135,7 +168,7 @@ def request_cancel(session: Session, job: Job) -> None:
         session.execute(
             update(Job)
             .where(Job.id == job.id, Job.status == "queued")
-            .values(status="cancelled", finished_at=utcnow(), cancel_requested=True)
+            .values(**terminal("cancelled", cancel_requested=True))
         )
     elif job.status == "running":
         session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from models.tables import Metric
@@ -42,3 +42,7 @@ def query(
     if after_id is not None:
         stmt = stmt.where(Metric.id > after_id)
     return session.scalars(stmt.order_by(Metric.id).limit(limit)).all()
+
+
+def forget(session: Session, job_id: str) -> None:
+    session.execute(delete(Metric).where(Metric.job_id == job_id))

@@ -63,6 +63,17 @@ def reset_postgres(url: str) -> None:
         conn.execute("CREATE SCHEMA public")
 
 
+def scratch_postgres(name: str) -> str:
+    """A new empty database `name` on the test server (dropped first if it exists)."""
+    import psycopg
+
+    base = require_postgres()
+    with psycopg.connect(base.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    return base.rsplit("/", 1)[0] + f"/{name}"
+
+
 class Stack:
     """`scripts/serve.py` (API + supervised worker) in a subprocess, and an HTTP client for it."""
 
@@ -77,7 +88,7 @@ class Stack:
             base_url=f"http://127.0.0.1:{self.port}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
         )
 
-    def start(self, timeout_s: float = 90) -> Stack:
+    def start(self, timeout_s: float = 90, probe: str = "/readyz") -> Stack:
         self.var_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -89,7 +100,7 @@ class Stack:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} stack exited:\n{self.log()}")
             try:
-                if self.client.get("/readyz").status_code == 200:
+                if self.client.get(probe).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
-import shutil
+import os
+import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from api.settings import Settings, get_settings
+from models import files as files_repo
 from models import jobs as jobs_repo
 from models import metrics as metrics_repo
 from models.db import Database
@@ -37,6 +40,10 @@ class JobCancelled(Exception):
     pass
 
 
+class JobTimedOut(Exception):
+    pass
+
+
 @dataclass
 class JobContext:
     """What a running job may do to the outside world: report metrics and progress, and ask
@@ -46,6 +53,7 @@ class JobContext:
     job_id: str
     owner_id: str
     settings: Settings
+    deadline: float | None = None  # time.monotonic() after which the job stops (its timeout_s)
     _last_poll: float = 0.0
     _stop: bool = False
     metrics_written: int = field(default=0)
@@ -66,6 +74,7 @@ class JobContext:
         with self.db.session() as session:
             self._stop = jobs_repo.set_progress(session, self.job_id, min(max(fraction, 0.0), 1.0))
         self._last_poll = time.monotonic()
+        self.check_deadline()
 
     def should_stop(self) -> bool:
         """Cheap to call every step: reads the cancel flag at most every cancel_poll_s."""
@@ -73,26 +82,76 @@ class JobContext:
         if not self._stop and now - self._last_poll >= self.settings.cancel_poll_s:
             self._last_poll = now
             with self.db.session() as session:
-                self._stop = jobs_repo.set_progress(session, self.job_id)
+                self._stop = jobs_repo.cancel_requested(session, self.job_id)
+            self.check_deadline()
         return self._stop
+
+    def check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise JobTimedOut
+
+
+class Heartbeat(threading.Thread):
+    """Beats for the job while it runs, whatever the job is doing (loading data, exporting...)."""
+
+    def __init__(self, db: Database, job_id: str, every_s: float) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.db, self.job_id, self.every_s = db, job_id, every_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            try:
+                with self.db.session() as session:
+                    jobs_repo.set_progress(session, self.job_id)
+            except Exception as exc:  # a missed beat is not fatal; the next one may pass
+                log.warning("heartbeat for job %s failed: %s", self.job_id, exc)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def run_job(job_id: str) -> None:
     db = database()
     settings = get_settings()
     with db.session() as session:
-        if not jobs_repo.claim(session, job_id):
+        if not jobs_repo.claim(session, job_id, worker_id()):
             log.info("job %s not claimable (cancelled, finished or taken)", job_id)
             return
         job = jobs_repo.get(session, job_id)
         assert job is not None
-        kind, spec, owner_id = job.kind, dict(job.spec), job.owner_id
-    ctx = JobContext(db=db, job_id=job_id, owner_id=owner_id, settings=settings)
-    log.info("job %s started (%s)", job_id, kind)
-    status, result, error = run_kind(kind, spec, ctx)
+        kind, spec, owner_id, attempts = job.kind, dict(job.spec), job.owner_id, job.attempts
+    if attempts > 1:
+        forget_earlier_attempt(db, job_id, settings)
+    timeout_s = spec.get("timeout_s")
+    ctx = JobContext(
+        db=db, job_id=job_id, owner_id=owner_id, settings=settings,
+        deadline=time.monotonic() + timeout_s if timeout_s else None,
+    )
+    log.info("job %s started (%s, attempt %d)", job_id, kind, attempts)
+    heartbeat = Heartbeat(db, job_id, settings.heartbeat_s)
+    heartbeat.start()
+    try:
+        status, result, error = run_kind(kind, spec, ctx)
+    finally:
+        heartbeat.stop()
     with db.session() as session:
         jobs_repo.finish(session, job_id, status, result=result, error=error)
     log.info("job %s %s", job_id, status)
+
+
+def forget_earlier_attempt(db: Database, job_id: str, settings: Settings) -> None:
+    """A re-run starts clean: what a lost worker half-wrote would otherwise be counted twice."""
+    import shutil
+
+    with db.session() as session:
+        files_repo.forget_outputs(session, job_id)
+        metrics_repo.forget(session, job_id)
+    shutil.rmtree(settings.storage_dir / "jobs" / job_id, ignore_errors=True)
 
 
 def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[str, dict | None, dict | None]:
@@ -108,12 +167,19 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[str, dict | None, 
     try:
         return "succeeded", handlers[kind](spec, ctx), None
     except (TrainingStopped, JobCancelled):
+        if ctx.deadline is not None and time.monotonic() > ctx.deadline:
+            return "failed", None, timeout_error(spec)
         return "cancelled", None, None
+    except JobTimedOut:
+        return "failed", None, timeout_error(spec)
     except SpecError as exc:
         return "failed", None, {"code": "invalid_spec", "message": str(exc)}
     except FileNotFoundError as exc:
         return "failed", None, {"code": "missing_input", "message": str(exc)}
     except Exception as exc:  # our fault: record it for a person, keep the worker alive
         log.error("job %s crashed:\n%s", ctx.job_id, traceback.format_exc())
-        shutil.rmtree(ctx.work_dir / "tmp", ignore_errors=True)
         return "failed", None, {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+
+
+def timeout_error(spec: dict[str, Any]) -> dict[str, str]:
+    return {"code": "timeout", "message": f"The job ran longer than its timeout_s of {spec.get('timeout_s')} s."}

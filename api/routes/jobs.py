@@ -52,6 +52,7 @@ def job_out(job: Job) -> JobOut:
         finished_at=job.finished_at,
         attempts=job.attempts,
         cancel_requested=job.cancel_requested,
+        worker_id=job.worker_id,
         error=job.error,
         result=job.result,
         links={
@@ -104,7 +105,7 @@ def create_job(
     job_id = json.loads(response.body)["id"]
     job = jobs_repo.get(session, job_id)
     if job is not None and job.status == "queued" and job.enqueued_at is None:
-        jobs_service.enqueue(database(), job.id, job.queue)
+        jobs_service.enqueue(database(), job)
     return response
 
 

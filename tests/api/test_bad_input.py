@@ -85,3 +85,18 @@ def test_missing_or_wrong_token_is_401(client):
 
 def test_only_admin_issues_keys(client, tenant):
     assert_error(client.post("/v1/api-keys", json={"name": "x"}, headers=tenant()), 403, "forbidden")
+
+
+def test_oversize_json_body_is_413_and_creates_nothing(client):
+    before = len(client.get("/v1/jobs", params={"limit": 500}).json()["items"])
+    huge = {"kind": "train", "spec": {"preset": "paper_cmnist_erm"}, "tags": {"pad": "x" * 2_000_000}}
+    assert_error(client.post("/v1/jobs", json=huge), 413, "too_large")
+    assert len(client.get("/v1/jobs", params={"limit": 500}).json()["items"]) == before
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "..%2F..%2Fapi%2Fsettings.py", "%2e%2e%2fgs.sqlite3"])
+def test_artifact_names_cannot_escape(client, name):
+    job = client.post("/v1/jobs", json={"kind": "train", "spec": {"preset": "paper_moons_erm"}}).json()
+    response = client.get(f"/v1/jobs/{job['id']}/artifacts/{name}")
+    assert response.status_code == 404
+    assert b"BaseSettings" not in response.content and b"root:" not in response.content
