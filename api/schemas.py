@@ -244,3 +244,13 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for our error shape, always JSON (also on HTML and file routes)."""
+    schema = {"$ref": "#/components/schemas/ErrorResponse"}
+    return {code: {"model": ErrorResponse, "content": {"application/json": {"schema": schema}}} for code in codes}
+
+
+# Every API route may answer these: bad framing (400), auth (401), body too large (413), invalid (422).
+COMMON_ERRORS = (400, 401, 413, 422)

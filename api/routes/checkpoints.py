@@ -11,12 +11,12 @@ from fastapi.responses import FileResponse
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found
 from api.idempotency import replay_or_create
-from api.schemas import CheckpointOut, CheckpointPage, ErrorResponse
+from api.schemas import COMMON_ERRORS, CheckpointOut, CheckpointPage, error_responses
 from api.uploads import save_limited
 from models import files as files_repo
 from models.tables import Checkpoint, new_id
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422)}
+ERRORS = error_responses(*COMMON_ERRORS, 404)
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=ERRORS)
 
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors"}

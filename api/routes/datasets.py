@@ -9,13 +9,13 @@ from fastapi.concurrency import run_in_threadpool
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError
 from api.idempotency import replay_or_create
-from api.schemas import DatasetList, DatasetOut, ErrorResponse
+from api.schemas import COMMON_ERRORS, DatasetList, DatasetOut, error_responses
 from api.uploads import save_limited
 from models import files as files_repo
 from models.tables import new_id
 
 router = APIRouter(
-    prefix="/v1/datasets", tags=["datasets"], responses={c: {"model": ErrorResponse} for c in (401, 413, 422)}
+    prefix="/v1/datasets", tags=["datasets"], responses=error_responses(*COMMON_ERRORS)
 )
 
 

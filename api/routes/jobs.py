@@ -17,22 +17,23 @@ from api.deps import PrincipalDep, SessionDep, SettingsDep, database
 from api.errors import ApiError, not_found
 from api.idempotency import body_hash, replay_or_create
 from api.schemas import (
+    COMMON_ERRORS,
     ArtifactList,
     ArtifactOut,
-    ErrorResponse,
     JobCreate,
     JobOut,
     JobPage,
     MetricOut,
     MetricPage,
     Report,
+    error_responses,
 )
 from models import files as files_repo
 from models import jobs as jobs_repo
 from models import metrics as metrics_repo
 from models.tables import Job
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 422)}
+ERRORS = error_responses(*COMMON_ERRORS, 404, 409)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
 MAX_LIMIT = 500

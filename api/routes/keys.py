@@ -4,10 +4,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import AdminDep, SessionDep
-from api.schemas import ApiKeyCreate, ApiKeyOut, ErrorResponse
+from api.schemas import COMMON_ERRORS, ApiKeyCreate, ApiKeyOut, error_responses
 from models import auth as auth_repo
 
-router = APIRouter(prefix="/v1/api-keys", tags=["auth"], responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}})
+router = APIRouter(prefix="/v1/api-keys", tags=["auth"], responses=error_responses(*COMMON_ERRORS, 403))
 
 
 @router.post("", status_code=201, response_model=ApiKeyOut)
