@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from celery import Celery
 from celery.signals import worker_process_init
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from api.settings import Settings, get_settings
 
@@ -16,13 +16,15 @@ VISIBILITY_TIMEOUT_S = 24 * 3600
 def broker_options(settings: Settings) -> dict:
     if settings.broker_url.startswith("filesystem"):
         folder = settings.broker_folder
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
             "store_processed": False,
+            "polling_interval": 0.2,
         }
     return {"visibility_timeout": VISIBILITY_TIMEOUT_S}
 
@@ -32,7 +34,8 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue(name) for name in QUEUES],
+        # Each queue its own direct exchange, so a message lands in exactly one queue.
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue="cpu",
         task_acks_late=True,  # a worker that dies mid-job leaves the message for another
         task_reject_on_worker_lost=True,
