@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from api import background, errors
+from api import background, dashboard, errors
 from api.deps import admin_token
 from api.limits import BodySizeLimit
 from api.settings import get_settings
@@ -35,7 +35,7 @@ def create_app() -> FastAPI:
     app.add_middleware(
         BodySizeLimit, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
     )
-    for module in (jobs, checkpoints, datasets, keys, ops):
+    for module in (jobs, checkpoints, datasets, keys, ops, dashboard):
         app.include_router(module.router)
     return app
 

@@ -29,12 +29,12 @@ def queue_for(device: str) -> str:
     return "cpu" if device == "cpu" else "gpu"
 
 
-def resolve_train(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def resolve_train(spec: dict[str, Any], settings: Settings, user_datasets: list[str]) -> dict[str, Any]:
     from starvation.errors import SpecError
     from starvation.training import resolve_train_spec
 
     try:
-        resolved = resolve_train_spec(spec)
+        resolved = resolve_train_spec(spec, user_datasets=user_datasets)
     except SpecError as exc:
         raise invalid_spec(str(exc)) from None
     if resolved["steps"] > settings.max_steps:
@@ -80,8 +80,8 @@ def submit(
     if isinstance(body, TrainJobCreate):
         given = body.spec.model_dump(exclude_unset=True)
         timeout_s = given.pop("timeout_s", None)  # the service's business, not the engine's
-        spec = resolve_train(given, settings) | ({"timeout_s": timeout_s} if timeout_s else {})
-        check_dataset(session, spec["dataset"]["name"], principal.owner_id)
+        owned = [d.id for d in files_repo.list_datasets(session, owner_id=principal.owner_id)]
+        spec = resolve_train(given, settings, owned) | ({"timeout_s": timeout_s} if timeout_s else {})
     else:
         spec = resolve_audit(session, body, principal.owner_id)
     return jobs_repo.create(

@@ -10,9 +10,11 @@ from worker.files import add_artifact, add_checkpoint
 
 
 def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
+    from starvation.datasets import DATASETS
     from starvation.training import train
 
     device = pick_device(spec.get("device"), ctx.settings.device)
+    registered = spec["dataset"]["name"] not in DATASETS
     outcome = train(
         spec,
         out_dir=ctx.work_dir,
@@ -21,6 +23,7 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
         on_metrics=ctx.on_metrics,
         on_progress=lambda fraction: ctx.on_progress(0.9 * fraction if spec.get("audit") else fraction),
         should_stop=ctx.should_stop,
+        dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0) if registered else None,
     )
     result: dict[str, Any] = {**outcome.result, "device": device, "checkpoints": []}
     for ckpt in outcome.checkpoints:

@@ -1,0 +1,273 @@
+"""Dashboard pages: sign-in, job list, a job's live curves, its report, and two jobs side by side.
+
+Handlers stay thin: who is signed in comes from `session.py`, what to show from `views.py`, and every
+read or write goes through the same code as the /v1 API (so the dashboard can never do what the
+token could not).
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
+
+from api import jobs_service
+from api.dashboard import session as browser
+from api.dashboard import views
+from api.deps import SessionDep, SettingsDep
+from api.errors import ApiError
+from api.routes import jobs as jobs_routes
+from api.schemas import TrainJobCreate
+from models import jobs as jobs_repo
+
+HERE = Path(__file__).resolve().parent
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+templates.env.filters["fmt"] = views.fmt
+router = APIRouter(prefix="/dashboard", include_in_schema=False)
+
+STATIC = {"dashboard.css": "text/css", "charts.js": "text/javascript", "job.js": "text/javascript",
+          "jobs.js": "text/javascript", "compare.js": "text/javascript"}
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+KINDS = ("train", "audit")
+SECURITY_HEADERS = {
+    # Only our own scripts; inline <style> for the report page; plots arrive as data: URIs.
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+JOB_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+
+
+def page(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> HTMLResponse:
+    response = templates.TemplateResponse(request, name, {"csrf": browser.csrf_token(request), **context},
+                                          status_code=status_code)
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+def not_found_page(request: Request, what: str) -> HTMLResponse:
+    return page(request, "message.html", {"title": "Not found", "message": f"No {what} here."}, 404)
+
+
+def owned_job(session, job_id: str, owner_id: str):
+    return jobs_repo.get(session, job_id, owner_id=owner_id) if JOB_ID.match(job_id) else None
+
+
+# ---- sign-in -------------------------------------------------------------------------------
+
+@router.get("")
+def home() -> RedirectResponse:
+    return RedirectResponse("/dashboard/jobs", status_code=303)
+
+
+@router.get("/login")
+def login_form(request: Request, next: str | None = None) -> HTMLResponse:
+    return page(request, "login.html", {"next": browser.safe_next(next), "error": None})
+
+
+@router.post("/login")
+def login(request: Request, session: SessionDep, token: Annotated[str, Form(max_length=512)],
+          next: Annotated[str | None, Form()] = None) -> Response:
+    token = token.strip()
+    if not token or browser.principal_for_token(session, token) is None:
+        return page(request, "login.html", {"next": browser.safe_next(next),
+                                            "error": "That token is unknown or revoked."}, 401)
+    response = RedirectResponse(browser.safe_next(next), status_code=303)
+    browser.start(response, request, token)
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, csrf: Annotated[str | None, Form()] = None) -> Response:
+    if not browser.csrf_ok(request, csrf):
+        return page(request, "message.html", {"title": "Expired form", "message": "Reload the page and try again."},
+                    403)
+    response = RedirectResponse("/dashboard/login", status_code=303)
+    browser.end(response, request)
+    return response
+
+
+# ---- jobs ----------------------------------------------------------------------------------
+
+@router.get("/jobs")
+def jobs_page(
+    request: Request, session: SessionDep,
+    status: str | None = None, kind: str | None = None,
+    cursor: str | None = None, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    error: str | None = None,
+) -> Response:
+    principal = browser.principal_of(request, session)
+    if principal is None:
+        return browser.to_login(request)
+    status = status if status in STATUSES else None
+    kind = kind if kind in KINDS else None
+    try:
+        listing = jobs_routes.list_jobs(session, principal, kind=kind, status=status, tag=[], limit=limit,
+                                        cursor=cursor or None)
+    except ApiError:
+        return RedirectResponse("/dashboard/jobs", status_code=303)  # a stale cursor: start over
+    rows = []
+    for item in listing.items:
+        job = jobs_repo.get(session, item.id)
+        if job is not None:
+            rows.append(views.job_row(job))
+    from starvation.presets import PRESETS
+
+    return page(request, "jobs.html", {
+        "rows": rows, "status": status, "kind": kind, "statuses": STATUSES, "kinds": KINDS,
+        "next_cursor": listing.next_cursor, "limit": limit, "presets": sorted(PRESETS),
+        "any_active": any(r["active"] for r in rows), "form_key": secrets.token_hex(16),
+        "error": error if error and len(error) < 500 else None, "principal": principal,
+    })
+
+
+@router.post("/jobs")
+def submit_train_job(
+    request: Request, session: SessionDep, settings: SettingsDep,
+    preset: Annotated[str, Form(max_length=100)],
+    steps: Annotated[int, Form(ge=1)],
+    seeds: Annotated[str, Form(max_length=200)] = "0",
+    eval_every: Annotated[int, Form(ge=1)] = 50,
+    audit: Annotated[str | None, Form()] = None,
+    form_key: Annotated[str | None, Form(max_length=64)] = None,
+    csrf: Annotated[str | None, Form()] = None,
+) -> Response:
+    principal = browser.principal_of(request, session)
+    if principal is None:
+        return browser.to_login(request)
+    if not browser.csrf_ok(request, csrf):
+        return page(request, "message.html", {"title": "Expired form", "message": "Reload the page and try again."},
+                    403)
+    try:
+        seed_list = [int(s) for s in seeds.replace(" ", "").split(",") if s]
+        body = TrainJobCreate(kind="train", tags={"source": "dashboard"}, spec={
+            "preset": preset, "steps": steps, "seeds": seed_list, "eval_every": eval_every, "audit": audit == "on"})
+        # The API's own handler: same validation, idempotency (the form's key) and enqueueing.
+        created = jobs_routes.create_job(body, session, principal, settings, idempotency_key=form_key)
+    except ValueError:  # pydantic's ValidationError too
+        return jobs_error("Seeds are whole numbers separated by commas, e.g. 0,1,2.")
+    except ApiError as exc:
+        return jobs_error(exc.message)
+    job_id = json.loads(created.body)["id"]
+    return RedirectResponse(f"/dashboard/jobs/{job_id}", status_code=303)
+
+
+def jobs_error(message: str) -> RedirectResponse:
+    from urllib.parse import quote
+
+    return RedirectResponse(f"/dashboard/jobs?error={quote(message[:300])}", status_code=303)
+
+
+@router.get("/jobs/{job_id}")
+def job_page(job_id: str, request: Request, session: SessionDep) -> Response:
+    principal = browser.principal_of(request, session)
+    if principal is None:
+        return browser.to_login(request)
+    job = owned_job(session, job_id, principal.owner_id)
+    if job is None:
+        return not_found_page(request, "job")
+    report = views.report_or_none(job)
+    others = [views.job_row(j) for j in jobs_repo.list_page(session, owner_id=principal.owner_id, limit=50, kind="train")
+              if j.id != job.id]
+    return page(request, "job.html", {
+        "job": job, "row": views.job_row(job), "report": report, "summary": views.summary_rows(job, report),
+        "spec_json": json.dumps(job.spec, indent=2), "others": others,
+        "page_data": {"id": job.id, "kind": job.kind, "status": job.status, "steps": (job.spec or {}).get("steps"),
+                      "seeds": (job.spec or {}).get("seeds") or [], "terminal": job.status in views.TERMINAL},
+    })
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel(job_id: str, request: Request, session: SessionDep, csrf: Annotated[str | None, Form()] = None) -> Response:
+    principal = browser.principal_of(request, session)
+    if principal is None:
+        return browser.to_login(request)
+    if not browser.csrf_ok(request, csrf):
+        return page(request, "message.html", {"title": "Expired form", "message": "Reload the page and try again."},
+                    403)
+    job = owned_job(session, job_id, principal.owner_id)
+    if job is None:
+        return not_found_page(request, "job")
+    if job.status not in jobs_repo.TERMINAL:
+        jobs_repo.request_cancel(session, job)
+    return RedirectResponse(f"/dashboard/jobs/{job_id}", status_code=303)
+
+
+@router.get("/jobs/{job_id}/events")
+async def job_events(job_id: str, request: Request) -> Response:
+    """The API's event stream (status, progress, metrics), for a signed-in browser."""
+    from api.deps import database
+
+    with database().session() as session:
+        principal = browser.require_principal(request, session)
+    response = await jobs_routes.job_events(job_id, request, principal)
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Accel-Buffering"] = "no"  # proxies must pass events through as they come
+    return response
+
+
+@router.get("/jobs/{job_id}/report")
+def report_page(job_id: str, request: Request, session: SessionDep) -> Response:
+    principal = browser.principal_of(request, session)
+    if principal is None:
+        return browser.to_login(request)
+    job = owned_job(session, job_id, principal.owner_id)
+    if job is None:
+        return not_found_page(request, "job")
+    try:
+        document = jobs_service.report_html(session, job)
+    except ApiError as exc:
+        return page(request, "message.html", {"title": "No report", "message": exc.message}, exc.status)
+    nav = (f'<nav style="margin-bottom:1rem"><a href="/dashboard/jobs">Jobs</a> · '
+           f'<a href="/dashboard/jobs/{job.id}">job {job.id}</a></nav>')
+    document = document.replace("<body>", "<body>" + nav, 1)
+    response = HTMLResponse(document)
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+@router.get("/compare")
+def compare_page(request: Request, session: SessionDep, a: str | None = None, b: str | None = None) -> Response:
+    principal = browser.principal_of(request, session)
+    if principal is None:
+        return browser.to_login(request)
+    choices = [views.job_row(j) for j in jobs_repo.list_page(session, owner_id=principal.owner_id, limit=100)]
+    sides = []
+    for label, job_id in (("A", a), ("B", b)):
+        job = owned_job(session, job_id, principal.owner_id) if job_id else None
+        if job_id and job is None:
+            return not_found_page(request, f"job {job_id!r}")
+        if job is not None:
+            report = views.report_or_none(job)
+            sides.append({"label": label, "job": job, "row": views.job_row(job), "report": report,
+                          "summary": views.summary_rows(job, report), "plots": views.plot_images(session, job, report)})
+    labels: list[str] = []
+    for side in sides:
+        labels += [label for label, _ in side["summary"] if label not in labels]
+    table = [(label, [dict(side["summary"]).get(label) for side in sides]) for label in labels]
+    return page(request, "compare.html", {
+        "choices": choices, "a": a, "b": b, "sides": sides, "table": table,
+        "page_data": {"jobs": [{"id": s["job"].id, "label": s["label"], "title": views.describe(s["job"])}
+                               for s in sides]},
+    })
+
+
+# ---- static files --------------------------------------------------------------------------
+
+@router.get("/static/{name}")
+def static(name: str) -> Response:
+    if name not in STATIC:
+        return Response(status_code=404)
+    response = FileResponse(HERE / "static" / name, media_type=STATIC[name])
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Cache-Control"] = "no-cache"
+    return response

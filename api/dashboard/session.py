@@ -1,0 +1,85 @@
+"""Browser sign-in for the dashboard: the API token, kept in an HttpOnly cookie scoped to /dashboard.
+
+- The cookie is HttpOnly (page scripts cannot read it), SameSite=Strict (other sites cannot make the
+  browser send it), Path=/dashboard (the /v1 API never accepts it: Bearer tokens only there), and
+  Secure when the page came over HTTPS.
+- It holds the token itself, so revoking an API key signs its browsers out at once.
+- Forms that change something carry a CSRF token: an HMAC of the session under a server secret.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+from urllib.parse import quote
+
+from fastapi import Request
+from fastapi.responses import RedirectResponse, Response
+from sqlalchemy.orm import Session
+
+from api.deps import Principal, admin_token, current_principal
+from api.errors import ApiError
+
+COOKIE = "gs_session"
+COOKIE_PATH = "/dashboard"
+MAX_AGE_S = 12 * 3600
+MAX_TOKEN_CHARS = 512
+
+
+def principal_of(request: Request, session: Session) -> Principal | None:
+    """Whoever the session cookie names, or None (no cookie, unknown or revoked token)."""
+    token = request.cookies.get(COOKIE)
+    if not token or len(token) > MAX_TOKEN_CHARS:
+        return None
+    return principal_for_token(session, token)
+
+
+def principal_for_token(session: Session, token: str) -> Principal | None:
+    # The same check as the API's Bearer auth, so both accept exactly the same tokens.
+    try:
+        return current_principal(session, authorization=f"Bearer {token}")
+    except ApiError:
+        return None
+
+
+def require_principal(request: Request, session: Session) -> Principal:
+    """For the JSON/SSE endpoints the pages call: 401 in the API's error shape."""
+    principal = principal_of(request, session)
+    if principal is None:
+        raise ApiError(401, "unauthorized", "Sign in to the dashboard first (/dashboard/login).")
+    return principal
+
+
+def start(response: Response, request: Request, token: str) -> None:
+    response.set_cookie(
+        COOKIE, token, max_age=MAX_AGE_S, path=COOKIE_PATH, httponly=True, samesite="strict",
+        secure=is_https(request),
+    )
+
+
+def end(response: Response, request: Request) -> None:
+    response.delete_cookie(COOKIE, path=COOKIE_PATH, httponly=True, samesite="strict", secure=is_https(request))
+
+
+def is_https(request: Request) -> bool:
+    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+
+
+def csrf_token(request: Request) -> str:
+    session_token = request.cookies.get(COOKIE, "")
+    return hmac.new(admin_token().encode(), b"dashboard-csrf:" + session_token.encode(), hashlib.sha256).hexdigest()
+
+
+def csrf_ok(request: Request, submitted: str | None) -> bool:
+    return bool(submitted) and hmac.compare_digest(csrf_token(request), submitted or "")
+
+
+def safe_next(target: str | None) -> str:
+    """Where to go after signing in: only a dashboard path of this site (no open redirect)."""
+    if target and target.startswith("/dashboard") and "//" not in target and "\\" not in target:
+        return target
+    return "/dashboard/jobs"
+
+
+def to_login(request: Request) -> RedirectResponse:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/dashboard/login?next={quote(target, safe='')}", status_code=303)

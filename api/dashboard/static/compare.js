@@ -1,0 +1,35 @@
+/* The comparison page: both jobs' curves (mean over seeds) on shared axes, live while they run. */
+(function () {
+  "use strict";
+  var data = GS.pageData();
+  if (!data.jobs || data.jobs.length !== 2) return;
+  var COLORS = {A: "#1f77b4", B: "#ff7f0e"};
+  var stores = {};
+
+  function chart(id, name, splits, options) {
+    var figure = document.getElementById(id);
+    var series = [];
+    data.jobs.forEach(function (job) {
+      splits.forEach(function (split) {
+        series.push({label: job.label + " " + split, color: COLORS[job.label], dash: split !== "test",
+                     points: stores[job.label].meanOverSeeds(name, split)});
+      });
+    });
+    GS.lineChart(figure.querySelector(".plot"), series, options);
+  }
+
+  var draw = GS.throttle(function () {
+    chart("chart-accuracy", "accuracy", ["train", "test"], {yMin: 0, yMax: 1});
+    chart("chart-starved", "starved_fraction", ["train"], {yMin: 0, yMax: 1});
+    chart("chart-loss", "loss", ["train", "test"], {});
+  });
+
+  data.jobs.forEach(function (job) {
+    stores[job.label] = new GS.MetricStore();
+    GS.follow("/dashboard/jobs/" + encodeURIComponent(job.id) + "/events", {
+      metrics: function (rows) { if (stores[job.label].add(rows)) draw(); }
+    });
+  });
+  draw();
+  window.addEventListener("resize", draw);
+})();

@@ -1,0 +1,68 @@
+/* A job page: status, progress and per-seed curves, live from the job's event stream. */
+(function () {
+  "use strict";
+  var data = GS.pageData();
+  var store = new GS.MetricStore();
+  var statusNode = document.getElementById("job-status");
+  var progress = document.getElementById("job-progress");
+  var progressText = document.getElementById("job-progress-text");
+  var latest = document.getElementById("job-latest");
+  var TERMINAL = ["succeeded", "failed", "cancelled"];
+
+  function seedColor(seed) {
+    var index = data.seeds.indexOf(seed);
+    return GS.palette[(index < 0 ? seed : index) % GS.palette.length];
+  }
+
+  function chart(id, name, splits, options) {
+    var figure = document.getElementById(id);
+    if (!figure) return;
+    var series = [];
+    splits.forEach(function (split) {
+      var bySeed = store.perSeed(name, split);
+      Object.keys(bySeed).forEach(function (seed) {
+        series.push({label: "seed " + seed + " " + split, color: seedColor(Number(seed)), dash: split !== "test",
+                     points: bySeed[seed]});
+      });
+    });
+    GS.lineChart(figure.querySelector(".plot"), series, options);
+  }
+
+  var draw = GS.throttle(function () {
+    chart("chart-loss", "loss", ["train", "test"], {});
+    chart("chart-accuracy", "accuracy", ["train", "test"], {yMin: 0, yMax: 1});
+    chart("chart-starved", "starved_fraction", ["train"], {yMin: 0, yMax: 1});
+  });
+
+  function showStatus(job) {
+    statusNode.textContent = job.status;
+    statusNode.dataset.status = job.status;
+    statusNode.className = "badge status-" + job.status;
+    progress.value = job.progress;
+    progressText.textContent = Math.round(100 * job.progress) + "%";
+  }
+
+  function showLatest(rows) {
+    var last = rows[rows.length - 1];
+    if (!last) return;
+    var parts = ["seed " + last.seed, "step " + last.step + (data.steps ? "/" + data.steps : "")];
+    rows.filter(function (r) { return r.step === last.step && r.seed === last.seed; }).forEach(function (r) {
+      if ((r.split === "test" || r.split === "train") && ["accuracy", "loss", "starved_fraction"].indexOf(r.name) >= 0) {
+        parts.push(r.split + " " + r.name.replace("_", " ") + " " + r.value.toFixed(3));
+      }
+    });
+    latest.textContent = parts.join(" · ");
+  }
+
+  draw();
+  window.addEventListener("resize", draw);
+  GS.follow("/dashboard/jobs/" + encodeURIComponent(data.id) + "/events", {
+    status: showStatus,
+    metrics: function (rows) { if (store.add(rows)) { showLatest(rows); draw(); } },
+    end: function () {
+      // The page was rendered while the job ran: render it again with the outcome and report.
+      if (!data.terminal && TERMINAL.indexOf(statusNode.dataset.status) >= 0) window.location.reload();
+    },
+    error: function (message) { latest.textContent = message + " (reload the page)"; }
+  });
+})();

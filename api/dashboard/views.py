@@ -1,0 +1,128 @@
+"""What the pages show, computed from jobs: a few words per job, summary numbers, report plots."""
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from api import jobs_service
+from api.errors import ApiError
+from models import files as files_repo
+from models.tables import Job
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def describe(job: Job) -> str:
+    spec = job.spec or {}
+    if job.kind == "train":
+        method = (spec.get("method") or {}).get("name")
+        name = spec.get("preset") or method or "train"
+        return f"{name}, {spec.get('steps')} steps, seeds {', '.join(map(str, spec.get('seeds') or []))}"
+    source = (f"checkpoint {spec['checkpoint_id'][:10]}…" if spec.get("checkpoint_id")
+              else f"train job {str(spec.get('train_job_id'))[:10]}…")
+    return f"{source} on {(spec.get('dataset') or {}).get('name', '?')}"
+
+
+def mean_of(stats: Any) -> float | None:
+    if isinstance(stats, dict):
+        stats = stats.get("mean")
+    return float(stats) if isinstance(stats, (int, float)) and not isinstance(stats, bool) else None
+
+
+def std_of(stats: Any) -> float | None:
+    return mean_of(stats.get("std")) if isinstance(stats, dict) else None
+
+
+def reliance(job: Job) -> dict[str, Any]:
+    """{"score", "std", "verdict"} of a train job's audit summary or an audit job's report."""
+    result = job.result or {}
+    summary = (result.get("audit") or {}).get("summary") if job.kind == "train" else result.get("summary")
+    if not summary:
+        return {"score": None, "std": None, "verdict": None}
+    score = summary.get("reliance_score")
+    return {"score": mean_of(score), "std": std_of(score), "verdict": summary.get("verdict")}
+
+
+def report_or_none(job: Job) -> dict[str, Any] | None:
+    if job.status != "succeeded":
+        return None
+    try:
+        return jobs_service.report_of(job)
+    except ApiError:
+        return None
+
+
+def job_row(job: Job) -> dict[str, Any]:
+    splits = (job.result or {}).get("splits") or {}
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "progress": job.progress or 0.0,
+        "created_at": job.created_at.strftime("%Y-%m-%d %H:%M:%S") if job.created_at else "",
+        "describe": describe(job),
+        "test_accuracy": mean_of(((splits.get("test") or {}).get("accuracy"))),
+        "reliance": reliance(job),
+        "active": job.status not in TERMINAL,
+    }
+
+
+def duration_s(job: Job) -> float | None:
+    if job.started_at and job.finished_at:
+        return (job.finished_at - job.started_at).total_seconds()
+    return None
+
+
+def summary_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
+    """(label, value) pairs for the job page and for one column of the comparison."""
+    spec, result = job.spec or {}, job.result or {}
+    splits = result.get("splits") or {}
+    counterfactual = (report or {}).get("counterfactual") or {}
+    starved = result.get("starved_fraction") or {}
+    rows: list[tuple[str, Any]] = [("kind", job.kind), ("status", job.status), ("what", describe(job))]
+    if job.kind == "train":
+        method = spec.get("method") or {}
+        rows += [("method", method.get("name")), ("sd_lambda", method.get("sd_lambda")),
+                 ("optimizer", f"{(spec.get('optimizer') or {}).get('name')} lr {(spec.get('optimizer') or {}).get('lr')}")]
+        for split in splits:
+            rows.append((f"{split} accuracy", splits[split].get("accuracy")))
+        rows.append(("starved fraction at step 0 → end",
+                     f"{fmt(starved.get('first'))} → {fmt(starved.get('last'))}" if starved else None))
+    rel = reliance(job)
+    rows += [
+        ("reliance score", {"mean": rel["score"], "std": rel["std"]} if rel["std"] is not None else rel["score"]),
+        ("verdict", rel["verdict"]),
+        ("flip rate", counterfactual.get("flip_rate")),
+        ("average accuracy", (report or {}).get("average_accuracy")),
+        ("worst-group accuracy", (report or {}).get("worst_group_accuracy")),
+        ("run time", f"{duration_s(job):.1f} s" if duration_s(job) is not None else None),
+    ]
+    return rows
+
+
+def fmt(value: Any) -> str:
+    """Numbers to 3 decimals, {"mean", "std"} as mean ± std, None as a dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, dict) and "mean" in value:
+        if value.get("mean") is None:
+            return "—"
+        return f"{value['mean']:.3f} ± {value['std']:.3f}" if value.get("std") is not None else f"{value['mean']:.3f}"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def plot_images(session: Session, job: Job, report: dict | None) -> list[dict[str, str]]:
+    """The report's plots as data URIs (one authenticated page load, no second request per image)."""
+    images = []
+    for name in (report or {}).get("plots", []):
+        artifact = files_repo.get_artifact(session, job.id, name)
+        if artifact is None or not Path(artifact.path).is_file():
+            continue
+        data = base64.b64encode(Path(artifact.path).read_bytes()).decode()
+        images.append({"name": name, "src": f"data:{artifact.media_type};base64,{data}"})
+    return images
