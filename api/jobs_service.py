@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import html
 import shutil
 from pathlib import Path
 from typing import Any
@@ -131,4 +130,4 @@ def report_html(session: Session, job: Job) -> str:
             data = base64.b64encode(Path(artifact.path).read_bytes()).decode()
             urls[name] = f"data:{artifact.media_type};base64,{data}"
     title = f"Reliance report: {job.kind} job {job.id}"
-    return render_report_html(report, urls, html.escape(title))
+    return render_report_html(report, urls, title)

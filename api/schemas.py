@@ -180,9 +180,13 @@ class DatasetList(BaseModel):
 
 
 class RelianceSummary(BaseModel):
-    reliance_score: float = Field(ge=0, le=1)
-    verdict: Literal["low", "partial", "high"]
+    """reliance_score and verdict are null, with a reason, when the data cannot measure reliance
+    (e.g. two_moons: no attribute can be changed and no test example conflicts with it)."""
+
+    reliance_score: float | None = Field(ge=0, le=1)
+    verdict: Literal["low", "partial", "high"] | None
     basis: Literal["counterfactual", "groups"]
+    reason: str | None = None
 
 
 class GroupAccuracy(BaseModel):

@@ -57,10 +57,14 @@ def summarize(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Reliance over seeds: mean and std of the score, and the verdict of the mean."""
     from starvation.audit import verdict
 
-    scores = [r["summary"]["reliance_score"] for r in reports]
+    summaries = [r["summary"] for r in reports]
+    scores = [s["reliance_score"] for s in summaries if s["reliance_score"] is not None]
+    if not scores:
+        return {"reliance_score": None, "verdict": None, "basis": summaries[0]["basis"],
+                "reason": summaries[0].get("reason")}
     mean = statistics.fmean(scores)
     return {
-        "reliance_score": {"mean": mean, "std": statistics.pstdev(scores) if len(scores) > 1 else 0.0},
+        "reliance_score": {"mean": mean, "std": statistics.pstdev(scores)},
         "verdict": verdict(mean),
-        "basis": reports[0]["summary"]["basis"],
+        "basis": summaries[0]["basis"],
     }

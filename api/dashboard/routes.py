@@ -256,7 +256,7 @@ def compare_page(request: Request, session: SessionDep, a: str | None = None, b:
     table = [(label, [dict(side["summary"]).get(label) for side in sides]) for label in labels]
     return page(request, "compare.html", {
         "choices": choices, "a": a, "b": b, "sides": sides, "table": table,
-        "page_data": {"jobs": [{"id": s["job"].id, "label": s["label"], "title": views.describe(s["job"])}
+        "page_data": {"jobs": [{"id": s["job"].id, "label": s["label"], "steps": (s["job"].spec or {}).get("steps")}
                                for s in sides]},
     })
 

@@ -33,7 +33,7 @@
     return String(+value.toPrecision(3));
   }
 
-  /* series: [{label, color, dash, points: [[x, y], ...]}]; options: {yMin, yMax, xLabel}. */
+  /* series: [{label, color, dash, points: [[x, y], ...]}]; options: {xMin, xMax, yMin, yMax, xLabel, height}. */
   function lineChart(container, series, options) {
     options = options || {};
     var width = Math.max(container.clientWidth || 0, 280), height = options.height || 240;
@@ -48,7 +48,8 @@
       empty.textContent = "waiting for metrics…";
       return svg;
     }
-    var xMin = Math.min.apply(null, xs), xMax = Math.max.apply(null, xs);
+    var xMin = options.xMin !== undefined ? options.xMin : Math.min.apply(null, xs);
+    var xMax = options.xMax !== undefined ? options.xMax : Math.max.apply(null, xs);
     var yMin = options.yMin !== undefined ? options.yMin : Math.min.apply(null, ys);
     var yMax = options.yMax !== undefined ? options.yMax : Math.max.apply(null, ys);
     if (options.yMin === undefined || options.yMax === undefined) {

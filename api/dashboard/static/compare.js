@@ -18,10 +18,13 @@
     GS.lineChart(figure.querySelector(".plot"), series, options);
   }
 
+  var steps = Math.max.apply(null, data.jobs.map(function (job) { return job.steps || 0; }));
+  var x = steps ? {xMin: 0, xMax: steps} : {};
+
   var draw = GS.throttle(function () {
-    chart("chart-accuracy", "accuracy", ["train", "test"], {yMin: 0, yMax: 1});
-    chart("chart-starved", "starved_fraction", ["train"], {yMin: 0, yMax: 1});
-    chart("chart-loss", "loss", ["train", "test"], {});
+    chart("chart-accuracy", "accuracy", ["train", "test"], Object.assign({yMin: 0, yMax: 1}, x));
+    chart("chart-starved", "starved_fraction", ["train"], Object.assign({yMin: 0, yMax: 1}, x));
+    chart("chart-loss", "loss", ["train", "test"], x);
   });
 
   data.jobs.forEach(function (job) {

@@ -29,9 +29,10 @@
   }
 
   var draw = GS.throttle(function () {
-    chart("chart-loss", "loss", ["train", "test"], {});
-    chart("chart-accuracy", "accuracy", ["train", "test"], {yMin: 0, yMax: 1});
-    chart("chart-starved", "starved_fraction", ["train"], {yMin: 0, yMax: 1});
+    var x = data.steps ? {xMin: 0, xMax: data.steps} : {};  // the axis spans the whole run from the start
+    chart("chart-loss", "loss", ["train", "test"], x);
+    chart("chart-accuracy", "accuracy", ["train", "test"], Object.assign({yMin: 0, yMax: 1}, x));
+    chart("chart-starved", "starved_fraction", ["train"], Object.assign({yMin: 0, yMax: 1}, x));
   });
 
   function showStatus(job) {

@@ -3,11 +3,9 @@
   "use strict";
   if (document.body.dataset.active !== "1") return;
   function busy() {
-    var active = document.activeElement;
-    var picked = document.querySelector("#compare-form input[type=radio]:checked");
-    var open = document.querySelector("#new-job[open]");
-    return picked || (open && document.querySelector("#jobs-table tbody tr[data-job-id]")) ||
-      (active && active !== document.body && active.form);
+    var focused = document.activeElement;
+    return document.querySelector("#compare-form input[type=radio]:checked") ||
+      document.querySelector("#new-job[open]") || (focused && focused.form);
   }
   window.setInterval(function () { if (!busy()) window.location.reload(); }, 3000);
 })();

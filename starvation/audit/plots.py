@@ -1,0 +1,121 @@
+"""The audit's PNG plots, drawn headless (matplotlib's Agg canvas, no pyplot global state)."""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from starvation.audit.probes import batched
+from starvation.checkpoints import AuditableModel
+from starvation.datasets.base import Dataset
+
+GROUP_ACCURACY = "group_accuracy.png"
+FOUR_CORNERS = "four_corners.png"
+DECISION_BOUNDARY = "decision_boundary.png"
+_DPI = 100
+_GRID = 200  # decision boundary: points per axis
+
+
+def draw_plots(report: dict, model: AuditableModel, dataset: Dataset, out_dir: pathlib.Path) -> list[str]:
+    """Every plot the report's numbers (and, for 2-D inputs, the model) allow; their file names."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    if report.get("groups"):
+        _save(group_accuracy(report), out_dir / GROUP_ACCURACY)
+        names.append(GROUP_ACCURACY)
+    if report.get("four_corners"):
+        _save(four_corners(report), out_dir / FOUR_CORNERS)
+        names.append(FOUR_CORNERS)
+    if tuple(dataset.input_shape) == (2,):
+        _save(decision_boundary(model, dataset), out_dir / DECISION_BOUNDARY)
+        names.append(DECISION_BOUNDARY)
+    return names
+
+
+def group_accuracy(report: dict) -> Figure:
+    groups = report["groups"]
+    attribute = report.get("spurious_attribute") or "attribute"
+    fig = Figure(figsize=(max(4.0, 1.1 * len(groups) + 2), 3.6), dpi=_DPI)
+    ax = fig.add_subplot()
+    labels = [f"y={g['label']}\n{attribute}={g['attribute']}\nn={g['n']}" for g in groups]
+    colours = ["tab:blue" if g.get("aligned") else "tab:orange" for g in groups]
+    bars = ax.bar(range(len(groups)), [g["accuracy"] for g in groups], color=colours)
+    for bar, g in zip(bars, groups):
+        ax.annotate(f"{g['accuracy']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    if report.get("average_accuracy") is not None:
+        ax.axhline(report["average_accuracy"], color="grey", linestyle="--", linewidth=1,
+                   label=f"average {report['average_accuracy']:.2f}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xticks(range(len(groups)), labels, fontsize=8)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy per group (blue: bias-aligned, orange: bias-conflicting)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def four_corners(report: dict) -> Figure:
+    """Two 2x2 panels, accuracy and entropy: rows core feature present/absent, columns spurious."""
+    corners = report["four_corners"]
+    layout = [["core_and_spurious", "core_only"], ["spurious_only", "neither"]]
+    entropy_max = (report.get("four_corners_entropy") or {}).get("max") or np.log(2)
+    fig = Figure(figsize=(8, 3.6), dpi=_DPI)
+    for index, (key, vmax, title) in enumerate((
+        ("accuracy", 1.0, "accuracy"),
+        ("entropy", entropy_max, "mean predictive entropy (nats)"),
+    )):
+        ax = fig.add_subplot(1, 2, index + 1)
+        values = np.array([[_value(corners.get(c), key) for c in row] for row in layout], dtype=float)
+        ax.imshow(values, vmin=0.0, vmax=vmax, cmap="viridis")
+        for (r, c), v in np.ndenumerate(values):
+            ax.text(c, r, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
+                    color="white" if np.isnan(v) or v < 0.6 * vmax else "black")
+        ax.set_xticks([0, 1], ["spurious present", "spurious removed"], fontsize=8)
+        ax.set_yticks([0, 1], ["core present", "core removed"], fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle("Four corners (test split)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def decision_boundary(model: AuditableModel, dataset: Dataset) -> Figure:
+    """The predicted class over the plane, with the training and test points."""
+    points = torch.cat([dataset.splits[s].x for s in dataset.splits]).double().numpy()
+    low, high = points.min(axis=0), points.max(axis=0)
+    pad = 0.15 * (high - low) + 1e-3
+    xs = np.linspace(low[0] - pad[0], high[0] + pad[0], _GRID)
+    ys = np.linspace(low[1] - pad[1], high[1] + pad[1], _GRID)
+    grid_x, grid_y = np.meshgrid(xs, ys)
+    grid = torch.from_numpy(np.stack([grid_x.ravel(), grid_y.ravel()], axis=1).astype(np.float32))
+    logits = batched(model.logits, grid, model.device, 8192)
+    fig = Figure(figsize=(5, 4.4), dpi=_DPI)
+    ax = fig.add_subplot()
+    if logits.shape[1] == 1:
+        score = torch.sigmoid(logits[:, 0]).numpy().reshape(grid_x.shape)
+        ax.contourf(grid_x, grid_y, score, levels=np.linspace(0, 1, 11), cmap="RdBu_r", alpha=0.5)
+        ax.contour(grid_x, grid_y, score, levels=[0.5], colors="black", linewidths=1.5)
+    else:
+        classes = logits.argmax(dim=1).numpy().reshape(grid_x.shape)
+        ax.contourf(grid_x, grid_y, classes, levels=np.arange(logits.shape[1] + 1) - 0.5, cmap="RdBu_r", alpha=0.5)
+    for name, marker in ((dataset.train_splits[0], "o"), (dataset.test_split, "x")):
+        split = dataset.splits[name]
+        ax.scatter(split.x[:, 0].numpy(), split.x[:, 1].numpy(), c=split.y.numpy(), cmap="RdBu_r", marker=marker,
+                   s=12, linewidths=0.8, edgecolors="black" if marker == "o" else None, label=name)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("Decision boundary (predicted class 1 probability)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _value(corner: dict | None, key: str) -> float:
+    value = (corner or {}).get(key)
+    return float("nan") if value is None else float(value)
+
+
+def _save(fig: Figure, path: pathlib.Path) -> None:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png")

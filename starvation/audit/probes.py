@@ -1,0 +1,268 @@
+"""The audit's probes: each a small class behind a name in `PROBES`.
+
+A probe asks `supports(dataset)` and `run(model, dataset, ctx)`; `run` returns the keys it adds
+to the report (API.md, "Report (JSON)"). Predictions are shared through `AuditContext`, so the
+test split goes through the model once however many probes read it.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from starvation.checkpoints import AuditableModel
+from starvation.datasets.base import Dataset, Split
+
+CORNERS = ("core_and_spurious", "core_only", "spurious_only", "neither")
+PROBE_EXAMPLES_PER_GROUP = 1_000  # linear probe: at most this many per (label, attribute) group
+MIN_PROBE_EXAMPLES_PER_GROUP = 4  # two to fit on, two to score on
+
+
+@dataclass
+class AuditContext:
+    """What probes share in one audit: the seed, and logits cached per named split."""
+
+    seed: int
+    batch_size: int = 1024
+    _logits: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def logits(self, model: AuditableModel, split: Split, key: str) -> torch.Tensor:
+        """Logits [N, k] on CPU for `split`, computed once per `key`."""
+        if key not in self._logits:
+            self._logits[key] = batched(model.logits, split.x, model.device, self.batch_size)
+        return self._logits[key]
+
+    def predictions(self, model: AuditableModel, split: Split, key: str) -> torch.Tensor:
+        return predicted_class(self.logits(model, split, key))
+
+
+def batched(fn, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+    """`fn` over `x` in batches on `device`; the result back on CPU."""
+    outs = [fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def predicted_class(logits: torch.Tensor) -> torch.Tensor:
+    """One logit: class 1 where it is positive; k logits: the argmax."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(dim=1)
+
+
+def predictive_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of the predicted distribution: Bernoulli(sigmoid) for one logit, softmax else."""
+    logits = logits.double()
+    if logits.shape[1] == 1:
+        z = logits[:, 0]
+        p = torch.sigmoid(z)
+        # -log p = softplus(-z) and -log(1 - p) = softplus(z): stable for large |z|
+        return p * torch.nn.functional.softplus(-z) + (1 - p) * torch.nn.functional.softplus(z)
+    log_p = torch.log_softmax(logits, dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
+def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float | None:
+    return _mean_or_none(pred == y)
+
+
+def aligned_attributes(dataset: Dataset) -> dict[int, int]:
+    """For each label, the attribute value most common with it in the pooled training data."""
+    train = dataset.train_data()
+    aligned = {}
+    for label in torch.unique(train.y).tolist():
+        values, counts = torch.unique(train.attribute[train.y == label], return_counts=True)
+        aligned[int(label)] = int(values[counts.argmax()])  # ties: the smallest value
+    return aligned
+
+
+class Probe:
+    name: ClassVar[str]
+
+    def supports(self, dataset: Dataset) -> bool:
+        return True
+
+    def run(self, model: AuditableModel, dataset: Dataset, ctx: AuditContext) -> dict:
+        raise NotImplementedError
+
+
+PROBES: dict[str, type[Probe]] = {}
+
+
+def register(cls: type[Probe]) -> type[Probe]:
+    PROBES[cls.name] = cls
+    return cls
+
+
+@register
+class GroupsProbe(Probe):
+    """Accuracy per (label, attribute) group on the test split; aligned vs conflicting examples.
+
+    A group is bias-aligned when its attribute is the one most common with its label in the
+    training data; `average_accuracy` is the accuracy over all test examples.
+    """
+
+    name = "groups"
+
+    def run(self, model: AuditableModel, dataset: Dataset, ctx: AuditContext) -> dict:
+        test = dataset.splits[dataset.test_split]
+        correct = ctx.predictions(model, test, "test") == test.y
+        aligned = aligned_attributes(dataset)
+        groups = []
+        for label in torch.unique(test.y).tolist():
+            for attribute in torch.unique(test.attribute[test.y == label]).tolist():
+                in_group = (test.y == label) & (test.attribute == attribute)
+                groups.append({
+                    "label": int(label),
+                    "attribute": int(attribute),
+                    "n": int(in_group.sum()),
+                    "accuracy": float(correct[in_group].double().mean()),
+                    "aligned": aligned.get(int(label)) == int(attribute),
+                })
+        known = torch.zeros_like(test.y, dtype=torch.bool)  # labels never seen in training are neither
+        is_aligned = torch.zeros_like(test.y, dtype=torch.bool)
+        for label, value in aligned.items():
+            known |= test.y == label
+            is_aligned |= (test.y == label) & (test.attribute == value)
+        return {
+            "groups": groups,
+            "average_accuracy": _mean_or_none(correct),
+            "worst_group_accuracy": min((g["accuracy"] for g in groups), default=None),
+            "bias_aligned_accuracy": _mean_or_none(correct[known & is_aligned]),
+            "bias_conflicting_accuracy": _mean_or_none(correct[known & ~is_aligned]),
+        }
+
+
+@register
+class CounterfactualProbe(Probe):
+    """How often the prediction changes when only the spurious attribute is changed."""
+
+    name = "counterfactual"
+
+    def supports(self, dataset: Dataset) -> bool:
+        return dataset.can_intervene
+
+    def run(self, model: AuditableModel, dataset: Dataset, ctx: AuditContext) -> dict:
+        test = dataset.splits[dataset.test_split]
+        intervened = dataset.intervene(test)
+        pred = ctx.predictions(model, test, "test")
+        pred_intervened = ctx.predictions(model, intervened, "test_intervened")
+        return {"counterfactual": {
+            "flip_rate": float((pred != pred_intervened).double().mean()),
+            "accuracy": accuracy(pred, test.y),
+            "accuracy_intervened": accuracy(pred_intervened, intervened.y),
+            "n": len(test),
+        }}
+
+
+@register
+class FourCornersProbe(Probe):
+    """The paper's four corners: accuracy and mean predictive entropy with the digit and/or colour removed."""
+
+    name = "four_corners"
+
+    def supports(self, dataset: Dataset) -> bool:
+        return dataset.has_four_corners
+
+    def run(self, model: AuditableModel, dataset: Dataset, ctx: AuditContext) -> dict:
+        corners = dataset.four_corners(dataset.splits[dataset.test_split])
+        result, num_outputs = {}, None
+        for name in sorted(corners, key=lambda c: (CORNERS.index(c) if c in CORNERS else len(CORNERS), c)):
+            split = corners[name]
+            logits = ctx.logits(model, split, f"corner:{name}")
+            num_outputs = logits.shape[1]
+            result[name] = {
+                "accuracy": accuracy(predicted_class(logits), split.y),
+                "entropy": _mean_or_none(predictive_entropy(logits)),
+                "n": len(split),
+            }
+        binary = num_outputs == 1
+        return {
+            "four_corners": result,
+            "four_corners_entropy": {
+                "of": "sigmoid(logit)" if binary else "softmax(logits)",
+                "unit": "nats",
+                "max": math.log(2) if binary else math.log(num_outputs or 1),
+            },
+        }
+
+
+@register
+class LinearProbe(Probe):
+    """Logistic regressions decoding the label and the spurious attribute from the feature layer.
+
+    Examples come from all splits, balanced over (label, attribute) groups so that neither can be
+    decoded by riding on the other; chance is 1 / (number of values). Half of each group fits the
+    regressions, the other half scores them. The label is the dataset's label, noise included
+    (colored_mnist's 25% label noise caps core_accuracy near 0.75).
+    """
+
+    name = "linear_probe"
+
+    def run(self, model: AuditableModel, dataset: Dataset, ctx: AuditContext) -> dict:
+        if model.feature_layer is None:
+            return self._unavailable(model.no_features_reason or "the model exposes no feature layer")
+        splits = [dataset.splits[name] for name in dict.fromkeys([*dataset.train_splits, dataset.test_split])]
+        x = torch.cat([s.x for s in splits])
+        y = torch.cat([s.y for s in splits]).numpy()
+        attribute = torch.cat([s.attribute for s in splits]).numpy()
+        labels, values = np.unique(y), np.unique(attribute)
+        if len(labels) < 2:
+            return self._unavailable("the data hold a single label", layer=model.feature_layer)
+        if len(values) < 2:
+            return self._unavailable(
+                "the spurious attribute takes a single value in this dataset", layer=model.feature_layer
+            )
+        groups = [(label, value) for label in labels for value in values]
+        members = [np.flatnonzero((y == label) & (attribute == value)) for label, value in groups]
+        per_group = min(min(len(m) for m in members), PROBE_EXAMPLES_PER_GROUP)
+        if per_group < MIN_PROBE_EXAMPLES_PER_GROUP:
+            return self._unavailable(
+                f"some (label, attribute) group has fewer than {MIN_PROBE_EXAMPLES_PER_GROUP} examples, "
+                "so label and attribute cannot be decoded separately",
+                layer=model.feature_layer,
+            )
+        rng = np.random.default_rng(ctx.seed)
+        fit_index, score_index = [], []
+        for m in members:
+            chosen = rng.choice(m, size=per_group, replace=False)
+            fit_index.append(chosen[: per_group // 2])
+            score_index.append(chosen[per_group // 2 :])
+        fit_index, score_index = np.concatenate(fit_index), np.concatenate(score_index)
+        chosen = np.concatenate([fit_index, score_index])
+        features = batched(model.features, x[torch.from_numpy(chosen)], model.device, ctx.batch_size)
+        features = features.double().numpy()
+        fit_features, score_features = features[: len(fit_index)], features[len(fit_index) :]
+        return {"linear_probe": {
+            "layer": model.feature_layer,
+            "core_accuracy": _decode(fit_features, y[fit_index], score_features, y[score_index], ctx.seed),
+            "spurious_accuracy": _decode(
+                fit_features, attribute[fit_index], score_features, attribute[score_index], ctx.seed
+            ),
+            "n_fit": int(len(fit_index)),
+            "n_score": int(len(score_index)),
+        }}
+
+    @staticmethod
+    def _unavailable(reason: str, layer: str | None = None) -> dict:
+        return {"linear_probe": {"layer": layer, "core_accuracy": None, "spurious_accuracy": None, "reason": reason}}
+
+
+def _decode(fit_x: np.ndarray, fit_y: np.ndarray, score_x: np.ndarray, score_y: np.ndarray, seed: int) -> float:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2_000, random_state=seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        classifier.fit(fit_x, fit_y)
+    return float(classifier.score(score_x, score_y))
+
+
+def _mean_or_none(values: torch.Tensor) -> float | None:
+    return float(values.double().mean()) if len(values) else None
