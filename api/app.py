@@ -20,6 +20,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     yield
     for task in tasks:
         task.cancel()
+    sandbox.shutdown()
 
 
 def create_app() -> FastAPI:

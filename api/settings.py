@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     max_steps: int = 100_000
     max_seeds: int = 20
     max_upload_bytes: int = 512 * 1024 * 1024
+    upload_check_timeout_s: float = 60.0  # loading + a dry forward pass of an uploaded model
     max_body_bytes: int = 1024 * 1024  # JSON request bodies (uploads have max_upload_bytes)
     cancel_poll_s: float = Field(0.5, description="how often a running job reads its cancel flag")
 

@@ -51,7 +51,7 @@ async def upload_checkpoint(
     num_classes: Annotated[int, Form(ge=2, le=100_000)] = 2,
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
-    from starvation.checkpoints import CheckpointError, validate_checkpoint
+    from api.sandbox import SandboxError, validate_checkpoint
 
     params = parse_json_field("arch_params", arch_params, dict) or {}
     shape = parse_json_field("input_shape", input_shape, list) or [2, 14, 14]
@@ -67,11 +67,11 @@ async def upload_checkpoint(
     def create() -> tuple[int, Any]:
         try:
             info = validate_checkpoint(
-                tmp_path, format, arch=arch, arch_params=params, input_shape=tuple(shape),
-                num_classes=num_classes, max_bytes=settings.max_upload_bytes,
+                settings.upload_check_timeout_s, path=tmp_path, fmt=format, arch=arch, arch_params=params,
+                input_shape=tuple(shape), num_classes=num_classes, max_bytes=settings.max_upload_bytes,
             )
-        except CheckpointError as exc:
-            raise ApiError(422, exc.code, str(exc)) from None
+        except SandboxError as exc:
+            raise ApiError(422, exc.code, exc.message) from None
         checkpoint_id = new_id()
         final = folder / f"{checkpoint_id}{SUFFIX[format]}"
         tmp_path.rename(final)

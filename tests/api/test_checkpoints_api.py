@@ -94,3 +94,20 @@ def test_bad_form_fields_are_422(client, tenant):
     assert upload(client, tenant(), content, "torchscript", input_shape="[2, -1]").status_code == 422
     assert upload(client, tenant(), content, "torchscript", input_shape="nope").status_code == 422
     assert upload(client, tenant(), content, "safetensors").json()["error"]["message"].count("arch") >= 1
+
+
+class Forever(nn.Module):
+    def forward(self, x):
+        y = x.sum()
+        while bool(y > -1):  # never ends for inputs in [0, 1]
+            y = y + 1
+        return x.flatten(1)[:, :1]
+
+
+def test_a_model_that_never_returns_times_out_and_the_next_upload_works(client, tenant, settings, monkeypatch):
+    monkeypatch.setattr(settings, "upload_check_timeout_s", 8)
+    before = stored_files(settings)
+    response = upload(client, tenant(), torchscript_bytes(Forever()), "torchscript")
+    assert response.status_code == 422 and "longer than" in response.json()["error"]["message"]
+    assert stored_files(settings) == before
+    assert upload(client, tenant(), torchscript_bytes(ColourOnly()), "torchscript").status_code == 201

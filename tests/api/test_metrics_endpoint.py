@@ -79,7 +79,7 @@ def test_metrics_count_jobs_queue_durations_and_heartbeats(client, some_jobs):
 
     newest = after["gs_worker_heartbeat_age_seconds"][("gs_worker_heartbeat_age_seconds", ())]
     stalest = after["gs_running_job_heartbeat_max_age_seconds"][("gs_running_job_heartbeat_max_age_seconds", ())]
-    assert 1.5 <= newest < 10 and 19.5 <= stalest < 30
+    assert newest < 10 and stalest >= 19.5  # other tests' running jobs may only widen the range
 
 
 def test_metrics_need_no_token_and_include_the_process(client):
