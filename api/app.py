@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from api import background, dashboard, errors
+from api import background, dashboard, errors, sandbox
 from api.deps import admin_token
 from api.limits import BodySizeLimit
 from api.settings import get_settings
