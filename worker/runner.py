@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,46 @@ class JobTimedOut(Exception):
     pass
 
 
+class MetricsWriter(threading.Thread):
+    """Writes metrics off the training loop: the loop hands rows over, this thread inserts them
+    in batches (one insert for all rows waiting), so a step never waits on the database."""
+
+    def __init__(self, db: Database, job_id: str) -> None:
+        super().__init__(daemon=True, name=f"metrics-{job_id}")
+        self.db, self.job_id = db, job_id
+        self.rows: queue.Queue[list[dict[str, Any]] | None] = queue.Queue()
+        self.written = 0
+
+    def put(self, rows: list[dict[str, Any]]) -> None:
+        self.rows.put(rows)
+
+    def run(self) -> None:
+        done = False
+        while not done:
+            batch = []
+            item = self.rows.get()
+            while True:
+                if item is None:
+                    done = True
+                else:
+                    batch.extend(item)
+                try:
+                    item = self.rows.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                try:
+                    with self.db.session() as session:
+                        self.written += metrics_repo.add_batch(session, self.job_id, batch)
+                except Exception as exc:  # keep the job running; say what was lost
+                    log.error("job %s: %d metric rows not stored: %s", self.job_id, len(batch), exc)
+
+    def close(self) -> None:
+        """Flush what is waiting and stop; the job's outcome is recorded only after this."""
+        self.rows.put(None)
+        self.join()
+
+
 @dataclass
 class JobContext:
     """What a running job may do to the outside world: report metrics and progress, and ask
@@ -54,9 +95,9 @@ class JobContext:
     owner_id: str
     settings: Settings
     deadline: float | None = None  # time.monotonic() after which the job stops (its timeout_s)
+    writer: MetricsWriter | None = None
     _last_poll: float = 0.0
     _stop: bool = False
-    metrics_written: int = field(default=0)
 
     @property
     def work_dir(self) -> Path:
@@ -67,8 +108,11 @@ class JobContext:
             {"step": m.step, "name": m.name, "value": float(m.value), "seed": m.seed, "split": m.split}
             for m in batch
         ]
-        with self.db.session() as session:
-            self.metrics_written += metrics_repo.add_batch(session, self.job_id, rows)
+        if self.writer is not None:
+            self.writer.put(rows)
+        else:
+            with self.db.session() as session:
+                metrics_repo.add_batch(session, self.job_id, rows)
 
     def on_progress(self, fraction: float) -> None:
         with self.db.session() as session:
@@ -128,17 +172,20 @@ def run_job(job_id: str) -> None:
     if attempts > 1:
         forget_earlier_attempt(db, job_id, settings)
     timeout_s = spec.get("timeout_s")
+    writer = MetricsWriter(db, job_id)
     ctx = JobContext(
         db=db, job_id=job_id, owner_id=owner_id, settings=settings,
-        deadline=time.monotonic() + timeout_s if timeout_s else None,
+        deadline=time.monotonic() + timeout_s if timeout_s else None, writer=writer,
     )
     log.info("job %s started (%s, attempt %d)", job_id, kind, attempts)
     heartbeat = Heartbeat(db, job_id, settings.heartbeat_s)
     heartbeat.start()
+    writer.start()
     try:
         status, result, error = run_kind(kind, spec, ctx)
     finally:
         heartbeat.stop()
+        writer.close()
     with db.session() as session:
         jobs_repo.finish(session, job_id, status, result=result, error=error)
     log.info("job %s %s", job_id, status)
