@@ -9,6 +9,7 @@ COPY models ./models
 COPY starvation ./starvation
 COPY migrations ./migrations
 COPY scripts ./scripts
+COPY cli ./cli
 COPY alembic.ini ./
 RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" -e .
 ENV GS_VAR_DIR=/data

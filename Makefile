@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install serve demo test bench clean
+.PHONY: install browser serve demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -18,7 +18,11 @@ serve: install
 demo: install
 	$(PY) scripts/demo.py
 
-test: install
+# Headless Chromium for the dashboard test, from Debian's packages (skipped when present).
+browser:
+	bash scripts/install_browser.sh
+
+test: install browser
 	$(PY) -m pytest -q
 
 bench: install

@@ -5,6 +5,7 @@ import base64
 import shutil
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session
 
@@ -43,6 +44,12 @@ def resolve_train(spec: dict[str, Any], settings: Settings, user_datasets: list[
     return resolved
 
 
+def check_mlflow_uri(uri: str, settings: Settings) -> None:
+    allowed = [scheme.strip() for scheme in settings.mlflow_allowed_schemes.split(",") if scheme.strip()]
+    if urlsplit(uri).scheme not in allowed:
+        raise invalid_spec(f"mlflow.tracking_uri must use one of: {', '.join(allowed)}.")
+
+
 def check_dataset(session: Session, name: str, owner_id: str) -> None:
     from starvation.datasets import DATASETS
 
@@ -78,9 +85,12 @@ def submit(
 ) -> Job:
     if isinstance(body, TrainJobCreate):
         given = body.spec.model_dump(exclude_unset=True)
-        timeout_s = given.pop("timeout_s", None)  # the service's business, not the engine's
+        # The service's business, not the engine's: kept beside the resolved spec.
+        service_fields = {k: given.pop(k) for k in ("timeout_s", "mlflow") if given.get(k) is not None}
+        if "mlflow" in service_fields:
+            check_mlflow_uri(service_fields["mlflow"]["tracking_uri"], settings)
         owned = [d.id for d in files_repo.list_datasets(session, owner_id=principal.owner_id)]
-        spec = resolve_train(given, settings, owned) | ({"timeout_s": timeout_s} if timeout_s else {})
+        spec = resolve_train(given, settings, owned) | service_fields
     else:
         spec = resolve_audit(session, body, principal.owner_id)
     return jobs_repo.create(

@@ -37,6 +37,12 @@ class OptimizerSpec(BaseModel):
     momentum: float = Field(0.0, ge=0, lt=1)
 
 
+class MlflowSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tracking_uri: str = Field(min_length=1, max_length=2000, description="http(s) URL of an MLflow server")
+    experiment: str = Field(min_length=1, max_length=500)
+
+
 class TrainSpec(BaseModel):
     """Fields given here override the preset's."""
 
@@ -53,6 +59,7 @@ class TrainSpec(BaseModel):
     device: str | None = Field(None, pattern=DEVICE_PATTERN)
     audit: bool | None = None
     timeout_s: PositiveInt | None = Field(None, description="the job fails with `timeout` after this long")
+    mlflow: MlflowSpec | None = Field(None, description="mirror params, metric history and report to MLflow")
 
 
 class AuditSpec(BaseModel):

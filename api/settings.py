@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     webhook_secret: str | None = None  # HMAC key for callback signatures; default: the admin token
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 6
+    # MLflow export targets: a tracking URI whose scheme is not listed is refused (no file: by default,
+    # so a user cannot make the worker write to its own disk).
+    mlflow_allowed_schemes: str = "http,https"
 
     @property
     def broker_folder(self) -> Path:

@@ -24,7 +24,10 @@ RESTART_DELAY_S = 1.0
 
 
 def api_command(host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", "api.app:app", "--host", host, "--port", str(port), "--log-level", "warning"]
+    return [
+        sys.executable, "-m", "uvicorn", "api.app:app", "--host", host, "--port", str(port),
+        "--log-config", str(ROOT / "api" / "logging_api.json"),  # JSON lines with job ids
+    ]
 
 
 def worker_command(queues: str) -> list[str]:

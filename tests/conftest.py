@@ -69,7 +69,9 @@ def embedded_stack(tmp_path_factory) -> Iterator[Stack]:
     var_dir = tmp_path_factory.mktemp("embedded")
     stack = Stack(
         "embedded",
-        {"GS_DATABASE_URL": f"sqlite:///{var_dir / 'gs.sqlite3'}", "GS_BROKER_URL": "filesystem://"},
+        {"GS_DATABASE_URL": f"sqlite:///{var_dir / 'gs.sqlite3'}", "GS_BROKER_URL": "filesystem://",
+         # The MLflow test exports to a local file store; deployments allow http(s) only.
+         "GS_MLFLOW_ALLOWED_SCHEMES": "http,https,file", "MLFLOW_ALLOW_FILE_STORE": "true"},
         var_dir,
     )
     yield stack.start()

@@ -45,5 +45,5 @@ def test_services_use_postgres_and_redis_urls_the_settings_understand():
 
 def test_dockerfile_copies_every_package_the_services_import():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for folder in ("api", "worker", "models", "starvation", "migrations", "scripts"):
+    for folder in ("api", "worker", "models", "starvation", "migrations", "scripts", "cli"):
         assert f"COPY {folder} ./{folder}" in dockerfile

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 from kombu import Exchange, Queue
 
+from api.logging_config import configure_logging, connect_celery_job_context
 from api.settings import Settings, get_settings
 
 RUN_JOB = "gs.run_job"
@@ -57,3 +58,11 @@ def _fresh_connections_in_child(**_: object) -> None:
     from worker import runner
 
     runner.reset_process_state()
+
+
+@setup_logging.connect
+def _json_logs(loglevel: str | None = None, **_: object) -> None:
+    configure_logging("worker", loglevel or "INFO")
+
+
+connect_celery_job_context()  # log lines inside a task carry its job_id

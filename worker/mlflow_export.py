@@ -59,7 +59,8 @@ def export_run(
             client.log_batch(run_id, params=chunk)
         timestamp = int(time.time() * 1000)
         history = [Metric(metric_key(m), float(m["value"]), timestamp, int(m["step"])) for m in metrics]
-        history += [Metric(key, value, timestamp, final_step(metrics)) for key, value in summary_metrics(result).items()]
+        last = final_step(metrics)
+        history += [Metric(key, value, timestamp, last) for key, value in summary_metrics(result).items()]
         for chunk in chunks(history, BATCH):
             client.log_batch(run_id, metrics=chunk)
         if verdict_of(result):

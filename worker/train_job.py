@@ -8,6 +8,8 @@ from worker import audit_job
 from worker.devices import pick_device
 from worker.files import add_artifact, add_checkpoint
 
+SERVICE_FIELDS = ("timeout_s", "mlflow")  # spec fields the service acts on, not the engine
+
 
 def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     from starvation.datasets import DATASETS
@@ -15,12 +17,20 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
 
     device = pick_device(spec.get("device"), ctx.settings.device)
     registered = spec["dataset"]["name"] not in DATASETS
+    engine_spec = {k: v for k, v in spec.items() if k not in SERVICE_FIELDS}
+    history: list[Any] = []  # every metric, kept for the MLflow export
+
+    def on_metrics(batch: list[Any]) -> None:
+        ctx.on_metrics(batch)
+        if spec.get("mlflow"):
+            history.extend(batch)
+
     outcome = train(
-        spec,
+        engine_spec,
         out_dir=ctx.work_dir,
         device=device,
         data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
-        on_metrics=ctx.on_metrics,
+        on_metrics=on_metrics,
         on_progress=lambda fraction: ctx.on_progress(0.9 * fraction if spec.get("audit") else fraction),
         should_stop=ctx.should_stop,
         dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0) if registered else None,
@@ -50,7 +60,31 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
             result["audit"]["reports"].append({"seed": ckpt.seed, **report})
     if spec.get("audit") and result.get("audit"):
         result["audit"]["summary"] = summarize(result["audit"]["reports"])
+    if spec.get("mlflow"):
+        result["mlflow"] = mirror_to_mlflow(spec, ctx, history, result)
     return result
+
+
+def mirror_to_mlflow(spec: dict[str, Any], ctx, history: list[Any], result: dict[str, Any]) -> dict[str, Any]:
+    """Export the finished job; an unreachable MLflow is recorded, it does not fail the job."""
+    import os
+
+    # MLflow's own defaults retry for minutes; a worker must not hang on a dead tracking server.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    from worker.mlflow_export import export_run
+
+    target = spec["mlflow"]
+    rows = [{"step": m.step, "name": m.name, "value": float(m.value), "seed": m.seed, "split": m.split} for m in history]
+    reports = sorted(ctx.work_dir.glob("seed*-audit/report.json"))
+    try:
+        run_id = export_run(
+            tracking_uri=target["tracking_uri"], experiment=target["experiment"], job_id=ctx.job_id,
+            spec=spec, metrics=rows, result=result, report_path=str(reports[0]) if reports else None,
+        )
+    except Exception as exc:
+        return {**target, "error": f"{type(exc).__name__}: {exc}"}
+    return {**target, "run_id": run_id}
 
 
 def summarize(reports: list[dict[str, Any]]) -> dict[str, Any]:

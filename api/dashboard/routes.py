@@ -15,7 +15,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from pydantic import ValidationError
 
 from api import jobs_service
 from api.dashboard import session as browser
@@ -176,8 +175,8 @@ def job_page(job_id: str, request: Request, session: SessionDep) -> Response:
     if job is None:
         return not_found_page(request, "job")
     report = views.report_or_none(job)
-    others = [views.job_row(j) for j in jobs_repo.list_page(session, owner_id=principal.owner_id, limit=50, kind="train")
-              if j.id != job.id]
+    recent = jobs_repo.list_page(session, owner_id=principal.owner_id, limit=50, kind="train")
+    others = [views.job_row(j) for j in recent if j.id != job.id]
     return page(request, "job.html", {
         "job": job, "row": views.job_row(job), "report": report, "summary": views.summary_rows(job, report),
         "spec_json": json.dumps(job.spec, indent=2), "others": others,

@@ -84,9 +84,9 @@ def summary_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
     starved = result.get("starved_fraction") or {}
     rows: list[tuple[str, Any]] = [("kind", job.kind), ("status", job.status), ("what", describe(job))]
     if job.kind == "train":
-        method = spec.get("method") or {}
+        method, optimizer = spec.get("method") or {}, spec.get("optimizer") or {}
         rows += [("method", method.get("name")), ("sd_lambda", method.get("sd_lambda")),
-                 ("optimizer", f"{(spec.get('optimizer') or {}).get('name')} lr {(spec.get('optimizer') or {}).get('lr')}")]
+                 ("optimizer", f"{optimizer.get('name')} lr {optimizer.get('lr')}")]
         for split in splits:
             rows.append((f"{split} accuracy", splits[split].get("accuracy")))
         rows.append(("starved fraction at step 0 → end",

@@ -52,8 +52,9 @@ def test_exceptions_are_one_line_with_the_traceback_inside():
 
 
 def test_access_lines_name_the_job_of_their_path():
+    path = "/v1/jobs/0123456789abcdef/metrics?since_step=3"
     record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
-                               ("127.0.0.1:5", "GET", "/v1/jobs/0123456789abcdef/metrics?since_step=3", "1.1", 200), None)
+                               ("127.0.0.1:5", "GET", path, "1.1", 200), None)
     line = json.loads(JsonFormatter(service="api").format(record))
     assert line["job_id"] == "0123456789abcdef" and "GET /v1/jobs/" in line["message"]
 

@@ -30,7 +30,8 @@ def some_jobs(client):
 
     now = utcnow()
     rows = [
-        Job(owner_id="metrics-test", kind="train", status="queued", queue="gpu", created_at=now - timedelta(seconds=40)),
+        Job(owner_id="metrics-test", kind="train", status="queued", queue="gpu",
+            created_at=now - timedelta(seconds=40)),
         Job(owner_id="metrics-test", kind="train", status="running", queue="cpu",
             started_at=now - timedelta(seconds=30), heartbeat_at=now - timedelta(seconds=20)),
         Job(owner_id="metrics-test", kind="train", status="running", queue="cpu",

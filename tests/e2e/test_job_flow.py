@@ -72,3 +72,27 @@ def test_cancel_of_a_queued_job_is_immediate_and_it_never_runs(stack):
     assert again["status"] == "cancelled" and again["attempts"] == 0 and again["started_at"] is None
     assert stack.client.delete(f"/v1/jobs/{queued['id']}").status_code == 204
     assert stack.client.get(f"/v1/jobs/{queued['id']}").status_code == 404
+
+
+def test_train_job_mirrors_its_metric_history_to_mlflow(embedded_stack, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    job = submit(embedded_stack, {**SHORT_TRAIN, "seeds": [0], "audit": False,
+                                  "mlflow": {"tracking_uri": uri, "experiment": "e2e"}})
+    done = embedded_stack.wait_for(job["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done["error"]
+    run_id = done["result"]["mlflow"]["run_id"]
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=uri)
+    ours = embedded_stack.client.get(f"/v1/jobs/{job['id']}/metrics", params={"name": "loss", "split": "test"}).json()
+    theirs = client.get_metric_history(run_id, "loss/test/seed0")
+    assert sorted((m.step, m.value) for m in theirs) == sorted((m["step"], m["value"]) for m in ours["items"])
+    assert len(theirs) == 3
+
+
+def test_mlflow_targets_on_the_workers_disk_are_refused(embedded_stack):
+    response = embedded_stack.client.post("/v1/jobs", json={"kind": "train", "spec": {
+        **SHORT_TRAIN, "mlflow": {"tracking_uri": "sqlite:////etc/x.db", "experiment": "e"}}})
+    assert response.status_code == 422 and "tracking_uri" in response.json()["error"]["message"]

@@ -37,7 +37,7 @@
   function lineChart(container, series, options) {
     options = options || {};
     var width = Math.max(container.clientWidth || 0, 280), height = options.height || 240;
-    var m = {left: 48, right: 12, top: 10, bottom: 34};
+    var m = {left: 48, right: 22, top: 10, bottom: 34};
     var xs = [], ys = [];
     series.forEach(function (s) { s.points.forEach(function (p) { xs.push(p[0]); if (isFinite(p[1])) ys.push(p[1]); }); });
     container.textContent = "";

@@ -1,0 +1,1 @@
+"""`gs`: the command line of the Gradient Starvation service (train, audit, jobs, report, compare)."""

@@ -1,0 +1,4 @@
+"""`python -m cli ...` is `gs ...`."""
+from cli.app import main
+
+main()

@@ -1,0 +1,135 @@
+"""A small HTTP client for the v1 API: errors become ApiFailure with the API's own message."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cli.config import Connection
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class ApiFailure(Exception):
+    """The API said no (4xx/5xx) or could not be reached."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.code = message, status, code
+
+
+class ApiClient:
+    def __init__(self, connection: Connection, *, transport: httpx.BaseTransport | None = None,
+                 timeout_s: float = 30.0) -> None:
+        self.connection = connection
+        self.http = httpx.Client(
+            base_url=connection.url, headers={"Authorization": f"Bearer {connection.token}"},
+            timeout=timeout_s, transport=transport,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ApiFailure(f"cannot reach {self.connection.url}: {exc}") from None
+        check(response)
+        return response
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None}).json()
+
+    def create(self, path: str, **kwargs: Any) -> Any:
+        """POST that creates something, once: a retry after a dropped connection reuses the key."""
+        headers = {"Idempotency-Key": uuid.uuid4().hex}
+        for attempt in range(3):
+            try:
+                response = self.http.post(path, headers=headers, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt == 2:
+                    raise ApiFailure(f"cannot reach {self.connection.url}: {exc}") from None
+                time.sleep(1.0 + attempt)
+                continue
+            check(response)
+            return response.json()
+        raise AssertionError("unreachable")
+
+    # ---- the calls the commands make ----------------------------------------------------
+
+    def submit_job(self, kind: str, spec: dict, tags: dict[str, str]) -> dict:
+        return self.create("/v1/jobs", json={"kind": kind, "spec": spec, "tags": tags})
+
+    def job(self, job_id: str) -> dict:
+        return self.get(f"/v1/jobs/{job_id}")
+
+    def jobs(self, *, status: str | None, kind: str | None, tags: list[str], limit: int) -> list[dict]:
+        params: dict[str, Any] = {"status": status, "kind": kind, "limit": min(limit, 500)}
+        if tags:
+            params["tag"] = tags
+        return self.get("/v1/jobs", **params)["items"]
+
+    def report(self, job_id: str) -> dict | None:
+        try:
+            return self.get(f"/v1/jobs/{job_id}/report")
+        except ApiFailure as failure:
+            if failure.code == "no_report":
+                return None
+            raise
+
+    def report_html(self, job_id: str) -> str:
+        return self.request("GET", f"/v1/jobs/{job_id}/report.html").text
+
+    def metrics(self, job_id: str, *, since_step: int | None = None) -> list[dict]:
+        items, cursor = [], None
+        while True:
+            page = self.get(f"/v1/jobs/{job_id}/metrics", since_step=since_step, cursor=cursor, limit=5000)
+            items += page["items"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return items
+
+    def cancel(self, job_id: str) -> dict:
+        return self.request("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def upload_checkpoint(self, path: Path, fields: dict[str, str]) -> dict:
+        with path.open("rb") as handle:
+            return self.create("/v1/checkpoints", files={"file": (path.name, handle)}, data=fields)
+
+    def events(self, job_id: str, *, read_timeout_s: float = 60.0) -> Iterator[tuple[str, Any]]:
+        """Server-Sent Events of GET /v1/jobs/{id}/events as (event, parsed data), until the stream ends."""
+        timeout = httpx.Timeout(30.0, read=read_timeout_s)
+        try:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    check(response)
+                event, data = "message", []
+                for line in response.iter_lines():
+                    if line == "":
+                        if data:
+                            yield event, json.loads("\n".join(data))
+                        event, data = "message", []
+                    elif line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].lstrip())
+        except httpx.HTTPError as exc:
+            raise ApiFailure(f"event stream of job {job_id} broke: {exc}") from None
+
+
+def check(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json()["error"]
+        message, code = error["message"], error["code"]
+    except (ValueError, KeyError, TypeError):
+        message, code = response.text[:300] or response.reason_phrase, None
+    raise ApiFailure(f"{message} (HTTP {response.status_code})", status=response.status_code, code=code)

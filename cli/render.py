@@ -1,0 +1,202 @@
+"""Rich tables for jobs, results, reports and comparisons."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+STATUS_STYLE = {"queued": "cyan", "running": "yellow", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
+VERDICT_STYLE = {"low": "green", "partial": "yellow", "high": "red"}
+
+
+def number(value: Any, digits: int = 3) -> str:
+    if isinstance(value, bool) or value is None:
+        return "—" if value is None else str(value)
+    if isinstance(value, (int, float)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def mean_std(stats: Any) -> str:
+    if not isinstance(stats, dict) or stats.get("mean") is None:
+        return number(stats)
+    std = stats.get("std")
+    return f"{stats['mean']:.3f} ± {std:.3f}" if isinstance(std, (int, float)) else f"{stats['mean']:.3f}"
+
+
+def status_text(status: str) -> Text:
+    return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def verdict_text(verdict: str | None) -> Text:
+    return Text(verdict or "—", style=VERDICT_STYLE.get(verdict or "", ""))
+
+
+def duration(job: dict) -> str:
+    if not job.get("started_at"):
+        return "—"
+    end = job.get("finished_at")
+    start = datetime.fromisoformat(job["started_at"].replace("Z", "+00:00"))
+    if not end:
+        return "running"
+    seconds = (datetime.fromisoformat(end.replace("Z", "+00:00")) - start).total_seconds()
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
+
+
+def what(job: dict) -> str:
+    """A job in a few words: its preset or method for training, its model for an audit."""
+    spec = job.get("spec") or {}
+    if job["kind"] == "train":
+        method = (spec.get("method") or {}).get("name")
+        return " ".join(str(p) for p in (spec.get("preset") or method, f"{spec.get('steps')} steps") if p)
+    source = spec.get("checkpoint_id") and f"checkpoint {spec['checkpoint_id'][:12]}"
+    source = source or (spec.get("train_job_id") and f"train job {spec['train_job_id'][:12]}")
+    return f"{source or '?'} on {(spec.get('dataset') or {}).get('name', '?')}"
+
+
+def reliance(job: dict) -> tuple[str, str | None]:
+    """(score, verdict) from a train job's audit summary or an audit job's report."""
+    result = job.get("result") or {}
+    summary = (result.get("audit") or {}).get("summary") if job["kind"] == "train" else result.get("summary")
+    if not summary:
+        return "—", None
+    score = summary.get("reliance_score")
+    return (mean_std(score) if isinstance(score, dict) else number(score)), summary.get("verdict")
+
+
+def test_accuracy(job: dict) -> str:
+    splits = (job.get("result") or {}).get("splits") or {}
+    return mean_std((splits.get("test") or {}).get("accuracy")) if splits.get("test") else "—"
+
+
+def jobs_table(jobs: list[dict]) -> Table:
+    table = Table(title="Jobs (newest first)", title_justify="left")
+    for column in ("id", "kind", "status", "created UTC", "what", "test acc", "reliance"):
+        table.add_column(column, no_wrap=column in ("id", "kind", "status", "created UTC"),
+                         min_width=26 if column == "what" else None)
+    for job in jobs:
+        score, verdict = reliance(job)
+        accuracy = ((job.get("result") or {}).get("splits") or {}).get("test", {}).get("accuracy") or {}
+        status = status_text(job["status"])
+        if job["status"] == "running":
+            status.append(f" {100 * (job.get('progress') or 0):.0f}%")
+        table.add_row(
+            job["id"], job["kind"], status, job["created_at"][5:16].replace("T", " "), what(job),
+            number(accuracy.get("mean")), Text.assemble(verdict_text(verdict), f" {score.split(' ')[0]}")
+            if verdict else Text("—"),
+        )
+    return table
+
+
+def job_table(job: dict) -> Table:
+    table = Table(show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row(f"{job['kind']} job", job["id"])
+    table.add_row("status", status_text(job["status"]))
+    table.add_row("what", what(job))
+    table.add_row("run time", duration(job))
+    table.add_row("attempts", str(job.get("attempts", 0)))
+    if job.get("tags"):
+        table.add_row("tags", ", ".join(f"{k}={v}" for k, v in job["tags"].items()))
+    starved = (job.get("result") or {}).get("starved_fraction")
+    if starved:
+        table.add_row("starved fraction (train)", f"{number(starved.get('first'))} at step 0 → "
+                      f"{number(starved.get('last'))} at the end")
+    if job.get("error"):
+        table.add_row("error", Text(f"{job['error']['code']}: {job['error']['message']}", style="red"))
+    return table
+
+
+def train_result_table(job: dict) -> Table | None:
+    result = job.get("result") or {}
+    splits = result.get("splits")
+    if job["kind"] != "train" or not splits:
+        return None
+    seeds = result.get("seeds") or []
+    table = Table(title=f"Final metrics over {len(seeds)} seed(s) (mean ± std)", title_justify="left")
+    for column in ("split", "accuracy", "loss"):
+        table.add_column(column)
+    for split, values in splits.items():
+        table.add_row(split, mean_std(values.get("accuracy")), mean_std(values.get("loss")))
+    return table
+
+
+def report_table(report: dict) -> Table:
+    summary = report.get("summary") or {}
+    table = Table(title=f"Reliance on '{report.get('spurious_attribute')}'", title_justify="left", show_header=False)
+    table.add_column("measure", style="bold")
+    table.add_column("value")
+    table.add_row("reliance score", number(summary.get("reliance_score")))
+    table.add_row("verdict", verdict_text(summary.get("verdict")))
+    table.add_row("basis", str(summary.get("basis", "—")))
+    table.add_row("average accuracy", number(report.get("average_accuracy")))
+    table.add_row("worst-group accuracy", number(report.get("worst_group_accuracy")))
+    counterfactual = report.get("counterfactual") or {}
+    if counterfactual:
+        table.add_row("flip rate", number(counterfactual.get("flip_rate")))
+        table.add_row("accuracy / with attribute swapped",
+                      f"{number(counterfactual.get('accuracy'))} / {number(counterfactual.get('accuracy_intervened'))}")
+    probe = report.get("linear_probe") or {}
+    if probe:
+        table.add_row("linear probe core / spurious",
+                      f"{number(probe.get('core_accuracy'))} / {number(probe.get('spurious_accuracy'))}")
+    return table
+
+
+def groups_table(report: dict) -> Table | None:
+    groups = report.get("groups")
+    if not groups:
+        return None
+    table = Table(title="Accuracy per (label, attribute) group", title_justify="left")
+    for column in ("label", "attribute", "n", "accuracy"):
+        table.add_column(column, justify="right")
+    for group in groups:
+        table.add_row(str(group.get("label")), str(group.get("attribute")), str(group.get("n")),
+                      number(group.get("accuracy")))
+    return table
+
+
+def outcome(job: dict, report: dict | None) -> list[Table]:
+    """Everything worth showing about a job, in reading order."""
+    tables = [job_table(job), train_result_table(job)]
+    if report:
+        tables += [report_table(report), groups_table(report)]
+    return [t for t in tables if t is not None]
+
+
+def comparison_rows(job: dict, report: dict | None) -> dict[str, Any]:
+    spec, result = job.get("spec") or {}, job.get("result") or {}
+    splits = result.get("splits") or {}
+    score, verdict = reliance(job)
+    counterfactual = (report or {}).get("counterfactual") or {}
+    starved = result.get("starved_fraction") or {}
+    return {
+        "kind": job["kind"],
+        "status": status_text(job["status"]),
+        "what": what(job),
+        "method": (spec.get("method") or {}).get("name", "—"),
+        "seeds": ", ".join(map(str, spec.get("seeds") or [])) or "—",
+        "train accuracy": mean_std((splits.get("train") or {}).get("accuracy")) if splits else "—",
+        "test accuracy": test_accuracy(job),
+        "starved fraction (end)": number(starved.get("last")),
+        "reliance score": score,
+        "verdict": verdict_text(verdict),
+        "flip rate": number(counterfactual.get("flip_rate")),
+        "average accuracy": number((report or {}).get("average_accuracy")),
+        "worst-group accuracy": number((report or {}).get("worst_group_accuracy")),
+        "run time": duration(job),
+    }
+
+
+def compare_table(left: tuple[dict, dict | None], right: tuple[dict, dict | None]) -> Table:
+    rows_a, rows_b = comparison_rows(*left), comparison_rows(*right)
+    table = Table(title="Comparison", title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column(f"A {left[0]['id'][:12]}")
+    table.add_column(f"B {right[0]['id'][:12]}")
+    for label in rows_a:
+        table.add_row(label, rows_a[label], rows_b[label])
+    return table

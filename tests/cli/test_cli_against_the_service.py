@@ -1,0 +1,58 @@
+"""`gs` against the real service (API + worker on the embedded default)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+from tests.conftest import ADMIN_TOKEN
+from tests.fixtures_models import ColourOnly, torchscript_bytes
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def gs(embedded_stack):
+    env = {"GS_URL": str(embedded_stack.client.base_url), "GS_TOKEN": ADMIN_TOKEN}
+
+    def invoke(*args: str):
+        return runner.invoke(app, list(args), env=env)
+
+    return invoke
+
+
+def test_train_wait_follows_the_job_and_ends_with_its_results(gs):
+    result = gs("train", "--preset", "paper_cmnist_erm", "--steps", "20", "--eval-every", "10", "--seeds", "0",
+                "--no-audit", "--tag", "suite=cli", "--wait")
+    assert result.exit_code == 0, result.output
+    assert "step 20/20" in result.output and "test acc" in result.output  # the last line of the progress bar
+    assert "Final metrics over 1 seed(s)" in result.output and "succeeded" in result.output
+
+    listed = gs("jobs", "--tag", "suite=cli", "--json")
+    assert listed.exit_code == 0, listed.output
+    (job,) = json.loads(listed.output)
+    assert job["status"] == "succeeded" and job["spec"]["steps"] == 20
+
+    shown = gs("report", job["id"])
+    assert shown.exit_code == 0 and job["id"] in shown.output and "test" in shown.output
+
+
+def test_audit_uploads_a_checkpoint_and_compare_puts_two_jobs_side_by_side(gs, tmp_path):
+    model = tmp_path / "colour_reader.pt"
+    model.write_bytes(torchscript_bytes(ColourOnly()))
+    result = gs("audit", "--checkpoint", str(model), "--format", "torchscript", "--dataset", "colored_mnist",
+                "--probe", "groups", "--probe", "counterfactual", "--json", "--wait")
+    assert result.exit_code == 0, result.output
+    outcome = json.loads(result.stdout)
+    assert outcome["job"]["status"] == "succeeded" and outcome["report"]["summary"]["verdict"] == "high"
+    assert "uploaded colour_reader.pt as checkpoint" in result.stderr
+
+    other = gs("audit", "--checkpoint-id", outcome["job"]["spec"]["checkpoint_id"], "--probe", "groups")
+    assert other.exit_code == 0 and "submitted audit job" in other.output
+    other_id = other.output.split("job ")[1].split()[0]
+
+    compared = gs("compare", outcome["job"]["id"], other_id)
+    assert compared.exit_code == 0, compared.output
+    assert "flip rate" in compared.output and "high" in compared.output

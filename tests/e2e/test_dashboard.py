@@ -1,0 +1,208 @@
+"""The dashboard in a real headless Chromium against the real service (API + worker, embedded default).
+
+Needs Debian's `chromium` and `chromium-driver` (scripts/install_browser.sh). A missing browser is a
+failure, never a skip: CI must not pass by testing less.
+
+Set GS_SCREENSHOT_DIR to keep the screenshots (the README's docs/img/compare.png comes from here).
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_TOKEN
+
+SHORT_ERM = {"preset": "paper_cmnist_erm", "steps": 40, "eval_every": 10, "seeds": [0]}
+SHORT_SD = {"preset": "paper_cmnist_sd", "steps": 40, "eval_every": 10, "seeds": [0], "audit": False}
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1400,1000"]
+
+
+def find(*names: str) -> str:
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail(f"{' or '.join(names)} is not installed: run scripts/install_browser.sh (Debian's chromium and "
+                "chromium-driver)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = find("chromium", "chromium-browser"), find("chromedriver")
+    profile = tempfile.mkdtemp(prefix="gs-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def series_labels(driver, selector: str) -> set[str]:
+    """The charts redraw as events arrive: read the labels again if an element went stale."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    for _ in range(20):
+        try:
+            return {p.get_attribute("data-label") for p in driver.find_elements(By.CSS_SELECTOR, selector)}
+        except StaleElementReferenceException:
+            time.sleep(0.1)
+    raise AssertionError(f"{selector} kept changing")
+
+
+def wait_until(condition, timeout_s: float, what: str, on_timeout=lambda: ""):
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except StaleElementReferenceException:  # the page redrew under us: look again
+            value = None
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"{what} did not happen in {timeout_s}s\n{on_timeout()}")
+
+
+def screenshot_is_a_picture(driver, name: str) -> None:
+    """Not blank: enough spread in brightness and enough pixels that are not background."""
+    from PIL import Image, ImageStat
+
+    png = driver.get_screenshot_as_png()
+    image = Image.open(io.BytesIO(png)).convert("L")
+    variance = ImageStat.Stat(image).var[0]
+    histogram = image.histogram()
+    background = max(histogram) / sum(histogram)
+    assert variance > 300 and background < 0.97, f"{name} looks blank (variance {variance:.0f})"
+    folder = os.environ.get("GS_SCREENSHOT_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{name}.png").write_bytes(png)
+
+
+def sign_in(driver, base: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{base}/dashboard/jobs")
+    assert "/dashboard/login" in driver.current_url  # not signed in yet
+    driver.find_element(By.ID, "token").send_keys("not-a-token")
+    driver.find_element(By.ID, "login-submit").click()
+    assert "unknown or revoked" in driver.find_element(By.CSS_SELECTOR, ".error").text
+    driver.find_element(By.ID, "token").send_keys(ADMIN_TOKEN)
+    driver.find_element(By.ID, "login-submit").click()
+    wait_until(lambda: driver.current_url.endswith("/dashboard/jobs"), 10, "sign-in")
+    (cookie,) = [c for c in driver.get_cookies() if c["name"] == "gs_session"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/dashboard"
+    assert driver.execute_script("return document.cookie") == ""  # page scripts cannot read the token
+
+
+def test_a_job_submitted_on_the_dashboard_runs_live_and_its_report_and_comparison_render(embedded_stack, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    stack, driver = embedded_stack, browser
+    base = str(stack.client.base_url).rstrip("/")
+    sign_in(driver, base)
+
+    # Submit the short ERM job from the page's own form.
+    driver.execute_script("document.getElementById('new-job').open = true")
+    Select(driver.find_element(By.ID, "new-preset")).select_by_value(SHORT_ERM["preset"])
+    for field, value in (("new-steps", SHORT_ERM["steps"]), ("new-eval-every", SHORT_ERM["eval_every"]),
+                         ("new-seeds", "0")):
+        element = driver.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(str(value))
+    driver.find_element(By.ID, "new-submit").click()
+    wait_until(lambda: "/dashboard/jobs/" in driver.current_url, 15, "the job page to open")
+    job_id = driver.current_url.rstrip("/").rsplit("/", 1)[-1]
+    assert stack.client.get(f"/v1/jobs/{job_id}").json()["spec"]["steps"] == 40
+    sd = stack.client.post("/v1/jobs", json={"kind": "train", "spec": SHORT_SD}).json()  # to compare with, later
+
+    # Watch it finish on the page: status and curves arrive over the event stream.
+    seen = set()
+
+    def finished() -> bool:
+        status = driver.find_element(By.ID, "job-status").get_attribute("data-status")
+        seen.add(status)
+        return status in ("succeeded", "failed", "cancelled")
+
+    wait_until(finished, 150, "the job to finish on its page", stack.log)
+    assert driver.find_element(By.ID, "job-status").get_attribute("data-status") == "succeeded", stack.log()
+    wait_until(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#chart-accuracy path.series")) >= 2, 15,
+               "accuracy curves (train and test of seed 0)")
+    assert series_labels(driver, "#chart-loss path.series") == {"seed 0 train", "seed 0 test"}
+    assert driver.find_elements(By.CSS_SELECTOR, "#chart-starved path.series")
+    assert "test accuracy" in driver.find_element(By.ID, "summary").text
+    screenshot_is_a_picture(driver, "job")
+
+    # Its reliance report, with the plots inline.
+    driver.find_element(By.ID, "report-link").click()
+    wait_until(lambda: "Reliance report" in driver.title, 15, "the report page")
+    images = driver.find_elements(By.CSS_SELECTOR, "img")
+    assert images and all(img.get_attribute("src").startswith("data:image/png") for img in images)
+    assert driver.execute_script("return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    screenshot_is_a_picture(driver, "report")
+
+    # ERM against SD, side by side.
+    assert stack.wait_for(sd["id"], ("succeeded", "failed"), timeout_s=120)["status"] == "succeeded"
+    driver.get(f"{base}/dashboard/compare?a={job_id}&b={sd['id']}")
+    table = driver.find_element(By.ID, "compare-table").text
+    assert "paper_cmnist_erm" in table and "paper_cmnist_sd" in table and "test accuracy" in table
+    wait_until(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#chart-accuracy path.series")) == 4, 15,
+               "both jobs' accuracy curves")
+    screenshot_is_a_picture(driver, "compare")
+
+    # The job list filters by status and kind.
+    driver.get(f"{base}/dashboard/jobs?status=succeeded&kind=train")
+    assert {job_id, sd["id"]} <= listed_jobs(driver)
+    driver.get(f"{base}/dashboard/jobs?kind=audit")
+    assert job_id not in listed_jobs(driver)
+
+
+def listed_jobs(driver) -> set[str]:
+    from selenium.webdriver.common.by import By
+
+    rows = driver.find_elements(By.CSS_SELECTOR, "#jobs-table tr[data-job-id]")
+    return {row.get_attribute("data-job-id") for row in rows}
+
+
+def test_the_session_cookie_opens_the_dashboard_only(embedded_stack):
+    base = str(embedded_stack.client.base_url)
+    with httpx.Client(base_url=base, follow_redirects=False, timeout=30) as anonymous:
+        assert anonymous.get("/dashboard/jobs").status_code == 303
+        refused = anonymous.post("/dashboard/login", data={"token": "wrong", "next": "/dashboard/jobs"})
+        assert refused.status_code == 401 and "gs_session" not in refused.cookies
+        signed_in = anonymous.post("/dashboard/login", data={"token": ADMIN_TOKEN, "next": "//evil.example/x"})
+        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/dashboard/jobs"  # no open redirect
+        set_cookie = signed_in.headers["set-cookie"].lower()
+        assert "httponly" in set_cookie and "samesite=strict" in set_cookie and "path=/dashboard" in set_cookie
+        cookie = {"gs_session": ADMIN_TOKEN}
+
+        page = httpx.get(f"{base}/dashboard/jobs", cookies=cookie)
+        assert page.status_code == 200 and "default-src 'none'" in page.headers["content-security-policy"]
+        # The API itself takes Bearer tokens only: a cookie is no credential there.
+        assert httpx.get(f"{base}/v1/jobs", cookies=cookie).status_code == 401
+        # A form posted without the page's CSRF token changes nothing.
+        forged = httpx.post(f"{base}/dashboard/jobs", cookies=cookie,
+                            data={"preset": "paper_cmnist_erm", "steps": "5", "seeds": "0"})
+        assert forged.status_code == 403
+        # The event stream the pages use needs the session too.
+        assert httpx.get(f"{base}/dashboard/jobs/0123456789abcdef/events").status_code == 401
+        assert httpx.get(f"{base}/dashboard/jobs/0123456789abcdef/events", cookies=cookie).status_code == 404
