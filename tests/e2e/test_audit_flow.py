@@ -25,7 +25,7 @@ def test_audit_tells_a_colour_reader_from_a_colour_blind_model(embedded_stack):
     report = stack.client.get(f"/v1/jobs/{reader['id']}/report").json()
     assert report["counterfactual"]["flip_rate"] >= 0.95
     assert report["summary"] == {"reliance_score": report["counterfactual"]["flip_rate"], "verdict": "high",
-                                 "basis": "counterfactual"}
+                                 "basis": "counterfactual", "reason": None}
     assert report["worst_group_accuracy"] <= report["average_accuracy"]
 
     blind = audit(stack, ColourBlind())
