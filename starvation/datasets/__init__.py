@@ -1,0 +1,40 @@
+"""Datasets by name: the built-ins (`DATASETS`) and loaders for the ones users register."""
+from __future__ import annotations
+
+from typing import Any
+
+from starvation.datasets.base import Dataset, Split
+from starvation.datasets.builtin import BuiltinDataset
+from starvation.datasets.colored_mnist import ColoredMNIST
+from starvation.datasets.two_moons import TwoMoons
+from starvation.datasets.user import load_image_folder, load_npz
+from starvation.errors import SpecError
+
+DATASETS: dict[str, type[BuiltinDataset]] = {cls.NAME: cls for cls in (ColoredMNIST, TwoMoons)}
+
+
+def dataset_class(name: str) -> type[BuiltinDataset]:
+    try:
+        return DATASETS[name]
+    except (KeyError, TypeError):
+        raise SpecError(f"unknown dataset {name!r}; built-in datasets: {', '.join(sorted(DATASETS))}") from None
+
+
+def resolve_params(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """The params of built-in `name` checked, with defaults filled in."""
+    return dataset_class(name).resolve_params(params)
+
+
+def build(name: str, params: dict[str, Any] | None, *, seed: int, data_dir: str | None) -> Dataset:
+    """Built-in dataset `name` with `params`; the same name, params and seed give identical tensors."""
+    cls = dataset_class(name)
+    return cls.create(cls.resolve_params(params), seed=seed, data_dir=data_dir)
+
+
+def describe_all() -> list[dict]:
+    """What GET /v1/datasets lists for the built-ins."""
+    return [cls.describe() for cls in DATASETS.values()]
+
+
+__all__ = ["DATASETS", "BuiltinDataset", "Dataset", "Split", "SpecError", "build", "dataset_class", "describe_all",
+           "load_image_folder", "load_npz", "resolve_params"]

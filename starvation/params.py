@@ -1,0 +1,133 @@
+"""Declared hyper-parameters: a default, a one-line description and a check, in one place.
+
+Datasets, networks, methods and optimizers each declare a `PARAMS` dict of `Param`; `resolve`
+fills defaults, rejects unknown names and normalises values, raising `SpecError` for a person.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from starvation.errors import SpecError
+
+Check = Callable[[Any], Any]  # returns the normalised value or raises ValueError("must be ...")
+
+
+@dataclass(frozen=True)
+class Param:
+    default: Any
+    description: str
+    check: Check
+
+
+def resolve(owner: str, declared: Mapping[str, Param], given: Mapping[str, Any] | None) -> dict:
+    """`given` checked against `declared`, with defaults filled in (a new dict)."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        known = ", ".join(sorted(declared)) or "none"
+        raise SpecError(f"{owner} has no parameter {', '.join(map(repr, unknown))} (known: {known})")
+    resolved = {}
+    for name, param in declared.items():
+        value = given.get(name, param.default)
+        try:
+            resolved[name] = param.check(value)
+        except (ValueError, TypeError) as error:
+            raise SpecError(f"{owner}: parameter {name!r} {error} (got {value!r})") from None
+    return resolved
+
+
+def describe(declared: Mapping[str, Param]) -> dict:
+    """JSON-able {name: {"default", "description"}} for listings."""
+    return {name: {"default": p.default, "description": p.description} for name, p in declared.items()}
+
+
+# ---- checks -------------------------------------------------------------------------------
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return float(value)
+
+
+def number(value: Any) -> float:
+    return _number(value)
+
+
+def non_negative(value: Any) -> float:
+    value = _number(value)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def positive(value: Any) -> float:
+    value = _number(value)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def probability(value: Any) -> float:
+    value = _number(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be a probability in [0, 1]")
+    return value
+
+
+def positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError("must be a positive integer")
+    return int(value)
+
+
+def non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("must be an integer >= 0")
+    return int(value)
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def optional(check: Check) -> Check:
+    def checked(value: Any) -> Any:
+        return None if value is None else check(value)
+
+    return checked
+
+
+def list_of(check: Check, *, length: int | None = None, min_length: int = 0) -> Check:
+    def checked(value: Any) -> list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("must be a list")
+        if length is not None and len(value) != length:
+            raise ValueError(f"must be a list of {length} values")
+        if len(value) < min_length:
+            raise ValueError(f"must have at least {min_length} values")
+        return [check(v) for v in value]
+
+    return checked
+
+
+def one_of(*choices: str) -> Check:
+    def checked(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}")
+        return value
+
+    return checked
+
+
+def number_or_list(value: Any) -> float | list[float]:
+    """A scalar, or a list with one value per class."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("must be a number or a non-empty list of numbers")
+        return [_number(v) for v in value]
+    return _number(value)

@@ -1,0 +1,75 @@
+"""The paper's recipes as partial train specs. Each cites where it comes from in `source`.
+
+Sources: Pezeshki et al. 2021, "Gradient Starvation" (NeurIPS, arXiv:2011.09468), and the authors' public
+repository github.com/mohammadpz/Gradient_Starvation, whose scripts PAPER.md (in the shared folder) restates.
+`source` is documentation only: `resolve_train_spec` drops it when it merges a preset.
+"""
+from __future__ import annotations
+
+_CMNIST_DATA = {"name": "colored_mnist",
+                "params": {"label_noise": 0.25, "color_flip_train": [0.2, 0.1], "color_flip_test": 0.9}}
+_CMNIST_MODEL = {"arch": "mlp", "hidden": [300, 300]}  # 392 -> 300 -> 300 -> 1, Xavier-uniform, zero biases
+_CMNIST_ADAM = {"name": "adam", "lr": 1e-4}
+_MOONS_DATA = {"name": "two_moons", "params": {"delta": 0.1, "n_samples": 300, "noise": 0.1}}
+_MOONS_MODEL = {"arch": "mlp", "hidden": [500]}  # 2 -> 500 -> 1, ReLU
+_MOONS_SGD = {"name": "sgd", "lr": 1e-2, "momentum": 0.9}
+
+PRESETS: dict[str, dict] = {
+    "paper_cmnist_erm": {
+        "source": "Table 1, ERM row (91.08 train / 23.70 test over 10 restarts): authors' Colored MNIST script, "
+                  "derived from IRM's; full batch Adam lr 1e-4, 1,001 steps, mean BCE with logits (PAPER.md).",
+        "dataset": _CMNIST_DATA,
+        "model": _CMNIST_MODEL,
+        "method": {"name": "erm"},
+        "optimizer": _CMNIST_ADAM,
+        "steps": 1001,
+        "batch_size": None,
+        "eval_every": 100,
+    },
+    "paper_cmnist_sd": {
+        "source": "Table 1, SD row (70.04 train / 68.40 test): same script; 2,001 steps; steps < 450: "
+                  "BCE + 2e-5*mean(logit^2); from step 450: 2e-5*(mean(logit^2) + BCE). Expressed as "
+                  "warmup_sd_lambda/2 = 2e-5, then sd_lambda/2 = 1 with the whole loss scaled by 2e-5 (PAPER.md).",
+        "dataset": _CMNIST_DATA,
+        "model": _CMNIST_MODEL,
+        "method": {"name": "sd", "sd_lambda": 2.0, "sd_gamma": 0.0, "per_class_mean": False, "warmup_steps": 450,
+                   "warmup_sd_lambda": 4e-5, "post_warmup_loss_scale": 2e-5},
+        "optimizer": _CMNIST_ADAM,
+        "steps": 2001,
+        "batch_size": None,
+        "eval_every": 100,
+    },
+    "paper_cmnist_weight_decay": {
+        "source": "Not a row of Table 1: the ERM recipe plus an L2 penalty 1.1e-3 * sum ||W||^2, the L2 coefficient "
+                  "the IRM comparison in the same script was tuned with (PAPER.md), so weight decay gets a "
+                  "coefficient chosen for this very task rather than one we searched to lose.",
+        "dataset": _CMNIST_DATA,
+        "model": _CMNIST_MODEL,
+        "method": {"name": "weight_decay", "weight_decay": 1.1e-3},
+        "optimizer": _CMNIST_ADAM,
+        "steps": 1001,
+        "batch_size": None,
+        "eval_every": 100,
+    },
+    "paper_moons_erm": {
+        "source": "Figures 1-3, ERM: authors' two-moons scripts; make_moons(300, noise 0.1), margin delta 0.1, "
+                  "2-500-1 ReLU, logistic loss, full-batch SGD lr 1e-2 momentum 0.9, 10,000 steps (Figs. 2-3).",
+        "dataset": _MOONS_DATA,
+        "model": _MOONS_MODEL,
+        "method": {"name": "erm"},
+        "optimizer": _MOONS_SGD,
+        "steps": 10_000,
+        "batch_size": None,
+        "eval_every": 1000,
+    },
+    "paper_moons_sd": {
+        "source": "Figures 1-3, SD: as paper_moons_erm plus 0.003 * mean(logit^2), i.e. sd_lambda = 0.006.",
+        "dataset": _MOONS_DATA,
+        "model": _MOONS_MODEL,
+        "method": {"name": "sd", "sd_lambda": 0.006, "sd_gamma": 0.0},
+        "optimizer": _MOONS_SGD,
+        "steps": 10_000,
+        "batch_size": None,
+        "eval_every": 1000,
+    },
+}

@@ -1,0 +1,120 @@
+"""The training objectives against values worked out by hand."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from starvation.errors import SpecError
+from starvation.methods import METHODS, build_method, cross_entropy, sd_penalty
+
+LOGITS = torch.tensor([1.0, -2.0, 3.0, 0.0])
+LABELS = torch.tensor([1, 0, 1, 1])
+
+
+def logistic(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The paper's moons loss, log(1 + exp(-y f)) with y in {-1, +1}, averaged."""
+    signs = 2.0 * labels.double() - 1.0
+    return sum(math.log1p(math.exp(-s * f)) for s, f in zip(signs.tolist(), logits.double().tolist())) / len(labels)
+
+
+def test_binary_cross_entropy_is_the_logistic_loss_with_labels_mapped_to_plus_minus_one() -> None:
+    assert float(cross_entropy(LOGITS, LABELS)) == pytest.approx(logistic(LOGITS, LABELS), rel=1e-6)
+
+
+def test_registry_names_the_three_methods() -> None:
+    assert set(METHODS) == {"erm", "weight_decay", "sd"}
+
+
+def test_sd_scalar_gamma_adds_half_lambda_times_mean_squared_distance() -> None:
+    # (1-.5)^2, (-2-.5)^2, (3-.5)^2, (0-.5)^2 = .25, 6.25, 6.25, .25 -> mean 3.25
+    assert float(sd_penalty(LOGITS, LABELS, 0.5, per_class_mean=False)) == pytest.approx(3.25)
+    method = build_method({"name": "sd", "sd_lambda": 0.3, "sd_gamma": 0.5})
+    expected = logistic(LOGITS, LABELS) + 0.15 * 3.25
+    assert float(method.loss(LOGITS, LABELS, 0, nn.Linear(1, 1))) == pytest.approx(expected, rel=1e-6)
+
+
+def test_sd_per_class_gamma_targets_each_example_by_its_label() -> None:
+    # gamma [-1, 2]: targets 2, -1, 2, 2; squared distances 1, 1, 1, 4
+    assert float(sd_penalty(LOGITS, LABELS, [-1.0, 2.0], per_class_mean=False)) == pytest.approx(7 / 4)
+
+
+def test_sd_per_class_mean_averages_within_each_class_then_sums() -> None:
+    # class 0: (1)/1 = 1; class 1: (1 + 1 + 4)/3 = 2 -> 3
+    assert float(sd_penalty(LOGITS, LABELS, [-1.0, 2.0], per_class_mean=True)) == pytest.approx(3.0)
+
+
+def test_celeba_recipe_is_lambda_times_each_class_mean() -> None:
+    # PAPER.md: 0.1 * mean_blond (f - 2.5)^2 + 0.1 * mean_non_blond (f - 0.44)^2
+    method = build_method({"name": "sd", "sd_lambda": 0.2, "sd_gamma": [0.44, 2.5], "per_class_mean": True})
+    blond, other = LOGITS[LABELS == 1], LOGITS[LABELS == 0]
+    expected = (logistic(LOGITS, LABELS) + 0.1 * float(((blond - 2.5) ** 2).mean())
+                + 0.1 * float(((other - 0.44) ** 2).mean()))
+    assert float(method.loss(LOGITS, LABELS, 0, nn.Linear(1, 1))) == pytest.approx(expected, rel=1e-6)
+
+
+def test_sd_multiclass_gamma_is_per_output_and_distance_is_summed_over_logits() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    labels = torch.tensor([2, 0])
+    # scalar 1: (0 + 1 + 4) and (1 + 1 + 1) -> mean 4
+    assert float(sd_penalty(logits, labels, 1.0, per_class_mean=False)) == pytest.approx(4.0)
+    # per output [1, 2, 3]: (0 + 0 + 0) and (1 + 4 + 9) -> mean 7
+    assert float(sd_penalty(logits, labels, [1.0, 2.0, 3.0], per_class_mean=False)) == pytest.approx(7.0)
+
+
+def test_sd_gamma_with_the_wrong_number_of_classes_is_refused() -> None:
+    with pytest.raises(SpecError, match="3 values"):
+        sd_penalty(LOGITS, LABELS, [0.0, 1.0, 2.0], per_class_mean=False)
+
+
+def test_cmnist_recipe_switches_at_step_450_and_scales_the_whole_loss() -> None:
+    """PAPER.md: steps < 450: BCE + 2e-5 mean(f^2); from 450: 2e-5 (mean(f^2) + BCE)."""
+    method = build_method({"name": "sd", "sd_lambda": 2.0, "warmup_steps": 450, "warmup_sd_lambda": 4e-5,
+                           "post_warmup_loss_scale": 2e-5})
+    bce, sd = logistic(LOGITS, LABELS), float((LOGITS ** 2).mean())
+    model = nn.Linear(1, 1)
+    assert float(method.loss(LOGITS, LABELS, 0, model)) == pytest.approx(bce + 2e-5 * sd, rel=1e-6)
+    assert float(method.loss(LOGITS, LABELS, 449, model)) == pytest.approx(bce + 2e-5 * sd, rel=1e-6)
+    assert float(method.loss(LOGITS, LABELS, 450, model)) == pytest.approx(2e-5 * (sd + bce), rel=1e-6)
+    assert float(method.loss(LOGITS, LABELS, 2000, model)) == pytest.approx(2e-5 * (sd + bce), rel=1e-6)
+
+
+def test_sd_penalty_acts_on_the_logits_not_the_weights() -> None:
+    model = nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(100.0)
+    logits = torch.zeros(4)
+    method = build_method({"name": "sd", "sd_lambda": 1.0})
+    assert float(method.loss(logits, LABELS, 0, model)) == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_weight_decay_adds_coefficient_times_squared_weights_without_biases() -> None:
+    model = nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, 4.0]]))
+        model.bias.fill_(10.0)
+    method = build_method({"name": "weight_decay", "weight_decay": 0.01})
+    expected = logistic(LOGITS, LABELS) + 0.01 * 25.0
+    assert float(method.loss(LOGITS, LABELS, 0, model).detach()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_erm_is_the_cross_entropy_for_k_classes() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = torch.tensor([0, 2])
+    log_softmax = torch.log_softmax(logits.double(), dim=1)
+    expected = -float((log_softmax[0, 0] + log_softmax[1, 2]) / 2)
+    assert float(build_method({"name": "erm"}).loss(logits, labels, 0, nn.Linear(1, 1))) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"name": "erm", "sd_lambda": 1.0}, "no parameter 'sd_lambda'"),
+    ({"name": "sd", "sd_lambda": -1.0}, "sd_lambda"),
+    ({"name": "sd", "sd_gamma": []}, "sd_gamma"),
+    ({"name": "sd", "warmup_steps": 1.5}, "warmup_steps"),
+    ({"name": "dropout"}, "unknown method 'dropout'"),
+])
+def test_bad_method_specs_are_refused_with_a_message(spec: dict, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        build_method(spec)
