@@ -6,6 +6,16 @@ import io
 from tests.fixtures_models import ColourBlind, ColourOnly, torchscript_bytes
 
 
+def validate_against_openapi(stack, document: dict, component: str) -> None:
+    """The JSON as served validates against the schema our OpenAPI document declares for it."""
+    from jsonschema import Draft202012Validator
+
+    openapi = stack.client.get("/openapi.json").json()
+    schema = {"$ref": f"#/components/schemas/{component}", "components": openapi["components"]}
+    errors = [e.message for e in Draft202012Validator(schema).iter_errors(document)]
+    assert errors == []
+
+
 def audit(stack, model) -> dict:
     upload = stack.client.post(
         "/v1/checkpoints", files={"file": ("m.pt", io.BytesIO(torchscript_bytes(model)))}, data={"format": "torchscript"}
@@ -37,6 +47,8 @@ def test_audit_tells_a_colour_reader_from_a_colour_blind_model(embedded_stack):
     assert set(report["plots"]) <= artifacts and "report.json" in artifacts
     plot = stack.client.get(f"/v1/jobs/{reader['id']}/artifacts/{report['plots'][0]}")
     assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
+
+    validate_against_openapi(stack, report, "Report")
 
     page = stack.client.get(f"/v1/jobs/{reader['id']}/report.html")
     assert page.status_code == 200 and page.text.count('src="data:image/png;base64,') == len(report["plots"])
