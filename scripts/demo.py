@@ -110,8 +110,11 @@ def main() -> int:
             print_table([summary_row(n, j) for n, j in jobs.items()])
             for name, job in jobs.items():
                 print(f"{name} report: {base_url}/v1/jobs/{job['id']}/report.html")
+            erm, sd = jobs["ERM"]["id"], jobs["SD"]["id"]
+            print(f"side by side: {base_url}/dashboard/compare?a={erm}&b={sd}")
             if os.environ.get("KEEP") == "1" and server is not None:
-                print(f"\nservice kept running at {base_url} (Ctrl-C stops it)")
+                print(f"\nservice kept running; dashboard: {base_url}/dashboard (sign in with the token in "
+                      f"{settings.admin_token_file}); Ctrl-C stops it")
                 server.wait()
             return 0
     finally:

@@ -22,7 +22,9 @@ def load_dataset(ctx, dataset_spec: dict[str, Any], seed: int):
         row = files_repo.get_dataset(session, name, owner_id=ctx.owner_id)
         if row is None:
             raise FileNotFoundError(f"dataset {name!r} is neither built in nor registered by this key")
-        path, label = row.path, row.name
+        path, label, fmt, info = row.path, row.name, row.format, dict(row.info)
+    if fmt == "image_folder":
+        return datasets.load_image_folder(path, info["metadata"], label, info["image_size"])
     return datasets.load_npz(path, label)
 
 

@@ -1,7 +1,10 @@
-"""Datasets: the built-ins with their parameters, and datasets users register (.npz uploads)."""
+"""Datasets: the built-ins with their parameters, and datasets users register (.npz uploads or
+image folders with a metadata CSV under GS_DATA_DIR)."""
 from __future__ import annotations
 
-from typing import Annotated, Any
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Header, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -36,10 +39,25 @@ async def register_dataset(
     session: SessionDep,
     principal: PrincipalDep,
     settings: SettingsDep,
-    file: Annotated[UploadFile, File(description=".npz with arrays x, y, attribute (optional split)")],
     name: Annotated[str, Form(min_length=1, max_length=200)],
+    format: Annotated[Literal["npz", "image_folder"], Form()] = "npz",
+    file: Annotated[UploadFile | None, File(description=".npz with arrays x, y, attribute (optional split)")] = None,
+    folder: Annotated[str | None, Form(description="image_folder: a folder under GS_DATA_DIR")] = None,
+    metadata: Annotated[str, Form(description="image_folder: the CSV (path,label,attribute,split), in the folder")]
+    = "metadata.csv",
+    image_size: Annotated[int, Form(ge=4, le=512)] = 64,
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
+    if format == "image_folder":
+        request_hash = f"image_folder:{name}:{folder}:{metadata}:{image_size}"
+        create = partial(register_image_folder, session, principal, settings, name, folder, metadata, image_size)
+        return await run_in_threadpool(replay_or_create, session, principal, idempotency_key, request_hash, create)
+    if file is None:
+        raise ApiError(422, "invalid_request", "An npz dataset needs the `file` upload.")
+    return await register_npz(session, principal, settings, name, file, idempotency_key)
+
+
+async def register_npz(session, principal, settings, name: str, file: UploadFile, idempotency_key: str | None):
     from starvation.datasets import load_npz
     from starvation.errors import SpecError
 
@@ -56,16 +74,7 @@ async def register_dataset(
         dataset_id = new_id()
         final = folder / f"{dataset_id}.npz"
         tmp_path.rename(final)
-        info = {
-            "splits": {k: len(v) for k, v in dataset.splits.items()},
-            "input_shape": list(dataset.input_shape),
-            "num_classes": dataset.num_classes,
-            "sha256": sha256,
-        }
-        row = files_repo.add_dataset(
-            session, id=dataset_id, owner_id=principal.owner_id, name=name, format="npz", path=str(final), info=info
-        )
-        return 201, DatasetOut(id=row.id, name=row.name, builtin=False, description=info, created_at=row.created_at)
+        return 201, add_row(session, principal, dataset_id, name, "npz", final, dataset, {"sha256": sha256})
 
     try:
         return await run_in_threadpool(
@@ -73,3 +82,45 @@ async def register_dataset(
         )
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def inside_data_dir(settings, relative: str | None, what: str) -> Path:
+    """`relative` resolved under GS_DATA_DIR; anything that leaves it (.., absolute, a link out) is refused."""
+    if settings.data_dir is None:
+        raise ApiError(422, "invalid_request", "Image folders are read from GS_DATA_DIR, which is not set.")
+    if not relative:
+        raise ApiError(422, "invalid_request", f"{what} is required.")
+    root = Path(settings.data_dir).resolve()
+    path = (root / relative).resolve()
+    if Path(relative).is_absolute() or not path.is_relative_to(root):
+        raise ApiError(422, "invalid_path", f"{what} must be a path inside the data folder.")
+    return path
+
+
+def register_image_folder(session, principal, settings, name, folder, metadata, image_size) -> tuple[int, Any]:
+    from starvation.datasets import load_image_folder
+    from starvation.errors import SpecError
+
+    root = inside_data_dir(settings, folder, "folder")
+    csv_path = inside_data_dir(settings, str(Path(folder or "") / metadata), "metadata")
+    if not csv_path.is_file():
+        raise ApiError(422, "invalid_dataset", f"No metadata CSV {metadata!r} in {folder!r}.")
+    try:
+        dataset = load_image_folder(root, csv_path, name, image_size)
+    except SpecError as exc:
+        raise ApiError(422, "invalid_dataset", str(exc)) from None
+    extra = {"metadata": str(csv_path), "image_size": image_size}
+    return 201, add_row(session, principal, new_id(), name, "image_folder", root, dataset, extra)
+
+
+def add_row(session, principal, dataset_id, name, fmt, path, dataset, extra) -> DatasetOut:
+    info = {
+        "splits": {k: len(v) for k, v in dataset.splits.items()},
+        "input_shape": list(dataset.input_shape),
+        "num_classes": dataset.num_classes,
+        **extra,
+    }
+    row = files_repo.add_dataset(
+        session, id=dataset_id, owner_id=principal.owner_id, name=name, format=fmt, path=str(path), info=info
+    )
+    return DatasetOut(id=row.id, name=row.name, builtin=False, description=info, created_at=row.created_at)

@@ -5,6 +5,7 @@ import io
 import pickle
 
 import numpy as np
+import pytest
 
 
 def npz_bytes(**arrays) -> bytes:
@@ -49,3 +50,40 @@ def test_pickled_npz_is_refused(client, tmp_path):
         response = client.post("/v1/datasets", files={"file": ("d.npz", content)}, data={"name": "evil"})
         assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_dataset"
     assert not marker.exists()
+
+
+def image_folder(root, n: int = 8) -> None:
+    from PIL import Image
+
+    (root / "imgs").mkdir(parents=True)
+    lines = ["path,label,attribute,split"]
+    for i in range(n):
+        Image.new("RGB", (10, 10), (30 * i % 255, 0, 0)).save(root / "imgs" / f"{i}.png")
+        lines.append(f"imgs/{i}.png,{i % 2},{(i // 2) % 2},{'train' if i < 6 else 'test'}")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_image_folder_under_the_data_dir_is_registered(client, tmp_path, monkeypatch):
+    from api.settings import get_settings
+
+    image_folder(tmp_path / "faces")
+    monkeypatch.setattr(get_settings(), "data_dir", tmp_path)
+    response = client.post("/v1/datasets", data={"name": "faces", "format": "image_folder", "folder": "faces",
+                                                 "image_size": "8"})
+    assert response.status_code == 201, response.text
+    assert response.json()["description"]["input_shape"] == [3, 8, 8]
+
+
+@pytest.mark.parametrize("folder, metadata", [
+    ("../outside", "metadata.csv"), ("/etc", "metadata.csv"), ("faces", "../../secret.csv"),
+])
+def test_dataset_paths_that_leave_the_data_dir_are_refused(client, tmp_path, monkeypatch, folder, metadata):
+    from api.settings import get_settings
+
+    data_dir = tmp_path / "data"
+    image_folder(data_dir / "faces")
+    image_folder(tmp_path / "outside")
+    monkeypatch.setattr(get_settings(), "data_dir", data_dir)
+    response = client.post("/v1/datasets", data={"name": "x", "format": "image_folder", "folder": folder,
+                                                 "metadata": metadata})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_path"
