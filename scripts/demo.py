@@ -86,7 +86,13 @@ def main() -> int:
     base_url = os.environ.get("GS_URL", f"http://{settings.host}:{settings.port}")
     server = None
     if not os.environ.get("GS_URL"):
-        server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py")], cwd=ROOT, start_new_session=True)
+        # The service's JSON logs go to a file, so the terminal shows the demo's own progress.
+        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        log_path = settings.var_dir / "demo-service.log"
+        print(f"starting the service (logs: {log_path})", flush=True)
+        with log_path.open("ab") as log:
+            server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py")], cwd=ROOT,
+                                      start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
         with httpx.Client(base_url=base_url, timeout=30) as client:
             wait_ready(client, server)
