@@ -15,7 +15,6 @@ from api.schemas import AuditJobCreate, TrainJobCreate
 from api.settings import Settings
 from models import files as files_repo
 from models import jobs as jobs_repo
-from models.db import Database
 from models.tables import Job
 from worker import queue
 
@@ -104,8 +103,11 @@ def submit(
     )
 
 
-def enqueue(db: Database, job: Job) -> None:
-    queue.send_and_record(db, job.id, job.queue, job.spec.get("timeout_s"))
+def enqueue(session: Session, job: Job) -> None:
+    """Send the job to the broker and note it, in the request's own session: a second session per
+    request would let concurrent submissions exhaust the connection pool and stall."""
+    if queue.send(job.id, job.queue, job.spec.get("timeout_s")):
+        jobs_repo.mark_enqueued(session, job.id)
 
 
 def delete(session: Session, job: Job, settings: Settings) -> None:

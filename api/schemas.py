@@ -58,6 +58,10 @@ class TrainSpec(BaseModel):
     eval_every: PositiveInt | None = None
     device: str | None = Field(None, pattern=DEVICE_PATTERN)
     audit: bool | None = None
+    execution: Literal["auto", "batched", "sequential"] | None = Field(
+        None, description="seeds as one stacked model (batched) or one after another (sequential)"
+    )
+    precision: Literal["fp32", "tf32", "bf16"] | None = Field(None, description="of the training updates")
     timeout_s: PositiveInt | None = Field(None, description="the job fails with `timeout` after this long")
     mlflow: MlflowSpec | None = Field(None, description="mirror params, metric history and report to MLflow")
 

@@ -1,34 +1,46 @@
 """Train classifiers from a plain spec: one model per seed, metrics through a callback, checkpoints to a folder.
 
-The loop reads top to bottom in `_train_seed`; one optimizer update is `train_step`. Step `t` in the
-metrics is the model after `t` updates: evaluated at 0, every `eval_every`, and at `steps` (the saved model).
+Two ways to run a job's seeds, chosen by the spec's `execution`, with the same metrics and checkpoints:
+sequential (`_train_seed`, one seed after another; the reference) and batched (`_train_batched`, every seed as
+one stacked model, `starvation.ensemble`). Each loop reads top to bottom; one optimizer update is `train_step`
+or `stacked_train_step`. Step `t` in the metrics is the model after `t` updates: evaluated at 0, every
+`eval_every`, and at `steps` (the saved model). Between evaluations the loops never wait on the device.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 import pathlib
 import re
-from collections.abc import Callable, Collection, Iterable
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.func import vmap
 
 from starvation import datasets
 from starvation import params as P
 from starvation.datasets import Dataset, Split
+from starvation.ensemble import SeedLosses, StackedMLP, unsupported_reason
 from starvation.errors import SpecError
 from starvation.export import CheckpointFile, save_checkpoint
 from starvation.methods import Method, build_method, cross_entropy, method_class
-from starvation.networks import build_network, output_count, resolve_arch_params
+from starvation.networks import Network, build_network, output_count, resolve_arch_params
 from starvation.presets import PRESETS
 
 STARVED_GRADIENT = 1e-3  # an example is "starved" when its loss gradient w.r.t. the logit is below this
 EVAL_CHUNK = 8192  # examples per forward pass when evaluating
 MAX_SEED = 2**31 - 1
+# Above this many multiply-adds per seed and update, execution "auto" runs seeds one after another on the CPU.
+# Batched against sequential on a 2-core CPU (docs/performance.md): 1.5x slower at 830M (CMNIST, full batch),
+# even at 53M (CMNIST, batches of 256), 1.3-2x faster at 0.45M (two moons, full batch).
+CPU_BATCHED_MAX_MACS = 50_000_000
 
 DEFAULTS: dict[str, Any] = {
     "preset": None,
@@ -40,8 +52,21 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": None,  # full batch, as the paper
     "seeds": [0],
     "eval_every": 50,
+    "execution": "auto",  # "batched": all seeds as one stacked model; "sequential": one after another; see EXECUTIONS
+    "precision": "fp32",  # of the training updates; see PRECISIONS
     "device": "auto",  # for the worker's placement; `train` uses its `device` argument
     "audit": True,  # for the worker: audit each trained checkpoint
+}
+EXECUTIONS = {
+    "auto": "batched for several seeds on a CUDA device, and on the CPU when the updates are small "
+            "(CPU_BATCHED_MAX_MACS); otherwise sequential",
+    "batched": "every seed in one stacked model (MLPs; other architectures run sequentially, and the result says why)",
+    "sequential": "one seed after another (the reference)",
+}
+PRECISIONS = {  # evaluation (the metrics) always runs in IEEE float32
+    "fp32": "IEEE float32 everywhere (TF32 off, cuDNN convolutions included)",
+    "tf32": "TensorFloat-32 matmuls and convolutions in the training updates (CUDA only; the CPU stays float32)",
+    "bf16": "bfloat16 autocast of the forward pass in the training updates; weights, optimizer and loss in float32",
 }
 SECTION_IDENTITY = {"dataset": "name", "model": "arch", "method": "name", "optimizer": "name"}
 
@@ -113,6 +138,8 @@ def resolve_train_spec(spec: dict, *, user_datasets: Collection[str] = ()) -> di
         "batch_size": _field("batch_size", P.optional(P.positive_int), merged["batch_size"]),
         "seeds": _resolve_seeds(merged["seeds"]),
         "eval_every": _field("eval_every", P.positive_int, merged["eval_every"]),
+        "execution": _field("execution", P.one_of(*EXECUTIONS), merged["execution"]),
+        "precision": _field("precision", P.one_of(*PRECISIONS), merged["precision"]),
         "device": _resolve_device_name(merged["device"]),
         "audit": _field("audit", P.boolean, merged["audit"]),
     }
@@ -240,6 +267,9 @@ def build_optimizer(section: dict, parameters: Iterable[nn.Parameter]) -> torch.
 
 # ---- training ------------------------------------------------------------------------------
 
+Report = Callable[[int, dict[int, dict[tuple[str, str], float]], float], None]  # (step, values per seed, progress)
+
+
 def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: str | None = None,
           on_metrics: Callable[[list[Metric]], None] | None = None,
           on_progress: Callable[[float], None] | None = None,
@@ -250,79 +280,187 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
     Each seed draws its own built-in dataset (`build(name, params, seed=seed)`: the paper's restarts redraw
     label noise and colours). A registered dataset is passed as `dataset` (spec's dataset.name then names it)
     and serves every seed. Raises SpecError for a bad spec, TrainingStopped when `should_stop()` says so.
+    The result says how the seeds ran (`execution`) and how long the updates took (`timing`).
     """
+    started = time.perf_counter()
     section = spec.get("dataset") if isinstance(spec, dict) else None
     named = section.get("name") if isinstance(section, dict) else None
     spec = resolve_train_spec(spec, user_datasets=(named,) if dataset is not None and isinstance(named, str) else ())
     torch_device = resolve_device(device)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    seeds, steps = spec["seeds"], spec["steps"]
-    finals: dict[int, dict[tuple[str, str], float]] = {}
-    starved: dict[int, tuple[float, float]] = {}
-    checkpoints: list[CheckpointFile] = []
-    dataset_info: dict = {}
+    seeds = spec["seeds"]
 
-    for index, seed in enumerate(seeds):
+    def load(seed: int) -> Dataset:
         data = dataset if dataset is not None else datasets.build(
             spec["dataset"]["name"], spec["dataset"]["params"], seed=seed, data_dir=data_dir)
         _check_gamma(spec["method"], data.num_classes)
-        dataset_info = dict(data.info)
+        return data
 
-        def report(step: int, metrics: list[Metric], _index: int = index) -> None:
-            if on_metrics is not None:
-                on_metrics(metrics)
-            if on_progress is not None:
-                on_progress((_index * steps + step) / (len(seeds) * steps))
+    def report(step: int, values_by_seed: dict[int, dict[tuple[str, str], float]], done: float) -> None:
+        if on_metrics is not None:
+            for seed, values in values_by_seed.items():
+                on_metrics([Metric(step=step, name=name, value=value, seed=seed, split=split)
+                            for (split, name), value in values.items()])
+        if on_progress is not None:
+            on_progress(done)
 
-        model, history = _train_seed(spec, data, seed, torch_device, report, should_stop)
-        finals[seed] = history[-1]
-        starved[seed] = (history[0][("train", "starved_fraction")], history[-1][("train", "starved_fraction")])
-        checkpoints.append(save_checkpoint(model, out_dir, seed=seed, arch=spec["model"]["arch"],
-                                           arch_params=_arch_params(spec), input_shape=data.input_shape,
-                                           num_outputs=output_count(data.num_classes)))
+    first = load(seeds[0])
+    n_train = sum(len(first.splits[name]) for name in first.train_splits)
+    rows = min(spec["batch_size"] or n_train, n_train)
+    execution, why = choose_execution(spec, _shape_of(spec, first), rows, torch_device)
+    with tf32_matmuls(spec["precision"] == "tf32"):  # evaluation switches it off again: metrics in float32
+        if execution == "batched":
+            networks, histories, clock = _train_batched(spec, [first] + [load(seed) for seed in seeds[1:]],
+                                                        torch_device, report, should_stop,
+                                                        shared_data=dataset is not None)
+        else:
+            networks, histories, clock = [], [], _Clock(torch_device)
+            for index, seed in enumerate(seeds):
+                data = first if index == 0 else load(seed)
+                network, history = _train_seed(spec, data, seed, torch_device, clock, should_stop,
+                                               functools.partial(_report_seed, report, index, len(seeds)))
+                networks.append(network)
+                histories.append(history)
 
+    checkpoints = [save_checkpoint(network, out_dir, seed=seed, arch=spec["model"]["arch"],
+                                   arch_params=_arch_params(spec), input_shape=first.input_shape,
+                                   num_outputs=output_count(first.num_classes))
+                   for seed, network in zip(seeds, networks)]
+    finals = {seed: history[-1] for seed, history in zip(seeds, histories)}
     result = {
         "splits": _summarise(finals),
         "seeds": list(seeds),
-        "dataset": dataset_info,
-        "starved_fraction": {"first": float(np.mean([s[0] for s in starved.values()])),
-                             "last": float(np.mean([s[1] for s in starved.values()]))},
+        "dataset": dict(first.info),
+        "starved_fraction": {
+            "first": float(np.mean([h[0][("train", "starved_fraction")] for h in histories])),
+            "last": float(np.mean([h[-1][("train", "starved_fraction")] for h in histories]))},
+        "execution": {"requested": spec["execution"], "used": execution, "why": why, "precision": spec["precision"]},
+        "timing": clock.summary(spec["steps"], total_s=time.perf_counter() - started),
     }
-    return TrainOutcome(result=result, checkpoints=checkpoints, dataset_info=dataset_info)
+    return TrainOutcome(result=result, checkpoints=checkpoints, dataset_info=dict(first.info))
 
 
-def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device,
-                report: Callable[[int, list[Metric]], None],
-                should_stop: Callable[[], bool] | None) -> tuple[nn.Module, list[dict[tuple[str, str], float]]]:
+def choose_execution(spec: dict, network: Network, rows: int, device: torch.device) -> tuple[str, str]:
+    """("batched" | "sequential", why) for the resolved `spec` on `device`.
+
+    `network` shows the architecture (weights not needed); `rows`: examples per update (the batch or all).
+    """
+    requested = spec["execution"]
+    if requested == "sequential":
+        return "sequential", "requested"
+    reason = unsupported_reason(network)
+    if reason is not None:
+        return "sequential", f"cannot batch: {reason}"
+    if requested == "batched":
+        return "batched", "requested"
+    if len(spec["seeds"]) == 1:
+        return "sequential", "auto: one seed"
+    if device.type == "cuda":
+        return "batched", "auto: CUDA device"
+    macs = rows * sum(p.numel() for p in network.parameters() if p.ndim > 1)
+    if macs > CPU_BATCHED_MAX_MACS:
+        return "sequential", (f"auto: on the CPU one seed's update ({macs / 1e6:.0f}M multiply-adds) already fills "
+                              "the cores, and the batched matmul is slower there")
+    return "batched", f"auto: small updates ({macs / 1e6:.1f}M multiply-adds per seed) batch well on the CPU too"
+
+
+def _shape_of(spec: dict, data: Dataset) -> Network:
+    """The spec's network for `data`, without weights (built on the meta device: no RNG drawn, no memory)."""
+    with torch.device("meta"):
+        return build_network(spec["model"]["arch"], _arch_params(spec), data.input_shape,
+                             output_count(data.num_classes))
+
+
+def _init_network(spec: dict, data: Dataset, seed: int) -> Network:
+    """Seed `seed`'s initial network; the caller's global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_network(spec["model"]["arch"], _arch_params(spec), data.input_shape,
+                             output_count(data.num_classes))
+
+
+def _report_seed(report: Report, index: int, count: int, step: int, steps: int, seed: int,
+                 values: dict[tuple[str, str], float]) -> None:
+    """Sequential progress: seed `index` of `count` is at `step` of `steps`."""
+    report(step, {seed: values}, (index * steps + step) / (count * steps))
+
+
+def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, clock: _Clock,
+                should_stop: Callable[[], bool] | None,
+                report: Callable[[int, int, int, dict[tuple[str, str], float]], None]
+                ) -> tuple[nn.Module, list[dict[tuple[str, str], float]]]:
     """One model: init under `seed`, full-batch or minibatch updates, evaluation on schedule."""
     splits = {name: _to(split, device) for name, split in evaluation_splits(data).items()}
     train_split = splits["train"]
-    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
-        torch.manual_seed(seed)
-        model = build_network(spec["model"]["arch"], _arch_params(spec), data.input_shape,
-                              output_count(data.num_classes))
-    model.to(device)
+    model = _init_network(spec, data, seed).to(device)
     method = build_method(spec["method"])
     optimizer = build_optimizer(spec["optimizer"], model.parameters())
-    batches = Batches(len(train_split), spec["batch_size"], seed=seed, device=device)
-    steps, eval_every = spec["steps"], spec["eval_every"]
+    batches = Batches(len(train_split), spec["batch_size"], seeds=[seed], device=device)
+    steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
     history = []
 
+    clock.start()
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
-            values = evaluate(model, splits)
-            history.append(values)
-            report(step, [Metric(step=step, name=name, value=value, seed=seed, split=split)
-                          for (split, name), value in values.items()])
+            with clock.evaluating(), tf32_matmuls(False):
+                values = evaluate(model, splits)
+                history.append(values)
+                report(step, steps, seed, values)
         if step == steps:
             break
         if should_stop is not None and should_stop():
             raise TrainingStopped(f"stopped at step {step} of seed {seed}")
         rows = batches.next()
-        x, y = (train_split.x, train_split.y) if rows is None else (train_split.x[rows], train_split.y[rows])
-        train_step(model, optimizer, method, x, y, step)
+        x, y = (train_split.x, train_split.y) if rows is None else (train_split.x[rows[0]], train_split.y[rows[0]])
+        train_step(model, optimizer, method, x, y, step, precision=precision)
     return model, history
+
+
+def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report: Report,
+                   should_stop: Callable[[], bool] | None, *, shared_data: bool
+                   ) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], _Clock]:
+    """Every seed at once as a StackedMLP: per seed the same init, data, minibatches and updates as `_train_seed`."""
+    seeds = spec["seeds"]
+    splits = stacked_splits(data, device, shared=shared_data)
+    first = data[0]
+    del data  # the stacked copy is all that training needs
+    train_split = splits["train"]
+    networks = [_init_network(spec, first, seed) for seed in seeds]
+    model = StackedMLP(networks).to(device)
+    losses = SeedLosses(build_method(spec["method"]))
+    optimizer = build_optimizer(spec["optimizer"], model.parameters())
+    batches = Batches(train_split.x.shape[1], spec["batch_size"], seeds=seeds, device=device)
+    seed_rows = torch.arange(len(seeds), device=device).unsqueeze(1)
+    steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
+    # Progress between evaluations too, about as often as the sequential path reports it, but at most ~100 times
+    # a job: in the worker each report is a database write on this thread.
+    progress_every = max(1, eval_every // len(seeds), steps // 100)
+    histories: list[list[dict[tuple[str, str], float]]] = [[] for _ in seeds]
+    clock = _Clock(device)
+
+    clock.start()
+    for step in range(steps + 1):
+        if step % eval_every == 0 or step == steps:
+            with clock.evaluating(), tf32_matmuls(False):
+                per_seed = evaluate_stacked(model, splits)
+                for history, values in zip(histories, per_seed):
+                    history.append(values)
+                report(step, dict(zip(seeds, per_seed)), step / steps)
+        elif step % progress_every == 0:
+            report(step, {}, step / steps)
+        if step == steps:
+            break
+        if should_stop is not None and should_stop():
+            raise TrainingStopped(f"stopped at step {step} of seeds {', '.join(map(str, seeds))}")
+        rows = batches.next()
+        x, y = ((train_split.x, train_split.y) if rows is None
+                else (train_split.x[seed_rows, rows], train_split.y[seed_rows, rows]))
+        stacked_train_step(model, optimizer, losses, x, y, step, precision=precision)
+
+    for index, network in enumerate(networks):  # each seed back as an ordinary module, for its checkpoint
+        network.load_state_dict(model.network_state(index))
+    return networks, histories, clock
 
 
 def _arch_params(spec: dict) -> dict:
@@ -330,14 +468,32 @@ def _arch_params(spec: dict) -> dict:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, method: Method, x: torch.Tensor,
-               y: torch.Tensor, step: int) -> torch.Tensor:
+               y: torch.Tensor, step: int, *, precision: str = "fp32") -> torch.Tensor:
     """One optimizer update on (x, y) with the method's loss at `step`; returns that loss (detached, no sync)."""
     model.train()
-    loss = method.loss(as_logits(model(x)), y, step, model)
+    with forward_precision(precision, x.device):
+        output = model(x)
+    loss = method.loss(as_logits(output).float(), y, step, model)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+def stacked_train_step(model: StackedMLP, optimizer: torch.optim.Optimizer, losses: SeedLosses, x: torch.Tensor,
+                       y: torch.Tensor, step: int, *, precision: str = "fp32") -> torch.Tensor:
+    """One update of every seed on its own rows x [S, B, ...], y [S, B]; returns the seeds' losses [S] (no sync).
+
+    The sum of the seeds' losses is minimised: each seed's gradient is its own (`starvation.ensemble`).
+    """
+    model.train()
+    with forward_precision(precision, x.device):
+        output = model(x)
+    per_seed = losses(stacked_logits(output).float(), y, step, list(model.parameters()))
+    optimizer.zero_grad(set_to_none=True)
+    per_seed.sum().backward()
+    optimizer.step()
+    return per_seed.detach()
 
 
 def as_logits(output: torch.Tensor) -> torch.Tensor:
@@ -345,23 +501,90 @@ def as_logits(output: torch.Tensor) -> torch.Tensor:
     return output.squeeze(1) if output.ndim == 2 and output.shape[1] == 1 else output
 
 
-class Batches:
-    """Row indices of each minibatch: a fresh seeded permutation per epoch; None means full batch."""
+def stacked_logits(output: torch.Tensor) -> torch.Tensor:
+    """A stacked network's output [S, N, outputs] as each seed's logits: [S, N] for one logit, [S, N, k] for k."""
+    return output.squeeze(2) if output.shape[2] == 1 else output
 
-    def __init__(self, n: int, batch_size: int | None, *, seed: int, device: torch.device) -> None:
+
+class Batches:
+    """Each seed's minibatch rows: a fresh permutation per epoch from the seed's own generator; None: full batch.
+
+    `next()` gives [seeds, batch_size] indices on the device; an epoch's order is copied there once, not per step.
+    """
+
+    def __init__(self, n: int, batch_size: int | None, *, seeds: Sequence[int], device: torch.device) -> None:
         self.n, self.batch_size, self.device = n, batch_size, device
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order = torch.empty(0, dtype=torch.long)
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.order = torch.empty(len(seeds), 0, dtype=torch.long)
         self.position = 0
 
     def next(self) -> torch.Tensor | None:
         if self.batch_size is None or self.batch_size >= self.n:
             return None
-        if self.position + self.batch_size > len(self.order):
-            self.order, self.position = torch.randperm(self.n, generator=self.generator), 0
-        rows = self.order[self.position:self.position + self.batch_size]
+        if self.position + self.batch_size > self.order.shape[1]:
+            order = torch.stack([torch.randperm(self.n, generator=generator) for generator in self.generators])
+            self.order, self.position = _to_device(order, self.device), 0
+        rows = self.order[:, self.position:self.position + self.batch_size]
         self.position += self.batch_size
-        return rows.to(self.device)
+        return rows
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory, without making the host wait."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+# ---- precision and timing -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """TensorFloat-32 for CUDA matmuls and convolutions on or off (cuDNN's default is on); restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def forward_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Where a training update's forward pass runs: bf16 autocast, or as it is (tf32 is set for the whole run)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _Clock:
+    """Wall time of the updates and of the evaluations, split at evaluations (where the device is synced anyway).
+
+    Update time includes what runs between evaluations (should_stop, progress reports); evaluation time includes
+    reporting its metrics.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.train_s = self.eval_s = 0.0
+        self.mark = time.perf_counter()
+
+    def start(self) -> None:
+        self.mark = time.perf_counter()
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        began = time.perf_counter()
+        self.train_s += began - self.mark
+        yield
+        self.mark = time.perf_counter()
+        self.eval_s += self.mark - began
+
+    def summary(self, steps: int, *, total_s: float) -> dict[str, float]:
+        """step_ms: wall time to move every seed of the job one update (batched: one stacked update)."""
+        return {"step_ms": 1000 * self.train_s / steps, "train_s": self.train_s, "eval_s": self.eval_s,
+                "total_s": total_s}
 
 
 # ---- evaluation ----------------------------------------------------------------------------
@@ -377,6 +600,52 @@ def _to(split: Split, device: torch.device) -> Split:
     return Split(name=split.name, x=split.x.to(device), y=split.y.to(device), attribute=split.attribute.to(device))
 
 
+def stacked_splits(data: Sequence[Dataset], device: torch.device, *, shared: bool = False) -> dict[str, Split]:
+    """`evaluation_splits` of each seed's dataset, stacked: x [S, N, ...], y and attribute [S, N], on `device`.
+
+    The training splits are views into the pooled 'train' tensor (one copy of the training data, not two).
+    `shared`: every seed trains on the same `data[0]` (a registered dataset): expanded over the seeds, not copied.
+    """
+    first, count = data[0], len(data)
+
+    def stack(split_of: Callable[[Dataset], Split], name: str) -> Split:
+        if shared:
+            one = _to(split_of(first), device)
+            return Split(name=name, **{k: getattr(one, k).unsqueeze(0).expand(count, *getattr(one, k).shape)
+                                       for k in ("x", "y", "attribute")})
+        parts = [split_of(d) for d in data]
+        return Split(name=name, **{k: torch.stack([getattr(p, k) for p in parts]).to(device)
+                                   for k in ("x", "y", "attribute")})
+
+    pooled = stack(Dataset.train_data, "train")
+    splits = {"train": pooled}
+    start = 0
+    for name in first.train_splits:  # in the order train_data() pools them
+        end = start + len(first.splits[name])
+        if name != "train":
+            splits[name] = Split(name=name, x=pooled.x[:, start:end], y=pooled.y[:, start:end],
+                                 attribute=pooled.attribute[:, start:end])
+        start = end
+    names = ["train"] + [name for name in first.splits if name != "train"]  # evaluation_splits' order
+    for name in names:
+        if name not in splits:
+            splits[name] = stack(lambda d, name=name: d.splits[name], name)
+    return {name: splits[name] for name in names}
+
+
+def split_metrics(logits: torch.Tensor, y: torch.Tensor, *, with_starved: bool) -> torch.Tensor:
+    """[loss, accuracy, mean_abs_logit(, starved_fraction)] of one split's logits, as one tensor (no sync)."""
+    values = [cross_entropy(logits, y), (predictions(logits) == y).float().mean(), logits.abs().mean()]
+    if with_starved:
+        values.append(starved(logits, y).float().mean())
+    return torch.stack(values)
+
+
+def _metric_names(split: str) -> list[tuple[str, str]]:
+    names = ["loss", "accuracy", "mean_abs_logit"] + (["starved_fraction"] if split == "train" else [])
+    return [(split, name) for name in names]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, splits: dict[str, Split]) -> dict[tuple[str, str], float]:
     """{(split, metric): value}: loss, accuracy, mean_abs_logit per split; starved_fraction for 'train'."""
@@ -384,12 +653,22 @@ def evaluate(model: nn.Module, splits: dict[str, Split]) -> dict[tuple[str, str]
     values = {}
     for name, split in splits.items():
         logits = torch.cat([as_logits(model(split.x[i:i + EVAL_CHUNK])) for i in range(0, len(split), EVAL_CHUNK)])
-        values[(name, "loss")] = float(cross_entropy(logits, split.y))
-        values[(name, "accuracy")] = float((predictions(logits) == split.y).float().mean())
-        values[(name, "mean_abs_logit")] = float(logits.abs().mean())
-        if name == "train":
-            values[(name, "starved_fraction")] = float(starved(logits, split.y).float().mean())
+        values.update(zip(_metric_names(name), split_metrics(logits, split.y, with_starved=name == "train").tolist()))
     return values
+
+
+@torch.no_grad()
+def evaluate_stacked(model: StackedMLP, splits: dict[str, Split]) -> list[dict[tuple[str, str], float]]:
+    """`evaluate` for every seed of a stacked model on stacked splits: one dict per seed, one host sync in all."""
+    model.eval()
+    names, columns = [], []
+    for name, split in splits.items():
+        size = split.x.shape[1]
+        logits = torch.cat([stacked_logits(model(split.x[:, i:i + EVAL_CHUNK])) for i in range(0, size, EVAL_CHUNK)],
+                           dim=1)
+        columns.append(vmap(functools.partial(split_metrics, with_starved=name == "train"))(logits, split.y))
+        names += _metric_names(name)
+    return [dict(zip(names, row)) for row in torch.cat(columns, dim=1).tolist()]
 
 
 def predictions(logits: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,7 @@ def create_job(
     job_id = json.loads(response.body)["id"]
     job = jobs_repo.get(session, job_id)
     if job is not None and job.status == "queued" and job.enqueued_at is None:
-        jobs_service.enqueue(database(), job)
+        jobs_service.enqueue(session, job)
     return response
 
 

@@ -1,0 +1,116 @@
+"""N seeds trained as one batched model against the same seeds one after another.
+
+    .venv/bin/python bench/seeds.py                      # 10 seeds; ERM 100, SD 200, moons 1,000 steps (~6 min, 2 CPUs)
+    .venv/bin/python bench/seeds.py --full               # the paper's protocol: ERM 1,001, SD 2,001, moons 10,000 steps
+    .venv/bin/python bench/seeds.py --device cuda --full --tasks cmnist_erm,cmnist_sd
+    .venv/bin/python bench/seeds.py --data-dir /data/mnist --n-train 40000 --device cuda --full --precision tf32
+
+Each (task, execution) runs `train` in a subprocess of its own, so that its peak memory is its own: the resident
+set size (ru_maxrss) on the CPU, torch.cuda.max_memory_allocated on a GPU. Printed per run: wall time of the
+whole `train` call (data, training, evaluation, checkpoints), the engine's step time (every seed one update),
+mean final test accuracy over the seeds, peak memory. The two executions must agree on accuracy within 1 point.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TASKS = {  # preset, quick steps, the paper's steps
+    "cmnist_erm": ("paper_cmnist_erm", 100, 1001),
+    "cmnist_sd": ("paper_cmnist_sd", 200, 2001),
+    "moons_sd": ("paper_moons_sd", 1000, 10_000),
+}
+AGREEMENT_POINTS = 1.0
+
+
+def child(args: argparse.Namespace) -> int:
+    """One run: print a JSON line with the wall time, step time, accuracies and peak memory."""
+    import torch
+
+    from bench.common import peak_memory_mib
+    from starvation.training import train
+
+    device = torch.device(args.device)
+    spec = {"preset": args.preset, "seeds": list(range(args.n_seeds)), "steps": args.steps,
+            "eval_every": max(1, args.steps // 10), "execution": args.execution, "precision": args.precision,
+            "audit": False}
+    if args.n_train and args.preset.startswith("paper_cmnist"):
+        spec["dataset"] = {"params": {"n_train": args.n_train}}
+    baseline_mib = peak_memory_mib(device)
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        result = train(spec, out_dir=pathlib.Path(out), device=str(device), data_dir=args.data_dir).result
+        wall_s = time.perf_counter() - started
+    test = result["splits"]["test"] if "test" in result["splits"] else result["splits"][list(result["splits"])[-1]]
+    print(json.dumps({"wall_s": wall_s, "step_ms": result["timing"]["step_ms"], "test": test["accuracy"]["mean"],
+                      "used": result["execution"]["used"], "peak_mib": peak_memory_mib(device),
+                      "baseline_mib": baseline_mib, "dataset": result["dataset"]}))
+    return 0
+
+
+def run_child(task: str, execution: str, steps: int, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--child", "--preset", TASKS[task][0], "--steps", str(steps),
+               "--execution", execution, "--n-seeds", str(args.n_seeds), "--device", args.device,
+               "--precision", args.precision]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    if args.n_train:
+        command += ["--n-train", str(args.n_train)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{task} {execution} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-seeds", type=int, default=10)
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
+    parser.add_argument("--full", action="store_true", help="the paper's steps (default: the quick steps)")
+    parser.add_argument("--steps", type=int, help="steps for every task (overrides quick/full)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", help="folder with full MNIST IDX files (default: the shipped 5,000 digits)")
+    parser.add_argument("--n-train", type=int, help="Colored MNIST: use the first N training digits (default: all)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", help=argparse.SUPPRESS)
+    parser.add_argument("--execution", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    import torch
+
+    from bench.common import machine
+
+    print(machine(torch.device(args.device)))
+    print(f"{args.n_seeds} seeds per run, precision {args.precision}; each run in its own process")
+    print(f"{'task':10} {'steps':>6} {'execution':10} {'wall s':>8} {'step ms':>8} {'test %':>7} {'peak MiB':>9}")
+    failures = 0
+    for task in args.tasks.split(","):
+        steps = args.steps or TASKS[task][2 if args.full else 1]
+        runs = {}
+        for execution in ("sequential", "batched"):
+            runs[execution] = run = run_child(task, execution, steps, args)
+            print(f"{task:10} {steps:6d} {execution:10} {run['wall_s']:8.1f} {run['step_ms']:8.2f} "
+                  f"{100 * run['test']:7.2f} {run['peak_mib']:9.0f}", flush=True)
+        gap = 100 * abs(runs["batched"]["test"] - runs["sequential"]["test"])
+        agree = gap <= AGREEMENT_POINTS
+        failures += not agree
+        print(f"{task:10} sequential/batched wall time {runs['sequential']['wall_s'] / runs['batched']['wall_s']:.2f}x, "
+              f"step time {runs['sequential']['step_ms'] / runs['batched']['step_ms']:.2f}x; "
+              f"test accuracy gap {gap:.2f} points ({'agree' if agree else 'DISAGREE'}); "
+              f"data: {runs['batched']['dataset'].get('source', 'built-in')}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Seeds trained as one stacked model: the same metrics and checkpoints as training them one after another."""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from starvation import SpecError
+from starvation.datasets import build, load_npz
+from starvation.ensemble import SeedLosses, StackedMLP
+from starvation.export import load_builtin
+from starvation.methods import build_method
+from starvation.networks import build_network
+from starvation.training import (Metric, TrainingStopped, build_optimizer, choose_execution, resolve_train_spec,
+                                 stacked_train_step, train, train_step)
+
+# A small Colored MNIST run: 400 training digits, a narrow MLP, three seeds.
+SMALL = {
+    "dataset": {"name": "colored_mnist", "params": {"n_train": 400}},
+    "model": {"arch": "mlp", "hidden": [32, 16]},
+    "optimizer": {"name": "adam", "lr": 1e-3},
+    "steps": 40,
+    "eval_every": 15,
+    "seeds": [0, 1, 2],
+}
+SD_WITH_WARMUP = {"name": "sd", "sd_lambda": 2.0, "warmup_steps": 20, "warmup_sd_lambda": 4e-5,
+                  "post_warmup_loss_scale": 2e-5}  # the paper's CMNIST recipe, warm-up shortened
+
+
+def run(spec: dict, tmp_path: pathlib.Path, execution: str, **kwargs) -> tuple[list[Metric], object]:
+    metrics: list[Metric] = []
+    outcome = train({**spec, "execution": execution}, out_dir=tmp_path / execution, on_metrics=metrics.extend,
+                    **kwargs)
+    assert outcome.result["execution"]["used"] == execution
+    return metrics, outcome
+
+
+def by_key(metrics: list[Metric]) -> dict[tuple, float]:
+    return {(m.seed, m.step, m.split, m.name): m.value for m in metrics}
+
+
+def assert_same_training(sequential: list[Metric], batched: list[Metric], *, loss: float = 1e-4,
+                         accuracy: float = 1e-2, other: float = 1e-3) -> None:
+    """Same seeds, steps, splits and names; values within float tolerance (accuracies: within a point)."""
+    reference, candidate = by_key(sequential), by_key(batched)
+    assert len(sequential) == len(batched) and set(reference) == set(candidate)
+    tolerances = {"loss": loss, "accuracy": accuracy}
+    for key, value in reference.items():
+        assert candidate[key] == pytest.approx(value, abs=tolerances.get(key[3], other)), key
+
+
+@pytest.mark.parametrize("method", [{"name": "erm"}, SD_WITH_WARMUP, {"name": "weight_decay", "weight_decay": 1e-3}],
+                         ids=["erm", "sd_warmup", "weight_decay"])
+def test_batched_seeds_train_as_they_do_one_after_another(tmp_path: pathlib.Path, method: dict) -> None:
+    spec = {**SMALL, "method": method}
+    sequential, seq_outcome = run(spec, tmp_path, "sequential")
+    batched, outcome = run(spec, tmp_path, "batched")
+    assert_same_training(sequential, batched)
+    assert outcome.result["splits"]["test"]["loss"]["mean"] == pytest.approx(
+        seq_outcome.result["splits"]["test"]["loss"]["mean"], abs=1e-4)
+    assert {m.seed for m in batched if m.step == 0} == {0, 1, 2}
+
+
+def test_minibatches_are_each_seeds_own_as_in_sequential_training(tmp_path: pathlib.Path) -> None:
+    spec = {**SMALL, "method": SD_WITH_WARMUP, "batch_size": 64, "steps": 30}  # several epochs of 6 batches
+    sequential, _ = run(spec, tmp_path, "sequential")
+    batched, _ = run(spec, tmp_path, "batched")
+    assert_same_training(sequential, batched)
+
+
+def test_each_metrics_batch_is_one_seed_at_one_step_and_progress_rises_to_one(tmp_path: pathlib.Path) -> None:
+    batches: list[list[Metric]] = []
+    progress: list[float] = []
+    train({**SMALL, "execution": "batched"}, out_dir=tmp_path, on_metrics=batches.append,
+          on_progress=progress.append)
+    assert len(batches) == 3 * 4  # steps 0, 15, 30, 40 for each seed
+    for batch in batches:
+        assert len({m.step for m in batch}) == 1 and len({m.seed for m in batch}) == 1
+    assert progress[0] == 0.0 and progress[-1] == 1.0 and progress == sorted(progress)
+    assert len(progress) > 2 * 4  # between evaluations too: about as often as the sequential path reports
+
+
+def test_checkpoints_per_seed_reload_to_the_batched_models_logits(tmp_path: pathlib.Path) -> None:
+    metrics, outcome = run(SMALL, tmp_path, "batched")
+    final = by_key(metrics)
+    reloaded = []
+    for checkpoint in outcome.checkpoints:
+        model = load_builtin(checkpoint.safetensors_path, "mlp", {"hidden": [32, 16]}, (2, 14, 14), 1)
+        test = build("colored_mnist", {"n_train": 400}, seed=checkpoint.seed, data_dir=None).splits["test"]
+        with torch.no_grad():
+            logits = model(test.x).squeeze(1)
+        accuracy = float(((logits > 0).long() == test.y).float().mean())
+        assert accuracy == final[(checkpoint.seed, 40, "test", "accuracy")]
+        assert float(logits.abs().mean()) == pytest.approx(final[(checkpoint.seed, 40, "test", "mean_abs_logit")],
+                                                           rel=1e-5)
+        reloaded.append((model, test.x))
+    stacked = StackedMLP([model for model, _ in reloaded])  # and the stack of the reloaded seeds is the same model
+    with torch.no_grad():
+        stacked_logits = stacked(torch.stack([x for _, x in reloaded]))
+    for index, (model, x) in enumerate(reloaded):
+        assert all(torch.equal(value, model.state_dict()[name]) for name, value in stacked.network_state(index).items())
+        torch.testing.assert_close(stacked_logits[index], model(x).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_batched_path_is_deterministic(tmp_path: pathlib.Path) -> None:
+    spec = {**SMALL, "method": SD_WITH_WARMUP, "batch_size": 64, "execution": "batched"}
+    first: list[Metric] = []
+    second: list[Metric] = []
+    torch.manual_seed(1)  # the global RNG's state must not matter
+    train(spec, out_dir=tmp_path / "a", on_metrics=first.extend)
+    torch.manual_seed(2)
+    train(spec, out_dir=tmp_path / "b", on_metrics=second.extend)
+    assert first == second
+
+
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+def test_the_step_loop_never_reads_a_tensor_back_outside_evaluation(tmp_path: pathlib.Path, monkeypatch,
+                                                                     execution: str) -> None:
+    """On a GPU each read (.item(), float(t), .tolist(), if t) would make the host wait for the device."""
+    allowed = {"evaluate", "evaluate_stacked"}  # one read per evaluation, by design
+
+    def guarded(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args):
+            caller = sys._getframe(1).f_code
+            if "starvation" in caller.co_filename and caller.co_name not in allowed:
+                raise AssertionError(f"Tensor.{name} in {caller.co_name} ({caller.co_filename})")
+            return original(self, *args)
+        return read
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, guarded(name))
+    for method in ({"name": "erm"}, SD_WITH_WARMUP, {"name": "weight_decay"}):
+        train({**SMALL, "method": method, "batch_size": 64, "execution": execution, "steps": 25},
+              out_dir=tmp_path / method["name"])
+
+
+def test_an_architecture_that_cannot_be_stacked_falls_back_to_sequential(tmp_path: pathlib.Path) -> None:
+    spec = {**SMALL, "model": {"arch": "cnn", "channels": [4]}, "steps": 3, "eval_every": 3, "seeds": [0, 1],
+            "execution": "batched"}
+    outcome = train(spec, out_dir=tmp_path)
+    execution = outcome.result["execution"]
+    assert execution["requested"] == "batched" and execution["used"] == "sequential"
+    assert "Conv2d" in execution["why"]
+    assert [c.seed for c in outcome.checkpoints] == [0, 1]
+
+
+def test_a_loss_vmap_cannot_batch_runs_seed_by_seed_and_still_matches(tmp_path: pathlib.Path) -> None:
+    method = {"name": "sd", "sd_lambda": 0.1, "sd_gamma": [0.4, 2.5], "per_class_mean": True}  # boolean-mask indexing
+    losses = SeedLosses(build_method(method))
+    logits, y = torch.randn(3, 8), torch.randint(0, 2, (3, 8))
+    per_seed = losses(logits, y, 0, [])
+    assert not losses.vmapped
+    torch.testing.assert_close(per_seed, torch.stack([build_method(method).loss(logits[s], y[s], 0, None)
+                                                      for s in range(3)]))
+    spec = {**SMALL, "method": method, "steps": 20}
+    assert_same_training(run(spec, tmp_path, "sequential")[0], run(spec, tmp_path, "batched")[0])
+
+
+def test_a_registered_multiclass_dataset_serves_every_seed_of_the_batch(tmp_path: pathlib.Path) -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=200)
+    x = np.eye(3, dtype=np.float32)[y] + 0.5 * rng.normal(size=(200, 3)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=y, attribute=np.zeros(200, np.int64),
+             split=np.array(["train"] * 150 + ["test"] * 50))
+    dataset = load_npz(tmp_path / "d.npz", "three")
+    spec = {"dataset": {"name": "three"}, "model": {"arch": "mlp", "hidden": [16]}, "steps": 40, "eval_every": 20,
+            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "seeds": [0, 1], "batch_size": 32,
+            "method": {"name": "sd", "sd_lambda": 0.01, "sd_gamma": [0.0, 0.5, 1.0]}}
+    sequential, _ = run(spec, tmp_path, "sequential", dataset=dataset)
+    batched, outcome = run(spec, tmp_path, "batched", dataset=dataset)
+    assert_same_training(sequential, batched)
+    assert outcome.result["splits"]["test"]["accuracy"]["mean"] > 0.8
+    assert outcome.checkpoints[1].num_outputs == 3
+
+
+def test_should_stop_is_asked_once_per_step_for_all_seeds(tmp_path: pathlib.Path) -> None:
+    calls = []
+
+    def should_stop() -> bool:
+        calls.append(1)
+        return len(calls) >= 4
+
+    with pytest.raises(TrainingStopped, match="seeds 0, 1, 2"):
+        train({**SMALL, "execution": "batched"}, out_dir=tmp_path, should_stop=should_stop)
+    assert len(calls) == 4
+
+
+def test_precision_is_a_spec_option_and_bf16_trains_close_to_fp32(tmp_path: pathlib.Path) -> None:
+    spec = {**SMALL, "seeds": [0, 1], "execution": "batched", "steps": 30}
+    fp32, _ = run(spec, tmp_path / "fp32", "batched")
+    tf32, _ = run({**spec, "precision": "tf32"}, tmp_path / "tf32", "batched")
+    bf16, outcome = run({**spec, "precision": "bf16"}, tmp_path / "bf16", "batched")
+    assert tf32 == fp32  # TF32 is a CUDA mode: on the CPU matmuls stay float32
+    assert outcome.result["execution"]["precision"] == "bf16"
+    assert_same_training(fp32, bf16, loss=2e-2, accuracy=3e-2, other=2e-2)  # bfloat16: ~3 significant digits
+    assert not torch.backends.cuda.matmul.allow_tf32  # the global switches are restored
+
+
+def test_the_result_reports_how_the_seeds_ran_and_the_step_time(tmp_path: pathlib.Path) -> None:
+    outcome = train({**SMALL, "steps": 5, "eval_every": 5}, out_dir=tmp_path)
+    execution = outcome.result["execution"]
+    assert (execution["requested"], execution["used"], execution["precision"]) == ("auto", "batched", "fp32")
+    timing = outcome.result["timing"]
+    assert set(timing) == {"step_ms", "train_s", "eval_s", "total_s"}
+    assert 0 < timing["step_ms"] and timing["train_s"] + timing["eval_s"] <= timing["total_s"]
+
+
+def test_auto_batches_several_seeds_on_cuda_and_small_updates_on_the_cpu() -> None:
+    cmnist = resolve_train_spec({"preset": "paper_cmnist_sd", "seeds": [0, 1]})
+    with torch.device("meta"):
+        mlp = build_network("mlp", {"hidden": [300, 300]}, (2, 14, 14), 1)
+        cnn = build_network("cnn", {"channels": [8]}, (2, 14, 14), 1)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_execution(cmnist, mlp, 4000, cuda)[0] == "batched"
+    assert choose_execution(cmnist, mlp, 4000, cpu)[0] == "sequential"  # 830M multiply-adds per seed and step
+    assert choose_execution(cmnist, mlp, 64, cpu)[0] == "batched"
+    assert choose_execution({**cmnist, "seeds": [0]}, mlp, 4000, cuda) == ("sequential", "auto: one seed")
+    assert choose_execution(cmnist, cnn, 4000, cuda)[0] == "sequential"
+    assert choose_execution({**cmnist, "execution": "batched"}, mlp, 4000, cpu) == ("batched", "requested")
+    assert choose_execution({**cmnist, "execution": "sequential"}, mlp, 64, cuda) == ("sequential", "requested")
+
+
+@pytest.mark.parametrize("field, value", [("execution", "parallel"), ("precision", "fp16")])
+def test_execution_and_precision_are_checked(field: str, value: str) -> None:
+    with pytest.raises(SpecError, match=field):
+        resolve_train_spec({"preset": "paper_cmnist_erm", field: value})
+    resolved = resolve_train_spec({"preset": "paper_cmnist_erm"})
+    assert resolved["execution"] == "auto" and resolved["precision"] == "fp32"
+
+
+def test_a_stacked_network_gives_each_seeds_own_output() -> None:
+    torch.manual_seed(0)
+    networks = [build_network("mlp", {"hidden": [8, 8]}, (3, 2), 4) for _ in range(3)]
+    stacked = StackedMLP(networks)
+    x = torch.randn(3, 5, 3, 2)
+    with torch.no_grad():
+        out = stacked(x)
+        for index, network in enumerate(networks):
+            torch.testing.assert_close(out[index], network(x[index]))
+
+
+def test_one_adam_over_the_stacked_seeds_is_one_adam_per_seed() -> None:
+    """The seeds' losses are summed, so each seed's gradient, moments and step are its own."""
+    method = build_method(SD_WITH_WARMUP)
+    adam = {"name": "adam", "lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8}
+    torch.manual_seed(0)
+    networks = [build_network("mlp", {"hidden": [8]}, (6,), 1) for _ in range(3)]
+    x, y = torch.randn(3, 20, 6), torch.randint(0, 2, (3, 20))
+    stacked = StackedMLP(networks)
+    stacked_adam = build_optimizer(adam, stacked.parameters())
+    alone = [build_optimizer(adam, network.parameters()) for network in networks]
+    for step in range(25):  # across the warm-up's end at step 20
+        stacked_train_step(stacked, stacked_adam, SeedLosses(method), x, y, step)
+        for index, network in enumerate(networks):
+            train_step(network, alone[index], method, x[index], y[index], step)
+    for index, network in enumerate(networks):
+        for name, value in stacked.network_state(index).items():
+            torch.testing.assert_close(value, network.state_dict()[name], rtol=1e-5, atol=1e-6)
+        seed_state = alone[index].state
+        for stacked_param, param in zip(stacked.parameters(), network.parameters()):
+            for moment in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(stacked_adam.state[stacked_param][moment][index], seed_state[param][moment],
+                                           rtol=1e-5, atol=1e-9)
+            assert float(stacked_adam.state[stacked_param]["step"]) == float(seed_state[param]["step"]) == 25
