@@ -1,6 +1,6 @@
 """The engine against a plain loop of the paper's Colored MNIST recipe: same data, same device, one process.
 
-    .venv/bin/python bench/engine_vs_plain.py                    # ERM 200 steps + SD 400 steps, seed 0 (~2 min, 2 CPUs)
+    .venv/bin/python bench/engine_vs_plain.py                    # ERM 200 steps + SD 400 steps, seed 0 (~1 min, 2 CPUs)
     .venv/bin/python bench/engine_vs_plain.py --full --seeds 0,1  # the paper's 1,001 ERM and 2,001 SD steps
     .venv/bin/python bench/engine_vs_plain.py --device cuda
 
@@ -78,8 +78,8 @@ def engine_cmnist(seed: int, method: str, steps: int, device: torch.device) -> d
             "execution": "sequential"}
     with tempfile.TemporaryDirectory() as out:
         result = train(spec, out_dir=pathlib.Path(out), device=str(device)).result
-    return {"seconds": result["timing"]["train_s"] + result["timing"]["eval_s"],
-            "train": result["splits"]["train"]["accuracy"]["mean"], "test": result["splits"]["test"]["accuracy"]["mean"]}
+    accuracy = {split: result["splits"][split]["accuracy"]["mean"] for split in ("train", "test")}
+    return {"seconds": result["timing"]["train_s"] + result["timing"]["eval_s"], **accuracy}
 
 
 def main() -> int:

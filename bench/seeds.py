@@ -1,7 +1,7 @@
 """N seeds trained as one batched model against the same seeds one after another.
 
-    .venv/bin/python bench/seeds.py                      # 10 seeds; ERM 100, SD 200, moons 1,000 steps (~6 min, 2 CPUs)
-    .venv/bin/python bench/seeds.py --full               # the paper's protocol: ERM 1,001, SD 2,001, moons 10,000 steps
+    .venv/bin/python bench/seeds.py          # 10 seeds; ERM 100, SD 200, moons 1,000 steps (~5 min, 2 CPUs)
+    .venv/bin/python bench/seeds.py --full   # the paper's protocol: ERM 1,001, SD 2,001, moons 10,000 steps
     .venv/bin/python bench/seeds.py --device cuda --full --tasks cmnist_erm,cmnist_sd
     .venv/bin/python bench/seeds.py --data-dir /data/mnist --n-train 40000 --device cuda --full --precision tf32
 
@@ -105,8 +105,9 @@ def main() -> int:
         gap = 100 * abs(runs["batched"]["test"] - runs["sequential"]["test"])
         agree = gap <= AGREEMENT_POINTS
         failures += not agree
-        print(f"{task:10} sequential/batched wall time {runs['sequential']['wall_s'] / runs['batched']['wall_s']:.2f}x, "
-              f"step time {runs['sequential']['step_ms'] / runs['batched']['step_ms']:.2f}x; "
+        sequential, batched = runs["sequential"], runs["batched"]
+        print(f"{task:10} sequential/batched wall time {sequential['wall_s'] / batched['wall_s']:.2f}x, "
+              f"step time {sequential['step_ms'] / batched['step_ms']:.2f}x; "
               f"test accuracy gap {gap:.2f} points ({'agree' if agree else 'DISAGREE'}); "
               f"data: {runs['batched']['dataset'].get('source', 'built-in')}", flush=True)
     return 1 if failures else 0

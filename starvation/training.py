@@ -38,8 +38,8 @@ STARVED_GRADIENT = 1e-3  # an example is "starved" when its loss gradient w.r.t.
 EVAL_CHUNK = 8192  # examples per forward pass when evaluating
 MAX_SEED = 2**31 - 1
 # Above this many multiply-adds per seed and update, execution "auto" runs seeds one after another on the CPU.
-# Batched against sequential on a 2-core CPU (docs/performance.md): 1.5x slower at 830M (CMNIST, full batch),
-# even at 53M (CMNIST, batches of 256), 1.3-2x faster at 0.45M (two moons, full batch).
+# Batched against sequential on a 2-core CPU (docs/performance.md): 1.4x slower at 830M (CMNIST, full batch),
+# even at 53M (CMNIST, batches of 256), 0.9-2x as fast at 0.45M (two moons, full batch; noisy).
 CPU_BATCHED_MAX_MACS = 50_000_000
 
 DEFAULTS: dict[str, Any] = {

@@ -64,6 +64,13 @@ def test_batched_seeds_train_as_they_do_one_after_another(tmp_path: pathlib.Path
     assert {m.seed for m in batched if m.step == 0} == {0, 1, 2}
 
 
+def test_after_hundreds_of_steps_of_the_papers_sd_recipe_losses_agree_within_1e_4(tmp_path: pathlib.Path) -> None:
+    method = {**SD_WITH_WARMUP, "warmup_steps": 150}
+    spec = {**SMALL, "method": method, "optimizer": {"name": "adam", "lr": 1e-4}, "steps": 300, "eval_every": 100,
+            "seeds": [0, 1]}
+    assert_same_training(run(spec, tmp_path, "sequential")[0], run(spec, tmp_path, "batched")[0])
+
+
 def test_minibatches_are_each_seeds_own_as_in_sequential_training(tmp_path: pathlib.Path) -> None:
     spec = {**SMALL, "method": SD_WITH_WARMUP, "batch_size": 64, "steps": 30}  # several epochs of 6 batches
     sequential, _ = run(spec, tmp_path, "sequential")
