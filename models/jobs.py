@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session
 from models.tables import Job, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-ACTIVE = ("queued", "running")
 
 
 def terminal(status: str, **values: Any) -> dict[str, Any]:

@@ -53,7 +53,6 @@ class MetricsWriter(threading.Thread):
         super().__init__(daemon=True, name=f"metrics-{job_id}")
         self.db, self.job_id = db, job_id
         self.rows: queue.Queue[list[dict[str, Any]] | None] = queue.Queue()
-        self.written = 0
 
     def put(self, rows: list[dict[str, Any]]) -> None:
         self.rows.put(rows)
@@ -75,7 +74,7 @@ class MetricsWriter(threading.Thread):
             if batch:
                 try:
                     with self.db.session() as session:
-                        self.written += metrics_repo.add_batch(session, self.job_id, batch)
+                        metrics_repo.add_batch(session, self.job_id, batch)
                 except Exception as exc:  # keep the job running; say what was lost
                     log.error("job %s: %d metric rows not stored: %s", self.job_id, len(batch), exc)
 
@@ -94,8 +93,8 @@ class JobContext:
     job_id: str
     owner_id: str
     settings: Settings
+    writer: MetricsWriter
     deadline: float | None = None  # time.monotonic() after which the job stops (its timeout_s)
-    writer: MetricsWriter | None = None
     _last_poll: float = 0.0
     _stop: bool = False
 
@@ -108,11 +107,7 @@ class JobContext:
             {"step": m.step, "name": m.name, "value": float(m.value), "seed": m.seed, "split": m.split}
             for m in batch
         ]
-        if self.writer is not None:
-            self.writer.put(rows)
-        else:
-            with self.db.session() as session:
-                metrics_repo.add_batch(session, self.job_id, rows)
+        self.writer.put(rows)
 
     def on_progress(self, fraction: float) -> None:
         with self.db.session() as session:

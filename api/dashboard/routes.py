@@ -57,6 +57,10 @@ def not_found_page(request: Request, what: str) -> HTMLResponse:
     return page(request, "message.html", {"title": "Not found", "message": f"No {what} here."}, 404)
 
 
+def expired_form(request: Request) -> HTMLResponse:
+    return page(request, "message.html", {"title": "Expired form", "message": "Reload the page and try again."}, 403)
+
+
 def owned_job(session, job_id: str, owner_id: str):
     return jobs_repo.get(session, job_id, owner_id=owner_id) if JOB_ID.match(job_id) else None
 
@@ -88,8 +92,7 @@ def login(request: Request, session: SessionDep, token: Annotated[str, Form(max_
 @router.post("/logout")
 def logout(request: Request, csrf: Annotated[str | None, Form()] = None) -> Response:
     if not browser.csrf_ok(request, csrf):
-        return page(request, "message.html", {"title": "Expired form", "message": "Reload the page and try again."},
-                    403)
+        return expired_form(request)
     response = RedirectResponse("/dashboard/login", status_code=303)
     browser.end(response, request)
     return response
@@ -144,8 +147,7 @@ def submit_train_job(
     if principal is None:
         return browser.to_login(request)
     if not browser.csrf_ok(request, csrf):
-        return page(request, "message.html", {"title": "Expired form", "message": "Reload the page and try again."},
-                    403)
+        return expired_form(request)
     try:
         seed_list = [int(s) for s in seeds.replace(" ", "").split(",") if s]
         body = TrainJobCreate(kind="train", tags={"source": "dashboard"}, spec={
@@ -191,8 +193,7 @@ def cancel(job_id: str, request: Request, session: SessionDep, csrf: Annotated[s
     if principal is None:
         return browser.to_login(request)
     if not browser.csrf_ok(request, csrf):
-        return page(request, "message.html", {"title": "Expired form", "message": "Reload the page and try again."},
-                    403)
+        return expired_form(request)
     job = owned_job(session, job_id, principal.owner_id)
     if job is None:
         return not_found_page(request, "job")
