@@ -2,7 +2,9 @@
 
 Seed s of a `StackedMLP` holds the parameters of the s-th `Network` it was stacked from, under the same names;
 `network_state(s)` gives them back for a module of its own (a checkpoint). The forward pass is one batched matmul
-per layer over the seeds (`baddbmm`), so S small models cost one launch per layer on a GPU instead of S.
+per layer over the seeds (`baddbmm`), so S small models cost one launch per layer on a GPU instead of S; with
+`per_seed_matmuls` each seed's layers run as their own matmuls on slices of the stacked parameters (on the CPU,
+large matmuls run faster one at a time than batched), and the rest (loss, backward, optimizer) stays batched.
 
 Why summing the seeds' losses trains each seed as if alone: seed s's loss depends on seed s's parameters only,
 so the gradient of the sum w.r.t. them is that seed's own gradient; Adam and SGD act elementwise, so one
@@ -34,8 +36,9 @@ def unsupported_reason(network: Network) -> str | None:
 class StackedMLP(nn.Module):
     """S MLPs of one shape. forward: [S, B, *input_shape] -> [S, B, outputs], seed s through network s."""
 
-    def __init__(self, networks: Sequence[Network]) -> None:
+    def __init__(self, networks: Sequence[Network], *, per_seed_matmuls: bool = False) -> None:
         super().__init__()
+        self.per_seed_matmuls = per_seed_matmuls
         template = networks[0]
         reason = unsupported_reason(template)
         if reason is not None:
@@ -51,14 +54,23 @@ class StackedMLP(nn.Module):
                       self.names.index(f"{prefix}.bias") if kind == "linear" else -1) for kind, prefix in layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
+        if self.per_seed_matmuls:
+            seeds = [p.unbind(0) for p in self.stacked]  # unbind: its backward is one stack, not S scatters
+            return torch.stack([self._layers(x_s, [p[s] for p in seeds], stacked=False)
+                                for s, x_s in enumerate(x.unbind(0))])
+        return self._layers(x, list(self.stacked), stacked=True)
+
+    def _layers(self, h: torch.Tensor, parameters: list[torch.Tensor], *, stacked: bool) -> torch.Tensor:
+        """The network on h: [S, B, ...] with stacked parameters, or [B, ...] with one seed's."""
         for kind, weight, bias in self.plan:
             if kind == "flatten":
-                h = h.flatten(2)
+                h = h.flatten(2 if stacked else 1)
             elif kind == "relu":
                 h = torch.relu(h)
+            elif stacked:
+                h = torch.baddbmm(parameters[bias].unsqueeze(1), h, parameters[weight].transpose(1, 2))
             else:
-                h = torch.baddbmm(self.stacked[bias].unsqueeze(1), h, self.stacked[weight].transpose(1, 2))
+                h = torch.addmm(parameters[bias], h, parameters[weight].t())
         return h
 
     @torch.no_grad()
@@ -82,27 +94,14 @@ class _SeedParameters:
         return iter(self.seed_parameters)
 
 
-class SeedLosses:
+def seed_losses(method: Method, logits: torch.Tensor, y: torch.Tensor, step: int,
+                parameters: list[torch.Tensor]) -> torch.Tensor:
     """Each seed's own loss under `method`: [S] from logits [S, B(, k)], labels [S, B] and the stacked parameters.
 
     The method's `loss` runs under `torch.func.vmap`, so the meaning is the method's, with one kernel per op for
-    all seeds. A loss vmap cannot batch (per-class means index with a boolean mask) runs seed by seed instead.
+    all seeds; a method's loss must therefore batch under vmap (no data-dependent shapes, no reads to the host).
     """
+    def one_seed(seed_logits: torch.Tensor, seed_y: torch.Tensor, seed_params: list[torch.Tensor]) -> torch.Tensor:
+        return method.loss(seed_logits, seed_y, step, _SeedParameters(seed_params))
 
-    def __init__(self, method: Method) -> None:
-        self.method = method
-        self.vmapped = True
-
-    def __call__(self, logits: torch.Tensor, y: torch.Tensor, step: int,
-                 parameters: list[torch.Tensor]) -> torch.Tensor:
-        def one_seed(seed_logits: torch.Tensor, seed_y: torch.Tensor, seed_params: list[torch.Tensor]) -> torch.Tensor:
-            return self.method.loss(seed_logits, seed_y, step, _SeedParameters(seed_params))
-
-        if self.vmapped:
-            try:
-                return vmap(one_seed)(logits, y, parameters)
-            except RuntimeError as error:
-                if "vmap" not in str(error):
-                    raise
-                self.vmapped = False
-        return torch.stack([one_seed(logits[s], y[s], [p[s] for p in parameters]) for s in range(len(logits))])
+    return vmap(one_seed)(logits, y, parameters)

@@ -23,19 +23,21 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y)
 
 
-def sd_penalty(logits: torch.Tensor, y: torch.Tensor, gamma: float | list[float], *, per_class_mean: bool) -> torch.Tensor:
+def sd_penalty(logits: torch.Tensor, y: torch.Tensor, gamma: float | list[float] | torch.Tensor, *,
+               per_class_mean: bool) -> torch.Tensor:
     """mean((logit - gamma_y)^2), the squared logit distance from its target (per example: squared L2 over logits).
 
     Binary: the one logit of an example of class c targets gamma[c] (a scalar targets every class).
     k classes: logit j targets gamma[j]. per_class_mean: averaged within each class present, then summed over
-    classes (the paper's CelebA recipe), so a rare class weighs as much as a common one.
+    classes (the paper's CelebA recipe), so a rare class weighs as much as a common one; a class absent from the
+    batch adds nothing. No step reads a value back from the device, and every step batches under `vmap`.
     """
     binary = logits.ndim == 1
     num_classes = 2 if binary else logits.shape[1]
-    if isinstance(gamma, list):
+    if isinstance(gamma, (list, torch.Tensor)):
         if len(gamma) != num_classes:
             raise SpecError(f"sd_gamma has {len(gamma)} values but the task has {num_classes} classes")
-        targets = torch.tensor(gamma, dtype=logits.dtype, device=logits.device)
+        targets = torch.as_tensor(gamma, dtype=logits.dtype, device=logits.device)  # a tensor: no copy
         target = targets[y] if binary else targets
     else:
         target = gamma
@@ -46,8 +48,7 @@ def sd_penalty(logits: torch.Tensor, y: torch.Tensor, gamma: float | list[float]
         return squared.mean()
     members = F.one_hot(y, num_classes).to(squared.dtype)  # a matmul, not index_add: deterministic on CUDA too
     sums, counts = members.T @ squared, members.sum(dim=0)
-    present = counts > 0
-    return (sums[present] / counts[present]).sum()
+    return (sums / counts.clamp(min=1)).sum()  # an absent class: 0 / 1 (a mask would sync and not vmap)
 
 
 class Method:
@@ -102,12 +103,25 @@ class SpectralDecoupling(Method):
                                                "not a no-op with Adam's epsilon)", P.positive),
     }
 
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        super().__init__(params)
+        self._targets: torch.Tensor | None = None  # a list sd_gamma on the logits' device, made once
+
     def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module) -> torch.Tensor:
         p = self.params
-        penalty = sd_penalty(logits, y, p["sd_gamma"], per_class_mean=p["per_class_mean"])
+        penalty = sd_penalty(logits, y, self._gamma(logits), per_class_mean=p["per_class_mean"])
         if step < p["warmup_steps"]:
             return cross_entropy(logits, y) + p["warmup_sd_lambda"] / 2 * penalty
         return p["post_warmup_loss_scale"] * (cross_entropy(logits, y) + p["sd_lambda"] / 2 * penalty)
+
+    def _gamma(self, logits: torch.Tensor) -> float | torch.Tensor:
+        """sd_gamma; a list as a tensor on the logits' device, made once (not a host-to-device copy per step)."""
+        gamma = self.params["sd_gamma"]
+        if not isinstance(gamma, list):
+            return gamma
+        if self._targets is None or (self._targets.device, self._targets.dtype) != (logits.device, logits.dtype):
+            self._targets = torch.tensor(gamma, dtype=logits.dtype, device=logits.device)
+        return self._targets
 
 
 METHODS: dict[str, type[Method]] = {cls.NAME: cls for cls in (ERM, WeightDecay, SpectralDecoupling)}

@@ -27,7 +27,7 @@ from torch.func import vmap
 from starvation import datasets
 from starvation import params as P
 from starvation.datasets import Dataset, Split
-from starvation.ensemble import SeedLosses, StackedMLP, unsupported_reason
+from starvation.ensemble import StackedMLP, seed_losses, unsupported_reason
 from starvation.errors import SpecError
 from starvation.export import CheckpointFile, save_checkpoint
 from starvation.methods import Method, build_method, cross_entropy, method_class
@@ -37,10 +37,10 @@ from starvation.presets import PRESETS
 STARVED_GRADIENT = 1e-3  # an example is "starved" when its loss gradient w.r.t. the logit is below this
 EVAL_CHUNK = 8192  # examples per forward pass when evaluating
 MAX_SEED = 2**31 - 1
-# Above this many multiply-adds per seed and update, execution "auto" runs seeds one after another on the CPU.
-# Batched against sequential on a 2-core CPU (docs/performance.md): 1.4x slower at 830M (CMNIST, full batch),
-# even at 53M (CMNIST, batches of 256), 0.9-2x as fast at 0.45M (two moons, full batch; noisy).
-CPU_BATCHED_MAX_MACS = 50_000_000
+# Above this many multiply-adds per seed and update, a batched job on the CPU runs each seed's matmuls on its own
+# (`per_seed_matmuls`). On a 2-core CPU (docs/performance.md) one batched matmul over 10 seeds is 1.4x slower than
+# 10 separate ones at 830M (CMNIST, full batch), even at 53M (CMNIST, batches of 256), faster at 0.45M (two moons).
+CPU_PER_SEED_MATMUL_MACS = 50_000_000
 
 DEFAULTS: dict[str, Any] = {
     "preset": None,
@@ -58,8 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "audit": True,  # for the worker: audit each trained checkpoint
 }
 EXECUTIONS = {
-    "auto": "batched for several seeds on a CUDA device, and on the CPU when the updates are small "
-            "(CPU_BATCHED_MAX_MACS); otherwise sequential",
+    "auto": "batched for several seeds (where the architecture allows), otherwise sequential",
     "batched": "every seed in one stacked model (MLPs; other architectures run sequentially, and the result says why)",
     "sequential": "one seed after another (the reference)",
 }
@@ -260,8 +259,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(section: dict, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    parameters = list(parameters)
     if section["name"] == "adam":
-        return torch.optim.Adam(parameters, lr=section["lr"], betas=tuple(section["betas"]), eps=section["eps"])
+        # On a GPU the fused Adam: one kernel per step for every tensor, the same update (its default there is a
+        # multi-tensor loop of several kernels); on the CPU the default, so CPU results stay as they were.
+        fused = bool(parameters) and parameters[0].is_cuda
+        return torch.optim.Adam(parameters, lr=section["lr"], betas=tuple(section["betas"]), eps=section["eps"],
+                                fused=fused)
     return torch.optim.SGD(parameters, lr=section["lr"], momentum=section["momentum"])
 
 
@@ -308,12 +312,15 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
     first = load(seeds[0])
     n_train = sum(len(first.splits[name]) for name in first.train_splits)
     rows = min(spec["batch_size"] or n_train, n_train)
-    execution, why = choose_execution(spec, _shape_of(spec, first), rows, torch_device)
+    shape = _shape_of(spec, first)
+    execution, why = choose_execution(spec, shape)
+    per_seed = execution == "batched" and per_seed_matmuls(shape, rows, torch_device)
     with tf32_matmuls(spec["precision"] == "tf32"):  # evaluation switches it off again: metrics in float32
         if execution == "batched":
             networks, histories, clock = _train_batched(spec, [first] + [load(seed) for seed in seeds[1:]],
                                                         torch_device, report, should_stop,
-                                                        shared_data=dataset is not None)
+                                                        shared_data=dataset is not None,
+                                                        matmuls_per_seed=per_seed)
         else:
             networks, histories, clock = [], [], _Clock(torch_device)
             for index, seed in enumerate(seeds):
@@ -335,17 +342,15 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
         "starved_fraction": {
             "first": float(np.mean([h[0][("train", "starved_fraction")] for h in histories])),
             "last": float(np.mean([h[-1][("train", "starved_fraction")] for h in histories]))},
-        "execution": {"requested": spec["execution"], "used": execution, "why": why, "precision": spec["precision"]},
+        "execution": {"requested": spec["execution"], "used": execution, "why": why, "precision": spec["precision"],
+                      "per_seed_matmuls": per_seed},
         "timing": clock.summary(spec["steps"], total_s=time.perf_counter() - started),
     }
     return TrainOutcome(result=result, checkpoints=checkpoints, dataset_info=dict(first.info))
 
 
-def choose_execution(spec: dict, network: Network, rows: int, device: torch.device) -> tuple[str, str]:
-    """("batched" | "sequential", why) for the resolved `spec` on `device`.
-
-    `network` shows the architecture (weights not needed); `rows`: examples per update (the batch or all).
-    """
+def choose_execution(spec: dict, network: Network) -> tuple[str, str]:
+    """("batched" | "sequential", why) for the resolved `spec`; `network` shows the architecture (no weights)."""
     requested = spec["execution"]
     if requested == "sequential":
         return "sequential", "requested"
@@ -356,13 +361,16 @@ def choose_execution(spec: dict, network: Network, rows: int, device: torch.devi
         return "batched", "requested"
     if len(spec["seeds"]) == 1:
         return "sequential", "auto: one seed"
-    if device.type == "cuda":
-        return "batched", "auto: CUDA device"
+    return "batched", "auto: several seeds"
+
+
+def per_seed_matmuls(network: Network, rows: int, device: torch.device) -> bool:
+    """Whether a batched job runs each seed's matmuls on its own (`StackedMLP`): on the CPU, for large updates.
+
+    `rows`: examples per update (the batch, or all). On a GPU one batched matmul always pays (one launch, not S).
+    """
     macs = rows * sum(p.numel() for p in network.parameters() if p.ndim > 1)
-    if macs > CPU_BATCHED_MAX_MACS:
-        return "sequential", (f"auto: on the CPU one seed's update ({macs / 1e6:.0f}M multiply-adds) already fills "
-                              "the cores, and the batched matmul is slower there")
-    return "batched", f"auto: small updates ({macs / 1e6:.1f}M multiply-adds per seed) batch well on the CPU too"
+    return device.type == "cpu" and macs > CPU_PER_SEED_MATMUL_MACS
 
 
 def _shape_of(spec: dict, data: Dataset) -> Network:
@@ -418,7 +426,7 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
 
 
 def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report: Report,
-                   should_stop: Callable[[], bool] | None, *, shared_data: bool
+                   should_stop: Callable[[], bool] | None, *, shared_data: bool, matmuls_per_seed: bool
                    ) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], _Clock]:
     """Every seed at once as a StackedMLP: per seed the same init, data, minibatches and updates as `_train_seed`."""
     seeds = spec["seeds"]
@@ -427,8 +435,8 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     del data  # the stacked copy is all that training needs
     train_split = splits["train"]
     networks = [_init_network(spec, first, seed) for seed in seeds]
-    model = StackedMLP(networks).to(device)
-    losses = SeedLosses(build_method(spec["method"]))
+    model = StackedMLP(networks, per_seed_matmuls=matmuls_per_seed).to(device)
+    method = build_method(spec["method"])
     optimizer = build_optimizer(spec["optimizer"], model.parameters())
     batches = Batches(train_split.x.shape[1], spec["batch_size"], seeds=seeds, device=device)
     seed_rows = torch.arange(len(seeds), device=device).unsqueeze(1)
@@ -456,7 +464,7 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
         rows = batches.next()
         x, y = ((train_split.x, train_split.y) if rows is None
                 else (train_split.x[seed_rows, rows], train_split.y[seed_rows, rows]))
-        stacked_train_step(model, optimizer, losses, x, y, step, precision=precision)
+        stacked_train_step(model, optimizer, method, x, y, step, precision=precision)
 
     for index, network in enumerate(networks):  # each seed back as an ordinary module, for its checkpoint
         network.load_state_dict(model.network_state(index))
@@ -480,7 +488,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, method: Metho
     return loss.detach()
 
 
-def stacked_train_step(model: StackedMLP, optimizer: torch.optim.Optimizer, losses: SeedLosses, x: torch.Tensor,
+def stacked_train_step(model: StackedMLP, optimizer: torch.optim.Optimizer, method: Method, x: torch.Tensor,
                        y: torch.Tensor, step: int, *, precision: str = "fp32") -> torch.Tensor:
     """One update of every seed on its own rows x [S, B, ...], y [S, B]; returns the seeds' losses [S] (no sync).
 
@@ -489,7 +497,7 @@ def stacked_train_step(model: StackedMLP, optimizer: torch.optim.Optimizer, loss
     model.train()
     with forward_precision(precision, x.device):
         output = model(x)
-    per_seed = losses(stacked_logits(output).float(), y, step, list(model.parameters()))
+    per_seed = seed_losses(method, stacked_logits(output).float(), y, step, list(model.parameters()))
     optimizer.zero_grad(set_to_none=True)
     per_seed.sum().backward()
     optimizer.step()

@@ -10,12 +10,13 @@ import torch
 
 from starvation import SpecError
 from starvation.datasets import build, load_npz
-from starvation.ensemble import SeedLosses, StackedMLP
+from starvation.ensemble import StackedMLP, seed_losses
 from starvation.export import load_builtin
 from starvation.methods import build_method
 from starvation.networks import build_network
-from starvation.training import (Metric, TrainingStopped, build_optimizer, choose_execution, resolve_train_spec,
-                                 stacked_train_step, train, train_step)
+from starvation import training
+from starvation.training import (Metric, TrainingStopped, build_optimizer, choose_execution, per_seed_matmuls,
+                                 resolve_train_spec, stacked_train_step, train, train_step)
 
 # A small Colored MNIST run: 400 training digits, a narrow MLP, three seeds.
 SMALL = {
@@ -156,15 +157,14 @@ def test_an_architecture_that_cannot_be_stacked_falls_back_to_sequential(tmp_pat
     assert [c.seed for c in outcome.checkpoints] == [0, 1]
 
 
-def test_a_loss_vmap_cannot_batch_runs_seed_by_seed_and_still_matches(tmp_path: pathlib.Path) -> None:
-    method = {"name": "sd", "sd_lambda": 0.1, "sd_gamma": [0.4, 2.5], "per_class_mean": True}  # boolean-mask indexing
-    losses = SeedLosses(build_method(method))
+def test_per_class_sd_batches_over_seeds_and_matches_seed_by_seed(tmp_path: pathlib.Path) -> None:
+    method = build_method({"name": "sd", "sd_lambda": 0.1, "sd_gamma": [0.4, 2.5], "per_class_mean": True})
     logits, y = torch.randn(3, 8), torch.randint(0, 2, (3, 8))
-    per_seed = losses(logits, y, 0, [])
-    assert not losses.vmapped
-    torch.testing.assert_close(per_seed, torch.stack([build_method(method).loss(logits[s], y[s], 0, None)
-                                                      for s in range(3)]))
-    spec = {**SMALL, "method": method, "steps": 20}
+    y[1] = 1  # seed 1's batch lacks class 0: it adds nothing, as seed by seed
+    torch.testing.assert_close(seed_losses(method, logits, y, 0, []),
+                               torch.stack([method.loss(logits[s], y[s], 0, None) for s in range(3)]))
+    spec = {**SMALL, "method": {"name": "sd", "sd_lambda": 0.1, "sd_gamma": [0.4, 2.5], "per_class_mean": True},
+            "steps": 20}
     assert_same_training(run(spec, tmp_path, "sequential")[0], run(spec, tmp_path, "batched")[0])
 
 
@@ -217,19 +217,29 @@ def test_the_result_reports_how_the_seeds_ran_and_the_step_time(tmp_path: pathli
     assert 0 < timing["step_ms"] and timing["train_s"] + timing["eval_s"] <= timing["total_s"]
 
 
-def test_auto_batches_several_seeds_on_cuda_and_small_updates_on_the_cpu() -> None:
+def test_auto_batches_several_seeds_of_an_mlp_and_large_cpu_updates_use_per_seed_matmuls() -> None:
     cmnist = resolve_train_spec({"preset": "paper_cmnist_sd", "seeds": [0, 1]})
     with torch.device("meta"):
         mlp = build_network("mlp", {"hidden": [300, 300]}, (2, 14, 14), 1)
         cnn = build_network("cnn", {"channels": [8]}, (2, 14, 14), 1)
+    assert choose_execution(cmnist, mlp) == ("batched", "auto: several seeds")
+    assert choose_execution({**cmnist, "seeds": [0]}, mlp) == ("sequential", "auto: one seed")
+    assert choose_execution(cmnist, cnn)[0] == "sequential"
+    assert choose_execution({**cmnist, "execution": "batched"}, mlp) == ("batched", "requested")
+    assert choose_execution({**cmnist, "execution": "sequential"}, mlp) == ("sequential", "requested")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_execution(cmnist, mlp, 4000, cuda)[0] == "batched"
-    assert choose_execution(cmnist, mlp, 4000, cpu)[0] == "sequential"  # 830M multiply-adds per seed and step
-    assert choose_execution(cmnist, mlp, 64, cpu)[0] == "batched"
-    assert choose_execution({**cmnist, "seeds": [0]}, mlp, 4000, cuda) == ("sequential", "auto: one seed")
-    assert choose_execution(cmnist, cnn, 4000, cuda)[0] == "sequential"
-    assert choose_execution({**cmnist, "execution": "batched"}, mlp, 4000, cpu) == ("batched", "requested")
-    assert choose_execution({**cmnist, "execution": "sequential"}, mlp, 64, cuda) == ("sequential", "requested")
+    assert per_seed_matmuls(mlp, 4000, cpu)  # 830M multiply-adds per seed and step
+    assert not per_seed_matmuls(mlp, 64, cpu)
+    assert not per_seed_matmuls(mlp, 4000, cuda)
+
+
+def test_per_seed_matmuls_train_as_one_after_another(tmp_path: pathlib.Path, monkeypatch) -> None:
+    monkeypatch.setattr(training, "CPU_PER_SEED_MATMUL_MACS", 0)
+    spec = {**SMALL, "method": SD_WITH_WARMUP}
+    sequential, _ = run(spec, tmp_path, "sequential")
+    batched, outcome = run(spec, tmp_path, "batched")
+    assert outcome.result["execution"]["per_seed_matmuls"] is True
+    assert_same_training(sequential, batched)
 
 
 @pytest.mark.parametrize("field, value", [("execution", "parallel"), ("precision", "fp16")])
@@ -240,10 +250,11 @@ def test_execution_and_precision_are_checked(field: str, value: str) -> None:
     assert resolved["execution"] == "auto" and resolved["precision"] == "fp32"
 
 
-def test_a_stacked_network_gives_each_seeds_own_output() -> None:
+@pytest.mark.parametrize("per_seed", [False, True], ids=["stacked_matmuls", "per_seed_matmuls"])
+def test_a_stacked_network_gives_each_seeds_own_output(per_seed: bool) -> None:
     torch.manual_seed(0)
     networks = [build_network("mlp", {"hidden": [8, 8]}, (3, 2), 4) for _ in range(3)]
-    stacked = StackedMLP(networks)
+    stacked = StackedMLP(networks, per_seed_matmuls=per_seed)
     x = torch.randn(3, 5, 3, 2)
     with torch.no_grad():
         out = stacked(x)
@@ -251,18 +262,19 @@ def test_a_stacked_network_gives_each_seeds_own_output() -> None:
             torch.testing.assert_close(out[index], network(x[index]))
 
 
-def test_one_adam_over_the_stacked_seeds_is_one_adam_per_seed() -> None:
+@pytest.mark.parametrize("per_seed", [False, True], ids=["stacked_matmuls", "per_seed_matmuls"])
+def test_one_adam_over_the_stacked_seeds_is_one_adam_per_seed(per_seed: bool) -> None:
     """The seeds' losses are summed, so each seed's gradient, moments and step are its own."""
     method = build_method(SD_WITH_WARMUP)
     adam = {"name": "adam", "lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8}
     torch.manual_seed(0)
     networks = [build_network("mlp", {"hidden": [8]}, (6,), 1) for _ in range(3)]
     x, y = torch.randn(3, 20, 6), torch.randint(0, 2, (3, 20))
-    stacked = StackedMLP(networks)
+    stacked = StackedMLP(networks, per_seed_matmuls=per_seed)
     stacked_adam = build_optimizer(adam, stacked.parameters())
     alone = [build_optimizer(adam, network.parameters()) for network in networks]
     for step in range(25):  # across the warm-up's end at step 20
-        stacked_train_step(stacked, stacked_adam, SeedLosses(method), x, y, step)
+        stacked_train_step(stacked, stacked_adam, method, x, y, step)
         for index, network in enumerate(networks):
             train_step(network, alone[index], method, x[index], y[index], step)
     for index, network in enumerate(networks):

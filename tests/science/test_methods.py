@@ -44,6 +44,9 @@ def test_sd_per_class_gamma_targets_each_example_by_its_label() -> None:
 def test_sd_per_class_mean_averages_within_each_class_then_sums() -> None:
     # class 0: (1)/1 = 1; class 1: (1 + 1 + 4)/3 = 2 -> 3
     assert float(sd_penalty(LOGITS, LABELS, [-1.0, 2.0], per_class_mean=True)) == pytest.approx(3.0)
+    # a class absent from the batch adds nothing: only class 1's mean, 2
+    ones = LABELS == 1
+    assert float(sd_penalty(LOGITS[ones], LABELS[ones], [-1.0, 2.0], per_class_mean=True)) == pytest.approx(2.0)
 
 
 def test_celeba_recipe_is_lambda_times_each_class_mean() -> None:
