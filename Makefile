@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install browser serve demo test bench clean
+.PHONY: install browser serve demo test bench perf clean
 
 install: $(VENV)/.installed
 
@@ -25,8 +25,17 @@ browser:
 test: install browser
 	$(PY) -m pytest -q
 
+# The paper's numbers (docs/reproduction.md); about 22 minutes on 2 CPU cores.
 bench: install
 	$(PY) bench/reproduce.py
+
+# The performance benchmarks, quick settings (docs/performance.md has the full ones); about 12 minutes on 2 CPU
+# cores; the load test needs PostgreSQL and Redis as for `make test`. On a GPU machine: bench/gpu_check.sh.
+perf: install
+	$(PY) bench/engine_vs_plain.py
+	$(PY) bench/seeds.py
+	$(PY) bench/service_overhead.py
+	$(PY) bench/load.py --seconds 20 --clients 8
 
 clean:
 	rm -rf var .pytest_cache

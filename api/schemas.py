@@ -62,6 +62,9 @@ class TrainSpec(BaseModel):
         None, description="seeds as one stacked model (batched) or one after another (sequential)"
     )
     precision: Literal["fp32", "tf32", "bf16"] | None = Field(None, description="of the training updates")
+    cuda_graphs: bool | None = Field(
+        None, description="on a CUDA worker, replay each update from a CUDA graph (fewer launches; ignored on a CPU)"
+    )
     timeout_s: PositiveInt | None = Field(None, description="the job fails with `timeout` after this long")
     mlflow: MlflowSpec | None = Field(None, description="mirror params, metric history and report to MLflow")
 

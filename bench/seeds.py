@@ -43,7 +43,7 @@ def child(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     spec = {"preset": args.preset, "seeds": list(range(args.n_seeds)), "steps": args.steps,
             "eval_every": max(1, args.steps // 10), "execution": args.execution, "precision": args.precision,
-            "audit": False}
+            "cuda_graphs": args.cuda_graphs, "audit": False}
     if args.n_train and args.preset.startswith("paper_cmnist"):
         spec["dataset"] = {"params": {"n_train": args.n_train}}
     baseline_mib = peak_memory_mib(device)
@@ -61,7 +61,7 @@ def child(args: argparse.Namespace) -> int:
 def run_child(task: str, execution: str, steps: int, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--child", "--preset", TASKS[task][0], "--steps", str(steps),
                "--execution", execution, "--n-seeds", str(args.n_seeds), "--device", args.device,
-               "--precision", args.precision]
+               "--precision", args.precision] + (["--cuda-graphs"] if args.cuda_graphs else [])
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     if args.n_train:
@@ -86,6 +86,7 @@ def main() -> int:
                         help="full-MNIST-size data from the shipped digits repeated (bench.common.write_tiled_mnist)")
     parser.add_argument("--n-train", type=int, help="Colored MNIST: use the first N training digits (default: all)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
+    parser.add_argument("--cuda-graphs", action="store_true", help="the spec's cuda_graphs (a CUDA device only)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--execution", help=argparse.SUPPRESS)
@@ -105,7 +106,8 @@ def main() -> int:
         print("data: the shipped digits tiled to MNIST size (60,000 IDX images)")
 
     print(machine(torch.device(args.device)))
-    print(f"{args.n_seeds} seeds per run, precision {args.precision}; each run in its own process")
+    print(f"{args.n_seeds} seeds per run, precision {args.precision}, cuda_graphs {args.cuda_graphs}; "
+          "each run in its own process")
     print(f"{'task':10} {'steps':>6} {'execution':10} {'wall s':>8} {'loop s':>8} {'step ms':>8} {'test %':>7} "
           f"{'peak MiB':>9}")
     failures, batched_loop_s = 0, {}

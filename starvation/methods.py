@@ -64,6 +64,13 @@ class Method:
     def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
+    def phase(self, step: int) -> Any:
+        """What the loss's computation at `step` depends on besides its tensors: equal phases, equal code path.
+
+        A CUDA graph captured at one step is replayed at every step of the same phase (training.GraphedUpdates).
+        """
+        return None
+
 
 class ERM(Method):
     NAME: ClassVar[str] = "erm"
@@ -113,6 +120,9 @@ class SpectralDecoupling(Method):
         if step < p["warmup_steps"]:
             return cross_entropy(logits, y) + p["warmup_sd_lambda"] / 2 * penalty
         return p["post_warmup_loss_scale"] * (cross_entropy(logits, y) + p["sd_lambda"] / 2 * penalty)
+
+    def phase(self, step: int) -> Any:
+        return step < self.params["warmup_steps"]  # the warm-up's lambda, or the post-warm-up lambda and scale
 
     def _gamma(self, logits: torch.Tensor) -> float | torch.Tensor:
         """sd_gamma; a list as a tensor on the logits' device, made once (not a host-to-device copy per step)."""

@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": 50,
     "execution": "auto",  # "batched": all seeds as one stacked model; "sequential": one after another; see EXECUTIONS
     "precision": "fp32",  # of the training updates; see PRECISIONS
+    "cuda_graphs": False,  # on a CUDA device: replay each update from a CUDA graph (`GraphedUpdates`)
     "device": "auto",  # for the worker's placement; `train` uses its `device` argument
     "audit": True,  # for the worker: audit each trained checkpoint
 }
@@ -139,6 +140,7 @@ def resolve_train_spec(spec: dict, *, user_datasets: Collection[str] = ()) -> di
         "eval_every": _field("eval_every", P.positive_int, merged["eval_every"]),
         "execution": _field("execution", P.one_of(*EXECUTIONS), merged["execution"]),
         "precision": _field("precision", P.one_of(*PRECISIONS), merged["precision"]),
+        "cuda_graphs": _field("cuda_graphs", P.boolean, merged["cuda_graphs"]),
         "device": _resolve_device_name(merged["device"]),
         "audit": _field("audit", P.boolean, merged["audit"]),
     }
@@ -258,14 +260,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_optimizer(section: dict, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(section: dict, parameters: Iterable[nn.Parameter], *,
+                    capturable: bool = False) -> torch.optim.Optimizer:
+    """`capturable`: the optimizer's step may be captured in a CUDA graph (Adam keeps its step count on the GPU)."""
     parameters = list(parameters)
     if section["name"] == "adam":
         # On a GPU the fused Adam: one kernel per step for every tensor, the same update (its default there is a
         # multi-tensor loop of several kernels); on the CPU the default, so CPU results stay as they were.
         fused = bool(parameters) and parameters[0].is_cuda
         return torch.optim.Adam(parameters, lr=section["lr"], betas=tuple(section["betas"]), eps=section["eps"],
-                                fused=fused)
+                                fused=fused, capturable=capturable)
     return torch.optim.SGD(parameters, lr=section["lr"], momentum=section["momentum"])
 
 
@@ -315,18 +319,20 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
     shape = _shape_of(spec, first)
     execution, why = choose_execution(spec, shape)
     per_seed = execution == "batched" and per_seed_matmuls(shape, rows, torch_device)
+    graphs = spec["cuda_graphs"] and torch_device.type == "cuda"
     with tf32_matmuls(spec["precision"] == "tf32"):  # evaluation switches it off again: metrics in float32
         if execution == "batched":
             networks, histories, clock = _train_batched(spec, [first] + [load(seed) for seed in seeds[1:]],
                                                         torch_device, report, should_stop,
                                                         shared_data=dataset is not None,
-                                                        matmuls_per_seed=per_seed)
+                                                        matmuls_per_seed=per_seed, graphs=graphs)
         else:
             networks, histories, clock = [], [], _Clock(torch_device)
             for index, seed in enumerate(seeds):
                 data = first if index == 0 else load(seed)
                 network, history = _train_seed(spec, data, seed, torch_device, clock, should_stop,
-                                               functools.partial(_report_seed, report, index, len(seeds)))
+                                               functools.partial(_report_seed, report, index, len(seeds)),
+                                               graphs=graphs)
                 networks.append(network)
                 histories.append(history)
 
@@ -343,7 +349,7 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
             "first": float(np.mean([h[0][("train", "starved_fraction")] for h in histories])),
             "last": float(np.mean([h[-1][("train", "starved_fraction")] for h in histories]))},
         "execution": {"requested": spec["execution"], "used": execution, "why": why, "precision": spec["precision"],
-                      "per_seed_matmuls": per_seed},
+                      "per_seed_matmuls": per_seed, "cuda_graphs": graphs},
         "timing": clock.summary(spec["steps"], total_s=time.perf_counter() - started),
     }
     return TrainOutcome(result=result, checkpoints=checkpoints, dataset_info=dict(first.info))
@@ -396,17 +402,23 @@ def _report_seed(report: Report, index: int, count: int, step: int, steps: int, 
 
 def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, clock: _Clock,
                 should_stop: Callable[[], bool] | None,
-                report: Callable[[int, int, int, dict[tuple[str, str], float]], None]
+                report: Callable[[int, int, int, dict[tuple[str, str], float]], None], *, graphs: bool
                 ) -> tuple[nn.Module, list[dict[tuple[str, str], float]]]:
     """One model: init under `seed`, full-batch or minibatch updates, evaluation on schedule."""
     splits = {name: _to(split, device) for name, split in evaluation_splits(data).items()}
     train_split = splits["train"]
     model = _init_network(spec, data, seed).to(device)
     method = build_method(spec["method"])
-    optimizer = build_optimizer(spec["optimizer"], model.parameters())
+    optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
     batches = Batches(len(train_split), spec["batch_size"], seeds=[seed], device=device)
     steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
     history = []
+
+    def update(rows: torch.Tensor | None, step: int) -> None:
+        x, y = (train_split.x, train_split.y) if rows is None else (train_split.x[rows[0]], train_split.y[rows[0]])
+        train_step(model, optimizer, method, x, y, step, precision=precision)
+    if graphs:
+        update = GraphedUpdates(update, method)
 
     clock.start()
     for step in range(steps + 1):
@@ -419,15 +431,13 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
             break
         if should_stop is not None and should_stop():
             raise TrainingStopped(f"stopped at step {step} of seed {seed}")
-        rows = batches.next()
-        x, y = (train_split.x, train_split.y) if rows is None else (train_split.x[rows[0]], train_split.y[rows[0]])
-        train_step(model, optimizer, method, x, y, step, precision=precision)
+        update(batches.next(), step)
     return model, history
 
 
 def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report: Report,
-                   should_stop: Callable[[], bool] | None, *, shared_data: bool, matmuls_per_seed: bool
-                   ) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], _Clock]:
+                   should_stop: Callable[[], bool] | None, *, shared_data: bool, matmuls_per_seed: bool,
+                   graphs: bool) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], _Clock]:
     """Every seed at once as a StackedMLP: per seed the same init, data, minibatches and updates as `_train_seed`."""
     seeds = spec["seeds"]
     splits = stacked_splits(data, device, shared=shared_data)
@@ -437,10 +447,17 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     networks = [_init_network(spec, first, seed) for seed in seeds]
     model = StackedMLP(networks, per_seed_matmuls=matmuls_per_seed).to(device)
     method = build_method(spec["method"])
-    optimizer = build_optimizer(spec["optimizer"], model.parameters())
+    optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
     batches = Batches(train_split.x.shape[1], spec["batch_size"], seeds=seeds, device=device)
     seed_rows = torch.arange(len(seeds), device=device).unsqueeze(1)
     steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
+
+    def update(rows: torch.Tensor | None, step: int) -> None:
+        x, y = ((train_split.x, train_split.y) if rows is None
+                else (train_split.x[seed_rows, rows], train_split.y[seed_rows, rows]))
+        stacked_train_step(model, optimizer, method, x, y, step, precision=precision)
+    if graphs:
+        update = GraphedUpdates(update, method)
     # Progress between evaluations too, about as often as the sequential path reports it, but at most ~100 times
     # a job: in the worker each report is a database write on this thread.
     progress_every = max(1, eval_every // len(seeds), steps // 100)
@@ -461,10 +478,7 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
             break
         if should_stop is not None and should_stop():
             raise TrainingStopped(f"stopped at step {step} of seeds {', '.join(map(str, seeds))}")
-        rows = batches.next()
-        x, y = ((train_split.x, train_split.y) if rows is None
-                else (train_split.x[seed_rows, rows], train_split.y[seed_rows, rows]))
-        stacked_train_step(model, optimizer, method, x, y, step, precision=precision)
+        update(batches.next(), step)
 
     for index, network in enumerate(networks):  # each seed back as an ordinary module, for its checkpoint
         network.load_state_dict(model.network_state(index))
@@ -544,6 +558,47 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+class GraphedUpdates:
+    """A loop's update, `update(rows, step)`, replayed from CUDA graphs: one launch a step instead of dozens.
+
+    Per phase of the method's loss (`Method.phase`: SD before and after its warm-up), the first WARMUP updates
+    run eagerly on a side stream (lazy initialisations, the optimizer's state), the next one is captured and then
+    replayed, with each step's minibatch rows copied into the captured rows tensor. The captured update reads the
+    same data and parameter tensors and writes the same parameters, so evaluation between replays sees the model
+    as it is. The optimizer must be capturable (`build_optimizer(..., capturable=True)`).
+    """
+
+    WARMUP = 3
+
+    def __init__(self, update: Callable[[torch.Tensor | None, int], None], method: Method) -> None:
+        self.update, self.method = update, method
+        self.stream = torch.cuda.Stream()
+        self.graphs: dict[Any, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
+        self.eager: dict[Any, int] = {}
+
+    def __call__(self, rows: torch.Tensor | None, step: int) -> None:
+        phase = self.method.phase(step)
+        if phase in self.graphs:
+            graph, static_rows = self.graphs[phase]
+            if static_rows is not None:
+                static_rows.copy_(rows)
+            graph.replay()
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            if self.eager.get(phase, 0) < self.WARMUP:
+                self.eager[phase] = self.eager.get(phase, 0) + 1
+                self.update(rows, step)
+            else:
+                static_rows = None if rows is None else rows.clone()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self.update(static_rows, step)
+                self.graphs[phase] = graph, static_rows
+                graph.replay()  # capturing recorded this step's update without running it
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+
 # ---- precision and timing -------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -560,7 +615,7 @@ def tf32_matmuls(enabled: bool) -> Iterator[None]:
 def forward_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """Where a training update's forward pass runs: bf16 autocast, or as it is (tf32 is set for the whole run)."""
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)  # a cache breaks CUDA graphs
     return contextlib.nullcontext()
 
 

@@ -242,12 +242,19 @@ def test_per_seed_matmuls_train_as_one_after_another(tmp_path: pathlib.Path, mon
     assert_same_training(sequential, batched)
 
 
-@pytest.mark.parametrize("field, value", [("execution", "parallel"), ("precision", "fp16")])
-def test_execution_and_precision_are_checked(field: str, value: str) -> None:
+@pytest.mark.parametrize("field, value", [("execution", "parallel"), ("precision", "fp16"), ("cuda_graphs", "yes")])
+def test_execution_precision_and_cuda_graphs_are_checked(field: str, value: str) -> None:
     with pytest.raises(SpecError, match=field):
         resolve_train_spec({"preset": "paper_cmnist_erm", field: value})
     resolved = resolve_train_spec({"preset": "paper_cmnist_erm"})
-    assert resolved["execution"] == "auto" and resolved["precision"] == "fp32"
+    assert (resolved["execution"], resolved["precision"], resolved["cuda_graphs"]) == ("auto", "fp32", False)
+
+
+def test_cuda_graphs_on_the_cpu_change_nothing_and_the_result_says_so(tmp_path: pathlib.Path) -> None:
+    plain, _ = run(SMALL, tmp_path / "plain", "batched")
+    asked, outcome = run({**SMALL, "cuda_graphs": True}, tmp_path / "graphs", "batched")
+    assert outcome.result["execution"]["cuda_graphs"] is False
+    assert by_key(asked) == by_key(plain)
 
 
 @pytest.mark.parametrize("per_seed", [False, True], ids=["stacked_matmuls", "per_seed_matmuls"])

@@ -72,6 +72,34 @@ def test_batched_and_sequential_agree_on_cuda_and_with_the_cpu(tmp_path: pathlib
     assert loss == pytest.approx(by_key(batched)[(c.seed, SMALL["steps"], "test", "loss")], abs=1e-5)
 
 
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+@pytest.mark.parametrize("batch_size", [None, 64], ids=["full_batch", "minibatch"])
+def test_updates_replayed_from_cuda_graphs_train_as_eager_ones(tmp_path: pathlib.Path, execution: str,
+                                                               batch_size: int | None) -> None:
+    """Across SD's warm-up switch (one graph per phase) and with minibatch rows copied into the captured ones."""
+    spec = {**SMALL, "method": SD_WITH_WARMUP, "batch_size": batch_size}
+    eager, _ = run(spec, tmp_path / "eager", execution, device="cuda")
+    graphed, outcome = run({**spec, "cuda_graphs": True}, tmp_path / "graphs", execution, device="cuda")
+    assert outcome.result["execution"]["cuda_graphs"] is True
+    assert_same_training(eager, graphed, loss=1e-5)
+
+
+def test_cuda_graphs_make_no_sync_in_the_step_loop_either(tmp_path: pathlib.Path, monkeypatch) -> None:
+    """A replayed step never syncs (a capture may: it happens once per phase)."""
+    original = training.GraphedUpdates.__call__
+
+    def replay_guarded(self, rows, step):
+        replaying = self.method.phase(step) in self.graphs
+        with sync_is_an_error() if replaying else contextlib.nullcontext():
+            return original(self, rows, step)
+
+    monkeypatch.setattr(training.GraphedUpdates, "__call__", replay_guarded)
+    monkeypatch.setattr(training.Batches, "next", guarded(training.Batches.next))
+    spec = {**SMALL, "method": SD_WITH_WARMUP, "batch_size": 64, "cuda_graphs": True, "execution": "batched"}
+    steps = training.GraphedUpdates.WARMUP + 30  # a capture, replays, the warm-up's end at 20 and a second capture
+    training.train({**spec, "steps": steps}, out_dir=tmp_path, device="cuda")
+
+
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_reduced_precision_trains_close_to_float32(tmp_path: pathlib.Path, precision: str) -> None:
     spec = {**SMALL, "method": SD_WITH_WARMUP}
