@@ -130,7 +130,10 @@ class SpectralDecoupling(Method):
         if not isinstance(gamma, list):
             return gamma
         if self._targets is None or (self._targets.device, self._targets.dtype) != (logits.device, logits.dtype):
-            self._targets = torch.tensor(gamma, dtype=logits.dtype, device=logits.device)
+            targets = torch.tensor(gamma, dtype=logits.dtype)
+            if logits.device.type == "cuda":  # from pinned memory, so the host does not wait for the device
+                targets = targets.pin_memory()
+            self._targets = targets.to(logits.device, non_blocking=True)
         return self._targets
 
 

@@ -418,7 +418,7 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
         x, y = (train_split.x, train_split.y) if rows is None else (train_split.x[rows[0]], train_split.y[rows[0]])
         train_step(model, optimizer, method, x, y, step, precision=precision)
     if graphs:
-        update = GraphedUpdates(update, method)
+        update = GraphedUpdates(update, method, device)
 
     clock.start()
     for step in range(steps + 1):
@@ -457,7 +457,7 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
                 else (train_split.x[seed_rows, rows], train_split.y[seed_rows, rows]))
         stacked_train_step(model, optimizer, method, x, y, step, precision=precision)
     if graphs:
-        update = GraphedUpdates(update, method)
+        update = GraphedUpdates(update, method, device)
     # Progress between evaluations too, about as often as the sequential path reports it, but at most ~100 times
     # a job: in the worker each report is a database write on this thread.
     progress_every = max(1, eval_every // len(seeds), steps // 100)
@@ -565,18 +565,25 @@ class GraphedUpdates:
     run eagerly on a side stream (lazy initialisations, the optimizer's state), the next one is captured and then
     replayed, with each step's minibatch rows copied into the captured rows tensor. The captured update reads the
     same data and parameter tensors and writes the same parameters, so evaluation between replays sees the model
-    as it is. The optimizer must be capturable (`build_optimizer(..., capturable=True)`).
+    as it is. The optimizer must be capturable (`build_optimizer(..., capturable=True)`). The phases' graphs share
+    one memory pool: they never run at once, and each computes every temporary it reads.
     """
 
     WARMUP = 3
 
-    def __init__(self, update: Callable[[torch.Tensor | None, int], None], method: Method) -> None:
-        self.update, self.method = update, method
-        self.stream = torch.cuda.Stream()
+    def __init__(self, update: Callable[[torch.Tensor | None, int], None], method: Method,
+                 device: torch.device) -> None:
+        self.update, self.method, self.device = update, method, device
+        self.stream = torch.cuda.Stream(device=device)
+        self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[Any, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self.eager: dict[Any, int] = {}
 
     def __call__(self, rows: torch.Tensor | None, step: int) -> None:
+        with torch.cuda.device(self.device):  # streams and replays on the training device, whichever is current
+            self._step(rows, step)
+
+    def _step(self, rows: torch.Tensor | None, step: int) -> None:
         phase = self.method.phase(step)
         if phase in self.graphs:
             graph, static_rows = self.graphs[phase]
@@ -592,7 +599,7 @@ class GraphedUpdates:
             else:
                 static_rows = None if rows is None else rows.clone()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self.stream):
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                     self.update(static_rows, step)
                 self.graphs[phase] = graph, static_rows
                 graph.replay()  # capturing recorded this step's update without running it

@@ -86,14 +86,14 @@ def test_updates_replayed_from_cuda_graphs_train_as_eager_ones(tmp_path: pathlib
 
 def test_cuda_graphs_make_no_sync_in_the_step_loop_either(tmp_path: pathlib.Path, monkeypatch) -> None:
     """A replayed step never syncs (a capture may: it happens once per phase)."""
-    original = training.GraphedUpdates.__call__
+    original = training.GraphedUpdates._step
 
     def replay_guarded(self, rows, step):
         replaying = self.method.phase(step) in self.graphs
         with sync_is_an_error() if replaying else contextlib.nullcontext():
             return original(self, rows, step)
 
-    monkeypatch.setattr(training.GraphedUpdates, "__call__", replay_guarded)
+    monkeypatch.setattr(training.GraphedUpdates, "_step", replay_guarded)
     monkeypatch.setattr(training.Batches, "next", guarded(training.Batches.next))
     spec = {**SMALL, "method": SD_WITH_WARMUP, "batch_size": 64, "cuda_graphs": True, "execution": "batched"}
     steps = training.GraphedUpdates.WARMUP + 30  # a capture, replays, the warm-up's end at 20 and a second capture
