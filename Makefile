@@ -34,6 +34,7 @@ bench: install
 perf: install
 	$(PY) bench/engine_vs_plain.py
 	$(PY) bench/seeds.py
+	$(PY) bench/host_overhead.py
 	$(PY) bench/service_overhead.py
 	$(PY) bench/load.py --seconds 20 --clients 8
 

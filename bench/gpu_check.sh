@@ -23,6 +23,7 @@ fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())' | tee -a "$out/gpu.txt"
+python3 bench/host_overhead.py 2>&1 | tee -a "$out/gpu.txt"  # this host's dispatch cost per update
 
 # 1. The CUDA tests: no host sync in the step loop, batched = sequential = CPU, TF32/bf16 close, the audit on GPU.
 python3 -m pytest -q -p no:cacheprovider tests/science/test_cuda.py \
