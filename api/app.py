@@ -4,10 +4,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from api import background, dashboard, errors, sandbox
+from api import background, dashboard, errors
 from api.deps import admin_token
+from api.hygiene import refuse_unstorable_text
 from api.limits import BodySizeLimit
 from api.settings import get_settings
 from api.routes import checkpoints, datasets, jobs, keys, ops
@@ -20,7 +21,6 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     yield
     for task in tasks:
         task.cancel()
-    sandbox.shutdown()
 
 
 def create_app() -> FastAPI:
@@ -30,14 +30,16 @@ def create_app() -> FastAPI:
         description="Train classifiers with or without Spectral Decoupling; audit any model for "
         "reliance on a spurious feature.",
         lifespan=lifespan,
+        dependencies=[Depends(refuse_unstorable_text)],  # NUL or invalid Unicode anywhere: a 422
     )
     errors.install(app)
     settings = get_settings()
     app.add_middleware(
         BodySizeLimit, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
     )
-    for module in (jobs, checkpoints, datasets, keys, ops, dashboard):
+    for module in (jobs, checkpoints, datasets, keys, ops):
         app.include_router(module.router)
+    dashboard.install(app)
     return app
 
 

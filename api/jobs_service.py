@@ -5,7 +5,6 @@ import base64
 import shutil
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session
 
@@ -13,6 +12,7 @@ from api.deps import Principal
 from api.errors import ApiError
 from api.schemas import AuditJobCreate, TrainJobCreate
 from api.settings import Settings
+from core import outbound
 from models import files as files_repo
 from models import jobs as jobs_repo
 from models.tables import Job
@@ -35,7 +35,7 @@ def resolve_train(spec: dict[str, Any], settings: Settings, user_datasets: list[
     try:
         resolved = resolve_train_spec(spec, user_datasets=user_datasets)
     except SpecError as exc:
-        raise invalid_spec(str(exc)) from None
+        raise invalid_spec(str(exc), field_of(exc)) from None
     if resolved["steps"] > settings.max_steps:
         raise invalid_spec(f"steps is {resolved['steps']}; the limit is {settings.max_steps}.")
     if len(resolved["seeds"]) > settings.max_seeds:
@@ -43,10 +43,50 @@ def resolve_train(spec: dict[str, Any], settings: Settings, user_datasets: list[
     return resolved
 
 
+def field_of(exc: Exception) -> dict[str, str] | None:
+    """{"field": "spec.model.hidden"} where the science package's error names the parameter."""
+    field = getattr(exc, "field", None)
+    return {"field": f"spec.{field}"} if field else None
+
+
+def check_memory_budget(session: Session, spec: dict[str, Any], settings: Settings, owner_id: str) -> None:
+    """A train job whose estimated peak memory (starvation/budget.py) is over the worker's budget is a 422."""
+    from starvation import budget, datasets
+    from starvation.errors import SpecError
+
+    name = spec["dataset"]["name"]
+    row = None if name in datasets.DATASETS else files_repo.get_dataset(session, name, owner_id=owner_id)
+    info = dict(row.info or {}) if row is not None else {}
+    if row is not None and not {"splits", "input_shape", "num_classes"} <= set(info):
+        return  # not registered yet (an image folder in progress): its size is checked when it is
+    try:
+        if row is None:
+            data = budget.data_size(spec, str(settings.data_dir) if settings.data_dir else None)
+        else:
+            data = datasets.registered_size(info["splits"], info["input_shape"], info["num_classes"])
+        budget.check_train_budget(spec, settings.worker_memory_budget_bytes, data, shared_dataset=row is not None)
+    except budget.OverBudget as exc:
+        details = {"field": f"spec.{exc.field}", "estimate_bytes": exc.estimate.total_bytes,
+                   "budget_bytes": exc.budget_bytes, "parts": exc.estimate.parts}
+        raise ApiError(422, "over_budget", str(exc), details) from None
+    except SpecError as exc:
+        raise invalid_spec(str(exc), field_of(exc)) from None
+
+
 def check_mlflow_uri(uri: str, settings: Settings) -> None:
-    allowed = [scheme.strip() for scheme in settings.mlflow_allowed_schemes.split(",") if scheme.strip()]
-    if urlsplit(uri).scheme not in allowed:
-        raise invalid_spec(f"mlflow.tracking_uri must use one of: {', '.join(allowed)}.")
+    try:
+        outbound.check_target(uri, settings.mlflow_allowed_schemes.split(","), settings.outbound_allow)
+    except outbound.OutboundRefused as exc:
+        raise invalid_spec(f"mlflow.tracking_uri is refused: {exc}", {"field": "spec.mlflow.tracking_uri"}) from None
+
+
+def check_callback_url(url: str, settings: Settings) -> None:
+    """Webhooks go to public internet hosts only (or ones the operator admits): no SSRF."""
+    try:
+        outbound.check_url(url, settings.outbound_allow)
+    except outbound.OutboundRefused as exc:
+        message = f"callback_url is refused: {exc}"
+        raise ApiError(422, "invalid_callback_url", message, {"field": "callback_url"}) from None
 
 
 def check_dataset(session: Session, name: str, owner_id: str) -> None:
@@ -55,6 +95,22 @@ def check_dataset(session: Session, name: str, owner_id: str) -> None:
     if name not in DATASETS and files_repo.get_dataset(session, name, owner_id=owner_id) is None:
         known = ", ".join(sorted(DATASETS))
         raise invalid_spec(f"Unknown dataset {name!r}: use a built-in ({known}) or a registered dataset id.")
+
+
+def check_builtin_audit_data(name: str, params: dict[str, Any], spurious_attribute: str) -> None:
+    """A built-in dataset's params and attribute, checked now rather than failing the job later."""
+    from starvation.datasets import DATASETS, resolve_params
+    from starvation.errors import SpecError
+
+    if name not in DATASETS:
+        return  # a registered dataset: no params, one unnamed attribute
+    try:
+        resolve_params(name, params)
+    except SpecError as exc:
+        raise invalid_spec(f"dataset.params: {exc}") from None
+    declared = DATASETS[name].ATTRIBUTES
+    if declared and spurious_attribute not in declared:
+        raise invalid_spec(f"Dataset {name!r} has spurious attribute(s) {sorted(declared)}, not {spurious_attribute!r}.")
 
 
 def resolve_audit(session: Session, body: AuditJobCreate, owner_id: str) -> dict[str, Any]:
@@ -73,6 +129,7 @@ def resolve_audit(session: Session, body: AuditJobCreate, owner_id: str) -> dict
         if train_job.status != "succeeded":
             raise invalid_spec(f"Train job {spec.train_job_id} is {train_job.status}, not succeeded.")
     check_dataset(session, spec.dataset.name, owner_id)
+    check_builtin_audit_data(spec.dataset.name, spec.dataset.params, spec.spurious_attribute)
     unknown = sorted(set(spec.probes or []) - set(PROBES))
     if unknown:
         raise invalid_spec(f"Unknown probes {unknown}; known: {sorted(PROBES)}.")
@@ -82,6 +139,8 @@ def resolve_audit(session: Session, body: AuditJobCreate, owner_id: str) -> dict
 def submit(
     session: Session, body: TrainJobCreate | AuditJobCreate, principal: Principal, settings: Settings
 ) -> Job:
+    if body.callback_url:
+        check_callback_url(str(body.callback_url), settings)
     if isinstance(body, TrainJobCreate):
         given = body.spec.model_dump(exclude_unset=True)
         # The service's business, not the engine's: kept beside the resolved spec.
@@ -90,6 +149,7 @@ def submit(
             check_mlflow_uri(service_fields["mlflow"]["tracking_uri"], settings)
         owned = [d.id for d in files_repo.list_datasets(session, owner_id=principal.owner_id)]
         spec = resolve_train(given, settings, owned) | service_fields
+        check_memory_budget(session, spec, settings, principal.owner_id)
     else:
         spec = resolve_audit(session, body, principal.owner_id)
     return jobs_repo.create(

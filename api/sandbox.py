@@ -1,65 +1,66 @@
-"""Checking uploaded models in a separate process, so a hostile file can crash or hang only that.
+"""Upload checks: an uploaded model is loaded and run once, in a jail (jail/), before it is stored.
 
-TorchScript runs the uploader's code in the dry forward pass; a crafted file may also crash the
-C++ loader. The check runs in a spawned process with a time limit; a crash or a timeout kills the
-process (a fresh one serves the next upload) and becomes a 422 for the uploader.
+A check takes seconds, so they are bounded: `upload_check_slots` run at once, up to
+`upload_check_queue` more wait, and one key may have at most `upload_checks_per_key` running or
+waiting. Past that the upload is a 429 at once, so one tenant cannot hold up everyone's
+uploads, nor the API's threads or database connections (the caller holds none while it waits).
 """
 from __future__ import annotations
 
-import multiprocessing
 import threading
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures.process import BrokenProcessPool
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-_lock = threading.Lock()
-_pool: ProcessPoolExecutor | None = None
+from api.errors import ApiError
+from api.settings import Settings
 
 
-class SandboxError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+class CheckGate:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: threading.Semaphore | None = None
+        self._waiting_or_running: Counter[str] = Counter()
 
-
-def _validate(kwargs: dict[str, Any]) -> dict[str, Any] | tuple[str, str]:
-    from starvation.checkpoints import CheckpointError, validate_checkpoint
-
-    try:
-        return validate_checkpoint(**kwargs)
-    except CheckpointError as exc:
-        return (exc.code, str(exc))
-
-
-def _get_pool() -> ProcessPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    return _pool
-
-
-def shutdown() -> None:
-    global _pool
-    if _pool is not None:
-        for process in list(getattr(_pool, "_processes", {}).values()):
-            process.kill()
-        _pool.shutdown(wait=False, cancel_futures=True)
-        _pool = None
-
-
-def validate_checkpoint(timeout_s: float, **kwargs: Any) -> dict[str, Any]:
-    """starvation.checkpoints.validate_checkpoint in the sandbox process; raises SandboxError."""
-    with _lock:  # one check at a time: the sandbox is a single process
-        future = _get_pool().submit(_validate, kwargs)
+    @contextmanager
+    def enter(self, owner_id: str, settings: Settings) -> Iterator[None]:
+        with self._lock:
+            if self._slots is None:
+                self._slots = threading.Semaphore(settings.upload_check_slots)
+            total = sum(self._waiting_or_running.values())
+            if self._waiting_or_running[owner_id] >= settings.upload_checks_per_key:
+                raise ApiError(429, "too_many_checks", "This key already has model checks running; retry when they finish.",
+                               headers={"Retry-After": "5"})
+            if total >= settings.upload_check_slots + settings.upload_check_queue:
+                raise ApiError(429, "too_many_checks", "Too many models are being checked; retry shortly.",
+                               headers={"Retry-After": "5"})
+            self._waiting_or_running[owner_id] += 1
+            slots = self._slots
         try:
-            outcome = future.result(timeout=timeout_s)
-        except FutureTimeout:
-            shutdown()
-            raise SandboxError("load_failed", f"Loading and running the model took longer than {timeout_s:.0f} s.")
-        except BrokenProcessPool:
-            shutdown()
-            raise SandboxError("load_failed", "The model crashed the process that loaded it.") from None
-    if isinstance(outcome, tuple):
-        raise SandboxError(*outcome)
-    return outcome
+            with slots:
+                yield
+        finally:
+            with self._lock:
+                self._waiting_or_running[owner_id] -= 1
+                if not self._waiting_or_running[owner_id]:
+                    del self._waiting_or_running[owner_id]
+
+
+gate = CheckGate()
+
+
+def validate_checkpoint(owner_id: str, settings: Settings, **options: Any) -> dict[str, Any]:
+    """starvation.checkpoints.validate_checkpoint in a jail; a refused model is a 422, a full
+    queue a 429. Blocks: call it from a worker thread."""
+    from jail import JailError, check_model
+
+    with gate.enter(owner_id, settings):
+        try:
+            return check_model(
+                options.pop("path"), options.pop("fmt"), limits=settings.jail_limits(),
+                wall_seconds=settings.upload_check_timeout_s, **options,
+            )
+        except JailError as exc:
+            status = 503 if exc.code == "jail_unavailable" else 422
+            raise ApiError(status, exc.code, exc.message) from None

@@ -6,7 +6,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, NonNegativeInt, PositiveInt
 
-DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+)$"
+# cuda:N up to 63: a bound any machine meets; the worker refuses an index it does not have.
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:([0-9]|[1-5][0-9]|6[0-3]))$"
+# A submodule (dotted, e.g. "features.3") or an ONNX tensor name ("/fc1/Gemm_output_0", "onnx::Relu_5").
+LAYER_PATTERN = r"^[A-Za-z0-9_:/-]+(\.[A-Za-z0-9_:/-]+)*$"
+MAX_SEED = 2**31 - 1  # starvation.training.MAX_SEED: what torch and numpy seed with
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+# Celery's time limit becomes an OS alarm: a bound it can arm (30 days).
+TimeoutSeconds = Annotated[int, Field(gt=0, le=30 * 24 * 3600)]
 
 
 class DatasetRef(BaseModel):
@@ -54,7 +61,7 @@ class TrainSpec(BaseModel):
     optimizer: OptimizerSpec | None = None
     steps: PositiveInt | None = None
     batch_size: PositiveInt | None = Field(None, description="null: full batch, as in the paper")
-    seeds: list[NonNegativeInt] | None = Field(None, min_length=1)
+    seeds: list[Seed] | None = Field(None, min_length=1)
     eval_every: PositiveInt | None = None
     device: str | None = Field(None, pattern=DEVICE_PATTERN)
     audit: bool | None = None
@@ -65,7 +72,7 @@ class TrainSpec(BaseModel):
     cuda_graphs: bool | None = Field(
         None, description="on a CUDA worker, replay each update from a CUDA graph (fewer launches; ignored on a CPU)"
     )
-    timeout_s: PositiveInt | None = Field(None, description="the job fails with `timeout` after this long")
+    timeout_s: TimeoutSeconds | None = Field(None, description="the job fails with `timeout` after this long")
     mlflow: MlflowSpec | None = Field(None, description="mirror params, metric history and report to MLflow")
 
 
@@ -76,10 +83,11 @@ class AuditSpec(BaseModel):
     dataset: DatasetRef = Field(default_factory=lambda: DatasetRef(name="colored_mnist"))
     spurious_attribute: str = "color"
     probes: list[str] | None = None
-    layer: str | None = Field(None, description="penultimate layer for the linear probe, by name")
-    seed: NonNegativeInt = 0
+    layer: str | None = Field(None, max_length=200, pattern=LAYER_PATTERN,
+                              description="penultimate layer for the linear probe, by name")
+    seed: Seed = 0
     device: str = Field("auto", pattern=DEVICE_PATTERN)
-    timeout_s: PositiveInt | None = Field(None, description="the job fails with `timeout` after this long")
+    timeout_s: TimeoutSeconds | None = Field(None, description="the job fails with `timeout` after this long")
 
 
 class TrainJobCreate(BaseModel):
@@ -177,7 +185,10 @@ class ApiKeyCreate(BaseModel):
 class ApiKeyOut(BaseModel):
     id: str
     name: str
-    key: str = Field(description="the secret; shown once")
+    key: str | None = Field(description="the secret; shown once (null when an Idempotency-Key replays the creation)")
+    webhook_secret: str | None = Field(
+        None, description="HMAC key of this key's job webhooks (X-GS-Signature); shown once"
+    )
     created_at: datetime
 
 

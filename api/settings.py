@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: str | None = None
+    metrics_public: bool = False  # /metrics counts every tenant's jobs: admin token only, unless a scraper sends none
     device: str = "auto"  # auto | cpu | cuda | cuda:N, the worker's default when a spec says auto
     data_dir: Path | None = None  # full MNIST IDX files, when a user points the service at them
     worker_queues: str = "gpu,cpu"
@@ -29,7 +30,23 @@ class Settings(BaseSettings):
     max_seeds: int = 20
     max_upload_bytes: int = 512 * 1024 * 1024
     upload_check_timeout_s: float = 60.0  # loading + a dry forward pass of an uploaded model
+    upload_check_slots: int = 2  # upload checks running at once (each a jailed process)
+    upload_check_queue: int = 8  # more may wait; past that an upload is a 429
+    upload_checks_per_key: int = 2  # running or waiting, per key
+    # Each foreign model runs in a jailed child (jail/, docs/security.md) with these limits.
+    jail_memory_bytes: int = 4 << 30  # address space beyond what torch itself maps
+    jail_cpu_seconds: int = 1800  # CPU time of one child: one upload check or one audit
+    jail_threads: int = 1
     max_body_bytes: int = 1024 * 1024  # JSON request bodies (uploads have max_upload_bytes)
+    # Memory (docs/security.md, "Limits and budgets"): checked before anything is decompressed or allocated.
+    max_dataset_bytes: int = 2 << 30  # a registered dataset once loaded (an .npz's arrays, x as float32; images)
+    max_dataset_compression_ratio: float = 100.0  # an .npz member over 16 MiB unpacking more than this: a bomb
+    max_image_pixels: int = 50_000_000  # one image of an image-folder dataset, read from its header
+    worker_memory_budget_bytes: int = 8 << 30  # a train job's estimated peak (starvation/budget.py), at submit
+    # The worker child's RLIMIT_AS: what it maps once torch is imported + the budget + this headroom (thread
+    # stacks, malloc arenas, libraries loaded later). Off with worker_limit_address_space=false; never on CUDA.
+    worker_address_space_headroom_bytes: int = 4 << 30
+    worker_limit_address_space: bool = True
     cancel_poll_s: float = Field(0.5, description="how often a running job reads its cancel flag")
 
     # Reliability: a running job beats every heartbeat_s; one silent for heartbeat_timeout_s has
@@ -38,12 +55,20 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = 60.0
     max_attempts: int = 3
     sweep_every_s: float = 5.0
-    webhook_secret: str | None = None  # HMAC key for callback signatures; default: the admin token
+    webhook_secret: str | None = None  # HMAC key for admin jobs' callbacks (a key's jobs: its own); default: admin token
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 6
     # MLflow export targets: a tracking URI whose scheme is not listed is refused (no file: by default,
     # so a user cannot make the worker write to its own disk).
     mlflow_allowed_schemes: str = "http,https"
+    # Webhooks and MLflow reach public internet hosts only (core/outbound.py); these are admitted anyway:
+    outbound_allow: str = ""  # comma-separated hostnames and/or CIDRs, e.g. "mlflow.internal,10.0.0.0/8"
+
+    def jail_limits(self):
+        from jail import Limits
+
+        return Limits(memory_bytes=self.jail_memory_bytes, cpu_seconds=self.jail_cpu_seconds,
+                      threads=self.jail_threads)
 
     @property
     def broker_folder(self) -> Path:

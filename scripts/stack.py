@@ -23,8 +23,8 @@ def free_port() -> int:
 class Stack:
     """`scripts/serve.py` (API + supervised worker) in a subprocess, and an HTTP client for it."""
 
-    def __init__(self, name: str, env: dict[str, str], var_dir: Path) -> None:
-        self.name, self.var_dir = name, var_dir
+    def __init__(self, name: str, env: dict[str, str], var_dir: Path, serve_args: tuple[str, ...] = ()) -> None:
+        self.name, self.var_dir, self.serve_args = name, var_dir, serve_args  # e.g. ("--no-worker",)
         self.port = free_port()
         self.env = {**os.environ, **env, "GS_PORT": str(self.port), "GS_VAR_DIR": str(var_dir),
                     "GS_ADMIN_TOKEN": ADMIN_TOKEN, "GS_CANCEL_POLL_S": "0.2"}
@@ -38,8 +38,8 @@ class Stack:
         self.var_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts" / "serve.py")], cwd=ROOT, env=self.env, stdout=log, stderr=log,
-            start_new_session=True,
+            [sys.executable, str(ROOT / "scripts" / "serve.py"), *self.serve_args], cwd=ROOT, env=self.env,
+            stdout=log, stderr=log, start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -20,13 +20,14 @@ Error codes (`CheckpointError.code`):
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import struct
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ DRY_RUN_BATCH = 2
 _MAX_INPUT_RANK = 5
 _MAX_INPUT_NUMEL = 1 << 24  # per example; keeps a dry run from allocating absurd batches
 _MESSAGE_CHARS = 300
+_MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors' own limit
 
 _ONNX_INPUT_DTYPES = {
     "tensor(float)": np.float32,
@@ -49,12 +51,17 @@ _ONNX_INPUT_DTYPES = {
 
 
 class CheckpointError(ValueError):
-    """An uploaded model we will not use, with a snake_case `code` and a message for a person."""
+    """An uploaded model we will not use, with a snake_case `code` and a message for a person.
 
-    def __init__(self, code: str, message: str) -> None:
+    The message is ours: it never quotes what a model computed or raised. What a loader or the
+    model said goes in `detail`, for the server's log only.
+    """
+
+    def __init__(self, code: str, message: str, *, detail: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.detail = detail
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,6 +97,12 @@ class AuditableModel:
 
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+# A model file by path, or its bytes (the jail reads the file before it locks itself down).
+Source = Union[str, Path, bytes]
+
+
+def _read(source: Source) -> bytes:
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
 
 
 class TorchModel(AuditableModel):
@@ -169,7 +182,7 @@ class OnnxModel(AuditableModel):
             )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise CheckpointError(
-                "load_failed", f"onnxruntime could not load the model: {_first_line(exc)}"
+                "load_failed", "onnxruntime could not load the model.", detail=_first_line(exc)
             ) from None
         inputs = self._session.get_inputs()
         if len(inputs) != 1:
@@ -249,7 +262,7 @@ def wrap_module(module: nn.Module, *, feature_layer: str | None = None) -> Torch
 
 
 def load_checkpoint(
-    path: str | Path,
+    source: Source,
     fmt: str,
     *,
     arch: str | None = None,
@@ -257,29 +270,32 @@ def load_checkpoint(
     input_shape: tuple[int, ...] | list[int] | None = None,
     num_outputs: int | None = None,
     feature_layer: str | None = None,
+    static_checks: bool = True,
 ) -> AuditableModel:
     """Load an uploaded model on CPU, refusing anything that is not the declared format.
 
     `input_shape` (per example) is needed for safetensors, and for TorchScript to check that
     the feature layer really feeds the output (TorchScript modules cannot be hooked).
     `num_outputs` is the built-in network's output width (1 for binary).
+    `static_checks=False` skips the TorchScript op allow-list and the ONNX external-data check:
+    only for testing that the jail holds on its own.
     """
-    path = Path(path)
+    data = _read(source)
     _check_fmt(fmt)
     if input_shape is not None:
         input_shape = _check_input_shape(input_shape)
-    kind, parsed = _identify(path)
+    kind, parsed = _identify(data)
     _check_kind(kind, fmt)
     if fmt == "torchscript":
-        return _load_torchscript(path, input_shape, feature_layer)
+        return _load_torchscript(data, input_shape, feature_layer, static_checks)
     if fmt == "onnx":
-        _check_onnx_proto(parsed)
+        _check_onnx_proto(parsed, static_checks)
         return OnnxModel(parsed, feature_layer=feature_layer)
-    return _load_safetensors(path, arch, arch_params, input_shape, num_outputs, feature_layer)
+    return _load_safetensors(data, arch, arch_params, input_shape, num_outputs, feature_layer)
 
 
 def validate_checkpoint(
-    path: str | Path,
+    source: Source,
     fmt: str,
     *,
     arch: str | None = None,
@@ -287,6 +303,7 @@ def validate_checkpoint(
     input_shape: tuple[int, ...] | list[int] | None = None,
     num_classes: int | None = None,
     max_bytes: int,
+    static_checks: bool = True,
 ) -> dict:
     """Check an upload before it is stored: size, format sniffed from the bytes, then a load
     and a dry forward pass on zeros of `input_shape` (batch 2) whose output must be [2, 1] or
@@ -294,21 +311,21 @@ def validate_checkpoint(
     num_outputs, feature_layer} (plus arch and arch_params for safetensors, read from the
     header's metadata where not given); raises CheckpointError otherwise.
     """
-    path = Path(path)
+    data = _read(source)
     _check_fmt(fmt)
-    size = path.stat().st_size
+    size = len(data)
     if size == 0:
         raise CheckpointError("empty_file", "The uploaded file is empty.")
     if size > max_bytes:
         raise CheckpointError(
             "too_large", f"The file is {size} bytes; the limit is {max_bytes} bytes."
         )
-    kind, parsed = _identify(path, max_unpacked_bytes=max_bytes)
+    kind, parsed = _identify(data, max_unpacked_bytes=max_bytes)
     _check_kind(kind, fmt)
 
     num_outputs = None
     if fmt == "safetensors":  # what the caller leaves out may be in the header's metadata
-        declared = _safetensors_metadata(path)
+        declared = _safetensors_metadata(data)
         arch = arch or declared.get("arch")
         arch_params = arch_params if arch_params is not None else declared.get("arch_params")
         input_shape = input_shape or declared.get("input_shape")
@@ -322,8 +339,8 @@ def validate_checkpoint(
         )
     input_shape = _check_input_shape(input_shape)
     model = load_checkpoint(
-        path, fmt, arch=arch, arch_params=arch_params, input_shape=input_shape,
-        num_outputs=num_outputs,
+        data, fmt, arch=arch, arch_params=arch_params, input_shape=input_shape,
+        num_outputs=num_outputs, static_checks=static_checks,
     )
     if isinstance(model, OnnxModel):
         _check_onnx_input(model, input_shape)
@@ -333,23 +350,28 @@ def validate_checkpoint(
     except CheckpointError:
         raise
     except Exception as exc:
+        if out_of_memory(exc):
+            raise CheckpointError("memory_limit", "The model needed more memory than it may use.") from None
         raise CheckpointError(
             "bad_input_shape",
             f"The model failed a forward pass on a batch of shape "
-            f"{[DRY_RUN_BATCH, *input_shape]}: {_first_line(exc)}",
+            f"{[DRY_RUN_BATCH, *input_shape]} (it raised {_exception_name(exc)}).",
+            detail=_first_line(exc),
         ) from None
     shape = list(out.shape)
     allowed = {1, num_classes} if num_classes is not None else None
     if len(shape) != 2 or shape[0] != DRY_RUN_BATCH or (allowed and shape[1] not in allowed):
         wanted = f"[{DRY_RUN_BATCH}, 1]" + (f" or [{DRY_RUN_BATCH}, {num_classes}]" if num_classes else "")
+        # Only a 2-D shape is echoed: dimensions are numbers the model chose.
+        got = f"shape {shape}" if len(shape) == 2 else f"a tensor of rank {len(shape)}"
         raise CheckpointError(
             "bad_output_shape",
-            f"For a batch of {DRY_RUN_BATCH} the model returned shape {shape}; expected {wanted} "
+            f"For a batch of {DRY_RUN_BATCH} the model returned {got}; expected {wanted} "
             "(one logit for a binary task, one logit per class otherwise).",
         )
     return {
         "format": fmt,
-        "sha256": _sha256(path),
+        "sha256": hashlib.sha256(data).hexdigest(),
         "size_bytes": size,
         "input_shape": list(input_shape),
         "output_shape": shape,
@@ -364,26 +386,25 @@ def validate_checkpoint(
 # --------------------------------------------------------------------------------------------
 
 
-def _identify(path: Path, *, max_unpacked_bytes: int | None = None) -> tuple[str, object]:
+def _identify(data: bytes, *, max_unpacked_bytes: int | None = None) -> tuple[str, object]:
     """What the file is: torchscript | onnx | safetensors | pickle | torch_save | damaged_zip |
     zip | unknown. For onnx, the parsed ModelProto comes along so it is parsed only once."""
-    with open(path, "rb") as f:
-        head = f.read(16)
+    head = data[:16]
     if head[:1] == b"\x80":  # pickle protocol 2+ (and what torch.save wrote before zips)
         return "pickle", None
     if head[:2] == b"PK":
-        return _identify_zip(path, max_unpacked_bytes), None
-    if _looks_like_safetensors(path, head):
+        return _identify_zip(data, max_unpacked_bytes), None
+    if _looks_like_safetensors(data):
         return "safetensors", None
-    proto = _parse_onnx(path)
+    proto = _parse_onnx(data)
     if proto is not None:
         return "onnx", proto
     return "unknown", None
 
 
-def _identify_zip(path: Path, max_unpacked_bytes: int | None) -> str:
+def _identify_zip(data: bytes, max_unpacked_bytes: int | None) -> str:
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             infos = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return "damaged_zip"
@@ -405,20 +426,19 @@ def _identify_zip(path: Path, max_unpacked_bytes: int | None) -> str:
     return "zip"
 
 
-def _looks_like_safetensors(path: Path, head: bytes) -> bool:
-    size = path.stat().st_size
-    if len(head) < 9:
+def _looks_like_safetensors(data: bytes) -> bool:
+    if len(data) < 9:
         return False
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return 2 <= header_len <= size - 8 and head[8:9] == b"{"
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return 2 <= header_len <= len(data) - 8 and data[8:9] == b"{"
 
 
-def _parse_onnx(path: Path):
+def _parse_onnx(data: bytes):
     import onnx
     from google.protobuf.message import DecodeError
 
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = onnx.load_model_from_string(data)
     except (DecodeError, ValueError, RuntimeError, OSError, TypeError):
         return None
     # Protobuf accepts many byte strings; an ONNX model has an IR version and a graph.
@@ -462,22 +482,71 @@ def _check_kind(kind: str, fmt: str) -> None:
 
 
 def _load_torchscript(
-    path: Path, input_shape: tuple[int, ...] | None, feature_layer: str | None
+    data: bytes, input_shape: tuple[int, ...] | None, feature_layer: str | None, static_checks: bool
 ) -> TorchModel:
     try:
         with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; uploads still use it
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu")
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError and friends for damaged archives
         raise CheckpointError(
-            "load_failed", f"TorchScript could not load the archive: {_first_line(exc)}"
+            "load_failed", "TorchScript could not load the archive.", detail=_first_line(exc)
         ) from None
+    if static_checks:
+        check_script_ops(module)
     module.eval()
     feature_fn, layer, reason = _script_feature_fn(module, feature_layer, input_shape)
     return TorchModel(
         module, fmt="torchscript", feature_fn=feature_fn, feature_layer=layer,
         no_features_reason=reason,
     )
+
+
+# TorchScript ops a model may use: the tensor maths of aten/prim/quantized, less what touches
+# files, streams, other processes or threads. Anything else (custom ops included) is refused.
+_SCRIPT_NAMESPACES = {"aten", "prim", "prims", "quantized", "_quantized"}
+_SCRIPT_FORBIDDEN_OPS = {
+    "aten::from_file", "aten::save", "aten::_print", "aten::wait", "prim::Print",
+    "prim::fork", "prim::awaitable", "prim::awaitable_nowait", "prim::awaitable_wait",
+    "prim::rpc_async", "prim::rpc_remote", "prim::rpc_sync", "prim::PythonOp",
+}
+
+
+def check_script_ops(module: torch.jit.ScriptModule) -> None:
+    """Refuse a TorchScript model whose code (every method of every submodule, inlined) calls
+    an op outside the allow-list. Defence in depth: the jail is what keeps a model away from
+    files and the network; this names the problem for the uploader."""
+    refused: set[str] = set()
+
+    def visit(block) -> None:
+        for node in block.nodes():
+            kind = node.kind()
+            if kind in _SCRIPT_FORBIDDEN_OPS or kind.split("::", 1)[0] not in _SCRIPT_NAMESPACES:
+                refused.add(kind)
+            for inner in node.blocks():
+                visit(inner)
+
+    for submodule in module.modules():
+        scripted = getattr(submodule, "_c", None)
+        if scripted is None:
+            continue
+        for name in scripted._method_names():
+            graph = scripted._get_method(name).graph.copy()
+            torch._C._jit_pass_inline(graph)
+            visit(graph.block())
+    if refused:
+        shown = sorted(refused)[:5]
+        raise CheckpointError(
+            "forbidden_op",
+            f"The TorchScript model calls {len(refused)} op(s) we do not run for uploaded models "
+            f"(file, stream, process or custom ops), e.g. {', '.join(_printable(k) for k in shown)}.",
+        )
+
+
+def _printable(name: str) -> str:
+    """An op name as a person may see it: short, and only plain characters."""
+    clean = "".join(c if c.isascii() and (c.isalnum() or c in ":_.") else "?" for c in name)
+    return clean[:60]
 
 
 def _script_feature_fn(
@@ -551,7 +620,7 @@ def _script_feature_fn(
 
 
 def _load_safetensors(
-    path: Path,
+    data: bytes,
     arch: str | None,
     arch_params: dict | None,
     input_shape: tuple[int, ...] | None,
@@ -560,7 +629,7 @@ def _load_safetensors(
 ) -> TorchModel:
     """Weights of a built-in network; what the caller leaves out is read from the header's
     metadata, where `starvation.export` records arch, arch_params, input_shape and num_outputs."""
-    declared = _safetensors_metadata(path)
+    declared = _safetensors_metadata(data)
     arch = arch or declared.get("arch")
     arch_params = arch_params if arch_params is not None else declared.get("arch_params")
     input_shape = input_shape or declared.get("input_shape")
@@ -577,28 +646,32 @@ def _load_safetensors(
     from starvation.export import load_builtin
 
     try:
-        module = load_builtin(str(path), arch, arch_params or {}, tuple(input_shape), num_outputs)
+        module = load_builtin(data, arch, arch_params or {}, tuple(input_shape), num_outputs)
     except Exception as exc:  # unknown arch, missing or mis-shaped tensors
         raise CheckpointError(
-            "load_failed", f"The weights do not fit the {arch!r} network: {_first_line(exc)}"
+            "load_failed", f"The weights do not fit the {_printable(str(arch))!r} network.",
+            detail=_first_line(exc),
         ) from None
     model = wrap_module(module, feature_layer=feature_layer)
     model.format = "safetensors"
     return model
 
 
-def _safetensors_metadata(path: Path) -> dict:
+def _safetensors_metadata(data: bytes) -> dict:
     """The header's metadata as {arch, arch_params, input_shape, num_outputs}, each only where
-    present and well-formed. Read by safetensors' own parser, which never unpickles."""
-    from safetensors import safe_open
-
+    present and well-formed. The header is JSON (8-byte length, then the JSON); the tensors are
+    read later by safetensors itself, which never unpickles."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            list(handle.keys())
-            raw = handle.metadata() or {}
+        (length,) = struct.unpack("<Q", data[:8])
+        if length > _MAX_SAFETENSORS_HEADER:
+            raise ValueError(f"header of {length} bytes")
+        header = json.loads(data[8 : 8 + length])
+        raw = header.get("__metadata__") or {}
+        if not isinstance(raw, dict):
+            raise ValueError("__metadata__ is not an object")
     except Exception as exc:
         raise CheckpointError(
-            "load_failed", f"The safetensors header is malformed: {_first_line(exc)}"
+            "load_failed", "The safetensors header is malformed.", detail=_first_line(exc)
         ) from None
     declared: dict = {}
     try:
@@ -615,22 +688,55 @@ def _safetensors_metadata(path: Path) -> dict:
     return declared
 
 
-def _check_onnx_proto(proto) -> None:
+def _check_onnx_proto(proto, static_checks: bool = True) -> None:
     import onnx
 
-    for tensor in proto.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise CheckpointError(
-                "bad_format",
-                "The ONNX model keeps its weights in external files; export it with the "
-                "weights inside the one file.",
-            )
+    if static_checks and any(
+        tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0
+        for tensor in _onnx_tensors(proto)
+    ):
+        raise CheckpointError(
+            "bad_format",
+            "The ONNX model refers to external data files; export it with every tensor inside "
+            "the one file.",
+        )
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise CheckpointError(
-            "load_failed", f"The ONNX model is not valid: {_first_line(exc)}"
+            "load_failed", "The ONNX model is not valid (onnx.checker refused it).", detail=_first_line(exc)
         ) from None
+
+
+def _onnx_tensors(proto):
+    """Every TensorProto of a model: initializers, sparse initializers, node attributes (tensor,
+    tensors, sparse tensors) and the same inside every subgraph and local function."""
+    import onnx
+
+    def of_graph(graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        yield from of_nodes(graph.node)
+
+    def of_nodes(nodes):
+        for node in nodes:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    yield attribute.t
+                yield from attribute.tensors
+                for sparse in [attribute.sparse_tensor, *attribute.sparse_tensors]:
+                    yield sparse.values
+                    yield sparse.indices
+                if attribute.type == onnx.AttributeProto.GRAPH or attribute.HasField("g"):
+                    yield from of_graph(attribute.g)
+                for graph in attribute.graphs:
+                    yield from of_graph(graph)
+
+    yield from of_graph(proto.graph)
+    for function in proto.functions:
+        yield from of_nodes(function.node)
 
 
 def _check_onnx_input(model: OnnxModel, input_shape: tuple[int, ...]) -> None:
@@ -730,12 +836,14 @@ def _copy_proto(proto):
     return copy
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether torch (or Python) ran out of memory: under the jail's RLIMIT_AS, the model's doing."""
+    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)
+
+
+def _exception_name(exc: BaseException) -> str:
+    """The type's name only: a model controls its exceptions' messages, not torch's class names."""
+    return _printable(type(exc).__name__)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from starvation.errors import SpecError
@@ -70,11 +70,14 @@ def _script(model: nn.Module, input_shape: list[int]) -> torch.jit.ScriptModule:
         return torch.jit.trace(model, torch.zeros(1, *input_shape))
 
 
-def load_builtin(path_safetensors: str | pathlib.Path, arch: str, arch_params: dict | None,
+def load_builtin(path_safetensors: str | pathlib.Path | bytes, arch: str, arch_params: dict | None,
                  input_shape: Sequence[int], num_outputs: int) -> nn.Module:
-    """A built-in network with weights from a safetensors file, in eval mode on the CPU."""
+    """A built-in network with weights from a safetensors file (or its bytes), in eval mode on the CPU."""
     try:
-        state = load_file(str(path_safetensors))
+        if isinstance(path_safetensors, bytes):
+            state = load(path_safetensors)
+        else:
+            state = load_file(str(path_safetensors))
     except (OSError, SafetensorError) as error:
         raise SpecError(f"not a readable safetensors file ({error})") from None
     model = build_network(arch, arch_params, input_shape, num_outputs)

@@ -58,3 +58,110 @@ def malicious_pickle(marker: Path) -> bytes:
     import pickle
 
     return pickle.dumps(Payload(marker))
+
+
+# Hostile models (issue "Untrusted models and URLs"): each one tries what an attacker tried.
+
+
+class ReadsAFile(nn.Module):
+    """Reads the first bytes of `path` and leaks them through its output's shape."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leaked = torch.from_file(self.path, False, 4, dtype=torch.uint8)
+        return torch.zeros([x.shape[0], 0, int(leaked[0]), int(leaked[1]), int(leaked[2]), int(leaked[3])])
+
+
+class ReadsAFileOnRealData(nn.Module):
+    """Harmless on the upload check's zeros; on real data, reads `path` and raises its bytes."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.abs().sum() > 0):
+            leaked = torch.from_file(self.path, False, 8, dtype=torch.uint8)
+            raise RuntimeError("leak:" + str(int(leaked[0])) + "," + str(int(leaked[1])))
+        return x.flatten(1)[:, :1]
+
+
+class RaisesOnRealData(nn.Module):
+    """Harmless on the upload check's zeros; on real data raises an error carrying its own words."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.abs().sum() > 0):
+            raise RuntimeError("exfiltrated: 114, 111, 111, 116 /var/admin_token")
+        return x.flatten(1)[:, :1]
+
+
+class WritesAFile(nn.Module):
+    """Maps `path` shared and overwrites its first `size` bytes with 'X'."""
+
+    def __init__(self, path: str, size: int) -> None:
+        super().__init__()
+        self.path, self.size = path, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        written = torch.from_file(self.path, True, self.size, dtype=torch.uint8).fill_(88)
+        return x.flatten(1)[:, :1] + written[0].float() * 0
+
+
+class Prints(nn.Module):
+    """Prints a line that looks like one of the service's JSON log lines."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        print('{"level": "error", "logger": "gs.api", "message": "forged line"}')
+        return x.flatten(1)[:, :1]
+
+
+class Hoards(nn.Module):
+    """Allocates 512 MiB blocks without bound (run it only under a memory limit)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks: list[torch.Tensor] = []
+        total = torch.zeros(1)
+        for i in range(100_000):
+            blocks.append(torch.full([1 << 27], float(i)))
+            for block in blocks:
+                total = total + block[-1]
+        return x.flatten(1)[:, :1] + total
+
+
+class Spins(nn.Module):
+    """Computes forever."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.flatten(1)[:, :1]
+        while bool(y.sum() < 1e30):
+            y = y * 1.0
+        return y
+
+
+def onnx_reading_a_file(path: str, input_shape: tuple[int, ...] = (2, 14, 14)) -> bytes:
+    """An ONNX model whose weights are a `Constant` with external data at `path`: the logits
+    are the file's bytes read as floats. onnx.checker accepts it."""
+    import math
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    features = math.prod(input_shape)
+    weights = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[features, 1])
+    weights.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", path), ("offset", "0"), ("length", str(4 * features))):
+        weights.external_data.add(key=key, value=value)
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w"], value=weights),
+         helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "w"], ["logit"])],
+        "reads_a_file",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *input_shape])],
+        [helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["batch", 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()

@@ -23,9 +23,12 @@ def load_dataset(ctx, dataset_spec: dict[str, Any], seed: int):
         if row is None:
             raise FileNotFoundError(f"dataset {name!r} is neither built in nor registered by this key")
         path, label, fmt, info = row.path, row.name, row.format, dict(row.info)
+    settings = ctx.settings
     if fmt == "image_folder":
-        return datasets.load_image_folder(path, info["metadata"], label, info["image_size"])
-    return datasets.load_npz(path, label)
+        return datasets.load_image_folder(path, info["metadata"], label, info["image_size"],
+                                          max_bytes=settings.max_dataset_bytes, max_image_pixels=settings.max_image_pixels)
+    return datasets.load_npz(path, label, max_bytes=settings.max_dataset_bytes,
+                             max_compression_ratio=settings.max_dataset_compression_ratio)
 
 
 def audit_model(ctx, model, dataset, *, spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -49,39 +52,51 @@ def audit_model(ctx, model, dataset, *, spec: dict[str, Any], prefix: str = "") 
 
 
 def checkpoint_to_audit(ctx, spec: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    """(path, format, model_info) of the named checkpoint, or the first seed of a train job."""
+    """(path, format, model_info) of the named checkpoint, or the first seed of a train job
+    (its safetensors weights: our own network, which needs no jail)."""
     with ctx.db.session() as session:
         if spec.get("checkpoint_id"):
             row = files_repo.get_checkpoint(session, spec["checkpoint_id"], owner_id=ctx.owner_id)
         else:
             job = jobs_repo.get(session, spec["train_job_id"], owner_id=ctx.owner_id)
-            rows = [c for c in files_repo.checkpoints_of_job(session, job.id) if c.format == "torchscript"] if job else []
+            rows = [c for c in files_repo.checkpoints_of_job(session, job.id) if c.format == "safetensors"] if job else []
             row = rows[0] if rows else None
         if row is None:
             raise FileNotFoundError("the checkpoint to audit no longer exists")
         return row.path, row.format, dict(row.model_info)
 
 
-def load_model(path: str, fmt: str, model_info: dict[str, Any], device: str, layer: str | None = None):
+def load_model(path: str, fmt: str, model_info: dict[str, Any], device: str, layer: str | None = None,
+               *, settings=None):
+    """An AuditableModel. TorchScript and ONNX files are programs: they run in a jail on the
+    CPU (pass `settings` for its limits). Safetensors weights fill one of our own networks,
+    which runs here, on `device`."""
+    options = {
+        "input_shape": list(model_info["input_shape"]) if model_info.get("input_shape") else None,
+        "feature_layer": layer,
+    }
+    if fmt in ("torchscript", "onnx"):
+        from jail import open_model
+
+        return open_model(path, fmt, limits=settings.jail_limits(), wall_seconds=settings.jail_cpu_seconds,
+                          **options)
     from starvation.checkpoints import load_checkpoint
 
     return load_checkpoint(
-        path,
-        fmt,
-        arch=model_info.get("arch"),
-        arch_params=model_info.get("arch_params"),
-        input_shape=tuple(model_info["input_shape"]) if model_info.get("input_shape") else None,
-        num_outputs=model_info.get("num_outputs"),
-        feature_layer=layer,
+        path, fmt, arch=model_info.get("arch"), arch_params=model_info.get("arch_params"),
+        num_outputs=model_info.get("num_outputs"), **options,
     ).to(device)
 
 
 def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
-    device = pick_device(spec.get("device"), ctx.settings.device)
     path, fmt, model_info = checkpoint_to_audit(ctx, spec)
-    model = load_model(path, fmt, model_info, device, spec.get("layer"))
-    dataset = load_dataset(ctx, spec["dataset"], spec.get("seed", 0))
-    ctx.on_progress(0.1)
-    report = audit_model(ctx, model, dataset, spec=spec)
+    device = "cpu" if fmt in ("torchscript", "onnx") else pick_device(spec.get("device"), ctx.settings.device)
+    model = load_model(path, fmt, model_info, device, spec.get("layer"), settings=ctx.settings)
+    try:
+        dataset = load_dataset(ctx, spec["dataset"], spec.get("seed", 0))
+        ctx.on_progress(0.1)
+        report = audit_model(ctx, model, dataset, spec=spec)
+    finally:
+        getattr(model, "close", lambda: None)()
     report["device"] = device
     return report

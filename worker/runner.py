@@ -197,6 +197,9 @@ def forget_earlier_attempt(db: Database, job_id: str, settings: Settings) -> Non
 
 
 def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[str, dict | None, dict | None]:
+    from jail import JailError
+    from starvation.checkpoints import CheckpointError, out_of_memory
+    from starvation.datasets import DatasetError
     from starvation.errors import SpecError
     from starvation.training import TrainingStopped
 
@@ -214,13 +217,25 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[str, dict | None, 
         return "cancelled", None, None
     except JobTimedOut:
         return "failed", None, timeout_error(spec)
+    except (JailError, CheckpointError) as exc:  # a foreign model refused or failed: messages we wrote
+        return "failed", None, {"code": exc.code, "message": exc.message}
+    except DatasetError as exc:
+        return "failed", None, {"code": exc.code, "message": str(exc)}
     except SpecError as exc:
         return "failed", None, {"code": "invalid_spec", "message": str(exc)}
     except FileNotFoundError as exc:
-        return "failed", None, {"code": "missing_input", "message": str(exc)}
-    except Exception as exc:  # our fault: record it for a person, keep the worker alive
+        # Ours name what is missing; the operating system's would name a path on this server.
+        message = str(exc) if exc.filename is None else "A file this job needs is missing."
+        return "failed", None, {"code": "missing_input", "message": message}
+    except Exception as exc:
+        if out_of_memory(exc):  # past the worker child's RLIMIT_AS: the job's size, not a crash to retry
+            log.error("job %s ran out of memory:\n%s", ctx.job_id, traceback.format_exc())
+            return "failed", None, {"code": "memory_limit",
+                                    "message": "The job needed more memory than this worker may use."}
+        # our fault: the details go to our log only, keep the worker alive
         log.error("job %s crashed:\n%s", ctx.job_id, traceback.format_exc())
-        return "failed", None, {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+        return "failed", None, {"code": "internal_error",
+                                "message": "The job failed on our side; the operators have the details."}
 
 
 def timeout_error(spec: dict[str, Any]) -> dict[str, str]:

@@ -53,7 +53,7 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
         result["checkpoints"].append({"seed": ckpt.seed, **ids})
         if spec.get("audit"):
             result.setdefault("audit", {"reports": []})
-            model = audit_job.load_model(str(ckpt.torchscript_path), "torchscript", model_info, device)
+            model = audit_job.load_model(str(ckpt.safetensors_path), "safetensors", model_info, device)
             dataset = audit_job.load_dataset(ctx, spec["dataset"], ckpt.seed)
             audit_spec = {"seed": ckpt.seed, "spurious_attribute": dataset.attribute_name or "attribute"}
             report = audit_job.audit_model(ctx, model, dataset, spec=audit_spec, prefix=f"seed{ckpt.seed}-")
@@ -81,6 +81,8 @@ def mirror_to_mlflow(spec: dict[str, Any], ctx, history: list[Any], result: dict
         run_id = export_run(
             tracking_uri=target["tracking_uri"], experiment=target["experiment"], job_id=ctx.job_id,
             spec=spec, metrics=rows, result=result, report_path=str(reports[0]) if reports else None,
+            allowed_schemes=ctx.settings.mlflow_allowed_schemes.split(","),
+            outbound_allow=ctx.settings.outbound_allow,
         )
     except Exception as exc:
         return {**target, "error": f"{type(exc).__name__}: {exc}"}

@@ -51,7 +51,7 @@ async def upload_checkpoint(
     num_classes: Annotated[int, Form(ge=2, le=100_000)] = 2,
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
-    from api.sandbox import SandboxError, validate_checkpoint
+    from api.sandbox import validate_checkpoint
 
     params = parse_json_field("arch_params", arch_params, dict) or {}
     shape = parse_json_field("input_shape", input_shape, list) or [2, 14, 14]
@@ -59,19 +59,22 @@ async def upload_checkpoint(
         raise ApiError(422, "invalid_request", "input_shape must list 1 to 4 positive sizes (no batch axis).")
     if format == "safetensors" and not arch:
         raise ApiError(422, "invalid_request", "A safetensors upload needs `arch` (a built-in architecture).")
+    if format == "safetensors":  # bounded like a train spec's model, before anything is built
+        from starvation.errors import SpecError
+        from starvation.networks import check_arch_params
+
+        try:
+            check_arch_params(arch, params, input_shape=tuple(shape) if input_shape else None)
+        except SpecError as exc:
+            raise ApiError(422, "invalid_request", str(exc), details={"field": getattr(exc, "field", None)}) from None
     folder = settings.storage_dir / "checkpoints"
     tmp_path, sha256, size = await save_limited(file, folder, settings.max_upload_bytes)
     fields = {"format": format, "arch": arch, "arch_params": params, "input_shape": shape, "num_classes": num_classes}
     request_hash = json.dumps({"sha256": sha256, **fields}, sort_keys=True)
 
+    session.commit()  # no database connection is held while the model is checked
+
     def create() -> tuple[int, Any]:
-        try:
-            info = validate_checkpoint(
-                settings.upload_check_timeout_s, path=tmp_path, fmt=format, arch=arch, arch_params=params,
-                input_shape=tuple(shape), num_classes=num_classes, max_bytes=settings.max_upload_bytes,
-            )
-        except SandboxError as exc:
-            raise ApiError(422, exc.code, exc.message) from None
         checkpoint_id = new_id()
         final = folder / f"{checkpoint_id}{SUFFIX[format]}"
         tmp_path.rename(final)
@@ -84,6 +87,11 @@ async def upload_checkpoint(
         return 201, checkpoint_out(checkpoint)
 
     try:
+        info = await run_in_threadpool(
+            validate_checkpoint, principal.owner_id, settings, path=tmp_path, fmt=format, arch=arch,
+            arch_params=params, input_shape=list(shape), num_classes=num_classes,
+            max_bytes=settings.max_upload_bytes,
+        )
         return await run_in_threadpool(
             replay_or_create, session, principal, idempotency_key, request_hash, create
         )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from tests.fixtures_models import ColourBlind, ColourOnly, torchscript_bytes
+from tests.fixtures_models import ColourBlind, ColourOnly, RaisesOnRealData, torchscript_bytes
 
 
 def validate_against_openapi(stack, document: dict, component: str) -> None:
@@ -16,7 +16,8 @@ def validate_against_openapi(stack, document: dict, component: str) -> None:
     assert errors == []
 
 
-def audit(stack, model) -> dict:
+def submit_audit(stack, model) -> dict:
+    """Upload `model` as TorchScript, audit it on Colored MNIST, return the finished job."""
     upload = stack.client.post(
         "/v1/checkpoints", files={"file": ("m.pt", io.BytesIO(torchscript_bytes(model)))}, data={"format": "torchscript"}
     )
@@ -24,7 +25,11 @@ def audit(stack, model) -> dict:
     spec = {"checkpoint_id": upload.json()["id"], "dataset": {"name": "colored_mnist"}, "spurious_attribute": "color"}
     job = stack.client.post("/v1/jobs", json={"kind": "audit", "spec": spec})
     assert job.status_code == 202, job.text
-    done = stack.wait_for(job.json()["id"], ("succeeded", "failed"), timeout_s=120)
+    return stack.wait_for(job.json()["id"], ("succeeded", "failed"), timeout_s=180)
+
+
+def audit(stack, model) -> dict:
+    done = submit_audit(stack, model)
     assert done["status"] == "succeeded", done["error"]
     return done
 
@@ -61,3 +66,16 @@ def test_report_of_an_unaudited_job_is_404(embedded_stack):
     embedded_stack.wait_for(job["id"], ("succeeded",), timeout_s=60)
     response = embedded_stack.client.get(f"/v1/jobs/{job['id']}/report")
     assert response.status_code == 404 and response.json()["error"]["code"] == "no_report"
+
+
+def test_an_uploaded_model_is_audited_in_the_jail_on_both_stacks(stack):
+    done = audit(stack, ColourOnly())
+    assert done["result"]["device"] == "cpu"  # foreign models run on the CPU, in the jail
+    assert stack.client.get(f"/v1/jobs/{done['id']}/report").json()["counterfactual"]["flip_rate"] >= 0.95
+
+
+def test_a_model_failing_on_real_data_leaves_only_our_words_in_the_job(stack):
+    done = submit_audit(stack, RaisesOnRealData())  # harmless on the upload check's zeros
+    assert done["status"] == "failed" and done["error"]["code"] == "model_failed"
+    assert "exfiltrated" not in done["error"]["message"] and "admin_token" not in done["error"]["message"]
+    assert done["error"]["message"].startswith("The model raised")

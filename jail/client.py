@@ -1,0 +1,218 @@
+"""The service's side of the jail: start a child, hand it a model and inputs, read its answers.
+
+Everything the child says is treated as untrusted: lengths are bounded (jail/wire.py), error
+codes and messages are checked and cut before they reach a user, and what the model prints
+is logged as one escaped field, never as a line of our own log.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jail import wire
+from jail.lockdown import Limits
+from starvation.checkpoints import AuditableModel
+
+log = logging.getLogger("gs.jail")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 120.0
+OUTPUT_KEPT_BYTES = 4096
+_CODE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+_MESSAGE_CHARS = 400
+
+
+class JailError(Exception):
+    """A foreign model that failed, was refused, or broke a limit; `code` and `message` are
+    safe to show to the model's owner."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class _Child:
+    """One jailed process for one model. Never reused for another model or another tenant."""
+
+    def __init__(self, path: str | Path, fmt: str, op: str, options: dict[str, Any], limits: Limits,
+                 wall_seconds: float) -> None:
+        self.limits, self.wall_seconds = limits, wall_seconds
+        self.root = tempfile.mkdtemp(prefix="gs-jail-")  # empty; becomes the child's `/`
+        requests_r, self.requests = os.pipe()
+        self.replies, replies_w = os.pipe()
+        output_r, output_w = os.pipe()
+        env = {
+            "PATH": os.defpath, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONDONTWRITEBYTECODE": "1",
+            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(limits.threads),
+            **{k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")},
+        }
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "jail.child", str(requests_r), str(replies_w), str(os.getpid())],
+                pass_fds=(requests_r, replies_w), stdin=subprocess.DEVNULL, stdout=output_w,
+                stderr=output_w, cwd=self.root, env=env, start_new_session=True,
+            )
+        finally:
+            for fd in (requests_r, replies_w, output_w):
+                os.close(fd)
+        self.output = bytearray()
+        self.drain = threading.Thread(target=self._drain, args=(output_r,), daemon=True)
+        self.drain.start()
+        first = {"op": op, "path": str(Path(path).resolve()), "format": fmt, "options": options,
+                 "limits": asdict(limits)}
+        self.hello, _ = self.call(first, timeout_s=START_TIMEOUT_S + wall_seconds)
+
+    def call(self, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, *,
+             timeout_s: float | None = None, max_payload: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        deadline = time.monotonic() + (timeout_s or self.wall_seconds)
+        try:
+            wire.send(self.requests, header, tensors)
+            reply, out = wire.receive(self.replies, max_payload=max_payload, deadline=deadline)
+        except TimeoutError:
+            self.close()
+            raise JailError("timeout", f"The model ran longer than {timeout_s or self.wall_seconds:.0f} s.") from None
+        except (EOFError, BrokenPipeError, OSError, wire.WireError, ValueError) as exc:
+            raise self._died(exc) from None
+        if not reply.get("ok"):
+            self.close()
+            raise _refusal(reply)
+        return reply, out
+
+    def _died(self, exc: BaseException) -> JailError:
+        self.close()
+        status = self.process.returncode
+        if status in (-signal.SIGXCPU, -signal.SIGKILL) and status is not None:
+            return JailError("cpu_limit", f"The model used more than its {self.limits.cpu_seconds} s of CPU time.")
+        if isinstance(exc, wire.WireError):
+            log.warning("jailed child sent a malformed message: %s", exc)
+        return JailError("model_crashed", "The model crashed the process that ran it.")
+
+    def _drain(self, fd: int) -> None:
+        with os.fdopen(fd, "rb", buffering=0) as stream:
+            while chunk := stream.read(65536):
+                if len(self.output) < OUTPUT_KEPT_BYTES:
+                    self.output += chunk[: OUTPUT_KEPT_BYTES - len(self.output)]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                wire.send(self.requests, {"op": "close"})
+            except OSError:
+                pass
+            try:
+                self.process.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for fd in (self.requests, self.replies):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.drain.join(timeout=2)
+        if self.output:  # one field of one JSON line: what the model printed cannot forge a line
+            log.info("output of a foreign model", extra={"model_output": self.output.decode("utf-8", "replace")})
+            self.output.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _refusal(reply: dict[str, Any]) -> JailError:
+    code = reply.get("code") if isinstance(reply.get("code"), str) and _CODE.match(reply["code"]) else "model_failed"
+    if reply.get("detail"):
+        log.info("foreign model refused (%s): %s", code, _printable(str(reply["detail"])))
+    if code == "model_failed":
+        return JailError(code, f"The model raised {_printable(str(reply.get('exception', 'an error')))[:60]} while running.")
+    if code == "memory_limit":
+        return JailError(code, "The model needed more memory than a foreign model may use.")
+    if code == "jail_unavailable":
+        log.error("the jail could not lock down: %s", _printable(str(reply.get("detail"))))
+        return JailError(code, "Foreign models cannot be run safely on this server right now.")
+    return JailError(code, _printable(str(reply.get("message") or "The model was refused.")))
+
+
+def _printable(text: str) -> str:
+    return _UNPRINTABLE.sub("?", text)[:_MESSAGE_CHARS]
+
+
+def check_model(path: str | Path, fmt: str, *, limits: Limits, wall_seconds: float, **options: Any) -> dict[str, Any]:
+    """starvation.checkpoints.validate_checkpoint, run in a fresh jail; raises JailError."""
+    child = _Child(path, fmt, "validate", options, limits, wall_seconds)
+    try:
+        info = child.hello.get("info")
+        if not isinstance(info, dict):
+            raise JailError("model_crashed", "The model crashed the process that ran it.")
+        return info
+    finally:
+        child.close()
+
+
+class JailedModel(AuditableModel):
+    """An uploaded model as the audit sees it; its forward passes run in a jailed child on the
+    CPU. Close it (or use it as a context manager) to end the child."""
+
+    def __init__(self, path: str | Path, fmt: str, *, limits: Limits, wall_seconds: float, **options: Any) -> None:
+        self._child = _Child(path, fmt, "load", options, limits, wall_seconds)
+        self.format = fmt
+        hello = self._child.hello
+        self.feature_layer = _printable(hello["feature_layer"]) if isinstance(hello.get("feature_layer"), str) else None
+        reason = hello.get("no_features_reason")
+        self.no_features_reason = _printable(reason) if isinstance(reason, str) else None
+        self.jail_layers = [str(layer) for layer in hello.get("jail", [])]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> "JailedModel":
+        return self  # foreign models run on the CPU, in the jail
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._forward("logits", x)
+        if y is None or y.dim() != 2 or y.shape[0] != x.shape[0]:
+            raise JailError("bad_output_shape", "The model's logits do not have one row per example.")
+        return y.to(x.device)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.feature_layer is None:
+            return None
+        y = self._forward("features", x)
+        if y is None or y.shape[0] != x.shape[0]:
+            raise JailError("bad_output_shape", "The model's features do not have one row per example.")
+        return y.flatten(1).to(x.device)
+
+    def _forward(self, op: str, x: torch.Tensor) -> torch.Tensor | None:
+        x = x.detach().to("cpu", torch.float32)
+        # An answer may hold at most 64 KiB of floats per example, far above any logit or feature.
+        _, out = self._child.call({"op": op}, {"x": x}, max_payload=len(x) * (1 << 16) + (1 << 20))
+        y = out.get("y")
+        if y is not None and not y.is_floating_point():
+            raise JailError("bad_output_shape", "The model returned a tensor that is not floating point.")
+        return None if y is None else y.float()
+
+    def close(self) -> None:
+        self._child.close()
+
+    def __enter__(self) -> "JailedModel":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def open_model(path: str | Path, fmt: str, *, limits: Limits, wall_seconds: float, **options: Any) -> JailedModel:
+    """A foreign model loaded in a jail (starvation.checkpoints.load_checkpoint's options)."""
+    return JailedModel(path, fmt, limits=limits, wall_seconds=wall_seconds, **options)
