@@ -39,6 +39,7 @@ def deliver_webhooks() -> int:
         settings.webhook_secret or admin_token(),
         timeout_s=settings.webhook_timeout_s,
         max_attempts=settings.webhook_max_attempts,
+        allow=settings.outbound_allow,
     )
 
 

@@ -25,7 +25,9 @@ def replay_or_create(
     key: str | None,
     request_hash: str,
     create: Callable[[], tuple[int, Any]],
+    stored: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> JSONResponse:
+    """`stored` turns the first response into what is kept for replays (e.g. without secrets)."""
     if key is not None:
         if len(key) > 255:
             raise ApiError(422, "invalid_request", "Idempotency-Key is longer than 255 characters.")
@@ -41,5 +43,6 @@ def replay_or_create(
     status, body = create()
     body = jsonable_encoder(body)
     if key is not None:
-        auth_repo.save_idempotent(session, principal.owner_id, key, request_hash, status, body)
+        kept = stored(body) if stored else body
+        auth_repo.save_idempotent(session, principal.owner_id, key, request_hash, status, kept)
     return JSONResponse(body, status)

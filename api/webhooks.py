@@ -2,7 +2,9 @@
 
 Delivery runs in the API process's background loop, never in a worker, so a slow or failing
 receiver cannot hold up a job. Signature: hex HMAC-SHA256 over "<timestamp>.<body>" with the
-webhook secret, sent as `X-GS-Signature: sha256=<hex>` with `X-GS-Timestamp: <unix seconds>`.
+job's key's own webhook secret (admin jobs: GS_WEBHOOK_SECRET), sent as `X-GS-Signature:
+sha256=<hex>` with `X-GS-Timestamp: <unix seconds>`. Connections go only to checked public
+addresses (core/outbound.py), re-resolved at each delivery, and redirects are not followed.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from typing import Any
 import httpx
 from sqlalchemy import select, update
 
+from core import outbound
+from models import auth as auth_repo
 from models.db import Database
 from models.tables import Job, utcnow
 
@@ -40,8 +44,30 @@ def payload(job: Job) -> dict[str, Any]:
     }
 
 
-def deliver_due(db: Database, secret: str, *, timeout_s: float, max_attempts: int) -> int:
-    """Try every webhook that is due once; returns how many were delivered."""
+def post_signed(client: httpx.Client, url: str, secret: str, job_id: str, body: dict[str, Any]) -> bool:
+    raw = json.dumps(body, sort_keys=True).encode()
+    timestamp = str(int(time.time()))
+    headers = {
+        "Content-Type": "application/json",
+        "X-GS-Timestamp": timestamp,
+        "X-GS-Signature": f"sha256={sign(secret, timestamp, raw)}",
+        "X-GS-Job-Id": job_id,
+    }
+    try:
+        return client.post(url, content=raw, headers=headers).is_success
+    except httpx.HTTPError as exc:  # a refused target (now a private address) is a ConnectError
+        log.info("webhook for job %s failed: %s", job_id, exc)
+        return False
+
+
+def deliver_due(
+    db: Database, default_secret: str, *, timeout_s: float, max_attempts: int, allow: str = ""
+) -> int:
+    """Try every webhook that is due once; returns how many were delivered.
+
+    A job is signed with its key's own secret; `default_secret` signs the admin's jobs (and those of
+    keys made before keys had secrets). `allow` is the operator's allow-list (GS_OUTBOUND_ALLOW).
+    """
     now = utcnow()
     with db.session() as session:
         due = session.scalars(
@@ -50,31 +76,23 @@ def deliver_due(db: Database, secret: str, *, timeout_s: float, max_attempts: in
             .where((Job.webhook_next_at.is_(None)) | (Job.webhook_next_at <= now))
             .limit(BATCH)
         ).all()
-        work = [(job.id, job.callback_url, job.webhook_attempts, payload(job)) for job in due]
+        work = [(job.id, job.owner_id, job.callback_url, job.webhook_attempts, payload(job)) for job in due]
+        secrets = auth_repo.webhook_secrets(session, {owner_id for _, owner_id, *_ in work})
+    if not work:
+        return 0
     delivered = 0
-    for job_id, url, attempts, body in work:
-        raw = json.dumps(body, sort_keys=True).encode()
-        timestamp = str(int(time.time()))
-        headers = {
-            "Content-Type": "application/json",
-            "X-GS-Timestamp": timestamp,
-            "X-GS-Signature": f"sha256={sign(secret, timestamp, raw)}",
-            "X-GS-Job-Id": job_id,
-        }
-        try:
-            ok = httpx.post(url, content=raw, headers=headers, timeout=timeout_s).is_success
-        except httpx.HTTPError as exc:
-            log.info("webhook for job %s failed: %s", job_id, exc)
-            ok = False
-        attempts += 1
-        if ok:
-            values: dict[str, Any] = {"webhook_status": "delivered", "webhook_attempts": attempts}
-            delivered += 1
-        elif attempts >= max_attempts:
-            values = {"webhook_status": "failed", "webhook_attempts": attempts}
-        else:
-            backoff = timedelta(seconds=min(2**attempts, 300))
-            values = {"webhook_attempts": attempts, "webhook_next_at": utcnow() + backoff}
-        with db.session() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(**values))
+    with outbound.checked_http_client(allow, timeout_s) as client:
+        for job_id, owner_id, url, attempts, body in work:
+            ok = post_signed(client, url, secrets.get(owner_id) or default_secret, job_id, body)
+            attempts += 1
+            if ok:
+                values: dict[str, Any] = {"webhook_status": "delivered", "webhook_attempts": attempts}
+                delivered += 1
+            elif attempts >= max_attempts:
+                values = {"webhook_status": "failed", "webhook_attempts": attempts}
+            else:
+                backoff = timedelta(seconds=min(2**attempts, 300))
+                values = {"webhook_attempts": attempts, "webhook_next_at": utcnow() + backoff}
+            with db.session() as session:
+                session.execute(update(Job).where(Job.id == job_id).values(**values))
     return delivered

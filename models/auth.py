@@ -1,4 +1,4 @@
-"""API keys (stored as sha256 of the secret) and Idempotency-Key records."""
+"""API keys (the secret stored as its sha256, the webhook secret as-is) and Idempotency-Key records."""
 from __future__ import annotations
 
 import hashlib
@@ -16,9 +16,11 @@ def hash_secret(secret: str) -> str:
 
 
 def issue_key(session: Session, *, name: str, is_admin: bool = False) -> tuple[ApiKey, str]:
-    """A new key; the secret is returned once and only its hash is stored."""
+    """A new key; the secret is returned once and only its hash is stored. Its webhook secret
+    (`key.webhook_secret`) is stored as-is: the service signs with it."""
     secret = "gs_" + secrets.token_urlsafe(32)
-    key = ApiKey(name=name, key_hash=hash_secret(secret), is_admin=is_admin)
+    webhook_secret = "whsec_" + secrets.token_urlsafe(32)
+    key = ApiKey(name=name, key_hash=hash_secret(secret), is_admin=is_admin, webhook_secret=webhook_secret)
     session.add(key)
     session.flush()
     return key, secret
@@ -28,6 +30,16 @@ def find_by_secret(session: Session, secret: str) -> ApiKey | None:
     return session.scalar(
         select(ApiKey).where(ApiKey.key_hash == hash_secret(secret), ApiKey.revoked_at.is_(None))
     )
+
+
+def webhook_secrets(session: Session, owner_ids: set[str]) -> dict[str, str]:
+    """{key id: its webhook secret} for those of `owner_ids` that are keys with one."""
+    if not owner_ids:
+        return {}
+    rows = session.execute(
+        select(ApiKey.id, ApiKey.webhook_secret).where(ApiKey.id.in_(owner_ids), ApiKey.webhook_secret.is_not(None))
+    )
+    return {key_id: secret for key_id, secret in rows}
 
 
 def get_idempotent(session: Session, owner_id: str, key: str) -> IdempotencyRecord | None:

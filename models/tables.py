@@ -54,6 +54,8 @@ class ApiKey(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the secret
+    # HMAC key that signs this key's webhooks: the service must sign with it, so it is kept as-is.
+    webhook_secret: Mapped[str | None] = mapped_column(String(64), default=None)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -3,13 +3,22 @@
 A spec asks for it with `"mlflow": {"tracking_uri": ..., "experiment": ...}`. One job is one MLflow
 run, tagged `gs.job_id`; exporting the same job again returns the run already there, so a retried
 job never makes a second run.
+
+The tracking URI is user input: it is checked again here (core/outbound.py), MLflow's connections go
+only to checked addresses, and the server's `artifact_uri` is followed only back to that server.
 """
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+from core import outbound
 
 JOB_ID_TAG = "gs.job_id"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
@@ -26,12 +35,25 @@ def export_run(
     metrics: list[dict],
     result: dict,
     report_path: str | None,
+    allowed_schemes: Sequence[str] = outbound.WEB_SCHEMES,
+    outbound_allow: str = "",
 ) -> str:
     """Log the job to `experiment` at `tracking_uri` and return the MLflow run id.
 
     `metrics`: rows as GET /v1/jobs/{id}/metrics serves them ({step, name, value, seed, split}).
     Each (name, split, seed) becomes one MLflow metric key (`metric_key`) with its history by step.
+    `allowed_schemes` and `outbound_allow`: GS_MLFLOW_ALLOWED_SCHEMES and GS_OUTBOUND_ALLOW.
+    Raises OutboundRefused for a target (or an artifact location) this service must not write to.
     """
+    outbound.check_target(tracking_uri, allowed_schemes, outbound_allow)
+    with outbound.guard_urllib3(outbound_allow):
+        return log_job(tracking_uri, experiment, job_id, spec, metrics, result, report_path)
+
+
+def log_job(
+    tracking_uri: str, experiment: str, job_id: str, spec: dict, metrics: list[dict], result: dict,
+    report_path: str | None,
+) -> str:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -65,15 +87,51 @@ def export_run(
             client.log_batch(run_id, metrics=chunk)
         if verdict_of(result):
             client.log_batch(run_id, tags=[RunTag("gs.verdict", str(verdict_of(result)))])
-        client.log_dict(run_id, result, "result.json")
-        client.log_dict(run_id, spec, "spec.json")
-        if report_path:
-            client.log_artifact(run_id, report_path, artifact_path="report")
+        documents = {"result.json": result, "spec.json": spec}
+        log_artifacts(run.info.artifact_uri, tracking_uri, documents, report_path)
     except Exception:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def log_artifacts(
+    artifact_uri: str, tracking_uri: str, documents: dict[str, dict], report_path: str | None
+) -> None:
+    """Write to the artifact location create_run answered, once checked (never asked for again)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    check_artifact_uri(artifact_uri, tracking_uri)
+    repository = get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
+    with tempfile.TemporaryDirectory() as folder:
+        for name, document in documents.items():
+            path = Path(folder) / name
+            path.write_text(json.dumps(document, indent=2))
+            repository.log_artifact(str(path))
+    if report_path:
+        repository.log_artifact(report_path, "report")
+
+
+def check_artifact_uri(artifact_uri: str, tracking_uri: str) -> None:
+    """A hostile server could answer `file:///etc/...`: artifacts go back to the tracking server
+    (its http(s) origin or `mlflow-artifacts:`), or, for a file: store, under that store's folder."""
+    where, tracking = urlsplit(artifact_uri), urlsplit(tracking_uri)
+    scheme, tracking_scheme = where.scheme.lower(), tracking.scheme.lower()
+    if "@" not in where.netloc and tracking_scheme in outbound.WEB_SCHEMES:
+        same_origin = (where.hostname, where.port) == (tracking.hostname, tracking.port)
+        if scheme == "mlflow-artifacts" and (not where.netloc or same_origin):
+            return
+        if scheme == tracking_scheme and same_origin:
+            return
+    if tracking_scheme == "file" and scheme == "file" and where.netloc in ("", "localhost"):
+        store = Path(url2pathname(tracking.path)).resolve()
+        if Path(url2pathname(where.path)).resolve().is_relative_to(store):
+            return
+    raise outbound.OutboundRefused(
+        f"the MLflow server answered the artifact location {artifact_uri!r}, which is not on the "
+        f"tracking server {tracking_uri!r}; nothing was written there."
+    )
 
 
 def experiment_id_of(client: Any, name: str) -> str:

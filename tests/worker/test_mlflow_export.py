@@ -1,12 +1,15 @@
 """MLflow export: a train job's params, metric history, result and report land in one MLflow run."""
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
-from worker.mlflow_export import export_run, flatten_params, metric_key
+from core.outbound import OutboundRefused
+from worker.mlflow_export import check_artifact_uri, export_run, flatten_params, metric_key
 
 SPEC = {"preset": "paper_moons_sd", "steps": 20, "eval_every": 5, "seeds": [0, 1], "audit": False,
         "mlflow": {"tracking_uri": "ignored", "experiment": "ignored"}}
@@ -39,7 +42,7 @@ def test_the_run_holds_our_params_metric_history_result_and_report(trained, trac
     report.write_text("<html><body>report</body></html>")
 
     run_id = export_run(tracking_uri=tracking_uri, experiment="gs-tests", job_id="job0001", spec=spec,
-                        metrics=rows, result=result, report_path=str(report))
+                        metrics=rows, result=result, report_path=str(report), allowed_schemes=["file"])
 
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(run_id)
@@ -67,7 +70,110 @@ def test_the_run_holds_our_params_metric_history_result_and_report(trained, trac
 def test_exporting_a_job_again_returns_its_run(trained, tracking_uri):
     spec, rows, result = trained
     first = export_run(tracking_uri=tracking_uri, experiment="gs-tests", job_id="job0002", spec=spec,
-                       metrics=rows[:10], result=result, report_path=None)
+                       metrics=rows[:10], result=result, report_path=None, allowed_schemes=["file"])
     again = export_run(tracking_uri=tracking_uri, experiment="gs-tests", job_id="job0002", spec=spec,
-                       metrics=rows[:10], result=result, report_path=None)
+                       metrics=rows[:10], result=result, report_path=None, allowed_schemes=["file"])
     assert again == first
+
+
+class HostileMlflow(http.server.BaseHTTPRequestHandler):
+    """Just enough of MLflow's REST API; create-run answers the artifact_uri the test chose."""
+
+    artifact_uri = ""
+    calls: list[tuple[str, str]] = []
+
+    def answer(self, body: dict) -> None:
+        raw = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def handle_any(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        path = self.path.split("?", 1)[0]
+        HostileMlflow.calls.append((self.command, path))
+        run_info = {"run_id": "r1", "run_uuid": "r1", "experiment_id": "1", "status": "RUNNING",
+                    "artifact_uri": HostileMlflow.artifact_uri, "lifecycle_stage": "active", "start_time": 0}
+        if path.endswith("/experiments/get-by-name"):
+            self.answer({"experiment": {"experiment_id": "1", "name": "e", "lifecycle_stage": "active"}})
+        elif path.endswith("/runs/search"):
+            self.answer({"runs": []})
+        elif path.endswith("/runs/create"):
+            self.answer({"run": {"info": run_info, "data": {}}})
+        elif path.endswith("/runs/update"):
+            self.answer({"run_info": run_info})
+        else:
+            self.answer({})
+
+    do_GET = do_POST = do_PUT = handle_any  # noqa: N815 (http.server's naming)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def hostile_mlflow(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    HostileMlflow.calls = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostileMlflow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_an_artifact_uri_off_the_tracking_server_is_refused_before_anything_is_written(
+        trained, hostile_mlflow, tmp_path):
+    spec, rows, result = trained
+    target = tmp_path / "victim"
+    HostileMlflow.artifact_uri = target.as_uri()
+    with pytest.raises(OutboundRefused, match="artifact location"):
+        export_run(tracking_uri=hostile_mlflow, experiment="e", job_id="job0003", spec=spec, metrics=rows[:5],
+                   result=result, report_path=None, outbound_allow="127.0.0.1")
+    assert not target.exists()
+    assert ("POST", "/api/2.0/mlflow/runs/update") in HostileMlflow.calls  # the run was marked FAILED
+
+
+def test_artifacts_go_back_to_the_tracking_server_through_mlflow_artifacts(trained, hostile_mlflow):
+    spec, rows, result = trained
+    HostileMlflow.artifact_uri = "mlflow-artifacts:/1/r1/artifacts"
+    run_id = export_run(tracking_uri=hostile_mlflow, experiment="e", job_id="job0004", spec=spec,
+                        metrics=rows[:5], result=result, report_path=None, outbound_allow="127.0.0.1")
+    assert run_id == "r1"
+    puts = {path for method, path in HostileMlflow.calls if method == "PUT"}
+    assert puts == {"/api/2.0/mlflow-artifacts/artifacts/1/r1/artifacts/result.json",
+                    "/api/2.0/mlflow-artifacts/artifacts/1/r1/artifacts/spec.json"}
+
+
+def test_a_tracking_server_on_loopback_gets_no_request_without_the_allow_list(trained, hostile_mlflow):
+    spec, rows, result = trained
+    with pytest.raises(OutboundRefused, match="loopback"):
+        export_run(tracking_uri=hostile_mlflow, experiment="e", job_id="job0005", spec=spec, metrics=rows[:5],
+                   result=result, report_path=None)
+    assert HostileMlflow.calls == []
+
+
+@pytest.mark.parametrize("artifact_uri, tracking_uri, allowed", [
+    ("mlflow-artifacts:/1/r/artifacts", "https://mlflow.example.com", True),
+    ("mlflow-artifacts://mlflow.example.com/1/r", "https://mlflow.example.com", True),
+    ("https://mlflow.example.com/api/2.0/mlflow-artifacts/artifacts/1", "https://mlflow.example.com", True),
+    ("mlflow-artifacts://10.0.0.1:5000/1/r", "https://mlflow.example.com", False),
+    ("https://other.example.com/1/r", "https://mlflow.example.com", False),
+    ("https://user@mlflow.example.com/1/r", "https://mlflow.example.com", False),
+    ("http://mlflow.example.com/1/r", "https://mlflow.example.com", False),
+    ("file:///etc/cron.d", "https://mlflow.example.com", False),
+    ("/etc/cron.d", "https://mlflow.example.com", False),
+    ("s3://bucket/1/r", "https://mlflow.example.com", False),
+    ("file:///srv/mlruns/1/r/artifacts", "file:///srv/mlruns", True),
+    ("file:///srv/mlruns/../etc/1", "file:///srv/mlruns", False),
+    ("file:///etc/1", "file:///srv/mlruns", False),
+    ("file://host/srv/mlruns/1", "file:///srv/mlruns", False),
+])
+def test_where_artifacts_may_go(artifact_uri, tracking_uri, allowed):
+    if allowed:
+        check_artifact_uri(artifact_uri, tracking_uri)
+    else:
+        with pytest.raises(OutboundRefused):
+            check_artifact_uri(artifact_uri, tracking_uri)
