@@ -1,4 +1,13 @@
 """The web dashboard: server-rendered pages under /dashboard, live curves over SSE, no build step."""
-from api.dashboard.routes import router
+from fastapi import FastAPI
 
-__all__ = ["router"]
+from api.dashboard.routes import CrossSiteForm, cross_site_page, router
+
+
+def install(app: FastAPI) -> None:
+    """The pages, and their own answer to a cross-site POST (a page, not the API's JSON error)."""
+    app.include_router(router)
+    app.add_exception_handler(CrossSiteForm, cross_site_page)
+
+
+__all__ = ["install", "router"]

@@ -12,7 +12,7 @@ import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -28,7 +28,18 @@ from models import jobs as jobs_repo
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.filters["fmt"] = views.fmt
-router = APIRouter(prefix="/dashboard", include_in_schema=False)
+
+
+class CrossSiteForm(Exception):
+    """A POST whose Origin (or Referer) is another site: answered with `cross_site_page`."""
+
+
+def refuse_cross_site_posts(request: Request) -> None:
+    if request.method not in ("GET", "HEAD", "OPTIONS") and not browser.same_origin(request):
+        raise CrossSiteForm
+
+
+router = APIRouter(prefix="/dashboard", include_in_schema=False, dependencies=[Depends(refuse_cross_site_posts)])
 
 STATIC = {"dashboard.css": "text/css", "charts.js": "text/javascript", "job.js": "text/javascript",
           "jobs.js": "text/javascript", "compare.js": "text/javascript"}
@@ -59,6 +70,11 @@ def not_found_page(request: Request, what: str) -> HTMLResponse:
 
 def expired_form(request: Request) -> HTMLResponse:
     return page(request, "message.html", {"title": "Expired form", "message": "Reload the page and try again."}, 403)
+
+
+async def cross_site_page(request: Request, _: Exception) -> Response:
+    return page(request, "message.html", {"title": "Refused", "message": "This form was sent from another site."},
+                403)
 
 
 def owned_job(session, job_id: str, owner_id: str):

@@ -5,12 +5,13 @@
   Secure when the page came over HTTPS.
 - It holds the token itself, so revoking an API key signs its browsers out at once.
 - Forms that change something carry a CSRF token: an HMAC of the session under a server secret.
+- Every POST (sign-in too: no login CSRF) is refused when the browser says it comes from another origin.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
@@ -71,6 +72,31 @@ def csrf_token(request: Request) -> str:
 
 def csrf_ok(request: Request, submitted: str | None) -> bool:
     return bool(submitted) and hmac.compare_digest(csrf_token(request), submitted or "")
+
+
+def same_origin(request: Request) -> bool:
+    """False when the Origin header (else the Referer) names another origin than this service's.
+
+    A request with neither is allowed: browsers send Origin on every cross-site POST, so one without it
+    comes from a non-browser client, which could send any header it liked anyway.
+    """
+    claimed = request.headers.get("origin") or request.headers.get("referer")
+    if claimed is None:
+        return True
+    parts = urlsplit(claimed.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False  # "null" (sandboxed or privacy-stripped), file:, or garbage
+    own_scheme = "https" if is_https(request) else request.url.scheme
+    # Behind a proxy that rewrites Host, X-Forwarded-Host names us (a cross-site form cannot set it).
+    own_hosts = {_host_port(own_scheme, request.headers.get(name, "").split(",")[0].strip())
+                 for name in ("host", "x-forwarded-host")}
+    return parts.scheme == own_scheme and _host_port(parts.scheme, parts.netloc) in own_hosts - {""}
+
+
+def _host_port(scheme: str, netloc: str) -> str:
+    default = ":443" if scheme == "https" else ":80"
+    netloc = netloc.rsplit("@", 1)[-1].lower()
+    return netloc[: -len(default)] if netloc.endswith(default) else netloc
 
 
 def safe_next(target: str | None) -> str:

@@ -14,10 +14,12 @@ from sqlalchemy.orm import Session
 
 from api import jobs_service
 from api.deps import PrincipalDep, SessionDep, SettingsDep, database
-from api.errors import ApiError, not_found
+from api.errors import ApiError, not_found, without_server_paths
+from api.hygiene import MAX_DB_INT, first_unstorable
 from api.idempotency import body_hash, replay_or_create
 from api.schemas import (
     COMMON_ERRORS,
+    MAX_SEED,
     ArtifactList,
     ArtifactOut,
     JobCreate,
@@ -37,6 +39,13 @@ ERRORS = error_responses(*COMMON_ERRORS, 404, 409)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
 MAX_LIMIT = 500
+# report.html is one self-contained page: inline <style>, plots as data: URIs, no script at all.
+REPORT_HTML_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+                               "form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def job_out(job: Job) -> JobOut:
@@ -54,7 +63,8 @@ def job_out(job: Job) -> JobOut:
         attempts=job.attempts,
         cancel_requested=job.cancel_requested,
         worker_id=job.worker_id,
-        error=job.error,
+        # The worker's messages are ours, but one may quote a file it could not read.
+        error={**job.error, "message": without_server_paths(str(job.error.get("message", "")))} if job.error else None,
         result=job.result,
         links={
             "self": base,
@@ -81,7 +91,7 @@ def encode_cursor(*parts: Any) -> str:
 def decode_cursor(cursor: str, size: int) -> list[Any]:
     try:
         parts = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        if not isinstance(parts, list) or len(parts) != size:
+        if not isinstance(parts, list) or len(parts) != size or first_unstorable(parts, []) is not None:
             raise ValueError
         return parts
     except (ValueError, binascii.Error, UnicodeDecodeError):
@@ -169,9 +179,9 @@ def get_metrics(
     session: SessionDep,
     principal: PrincipalDep,
     name: str | None = None,
-    seed: int | None = None,
+    seed: Annotated[int | None, Query(ge=0, le=MAX_SEED)] = None,
     split: str | None = None,
-    since_step: Annotated[int | None, Query(ge=0)] = None,
+    since_step: Annotated[int | None, Query(ge=0, le=MAX_DB_INT)] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
     cursor: str | None = None,
 ):
@@ -179,7 +189,7 @@ def get_metrics(
     after_id = None
     if cursor:
         (after_id,) = decode_cursor(cursor, 1)
-        if not isinstance(after_id, int):
+        if not isinstance(after_id, int) or not 0 <= after_id <= MAX_DB_INT:
             raise ApiError(400, "invalid_cursor", "The cursor is not one this API returned.")
     rows = metrics_repo.query(
         session, job_id, name=name, seed=seed, split=split, since_step=since_step, after_id=after_id, limit=limit + 1
@@ -230,7 +240,7 @@ def get_report(job_id: str, session: SessionDep, principal: PrincipalDep):
 @router.get("/{job_id}/report.html", response_class=HTMLResponse)
 def get_report_html(job_id: str, session: SessionDep, principal: PrincipalDep):
     job = owned_job(session, job_id, principal.owner_id)
-    return HTMLResponse(jobs_service.report_html(session, job))
+    return HTMLResponse(jobs_service.report_html(session, job), headers=REPORT_HTML_HEADERS)
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from api.deps import database
+from api.deps import SessionDep, SettingsDep, admin_principal, current_principal, database
+from api.schemas import error_responses
 from models.tables import Job, utcnow
 from worker.celery_app import QUEUES
 from worker.celery_app import app as celery_app
@@ -119,7 +121,16 @@ class Families:
         return self.items
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+def metrics_reader(
+    session: SessionDep, settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    """The admin's to read (the counts span every tenant), unless GS_METRICS_PUBLIC admits any scraper."""
+    if not settings.metrics_public:
+        admin_principal(current_principal(session, authorization))
+
+
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(metrics_reader)],
+            responses=error_responses(401, 403))
 def metrics() -> Response:
     with database().session() as session:
         families = job_metric_families(session, utcnow())

@@ -12,8 +12,8 @@ from models.tables import Job, utcnow
 
 def scrape(client) -> dict[str, dict[tuple, float]]:
     """{family name: {(sample name, sorted labels): value}} of one scrape."""
-    response = client.get("/metrics", headers={"Authorization": ""})
-    assert response.status_code == 200
+    response = client.get("/metrics")  # the client sends the admin token
+    assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
     families = {}
     for family in text_string_to_metric_families(response.text):
@@ -83,7 +83,24 @@ def test_metrics_count_jobs_queue_durations_and_heartbeats(client, some_jobs):
     assert newest < 10 and stalest >= 19.5  # other tests' running jobs may only widen the range
 
 
-def test_metrics_need_no_token_and_include_the_process(client):
+def test_metrics_include_the_process(client):
     families = scrape(client)
     assert "gs_jobs" in families and "gs_queue_depth" in families and "gs_job_duration_seconds" in families
     assert any(name.startswith("process_") or name.startswith("python_") for name in families)
+
+
+def test_metrics_need_the_admin_token(client, tenant):
+    # They count every tenant's jobs: no token is a 401, a tenant's key a 403.
+    anonymous = client.get("/metrics", headers={"Authorization": ""})
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "unauthorized"
+    assert "gs_jobs" not in anonymous.text
+    assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/metrics", headers=tenant()).status_code == 403
+
+
+def test_gs_metrics_public_lets_a_scraper_without_a_token_in(client, monkeypatch):
+    from api.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "metrics_public", True)
+    response = client.get("/metrics", headers={"Authorization": ""})
+    assert response.status_code == 200 and "gs_jobs" in response.text

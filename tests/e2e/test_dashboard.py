@@ -149,6 +149,8 @@ def test_a_job_submitted_on_the_dashboard_runs_live_and_its_report_and_compariso
                "accuracy curves (train and test of seed 0)")
     assert series_labels(driver, "#chart-loss path.series") == {"seed 0 train", "seed 0 test"}
     assert driver.find_elements(By.CSS_SELECTOR, "#chart-starved path.series")
+    # The page reloads itself once the job is terminal; the outcome table comes with that reload.
+    wait_until(lambda: driver.find_elements(By.ID, "summary"), 15, "the outcome table after the reload")
     assert "test accuracy" in driver.find_element(By.ID, "summary").text
     screenshot_is_a_picture(driver, "job")
 
@@ -159,6 +161,20 @@ def test_a_job_submitted_on_the_dashboard_runs_live_and_its_report_and_compariso
     assert images and all(img.get_attribute("src").startswith("data:image/png") for img in images)
     assert driver.execute_script("return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
     screenshot_is_a_picture(driver, "report")
+
+    # The API's own report.html renders under its stricter policy too: inline style, data: images, no script.
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Bearer {ADMIN_TOKEN}"}})
+    try:
+        driver.get(f"{base}/v1/jobs/{job_id}/report.html")
+        wait_until(lambda: "Reliance report" in driver.title, 15, "report.html")
+        assert driver.find_elements(By.CSS_SELECTOR, "img")
+        assert driver.execute_script("return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+        # The page's inline <style> applied (th gets a background only from it).
+        assert driver.execute_script(
+            "return getComputedStyle(document.querySelector('th')).backgroundColor") == "rgb(243, 243, 243)"
+    finally:
+        driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {}})
 
     # ERM against SD, side by side.
     assert stack.wait_for(sd["id"], ("succeeded", "failed"), timeout_s=120)["status"] == "succeeded"
