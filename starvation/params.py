@@ -22,20 +22,36 @@ class Param:
     check: Check
 
 
-def resolve(owner: str, declared: Mapping[str, Param], given: Mapping[str, Any] | None) -> dict:
-    """`given` checked against `declared`, with defaults filled in (a new dict)."""
+class ParamError(SpecError):
+    """A bad parameter; `field` names it where the caller said where the parameters sit (e.g. "model.hidden")."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def resolve(owner: str, declared: Mapping[str, Param], given: Mapping[str, Any] | None, *,
+            field: str | None = None) -> dict:
+    """`given` checked against `declared`, with defaults filled in (a new dict).
+
+    `field`: where these parameters sit in the spec or form ("model", "dataset.params"); messages then name
+    the parameter as `field.name`, and the `ParamError` carries that path.
+    """
     given = dict(given or {})
     unknown = sorted(set(given) - set(declared))
     if unknown:
         known = ", ".join(sorted(declared)) or "none"
-        raise SpecError(f"{owner} has no parameter {', '.join(map(repr, unknown))} (known: {known})")
+        where = f"{field}.{unknown[0]}" if field else None
+        raise ParamError(f"{owner} has no parameter {', '.join(map(repr, unknown))} (known: {known})", where)
     resolved = {}
     for name, param in declared.items():
         value = given.get(name, param.default)
         try:
             resolved[name] = param.check(value)
         except (ValueError, TypeError) as error:
-            raise SpecError(f"{owner}: parameter {name!r} {error} (got {value!r})") from None
+            if field:
+                raise ParamError(f"{field}.{name} {error} (got {value!r}; {owner})", f"{field}.{name}") from None
+            raise ParamError(f"{owner}: parameter {name!r} {error} (got {value!r})") from None
     return resolved
 
 
@@ -83,6 +99,16 @@ def positive_int(value: Any) -> int:
     return int(value)
 
 
+def int_between(low: int, high: int) -> Check:
+    """An integer in [low, high]: every size a user sets has an explicit upper bound."""
+    def checked(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"must be an integer from {low} to {high}")
+        return int(value)
+
+    return checked
+
+
 def non_negative_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError("must be an integer >= 0")
@@ -102,7 +128,7 @@ def optional(check: Check) -> Check:
     return checked
 
 
-def list_of(check: Check, *, length: int | None = None, min_length: int = 0) -> Check:
+def list_of(check: Check, *, length: int | None = None, min_length: int = 0, max_length: int | None = None) -> Check:
     def checked(value: Any) -> list:
         if not isinstance(value, (list, tuple)):
             raise ValueError("must be a list")
@@ -110,7 +136,15 @@ def list_of(check: Check, *, length: int | None = None, min_length: int = 0) -> 
             raise ValueError(f"must be a list of {length} values")
         if len(value) < min_length:
             raise ValueError(f"must have at least {min_length} values")
-        return [check(v) for v in value]
+        if max_length is not None and len(value) > max_length:
+            raise ValueError(f"must have at most {max_length} values")
+        checked_values = []
+        for v in value:
+            try:
+                checked_values.append(check(v))
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"each value {error}") from None
+        return checked_values
 
     return checked
 

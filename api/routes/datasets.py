@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Form, Header, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
-from api.errors import ApiError
+from api.errors import ApiError, without_server_paths
 from api.idempotency import replay_or_create
 from api.schemas import COMMON_ERRORS, DatasetList, DatasetOut, error_responses
 from api.uploads import save_limited
@@ -28,7 +28,7 @@ def list_datasets(session: SessionDep, principal: PrincipalDep):
 
     builtins = [DatasetOut(name=name, builtin=True, description=cls.describe()) for name, cls in DATASETS.items()]
     registered = [
-        DatasetOut(id=d.id, name=d.name, builtin=False, description=d.info, created_at=d.created_at)
+        DatasetOut(id=d.id, name=d.name, builtin=False, description=public_info(d.info), created_at=d.created_at)
         for d in files_repo.list_datasets(session, owner_id=principal.owner_id)
     ]
     return DatasetList(items=builtins + registered)
@@ -66,9 +66,10 @@ async def register_npz(session, principal, settings, name: str, file: UploadFile
 
     def create() -> tuple[int, Any]:
         try:
-            dataset = load_npz(tmp_path, name)
+            dataset = load_npz(tmp_path, name, max_bytes=settings.max_dataset_bytes,
+                               max_compression_ratio=settings.max_dataset_compression_ratio)
         except SpecError as exc:
-            raise ApiError(422, "invalid_dataset", str(exc)) from None
+            raise dataset_refused(exc) from None
         except Exception as exc:  # numpy refuses pickles and broken zips with assorted errors
             raise ApiError(422, "invalid_dataset", f"Not a readable .npz file: {type(exc).__name__}.") from None
         dataset_id = new_id()
@@ -82,6 +83,12 @@ async def register_npz(session, principal, settings, name: str, file: UploadFile
         )
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def dataset_refused(exc: Exception) -> ApiError:
+    """A dataset the science package refused: 413 `too_large` for a size limit (bombs), else 422."""
+    code = getattr(exc, "code", "invalid_dataset")
+    return ApiError(413 if code == "too_large" else 422, code, str(exc))
 
 
 def inside_data_dir(settings, relative: str | None, what: str) -> Path:
@@ -106,9 +113,10 @@ def register_image_folder(session, principal, settings, name, folder, metadata, 
     if not csv_path.is_file():
         raise ApiError(422, "invalid_dataset", f"No metadata CSV {metadata!r} in {folder!r}.")
     try:
-        dataset = load_image_folder(root, csv_path, name, image_size)
+        dataset = load_image_folder(root, csv_path, name, image_size, max_bytes=settings.max_dataset_bytes,
+                                    max_image_pixels=settings.max_image_pixels)
     except SpecError as exc:
-        raise ApiError(422, "invalid_dataset", str(exc)) from None
+        raise dataset_refused(exc) from None
     extra = {"metadata": str(csv_path), "image_size": image_size}
     return 201, add_row(session, principal, new_id(), name, "image_folder", root, dataset, extra)
 
@@ -123,4 +131,10 @@ def add_row(session, principal, dataset_id, name, fmt, path, dataset, extra) -> 
     row = files_repo.add_dataset(
         session, id=dataset_id, owner_id=principal.owner_id, name=name, format=fmt, path=str(path), info=info
     )
-    return DatasetOut(id=row.id, name=row.name, builtin=False, description=info, created_at=row.created_at)
+    return DatasetOut(id=row.id, name=row.name, builtin=False, description=public_info(info), created_at=row.created_at)
+
+
+def public_info(info: dict[str, Any]) -> dict[str, Any]:
+    """What a dataset's owner sees of its row: the metadata CSV relative to GS_DATA_DIR, as they named it
+    (the worker keeps the absolute path)."""
+    return {key: without_server_paths(value) if isinstance(value, str) else value for key, value in info.items()}

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from starvation.datasets.base import Dataset, Split
+from starvation.datasets.base import DataSize, Dataset, Split
 from starvation.datasets.builtin import BuiltinDataset
 from starvation.datasets.colored_mnist import ColoredMNIST
 from starvation.datasets.two_moons import TwoMoons
-from starvation.datasets.user import load_image_folder, load_npz
+from starvation.datasets.user import DatasetError, check_npz, load_image_folder, load_npz, registered_size
 from starvation.errors import SpecError
 
 DATASETS: dict[str, type[BuiltinDataset]] = {cls.NAME: cls for cls in (ColoredMNIST, TwoMoons)}
@@ -36,5 +36,12 @@ def describe_all() -> list[dict]:
     return [cls.describe() for cls in DATASETS.values()]
 
 
-__all__ = ["DATASETS", "BuiltinDataset", "Dataset", "Split", "SpecError", "build", "dataset_class", "describe_all",
-           "load_image_folder", "load_npz", "resolve_params"]
+def size(name: str, params: dict[str, Any] | None, *, data_dir: str | None) -> DataSize:
+    """How big built-in dataset `name` with `params` will be where `data_dir` is the data directory, unbuilt."""
+    cls = dataset_class(name)
+    return cls.size(cls.resolve_params(params), data_dir)
+
+
+__all__ = ["DATASETS", "BuiltinDataset", "DataSize", "Dataset", "DatasetError", "Split", "SpecError", "build",
+           "check_npz", "dataset_class", "describe_all", "load_image_folder", "load_npz", "registered_size",
+           "resolve_params", "size"]

@@ -7,6 +7,16 @@ from typing import ClassVar
 import torch
 
 
+@dataclass(frozen=True)
+class DataSize:
+    """How big a dataset is, known before it is built: what the memory budget (`starvation.budget`) needs."""
+
+    n_train: int  # examples in the pooled training splits
+    n_examples: int  # examples in every split, the training ones included
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
 @dataclass
 class Split:
     """One environment or split: inputs, binary/class labels and the spurious attribute per example."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from starvation import params as P
-from starvation.datasets.base import Dataset
+from starvation.datasets.base import DataSize, Dataset
 
 
 class BuiltinDataset(Dataset):
@@ -19,6 +19,7 @@ class BuiltinDataset(Dataset):
     TEST_SPLIT: ClassVar[str]
     NUM_CLASSES: ClassVar[int]
     INPUT_SHAPE: ClassVar[tuple[int, ...]]
+    SIZE_PARAM: ClassVar[str | None] = None  # the parameter that sets how many examples there are
 
     @classmethod
     def create(cls, params: dict[str, Any], *, seed: int, data_dir: str | None) -> "BuiltinDataset":
@@ -27,7 +28,12 @@ class BuiltinDataset(Dataset):
 
     @classmethod
     def resolve_params(cls, params: dict[str, Any] | None) -> dict[str, Any]:
-        return P.resolve(f"dataset {cls.NAME!r}", cls.PARAMS, params)
+        return P.resolve(f"dataset {cls.NAME!r}", cls.PARAMS, params, field="dataset.params")
+
+    @classmethod
+    def size(cls, params: dict[str, Any], data_dir: str | None = None) -> DataSize:
+        """How big `create` will make the dataset with these resolved params (an upper bound), without building it."""
+        raise NotImplementedError
 
     @classmethod
     def describe(cls) -> dict:

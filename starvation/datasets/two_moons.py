@@ -7,10 +7,11 @@ import numpy as np
 import torch
 
 from starvation import params as P
-from starvation.datasets.base import Split
+from starvation.datasets.base import DataSize, Split
 from starvation.datasets.builtin import BuiltinDataset
 
 TEST_SEED_OFFSET = 1_000_000  # the test draw uses random_state = seed + this, never another seed's train draw
+MAX_SAMPLES = 1_000_000  # per draw: 3,333x the paper's 300, and 8 MB of points
 
 
 def moons(n_samples: int, noise: float, delta: float, random_state: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +37,8 @@ class TwoMoons(BuiltinDataset):
     )
     PARAMS: ClassVar[dict[str, P.Param]] = {
         "delta": P.Param(0.1, "margin: > 0 separates the classes by 2*delta, < 0 overlaps them", P.number),
-        "n_samples": P.Param(300, "points per draw (train and test each)", P.positive_int),
+        "n_samples": P.Param(300, f"points per draw (train and test each), 1..{MAX_SAMPLES}",
+                             P.int_between(1, MAX_SAMPLES)),
         "noise": P.Param(0.1, "standard deviation of make_moons' Gaussian noise", P.non_negative),
     }
     ATTRIBUTES: ClassVar[dict[str, str]] = {}
@@ -45,6 +47,12 @@ class TwoMoons(BuiltinDataset):
     TEST_SPLIT: ClassVar[str] = "test"
     NUM_CLASSES: ClassVar[int] = 2
     INPUT_SHAPE: ClassVar[tuple[int, ...]] = (2,)
+    SIZE_PARAM: ClassVar[str | None] = "n_samples"
+
+    @classmethod
+    def size(cls, params: dict[str, Any], data_dir: str | None = None) -> DataSize:
+        n = params["n_samples"]
+        return DataSize(n_train=n, n_examples=2 * n, input_shape=cls.INPUT_SHAPE, num_classes=cls.NUM_CLASSES)
 
     @classmethod
     def create(cls, params: dict[str, Any], *, seed: int, data_dir: str | None) -> "TwoMoons":

@@ -1,18 +1,22 @@
 """Datasets users register: an .npz of arrays, or an image folder with a metadata CSV (CelebA/Waterbirds layout).
 
-Every check raises `SpecError` with a message for the person who uploaded the file. Nothing is unpickled.
+Every check raises `DatasetError` (a `SpecError`) with a message for the person who uploaded the file. Nothing
+is unpickled, and nothing is decompressed or decoded before its size is known and within limits: an .npz's
+zip directory and .npy headers are read first (`check_npz`), an image's header before its pixels.
 """
 from __future__ import annotations
 
 import csv
+import math
 import pathlib
 import re
 import zipfile
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from starvation.datasets.base import Dataset, Split
+from starvation.datasets.base import DataSize, Dataset, Split
 from starvation.errors import SpecError
 
 NPZ_ARRAYS = {"x", "y", "attribute", "split"}
@@ -20,32 +24,136 @@ SPLIT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ALL = "all"  # the one split of a dataset uploaded without a split column
 TEST_NAMES = ("test", "val", "valid", "validation")
 
+# Size limits (the service passes its settings; these are the defaults, docs/security.md "Limits and budgets").
+MAX_DATASET_BYTES = 2 << 30  # a loaded dataset: its arrays, x as float32
+MAX_COMPRESSION_RATIO = 100  # an .npz member unpacking to more than this many times its packed size is a bomb...
+RATIO_CHECKED_ABOVE = 16 << 20  # ...when it unpacks to more than this (an all-zero `attribute` packs 1000:1)
+MAX_IMAGE_PIXELS = 50_000_000  # one image (150 MB as RGB); below Pillow's own 89M warning, so ours decides
+MAX_DIRECTORY_BYTES = 64 << 10  # the zip's central directory: four entries need well under 1 KiB
+ARRAY_KINDS = {"x": "biuf", "y": "biuf", "attribute": "biuf", "split": "SU"}  # numpy dtype kinds; never "O"
 
-def load_npz(path: str | pathlib.Path, name: str) -> Dataset:
+
+class DatasetError(SpecError):
+    """A user's dataset is refused: `code` is "invalid_dataset", or "too_large" for a size limit."""
+
+    def __init__(self, message: str, code: str = "invalid_dataset") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_npz(path: str | pathlib.Path, *, max_bytes: int = MAX_DATASET_BYTES,
+              max_compression_ratio: float = MAX_COMPRESSION_RATIO) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Each array's (dtype, shape), from the zip directory and the .npy headers alone: no array is materialised.
+
+    Refuses (`DatasetError`, code "too_large") a member that unpacks past `max_bytes` or, above
+    RATIO_CHECKED_ABOVE, past `max_compression_ratio` times its packed size, and arrays that would take more
+    than `max_bytes` once loaded (x as float32); refuses (code "invalid_dataset") other names than x, y,
+    attribute and split, object and other non-numeric dtypes, and headers whose shape does not match the bytes.
+    """
+    filename = pathlib.Path(path).name
+    try:
+        _check_directory_size(path)
+        archive = zipfile.ZipFile(path)
+    except DatasetError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise DatasetError(f"{filename} is not a readable .npz file ({error})") from None
+    with archive:
+        infos = archive.infolist()
+        names = [info.filename for info in infos]
+        keys = {name.removesuffix(".npy") for name in names}
+        unexpected = sorted(name for name in names if not (name.endswith(".npy") and name[:-4] in NPZ_ARRAYS))
+        if unexpected or len(keys) != len(names):
+            raise DatasetError(f"the .npz has unexpected member(s) {', '.join(unexpected) or '(an array twice)'}; "
+                               "allowed: x.npy, y.npy, attribute.npy, split.npy")
+        missing = sorted({"x", "y", "attribute"} - keys)
+        if missing:
+            raise DatasetError(f"the .npz lacks array(s) {', '.join(missing)}; it needs x, y and attribute "
+                               "(split optional)")
+        arrays, loaded_bytes = {}, 0
+        for info in infos:
+            key = info.filename.removesuffix(".npy")
+            _check_member_size(key, info, max_bytes, max_compression_ratio)
+            try:
+                with archive.open(info) as member:
+                    dtype, shape, data_start = _npy_header(member)
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as error:
+                raise DatasetError(f"array {key!r} of the .npz has no readable .npy header ({error})") from None
+            if dtype.hasobject or dtype.kind not in ARRAY_KINDS[key]:
+                raise DatasetError(f"array {key!r} has dtype {dtype}; it must be "
+                                   f"{'strings' if key == 'split' else 'numeric'} (nothing that needs pickle)")
+            count = math.prod(shape)
+            loaded_bytes += count * dtype.itemsize + (count * 4 if key == "x" else 0)  # x is also kept as float32
+            if loaded_bytes > max_bytes:
+                raise DatasetError(f"array {key!r} (shape {list(shape)}, {dtype}) takes the dataset past "
+                                   f"{_size(max_bytes)} in memory, the limit", code="too_large")
+            if count * dtype.itemsize != info.file_size - data_start:
+                raise DatasetError(f"array {key!r} declares shape {list(shape)} of {dtype} ({count * dtype.itemsize} "
+                                   f"bytes) but holds {info.file_size - data_start} bytes")
+            arrays[key] = (dtype, tuple(shape))
+    return arrays
+
+
+def _check_directory_size(path: str | pathlib.Path) -> None:
+    """Refuse a zip directory of more entries or bytes than four arrays need, before zipfile reads it: each
+    46-byte entry becomes a ~400-byte Python object, so a 512 MiB upload of empty entries would take 4 GiB."""
+    with open(path, "rb") as handle:
+        end = zipfile._EndRecData(handle)  # the end record zipfile itself trusts (zip64 applied); private, but stable
+    if end is None:
+        raise zipfile.BadZipFile("File is not a zip file")
+    entries, directory_bytes = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+    if entries > len(NPZ_ARRAYS) or directory_bytes > MAX_DIRECTORY_BYTES:
+        raise DatasetError(f"the .npz lists {entries} members in {directory_bytes} bytes; it may hold only x, y, "
+                           "attribute and split", code="too_large")
+
+
+def _check_member_size(key: str, info: zipfile.ZipInfo, max_bytes: int, max_ratio: float) -> None:
+    if info.file_size > max_bytes:
+        raise DatasetError(f"array {key!r} unpacks to {_size(info.file_size)}; the limit is {_size(max_bytes)}",
+                           code="too_large")
+    if info.file_size > RATIO_CHECKED_ABOVE and info.file_size > max_ratio * max(info.compress_size, 1):
+        raise DatasetError(f"array {key!r} unpacks to {_size(info.file_size)} from {_size(info.compress_size)} "
+                           f"(more than {max_ratio:g}:1): refused as a compression bomb", code="too_large")
+
+
+def _npy_header(member) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, offset of the data) from an .npy header, reading nothing past it."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+    else:
+        raise ValueError(f".npy format version {version[0]}.{version[1]}; 1.0 and 2.0 are read")
+    if any(not isinstance(d, int) or d < 0 for d in shape):
+        raise ValueError(f"bad shape {shape}")
+    return np.dtype(dtype), tuple(shape), member.tell()
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def load_npz(path: str | pathlib.Path, name: str, *, max_bytes: int = MAX_DATASET_BYTES,
+             max_compression_ratio: float = MAX_COMPRESSION_RATIO) -> Dataset:
     """A dataset from an .npz with arrays x [N, ...], y [N] class indices, attribute [N] ints, optional split [N] str.
 
     uint8 inputs are divided by 255. Splits whose name starts with "train" are pooled for training; the test
     split is "test" (else "val"/"valid"/"validation", else the first other split). Without `split`, one split
-    "all" serves for both.
+    "all" serves for both. `check_npz` vets sizes and dtypes before any array is read.
     """
+    check_npz(path, max_bytes=max_bytes, max_compression_ratio=max_compression_ratio)
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise SpecError(f"{pathlib.Path(path).name} is not a readable .npz file ({error})") from None
+        raise DatasetError(f"{pathlib.Path(path).name} is not a readable .npz file ({error})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise SpecError("expected an .npz archive (numpy.savez) with arrays x, y and attribute; got a single array")
-    with archive:
-        keys = set(archive.files)
-        missing = sorted({"x", "y", "attribute"} - keys)
-        if missing:
-            raise SpecError(f"the .npz lacks array(s) {', '.join(missing)}; it needs x, y and attribute (split optional)")
-        unexpected = sorted(keys - NPZ_ARRAYS)
-        if unexpected:
-            raise SpecError(f"the .npz has unexpected array(s) {', '.join(unexpected)}; allowed: x, y, attribute, split")
+        raise DatasetError("expected an .npz archive (numpy.savez) with arrays x, y and attribute; got a single array")
+    with archive:  # check_npz vetted the names, dtypes and sizes
         try:
-            arrays = {key: archive[key] for key in keys}
+            arrays = {key: archive[key] for key in archive.files}
         except ValueError as error:  # object arrays need pickle, which we refuse
-            raise SpecError(f"the .npz holds an array that needs pickle to load ({error}); save plain numeric and "
+            raise DatasetError(f"the .npz holds an array that needs pickle to load ({error}); save plain numeric and "
                             "string arrays") from None
     x = _inputs(arrays["x"])
     split = _split_names(arrays["split"], len(x)) if "split" in arrays else None
@@ -53,28 +161,29 @@ def load_npz(path: str | pathlib.Path, name: str) -> Dataset:
 
 
 def load_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, name: str,
-                      image_size: int | tuple[int, int]) -> Dataset:
+                      image_size: int | tuple[int, int], *, max_bytes: int = MAX_DATASET_BYTES,
+                      max_image_pixels: int = MAX_IMAGE_PIXELS) -> Dataset:
     """A dataset from images under `root` listed in a CSV with columns path, label, attribute[, split].
 
     Each image is loaded with Pillow as RGB, resized to `image_size` (an int or (height, width)) and stored
-    float32 CHW in [0, 1]. Paths are relative to `root`; a path that leaves `root` is refused.
+    float32 CHW in [0, 1]. Paths are relative to `root`; a path that leaves `root` is refused. An image over
+    `max_image_pixels` is refused from its header, before it is decoded; so is a folder whose tensors would
+    pass `max_bytes`. Any decoding failure is a `DatasetError` naming the CSV line.
     """
-    from PIL import Image, UnidentifiedImageError
-
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if height <= 0 or width <= 0:
-        raise SpecError(f"image_size must be positive, got {image_size!r}")
+        raise DatasetError(f"image_size must be positive, got {image_size!r}")
     root = pathlib.Path(root).resolve()
     rows = _csv_rows(pathlib.Path(csv_path))
+    tensor_bytes = len(rows) * 3 * height * width * 4
+    if tensor_bytes > max_bytes:
+        raise DatasetError(f"{len(rows)} images of 3x{height}x{width} take {_size(tensor_bytes)} as float32; the "
+                           f"limit is {_size(max_bytes)} (use a smaller image_size or fewer images)", code="too_large")
     images, labels, attributes, splits = [], [], [], []
     for number, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"metadata CSV line {number}"
         image_path = _inside(root, row["path"], where)
-        try:
-            with Image.open(image_path) as image:
-                rgb = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
-        except (OSError, UnidentifiedImageError) as error:
-            raise SpecError(f"{where}: cannot read image {row['path']!r} ({error})") from None
+        rgb = _read_image(image_path, (width, height), max_image_pixels, where, row["path"])
         images.append(np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0)
         labels.append(_int(row["label"], f"{where}: label"))
         attributes.append(_int(row["attribute"], f"{where}: attribute"))
@@ -83,6 +192,43 @@ def load_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, na
     split = _split_names(np.array(splits), len(x)) if any(s != ALL for s in splits) else None
     return from_arrays(name, x, np.array(labels), np.array(attributes), split,
                        info={"source": "image_folder", "image_size": [height, width]})
+
+
+def _read_image(path: pathlib.Path, size: tuple[int, int], max_pixels: int, where: str, relative: str):
+    """The image at `path` as RGB resized to `size` (width, height); its pixel count checked before decoding."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own check agrees: a warning past it, an error past twice it
+    try:
+        with Image.open(path) as image:  # reads the header only
+            pixels = image.width * image.height
+            if pixels > max_pixels:
+                raise DatasetError(f"{where}: image {relative!r} is {image.width}x{image.height} = {pixels} pixels; "
+                                   f"the limit is {max_pixels} (a decompression bomb, or a photo to shrink first)",
+                                   code="too_large")
+            return image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+    except DatasetError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # Pillow's (warnings as errors)
+        raise DatasetError(f"{where}: image {relative!r} is refused as a decompression bomb ({error})",
+                           code="too_large") from None
+    except Exception as error:  # noqa: BLE001 - a decoder fails on a hostile file in many ways, each the file's fault
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
+        raise DatasetError(f"{where}: cannot read image {relative!r} ({reason})") from None
+
+
+def registered_size(splits: dict[str, int], input_shape: Sequence[int], num_classes: int) -> DataSize:
+    """A registered dataset's size from what registration recorded (split sizes), for the memory budget."""
+    train, _ = _train_and_test(list(splits))
+    return DataSize(n_train=sum(splits[s] for s in train), n_examples=sum(splits.values()),
+                    input_shape=tuple(int(d) for d in input_shape), num_classes=int(num_classes))
+
+
+def _train_and_test(names: list[str]) -> tuple[list[str], str]:
+    """Splits named "train*" are pooled for training; the test split is test/val/..., else another, else train."""
+    train = [s for s in names if s.startswith("train")]
+    tests = [s for s in TEST_NAMES if s in names] or [s for s in names if s not in train] or train
+    return train or [tests[0]], tests[0]
 
 
 def from_arrays(name: str, x: np.ndarray, y: np.ndarray, attribute: np.ndarray, split: np.ndarray | None,
@@ -98,34 +244,33 @@ def from_arrays(name: str, x: np.ndarray, y: np.ndarray, attribute: np.ndarray, 
         rows = np.flatnonzero(split == split_name)
         tensors[split_name] = Split(name=split_name, x=torch.from_numpy(np.ascontiguousarray(x[rows])),
                                     y=torch.from_numpy(y[rows]), attribute=torch.from_numpy(attribute[rows]))
-    train = [s for s in names if s.startswith("train")]
-    tests = [s for s in TEST_NAMES if s in names] or [s for s in names if s not in train] or train
-    return Dataset(name=name, splits=tensors, train_splits=train or [tests[0]], test_split=tests[0],
+    train, test = _train_and_test(names)
+    return Dataset(name=name, splits=tensors, train_splits=train, test_split=test,
                    num_classes=max(2, int(y.max()) + 1), input_shape=tuple(int(d) for d in x.shape[1:]),
                    attribute_name="attribute", info={**info, "n_examples": n, "splits": {s: len(tensors[s]) for s in names}})
 
 
 def _inputs(x: np.ndarray) -> np.ndarray:
     if x.dtype.kind not in "biuf":
-        raise SpecError(f"x must be numeric, got dtype {x.dtype}")
+        raise DatasetError(f"x must be numeric, got dtype {x.dtype}")
     if x.ndim < 2 or len(x) == 0:
-        raise SpecError(f"x must be [N, ...features] with N >= 1, got shape {list(x.shape)}")
+        raise DatasetError(f"x must be [N, ...features] with N >= 1, got shape {list(x.shape)}")
     x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
     if not np.isfinite(x).all():
-        raise SpecError("x holds NaN or infinite values")
+        raise DatasetError("x holds NaN or infinite values")
     return x
 
 
 def _class_indices(values: np.ndarray, n: int, what: str) -> np.ndarray:
     if values.ndim != 1 or len(values) != n:
-        raise SpecError(f"{what} must be one value per example ({n}), got shape {list(values.shape)}")
+        raise DatasetError(f"{what} must be one value per example ({n}), got shape {list(values.shape)}")
     if values.dtype.kind == "f" and np.isfinite(values).all() and (values == np.round(values)).all():
         values = values.astype(np.int64)
     if values.dtype.kind not in "biu":
-        raise SpecError(f"{what} must hold integers (class indices), got dtype {values.dtype}")
+        raise DatasetError(f"{what} must hold integers (class indices), got dtype {values.dtype}")
     values = values.astype(np.int64)
     if values.min() < 0:
-        raise SpecError(f"{what} must be class indices 0..k-1 (binary: 0/1), found {int(values.min())}")
+        raise DatasetError(f"{what} must be class indices 0..k-1 (binary: 0/1), found {int(values.min())}")
     return values
 
 
@@ -133,11 +278,11 @@ def _split_names(split: np.ndarray, n: int) -> np.ndarray:
     if split.dtype.kind == "S":
         split = np.char.decode(split, "ascii", errors="replace")
     if split.dtype.kind != "U" or split.ndim != 1 or len(split) != n:
-        raise SpecError(f"split must be {n} strings such as 'train' and 'test', got dtype {split.dtype}, "
+        raise DatasetError(f"split must be {n} strings such as 'train' and 'test', got dtype {split.dtype}, "
                         f"shape {list(split.shape)}")
     for value in np.unique(split):
         if not SPLIT_NAME.match(value):
-            raise SpecError(f"split name {value!r} must be 1-64 letters, digits, '_', '-' or '.'")
+            raise DatasetError(f"split name {value!r} must be 1-64 letters, digits, '_', '-' or '.'")
     return split
 
 
@@ -147,22 +292,22 @@ def _csv_rows(csv_path: pathlib.Path) -> list[dict[str, str]]:
             reader = csv.DictReader(handle)
             missing = sorted({"path", "label", "attribute"} - set(reader.fieldnames or []))
             if missing:
-                raise SpecError(f"metadata CSV lacks column(s) {', '.join(missing)}; "
+                raise DatasetError(f"metadata CSV lacks column(s) {', '.join(missing)}; "
                                 "needs path, label, attribute and optionally split")
             rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise SpecError(f"cannot read the metadata CSV ({error})") from None
+        raise DatasetError(f"cannot read the metadata CSV ({error})") from None
     if not rows:
-        raise SpecError("the metadata CSV lists no images")
+        raise DatasetError("the metadata CSV lists no images")
     return rows
 
 
 def _inside(root: pathlib.Path, relative: str, where: str) -> pathlib.Path:
     if not relative or pathlib.PurePath(relative).is_absolute():
-        raise SpecError(f"{where}: path must be relative to the image folder, got {relative!r}")
+        raise DatasetError(f"{where}: path must be relative to the image folder, got {relative!r}")
     path = (root / relative).resolve()
     if not path.is_relative_to(root):
-        raise SpecError(f"{where}: path {relative!r} leaves the image folder")
+        raise DatasetError(f"{where}: path {relative!r} leaves the image folder")
     return path
 
 
@@ -170,4 +315,4 @@ def _int(text: str, what: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise SpecError(f"{what} must be an integer, got {text!r}") from None
+        raise DatasetError(f"{what} must be an integer, got {text!r}") from None
