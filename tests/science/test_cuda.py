@@ -17,6 +17,7 @@ from starvation import training
 from starvation.datasets import build
 from starvation.export import load_builtin
 from starvation.methods import cross_entropy
+from starvation.training import loop
 from tests.science.test_batched import SD_WITH_WARMUP, SMALL, assert_same_training, by_key, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -45,8 +46,8 @@ def guarded(function):
 @pytest.mark.parametrize("execution", ["batched", "sequential"])
 def test_the_step_loop_never_waits_for_the_device(tmp_path: pathlib.Path, monkeypatch, execution: str) -> None:
     """Every update and minibatch draw runs under CUDA's sync debug mode "error" (evaluation may sync, once)."""
-    monkeypatch.setattr(training, "train_step", guarded(training.train_step))
-    monkeypatch.setattr(training, "stacked_train_step", guarded(training.stacked_train_step))
+    monkeypatch.setattr(loop, "train_step", guarded(loop.train_step))  # where the loops call them
+    monkeypatch.setattr(loop, "stacked_train_step", guarded(loop.stacked_train_step))
     monkeypatch.setattr(training.Batches, "next", guarded(training.Batches.next))
     for index, method in enumerate(({"name": "erm"}, SD_WITH_WARMUP, PER_CLASS_SD)):
         for batch_size in (None, 64):

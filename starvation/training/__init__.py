@@ -1,0 +1,25 @@
+"""Train classifiers from a plain spec: one model per seed, metrics through a callback, checkpoints to a folder.
+
+Two ways to run a job's seeds, chosen by the spec's `execution`, with the same metrics and checkpoints:
+sequential (`_train_seed`, one seed after another; the reference) and batched (`_train_batched`, every seed as
+one stacked model, `starvation.ensemble`). Each loop reads top to bottom; one optimizer update is `train_step`
+or `stacked_train_step`. Step `t` in the metrics is the model after `t` updates: evaluated at 0, every
+`eval_every`, and at `steps` (the saved model). Between evaluations the loops never wait on the device.
+"""
+from starvation.training.acceleration import GraphedUpdates, forward_precision, tf32_matmuls
+from starvation.training.evaluation import (EVAL_CHUNK, STARVED_GRADIENT, as_logits, evaluate, evaluate_stacked,
+                                            evaluation_splits, predictions, split_metrics, stacked_logits,
+                                            stacked_splits, starved)
+from starvation.training.loop import (CPU_PER_SEED_MATMUL_MACS, Batches, Metric, TrainingStopped,
+                                      TrainOutcome, choose_execution, per_seed_matmuls, stacked_train_step, train,
+                                      train_step)
+from starvation.training.spec import (DEFAULTS, EXECUTIONS, MAX_SEED, OPTIMIZERS, PRECISIONS, build_optimizer,
+                                      resolve_device, resolve_train_spec)
+
+__all__ = [
+    "CPU_PER_SEED_MATMUL_MACS", "DEFAULTS", "EVAL_CHUNK", "EXECUTIONS", "MAX_SEED", "OPTIMIZERS", "PRECISIONS",
+    "STARVED_GRADIENT", "Batches", "GraphedUpdates", "Metric", "TrainOutcome", "TrainingStopped",
+    "as_logits", "build_optimizer", "choose_execution", "evaluate", "evaluate_stacked", "evaluation_splits",
+    "forward_precision", "per_seed_matmuls", "predictions", "resolve_device", "resolve_train_spec", "split_metrics",
+    "stacked_logits", "stacked_splits", "stacked_train_step", "starved", "tf32_matmuls", "train", "train_step",
+]

@@ -1,0 +1,355 @@
+"""The training loops: `train`, each seed on its own (`_train_seed`) or all stacked (`_train_batched`), one update."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import pathlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from starvation import datasets
+from starvation.checkpoints.save import CheckpointFile, save_checkpoint
+from starvation.datasets import Dataset
+from starvation.ensemble import StackedMLP, seed_losses, unsupported_reason
+from starvation.methods import Method, build_method
+from starvation.networks import Network, build_network, output_count
+from starvation.training.acceleration import GraphedUpdates, forward_precision, tf32_matmuls
+from starvation.training.evaluation import (_summarise, _to, as_logits, evaluate, evaluate_stacked,
+                                            evaluation_splits, stacked_logits, stacked_splits)
+from starvation.training.spec import _check_gamma, build_optimizer, resolve_device, resolve_train_spec
+
+# Above this many multiply-adds per seed and update, a batched job on the CPU runs each seed's matmuls on its own
+# (`per_seed_matmuls`). On a 2-core CPU (docs/performance.md) one batched matmul over 10 seeds is 1.4x slower than
+# 10 separate ones at 830M (CMNIST, full batch), even at 53M (CMNIST, batches of 256), faster at 0.45M (two moons).
+CPU_PER_SEED_MATMUL_MACS = 50_000_000
+
+
+class TrainingStopped(Exception):
+    """`should_stop()` returned True: training ended early on request (no checkpoint for the seed in progress)."""
+
+
+@dataclass
+class Metric:
+    step: int
+    name: str  # "loss" | "accuracy" | "mean_abs_logit" | "starved_fraction"
+    value: float
+    seed: int | None
+    split: str | None
+
+
+@dataclass
+class TrainOutcome:
+    result: dict  # JSON-able summary: per-split mean/std over seeds, seeds, dataset info, starved fraction
+    checkpoints: list[CheckpointFile] = field(default_factory=list)
+    dataset_info: dict = field(default_factory=dict)
+
+
+# ---- training ------------------------------------------------------------------------------
+
+Report = Callable[[int, dict[int, dict[tuple[str, str], float]], float], None]  # (step, values per seed, progress)
+
+
+def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: str | None = None,
+          on_metrics: Callable[[list[Metric]], None] | None = None,
+          on_progress: Callable[[float], None] | None = None,
+          should_stop: Callable[[], bool] | None = None,
+          dataset: Dataset | None = None) -> TrainOutcome:
+    """Train one model per seed of `spec` (resolved here) and save each under `out_dir`.
+
+    Each seed draws its own built-in dataset (`build(name, params, seed=seed)`: the paper's restarts redraw
+    label noise and colours). A registered dataset is passed as `dataset` (spec's dataset.name then names it)
+    and serves every seed. Raises SpecError for a bad spec, TrainingStopped when `should_stop()` says so.
+    The result says how the seeds ran (`execution`) and how long the updates took (`timing`).
+    """
+    started = time.perf_counter()
+    section = spec.get("dataset") if isinstance(spec, dict) else None
+    named = section.get("name") if isinstance(section, dict) else None
+    spec = resolve_train_spec(spec, user_datasets=(named,) if dataset is not None and isinstance(named, str) else ())
+    torch_device = resolve_device(device)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = spec["seeds"]
+
+    def load(seed: int) -> Dataset:
+        data = dataset if dataset is not None else datasets.build(
+            spec["dataset"]["name"], spec["dataset"]["params"], seed=seed, data_dir=data_dir)
+        _check_gamma(spec["method"], data.num_classes)
+        return data
+
+    def report(step: int, values_by_seed: dict[int, dict[tuple[str, str], float]], done: float) -> None:
+        if on_metrics is not None:
+            for seed, values in values_by_seed.items():
+                on_metrics([Metric(step=step, name=name, value=value, seed=seed, split=split)
+                            for (split, name), value in values.items()])
+        if on_progress is not None:
+            on_progress(done)
+
+    first = load(seeds[0])
+    n_train = sum(len(first.splits[name]) for name in first.train_splits)
+    rows = min(spec["batch_size"] or n_train, n_train)
+    shape = _shape_of(spec, first)
+    execution, why = choose_execution(spec, shape)
+    per_seed = execution == "batched" and per_seed_matmuls(shape, rows, torch_device)
+    graphs = spec["cuda_graphs"] and torch_device.type == "cuda"
+    with tf32_matmuls(spec["precision"] == "tf32"):  # evaluation switches it off again: metrics in float32
+        if execution == "batched":
+            networks, histories, clock = _train_batched(spec, [first] + [load(seed) for seed in seeds[1:]],
+                                                        torch_device, report, should_stop,
+                                                        shared_data=dataset is not None,
+                                                        matmuls_per_seed=per_seed, graphs=graphs)
+        else:
+            networks, histories, clock = [], [], _Clock(torch_device)
+            for index, seed in enumerate(seeds):
+                data = first if index == 0 else load(seed)
+                network, history = _train_seed(spec, data, seed, torch_device, clock, should_stop,
+                                               functools.partial(_report_seed, report, index, len(seeds)),
+                                               graphs=graphs)
+                networks.append(network)
+                histories.append(history)
+
+    checkpoints = [save_checkpoint(network, out_dir, seed=seed, arch=spec["model"]["arch"],
+                                   arch_params=_arch_params(spec), input_shape=first.input_shape,
+                                   num_outputs=output_count(first.num_classes))
+                   for seed, network in zip(seeds, networks)]
+    finals = {seed: history[-1] for seed, history in zip(seeds, histories)}
+    result = {
+        "splits": _summarise(finals),
+        "seeds": list(seeds),
+        "dataset": dict(first.info),
+        "starved_fraction": {
+            "first": float(np.mean([h[0][("train", "starved_fraction")] for h in histories])),
+            "last": float(np.mean([h[-1][("train", "starved_fraction")] for h in histories]))},
+        "execution": {"requested": spec["execution"], "used": execution, "why": why, "precision": spec["precision"],
+                      "per_seed_matmuls": per_seed, "cuda_graphs": graphs},
+        "timing": clock.summary(spec["steps"], total_s=time.perf_counter() - started),
+    }
+    return TrainOutcome(result=result, checkpoints=checkpoints, dataset_info=dict(first.info))
+
+
+def choose_execution(spec: dict, network: Network) -> tuple[str, str]:
+    """("batched" | "sequential", why) for the resolved `spec`; `network` shows the architecture (no weights)."""
+    requested = spec["execution"]
+    if requested == "sequential":
+        return "sequential", "requested"
+    reason = unsupported_reason(network)
+    if reason is not None:
+        return "sequential", f"cannot batch: {reason}"
+    if requested == "batched":
+        return "batched", "requested"
+    if len(spec["seeds"]) == 1:
+        return "sequential", "auto: one seed"
+    return "batched", "auto: several seeds"
+
+
+def per_seed_matmuls(network: Network, rows: int, device: torch.device) -> bool:
+    """Whether a batched job runs each seed's matmuls on its own (`StackedMLP`): on the CPU, for large updates.
+
+    `rows`: examples per update (the batch, or all). On a GPU one batched matmul always pays (one launch, not S).
+    """
+    macs = rows * sum(p.numel() for p in network.parameters() if p.ndim > 1)
+    return device.type == "cpu" and macs > CPU_PER_SEED_MATMUL_MACS
+
+
+def _shape_of(spec: dict, data: Dataset) -> Network:
+    """The spec's network for `data`, without weights (built on the meta device: no RNG drawn, no memory)."""
+    with torch.device("meta"):
+        return build_network(spec["model"]["arch"], _arch_params(spec), data.input_shape,
+                             output_count(data.num_classes))
+
+
+def _init_network(spec: dict, data: Dataset, seed: int) -> Network:
+    """Seed `seed`'s initial network; the caller's global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_network(spec["model"]["arch"], _arch_params(spec), data.input_shape,
+                             output_count(data.num_classes))
+
+
+def _report_seed(report: Report, index: int, count: int, step: int, steps: int, seed: int,
+                 values: dict[tuple[str, str], float]) -> None:
+    """Sequential progress: seed `index` of `count` is at `step` of `steps`."""
+    report(step, {seed: values}, (index * steps + step) / (count * steps))
+
+
+def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, clock: _Clock,
+                should_stop: Callable[[], bool] | None,
+                report: Callable[[int, int, int, dict[tuple[str, str], float]], None], *, graphs: bool
+                ) -> tuple[nn.Module, list[dict[tuple[str, str], float]]]:
+    """One model: init under `seed`, full-batch or minibatch updates, evaluation on schedule."""
+    splits = {name: _to(split, device) for name, split in evaluation_splits(data).items()}
+    train_split = splits["train"]
+    model = _init_network(spec, data, seed).to(device)
+    method = build_method(spec["method"])
+    optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
+    batches = Batches(len(train_split), spec["batch_size"], seeds=[seed], device=device)
+    steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
+    history = []
+
+    def update(rows: torch.Tensor | None, step: int) -> None:
+        x, y = (train_split.x, train_split.y) if rows is None else (train_split.x[rows[0]], train_split.y[rows[0]])
+        train_step(model, optimizer, method, x, y, step, precision=precision)
+    if graphs:
+        update = GraphedUpdates(update, method, device)
+
+    clock.start()
+    for step in range(steps + 1):
+        if step % eval_every == 0 or step == steps:
+            with clock.evaluating(), tf32_matmuls(False):
+                values = evaluate(model, splits)
+                history.append(values)
+                report(step, steps, seed, values)
+        if step == steps:
+            break
+        if should_stop is not None and should_stop():
+            raise TrainingStopped(f"stopped at step {step} of seed {seed}")
+        update(batches.next(), step)
+    return model, history
+
+
+def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report: Report,
+                   should_stop: Callable[[], bool] | None, *, shared_data: bool, matmuls_per_seed: bool,
+                   graphs: bool) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], _Clock]:
+    """Every seed at once as a StackedMLP: per seed the same init, data, minibatches and updates as `_train_seed`."""
+    seeds = spec["seeds"]
+    splits = stacked_splits(data, device, shared=shared_data)
+    first = data[0]
+    del data  # the stacked copy is all that training needs
+    train_split = splits["train"]
+    networks = [_init_network(spec, first, seed) for seed in seeds]
+    model = StackedMLP(networks, per_seed_matmuls=matmuls_per_seed).to(device)
+    method = build_method(spec["method"])
+    optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
+    batches = Batches(train_split.x.shape[1], spec["batch_size"], seeds=seeds, device=device)
+    seed_rows = torch.arange(len(seeds), device=device).unsqueeze(1)
+    steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
+
+    def update(rows: torch.Tensor | None, step: int) -> None:
+        x, y = ((train_split.x, train_split.y) if rows is None
+                else (train_split.x[seed_rows, rows], train_split.y[seed_rows, rows]))
+        stacked_train_step(model, optimizer, method, x, y, step, precision=precision)
+    if graphs:
+        update = GraphedUpdates(update, method, device)
+    # Progress between evaluations too, about as often as the sequential path reports it, but at most ~100 times
+    # a job: in the worker each report is a database write on this thread.
+    progress_every = max(1, eval_every // len(seeds), steps // 100)
+    histories: list[list[dict[tuple[str, str], float]]] = [[] for _ in seeds]
+    clock = _Clock(device)
+
+    clock.start()
+    for step in range(steps + 1):
+        if step % eval_every == 0 or step == steps:
+            with clock.evaluating(), tf32_matmuls(False):
+                per_seed = evaluate_stacked(model, splits)
+                for history, values in zip(histories, per_seed):
+                    history.append(values)
+                report(step, dict(zip(seeds, per_seed)), step / steps)
+        elif step % progress_every == 0:
+            report(step, {}, step / steps)
+        if step == steps:
+            break
+        if should_stop is not None and should_stop():
+            raise TrainingStopped(f"stopped at step {step} of seeds {', '.join(map(str, seeds))}")
+        update(batches.next(), step)
+
+    for index, network in enumerate(networks):  # each seed back as an ordinary module, for its checkpoint
+        network.load_state_dict(model.network_state(index))
+    return networks, histories, clock
+
+
+def _arch_params(spec: dict) -> dict:
+    return {k: v for k, v in spec["model"].items() if k != "arch"}
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, method: Method, x: torch.Tensor,
+               y: torch.Tensor, step: int, *, precision: str = "fp32") -> torch.Tensor:
+    """One optimizer update on (x, y) with the method's loss at `step`; returns that loss (detached, no sync)."""
+    model.train()
+    with forward_precision(precision, x.device):
+        output = model(x)
+    loss = method.loss(as_logits(output).float(), y, step, model)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def stacked_train_step(model: StackedMLP, optimizer: torch.optim.Optimizer, method: Method, x: torch.Tensor,
+                       y: torch.Tensor, step: int, *, precision: str = "fp32") -> torch.Tensor:
+    """One update of every seed on its own rows x [S, B, ...], y [S, B]; returns the seeds' losses [S] (no sync).
+
+    The sum of the seeds' losses is minimised: each seed's gradient is its own (`starvation.ensemble`).
+    """
+    model.train()
+    with forward_precision(precision, x.device):
+        output = model(x)
+    per_seed = seed_losses(method, stacked_logits(output).float(), y, step, list(model.parameters()))
+    optimizer.zero_grad(set_to_none=True)
+    per_seed.sum().backward()
+    optimizer.step()
+    return per_seed.detach()
+
+
+class Batches:
+    """Each seed's minibatch rows: a fresh permutation per epoch from the seed's own generator; None: full batch.
+
+    `next()` gives [seeds, batch_size] indices on the device; an epoch's order is copied there once, not per step.
+    """
+
+    def __init__(self, n: int, batch_size: int | None, *, seeds: Sequence[int], device: torch.device) -> None:
+        self.n, self.batch_size, self.device = n, batch_size, device
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.order = torch.empty(len(seeds), 0, dtype=torch.long)
+        self.position = 0
+
+    def next(self) -> torch.Tensor | None:
+        if self.batch_size is None or self.batch_size >= self.n:
+            return None
+        if self.position + self.batch_size > self.order.shape[1]:
+            order = torch.stack([torch.randperm(self.n, generator=generator) for generator in self.generators])
+            self.order, self.position = _to_device(order, self.device), 0
+        rows = self.order[:, self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return rows
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory, without making the host wait."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class _Clock:
+    """Wall time of the updates and of the evaluations, split at evaluations (where the device is synced anyway).
+
+    Update time includes what runs between evaluations (should_stop, progress reports); evaluation time includes
+    reporting its metrics.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.train_s = self.eval_s = 0.0
+        self.mark = time.perf_counter()
+
+    def start(self) -> None:
+        self.mark = time.perf_counter()
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        began = time.perf_counter()
+        self.train_s += began - self.mark
+        yield
+        self.mark = time.perf_counter()
+        self.eval_s += self.mark - began
+
+    def summary(self, steps: int, *, total_s: float) -> dict[str, float]:
+        """step_ms: wall time to move every seed of the job one update (batched: one stacked update)."""
+        return {"step_ms": 1000 * self.train_s / steps, "train_s": self.train_s, "eval_s": self.eval_s,
+                "total_s": total_s}
