@@ -51,7 +51,8 @@ class TrainOutcome:
 
 # ---- training ------------------------------------------------------------------------------
 
-Report = Callable[[int, dict[int, dict[tuple[str, str], float]], float], None]  # (step, values per seed, progress)
+# (step, values per seed, progress): how the loops hand each evaluation's metrics and the progress to `train`
+ProgressCallback = Callable[[int, dict[int, dict[tuple[str, str], float]], float], None]
 
 
 def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: str | None = None,
@@ -170,7 +171,7 @@ def _init_network(spec: dict, data: Dataset, seed: int) -> Network:
                              output_count(data.num_classes))
 
 
-def _report_seed(report: Report, index: int, count: int, step: int, steps: int, seed: int,
+def _report_seed(report: ProgressCallback, index: int, count: int, step: int, steps: int, seed: int,
                  values: dict[tuple[str, str], float]) -> None:
     """Sequential progress: seed `index` of `count` is at `step` of `steps`."""
     report(step, {seed: values}, (index * steps + step) / (count * steps))
@@ -211,7 +212,7 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
     return model, history
 
 
-def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report: Report,
+def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report: ProgressCallback,
                    should_stop: Callable[[], bool] | None, *, shared_data: bool, matmuls_per_seed: bool,
                    graphs: bool) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], _Clock]:
     """Every seed at once as a StackedMLP: per seed the same init, data, minibatches and updates as `_train_seed`."""
