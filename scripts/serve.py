@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from api.settings import get_settings  # noqa: E402
+from core.settings import get_settings  # noqa: E402
 from models.migrate import upgrade  # noqa: E402
 
 RESTART_DELAY_S = 1.0
@@ -26,7 +26,7 @@ RESTART_DELAY_S = 1.0
 def api_command(host: str, port: int) -> list[str]:
     return [
         sys.executable, "-m", "uvicorn", "api.app:app", "--host", host, "--port", str(port),
-        "--log-config", str(ROOT / "api" / "logging_api.json"),  # JSON lines with job ids
+        "--log-config", str(ROOT / "core" / "logging_api.json"),  # JSON lines with job ids
     ]
 
 
