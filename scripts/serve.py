@@ -1,7 +1,7 @@
 """Run the service in the foreground: migrate, then the API and a supervised Celery worker.
 
 Used by `make serve`, the demo and the end-to-end tests. Configuration comes from GS_* (see
-api/settings.py); with none set it runs on the embedded default (SQLite + filesystem broker
+core/settings.py); with none set it runs on the embedded default (SQLite + filesystem broker
 under ./var/). A worker that dies (even by SIGKILL) is started again, as a process manager would.
 """
 from __future__ import annotations

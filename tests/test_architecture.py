@@ -18,6 +18,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "api": {"worker", "cli", "scripts", "bench"},
     "worker": {"api", "cli", "scripts", "bench"},
     "jail": OURS - {"jail", "core", "starvation"},
+    "cli": OURS - {"cli", "core"},  # talks to the service over HTTP
+    "migrations": OURS - {"migrations", "models", "core"},
     # The science package runs the same in a worker, a notebook and a benchmark.
     "starvation": (OURS - {"starvation"}) | {"fastapi", "starlette", "celery", "kombu", "sqlalchemy", "redis",
                                              "pydantic_settings"},
