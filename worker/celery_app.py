@@ -8,11 +8,9 @@ import resource
 from celery.signals import setup_logging, worker_process_init
 
 from core.logging_config import configure_logging, connect_celery_job_context
-from core.queue import RUN_JOB, make_celery
+from core.queue import make_celery
 from core.settings import Settings, get_settings
 from models.db import forget_database
-
-__all__ = ["RUN_JOB", "app"]
 
 log = logging.getLogger("gs.worker")
 PER_CPU_ADDRESS_SPACE = 128 << 20

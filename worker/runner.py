@@ -22,6 +22,7 @@ from models.db import Database, database
 
 log = logging.getLogger("gs.worker")
 
+
 class JobCancelled(Exception):
     pass
 
