@@ -10,7 +10,7 @@ from api import background, dashboard, errors
 from api.deps import admin_token
 from api.hygiene import refuse_unstorable_text
 from api.limits import BodySizeLimit
-from api.settings import get_settings
+from core.settings import get_settings
 from api.routes import checkpoints, datasets, jobs, keys, ops
 
 

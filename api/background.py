@@ -9,10 +9,11 @@ from datetime import timedelta
 from fastapi.concurrency import run_in_threadpool
 
 from api import webhooks
-from api.deps import admin_token, database
-from api.settings import get_settings
+from api.deps import admin_token
+from core import queue
+from core.settings import get_settings
 from models import jobs as jobs_repo
-from worker.queue import sweep_outbox
+from models.db import Database, database
 
 log = logging.getLogger("gs.api")
 
@@ -26,6 +27,22 @@ def reap_lost_jobs() -> dict[str, str]:
     for job_id, status in actions.items():
         log.warning("job %s lost its worker: now %s", job_id, status)
     return actions
+
+
+def send_and_record(db: Database, job_id: str, queue_name: str, timeout_s: float | None = None) -> bool:
+    if not queue.send(job_id, queue_name, timeout_s):
+        return False
+    with db.session() as session:
+        jobs_repo.mark_enqueued(session, job_id)
+    return True
+
+
+def sweep_outbox(db: Database, grace: timedelta = timedelta(seconds=5)) -> int:
+    """Send every queued job whose message never reached the broker (the row is committed first);
+    returns how many were sent."""
+    with db.session() as session:
+        pending = [(job.id, job.queue, job.spec.get("timeout_s")) for job in jobs_repo.unsent(session, older_than=grace)]
+    return sum(send_and_record(db, *job) for job in pending)
 
 
 def send_outbox() -> int:

@@ -12,16 +12,11 @@ from fastapi import Depends, Header
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
-from api.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 from models import auth as auth_repo
-from models.db import Database
+from models.db import database
 
 ADMIN_OWNER = "admin"
-
-
-@lru_cache
-def database() -> Database:
-    return Database(get_settings().database_url)
 
 
 def get_session():

@@ -31,7 +31,7 @@ def not_found(what: str, ident: str) -> ApiError:
 def without_server_paths(text: str) -> str:
     """`text` with absolute paths under the service's folders (GS_VAR_DIR, GS_DATA_DIR, the working
     directory) made relative to them: a response never shows where the server keeps its files."""
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     settings = get_settings()
     folders = [settings.var_dir, Path.cwd(), *([settings.data_dir] if settings.data_dir else [])]

@@ -11,12 +11,12 @@ from sqlalchemy.orm import Session
 from api.deps import Principal
 from api.errors import ApiError
 from api.schemas import AuditJobCreate, TrainJobCreate
-from api.settings import Settings
-from core import outbound
+from core import outbound, queue
+from core.paths import job_dir
+from core.settings import Settings
 from models import files as files_repo
 from models import jobs as jobs_repo
 from models.tables import Job
-from worker import queue
 
 
 def invalid_spec(message: str, details: Any = None) -> ApiError:
@@ -171,7 +171,7 @@ def enqueue(session: Session, job: Job) -> None:
 
 
 def delete(session: Session, job: Job, settings: Settings) -> None:
-    shutil.rmtree(settings.storage_dir / "jobs" / job.id, ignore_errors=True)
+    shutil.rmtree(job_dir(settings, job.id), ignore_errors=True)
     for checkpoint in files_repo.checkpoints_of_job(session, job.id):
         session.delete(checkpoint)
     jobs_repo.remove(session, job)

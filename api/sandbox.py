@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from api.errors import ApiError
-from api.settings import Settings
+from core.settings import Settings
 
 
 class CheckGate:
@@ -53,12 +53,12 @@ gate = CheckGate()
 def validate_checkpoint(owner_id: str, settings: Settings, **options: Any) -> dict[str, Any]:
     """starvation.checkpoints.validate_checkpoint in a jail; a refused model is a 422, a full
     queue a 429. Blocks: call it from a worker thread."""
-    from jail import JailError, check_model
+    from jail import JailError, Limits, check_model
 
     with gate.enter(owner_id, settings):
         try:
             return check_model(
-                options.pop("path"), options.pop("fmt"), limits=settings.jail_limits(),
+                options.pop("path"), options.pop("fmt"), limits=Limits.from_settings(settings),
                 wall_seconds=settings.upload_check_timeout_s, **options,
             )
         except JailError as exc:

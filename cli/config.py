@@ -18,7 +18,7 @@ class Connection:
 
 
 def default_url() -> str:
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     settings = get_settings()
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
@@ -26,7 +26,7 @@ def default_url() -> str:
 
 
 def token_file() -> Path:
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     return get_settings().admin_token_file
 

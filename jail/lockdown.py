@@ -12,8 +12,12 @@ import errno
 import os
 import resource
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyseccomp as sc
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 NOBODY = 65534
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
@@ -51,6 +55,12 @@ class Limits:
     memory_bytes: int = 4 << 30
     cpu_seconds: int = 600
     threads: int = 1
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """The operator's GS_JAIL_* limits (core/settings.py)."""
+        return cls(memory_bytes=settings.jail_memory_bytes, cpu_seconds=settings.jail_cpu_seconds,
+                   threads=settings.jail_threads)
 
 
 class LockdownError(RuntimeError):

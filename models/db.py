@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+
+from core.settings import get_settings
 
 
 def make_engine(url: str) -> Engine:
@@ -50,3 +53,14 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+@lru_cache(maxsize=1)
+def database() -> Database:
+    """This process's database (GS_DATABASE_URL), made on first use; the API and the worker share this one."""
+    return Database(get_settings().database_url)
+
+
+def forget_database() -> None:
+    """In a forked worker child: the next `database()` opens connections of its own, never the parent's."""
+    database.cache_clear()

@@ -18,7 +18,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from api.settings import get_settings  # noqa: E402
+from core.settings import get_settings  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 METHODS = (("ERM", "paper_cmnist_erm"), ("SD", "paper_cmnist_sd"))

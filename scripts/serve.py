@@ -1,7 +1,7 @@
 """Run the service in the foreground: migrate, then the API and a supervised Celery worker.
 
 Used by `make serve`, the demo and the end-to-end tests. Configuration comes from GS_* (see
-api/settings.py); with none set it runs on the embedded default (SQLite + filesystem broker
+core/settings.py); with none set it runs on the embedded default (SQLite + filesystem broker
 under ./var/). A worker that dies (even by SIGKILL) is started again, as a process manager would.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from api.settings import get_settings  # noqa: E402
+from core.settings import get_settings  # noqa: E402
 from models.migrate import upgrade  # noqa: E402
 
 RESTART_DELAY_S = 1.0
@@ -26,7 +26,7 @@ RESTART_DELAY_S = 1.0
 def api_command(host: str, port: int) -> list[str]:
     return [
         sys.executable, "-m", "uvicorn", "api.app:app", "--host", host, "--port", str(port),
-        "--log-config", str(ROOT / "api" / "logging_api.json"),  # JSON lines with job ids
+        "--log-config", str(ROOT / "core" / "logging_api.json"),  # JSON lines with job ids
     ]
 
 

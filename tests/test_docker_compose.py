@@ -35,7 +35,7 @@ def test_worker_reserves_a_gpu_and_runs_one_job_at_a_time():
 
 
 def test_services_use_postgres_and_redis_urls_the_settings_understand():
-    from api.settings import Settings
+    from core.settings import Settings
 
     env = load()["services"]["api"]["environment"]
     settings = Settings(database_url=env["GS_DATABASE_URL"], broker_url=env["GS_BROKER_URL"])
@@ -45,5 +45,5 @@ def test_services_use_postgres_and_redis_urls_the_settings_understand():
 
 def test_dockerfile_copies_every_package_the_services_import():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for folder in ("api", "worker", "models", "starvation", "migrations", "scripts", "cli"):
+    for folder in ("core", "api", "worker", "models", "jail", "starvation", "migrations", "scripts", "cli"):
         assert f"COPY {folder} ./{folder}" in dockerfile

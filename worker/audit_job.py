@@ -76,9 +76,9 @@ def load_model(path: str, fmt: str, model_info: dict[str, Any], device: str, lay
         "feature_layer": layer,
     }
     if fmt in ("torchscript", "onnx"):
-        from jail import open_model
+        from jail import Limits, open_model
 
-        return open_model(path, fmt, limits=settings.jail_limits(), wall_seconds=settings.jail_cpu_seconds,
+        return open_model(path, fmt, limits=Limits.from_settings(settings), wall_seconds=settings.jail_cpu_seconds,
                           **options)
     from starvation.checkpoints import load_checkpoint
 

@@ -13,28 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from api.settings import Settings, get_settings
+from core.paths import job_dir
+from core.settings import Settings, get_settings
 from models import files as files_repo
 from models import jobs as jobs_repo
 from models import metrics as metrics_repo
-from models.db import Database
+from models.db import Database, database
 
 log = logging.getLogger("gs.worker")
-
-_db: Database | None = None
-
-
-def database() -> Database:
-    global _db
-    if _db is None:
-        _db = Database(get_settings().database_url)
-    return _db
-
-
-def reset_process_state() -> None:
-    """Called in each forked worker child: never reuse the parent's connections."""
-    global _db
-    _db = None
 
 
 class JobCancelled(Exception):
@@ -100,7 +86,7 @@ class JobContext:
 
     @property
     def work_dir(self) -> Path:
-        return self.settings.storage_dir / "jobs" / self.job_id
+        return job_dir(self.settings, self.job_id)
 
     def on_metrics(self, batch: list[Any]) -> None:
         rows = [
@@ -193,7 +179,7 @@ def forget_earlier_attempt(db: Database, job_id: str, settings: Settings) -> Non
     with db.session() as session:
         files_repo.forget_outputs(session, job_id)
         metrics_repo.forget(session, job_id)
-    shutil.rmtree(settings.storage_dir / "jobs" / job_id, ignore_errors=True)
+    shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
 
 
 def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[str, dict | None, dict | None]:

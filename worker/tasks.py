@@ -1,7 +1,8 @@
 """Celery task bodies: thin shells over worker.runner."""
 from __future__ import annotations
 
-from worker.celery_app import RUN_JOB, app
+from core.queue import RUN_JOB
+from worker.celery_app import app
 
 
 @app.task(name=RUN_JOB)

@@ -221,7 +221,7 @@ def cancel(job_id: str, request: Request, session: SessionDep, csrf: Annotated[s
 @router.get("/jobs/{job_id}/events")
 async def job_events(job_id: str, request: Request) -> Response:
     """The API's event stream (status, progress, metrics), for a signed-in browser."""
-    from api.deps import database
+    from models.db import database
 
     with database().session() as session:
         principal = browser.require_principal(request, session)

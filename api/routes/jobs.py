@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from api import jobs_service
-from api.deps import PrincipalDep, SessionDep, SettingsDep, database
+from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found, without_server_paths
 from api.hygiene import MAX_DB_INT, first_unstorable
 from api.idempotency import body_hash, replay_or_create
@@ -33,6 +33,7 @@ from api.schemas import (
 from models import files as files_repo
 from models import jobs as jobs_repo
 from models import metrics as metrics_repo
+from models.db import database
 from models.tables import Job
 
 ERRORS = error_responses(*COMMON_ERRORS, 404, 409)

@@ -12,11 +12,11 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from api.deps import SessionDep, SettingsDep, admin_principal, current_principal, database
+from api.deps import SessionDep, SettingsDep, admin_principal, current_principal
 from api.schemas import error_responses
+from core.queue import QUEUES, check_broker
+from models.db import database
 from models.tables import Job, utcnow
-from worker.celery_app import QUEUES
-from worker.celery_app import app as celery_app
 
 router = APIRouter(tags=["operations"])
 
@@ -36,8 +36,7 @@ def readyz() -> JSONResponse:
     except Exception as exc:
         checks["database"] = f"unreachable: {type(exc).__name__}"
     try:
-        with celery_app.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=1, timeout=2)
+        check_broker()
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"unreachable: {type(exc).__name__}"

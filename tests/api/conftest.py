@@ -9,8 +9,8 @@ from tests.conftest import ADMIN_TOKEN
 @pytest.fixture(scope="session")
 def client():
     """The app in-process on a private embedded default (see tests/conftest.py); no worker."""
-    from api.deps import database
-    from api.settings import get_settings
+    from models.db import database
+    from core.settings import get_settings
     from models.migrate import upgrade
 
     upgrade(get_settings().database_url)

@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 
 def test_api_keys_are_stored_as_hashes_only(client):
-    from api.deps import database
+    from models.db import database
     from models.auth import hash_secret
     from models.tables import ApiKey
 
@@ -21,7 +21,7 @@ def test_api_keys_are_stored_as_hashes_only(client):
 
 def test_local_admin_token_is_made_once_and_readable_only_by_its_owner(tmp_path, monkeypatch):
     from api import deps
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     monkeypatch.delenv("GS_ADMIN_TOKEN")
     monkeypatch.setenv("GS_VAR_DIR", str(tmp_path))

@@ -22,7 +22,7 @@ def stored_files(settings) -> set[str]:
 
 @pytest.fixture
 def settings():
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     return get_settings()
 

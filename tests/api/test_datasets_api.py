@@ -64,7 +64,7 @@ def image_folder(root, n: int = 8) -> None:
 
 
 def test_image_folder_under_the_data_dir_is_registered(client, tmp_path, monkeypatch):
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     image_folder(tmp_path / "faces")
     monkeypatch.setattr(get_settings(), "data_dir", tmp_path)
@@ -78,7 +78,7 @@ def test_image_folder_under_the_data_dir_is_registered(client, tmp_path, monkeyp
     ("../outside", "metadata.csv"), ("/etc", "metadata.csv"), ("faces", "../../secret.csv"),
 ])
 def test_dataset_paths_that_leave_the_data_dir_are_refused(client, tmp_path, monkeypatch, folder, metadata):
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     data_dir = tmp_path / "data"
     image_folder(data_dir / "faces")

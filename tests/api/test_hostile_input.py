@@ -233,7 +233,7 @@ def test_other_dashboard_posts_from_another_origin_are_403(stack):
 # ---- no absolute server paths in responses ----------------------------------------------------
 
 def test_errors_and_dataset_descriptions_show_no_server_paths(client, tmp_path, monkeypatch):
-    from api.settings import get_settings
+    from core.settings import get_settings
     from tests.api.test_datasets_api import image_folder
 
     data_dir = tmp_path / "data"
@@ -253,8 +253,8 @@ def test_errors_and_dataset_descriptions_show_no_server_paths(client, tmp_path, 
 
 
 def test_a_job_error_quoting_a_server_file_is_shown_relative(client):
-    from api.deps import database
-    from api.settings import get_settings
+    from models.db import database
+    from core.settings import get_settings
     from models import jobs as jobs_repo
 
     job = client.post("/v1/jobs", json={"kind": "train", "spec": {"preset": "paper_moons_erm", "steps": 5}}).json()
@@ -268,7 +268,7 @@ def test_a_job_error_quoting_a_server_file_is_shown_relative(client):
 
 def test_without_server_paths_leaves_lookalikes_alone(monkeypatch, tmp_path):
     from api.errors import without_server_paths
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "data_dir", tmp_path / "data")
     text = f"{tmp_path}/data/a.csv; {tmp_path}/data; {tmp_path}/database/b; /v1/jobs/x"

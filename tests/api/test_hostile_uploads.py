@@ -18,7 +18,7 @@ def upload(client, headers, content: bytes, fmt: str, name: str = "model.pt", **
 
 @pytest.fixture
 def settings():
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     return get_settings()
 

@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from api.logging_config import JsonFormatter, connect_celery_job_context, job_context, logging_dict
+from core.logging_config import JsonFormatter, connect_celery_job_context, job_context, logging_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +62,7 @@ def test_access_lines_name_the_job_of_their_path():
 def test_celery_tasks_log_with_their_job_id():
     from celery.signals import task_postrun, task_prerun
 
-    from api.logging_config import current_job_id
+    from core.logging_config import current_job_id
 
     connect_celery_job_context()
     task_prerun.send(sender=None, task_id="t1", task=None, args=("abcdef0123",), kwargs={})
@@ -72,5 +72,5 @@ def test_celery_tasks_log_with_their_job_id():
 
 
 def test_uvicorn_log_config_file_is_the_generated_one():
-    shipped = json.loads((ROOT / "api" / "logging_api.json").read_text())
-    assert shipped == logging_dict("api"), "regenerate it: python -m api.logging_config"
+    shipped = json.loads((ROOT / "core" / "logging_api.json").read_text())
+    assert shipped == logging_dict("api"), "regenerate it: python -m core.logging_config"

@@ -59,7 +59,7 @@ def test_an_npz_with_an_object_array_is_a_422_before_loading(client, no_array_is
 
 
 def test_an_npz_over_the_configured_dataset_limit_is_a_413(client, monkeypatch) -> None:
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     buffer = io.BytesIO()
     np.savez(buffer, **small_arrays(1000))
@@ -72,7 +72,7 @@ def test_an_npz_over_the_configured_dataset_limit_is_a_413(client, monkeypatch) 
 def test_a_png_bomb_in_an_image_folder_is_a_413_not_a_500(client, tmp_path, monkeypatch) -> None:
     from PIL import Image
 
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     folder = tmp_path / "faces"
     folder.mkdir()
@@ -87,7 +87,7 @@ def test_a_png_bomb_in_an_image_folder_is_a_413_not_a_500(client, tmp_path, monk
 
 
 def test_a_corrupt_image_is_a_422_not_a_500(client, tmp_path, monkeypatch) -> None:
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     folder = tmp_path / "faces"
     folder.mkdir()
@@ -129,7 +129,7 @@ def test_a_spec_over_the_memory_budget_is_a_422_naming_the_field_that_dominates(
 
 
 def test_the_budget_is_a_setting(client, tenant, monkeypatch) -> None:
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     spec = {"preset": "paper_moons_erm", "seeds": list(range(10))}
     monkeypatch.setattr(get_settings(), "worker_memory_budget_bytes", 64 << 20)
@@ -144,7 +144,7 @@ def test_the_paper_presets_with_ten_seeds_are_accepted(client, tenant, preset) -
 
 
 def test_a_registered_dataset_counts_at_its_recorded_size(client, tenant, monkeypatch) -> None:
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     headers = tenant()
     buffer = io.BytesIO()

@@ -26,7 +26,7 @@ def scrape(client) -> dict[str, dict[tuple, float]]:
 @pytest.fixture
 def some_jobs(client):
     """Jobs in every state the metrics describe; removed afterwards so other tests see none."""
-    from api.deps import database
+    from models.db import database
 
     now = utcnow()
     rows = [
@@ -99,7 +99,7 @@ def test_metrics_need_the_admin_token(client, tenant):
 
 
 def test_gs_metrics_public_lets_a_scraper_without_a_token_in(client, monkeypatch):
-    from api.settings import get_settings
+    from core.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "metrics_public", True)
     response = client.get("/metrics", headers={"Authorization": ""})

@@ -35,7 +35,7 @@ def finished_job(session, owner_id: str, callback_url: str) -> str:
 
 
 def test_a_new_key_shows_its_webhook_secret_once_and_keeps_it_for_signing(client):
-    from api.deps import database
+    from models.db import database
     from models.tables import ApiKey
 
     issued = client.post("/v1/api-keys", json={"name": "signer"}).json()
@@ -48,7 +48,7 @@ def test_a_new_key_shows_its_webhook_secret_once_and_keeps_it_for_signing(client
 
 
 def test_creating_a_key_honours_the_idempotency_key(client):
-    from api.deps import database
+    from models.db import database
     from models.tables import ApiKey
 
     headers = {"Idempotency-Key": "key-create-1"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from api.logging_config import JsonFormatter
+from core.logging_config import JsonFormatter
 from jail import JailError, Limits, check_model, open_model
 from tests.fixtures_models import (
     ColourOnly,

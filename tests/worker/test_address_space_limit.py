@@ -8,7 +8,7 @@ import resource
 import subprocess
 import sys
 
-from api.settings import Settings
+from core.settings import Settings
 from worker import celery_app
 
 GiB = 2**30

@@ -1,6 +1,6 @@
 """Structured logs: one JSON object per line, with the job id whenever a line concerns a job.
 
-The API (uvicorn, through `api/logging_api.json`) and the worker (Celery's `setup_logging` signal)
+The API (uvicorn, through `core/logging_api.json`) and the worker (Celery's `setup_logging` signal)
 both log through `JsonFormatter`. A job id comes from, in order: `extra={"job_id": ...}` on the
 call, the job the current task runs (`job_context`, set for every Celery task by
 `connect_celery_job_context`), or the path of an access-log line (`/v1/jobs/<id>...`).
@@ -66,7 +66,7 @@ def logging_dict(service: str, level: str | int = "INFO") -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "api.logging_config.JsonFormatter", "service": service}},
+        "formatters": {"json": {"()": "core.logging_config.JsonFormatter", "service": service}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
         "root": {"handlers": ["stderr"], "level": level_name},
         # uvicorn and celery add handlers of their own unless told to leave logging to the root.
@@ -117,7 +117,7 @@ def connect_celery_job_context() -> None:
 
 
 def write_uvicorn_config(path: str) -> None:
-    """Regenerate `api/logging_api.json` (uvicorn's --log-config) from `logging_dict("api")`."""
+    """Regenerate `core/logging_api.json` (uvicorn's --log-config) from `logging_dict("api")`."""
     with open(path, "w") as handle:
         json.dump(logging_dict("api"), handle, indent=2)
         handle.write("\n")

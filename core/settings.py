@@ -64,12 +64,6 @@ class Settings(BaseSettings):
     # Webhooks and MLflow reach public internet hosts only (core/outbound.py); these are admitted anyway:
     outbound_allow: str = ""  # comma-separated hostnames and/or CIDRs, e.g. "mlflow.internal,10.0.0.0/8"
 
-    def jail_limits(self):
-        from jail import Limits
-
-        return Limits(memory_bytes=self.jail_memory_bytes, cpu_seconds=self.jail_cpu_seconds,
-                      threads=self.jail_threads)
-
     @property
     def broker_folder(self) -> Path:
         return self.var_dir / "broker"

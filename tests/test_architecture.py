@@ -1,0 +1,74 @@
+"""The shape of the house (docs/architecture.md), checked on every file's imports.
+
+Each room lists the top-level packages it must never import. Imports inside functions and under
+TYPE_CHECKING count too: a lazy import is still a dependency.
+"""
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OURS = {"core", "api", "worker", "models", "jail", "starvation", "cli", "scripts", "migrations", "bench"}
+
+FORBIDDEN: dict[str, set[str]] = {
+    "core": OURS - {"core"},  # the ground floor: nothing of ours above it
+    "models": OURS - {"models", "core"},
+    "api": {"worker", "cli", "scripts", "bench"},
+    "worker": {"api", "cli", "scripts", "bench"},
+    "jail": OURS - {"jail", "core", "starvation"},
+    "cli": OURS - {"cli", "core"},  # talks to the service over HTTP
+    "migrations": OURS - {"migrations", "models", "core"},
+    # The science package runs the same in a worker, a notebook and a benchmark.
+    "starvation": (OURS - {"starvation"}) | {"fastapi", "starlette", "celery", "kombu", "sqlalchemy", "redis",
+                                             "pydantic_settings"},
+}
+
+
+def imported_packages(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, top-level package) for every absolute import in the file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.lineno, node.module.split(".")[0]
+
+
+def forbidden_imports(root: Path) -> list[str]:
+    found = []
+    for room, forbidden in FORBIDDEN.items():
+        for path in sorted((root / room).rglob("*.py")):
+            for line, package in imported_packages(path):
+                if package in forbidden:
+                    found.append(f"{path.relative_to(root)}:{line} imports {package} ({room}/ must not)")
+    return found
+
+
+def test_no_room_imports_what_the_house_forbids():
+    assert forbidden_imports(ROOT) == []
+
+
+def test_every_room_is_checked():
+    for room in FORBIDDEN:
+        assert list((ROOT / room).rglob("*.py")), f"{room}/ has no Python files: moved or renamed?"
+
+
+def test_the_check_finds_a_forbidden_import(tmp_path):
+    # The check must be able to fail: a house with one crossing of each kind.
+    crossings = {
+        "api/routes.py": "from worker.queue import send\n",
+        "worker/runner.py": "def later():\n    import api.settings\n",
+        "core/queue.py": "from models.db import database\n",
+        "models/db.py": "from cli import config\n",
+        "jail/child.py": "import worker\n",
+        "starvation/training.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import sqlalchemy\n",
+    }
+    for name, source in crossings.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(source)
+    (tmp_path / "api" / "fine.py").write_text("from core.settings import get_settings\nfrom . import routes\n")
+    found = forbidden_imports(tmp_path)
+    assert sorted(line.split(":")[0] for line in found) == sorted(crossings)
