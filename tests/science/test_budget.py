@@ -14,7 +14,7 @@ from starvation.presets import PRESETS
 from starvation.training import resolve_train_spec
 
 GiB = 2**30
-DEFAULT_BUDGET = 8 * GiB  # api/settings.py worker_memory_budget_bytes
+DEFAULT_BUDGET = 8 * GiB  # core/settings.py worker_memory_budget_bytes
 
 
 # ---- architecture bounds -------------------------------------------------------------------
