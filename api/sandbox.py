@@ -11,6 +11,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from api.errors import ApiError
@@ -50,7 +51,7 @@ class CheckGate:
 gate = CheckGate()
 
 
-def validate_checkpoint(owner_id: str, settings: Settings, **options: Any) -> dict[str, Any]:
+def validate_checkpoint(owner_id: str, settings: Settings, path: Path, fmt: str, **options: Any) -> dict[str, Any]:
     """starvation.checkpoints.validate_checkpoint in a jail; a refused model is a 422, a full
     queue a 429. Blocks: call it from a worker thread."""
     from jail import JailError, Limits, check_model
@@ -58,7 +59,7 @@ def validate_checkpoint(owner_id: str, settings: Settings, **options: Any) -> di
     with gate.enter(owner_id, settings):
         try:
             return check_model(
-                options.pop("path"), options.pop("fmt"), limits=Limits.from_settings(settings),
+                path, fmt, limits=Limits.from_settings(settings),
                 wall_seconds=settings.upload_check_timeout_s, **options,
             )
         except JailError as exc:

@@ -95,7 +95,7 @@ class _Child:
     def _died(self, exc: BaseException) -> JailError:
         self.close()
         status = self.process.returncode
-        if status in (-signal.SIGXCPU, -signal.SIGKILL) and status is not None:
+        if status in (-signal.SIGXCPU, -signal.SIGKILL):
             return JailError("cpu_limit", f"The model used more than its {self.limits.cpu_seconds} s of CPU time.")
         if isinstance(exc, wire.WireError):
             log.warning("jailed child sent a malformed message: %s", exc)
