@@ -4,13 +4,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, NonNegativeInt, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, WithJsonSchema, create_model
 
-# cuda:N up to 63: a bound any machine meets; the worker refuses an index it does not have.
-DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:([0-9]|[1-5][0-9]|6[0-3]))$"
+from starvation.training.spec import DEVICE_PATTERN, MAX_SEED
+from starvation.training.spec import field_schemas as train_spec_fields
+
 # A submodule (dotted, e.g. "features.3") or an ONNX tensor name ("/fc1/Gemm_output_0", "onnx::Relu_5").
 LAYER_PATTERN = r"^[A-Za-z0-9_:/-]+(\.[A-Za-z0-9_:/-]+)*$"
-MAX_SEED = 2**31 - 1  # starvation.training.MAX_SEED: what torch and numpy seed with
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 # Celery's time limit becomes an OS alarm: a bound it can arm (30 days).
 TimeoutSeconds = Annotated[int, Field(gt=0, le=30 * 24 * 3600)]
@@ -22,58 +22,33 @@ class DatasetRef(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class ModelSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    arch: str = Field("mlp", min_length=1, max_length=64)
-    hidden: list[PositiveInt] | None = None
-
-
-class MethodSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: str = Field(min_length=1, max_length=64, description="erm | weight_decay | sd")
-    sd_lambda: float | None = Field(None, ge=0)
-    sd_gamma: float | list[float] | None = None
-    warmup_steps: NonNegativeInt | None = None
-    weight_decay: float | None = Field(None, ge=0)
-
-
-class OptimizerSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["adam", "sgd"] = "adam"
-    lr: float = Field(1e-4, gt=0, le=10)
-    momentum: float = Field(0.0, ge=0, lt=1)
-
-
 class MlflowSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tracking_uri: str = Field(min_length=1, max_length=2000, description="http(s) URL of an MLflow server")
     experiment: str = Field(min_length=1, max_length=500)
 
 
-class TrainSpec(BaseModel):
-    """Fields given here override the preset's."""
+class TrainServiceFields(BaseModel):
+    """The fields of a train spec that the service acts on; the engine's fields are added from its schema."""
 
     model_config = ConfigDict(extra="forbid")
-    preset: str | None = None
-    dataset: DatasetRef | None = None
-    model: ModelSpec | None = None
-    method: MethodSpec | None = None
-    optimizer: OptimizerSpec | None = None
-    steps: PositiveInt | None = None
-    batch_size: PositiveInt | None = Field(None, description="null: full batch, as in the paper")
-    seeds: list[Seed] | None = Field(None, min_length=1)
-    eval_every: PositiveInt | None = None
-    device: str | None = Field(None, pattern=DEVICE_PATTERN)
-    audit: bool | None = None
-    execution: Literal["auto", "batched", "sequential"] | None = Field(
-        None, description="seeds as one stacked model (batched) or one after another (sequential)"
-    )
-    precision: Literal["fp32", "tf32", "bf16"] | None = Field(None, description="of the training updates")
-    cuda_graphs: bool | None = Field(
-        None, description="on a CUDA worker, replay each update from a CUDA graph (fewer launches; ignored on a CPU)"
-    )
     timeout_s: TimeoutSeconds | None = Field(None, description="the job fails with `timeout` after this long")
     mlflow: MlflowSpec | None = Field(None, description="mirror params, metric history and report to MLflow")
+
+
+def _engine_field(schema: dict[str, Any]) -> tuple[Any, Any]:
+    """A field the engine checks (once, at submission: a 422 `invalid_spec` naming it), documented by the engine's
+    own JSON Schema, whose default is what a job runs with when neither the spec nor its preset sets it (FastAPI
+    leaves a null default out of /openapi.json: a field shown without one runs with null)."""
+    return Annotated[Any, WithJsonSchema({k: v for k, v in schema.items() if k != "default"})], \
+        Field(None, json_schema_extra={"default": schema.get("default")})
+
+
+# Fields given here override the preset's. Built from the engine's declarations (starvation/training/spec.py).
+TrainSpec = create_model(
+    "TrainSpec", __base__=TrainServiceFields, __doc__="A train spec: fields given here override the preset's.",
+    **{name: _engine_field(schema) for name, schema in train_spec_fields().items()},
+)
 
 
 class AuditSpec(BaseModel):

@@ -1,10 +1,13 @@
 """Declared hyper-parameters: a default, a one-line description and a check, in one place.
 
 Datasets, networks, methods and optimizers each declare a `PARAMS` dict of `Param`; `resolve`
-fills defaults, rejects unknown names and normalises values, raising `SpecError` for a person.
+fills defaults, rejects unknown names and normalises values, raising `SpecError` for a person. Every check
+carries the JSON Schema of what it accepts (`schema_of`), so the API's document is derived from the same
+declarations the engine validates with (`Param.json_schema`, `object_schema`).
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,6 +23,34 @@ class Param:
     default: Any
     description: str
     check: Check
+
+    def json_schema(self) -> dict:
+        return {**schema_of(self.check), "default": self.default, "description": self.description}
+
+
+def schema_of(check: Check) -> dict:
+    """The JSON Schema of the values `check` accepts (a copy: callers may add to it)."""
+    return copy.deepcopy(getattr(check, "json_schema", {}))
+
+
+def accepting(schema: dict) -> Callable[[Check], Check]:
+    """Decorates a check with the JSON Schema of what it accepts."""
+    def attach(check: Check) -> Check:
+        check.json_schema = schema  # type: ignore[attr-defined]
+        return check
+
+    return attach
+
+
+def object_schema(title: str, declared: Mapping[str, Param], *, description: str | None = None,
+                  extra: Mapping[str, dict] | None = None) -> dict:
+    """A closed JSON object of `declared` (each with its default and description), plus `extra` properties."""
+    schema: dict[str, Any] = {"title": title, "type": "object",
+                              "properties": {**(extra or {}), **{n: p.json_schema() for n, p in declared.items()}},
+                              "additionalProperties": False}
+    if description:
+        schema["description"] = description
+    return schema
 
 
 class ParamError(SpecError):
@@ -68,10 +99,12 @@ def _number(value: Any) -> float:
     return float(value)
 
 
+@accepting({"type": "number"})
 def number(value: Any) -> float:
     return _number(value)
 
 
+@accepting({"type": "number", "minimum": 0})
 def non_negative(value: Any) -> float:
     value = _number(value)
     if value < 0:
@@ -79,6 +112,7 @@ def non_negative(value: Any) -> float:
     return value
 
 
+@accepting({"type": "number", "exclusiveMinimum": 0})
 def positive(value: Any) -> float:
     value = _number(value)
     if value <= 0:
@@ -86,6 +120,7 @@ def positive(value: Any) -> float:
     return value
 
 
+@accepting({"type": "number", "minimum": 0, "maximum": 1})
 def probability(value: Any) -> float:
     value = _number(value)
     if not 0.0 <= value <= 1.0:
@@ -93,6 +128,7 @@ def probability(value: Any) -> float:
     return value
 
 
+@accepting({"type": "integer", "minimum": 1})
 def positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError("must be a positive integer")
@@ -106,15 +142,17 @@ def int_between(low: int, high: int) -> Check:
             raise ValueError(f"must be an integer from {low} to {high}")
         return int(value)
 
-    return checked
+    return accepting({"type": "integer", "minimum": low, "maximum": high})(checked)
 
 
+@accepting({"type": "integer", "minimum": 0})
 def non_negative_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError("must be an integer >= 0")
     return int(value)
 
 
+@accepting({"type": "boolean"})
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError("must be true or false")
@@ -125,7 +163,7 @@ def optional(check: Check) -> Check:
     def checked(value: Any) -> Any:
         return None if value is None else check(value)
 
-    return checked
+    return accepting({"anyOf": [schema_of(check), {"type": "null"}]})(checked)
 
 
 def list_of(check: Check, *, length: int | None = None, min_length: int = 0, max_length: int | None = None) -> Check:
@@ -146,7 +184,9 @@ def list_of(check: Check, *, length: int | None = None, min_length: int = 0, max
                 raise ValueError(f"each value {error}") from None
         return checked_values
 
-    return checked
+    bounds = {"minItems": length if length is not None else min_length, "maxItems": length or max_length}
+    schema = {"type": "array", "items": schema_of(check), **{k: v for k, v in bounds.items() if v}}
+    return accepting(schema)(checked)
 
 
 def one_of(*choices: str) -> Check:
@@ -155,9 +195,10 @@ def one_of(*choices: str) -> Check:
             raise ValueError(f"must be one of {', '.join(map(repr, choices))}")
         return value
 
-    return checked
+    return accepting({"enum": list(choices)})(checked)
 
 
+@accepting({"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}, "minItems": 1}]})
 def number_or_list(value: Any) -> float | list[float]:
     """A scalar, or a list with one value per class."""
     if isinstance(value, (list, tuple)):

@@ -13,11 +13,12 @@ SERVICE_FIELDS = ("timeout_s", "mlflow")  # spec fields the service acts on, not
 
 def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     from starvation.datasets import DATASETS
-    from starvation.training import train
+    from starvation.training import ResolvedTrainSpec, train
 
     device = pick_device(spec.get("device"), ctx.settings.device)
     registered = spec["dataset"]["name"] not in DATASETS
-    engine_spec = {k: v for k, v in spec.items() if k not in SERVICE_FIELDS}
+    # Resolved and checked when the job was submitted (api/jobs_service.py): run as it is.
+    engine_spec = ResolvedTrainSpec({k: v for k, v in spec.items() if k not in SERVICE_FIELDS})
     history: list[Any] = []  # every metric, kept for the MLflow export
 
     def on_metrics(batch: list[Any]) -> None:

@@ -21,7 +21,8 @@ from starvation.networks import Network, build_network, output_count
 from starvation.training.acceleration import GraphedUpdates, forward_precision, tf32_matmuls
 from starvation.training.evaluation import (_summarise, _to, as_logits, evaluate, evaluate_stacked,
                                             evaluation_splits, stacked_logits, stacked_splits)
-from starvation.training.spec import _check_gamma, build_optimizer, resolve_device, resolve_train_spec
+from starvation.training.spec import (ResolvedTrainSpec, _check_gamma, build_optimizer, resolve_device,
+                                      resolve_train_spec)
 
 # Above this many multiply-adds per seed and update, a batched job on the CPU runs each seed's matmuls on its own
 # (`per_seed_matmuls`). On a 2-core CPU (docs/performance.md) one batched matmul over 10 seeds is 1.4x slower than
@@ -60,7 +61,9 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
           on_progress: Callable[[float], None] | None = None,
           should_stop: Callable[[], bool] | None = None,
           dataset: Dataset | None = None) -> TrainOutcome:
-    """Train one model per seed of `spec` (resolved here) and save each under `out_dir`.
+    """Train one model per seed of `spec` and save each under `out_dir`.
+
+    `spec`: a `ResolvedTrainSpec` runs as it is; anything else is resolved here first (`resolve_train_spec`).
 
     Each seed draws its own built-in dataset (`build(name, params, seed=seed)`: the paper's restarts redraw
     label noise and colours). A registered dataset is passed as `dataset` (spec's dataset.name then names it)
@@ -70,7 +73,8 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
     started = time.perf_counter()
     section = spec.get("dataset") if isinstance(spec, dict) else None
     named = section.get("name") if isinstance(section, dict) else None
-    spec = resolve_train_spec(spec, user_datasets=(named,) if dataset is not None and isinstance(named, str) else ())
+    if not isinstance(spec, ResolvedTrainSpec):
+        spec = resolve_train_spec(spec, user_datasets=(named,) if dataset is not None and isinstance(named, str) else ())
     torch_device = resolve_device(device)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

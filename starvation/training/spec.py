@@ -1,7 +1,6 @@
 """The train spec: defaults < preset < the caller's spec, validated; devices by name; the optimizer it names."""
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
@@ -17,23 +16,9 @@ from starvation.networks import resolve_arch_params
 from starvation.presets import PRESETS
 
 MAX_SEED = 2**31 - 1
+MAX_CUDA_INDEX = 63  # a bound any machine meets; the worker refuses an index it does not have
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:([0-9]|[1-5][0-9]|6[0-3]))$"  # cuda:0 .. cuda:{MAX_CUDA_INDEX}
 
-DEFAULTS: dict[str, Any] = {
-    "preset": None,
-    "dataset": None,  # required: from the spec or its preset
-    "model": {"arch": "mlp", "hidden": [300, 300]},
-    "method": {"name": "erm"},
-    "optimizer": {"name": "adam", "lr": 1e-3},
-    "steps": 1000,
-    "batch_size": None,  # full batch, as the paper
-    "seeds": [0],
-    "eval_every": 50,
-    "execution": "auto",  # "batched": all seeds as one stacked model; "sequential": one after another; see EXECUTIONS
-    "precision": "fp32",  # of the training updates; see PRECISIONS
-    "cuda_graphs": False,  # on a CUDA device: replay each update from a CUDA graph (`GraphedUpdates`)
-    "device": "auto",  # for the worker's placement; `train` uses its `device` argument
-    "audit": True,  # for the worker: audit each trained checkpoint
-}
 EXECUTIONS = {
     "auto": "batched for several seeds (where the architecture allows), otherwise sequential",
     "batched": "every seed in one stacked model (MLPs; other architectures run sequentially, and the result says why)",
@@ -44,8 +29,53 @@ PRECISIONS = {  # evaluation (the metrics) always runs in IEEE float32
     "tf32": "TensorFloat-32 matmuls and convolutions in the training updates (CUDA only; the CPU stays float32)",
     "bf16": "bfloat16 autocast of the forward pass in the training updates; weights, optimizer and loss in float32",
 }
-SECTION_IDENTITY = {"dataset": "name", "model": "arch", "method": "name", "optimizer": "name"}
 
+
+@P.accepting({"type": "string", "pattern": DEVICE_PATTERN})
+def _device_name(value: Any) -> str:
+    if not isinstance(value, str) or not re.match(DEVICE_PATTERN, value):
+        raise ValueError(f"must be 'auto', 'cpu', 'cuda' or 'cuda:N' with N at most {MAX_CUDA_INDEX}")
+    return value
+
+
+@P.accepting({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": MAX_SEED}, "minItems": 1,
+               "uniqueItems": True})
+def _seed_list(value: Any) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty list of integers")
+    seeds = P.list_of(P.int_between(0, MAX_SEED))(value)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("must be distinct: the same seed trains the same model")
+    return seeds
+
+
+# The spec's plain fields; the four sections (dataset, model, method, optimizer) are declared by what they name.
+FIELDS: dict[str, P.Param] = {
+    "steps": P.Param(1000, "training updates", P.positive_int),
+    "batch_size": P.Param(None, "examples per update; null: full batch, as in the paper", P.optional(P.positive_int)),
+    "seeds": P.Param([0], "one model per seed; each seed also redraws a built-in dataset's noise", _seed_list),
+    "eval_every": P.Param(50, "evaluate (metrics) every this many steps", P.positive_int),
+    "execution": P.Param("auto", "; ".join(f"{k}: {v}" for k, v in EXECUTIONS.items()), P.one_of(*EXECUTIONS)),
+    "precision": P.Param("fp32", "of the training updates; " + "; ".join(f"{k}: {v}" for k, v in PRECISIONS.items()),
+                         P.one_of(*PRECISIONS)),
+    "cuda_graphs": P.Param(False, "on a CUDA device, replay each update from a CUDA graph (fewer launches; ignored "
+                                  "on a CPU)", P.boolean),
+    "device": P.Param("auto", "where the worker trains: auto (CUDA when present), cpu, cuda or cuda:N",
+                      _device_name),
+    "audit": P.Param(True, "audit each trained checkpoint for reliance on the dataset's spurious attribute",
+                     P.boolean),
+}
+SECTIONS = {"dataset": "name", "model": "arch", "method": "name", "optimizer": "name"}  # section: what it names
+DEFAULTS: dict[str, Any] = {
+    "preset": None,
+    "dataset": None,  # required: from the spec or its preset
+    "model": {"arch": "mlp"},
+    "method": {"name": "erm"},
+    "optimizer": {"name": "adam"},
+    **{name: param.default for name, param in FIELDS.items()},
+}
+
+OPTIMIZER_DESCRIPTIONS = {"adam": "torch.optim.Adam (fused on a GPU)", "sgd": "torch.optim.SGD, heavy-ball momentum"}
 OPTIMIZERS: dict[str, dict[str, P.Param]] = {
     "adam": {
         "lr": P.Param(1e-3, "learning rate", P.positive),
@@ -61,45 +91,44 @@ OPTIMIZERS: dict[str, dict[str, P.Param]] = {
 
 # ---- the spec ------------------------------------------------------------------------------
 
-def resolve_train_spec(spec: dict, *, user_datasets: Collection[str] = ()) -> dict:
+class ResolvedTrainSpec(dict):
+    """A train spec that `resolve_train_spec` made: complete and checked. `train` runs it as it is.
+
+    The worker wraps the spec resolved at submission (`ResolvedTrainSpec(job.spec)`): it is resolved once.
+    """
+
+
+def resolve_train_spec(spec: dict, *, user_datasets: Collection[str] = ()) -> ResolvedTrainSpec:
     """The complete, validated train spec: defaults < preset < `spec`. Raises SpecError for a person.
 
     `user_datasets`: names besides the built-ins that `dataset.name` may take (registered datasets, no params).
+    Nothing in `spec` or the presets is changed: every merge and check builds new dicts and lists.
     """
     if not isinstance(spec, dict):
         raise SpecError("the train spec must be a JSON object")
     unknown = sorted(set(spec) - set(DEFAULTS))
     if unknown:
         raise SpecError(f"unknown train spec field(s) {', '.join(map(repr, unknown))}; known: {', '.join(DEFAULTS)}")
-    merged = copy.deepcopy(DEFAULTS)
+    merged = DEFAULTS
     preset_name = spec.get("preset")
     if preset_name is not None:
-        if preset_name not in PRESETS:
+        if not isinstance(preset_name, str) or preset_name not in PRESETS:
             raise SpecError(f"unknown preset {preset_name!r}; presets: {', '.join(sorted(PRESETS))}")
-        preset = {k: v for k, v in copy.deepcopy(PRESETS[preset_name]).items() if k != "source"}
-        merged = _merge_spec(merged, preset)
-    merged = _merge_spec(merged, copy.deepcopy(spec))
-
+        merged = _merge_spec(merged, {k: v for k, v in PRESETS[preset_name].items() if k != "source"})
+    merged = _merge_spec(merged, spec)
+    fields = {name: _field(name, param.check, merged[name]) for name, param in FIELDS.items()}
     if merged["dataset"] is None:
         raise SpecError("the train spec needs a dataset, e.g. {\"name\": \"colored_mnist\"}, or a preset")
     dataset = _resolve_dataset(merged["dataset"], user_datasets)
     num_classes = datasets.DATASETS[dataset["name"]].NUM_CLASSES if dataset["name"] in datasets.DATASETS else None
-    return {
+    return ResolvedTrainSpec({
         "preset": preset_name,
         "dataset": dataset,
         "model": _resolve_model(merged["model"]),
         "method": _resolve_method(merged["method"], num_classes),
         "optimizer": _resolve_optimizer(merged["optimizer"]),
-        "steps": _field("steps", P.positive_int, merged["steps"]),
-        "batch_size": _field("batch_size", P.optional(P.positive_int), merged["batch_size"]),
-        "seeds": _resolve_seeds(merged["seeds"]),
-        "eval_every": _field("eval_every", P.positive_int, merged["eval_every"]),
-        "execution": _field("execution", P.one_of(*EXECUTIONS), merged["execution"]),
-        "precision": _field("precision", P.one_of(*PRECISIONS), merged["precision"]),
-        "cuda_graphs": _field("cuda_graphs", P.boolean, merged["cuda_graphs"]),
-        "device": _resolve_device_name(merged["device"]),
-        "audit": _field("audit", P.boolean, merged["audit"]),
-    }
+        **fields,
+    })
 
 
 def _merge_spec(base: dict, override: dict) -> dict:
@@ -107,7 +136,7 @@ def _merge_spec(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():
         old = merged.get(key)
-        identity = SECTION_IDENTITY.get(key)
+        identity = SECTIONS.get(key)
         same_kind = identity is None or (isinstance(value, dict) and isinstance(old, dict)
                                          and value.get(identity, old.get(identity)) == old.get(identity))
         merged[key] = _deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) and same_kind else value
@@ -177,28 +206,12 @@ def _resolve_optimizer(section: Any) -> dict:
     if name not in OPTIMIZERS:
         raise SpecError(f"unknown optimizer {name!r}; optimizers: {', '.join(sorted(OPTIMIZERS))}")
     if name == "adam" and params.get("momentum", 0.0) in (0, 0.0, None):
-        params.pop("momentum", None)  # API.md's example carries momentum 0.0 for either optimizer
+        params.pop("momentum", None)  # API.md's example carries momentum 0.0 for either optimizer (ADAM_MOMENTUM)
     return {"name": name, **P.resolve(f"optimizer {name!r}", OPTIMIZERS[name], params)}
 
 
-def _resolve_seeds(value: Any) -> list[int]:
-    if not isinstance(value, list) or not value:
-        raise SpecError(f"seeds must be a non-empty list of integers (got {value!r})")
-    seeds = [_field("each seed", P.non_negative_int, s) for s in value]
-    if max(seeds) > MAX_SEED:
-        raise SpecError(f"seeds must be at most {MAX_SEED}")
-    if len(set(seeds)) != len(seeds):
-        raise SpecError("seeds must be distinct: the same seed trains the same model")
-    return seeds
-
-
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
 def _resolve_device_name(value: Any) -> str:
-    if not isinstance(value, str) or not _DEVICE.match(value):
-        raise SpecError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {value!r})")
-    return value
+    return _field("device", _device_name, value)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -227,3 +240,53 @@ def build_optimizer(section: dict, parameters: Iterable[nn.Parameter], *,
         return torch.optim.Adam(parameters, lr=section["lr"], betas=tuple(section["betas"]), eps=section["eps"],
                                 fused=fused, capturable=capturable)
     return torch.optim.SGD(parameters, lr=section["lr"], momentum=section["momentum"])
+
+
+# ---- the spec's JSON Schema (the API's document is made from it) --------------------------------
+
+ADAM_MOMENTUM = {"const": 0, "description": "accepted and dropped (API.md's example shows it for either optimizer); "
+                                           "Adam's momentum is betas[0]"}
+
+
+def section_schemas() -> dict[str, dict]:
+    """JSON Schema of each section, one variant per thing it can name (the variant's defaults are the engine's).
+
+    The name may be left out to change parameters of what the preset (or the default) names.
+    """
+    from starvation.methods import METHODS
+    from starvation.networks import ARCHS
+
+    def variants(identity: str, things: dict[str, tuple[str, dict[str, P.Param]]], kind: str,
+                 extra: dict[str, dict[str, dict]] | None = None) -> dict:
+        return {"anyOf": [P.object_schema(f"{name} ({kind})", declared, description=description,
+                                          extra={identity: {"const": name}, **(extra or {}).get(name, {})})
+                          for name, (description, declared) in things.items()]}
+
+    builtin = {name: (cls.DESCRIPTION, cls.PARAMS) for name, cls in datasets.DATASETS.items()}
+    dataset = {"anyOf": [
+        {"title": f"{name} (dataset)", "type": "object", "description": description, "required": ["name"],
+         "properties": {"name": {"const": name}, "params": P.object_schema(f"{name} params", declared)},
+         "additionalProperties": False}
+        for name, (description, declared) in builtin.items()
+    ] + [{"title": "registered dataset", "type": "object", "required": ["name"], "additionalProperties": False,
+          "description": "a dataset you registered (POST /v1/datasets), by id; it takes no params",
+          "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 200},
+                         "params": {"type": "object", "maxProperties": 0}}}]}
+    return {
+        "dataset": dataset,
+        "model": variants("arch", {n: (c.DESCRIPTION, c.PARAMS) for n, c in ARCHS.items()}, "model"),
+        "method": variants("name", {n: (c.DESCRIPTION, c.PARAMS) for n, c in METHODS.items()}, "method"),
+        "optimizer": variants("name", {n: (OPTIMIZER_DESCRIPTIONS[n], d) for n, d in OPTIMIZERS.items()}, "optimizer",
+                              extra={"adam": {"momentum": ADAM_MOMENTUM}}),
+    }
+
+
+def field_schemas() -> dict[str, dict]:
+    """JSON Schema of every train spec field, with the default a job runs with when neither it nor a preset sets it."""
+    sections = section_schemas()
+    for section in SECTIONS:
+        if DEFAULTS[section] is not None:
+            sections[section]["default"] = DEFAULTS[section]
+    preset = {"anyOf": [{"enum": sorted(PRESETS)}, {"type": "null"}], "default": None,
+              "description": "one of the paper's recipes (GET /v1/presets); the fields given here override it"}
+    return {"preset": preset, **sections, **{name: param.json_schema() for name, param in FIELDS.items()}}
