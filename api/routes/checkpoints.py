@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Header, Query, UploadFile
@@ -73,11 +74,13 @@ async def upload_checkpoint(
     request_hash = json.dumps({"sha256": sha256, **fields}, sort_keys=True)
 
     session.commit()  # no database connection is held while the model is checked
+    placed: list[Path] = []  # the file `create` moved into place, removed if a concurrent twin won
 
     def create() -> tuple[int, Any]:
         checkpoint_id = new_id()
         final = folder / f"{checkpoint_id}{SUFFIX[format]}"
         tmp_path.rename(final)
+        placed.append(final)
         model_info = {k: v for k, v in fields.items() if k != "format"}
         model_info["num_outputs"] = info.get("num_outputs")
         checkpoint = files_repo.add_checkpoint(
@@ -93,7 +96,8 @@ async def upload_checkpoint(
             max_bytes=settings.max_upload_bytes,
         )
         return await run_in_threadpool(
-            replay_or_create, session, principal, idempotency_key, request_hash, create
+            replay_or_create, session, principal, idempotency_key, request_hash, create,
+            discard=lambda: [path.unlink(missing_ok=True) for path in placed],
         )
     finally:
         tmp_path.unlink(missing_ok=True)  # kept only if renamed into place

@@ -75,11 +75,14 @@ async def register_npz(session, principal, settings, name: str, file: UploadFile
         dataset_id = new_id()
         final = folder / f"{dataset_id}.npz"
         tmp_path.rename(final)
+        placed.append(final)
         return 201, add_row(session, principal, dataset_id, name, "npz", final, dataset, {"sha256": sha256})
 
+    placed: list[Path] = []  # the file `create` moved into place, removed if a concurrent twin won
     try:
         return await run_in_threadpool(
-            replay_or_create, session, principal, idempotency_key, f"{sha256}:{name}", create
+            replay_or_create, session, principal, idempotency_key, f"{sha256}:{name}", create,
+            discard=lambda: [path.unlink(missing_ok=True) for path in placed],
         )
     finally:
         tmp_path.unlink(missing_ok=True)
