@@ -9,7 +9,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("gs.api")
@@ -59,6 +60,9 @@ _STATUS_CODES = {
 }
 
 
+DATABASE_RETRY_AFTER_S = 5
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -83,6 +87,16 @@ def install(app: FastAPI) -> None:
         log.warning("database refused a value on %s %s: %s", request.method, request.url.path, exc.orig)
         message = "Invalid request: a value is out of range or too long to be stored."
         return JSONResponse(error_body("invalid_request", message), 422)
+
+    async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # Down, restarting, refusing connections or out of them: the client should retry, nothing is lost.
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        message = "The database is unavailable; nothing was changed. Retry shortly."
+        return JSONResponse(error_body("database_unavailable", message), 503,
+                            {"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+
+    for unavailable in (OperationalError, InterfaceError, PoolTimeout):
+        app.add_exception_handler(unavailable, _database_unavailable)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

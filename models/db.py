@@ -29,7 +29,8 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # A database that does not answer is an error in seconds (a 503 to the client), not a hung request.
+    return create_engine(url, pool_pre_ping=True, pool_timeout=10, connect_args={"connect_timeout": 5})
 
 
 class Database:

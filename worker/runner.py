@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
 from core.paths import job_dir
 from core.settings import Settings, get_settings
 from models import files as files_repo
@@ -21,6 +24,8 @@ from models import metrics as metrics_repo
 from models.db import Database, database
 
 log = logging.getLogger("gs.worker")
+# A database that is restarting or unreachable: what a running job's progress and cancel checks ride out.
+DATABASE_BLINKS = (OperationalError, InterfaceError, PoolTimeout)
 
 
 class JobCancelled(Exception):
@@ -96,8 +101,11 @@ class JobContext:
         self.writer.put(rows)
 
     def on_progress(self, fraction: float) -> None:
-        with self.db.session() as session:
-            self._stop = jobs_repo.set_progress(session, self.job_id, min(max(fraction, 0.0), 1.0))
+        try:
+            with self.db.session() as session:
+                self._stop = jobs_repo.set_progress(session, self.job_id, min(max(fraction, 0.0), 1.0))
+        except DATABASE_BLINKS as exc:  # the next report or poll will tell; the attempt goes on
+            log.warning("job %s: progress not stored (database unavailable): %s", self.job_id, exc)
         self._last_poll = time.monotonic()
         self.check_deadline()
 
@@ -106,8 +114,11 @@ class JobContext:
         now = time.monotonic()
         if not self._stop and now - self._last_poll >= self.settings.cancel_poll_s:
             self._last_poll = now
-            with self.db.session() as session:
-                self._stop = jobs_repo.cancel_requested(session, self.job_id)
+            try:
+                with self.db.session() as session:
+                    self._stop = jobs_repo.cancel_requested(session, self.job_id)
+            except DATABASE_BLINKS as exc:  # read again at the next poll
+                log.warning("job %s: cancel flag not read (database unavailable): %s", self.job_id, exc)
             self.check_deadline()
         return self._stop
 
