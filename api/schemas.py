@@ -167,6 +167,18 @@ class ApiKeyOut(BaseModel):
     created_at: datetime
 
 
+class ApiKeySummary(BaseModel):
+    id: str
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None = Field(None, description="set once the key is revoked; it then authenticates nothing")
+
+
+class ApiKeyPage(BaseModel):
+    items: list[ApiKeySummary]
+    next_cursor: str | None
+
+
 class DatasetOut(BaseModel):
     id: str | None = None
     name: str

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.tables import ApiKey, IdempotencyRecord
+from models.tables import ApiKey, IdempotencyRecord, utcnow
 
 
 def hash_secret(secret: str) -> str:
@@ -30,6 +31,26 @@ def find_by_secret(session: Session, secret: str) -> ApiKey | None:
     return session.scalar(
         select(ApiKey).where(ApiKey.key_hash == hash_secret(secret), ApiKey.revoked_at.is_(None))
     )
+
+
+def list_keys(session: Session, *, limit: int, after_id: str | None = None,
+              only_id: str | None = None) -> Sequence[ApiKey]:
+    """Keys by id (one more than `limit`, to tell whether a page follows), revoked ones included."""
+    stmt = select(ApiKey)
+    if only_id is not None:
+        stmt = stmt.where(ApiKey.id == only_id)
+    if after_id:
+        stmt = stmt.where(ApiKey.id > after_id)
+    return session.scalars(stmt.order_by(ApiKey.id).limit(limit + 1)).all()
+
+
+def revoke(session: Session, key_id: str) -> ApiKey | None:
+    """Revoke the key now (its jobs, checkpoints and datasets stay); revoking twice keeps the first time."""
+    key = session.get(ApiKey, key_id)
+    if key is not None and key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
+    return key
 
 
 def webhook_secrets(session: Session, owner_ids: set[str]) -> dict[str, str]:
