@@ -16,6 +16,7 @@ from core.paths import job_dir
 from core.settings import Settings
 from models import files as files_repo
 from models import jobs as jobs_repo
+from models.status import JobStatus
 from models.tables import Job
 
 
@@ -126,7 +127,7 @@ def resolve_audit(session: Session, body: AuditJobCreate, owner_id: str) -> dict
         train_job = jobs_repo.get(session, spec.train_job_id, owner_id=owner_id)
         if train_job is None or train_job.kind != "train":
             raise invalid_spec(f"No train job with id {spec.train_job_id!r}.")
-        if train_job.status != "succeeded":
+        if train_job.status != JobStatus.SUCCEEDED:
             raise invalid_spec(f"Train job {spec.train_job_id} is {train_job.status}, not succeeded.")
     check_dataset(session, spec.dataset.name, owner_id)
     check_builtin_audit_data(spec.dataset.name, spec.dataset.params, spec.spurious_attribute)
@@ -180,7 +181,7 @@ def delete(session: Session, job: Job, settings: Settings) -> None:
 def report_of(job: Job) -> dict[str, Any]:
     """The audit report: an audit job's result, or the first seed's report of an audited train job."""
     result = job.result or {}
-    if job.kind == "audit" and job.status == "succeeded":
+    if job.kind == "audit" and job.status == JobStatus.SUCCEEDED:
         return result
     reports = result.get("audit", {}).get("reports") if job.kind == "train" else None
     if reports:

@@ -4,7 +4,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, NonNegativeInt, PositiveInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, NonNegativeInt, PositiveInt
+
+from models.status import JobStatus
 
 # cuda:N up to 63: a bound any machine meets; the worker refuses an index it does not have.
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:([0-9]|[1-5][0-9]|6[0-3]))$"
@@ -117,7 +119,7 @@ class JobError(BaseModel):
 class JobOut(BaseModel):
     id: str
     kind: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     progress: float
     spec: dict[str, Any]
     tags: dict[str, str]
@@ -130,6 +132,10 @@ class JobOut(BaseModel):
     error: JobError | None
     result: dict[str, Any] | None
     links: dict[str, str]
+
+
+# ?status= of GET /v1/jobs: one of the states (anything else is a 422), or empty for any, as before.
+StatusFilter = Annotated[JobStatus | None, BeforeValidator(lambda value: value or None)]
 
 
 class JobPage(BaseModel):

@@ -24,10 +24,12 @@ from api.errors import ApiError
 from api.routes import jobs as jobs_routes
 from api.schemas import TrainJobCreate
 from models import jobs as jobs_repo
+from models.status import TERMINAL, JobStatus
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.filters["fmt"] = views.fmt
+templates.env.globals.update(JobStatus=JobStatus, TERMINAL=TERMINAL)
 
 
 class CrossSiteForm(Exception):
@@ -43,7 +45,6 @@ router = APIRouter(prefix="/dashboard", include_in_schema=False, dependencies=[D
 
 STATIC = {"dashboard.css": "text/css", "charts.js": "text/javascript", "job.js": "text/javascript",
           "jobs.js": "text/javascript", "compare.js": "text/javascript"}
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 KINDS = ("train", "audit")
 SECURITY_HEADERS = {
     # Only our own scripts; inline <style> for the report page; plots arrive as data: URIs.
@@ -126,7 +127,7 @@ def jobs_page(
     principal = browser.principal_of(request, session)
     if principal is None:
         return browser.to_login(request)
-    status = status if status in STATUSES else None
+    status = JobStatus(status) if status in set(JobStatus) else None  # an unknown filter: every job, as before
     kind = kind if kind in KINDS else None
     try:
         listing = jobs_routes.list_jobs(session, principal, kind=kind, status=status, tag=[], limit=limit,
@@ -141,7 +142,7 @@ def jobs_page(
     from starvation.presets import PRESETS
 
     return page(request, "jobs.html", {
-        "rows": rows, "status": status, "kind": kind, "statuses": STATUSES, "kinds": KINDS,
+        "rows": rows, "status": status, "kind": kind, "statuses": list(JobStatus), "kinds": KINDS,
         "next_cursor": listing.next_cursor, "limit": limit, "presets": sorted(PRESETS),
         "any_active": any(r["active"] for r in rows), "form_key": secrets.token_hex(16),
         "error": error if error and len(error) < 500 else None, "principal": principal,
@@ -199,7 +200,8 @@ def job_page(job_id: str, request: Request, session: SessionDep) -> Response:
         "job": job, "row": views.job_row(job), "report": report, "summary": views.summary_rows(job, report),
         "spec_json": json.dumps(job.spec, indent=2), "others": others,
         "page_data": {"id": job.id, "kind": job.kind, "status": job.status, "steps": (job.spec or {}).get("steps"),
-                      "seeds": (job.spec or {}).get("seeds") or [], "terminal": job.status in views.TERMINAL},
+                      "seeds": (job.spec or {}).get("seeds") or [], "terminal": job.status in TERMINAL,
+                      "terminal_statuses": sorted(TERMINAL)},
     })
 
 
@@ -213,7 +215,7 @@ def cancel(job_id: str, request: Request, session: SessionDep, csrf: Annotated[s
     job = owned_job(session, job_id, principal.owner_id)
     if job is None:
         return not_found_page(request, "job")
-    if job.status not in jobs_repo.TERMINAL:
+    if job.status not in TERMINAL:
         jobs_repo.request_cancel(session, job)
     return RedirectResponse(f"/dashboard/jobs/{job_id}", status_code=303)
 

@@ -28,12 +28,14 @@ from api.schemas import (
     MetricOut,
     MetricPage,
     Report,
+    StatusFilter,
     error_responses,
 )
 from models import files as files_repo
 from models import jobs as jobs_repo
 from models import metrics as metrics_repo
 from models.db import database
+from models.status import TERMINAL, JobStatus
 from models.tables import Job
 
 ERRORS = error_responses(*COMMON_ERRORS, 404, 409)
@@ -116,7 +118,7 @@ def create_job(
     session.commit()
     job_id = json.loads(response.body)["id"]
     job = jobs_repo.get(session, job_id)
-    if job is not None and job.status == "queued" and job.enqueued_at is None:
+    if job is not None and job.status == JobStatus.QUEUED and job.enqueued_at is None:
         jobs_service.enqueue(session, job)
     return response
 
@@ -126,7 +128,7 @@ def list_jobs(
     session: SessionDep,
     principal: PrincipalDep,
     kind: str | None = None,
-    status: str | None = None,
+    status: StatusFilter = None,
     tag: Annotated[list[str], Query(description="k:v, repeatable")] = [],  # noqa: B006
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: str | None = None,
@@ -160,7 +162,7 @@ def get_job(job_id: str, session: SessionDep, principal: PrincipalDep):
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
 def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep):
     job = owned_job(session, job_id, principal.owner_id)
-    if job.status in jobs_repo.TERMINAL:
+    if job.status in TERMINAL:
         raise ApiError(409, "job_finished", f"Job {job_id} is already {job.status}.")
     jobs_repo.request_cancel(session, job)
     return job_out(job)
@@ -169,7 +171,7 @@ def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep):
 @router.delete("/{job_id}", status_code=204)
 def delete_job(job_id: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep):
     job = owned_job(session, job_id, principal.owner_id)
-    if job.status not in jobs_repo.TERMINAL:
+    if job.status not in TERMINAL:
         raise ApiError(409, "job_active", f"Job {job_id} is {job.status}; cancel it first.")
     jobs_service.delete(session, job, settings)
 
@@ -224,7 +226,7 @@ async def job_events(job_id: str, request: Request, principal: PrincipalDep):
                     last_metric_id = rows[-1].id
                     payload = [MetricOut.model_validate(m, from_attributes=True).model_dump() for m in rows]
                     yield f"event: metrics\ndata: {json.dumps(payload)}\n\n"
-                if job.status in jobs_repo.TERMINAL and not rows:
+                if job.status in TERMINAL and not rows:
                     yield "event: end\ndata: {}\n\n"
                     return
             await asyncio.sleep(0.5)
