@@ -6,6 +6,7 @@ token could not).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -13,18 +14,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
 
 from api import jobs_service
 from api.dashboard import session as browser
 from api.dashboard import views
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
-from api.routes import jobs as jobs_routes
 from api.schemas import TrainJobCreate
-from models import jobs as jobs_repo
 from models.status import TERMINAL, JobStatus
+from models.tables import Job
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -78,8 +79,14 @@ async def cross_site_page(request: Request, _: Exception) -> Response:
                 403)
 
 
-def owned_job(session, job_id: str, owner_id: str):
-    return jobs_repo.get(session, job_id, owner_id=owner_id) if JOB_ID.match(job_id) else None
+def owned_job(session: Session, job_id: str, owner_id: str) -> Job | None:
+    """The API's ownership check; None (a "not found" page) where the API would answer 404."""
+    if not JOB_ID.match(job_id):
+        return None
+    try:
+        return jobs_service.owned_job(session, job_id, owner_id)
+    except ApiError:
+        return None
 
 
 # ---- sign-in -------------------------------------------------------------------------------
@@ -130,20 +137,16 @@ def jobs_page(
     status = JobStatus(status) if status in set(JobStatus) else None  # an unknown filter: every job, as before
     kind = kind if kind in KINDS else None
     try:
-        listing = jobs_routes.list_jobs(session, principal, kind=kind, status=status, tag=[], limit=limit,
-                                        cursor=cursor or None)
+        jobs, next_cursor = jobs_service.list_jobs(session, principal.owner_id, limit=limit, cursor=cursor or None,
+                                                   kind=kind, status=status)
     except ApiError:
         return RedirectResponse("/dashboard/jobs", status_code=303)  # a stale cursor: start over
-    rows = []
-    for item in listing.items:
-        job = jobs_repo.get(session, item.id)
-        if job is not None:
-            rows.append(views.job_row(job))
+    rows = [views.job_row(job) for job in jobs]
     from starvation.presets import PRESETS
 
     return page(request, "jobs.html", {
         "rows": rows, "status": status, "kind": kind, "statuses": list(JobStatus), "kinds": KINDS,
-        "next_cursor": listing.next_cursor, "limit": limit, "presets": sorted(PRESETS),
+        "next_cursor": next_cursor, "limit": limit, "presets": sorted(PRESETS),
         "any_active": any(r["active"] for r in rows), "form_key": secrets.token_hex(16),
         "error": error if error and len(error) < 500 else None, "principal": principal,
     })
@@ -169,8 +172,8 @@ def submit_train_job(
         seed_list = [int(s) for s in seeds.replace(" ", "").split(",") if s]
         body = TrainJobCreate(kind="train", tags={"source": "dashboard"}, spec={
             "preset": preset, "steps": steps, "seeds": seed_list, "eval_every": eval_every, "audit": audit == "on"})
-        # The API's own handler: same validation, idempotency (the form's key) and enqueueing.
-        created = jobs_routes.create_job(body, session, principal, settings, idempotency_key=form_key)
+        # What POST /v1/jobs does: same validation, idempotency (the form's key) and enqueueing.
+        created = jobs_service.submit_once(session, body, principal, settings, idempotency_key=form_key)
     except ValueError:  # pydantic's ValidationError too
         return jobs_error("Seeds are whole numbers separated by commas, e.g. 0,1,2.")
     except ApiError as exc:
@@ -194,7 +197,7 @@ def job_page(job_id: str, request: Request, session: SessionDep) -> Response:
     if job is None:
         return not_found_page(request, "job")
     report = views.report_or_none(job)
-    recent = jobs_repo.list_page(session, owner_id=principal.owner_id, limit=50, kind="train")
+    recent, _ = jobs_service.list_jobs(session, principal.owner_id, limit=50, kind="train")
     others = [views.job_row(j) for j in recent if j.id != job.id]
     return page(request, "job.html", {
         "job": job, "row": views.job_row(job), "report": report, "summary": views.summary_rows(job, report),
@@ -215,8 +218,8 @@ def cancel(job_id: str, request: Request, session: SessionDep, csrf: Annotated[s
     job = owned_job(session, job_id, principal.owner_id)
     if job is None:
         return not_found_page(request, "job")
-    if job.status not in TERMINAL:
-        jobs_repo.request_cancel(session, job)
+    with contextlib.suppress(ApiError):  # already finished: the page shows how it ended
+        jobs_service.cancel(session, job)
     return RedirectResponse(f"/dashboard/jobs/{job_id}", status_code=303)
 
 
@@ -227,10 +230,10 @@ async def job_events(job_id: str, request: Request) -> Response:
 
     with database().session() as session:
         principal = browser.require_principal(request, session)
-    response = await jobs_routes.job_events(job_id, request, principal)
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Accel-Buffering"] = "no"  # proxies must pass events through as they come
-    return response
+        events = jobs_service.follow(session, job_id, principal.owner_id, request.is_disconnected)
+    # Proxies must pass events through as they come.
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 @router.get("/jobs/{job_id}/report")
@@ -258,7 +261,8 @@ def compare_page(request: Request, session: SessionDep, a: str | None = None, b:
     principal = browser.principal_of(request, session)
     if principal is None:
         return browser.to_login(request)
-    choices = [views.job_row(j) for j in jobs_repo.list_page(session, owner_id=principal.owner_id, limit=100)]
+    recent, _ = jobs_service.list_jobs(session, principal.owner_id, limit=100)
+    choices = [views.job_row(j) for j in recent]
     sides = []
     for label, job_id in (("A", a), ("B", b)):
         job = owned_job(session, job_id, principal.owner_id) if job_id else None
