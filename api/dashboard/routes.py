@@ -126,14 +126,11 @@ def logout(request: Request, csrf: Annotated[str | None, Form()] = None) -> Resp
 
 @router.get("/jobs")
 def jobs_page(
-    request: Request, session: SessionDep,
+    request: Request, session: SessionDep, principal: browser.SignedInDep,
     status: str | None = None, kind: str | None = None,
     cursor: str | None = None, limit: Annotated[int, Query(ge=1, le=200)] = 50,
     error: str | None = None,
 ) -> Response:
-    principal = browser.principal_of(request, session)
-    if principal is None:
-        return browser.to_login(request)
     status = JobStatus(status) if status in set(JobStatus) else None  # an unknown filter: every job, as before
     kind = kind if kind in KINDS else None
     try:
@@ -154,7 +151,7 @@ def jobs_page(
 
 @router.post("/jobs")
 def submit_train_job(
-    request: Request, session: SessionDep, settings: SettingsDep,
+    request: Request, session: SessionDep, settings: SettingsDep, principal: browser.SignedInDep,
     preset: Annotated[str, Form(max_length=100)],
     steps: Annotated[int, Form(ge=1)],
     seeds: Annotated[str, Form(max_length=200)] = "0",
@@ -163,9 +160,6 @@ def submit_train_job(
     form_key: Annotated[str | None, Form(max_length=64)] = None,
     csrf: Annotated[str | None, Form()] = None,
 ) -> Response:
-    principal = browser.principal_of(request, session)
-    if principal is None:
-        return browser.to_login(request)
     if not browser.csrf_ok(request, csrf):
         return expired_form(request)
     try:
@@ -189,10 +183,7 @@ def jobs_error(message: str) -> RedirectResponse:
 
 
 @router.get("/jobs/{job_id}")
-def job_page(job_id: str, request: Request, session: SessionDep) -> Response:
-    principal = browser.principal_of(request, session)
-    if principal is None:
-        return browser.to_login(request)
+def job_page(job_id: str, request: Request, session: SessionDep, principal: browser.SignedInDep) -> Response:
     job = owned_job(session, job_id, principal.owner_id)
     if job is None:
         return not_found_page(request, "job")
@@ -209,10 +200,8 @@ def job_page(job_id: str, request: Request, session: SessionDep) -> Response:
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel(job_id: str, request: Request, session: SessionDep, csrf: Annotated[str | None, Form()] = None) -> Response:
-    principal = browser.principal_of(request, session)
-    if principal is None:
-        return browser.to_login(request)
+def cancel(job_id: str, request: Request, session: SessionDep, principal: browser.SignedInDep,
+           csrf: Annotated[str | None, Form()] = None) -> Response:
     if not browser.csrf_ok(request, csrf):
         return expired_form(request)
     job = owned_job(session, job_id, principal.owner_id)
@@ -237,10 +226,7 @@ async def job_events(job_id: str, request: Request) -> Response:
 
 
 @router.get("/jobs/{job_id}/report")
-def report_page(job_id: str, request: Request, session: SessionDep) -> Response:
-    principal = browser.principal_of(request, session)
-    if principal is None:
-        return browser.to_login(request)
+def report_page(job_id: str, request: Request, session: SessionDep, principal: browser.SignedInDep) -> Response:
     job = owned_job(session, job_id, principal.owner_id)
     if job is None:
         return not_found_page(request, "job")
@@ -257,10 +243,8 @@ def report_page(job_id: str, request: Request, session: SessionDep) -> Response:
 
 
 @router.get("/compare")
-def compare_page(request: Request, session: SessionDep, a: str | None = None, b: str | None = None) -> Response:
-    principal = browser.principal_of(request, session)
-    if principal is None:
-        return browser.to_login(request)
+def compare_page(request: Request, session: SessionDep, principal: browser.SignedInDep,
+                 a: str | None = None, b: str | None = None) -> Response:
     recent, _ = jobs_service.list_jobs(session, principal.owner_id, limit=100)
     choices = [views.job_row(j) for j in recent]
     sides = []
