@@ -1,22 +1,86 @@
-"""What the job routes do, kept out of the handlers: validate a spec, record a job, enqueue it."""
+"""What the job routes do, kept out of the handlers: validate a spec, record a job, enqueue it, list,
+cancel and follow jobs. The /v1 routes and the dashboard both call these, so a page can never do what
+the token could not.
+"""
 from __future__ import annotations
 
+import asyncio
 import base64
+import binascii
+import json
 import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from api.deps import Principal
-from api.errors import ApiError
-from api.schemas import AuditJobCreate, TrainJobCreate
+from api.errors import ApiError, not_found, without_server_paths
+from api.hygiene import first_unstorable
+from api.idempotency import body_hash, replay_or_create
+from api.schemas import AuditJobCreate, JobOut, MetricOut, TrainJobCreate
 from core import outbound, queue
 from core.paths import job_dir
 from core.settings import Settings
 from models import files as files_repo
 from models import jobs as jobs_repo
+from models import metrics as metrics_repo
+from models.db import database
+from models.status import TERMINAL, JobStatus
 from models.tables import Job
+
+
+def job_out(job: Job) -> JobOut:
+    base = f"/v1/jobs/{job.id}"
+    return JobOut(
+        id=job.id,
+        kind=job.kind,
+        status=job.status,
+        progress=job.progress,
+        spec=job.spec,
+        tags=job.tags,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        worker_id=job.worker_id,
+        # The worker's messages are ours, but one may quote a file it could not read.
+        error={**job.error, "message": without_server_paths(str(job.error.get("message", "")))} if job.error else None,
+        result=job.result,
+        links={
+            "self": base,
+            "metrics": f"{base}/metrics",
+            "events": f"{base}/events",
+            "report": f"{base}/report",
+            "report_html": f"{base}/report.html",
+            "artifacts": f"{base}/artifacts",
+        },
+    )
+
+
+def owned_job(session: Session, job_id: str, owner_id: str) -> Job:
+    job = jobs_repo.get(session, job_id, owner_id=owner_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def encode_cursor(*parts: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(parts).encode()).decode()
+
+
+def decode_cursor(cursor: str, size: int) -> list[Any]:
+    try:
+        parts = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        if not isinstance(parts, list) or len(parts) != size or first_unstorable(parts, []) is not None:
+            raise ValueError
+        return parts
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(400, "invalid_cursor", "The cursor is not one this API returned.") from None
 
 
 def invalid_spec(message: str, details: Any = None) -> ApiError:
@@ -126,7 +190,7 @@ def resolve_audit(session: Session, body: AuditJobCreate, owner_id: str) -> dict
         train_job = jobs_repo.get(session, spec.train_job_id, owner_id=owner_id)
         if train_job is None or train_job.kind != "train":
             raise invalid_spec(f"No train job with id {spec.train_job_id!r}.")
-        if train_job.status != "succeeded":
+        if train_job.status != JobStatus.SUCCEEDED:
             raise invalid_spec(f"Train job {spec.train_job_id} is {train_job.status}, not succeeded.")
     check_dataset(session, spec.dataset.name, owner_id)
     check_builtin_audit_data(spec.dataset.name, spec.dataset.params, spec.spurious_attribute)
@@ -163,6 +227,29 @@ def submit(
     )
 
 
+def submit_once(
+    session: Session,
+    body: TrainJobCreate | AuditJobCreate,
+    principal: Principal,
+    settings: Settings,
+    idempotency_key: str | None,
+) -> JSONResponse:
+    """Record the job (or replay the first answer given to this Idempotency-Key), then send it."""
+
+    def create() -> tuple[int, Any]:
+        job = submit(session, body, principal, settings)
+        return 202, job_out(job)
+
+    response = replay_or_create(session, principal, idempotency_key, body_hash(body), create)
+    # The row is committed before the message is sent: the database is the truth.
+    session.commit()
+    job_id = json.loads(response.body)["id"]
+    job = jobs_repo.get(session, job_id)
+    if job is not None and job.status == JobStatus.QUEUED and job.enqueued_at is None:
+        enqueue(session, job)
+    return response
+
+
 def enqueue(session: Session, job: Job) -> None:
     """Send the job to the broker and note it, in the request's own session: a second session per
     request would let concurrent submissions exhaust the connection pool and stall."""
@@ -170,7 +257,85 @@ def enqueue(session: Session, job: Job) -> None:
         jobs_repo.mark_enqueued(session, job.id)
 
 
+def tag_filters(items: list[str]) -> dict[str, str]:
+    """["team:x", ...] of ?tag= as {"team": "x"}."""
+    tags: dict[str, str] = {}
+    for item in items:
+        if ":" not in item:
+            raise ApiError(400, "invalid_tag_filter", f"Tag filter {item!r} is not of the form k:v.")
+        key, value = item.split(":", 1)
+        tags[key] = value
+    return tags
+
+
+def list_jobs(
+    session: Session,
+    owner_id: str,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    kind: str | None = None,
+    status: JobStatus | None = None,
+    tags: dict[str, str] | None = None,
+) -> tuple[list[Job], str | None]:
+    """One page of the owner's jobs, newest first, and the cursor of the next page (None on the last)."""
+    after = None
+    if cursor:
+        created_at, job_id = decode_cursor(cursor, 2)
+        try:
+            after = (datetime.fromisoformat(created_at), str(job_id))
+        except (TypeError, ValueError):
+            raise ApiError(400, "invalid_cursor", "The cursor is not one this API returned.") from None
+    page = jobs_repo.list_page(
+        session, owner_id=owner_id, limit=limit, after=after, kind=kind, status=status, tags=tags or {}
+    )
+    items, more = page[:limit], len(page) > limit
+    return items, encode_cursor(items[-1].created_at.isoformat(), items[-1].id) if more else None
+
+
+def cancel(session: Session, job: Job) -> None:
+    """A queued job is cancelled at once, a running one asked to stop; a finished one is a 409."""
+    if job.status in TERMINAL:
+        raise ApiError(409, "job_finished", f"Job {job.id} is already {job.status}.")
+    jobs_repo.request_cancel(session, job)
+
+
+def follow(
+    session: Session, job_id: str, owner_id: str, is_disconnected: Callable[[], Awaitable[bool]]
+) -> AsyncIterator[str]:
+    """The job's Server-Sent Events, once the owner is checked: `status` on every change of status or
+    progress, `metrics` for new rows, `end` when it has finished and everything was sent."""
+    owned_job(session, job_id, owner_id)
+
+    async def stream() -> AsyncIterator[str]:
+        last_state, last_metric_id = None, None
+        # A session per poll, not the request's: a stream may stay open for hours.
+        while not await is_disconnected():
+            with database().session() as session:
+                job = jobs_repo.get(session, job_id)
+                if job is None:
+                    return
+                rows = metrics_repo.query(session, job_id, after_id=last_metric_id, limit=5000)
+                state = (job.status, round(job.progress, 4))
+                if state != last_state:
+                    last_state = state
+                    yield f"event: status\ndata: {json.dumps(job_out(job).model_dump(mode='json'))}\n\n"
+                if rows:
+                    last_metric_id = rows[-1].id
+                    payload = [MetricOut.model_validate(m, from_attributes=True).model_dump() for m in rows]
+                    yield f"event: metrics\ndata: {json.dumps(payload)}\n\n"
+                if job.status in TERMINAL and not rows:
+                    yield "event: end\ndata: {}\n\n"
+                    return
+            await asyncio.sleep(0.5)
+
+    return stream()
+
+
 def delete(session: Session, job: Job, settings: Settings) -> None:
+    """A finished job, its files and checkpoints; one still queued or running is a 409."""
+    if job.status not in TERMINAL:
+        raise ApiError(409, "job_active", f"Job {job.id} is {job.status}; cancel it first.")
     shutil.rmtree(job_dir(settings, job.id), ignore_errors=True)
     for checkpoint in files_repo.checkpoints_of_job(session, job.id):
         session.delete(checkpoint)
@@ -180,7 +345,7 @@ def delete(session: Session, job: Job, settings: Settings) -> None:
 def report_of(job: Job) -> dict[str, Any]:
     """The audit report: an audit job's result, or the first seed's report of an audited train job."""
     result = job.result or {}
-    if job.kind == "audit" and job.status == "succeeded":
+    if job.kind == "audit" and job.status == JobStatus.SUCCEEDED:
         return result
     reports = result.get("audit", {}).get("reports") if job.kind == "train" else None
     if reports:

@@ -4,8 +4,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, WithJsonSchema, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, WithJsonSchema, create_model
 
+from models.status import JobStatus
 from starvation.training.spec import DEVICE_PATTERN, MAX_SEED
 from starvation.training.spec import field_schemas as train_spec_fields
 
@@ -92,7 +93,7 @@ class JobError(BaseModel):
 class JobOut(BaseModel):
     id: str
     kind: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     progress: float
     spec: dict[str, Any]
     tags: dict[str, str]
@@ -105,6 +106,10 @@ class JobOut(BaseModel):
     error: JobError | None
     result: dict[str, Any] | None
     links: dict[str, str]
+
+
+# ?status= of GET /v1/jobs: one of the states (anything else is a 422), or empty for any, as before.
+StatusFilter = Annotated[JobStatus | None, BeforeValidator(lambda value: value or None)]
 
 
 class JobPage(BaseModel):

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from cli import render
-from cli.client import ApiClient, ApiFailure
+from cli.client import ApiClient, ApiFailure, JobStatus
 from cli.config import ConfigError, Connection, resolve
 from cli.watch import wait_with_progress
 
@@ -135,17 +135,17 @@ def finish(client: ApiClient, job: dict, wait: bool, as_json: bool) -> None:
 
 
 def show_outcome(client: ApiClient, job: dict, as_json: bool) -> None:
-    report = client.report(job["id"]) if job["status"] == "succeeded" else None
+    report = client.report(job["id"]) if job["status"] == JobStatus.SUCCEEDED else None
     if as_json:
         typer.echo(json.dumps({"job": job, "report": report}))
     else:
         console = out()
         for table in render.outcome(job, report):
             console.print(table)
-    if job["status"] == "failed":
+    if job["status"] == JobStatus.FAILED:
         error = job.get("error") or {}
         raise fail(f"job {job['id']} failed: {error.get('code', 'unknown')}: {error.get('message', '')}", EXIT_FAILED)
-    if job["status"] == "cancelled":
+    if job["status"] == JobStatus.CANCELLED:
         raise fail(f"job {job['id']} was cancelled", EXIT_CANCELLED)
 
 
@@ -240,7 +240,7 @@ def audit(
 @app.command()
 def jobs(
     ctx: typer.Context,
-    status: Annotated[str | None, typer.Option(help="queued | running | succeeded | failed | cancelled")] = None,
+    status: Annotated[str | None, typer.Option(help=" | ".join(JobStatus))] = None,
     kind: Annotated[str | None, typer.Option(help="train | audit")] = None,
     tag: Annotated[list[str], typer.Option("--tag", help="key:value or key=value, repeatable")] = [],  # noqa: B006
     limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
@@ -269,7 +269,7 @@ def report(
     """Show a job's outcome: final metrics and its reliance report."""
     def body(client: ApiClient) -> None:
         job = client.job(job_id)
-        found = client.report(job_id) if job["status"] == "succeeded" else None
+        found = client.report(job_id) if job["status"] == JobStatus.SUCCEEDED else None
         if html is not None:
             if found is None:
                 raise fail(f"job {job_id} has no report (status {job['status']})", EXIT_API)
@@ -297,7 +297,7 @@ def compare(
         pairs = []
         for job_id in (job_a, job_b):
             job = client.job(job_id)
-            pairs.append((job, client.report(job_id) if job["status"] == "succeeded" else None))
+            pairs.append((job, client.report(job_id) if job["status"] == JobStatus.SUCCEEDED else None))
         if as_json:
             typer.echo(json.dumps([{"job": j, "report": r} for j, r in pairs]))
         else:
@@ -319,7 +319,7 @@ def cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="JO
     """Cancel a queued or running job."""
     def body(client: ApiClient) -> None:
         job = client.cancel(job_id)
-        out().print(f"job {job_id}: {job['status']}" + (" (stopping)" if job["status"] == "running" else ""))
+        out().print(f"job {job_id}: {job['status']}" + (" (stopping)" if job["status"] == JobStatus.RUNNING else ""))
 
     run(ctx, body)
 

@@ -5,6 +5,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,21 @@ import httpx
 
 from cli.config import Connection
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class JobStatus(StrEnum):
+    """A job's status as the API sends it. The server's own is models.status.JobStatus; `gs` talks HTTP
+    only and imports nothing of the server (tests/test_architecture.py), so it keeps this copy, and
+    tests/cli/test_cli_config_and_exit_codes.py checks that the two agree."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
 class ApiFailure(Exception):

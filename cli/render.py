@@ -7,7 +7,10 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-STATUS_STYLE = {"queued": "cyan", "running": "yellow", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
+from cli.client import JobStatus
+
+STATUS_STYLE = {JobStatus.QUEUED: "cyan", JobStatus.RUNNING: "yellow", JobStatus.SUCCEEDED: "green",
+                JobStatus.FAILED: "red", JobStatus.CANCELLED: "magenta"}
 VERDICT_STYLE = {"low": "green", "partial": "yellow", "high": "red"}
 
 
@@ -80,7 +83,7 @@ def jobs_table(jobs: list[dict]) -> Table:
         score, verdict = reliance(job)
         accuracy = ((job.get("result") or {}).get("splits") or {}).get("test", {}).get("accuracy") or {}
         status = status_text(job["status"])
-        if job["status"] == "running":
+        if job["status"] == JobStatus.RUNNING:
             status.append(f" {100 * (job.get('progress') or 0):.0f}%")
         table.add_row(
             job["id"], job["kind"], status, job["created_at"][5:16].replace("T", " "), what(job),

@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from cli.client import TERMINAL, ApiClient, ApiFailure
+from cli.client import TERMINAL, ApiClient, ApiFailure, JobStatus
 
 POLL_S = 1.0
 MAX_STREAM_FAILURES = 3
@@ -114,6 +114,6 @@ def wait_with_progress(client: ApiClient, job: dict, console: Console) -> dict:
             progress.update(task, metrics=latest.line())
 
         final = follow(client, job["id"], on_status, on_metrics)
-        if final["status"] == "succeeded":
+        if final["status"] == JobStatus.SUCCEEDED:
             progress.update(task, completed=1.0)
     return final

@@ -8,12 +8,11 @@ from typing import Any
 from sqlalchemy import and_, case, delete, or_, select, update
 from sqlalchemy.orm import Session
 
+from models.status import JobStatus
 from models.tables import Job, utcnow
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 
-
-def terminal(status: str, **values: Any) -> dict[str, Any]:
+def terminal(status: JobStatus, **values: Any) -> dict[str, Any]:
     """Column values for entering a terminal status; a job with a callback_url owes a webhook."""
     return {
         "status": status,
@@ -56,7 +55,7 @@ def list_page(
     limit: int,
     after: tuple[datetime, str] | None = None,
     kind: str | None = None,
-    status: str | None = None,
+    status: JobStatus | None = None,
     tags: dict[str, str] | None = None,
 ) -> list[Job]:
     """Newest first; `after` is the (created_at, id) of the last job of the previous page.
@@ -99,9 +98,9 @@ def claim(session: Session, job_id: str, worker_id: str) -> bool:
     now = utcnow()
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
         .values(
-            status="running", attempts=Job.attempts + 1, started_at=now, heartbeat_at=now,
+            status=JobStatus.RUNNING, attempts=Job.attempts + 1, started_at=now, heartbeat_at=now,
             worker_id=worker_id, progress=0.0,
         )
     )
@@ -112,17 +111,17 @@ def reap_stale(session: Session, *, stale_after: timedelta, max_attempts: int) -
     """Running jobs whose heartbeat stopped lost their worker: re-queue them (the outbox sends
     them again) or, after max_attempts runs, fail them with worker_lost. Returns {id: action}."""
     cutoff = utcnow() - stale_after
-    stale = session.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)).all()
+    stale = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING, Job.heartbeat_at < cutoff)).all()
     actions = {}
     for job in stale:
-        still_stale = (Job.id == job.id, Job.status == "running", Job.heartbeat_at < cutoff)
+        still_stale = (Job.id == job.id, Job.status == JobStatus.RUNNING, Job.heartbeat_at < cutoff)
         if job.cancel_requested:
-            values = terminal("cancelled")
+            values = terminal(JobStatus.CANCELLED)
         elif job.attempts >= max_attempts:
             message = f"The worker running this job stopped answering, {job.attempts} times."
-            values = terminal("failed", error={"code": "worker_lost", "message": message})
+            values = terminal(JobStatus.FAILED, error={"code": "worker_lost", "message": message})
         else:
-            values = {"status": "queued", "enqueued_at": None, "worker_id": None}
+            values = {"status": JobStatus.QUEUED, "enqueued_at": None, "worker_id": None}
         if session.execute(update(Job).where(*still_stale).values(**values)).rowcount == 1:
             actions[job.id] = values["status"]
     return actions
@@ -133,7 +132,7 @@ def set_progress(session: Session, job_id: str, progress: float | None = None) -
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if progress is not None:
         values["progress"] = progress
-    session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(**values))
+    session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING).values(**values))
     return cancel_requested(session, job_id)
 
 
@@ -144,7 +143,7 @@ def cancel_requested(session: Session, job_id: str) -> bool:
 def finish(
     session: Session,
     job_id: str,
-    status: str,
+    status: JobStatus,
     *,
     result: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
@@ -153,23 +152,23 @@ def finish(
     values = terminal(status, error=error)
     if result is not None:
         values["result"] = result
-    if status == "succeeded":
+    if status == JobStatus.SUCCEEDED:
         values["progress"] = 1.0
     outcome = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "running").values(**values)
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING).values(**values)
     )
     return outcome.rowcount == 1
 
 
 def request_cancel(session: Session, job: Job) -> None:
     """A queued job is cancelled at once; a running one is asked to stop (its worker polls)."""
-    if job.status == "queued":
+    if job.status == JobStatus.QUEUED:
         session.execute(
             update(Job)
-            .where(Job.id == job.id, Job.status == "queued")
-            .values(**terminal("cancelled", cancel_requested=True))
+            .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+            .values(**terminal(JobStatus.CANCELLED, cancel_requested=True))
         )
-    elif job.status == "running":
+    elif job.status == JobStatus.RUNNING:
         session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
     session.refresh(job)
 
@@ -186,5 +185,5 @@ def unsent(session: Session, *, older_than: timedelta = timedelta(0)) -> Sequenc
     """Queued jobs whose message never reached the broker (the outbox to sweep)."""
     cutoff = utcnow() - older_than
     return session.scalars(
-        select(Job).where(Job.status == "queued", Job.enqueued_at.is_(None), Job.created_at <= cutoff)
+        select(Job).where(Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None), Job.created_at <= cutoff)
     ).all()

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.settings import get_settings  # noqa: E402
+from models.status import TERMINAL, JobStatus  # noqa: E402
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 METHODS = (("ERM", "paper_cmnist_erm"), ("SD", "paper_cmnist_sd"))
 
 
@@ -108,7 +108,7 @@ def main() -> int:
                 time.sleep(5)
                 jobs = {n: client.get(f"/v1/jobs/{j['id']}").json() for n, j in jobs.items()}
                 print("  ".join(f"{n}: {j['status']} {100 * j['progress']:5.1f}%" for n, j in jobs.items()), flush=True)
-            failed = {n: j["error"] for n, j in jobs.items() if j["status"] != "succeeded"}
+            failed = {n: j["error"] for n, j in jobs.items() if j["status"] != JobStatus.SUCCEEDED}
             if failed:
                 print(f"failed: {failed}")
                 return 1

@@ -22,6 +22,7 @@ from models import files as files_repo
 from models import jobs as jobs_repo
 from models import metrics as metrics_repo
 from models.db import Database, database
+from models.status import JobStatus
 
 log = logging.getLogger("gs.worker")
 # A database that is restarting or unreachable: what a running job's progress and cancel checks ride out.
@@ -193,7 +194,7 @@ def forget_earlier_attempt(db: Database, job_id: str, settings: Settings) -> Non
     shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
 
 
-def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[str, dict | None, dict | None]:
+def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | None, dict | None]:
     from jail import JailError
     from starvation.checkpoints import CheckpointError, out_of_memory
     from starvation.datasets import DatasetError
@@ -207,31 +208,31 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[str, dict | None, 
         "audit": audit_job.run,
     }
     try:
-        return "succeeded", handlers[kind](spec, ctx), None
+        return JobStatus.SUCCEEDED, handlers[kind](spec, ctx), None
     except (TrainingStopped, JobCancelled):
         if ctx.deadline is not None and time.monotonic() > ctx.deadline:
-            return "failed", None, timeout_error(spec)
-        return "cancelled", None, None
+            return JobStatus.FAILED, None, timeout_error(spec)
+        return JobStatus.CANCELLED, None, None
     except JobTimedOut:
-        return "failed", None, timeout_error(spec)
+        return JobStatus.FAILED, None, timeout_error(spec)
     except (JailError, CheckpointError) as exc:  # a foreign model refused or failed: messages we wrote
-        return "failed", None, {"code": exc.code, "message": exc.message}
+        return JobStatus.FAILED, None, {"code": exc.code, "message": exc.message}
     except DatasetError as exc:
-        return "failed", None, {"code": exc.code, "message": str(exc)}
+        return JobStatus.FAILED, None, {"code": exc.code, "message": str(exc)}
     except SpecError as exc:
-        return "failed", None, {"code": "invalid_spec", "message": str(exc)}
+        return JobStatus.FAILED, None, {"code": "invalid_spec", "message": str(exc)}
     except FileNotFoundError as exc:
         # Ours name what is missing; the operating system's would name a path on this server.
         message = str(exc) if exc.filename is None else "A file this job needs is missing."
-        return "failed", None, {"code": "missing_input", "message": message}
+        return JobStatus.FAILED, None, {"code": "missing_input", "message": message}
     except Exception as exc:
         if out_of_memory(exc):  # past the worker child's RLIMIT_AS: the job's size, not a crash to retry
             log.error("job %s ran out of memory:\n%s", ctx.job_id, traceback.format_exc())
-            return "failed", None, {"code": "memory_limit",
+            return JobStatus.FAILED, None, {"code": "memory_limit",
                                     "message": "The job needed more memory than this worker may use."}
         # our fault: the details go to our log only, keep the worker alive
         log.error("job %s crashed:\n%s", ctx.job_id, traceback.format_exc())
-        return "failed", None, {"code": "internal_error",
+        return JobStatus.FAILED, None, {"code": "internal_error",
                                 "message": "The job failed on our side; the operators have the details."}
 
 

@@ -2,12 +2,15 @@
 from fastapi import FastAPI
 
 from api.dashboard.routes import CrossSiteForm, cross_site_page, router
+from api.dashboard.session import SignInRequired, sign_in_page
 
 
 def install(app: FastAPI) -> None:
-    """The pages, and their own answer to a cross-site POST (a page, not the API's JSON error)."""
+    """The pages, and their own answers to a cross-site POST and to a visitor not signed in (a page or
+    a redirect, not the API's JSON error)."""
     app.include_router(router)
     app.add_exception_handler(CrossSiteForm, cross_site_page)
+    app.add_exception_handler(SignInRequired, sign_in_page)
 
 
 __all__ = ["install", "router"]

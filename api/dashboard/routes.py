@@ -6,6 +6,7 @@ token could not).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -13,21 +14,23 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
 
 from api import jobs_service
 from api.dashboard import session as browser
 from api.dashboard import views
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
-from api.routes import jobs as jobs_routes
 from api.schemas import TrainJobCreate
-from models import jobs as jobs_repo
+from models.status import TERMINAL, JobStatus
+from models.tables import Job
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.filters["fmt"] = views.fmt
+templates.env.globals.update(JobStatus=JobStatus, TERMINAL=TERMINAL)
 
 
 class CrossSiteForm(Exception):
@@ -43,7 +46,6 @@ router = APIRouter(prefix="/dashboard", include_in_schema=False, dependencies=[D
 
 STATIC = {"dashboard.css": "text/css", "charts.js": "text/javascript", "job.js": "text/javascript",
           "jobs.js": "text/javascript", "compare.js": "text/javascript"}
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 KINDS = ("train", "audit")
 SECURITY_HEADERS = {
     # Only our own scripts; inline <style> for the report page; plots arrive as data: URIs.
@@ -77,8 +79,14 @@ async def cross_site_page(request: Request, _: Exception) -> Response:
                 403)
 
 
-def owned_job(session, job_id: str, owner_id: str):
-    return jobs_repo.get(session, job_id, owner_id=owner_id) if JOB_ID.match(job_id) else None
+def owned_job(session: Session, job_id: str, owner_id: str) -> Job | None:
+    """The API's ownership check; None (a "not found" page) where the API would answer 404."""
+    if not JOB_ID.match(job_id):
+        return None
+    try:
+        return jobs_service.owned_job(session, job_id, owner_id)
+    except ApiError:
+        return None
 
 
 # ---- sign-in -------------------------------------------------------------------------------
@@ -118,31 +126,24 @@ def logout(request: Request, csrf: Annotated[str | None, Form()] = None) -> Resp
 
 @router.get("/jobs")
 def jobs_page(
-    request: Request, session: SessionDep,
+    request: Request, session: SessionDep, principal: browser.SignedInDep,
     status: str | None = None, kind: str | None = None,
     cursor: str | None = None, limit: Annotated[int, Query(ge=1, le=200)] = 50,
     error: str | None = None,
 ) -> Response:
-    principal = browser.principal_of(request, session)
-    if principal is None:
-        return browser.to_login(request)
-    status = status if status in STATUSES else None
+    status = JobStatus(status) if status in set(JobStatus) else None  # an unknown filter: every job, as before
     kind = kind if kind in KINDS else None
     try:
-        listing = jobs_routes.list_jobs(session, principal, kind=kind, status=status, tag=[], limit=limit,
-                                        cursor=cursor or None)
+        jobs, next_cursor = jobs_service.list_jobs(session, principal.owner_id, limit=limit, cursor=cursor or None,
+                                                   kind=kind, status=status)
     except ApiError:
         return RedirectResponse("/dashboard/jobs", status_code=303)  # a stale cursor: start over
-    rows = []
-    for item in listing.items:
-        job = jobs_repo.get(session, item.id)
-        if job is not None:
-            rows.append(views.job_row(job))
+    rows = [views.job_row(job) for job in jobs]
     from starvation.presets import PRESETS
 
     return page(request, "jobs.html", {
-        "rows": rows, "status": status, "kind": kind, "statuses": STATUSES, "kinds": KINDS,
-        "next_cursor": listing.next_cursor, "limit": limit, "presets": sorted(PRESETS),
+        "rows": rows, "status": status, "kind": kind, "statuses": list(JobStatus), "kinds": KINDS,
+        "next_cursor": next_cursor, "limit": limit, "presets": sorted(PRESETS),
         "any_active": any(r["active"] for r in rows), "form_key": secrets.token_hex(16),
         "error": error if error and len(error) < 500 else None, "principal": principal,
     })
@@ -150,7 +151,7 @@ def jobs_page(
 
 @router.post("/jobs")
 def submit_train_job(
-    request: Request, session: SessionDep, settings: SettingsDep,
+    request: Request, session: SessionDep, settings: SettingsDep, principal: browser.SignedInDep,
     preset: Annotated[str, Form(max_length=100)],
     steps: Annotated[int, Form(ge=1)],
     seeds: Annotated[str, Form(max_length=200)] = "0",
@@ -159,17 +160,14 @@ def submit_train_job(
     form_key: Annotated[str | None, Form(max_length=64)] = None,
     csrf: Annotated[str | None, Form()] = None,
 ) -> Response:
-    principal = browser.principal_of(request, session)
-    if principal is None:
-        return browser.to_login(request)
     if not browser.csrf_ok(request, csrf):
         return expired_form(request)
     try:
         seed_list = [int(s) for s in seeds.replace(" ", "").split(",") if s]
         body = TrainJobCreate(kind="train", tags={"source": "dashboard"}, spec={
             "preset": preset, "steps": steps, "seeds": seed_list, "eval_every": eval_every, "audit": audit == "on"})
-        # The API's own handler: same validation, idempotency (the form's key) and enqueueing.
-        created = jobs_routes.create_job(body, session, principal, settings, idempotency_key=form_key)
+        # What POST /v1/jobs does: same validation, idempotency (the form's key) and enqueueing.
+        created = jobs_service.submit_once(session, body, principal, settings, idempotency_key=form_key)
     except ValueError:  # pydantic's ValidationError too
         return jobs_error("Seeds are whole numbers separated by commas, e.g. 0,1,2.")
     except ApiError as exc:
@@ -185,36 +183,32 @@ def jobs_error(message: str) -> RedirectResponse:
 
 
 @router.get("/jobs/{job_id}")
-def job_page(job_id: str, request: Request, session: SessionDep) -> Response:
-    principal = browser.principal_of(request, session)
-    if principal is None:
-        return browser.to_login(request)
+def job_page(job_id: str, request: Request, session: SessionDep, principal: browser.SignedInDep) -> Response:
     job = owned_job(session, job_id, principal.owner_id)
     if job is None:
         return not_found_page(request, "job")
     report = views.report_or_none(job)
-    recent = jobs_repo.list_page(session, owner_id=principal.owner_id, limit=50, kind="train")
+    recent, _ = jobs_service.list_jobs(session, principal.owner_id, limit=50, kind="train")
     others = [views.job_row(j) for j in recent if j.id != job.id]
     return page(request, "job.html", {
         "job": job, "row": views.job_row(job), "report": report, "summary": views.summary_rows(job, report),
         "spec_json": json.dumps(job.spec, indent=2), "others": others,
         "page_data": {"id": job.id, "kind": job.kind, "status": job.status, "steps": (job.spec or {}).get("steps"),
-                      "seeds": (job.spec or {}).get("seeds") or [], "terminal": job.status in views.TERMINAL},
+                      "seeds": (job.spec or {}).get("seeds") or [], "terminal": job.status in TERMINAL,
+                      "terminal_statuses": sorted(TERMINAL)},
     })
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel(job_id: str, request: Request, session: SessionDep, csrf: Annotated[str | None, Form()] = None) -> Response:
-    principal = browser.principal_of(request, session)
-    if principal is None:
-        return browser.to_login(request)
+def cancel(job_id: str, request: Request, session: SessionDep, principal: browser.SignedInDep,
+           csrf: Annotated[str | None, Form()] = None) -> Response:
     if not browser.csrf_ok(request, csrf):
         return expired_form(request)
     job = owned_job(session, job_id, principal.owner_id)
     if job is None:
         return not_found_page(request, "job")
-    if job.status not in jobs_repo.TERMINAL:
-        jobs_repo.request_cancel(session, job)
+    with contextlib.suppress(ApiError):  # already finished: the page shows how it ended
+        jobs_service.cancel(session, job)
     return RedirectResponse(f"/dashboard/jobs/{job_id}", status_code=303)
 
 
@@ -225,17 +219,14 @@ async def job_events(job_id: str, request: Request) -> Response:
 
     with database().session() as session:
         principal = browser.require_principal(request, session)
-    response = await jobs_routes.job_events(job_id, request, principal)
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Accel-Buffering"] = "no"  # proxies must pass events through as they come
-    return response
+        events = jobs_service.follow(session, job_id, principal.owner_id, request.is_disconnected)
+    # Proxies must pass events through as they come.
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 @router.get("/jobs/{job_id}/report")
-def report_page(job_id: str, request: Request, session: SessionDep) -> Response:
-    principal = browser.principal_of(request, session)
-    if principal is None:
-        return browser.to_login(request)
+def report_page(job_id: str, request: Request, session: SessionDep, principal: browser.SignedInDep) -> Response:
     job = owned_job(session, job_id, principal.owner_id)
     if job is None:
         return not_found_page(request, "job")
@@ -252,11 +243,10 @@ def report_page(job_id: str, request: Request, session: SessionDep) -> Response:
 
 
 @router.get("/compare")
-def compare_page(request: Request, session: SessionDep, a: str | None = None, b: str | None = None) -> Response:
-    principal = browser.principal_of(request, session)
-    if principal is None:
-        return browser.to_login(request)
-    choices = [views.job_row(j) for j in jobs_repo.list_page(session, owner_id=principal.owner_id, limit=100)]
+def compare_page(request: Request, session: SessionDep, principal: browser.SignedInDep,
+                 a: str | None = None, b: str | None = None) -> Response:
+    recent, _ = jobs_service.list_jobs(session, principal.owner_id, limit=100)
+    choices = [views.job_row(j) for j in recent]
     sides = []
     for label, job_id in (("A", a), ("B", b)):
         job = owned_job(session, job_id, principal.owner_id) if job_id else None

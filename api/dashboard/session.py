@@ -13,11 +13,13 @@ import hashlib
 import hmac
 from urllib.parse import quote, urlsplit
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Depends, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy.orm import Session
 
-from api.deps import Principal, admin_token, current_principal
+from api.deps import Principal, SessionDep, admin_token, current_principal
 from api.errors import ApiError
 
 COOKIE = "gs_session"
@@ -40,6 +42,25 @@ def principal_for_token(session: Session, token: str) -> Principal | None:
         return current_principal(session, authorization=f"Bearer {token}")
     except ApiError:
         return None
+
+
+class SignInRequired(Exception):
+    """A page asked for without a valid session cookie: answered by `to_login`."""
+
+
+def signed_in(request: Request, session: SessionDep) -> Principal:
+    """The pages' one sign-in guard: whoever the cookie names, or off to the sign-in page and back."""
+    principal = principal_of(request, session)
+    if principal is None:
+        raise SignInRequired
+    return principal
+
+
+SignedInDep = Annotated[Principal, Depends(signed_in)]
+
+
+async def sign_in_page(request: Request, _: Exception) -> Response:
+    return to_login(request)
 
 
 def require_principal(request: Request, session: Session) -> Principal:

@@ -10,9 +10,8 @@ from sqlalchemy.orm import Session
 from api import jobs_service
 from api.errors import ApiError
 from models import files as files_repo
+from models.status import TERMINAL, JobStatus
 from models.tables import Job
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def describe(job: Job) -> str:
@@ -47,7 +46,7 @@ def reliance(job: Job) -> dict[str, Any]:
 
 
 def report_or_none(job: Job) -> dict[str, Any] | None:
-    if job.status != "succeeded":
+    if job.status != JobStatus.SUCCEEDED:
         return None
     try:
         return jobs_service.report_of(job)

@@ -16,6 +16,7 @@ from api.deps import SessionDep, SettingsDep, admin_principal, current_principal
 from api.schemas import error_responses
 from core.queue import QUEUES, check_broker
 from models.db import database
+from models.status import JobStatus
 from models.tables import Job, utcnow
 
 router = APIRouter(tags=["operations"])
@@ -47,12 +48,11 @@ def readyz() -> JSONResponse:
 # Upper bounds of the job duration histogram, in seconds: a smoke test to a day-long GPU run.
 DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 12 * 3600, 24 * 3600)
 KINDS = ("train", "audit")
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def job_metric_families(session: Session, now: datetime) -> list[Metric]:
     """The service's state as Prometheus families, read from the jobs table (the truth)."""
-    counts = {(kind, status): 0 for kind in KINDS for status in STATUSES}
+    counts = {(kind, status): 0 for kind in KINDS for status in JobStatus}
     for kind, status, count in session.execute(
         select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
     ):
@@ -63,7 +63,7 @@ def job_metric_families(session: Session, now: datetime) -> list[Metric]:
 
     depth = {name: 0 for name in QUEUES}
     for queue, count in session.execute(
-        select(Job.queue, func.count()).where(Job.status == "queued").group_by(Job.queue)
+        select(Job.queue, func.count()).where(Job.status == JobStatus.QUEUED).group_by(Job.queue)
     ):
         depth[queue] = count
     queue_depth = GaugeMetricFamily("gs_queue_depth", "Queued jobs waiting for a worker.", labels=["queue"])
@@ -72,7 +72,7 @@ def job_metric_families(session: Session, now: datetime) -> list[Metric]:
 
     families: list[Metric] = [jobs, queue_depth, duration_histogram(session)]
     newest, oldest = session.execute(
-        select(func.max(Job.heartbeat_at), func.min(Job.heartbeat_at)).where(Job.status == "running")
+        select(func.max(Job.heartbeat_at), func.min(Job.heartbeat_at)).where(Job.status == JobStatus.RUNNING)
     ).one()
     # Only while a job runs: with none running there is no heartbeat to be late.
     if newest is not None:
@@ -84,7 +84,7 @@ def job_metric_families(session: Session, now: datetime) -> list[Metric]:
             "gs_running_job_heartbeat_max_age_seconds", "Seconds since the heartbeat of the most silent running job.",
             value=max(0.0, (now - oldest).total_seconds()),
         ))
-    oldest_queued = session.scalar(select(func.min(Job.created_at)).where(Job.status == "queued"))
+    oldest_queued = session.scalar(select(func.min(Job.created_at)).where(Job.status == JobStatus.QUEUED))
     families.append(GaugeMetricFamily(
         "gs_oldest_queued_job_age_seconds", "Seconds the oldest queued job has waited (0 when none).",
         value=max(0.0, (now - oldest_queued).total_seconds()) if oldest_queued is not None else 0.0,

@@ -78,6 +78,12 @@ def test_limit_out_of_range_is_422(client, limit):
     assert_error(client.get("/v1/jobs", params={"limit": limit}), 422)
 
 
+@pytest.mark.parametrize("status", ["done", "QUEUED", "queued "])
+def test_unknown_status_filter_is_422_not_an_empty_list(client, status):
+    error = assert_error(client.get("/v1/jobs", params={"status": status}), 422, "invalid_request")
+    assert "status" in error["message"]
+
+
 def test_missing_or_wrong_token_is_401(client):
     assert_error(client.get("/v1/jobs", headers={"Authorization": ""}), 401, "unauthorized")
     assert_error(client.get("/v1/jobs", headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")

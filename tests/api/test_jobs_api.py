@@ -36,6 +36,7 @@ def test_filters_by_kind_status_and_tag(client, tenant):
     found = client.get("/v1/jobs", params={"tag": "team:x", "kind": "train", "status": "queued"}, headers=headers).json()
     assert [j["id"] for j in found["items"]] == [tagged["id"]]
     assert client.get("/v1/jobs", params={"status": "running"}, headers=headers).json()["items"] == []
+    assert len(client.get("/v1/jobs", params={"status": ""}, headers=headers).json()["items"]) == 2  # empty: any
 
 
 def test_another_key_gets_404_for_everything_of_mine(client, tenant):
@@ -76,3 +77,12 @@ def test_openapi_and_health(client):
     assert client.get("/readyz").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/checkpoints", "/v1/datasets"} <= set(paths)
+
+
+def test_openapi_spells_job_status_as_one_enum_of_five_states(client):
+    document = client.get("/openapi.json").json()
+    states = ["queued", "running", "succeeded", "failed", "cancelled"]
+    status_schema = document["components"]["schemas"]["JobOut"]["properties"]["status"]
+    assert document["components"]["schemas"][status_schema["$ref"].split("/")[-1]]["enum"] == states
+    (status_filter,) = [p for p in document["paths"]["/v1/jobs"]["get"]["parameters"] if p["name"] == "status"]
+    assert status_filter["schema"]["anyOf"][0] == status_schema  # the list filter takes the same enum

@@ -128,3 +128,13 @@ def test_python_dash_m_cli_runs_the_same_program():
     done = subprocess.run([sys.executable, "-m", "cli", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and "compare" in done.stdout and "Exit codes" in done.stdout
+
+
+def test_the_cli_knows_the_same_job_states_as_the_server():
+    # gs keeps its own copy (it imports nothing of the server): a state added there must be added here.
+    from cli.client import TERMINAL as CLI_TERMINAL
+    from cli.client import JobStatus as CliJobStatus
+    from models.status import TERMINAL, JobStatus
+
+    assert [s.value for s in CliJobStatus] == [s.value for s in JobStatus]
+    assert {s.value for s in CLI_TERMINAL} == {s.value for s in TERMINAL}

@@ -7,7 +7,7 @@
   var progress = document.getElementById("job-progress");
   var progressText = document.getElementById("job-progress-text");
   var latest = document.getElementById("job-latest");
-  var TERMINAL = ["succeeded", "failed", "cancelled"];
+  var TERMINAL = data.terminal_statuses;  // the server's list (models/status.py), not a copy
 
   function seedColor(seed) {
     var index = data.seeds.indexOf(seed);
