@@ -1,4 +1,4 @@
-"""The API process's background loops: the outbox, the reaper of lost jobs, and webhooks."""
+"""The API process's background loops: the dispatcher (the outbox), the reaper of lost jobs, and webhooks."""
 from __future__ import annotations
 
 import asyncio
@@ -8,12 +8,11 @@ from datetime import timedelta
 
 from fastapi.concurrency import run_in_threadpool
 
-from api import webhooks
+from api import dispatch, webhooks
 from api.deps import admin_token
-from core import queue
 from core.settings import get_settings
 from models import jobs as jobs_repo
-from models.db import Database, database
+from models.db import database
 
 log = logging.getLogger("gs.api")
 
@@ -29,24 +28,11 @@ def reap_lost_jobs() -> dict[str, str]:
     return actions
 
 
-def send_and_record(db: Database, job_id: str, queue_name: str, timeout_s: float | None = None) -> bool:
-    if not queue.send(job_id, queue_name, timeout_s):
-        return False
-    with db.session() as session:
-        jobs_repo.mark_enqueued(session, job_id)
-    return True
-
-
-def sweep_outbox(db: Database, grace: timedelta = timedelta(seconds=5)) -> int:
-    """Send every queued job whose message never reached the broker (the row is committed first);
-    returns how many were sent."""
-    with db.session() as session:
-        pending = [(job.id, job.queue, job.spec.get("timeout_s")) for job in jobs_repo.unsent(session, older_than=grace)]
-    return sum(send_and_record(db, *job) for job in pending)
-
-
-def send_outbox() -> int:
-    return sweep_outbox(database())
+def dispatch_round() -> int:
+    """Send what the windows have room for (api/dispatch.py), and again what the broker lost."""
+    settings = get_settings()
+    with database().new_session() as session:  # the dispatcher commits as it goes
+        return dispatch.resend_lost(session, settings) + dispatch.dispatch(session, settings)
 
 
 def deliver_webhooks() -> int:
@@ -70,10 +56,7 @@ async def every(seconds: float, work: Callable[[], object]) -> None:
 
 
 def start() -> list[asyncio.Task]:
-    period = get_settings().sweep_every_s
-    # Reap before sending: a re-queued job goes out in the same round.
-    def reap_then_send() -> None:
-        reap_lost_jobs()
-        send_outbox()
-
-    return [asyncio.create_task(every(period, reap_then_send)), asyncio.create_task(every(period, deliver_webhooks))]
+    settings = get_settings()
+    return [asyncio.create_task(every(settings.sweep_every_s, reap_lost_jobs)),
+            asyncio.create_task(every(settings.dispatch_every_s, dispatch_round)),
+            asyncio.create_task(every(settings.sweep_every_s, deliver_webhooks))]

@@ -18,11 +18,12 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from api.deps import Principal
+from api.dispatch import dispatch
 from api.errors import ApiError, not_found, without_server_paths
 from api.hygiene import first_unstorable
 from api.idempotency import body_hash, replay_or_create
 from api.schemas import AuditJobCreate, JobOut, MetricOut, TrainJobCreate
-from core import outbound, queue
+from core import outbound
 from core.paths import job_dir
 from core.settings import Settings
 from models import files as files_repo
@@ -200,9 +201,22 @@ def resolve_audit(session: Session, body: AuditJobCreate, owner_id: str) -> dict
     return spec.model_dump()
 
 
+QUOTA_RETRY_AFTER_S = 30
+
+
+def check_quota(session: Session, principal: Principal, settings: Settings) -> None:
+    """One key may have at most GS_MAX_ACTIVE_JOBS_PER_KEY jobs queued or running: past that a 429, not a backlog."""
+    active = jobs_repo.active_count(session, principal.owner_id)
+    if active >= settings.max_active_jobs_per_key:
+        raise ApiError(429, "too_many_jobs",
+                       f"This key has {active} jobs queued or running; the limit is {settings.max_active_jobs_per_key}. "
+                       "Submit more when some have finished.", headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)})
+
+
 def submit(
     session: Session, body: TrainJobCreate | AuditJobCreate, principal: Principal, settings: Settings
 ) -> Job:
+    check_quota(session, principal, settings)
     if body.callback_url:
         check_callback_url(str(body.callback_url), settings)
     if isinstance(body, TrainJobCreate):
@@ -243,18 +257,10 @@ def submit_once(
     response = replay_or_create(session, principal, idempotency_key, body_hash(body), create)
     # The row is committed before the message is sent: the database is the truth.
     session.commit()
-    job_id = json.loads(response.body)["id"]
-    job = jobs_repo.get(session, job_id)
-    if job is not None and job.status == JobStatus.QUEUED and job.enqueued_at is None:
-        enqueue(session, job)
+    # In the request's own session: a second session per request would let concurrent submissions exhaust the
+    # connection pool and stall. The job goes out now if its queue has room, else when a worker frees up.
+    dispatch(session, settings)
     return response
-
-
-def enqueue(session: Session, job: Job) -> None:
-    """Send the job to the broker and note it, in the request's own session: a second session per
-    request would let concurrent submissions exhaust the connection pool and stall."""
-    if queue.send(job.id, job.queue, job.spec.get("timeout_s")):
-        jobs_repo.mark_enqueued(session, job.id)
 
 
 def tag_filters(items: list[str]) -> dict[str, str]:

@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = 60.0
     max_attempts: int = 3
     sweep_every_s: float = 5.0
+    # Dispatch (api/dispatch.py): at most dispatch_window jobs per queue wait in the broker; the rest wait
+    # in the database and are sent one tenant at a time as workers free up, every dispatch_every_s.
+    dispatch_window: int = Field(8, ge=1, description="jobs per queue sent to the broker and not yet claimed")
+    dispatch_every_s: float = 1.0
+    # A job sent this long ago and still unclaimed was lost by the broker (a restart without persistence).
+    resend_after_s: float = Field(600.0, gt=0)
+    max_active_jobs_per_key: int = Field(1000, ge=1, description="queued + running jobs one key may have")
     webhook_secret: str | None = None  # HMAC key for admin jobs' callbacks (a key's jobs: its own); default: admin token
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 6

@@ -5,14 +5,14 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, delete, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from models.status import JobStatus
 from models.tables import Job, utcnow
 
 
-def terminal(status: JobStatus, **values: Any) -> dict[str, Any]:
+def terminal(status: Any, **values: Any) -> dict[str, Any]:
     """Column values for entering a terminal status; a job with a callback_url owes a webhook."""
     return {
         "status": status,
@@ -148,11 +148,18 @@ def finish(
     result: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
 ) -> bool:
-    """Close a running job; only one writer ever wins (the job must still be running)."""
+    """Close a running job; only one writer ever wins (the job must still be running).
+
+    A job whose cancel was accepted ends `cancelled` even when its work finished before the worker saw the
+    flag (the result is kept): a 202 to a cancel is never followed by `succeeded`.
+    """
+    succeeded = status == JobStatus.SUCCEEDED
+    if succeeded:
+        status = case((Job.cancel_requested.is_(True), JobStatus.CANCELLED.value), else_=JobStatus.SUCCEEDED.value)
     values = terminal(status, error=error)
     if result is not None:
         values["result"] = result
-    if status == JobStatus.SUCCEEDED:
+    if succeeded:
         values["progress"] = 1.0
     outcome = session.execute(
         update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING).values(**values)
@@ -187,3 +194,62 @@ def unsent(session: Session, *, older_than: timedelta = timedelta(0)) -> Sequenc
     return session.scalars(
         select(Job).where(Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None), Job.created_at <= cutoff)
     ).all()
+
+
+def active_count(session: Session, owner_id: str) -> int:
+    """The owner's jobs that are queued or running (what the per-key limit counts)."""
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.owner_id == owner_id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))) or 0
+
+
+def in_flight(session: Session) -> dict[str, int]:
+    """{queue: jobs sent to the broker and not yet claimed}."""
+    rows = session.execute(select(Job.queue, func.count()).where(
+        Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None)).group_by(Job.queue)).all()
+    return {queue: count for queue, count in rows}
+
+
+def fair_share(session: Session, queue: str, room: int, *, older_than: timedelta = timedelta(0)) -> list[Job]:
+    """Up to `room` unsent jobs of `queue`, one tenant at a time: each pick goes to the owner with the fewest
+    jobs running or already sent (ties: the one waiting longest), its oldest job. One tenant's backlog then
+    waits behind the others' new jobs instead of in front of them."""
+    if room <= 0:
+        return []
+    cutoff = utcnow() - older_than
+    waiting = session.scalars(select(Job).where(
+        Job.queue == queue, Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None), Job.created_at <= cutoff,
+    ).order_by(Job.created_at, Job.id)).all()
+    heads: dict[str, list[Job]] = {}
+    for job in waiting:
+        heads.setdefault(job.owner_id, []).append(job)
+    busy = dict(session.execute(select(Job.owner_id, func.count()).where(
+        Job.queue == queue,
+        or_(Job.status == JobStatus.RUNNING, and_(Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None))),
+    ).group_by(Job.owner_id)).all())
+    chosen: list[Job] = []
+    while heads and len(chosen) < room:
+        owner = min(heads, key=lambda o: (busy.get(o, 0), heads[o][0].created_at))
+        chosen.append(heads[owner].pop(0))
+        busy[owner] = busy.get(owner, 0) + 1
+        if not heads[owner]:
+            del heads[owner]
+    return chosen
+
+
+def reserve_sending(session: Session, job_id: str) -> bool:
+    """Mark a queued, unsent job as sent; True for the one caller that should send it (dispatchers may race)."""
+    result = session.execute(update(Job).where(
+        Job.id == job_id, Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None)).values(enqueued_at=utcnow()))
+    return result.rowcount == 1
+
+
+def unreserve_sending(session: Session, job_id: str) -> None:
+    """The broker refused the message: the job is unsent again (the outbox retries it)."""
+    session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(enqueued_at=None))
+
+
+def unclaimed(session: Session, *, sent_before: timedelta) -> Sequence[Job]:
+    """Queued jobs sent longer than `sent_before` ago and never claimed: a broker that lost its data lost them."""
+    cutoff = utcnow() - sent_before
+    return session.scalars(select(Job).where(
+        Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None), Job.enqueued_at < cutoff)).all()
