@@ -1,0 +1,128 @@
+"""Repair jobs through the whole service, on checkpoints built outside this project.
+
+Every number asserted here comes from the job (its audits before and after); the tests only
+build the models and data, upload them, and read what came back.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+
+from starvation import datasets
+from tests.e2e.test_audit_flow import validate_against_openapi
+from tests.science.audit_fixtures import ColourBlind
+from tests.science.repair_fixtures import erm_colored_mnist
+
+REPAIR_TIMEOUT_S = 300
+
+
+def script_bytes(module: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(module.eval()), buffer)
+    return buffer.getvalue()
+
+
+def upload(stack, module: torch.nn.Module) -> str:
+    response = stack.client.post("/v1/checkpoints", files={"file": ("m.pt", io.BytesIO(script_bytes(module)))},
+                                 data={"format": "torchscript"})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def repair(stack, spec: dict) -> dict:
+    response = stack.client.post("/v1/jobs", json={"kind": "repair", "spec": spec})
+    assert response.status_code == 202, response.text
+    done = stack.wait_for(response.json()["id"], ("succeeded", "failed", "cancelled"), timeout_s=REPAIR_TIMEOUT_S)
+    assert done["status"] == "succeeded", done["error"]
+    return done
+
+
+def load_downloaded(stack, checkpoint_id: str) -> torch.jit.ScriptModule:
+    response = stack.client.get(f"/v1/checkpoints/{checkpoint_id}/file")
+    assert response.status_code == 200
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(io.BytesIO(response.content)).eval()
+
+
+def test_default_repair_of_an_erm_model_stops_it_leaning_on_colour(embedded_stack):
+    stack = embedded_stack
+    parent = upload(stack, erm_colored_mnist())
+    done = repair(stack, {"checkpoint_id": parent, "dataset": {"name": "colored_mnist"}})
+    result = done["result"]
+    before, after = result["before"], result["after"]
+    assert before["flip_rate"] >= 0.7 and before["verdict"] == "high"  # the fixture leans on colour
+    assert after["average_accuracy"] >= 0.55 and after["flip_rate"] <= 0.40 and after["verdict"] != "high"
+    assert result["method"]["name"] == "last_layer" and result["parent_checkpoint_id"] == parent
+    assert result["selection"]["test_split_used"] is False
+    assert result["selection"]["fitted_on"]["splits"] == ["train1", "train2"]
+
+    checkpoint = stack.client.get(f"/v1/checkpoints/{result['checkpoint_id']}").json()
+    assert checkpoint["parent_checkpoint_id"] == parent and checkpoint["job_id"] == done["id"]
+    assert checkpoint["format"] == "torchscript"
+
+    report = stack.client.get(f"/v1/jobs/{done['id']}/report").json()
+    validate_against_openapi(stack, report, "RepairReport")
+    assert report["after"]["counterfactual"]["flip_rate"] == after["flip_rate"]
+    assert report["repair"]["checkpoint_id"] == result["checkpoint_id"]
+    page = stack.client.get(f"/v1/jobs/{done['id']}/report.html")
+    assert page.status_code == 200 and "Before" in page.text and "After" in page.text
+    assert page.text.count('src="data:image/png;base64,') == len(report["before"]["plots"]) + len(
+        report["after"]["plots"])
+
+    # The downloaded file, loaded with plain torch, predicts what the after audit measured.
+    model = load_downloaded(stack, result["checkpoint_id"])
+    data = datasets.build("colored_mnist", {}, seed=0, data_dir=None)
+    test = data.splits["test"]
+    with torch.no_grad():
+        predicted = (model(test.x)[:, 0] > 0).long()
+        swapped = (model(data.intervene(test).x)[:, 0] > 0).long()
+    assert float((predicted == test.y).double().mean()) == report["after"]["counterfactual"]["accuracy"]
+    assert float((predicted != swapped).double().mean()) == after["flip_rate"]
+    assert model.head.weight.shape == erm_colored_mnist().head.weight.shape
+
+
+def test_a_colour_blind_model_is_left_essentially_unchanged(embedded_stack):
+    stack = embedded_stack
+    train = datasets.build("colored_mnist", {}, seed=0, data_dir=None).train_data()
+    done = repair(stack, {"checkpoint_id": upload(stack, ColourBlind.fit_template(train)),
+                          "dataset": {"name": "colored_mnist"}})
+    before, after = done["result"]["before"], done["result"]["after"]
+    assert before["verdict"] == "low" and after["verdict"] == "low"
+    assert after["flip_rate"] <= 0.02
+    assert abs(after["average_accuracy"] - before["average_accuracy"]) <= 0.03
+    assert "nothing to repair" in done["result"]["repair"]["note"]
+
+
+def test_what_a_repair_cannot_do_is_refused_at_submit(embedded_stack, tmp_path):
+    stack = embedded_stack
+    parent = upload(stack, erm_colored_mnist())
+
+    def refused(spec: dict) -> dict:
+        response = stack.client.post("/v1/jobs", json={"kind": "repair", "spec": spec})
+        assert 400 <= response.status_code < 500, response.text
+        return response.json()["error"]
+
+    assert refused({"checkpoint_id": parent, "dataset": {"name": "two_moons"}})["code"] == "no_attribute"
+    error = refused({"checkpoint_id": parent, "method": {"name": "finetune_sd"}})
+    assert error["code"] == "unsupported_method" and "not available yet" in error["message"]
+    assert refused({"checkpoint_id": parent, "method": {"name": "magic"}})["code"] == "invalid_spec"
+    assert refused({"checkpoint_id": parent, "method": {"name": "last_layer", "inverse_strengths": [-1]}})[
+        "code"] == "invalid_spec"
+    assert refused({"checkpoint_id": "nope"})["code"] == "invalid_spec"
+    assert refused({})["code"] == "invalid_spec"
+    assert refused({"checkpoint_id": parent, "spurious_attribute": "shape"})["code"] == "invalid_spec"
+    assert refused({"train_job_id": "nope"})["code"] == "invalid_spec"
+
+    from tests.science.audit_fixtures import save_onnx
+
+    onnx_path = save_onnx(erm_colored_mnist(), tmp_path / "m.onnx", torch.zeros(1, 2, 14, 14))
+    response = stack.client.post("/v1/checkpoints", files={"file": ("m.onnx", onnx_path.read_bytes())},
+                                 data={"format": "onnx"})
+    assert response.status_code == 201, response.text
+    assert refused({"checkpoint_id": response.json()["id"]})["code"] == "unsupported_format"
