@@ -91,7 +91,7 @@ def test_a_colour_blind_model_is_left_essentially_unchanged(embedded_stack):
     stack = embedded_stack
     train = datasets.build("colored_mnist", {}, seed=0, data_dir=None).train_data()
     done = repair(stack, {"checkpoint_id": upload(stack, ColourBlind.fit_template(train)),
-                          "dataset": {"name": "colored_mnist"}})
+                          "dataset": {"name": "colored_mnist"}, "probes": ["groups", "counterfactual"]})
     before, after = done["result"]["before"], done["result"]["after"]
     assert before["verdict"] == "low" and after["verdict"] == "low"
     assert after["flip_rate"] <= 0.02
@@ -126,3 +126,67 @@ def test_what_a_repair_cannot_do_is_refused_at_submit(embedded_stack, tmp_path):
                                  data={"format": "onnx"})
     assert response.status_code == 201, response.text
     assert refused({"checkpoint_id": response.json()["id"]})["code"] == "unsupported_format"
+
+
+def test_a_train_job_seed_is_repaired_and_a_repaired_checkpoint_can_be_repaired_again(services_stack):
+    stack = services_stack  # PostgreSQL + Redis: lineage through the migrated schema
+    train = stack.client.post("/v1/jobs", json={"kind": "train", "spec": {
+        "preset": "paper_cmnist_erm", "steps": 20, "seeds": [0, 1], "eval_every": 10, "audit": False}})
+    assert train.status_code == 202, train.text
+    trained = stack.wait_for(train.json()["id"], ("succeeded", "failed"), timeout_s=REPAIR_TIMEOUT_S)
+    assert trained["status"] == "succeeded", trained["error"]
+    seed1 = next(c for c in trained["result"]["checkpoints"] if c["seed"] == 1)
+
+    missing = stack.client.post("/v1/jobs", json={"kind": "repair", "spec": {"train_job_id": trained["id"], "seed": 5}})
+    assert missing.status_code == 422 and missing.json()["error"]["details"] == {"field": "spec.seed"}
+
+    probes = ["groups", "counterfactual"]
+    first = repair(stack, {"train_job_id": trained["id"], "seed": 1, "probes": probes,
+                           "method": {"name": "last_layer_sd", "sd_lambdas": [0.1, 1.0]}})["result"]
+    assert first["parent_checkpoint_id"] == seed1["safetensors"]
+    assert first["method"] == {"name": "last_layer_sd", "sd_lambdas": [0.1, 1.0], "validation_fraction": 0.2,
+                               "min_gain": 0.01, "max_iter": 200, "criterion": "worst_group_accuracy"}
+    ids = first["repair"]["checkpoint_ids"]
+    assert first["checkpoint_id"] == ids["safetensors"] and set(ids) == {"safetensors", "torchscript"}
+
+    # Again, from the TorchScript file the first repair wrote: it goes through the jail this time.
+    second = repair(stack, {"checkpoint_id": ids["torchscript"], "probes": probes})["result"]
+    assert second["parent_checkpoint_id"] == ids["torchscript"]
+    assert stack.client.get(f"/v1/checkpoints/{second['checkpoint_id']}").json()["parent_checkpoint_id"] == ids[
+        "torchscript"]
+    assert stack.client.get(f"/v1/checkpoints/{ids['torchscript']}").json()["parent_checkpoint_id"] == seed1[
+        "safetensors"]
+
+
+def npz_bytes(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def test_the_test_split_is_never_used_to_fit_or_choose(embedded_stack):
+    """Two datasets with the same training splits and opposite test splits: were the test split
+    used to fit or choose, the chosen head would differ; the audits before must differ."""
+    stack = embedded_stack
+    data = datasets.build("colored_mnist", {"n_train": 2_000}, seed=0, data_dir=None)
+    train1, train2, test = data.splits["train1"], data.splits["train2"], data.splits["test"]
+    aligned_test = data.intervene(test)  # colour now agrees with the label 90% of the time
+    dataset_ids = []
+    for name, held_out in (("reversed", test), ("aligned", aligned_test)):
+        content = npz_bytes(
+            x=torch.cat([train1.x, train2.x, held_out.x]).numpy(),
+            y=torch.cat([train1.y, train2.y, held_out.y]).numpy(),
+            attribute=torch.cat([train1.attribute, train2.attribute, held_out.attribute]).numpy(),
+            split=np.array(["train1"] * len(train1) + ["train2"] * len(train2) + ["test"] * len(held_out)),
+        )
+        response = stack.client.post("/v1/datasets", files={"file": ("d.npz", content)}, data={"name": name})
+        assert response.status_code == 201, response.text
+        dataset_ids.append(response.json()["id"])
+    parent = upload(stack, erm_colored_mnist())
+    results = [repair(stack, {"checkpoint_id": parent, "dataset": {"name": dataset_id}, "spurious_attribute": "attribute",
+                              "probes": ["groups"]})["result"] for dataset_id in dataset_ids]
+    assert results[0]["before"]["average_accuracy"] != results[1]["before"]["average_accuracy"]
+    assert results[0]["selection"] == results[1]["selection"]
+    assert results[0]["selection"]["changed"]
+    heads = [load_downloaded(stack, r["checkpoint_id"]).head.weight for r in results]
+    assert torch.equal(heads[0], heads[1])
