@@ -190,3 +190,32 @@ def test_the_test_split_is_never_used_to_fit_or_choose(embedded_stack):
     assert results[0]["selection"]["changed"]
     heads = [load_downloaded(stack, r["checkpoint_id"]).head.weight for r in results]
     assert torch.equal(heads[0], heads[1])
+
+
+def test_the_dashboard_offers_repair_on_a_high_audit_and_the_repaired_model_downloads(embedded_stack):
+    import re
+
+    import httpx
+
+    from tests.conftest import ADMIN_TOKEN
+
+    stack = embedded_stack
+    spec = {"checkpoint_id": upload(stack, erm_colored_mnist()), "probes": ["groups", "counterfactual"]}
+    audit = stack.client.post("/v1/jobs", json={"kind": "audit", "spec": spec}).json()
+    assert stack.wait_for(audit["id"], ("succeeded", "failed"), timeout_s=REPAIR_TIMEOUT_S)["status"] == "succeeded"
+    base, cookie = str(stack.client.base_url), {"gs_session": ADMIN_TOKEN}
+    with httpx.Client(base_url=base, cookies=cookie, timeout=60) as browser:
+        page = browser.get(f"/dashboard/jobs/{audit['id']}").text
+        assert 'id="repair-form"' in page
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
+        submitted = browser.post(f"/dashboard/jobs/{audit['id']}/repair", data={"csrf": csrf})
+        assert submitted.status_code == 303, submitted.text
+        repair_id = submitted.headers["location"].rsplit("/", 1)[1]
+        done = stack.wait_for(repair_id, ("succeeded", "failed"), timeout_s=REPAIR_TIMEOUT_S)
+        assert done["status"] == "succeeded", done["error"]
+        assert done["spec"]["probes"] == ["groups", "counterfactual"] and done["spec"]["method"]["name"] == "last_layer"
+        repaired_page = browser.get(f"/dashboard/jobs/{repair_id}").text
+        assert "(before → after)" in repaired_page and 'id="repaired-download"' in repaired_page
+        download = browser.get(f"/dashboard/checkpoints/{done['result']['checkpoint_id']}/file")
+        assert download.status_code == 200 and download.content.startswith(b"PK")
+        assert browser.get("/dashboard/checkpoints/nope/file").status_code == 404
