@@ -29,7 +29,8 @@ class HeadRepair:
 class RepairMethod:
     NAME: ClassVar[str]
     DESCRIPTION: ClassVar[str]
-    STRENGTH: ClassVar[str]  # the name of the hyper-parameter the validation part chooses
+    STRENGTH: ClassVar[str]  # the spec's list of candidate values, e.g. "sd_lambdas"
+    CANDIDATE: ClassVar[str]  # one candidate's name in `selection`, e.g. "sd_lambda"
     PARAMS: ClassVar[dict[str, P.Param]] = {}
     COMMON: ClassVar[dict[str, P.Param]] = {
         "validation_fraction": P.Param(
@@ -53,7 +54,7 @@ class RepairMethod:
     def criterion(self, data: TrainingFeatures) -> str:
         return "worst_group_accuracy"
 
-    def fit(self, data: TrainingFeatures, num_outputs: int, strength: float, seed: int) -> LinearHead:
+    def fit(self, data: TrainingFeatures, num_outputs: int, strength: float) -> LinearHead:
         raise NotImplementedError
 
     def repair(self, data: TrainingFeatures, old_head: LinearHead, *, seed: int) -> HeadRepair:
@@ -71,10 +72,10 @@ class RepairMethod:
         original = {"head": "original", "validation": _brief(score(old_head, validation))}
         candidates, heads = [], []
         for strength in self.params[self.STRENGTH]:
-            head = self.fit(fit_part, old_head.num_outputs, strength, seed)
+            head = self.fit(fit_part, old_head.num_outputs, strength)
             heads.append(head)
-            candidates.append({self.STRENGTH[:-1] if self.STRENGTH.endswith("s") else self.STRENGTH: strength,
-                               "fit": _brief(score(head, fit_part)), "validation": _brief(score(head, validation))})
+            candidates.append({self.CANDIDATE: strength, "fit": _brief(score(head, fit_part)),
+                               "validation": _brief(score(head, validation))})
         best = max(range(len(heads)), key=lambda i: key(candidates[i]["validation"]))
         gain = key(candidates[best]["validation"])[0] - key(original["validation"])[0]
         changed = gain > self.params["min_gain"]
@@ -106,6 +107,7 @@ class LastLayer(RepairMethod):
         "group-balanced L2 logistic regression refit of the last linear layer on the penultimate features "
         "(Kirichenko et al. 2023, DFR); its strength chosen by worst-group accuracy on the validation part")
     STRENGTH: ClassVar[str] = "inverse_strengths"
+    CANDIDATE: ClassVar[str] = "inverse_strength"
     PARAMS: ClassVar[dict[str, P.Param]] = {
         "inverse_strengths": P.Param(
             [0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
@@ -115,7 +117,7 @@ class LastLayer(RepairMethod):
         "max_iter": P.Param(200, "L-BFGS iterations per candidate", P.int_between(1, 10_000)),
     }
 
-    def fit(self, data: TrainingFeatures, num_outputs: int, strength: float, seed: int) -> LinearHead:
+    def fit(self, data: TrainingFeatures, num_outputs: int, strength: float) -> LinearHead:
         return fit_logistic(data, num_outputs, strength, balanced=self.params["group_balanced"],
                             max_iter=self.params["max_iter"])
 
@@ -126,6 +128,7 @@ class LastLayerSD(RepairMethod):
         "refit of the last linear layer with cross-entropy + sd_lambda/2 * mean(squared logits) (Spectral "
         "Decoupling), no group labels in the fit; sd_lambda chosen on the validation part")
     STRENGTH: ClassVar[str] = "sd_lambdas"
+    CANDIDATE: ClassVar[str] = "sd_lambda"
     PARAMS: ClassVar[dict[str, P.Param]] = {
         "sd_lambdas": P.Param([0.01, 0.1, 1.0, 10.0], "candidate SD coefficients lambda",
                               P.list_of(P.positive, min_length=1, max_length=20)),
@@ -137,7 +140,7 @@ class LastLayerSD(RepairMethod):
     def criterion(self, data: TrainingFeatures) -> str:
         return self.params["criterion"]
 
-    def fit(self, data: TrainingFeatures, num_outputs: int, strength: float, seed: int) -> LinearHead:
+    def fit(self, data: TrainingFeatures, num_outputs: int, strength: float) -> LinearHead:
         return fit_sd(data, num_outputs, strength, max_iter=self.params["max_iter"])
 
 
