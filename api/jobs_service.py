@@ -174,6 +174,7 @@ def resolve_repair(session: Session, body: RepairJobCreate, owner_id: str) -> di
                        f"Dataset {name!r} has no spurious attribute, so there is nothing to repair against: a "
                        "repair needs the attribute to balance and to measure reliance.", {"field": "spec.dataset"})
     check_builtin_audit_data(name, spec.dataset.params, spec.spurious_attribute)
+    check_separate_test_split(session, name, owner_id)
     unknown = sorted(set(spec.probes or []) - set(PROBES))
     if unknown:
         raise invalid_spec(f"Unknown probes {unknown}; known: {sorted(PROBES)}.", {"field": "spec.probes"})
@@ -184,6 +185,23 @@ def resolve_repair(session: Session, body: RepairJobCreate, owner_id: str) -> di
     except SpecError as exc:
         raise invalid_spec(str(exc), field_of(exc)) from None
     return {**spec.model_dump(), "method": method.resolved()}
+
+
+def check_separate_test_split(session: Session, name: str, owner_id: str) -> None:
+    """A repair fits and chooses on the training splits only; a registered dataset whose test split
+    is also its training data (no `split` column, or no split named train*) cannot be repaired on."""
+    from starvation.datasets import DATASETS
+    from starvation.datasets.user import train_and_test_splits
+
+    row = None if name in DATASETS else files_repo.get_dataset(session, name, owner_id=owner_id)
+    splits = list(((row.info or {}).get("splits") or {}) if row is not None else {})
+    if splits:
+        train, test = train_and_test_splits(splits)
+        if test in train:
+            raise ApiError(422, "no_test_split",
+                           f"Dataset {name!r} has no test split apart from its training data (splits: {splits}); "
+                           "a repair fits on splits named train* and audits on a separate 'test' split.",
+                           {"field": "spec.dataset"})
 
 
 def submit(

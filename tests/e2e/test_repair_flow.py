@@ -118,6 +118,11 @@ def test_what_a_repair_cannot_do_is_refused_at_submit(embedded_stack, tmp_path):
     assert refused({})["code"] == "invalid_spec"
     assert refused({"checkpoint_id": parent, "spurious_attribute": "shape"})["code"] == "invalid_spec"
     assert refused({"train_job_id": "nope"})["code"] == "invalid_spec"
+    unsplit = npz_bytes(x=np.zeros((8, 2, 14, 14), np.float32), y=np.arange(8) % 2, attribute=np.arange(8) // 4)
+    registered = stack.client.post("/v1/datasets", files={"file": ("d.npz", unsplit)}, data={"name": "unsplit"})
+    assert registered.status_code == 201, registered.text
+    assert refused({"checkpoint_id": parent, "dataset": {"name": registered.json()["id"]},
+                    "spurious_attribute": "attribute"})["code"] == "no_test_split"
 
     from tests.science.audit_fixtures import save_onnx
 
