@@ -1,6 +1,9 @@
 """Repair methods by name: each fits candidate heads on the fit part of the training data and
-lets the validation part choose. The original head is always a candidate, so a model that a
-refit does not improve on validation is left as it was.
+lets the validation part choose among them.
+
+The original head is scored on the validation part too, but only for reference: the network was
+trained on those very examples, so its head's score there is biased upwards (a model that
+memorised its training set scores near 1) and cannot be compared with heads that never saw them.
 """
 from __future__ import annotations
 
@@ -36,9 +39,6 @@ class RepairMethod:
         "validation_fraction": P.Param(
             0.2, "share of every (label, attribute) group of the training data held out to choose on",
             P.probability),
-        "min_gain": P.Param(
-            0.01, "the original head is kept unless a refit beats it on the validation criterion by more than this",
-            P.non_negative),
     }
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
@@ -69,7 +69,6 @@ class RepairMethod:
         def key(scores: dict[str, Any]) -> tuple[float, float]:
             return (scores[criterion] or 0.0, scores["accuracy"] or 0.0)
 
-        original = {"head": "original", "validation": _brief(score(old_head, validation))}
         candidates, heads = [], []
         for strength in self.params[self.STRENGTH]:
             head = self.fit(fit_part, old_head.num_outputs, strength)
@@ -77,9 +76,7 @@ class RepairMethod:
             candidates.append({self.CANDIDATE: strength, "fit": _brief(score(head, fit_part)),
                                "validation": _brief(score(head, validation))})
         best = max(range(len(heads)), key=lambda i: key(candidates[i]["validation"]))
-        gain = key(candidates[best]["validation"])[0] - key(original["validation"])[0]
-        changed = gain > self.params["min_gain"]
-        chosen = candidates[best] if changed else original
+        chosen = candidates[best]
         selection = {
             "fitted_on": {"data": "training splits less the validation part", "splits": data.splits,
                           "n": int(len(fit_rows))},
@@ -87,18 +84,16 @@ class RepairMethod:
                           "n": int(len(val_rows)), "fraction": self.params["validation_fraction"], "seed": seed,
                           "stratified_by": "label x attribute", "criterion": criterion},
             "test_split_used": False,
-            "candidates": [original, *candidates],
+            "candidates": candidates,
             "chosen": {k: v for k, v in chosen.items() if k not in ("fit", "validation")},
             "chosen_validation": chosen["validation"],
-            "changed": changed,
+            "original_head": {
+                "validation": _brief(score(old_head, validation)),
+                "note": "for reference only, not a candidate: the network was trained on these examples",
+            },
+            "changed": True,
         }
-        if not changed:
-            selection["reason"] = (
-                f"no refit beat the original head's validation {criterion} by more than {self.params['min_gain']}: "
-                "the head is left as it was"
-            )
-        return HeadRepair(head=heads[best] if changed else old_head, changed=changed, method=self.resolved(),
-                          selection=selection)
+        return HeadRepair(head=heads[best], changed=True, method=self.resolved(), selection=selection)
 
 
 class LastLayer(RepairMethod):

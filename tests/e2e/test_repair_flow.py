@@ -94,8 +94,8 @@ def test_a_colour_blind_model_is_left_essentially_unchanged(embedded_stack):
                           "dataset": {"name": "colored_mnist"}, "probes": ["groups", "counterfactual"]})
     before, after = done["result"]["before"], done["result"]["after"]
     assert before["verdict"] == "low" and after["verdict"] == "low"
-    assert after["flip_rate"] <= 0.02
-    assert abs(after["average_accuracy"] - before["average_accuracy"]) <= 0.03
+    assert after["flip_rate"] <= 0.02  # its features hold no colour: no head on them can read it
+    assert abs(after["average_accuracy"] - before["average_accuracy"]) <= 0.05
     assert "nothing to repair" in done["result"]["repair"]["note"]
 
 
@@ -150,7 +150,7 @@ def test_a_train_job_seed_is_repaired_and_a_repaired_checkpoint_can_be_repaired_
                            "method": {"name": "last_layer_sd", "sd_lambdas": [0.1, 1.0]}})["result"]
     assert first["parent_checkpoint_id"] == seed1["safetensors"]
     assert first["method"] == {"name": "last_layer_sd", "sd_lambdas": [0.1, 1.0], "validation_fraction": 0.2,
-                               "min_gain": 0.01, "max_iter": 200, "criterion": "worst_group_accuracy"}
+                               "max_iter": 200, "criterion": "worst_group_accuracy"}
     ids = first["repair"]["checkpoint_ids"]
     assert first["checkpoint_id"] == ids["safetensors"] and set(ids) == {"safetensors", "torchscript"}
 
