@@ -22,7 +22,7 @@ from api.dispatch import dispatch
 from api.errors import ApiError, not_found, without_server_paths
 from api.hygiene import first_unstorable
 from api.idempotency import body_hash, replay_or_create
-from api.schemas import AuditJobCreate, JobOut, MetricOut, TrainJobCreate
+from api.schemas import AuditJobCreate, JobOut, MetricOut, RepairJobCreate, TrainJobCreate
 from core import outbound
 from core.paths import job_dir
 from core.settings import Settings
@@ -213,8 +213,77 @@ def check_quota(session: Session, principal: Principal, settings: Settings) -> N
                        "Submit more when some have finished.", headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)})
 
 
+def resolve_repair(session: Session, body: RepairJobCreate, owner_id: str) -> dict[str, Any]:
+    """A repair spec checked against everything knowable now: the checkpoint (or the train job's
+    seed) and its format, the dataset and its attribute, the method and its parameters."""
+    from starvation.audit import PROBES
+    from starvation.datasets import DATASETS
+    from starvation.errors import SpecError
+    from starvation.repair import UnsupportedMethod, build_repair_method
+
+    spec = body.spec
+    if (spec.checkpoint_id is None) == (spec.train_job_id is None):
+        raise invalid_spec("Give exactly one of checkpoint_id and train_job_id.")
+    if spec.checkpoint_id is not None:
+        checkpoint = files_repo.get_checkpoint(session, spec.checkpoint_id, owner_id=owner_id)
+        if checkpoint is None:
+            raise invalid_spec(f"No checkpoint with id {spec.checkpoint_id!r}.", {"field": "spec.checkpoint_id"})
+        if checkpoint.format not in ("torchscript", "safetensors"):
+            raise ApiError(422, "unsupported_format",
+                           f"Checkpoint {spec.checkpoint_id} is {checkpoint.format}: a repair replaces the head of a "
+                           "TorchScript or safetensors model; ONNX graphs cannot be rewritten yet.",
+                           {"field": "spec.checkpoint_id"})
+    else:
+        train_job = jobs_repo.get(session, spec.train_job_id, owner_id=owner_id)
+        if train_job is None or train_job.kind != "train":
+            raise invalid_spec(f"No train job with id {spec.train_job_id!r}.", {"field": "spec.train_job_id"})
+        if train_job.status != JobStatus.SUCCEEDED:
+            raise invalid_spec(f"Train job {spec.train_job_id} is {train_job.status}, not succeeded.",
+                               {"field": "spec.train_job_id"})
+        seeds = [c.seed for c in files_repo.checkpoints_of_job(session, train_job.id) if c.format == "safetensors"]
+        if spec.seed not in seeds:
+            raise invalid_spec(f"Train job {spec.train_job_id} has no checkpoint of seed {spec.seed} "
+                               f"(its seeds: {sorted(set(seeds))}).", {"field": "spec.seed"})
+    name = spec.dataset.name
+    check_dataset(session, name, owner_id)
+    if name in DATASETS and not DATASETS[name].ATTRIBUTES:
+        raise ApiError(422, "no_attribute",
+                       f"Dataset {name!r} has no spurious attribute, so there is nothing to repair against: a "
+                       "repair needs the attribute to balance and to measure reliance.", {"field": "spec.dataset"})
+    check_builtin_audit_data(name, spec.dataset.params, spec.spurious_attribute)
+    check_separate_test_split(session, name, owner_id)
+    unknown = sorted(set(spec.probes or []) - set(PROBES))
+    if unknown:
+        raise invalid_spec(f"Unknown probes {unknown}; known: {sorted(PROBES)}.", {"field": "spec.probes"})
+    try:
+        method = build_repair_method(spec.method.model_dump())
+    except UnsupportedMethod as exc:
+        raise ApiError(422, "unsupported_method", str(exc), {"field": "spec.method.name"}) from None
+    except SpecError as exc:
+        raise invalid_spec(str(exc), field_of(exc)) from None
+    return {**spec.model_dump(), "method": method.resolved()}
+
+
+def check_separate_test_split(session: Session, name: str, owner_id: str) -> None:
+    """A repair fits and chooses on the training splits only; a registered dataset whose test split
+    is also its training data (no `split` column, or no split named train*) cannot be repaired on."""
+    from starvation.datasets import DATASETS
+    from starvation.datasets.user import train_and_test_splits
+
+    row = None if name in DATASETS else files_repo.get_dataset(session, name, owner_id=owner_id)
+    splits = list(((row.info or {}).get("splits") or {}) if row is not None else {})
+    if splits:
+        train, test = train_and_test_splits(splits)
+        if test in train:
+            raise ApiError(422, "no_test_split",
+                           f"Dataset {name!r} has no test split apart from its training data (splits: {splits}); "
+                           "a repair fits on splits named train* and audits on a separate 'test' split.",
+                           {"field": "spec.dataset"})
+
+
 def submit(
-    session: Session, body: TrainJobCreate | AuditJobCreate, principal: Principal, settings: Settings
+    session: Session, body: TrainJobCreate | AuditJobCreate | RepairJobCreate, principal: Principal,
+    settings: Settings,
 ) -> Job:
     check_quota(session, principal, settings)
     if body.callback_url:
@@ -228,6 +297,8 @@ def submit(
         owned = [d.id for d in files_repo.list_datasets(session, owner_id=principal.owner_id)]
         spec = resolve_train(given, settings, owned) | service_fields
         check_memory_budget(session, spec, settings, principal.owner_id)
+    elif isinstance(body, RepairJobCreate):
+        spec = resolve_repair(session, body, principal.owner_id)
     else:
         spec = resolve_audit(session, body, principal.owner_id)
     return jobs_repo.create(
@@ -349,10 +420,13 @@ def delete(session: Session, job: Job, settings: Settings) -> None:
 
 
 def report_of(job: Job) -> dict[str, Any]:
-    """The audit report: an audit job's result, or the first seed's report of an audited train job."""
+    """The audit report: an audit job's result, or the first seed's report of an audited train job;
+    for a repair job, the reports before and after and what the repair did."""
     result = job.result or {}
     if job.kind == "audit" and job.status == JobStatus.SUCCEEDED:
         return result
+    if job.kind == "repair" and job.status == JobStatus.SUCCEEDED:
+        return {**result["reports"], "repair": result["repair"]}
     reports = result.get("audit", {}).get("reports") if job.kind == "train" else None
     if reports:
         return {**reports[0], "per_seed": reports}
@@ -362,15 +436,24 @@ def report_of(job: Job) -> dict[str, Any]:
 
 
 def report_html(session: Session, job: Job) -> str:
-    from starvation.audit import render_report_html
+    from starvation.audit import render_repair_html, render_report_html
 
     report = report_of(job)
+    if job.kind == "repair":
+        plots = [*report["before"].get("plots", []), *report["after"].get("plots", [])]
+        title = f"Repair report: job {job.id}"
+        return render_repair_html(report["before"], report["after"], report["repair"], _plot_urls(session, job, plots),
+                                  title)
+    title = f"Reliance report: {job.kind} job {job.id}"
+    return render_report_html(report, _plot_urls(session, job, report.get("plots", [])), title)
+
+
+def _plot_urls(session: Session, job: Job, names: list[str]) -> dict[str, str]:
     # Plots inline as data URIs: the page needs no second authenticated request per image.
     urls = {}
-    for name in report.get("plots", []):
+    for name in names:
         artifact = files_repo.get_artifact(session, job.id, name)
         if artifact is not None:
             data = base64.b64encode(Path(artifact.path).read_bytes()).decode()
             urls[name] = f"data:{artifact.media_type};base64,{data}"
-    title = f"Reliance report: {job.kind} job {job.id}"
-    return render_report_html(report, urls, title)
+    return urls

@@ -82,7 +82,46 @@ class AuditJobCreate(BaseModel):
     callback_url: HttpUrl | None = None
 
 
-JobCreate = Annotated[TrainJobCreate | AuditJobCreate, Field(discriminator="kind")]
+# ---- Repair jobs (API.md, "Repair spec"); kept in one block of their own ----
+
+
+class RepairMethodSpec(BaseModel):
+    """A repair method and its parameters (starvation.repair.REPAIR_METHODS declares them)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field("last_layer", min_length=1, max_length=64,
+                      description="last_layer | last_layer_sd (finetune_sd: not available yet)")
+
+
+class RepairSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    checkpoint_id: str | None = Field(None, max_length=64)
+    train_job_id: str | None = Field(None, max_length=64)
+    seed: Seed = Field(0, description="which seed of the train job; also the seed of the data, the validation "
+                                      "part and the probes")
+    dataset: DatasetRef = Field(default_factory=lambda: DatasetRef(name="colored_mnist"))
+    spurious_attribute: str = Field("color", min_length=1, max_length=200)
+    method: RepairMethodSpec = Field(default_factory=RepairMethodSpec)
+    layer: str | None = Field(None, max_length=200, pattern=LAYER_PATTERN,
+                              description="the feature layer (the head's input), by name; default: found automatically")
+    probes: list[str] | None = Field(None, description="of the audits before and after; default: every probe the "
+                                                       "dataset supports")
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    timeout_s: TimeoutSeconds | None = Field(None, description="the job fails with `timeout` after this long")
+
+
+class RepairJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["repair"]
+    spec: RepairSpec
+    tags: dict[str, str] = Field(default_factory=dict)
+    callback_url: HttpUrl | None = None
+
+
+# ---- end of repair jobs ----
+
+
+JobCreate = Annotated[TrainJobCreate | AuditJobCreate | RepairJobCreate, Field(discriminator="kind")]
 
 
 class JobError(BaseModel):
@@ -139,6 +178,7 @@ class CheckpointOut(BaseModel):
     job_id: str | None = None
     seed: int | None = None
     model_info: dict[str, Any] = Field(default_factory=dict)
+    parent_checkpoint_id: str | None = Field(None, description="the checkpoint a repair job made this one from")
 
 
 class CheckpointPage(BaseModel):
@@ -255,6 +295,15 @@ class Report(BaseModel):
     linear_probe: LinearProbe | None = None
     plots: list[str] = Field(default_factory=list)
     per_seed: list[dict[str, Any]] | None = Field(None, description="train jobs: the report of every seed")
+
+
+class RepairReport(BaseModel):
+    """`GET /report` of a repair job: the audits before and after, on the same data, probes and seed."""
+
+    before: Report
+    after: Report
+    repair: dict[str, Any] = Field(description="checkpoint ids (new and parent), the resolved method and how "
+                                               "the head was chosen (`selection`)")
 
 
 class ErrorBody(BaseModel):

@@ -238,10 +238,44 @@ def audit(
 
 
 @app.command()
+def repair(
+    ctx: typer.Context,
+    checkpoint_id: Annotated[str | None, typer.Argument(metavar="CHECKPOINT", help="the checkpoint id to repair")] = None,
+    train_job: Annotated[str | None, typer.Option(help="repair a seed of a finished train job instead")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="the train job's seed; also seeds the data and the validation part")] = 0,
+    dataset: Annotated[str, typer.Option(help="built-in name or registered dataset id")] = "colored_mnist",
+    dataset_params: Annotated[str | None, typer.Option(help='JSON object, e.g. {"color_flip_test": 0.9}')] = None,
+    attribute: Annotated[str, typer.Option(help="the spurious attribute")] = "color",
+    method: Annotated[str, typer.Option(help="last_layer | last_layer_sd")] = "last_layer",
+    method_params: Annotated[str | None, typer.Option(help='JSON object, e.g. {"inverse_strengths": [0.1, 1]}')] = None,
+    layer: Annotated[str | None, typer.Option(help="the feature layer (the head's input), by name")] = None,
+    probe: Annotated[list[str], typer.Option("--probe", help="repeatable; default: every probe")] = [],  # noqa: B006
+    tag: TagOption = [],  # noqa: B006
+    wait: WaitOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Refit a checkpoint's head so it leans less on a spurious attribute; audits before and after."""
+    if (checkpoint_id is None) == (train_job is None):
+        raise fail("give exactly one of CHECKPOINT and --train-job ID", EXIT_USAGE)
+    spec: dict[str, Any] = {
+        "dataset": {"name": dataset, "params": parse_json(dataset_params, "--dataset-params", dict) or {}},
+        "spurious_attribute": attribute, "seed": seed,
+        "method": {**(parse_json(method_params, "--method-params", dict) or {}), "name": method},
+    }
+    spec.update({"checkpoint_id": checkpoint_id} if checkpoint_id else {"train_job_id": train_job})
+    if layer:
+        spec["layer"] = layer
+    if probe:
+        spec["probes"] = probe
+    tags = parse_tags(tag)
+    run(ctx, lambda client: finish(client, client.submit_job("repair", spec, tags), wait, as_json))
+
+
+@app.command()
 def jobs(
     ctx: typer.Context,
     status: Annotated[str | None, typer.Option(help=" | ".join(JobStatus))] = None,
-    kind: Annotated[str | None, typer.Option(help="train | audit")] = None,
+    kind: Annotated[str | None, typer.Option(help="train | audit | repair")] = None,
     tag: Annotated[list[str], typer.Option("--tag", help="key:value or key=value, repeatable")] = [],  # noqa: B006
     limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
     as_json: JsonOption = False,

@@ -63,6 +63,8 @@ def reliance(job: dict) -> tuple[str, str | None]:
     """(score, verdict) from a train job's audit summary or an audit job's report."""
     result = job.get("result") or {}
     summary = (result.get("audit") or {}).get("summary") if job["kind"] == "train" else result.get("summary")
+    if job["kind"] == "repair":
+        summary = result.get("after")  # the repaired model's
     if not summary:
         return "—", None
     score = summary.get("reliance_score")
@@ -165,9 +167,33 @@ def groups_table(report: dict) -> Table | None:
 def outcome(job: dict, report: dict | None) -> list[Table]:
     """Everything worth showing about a job, in reading order."""
     tables = [job_table(job), train_result_table(job)]
-    if report:
+    if report and job["kind"] == "repair":
+        tables += [repair_table(report)]
+    elif report:
         tables += [report_table(report), groups_table(report)]
     return [t for t in tables if t is not None]
+
+
+def repair_table(report: dict) -> Table:
+    """A repair job: the audits before and after side by side, and what the repair chose."""
+    before, after, repair = report.get("before") or {}, report.get("after") or {}, report.get("repair") or {}
+    table = Table(title="Repair: before and after (test split)", title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("before")
+    table.add_column("after")
+    for label, read in (
+        ("reliance score", lambda r: number((r.get("summary") or {}).get("reliance_score"))),
+        ("verdict", lambda r: verdict_text((r.get("summary") or {}).get("verdict"))),
+        ("average accuracy", lambda r: number(r.get("average_accuracy"))),
+        ("worst-group accuracy", lambda r: number(r.get("worst_group_accuracy"))),
+        ("flip rate", lambda r: number((r.get("counterfactual") or {}).get("flip_rate"))),
+    ):
+        table.add_row(label, read(before), read(after))
+    selection = repair.get("selection") or {}
+    chosen = ", ".join(f"{k}={v}" for k, v in (selection.get("chosen") or {}).items()) or "—"
+    table.add_row("method", (repair.get("method") or {}).get("name", "—"), chosen)
+    table.add_row("checkpoint", repair.get("parent_checkpoint_id") or "—", repair.get("checkpoint_id") or "—")
+    return table
 
 
 def comparison_rows(job: dict, report: dict | None) -> dict[str, Any]:

@@ -17,7 +17,9 @@ if __name__ == "__main__":  # the lockdown forbids imports later: take everythin
 
     from jail import lockdown, wire
     from starvation import checkpoints
+    from starvation import repair
     from starvation.checkpoints import CheckpointError, load_checkpoint, validate_checkpoint
+    from starvation.errors import SpecError
 
 MAX_INPUT_BYTES = 1 << 32
 
@@ -29,7 +31,7 @@ def main(requests: int, replies: int, parent_pid: int) -> None:
     first, _ = wire.receive(requests, max_payload=0)
     limits = lockdown.Limits(**first["limits"])
     torch.set_num_threads(limits.threads)
-    _warm_up()
+    _warm_up(repairs=bool(first.get("repair")))
     data = Path(first["path"]).read_bytes()
     try:
         layers = lockdown.apply(limits, root=".")
@@ -49,22 +51,44 @@ def main(requests: int, replies: int, parent_pid: int) -> None:
         })
         while True:
             request, tensors = wire.receive(requests, max_payload=MAX_INPUT_BYTES)
-            if request.get("op") not in ("logits", "features"):
+            op = request.get("op")
+            if op in ("logits", "features"):
+                x = tensors["x"]
+                y = model.logits(x) if op == "logits" else model.features(x)
+                wire.send(replies, {"ok": True}, {"y": y} if y is not None else None)
+            elif op == "head":  # the last linear layer's weights, for a repair
+                head = repair.read_head(_module_of(model))
+                wire.send(replies, {"ok": True}, {"weight": head.weight, "bias": head.bias})
+            elif op == "replace_head":  # new head weights in, the re-serialised TorchScript out
+                module = _module_of(model)
+                repair.replace_head(module, repair.LinearHead(tensors["weight"], tensors["bias"]))
+                data = repair.torchscript_bytes(module)
+                wire.send(replies, {"ok": True}, {"model": torch.frombuffer(bytearray(data), dtype=torch.uint8)})
+            else:
                 return
-            x = tensors["x"]
-            y = model.logits(x) if request["op"] == "logits" else model.features(x)
-            wire.send(replies, {"ok": True}, {"y": y} if y is not None else None)
     except CheckpointError as exc:
         wire.send(replies, {"ok": False, "code": exc.code, "message": exc.message, "detail": exc.detail})
+    except repair.NoLinearHead as exc:
+        wire.send(replies, {"ok": False, "code": "no_linear_head", "message": str(exc)})
+    except SpecError as exc:
+        wire.send(replies, {"ok": False, "code": "invalid_head", "message": str(exc)})
     except BaseException as exc:  # whatever the model did: a code and its type, never its words
         code = "memory_limit" if checkpoints.out_of_memory(exc) else "model_failed"
         wire.send(replies, {"ok": False, "code": code, "exception": type(exc).__name__,
                             "detail": str(exc)[:300]})
 
 
-def _warm_up() -> None:
+def _module_of(model):
+    """The TorchScript module behind a loaded model; an ONNX graph has none to rewrite."""
+    module = getattr(model, "module", None)
+    if not isinstance(module, torch.jit.ScriptModule):
+        raise repair.NoLinearHead("only TorchScript models can have their head replaced in the jail")
+    return module
+
+
+def _warm_up(repairs: bool = False) -> None:
     """Start torch's thread pool and the lazily imported parts of a forward pass and of the
-    probes while imports still work."""
+    probes (and, for a repair, of TorchScript's writer) while imports still work."""
     x = torch.rand(64, 64)
     (x @ x).relu().sum().item()
     torch.nn.functional.linear(x, x).softmax(1)
@@ -74,6 +98,8 @@ def _warm_up() -> None:
     from safetensors.torch import load, save
 
     load(save({"x": x}))
+    if repairs:
+        repair.torchscript_bytes(torch.jit.script(torch.nn.Linear(2, 1)))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 from jail import wire
 from jail.lockdown import Limits
 from starvation.checkpoints import AuditableModel
+from starvation.repair import LinearHead
 
 log = logging.getLogger("gs.jail")
 
@@ -34,6 +35,7 @@ OUTPUT_KEPT_BYTES = 4096
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 _MESSAGE_CHARS = 400
+MAX_HEAD_BYTES = 1 << 30  # a head's weights: far above any last layer we can refit
 
 
 class JailError(Exception):
@@ -49,7 +51,7 @@ class _Child:
     """One jailed process for one model. Never reused for another model or another tenant."""
 
     def __init__(self, path: str | Path, fmt: str, op: str, options: dict[str, Any], limits: Limits,
-                 wall_seconds: float) -> None:
+                 wall_seconds: float, repair: bool = False) -> None:
         self.limits, self.wall_seconds = limits, wall_seconds
         self.root = tempfile.mkdtemp(prefix="gs-jail-")  # empty; becomes the child's `/`
         requests_r, self.requests = os.pipe()
@@ -73,7 +75,7 @@ class _Child:
         self.drain = threading.Thread(target=self._drain, args=(output_r,), daemon=True)
         self.drain.start()
         first = {"op": op, "path": str(Path(path).resolve()), "format": fmt, "options": options,
-                 "limits": asdict(limits)}
+                 "limits": asdict(limits), "repair": repair}
         self.hello, _ = self.call(first, timeout_s=START_TIMEOUT_S + wall_seconds)
 
     def call(self, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, *,
@@ -164,8 +166,9 @@ class JailedModel(AuditableModel):
     """An uploaded model as the audit sees it; its forward passes run in a jailed child on the
     CPU. Close it (or use it as a context manager) to end the child."""
 
-    def __init__(self, path: str | Path, fmt: str, *, limits: Limits, wall_seconds: float, **options: Any) -> None:
-        self._child = _Child(path, fmt, "load", options, limits, wall_seconds)
+    def __init__(self, path: str | Path, fmt: str, *, limits: Limits, wall_seconds: float, repair: bool = False,
+                 **options: Any) -> None:
+        self._child = _Child(path, fmt, "load", options, limits, wall_seconds, repair)
         self.format = fmt
         hello = self._child.hello
         self.feature_layer = _printable(hello["feature_layer"]) if isinstance(hello.get("feature_layer"), str) else None
@@ -203,6 +206,33 @@ class JailedModel(AuditableModel):
             raise JailError("bad_output_shape", "The model returned a tensor that is not floating point.")
         return None if y is None else y.float()
 
+    def head(self) -> LinearHead:
+        """The weight [k, d] and bias [k] of the model's last linear layer (its head)."""
+        _, out = self._child.call({"op": "head"}, max_payload=MAX_HEAD_BYTES)
+        weight, bias = out.get("weight"), out.get("bias")
+        if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor) and weight.dim() == 2
+                and weight.is_floating_point() and bias.is_floating_point() and bias.shape == (weight.shape[0],)):
+            raise JailError("no_linear_head", "The model's last layer did not read back as a linear layer.")
+        return LinearHead(weight.float(), bias.float())
+
+    def with_head(self, head: LinearHead, *, max_bytes: int) -> bytes:
+        """The model as TorchScript bytes with its head replaced (in the child; the model there
+        keeps the new head). What comes back is untrusted: at most `max_bytes`, a TorchScript
+        archive by its bytes (it is only ever loaded again in a jail)."""
+        from starvation.checkpoints.detect import _identify
+
+        tensors = {"weight": head.weight.float().contiguous(), "bias": head.bias.float().contiguous()}
+        _, out = self._child.call({"op": "replace_head"}, tensors, max_payload=max_bytes + (1 << 16))
+        model = out.get("model")
+        if not isinstance(model, torch.Tensor) or model.dtype != torch.uint8 or model.dim() != 1:
+            raise JailError("model_crashed", "The jailed process did not return a model.")
+        if model.numel() > max_bytes:
+            raise JailError("too_large", f"The repaired model is larger than {max_bytes} bytes.")
+        data = model.numpy().tobytes()
+        if _identify(data, max_unpacked_bytes=4 * max_bytes)[0] != "torchscript":
+            raise JailError("model_crashed", "The jailed process did not return a TorchScript archive.")
+        return data
+
     def close(self) -> None:
         self._child.close()
 
@@ -213,6 +243,8 @@ class JailedModel(AuditableModel):
         self.close()
 
 
-def open_model(path: str | Path, fmt: str, *, limits: Limits, wall_seconds: float, **options: Any) -> JailedModel:
-    """A foreign model loaded in a jail (starvation.checkpoints.load_checkpoint's options)."""
-    return JailedModel(path, fmt, limits=limits, wall_seconds=wall_seconds, **options)
+def open_model(path: str | Path, fmt: str, *, limits: Limits, wall_seconds: float, repair: bool = False,
+               **options: Any) -> JailedModel:
+    """A foreign model loaded in a jail (starvation.checkpoints.load_checkpoint's options);
+    `repair=True` readies the child to read and replace the model's head."""
+    return JailedModel(path, fmt, limits=limits, wall_seconds=wall_seconds, repair=repair, **options)

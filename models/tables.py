@@ -127,6 +127,11 @@ class Checkpoint(Base):
     # The model card: what built-in architecture and input it takes, when known.
     model_info: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Lineage: the checkpoint a repair job made this one from (its job is `job_id`).
+    parent_checkpoint_id: Mapped[str | None] = mapped_column(
+        ForeignKey("checkpoints.id", ondelete="SET NULL", name="fk_checkpoints_parent_checkpoint_id"),
+        default=None, index=True,
+    )
 
 
 class Artifact(Base):

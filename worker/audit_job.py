@@ -67,10 +67,10 @@ def checkpoint_to_audit(ctx, spec: dict[str, Any]) -> tuple[str, str, dict[str, 
 
 
 def load_model(path: str, fmt: str, model_info: dict[str, Any], device: str, layer: str | None = None,
-               *, settings=None):
+               *, settings=None, repair: bool = False):
     """An AuditableModel. TorchScript and ONNX files are programs: they run in a jail on the
-    CPU (pass `settings` for its limits). Safetensors weights fill one of our own networks,
-    which runs here, on `device`."""
+    CPU (pass `settings` for its limits; `repair=True` readies the jail to replace the head).
+    Safetensors weights fill one of our own networks, which runs here, on `device`."""
     options = {
         "input_shape": list(model_info["input_shape"]) if model_info.get("input_shape") else None,
         "feature_layer": layer,
@@ -79,7 +79,7 @@ def load_model(path: str, fmt: str, model_info: dict[str, Any], device: str, lay
         from jail import Limits, open_model
 
         return open_model(path, fmt, limits=Limits.from_settings(settings), wall_seconds=settings.jail_cpu_seconds,
-                          **options)
+                          repair=repair, **options)
     from starvation.checkpoints import load_checkpoint
 
     return load_checkpoint(

@@ -30,11 +30,13 @@ def add_artifact(db: Database, job_id: str, path: Path, name: str | None = None)
 
 
 def add_checkpoint(
-    db: Database, *, job_id: str, owner_id: str, seed: int, fmt: str, path: Path, model_info: dict[str, Any]
+    db: Database, *, job_id: str, owner_id: str, seed: int, fmt: str, path: Path, model_info: dict[str, Any],
+    parent_checkpoint_id: str | None = None,
 ) -> str:
     with db.session() as session:
         checkpoint = files_repo.add_checkpoint(
             session, owner_id=owner_id, job_id=job_id, seed=seed, format=fmt, path=str(path),
             sha256=sha256_of(path), size_bytes=path.stat().st_size, model_info=model_info,
+            parent_checkpoint_id=parent_checkpoint_id,
         )
         return checkpoint.id

@@ -199,13 +199,15 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | 
     from starvation.checkpoints import CheckpointError, out_of_memory
     from starvation.datasets import DatasetError
     from starvation.errors import SpecError
+    from starvation.repair import NoLinearHead, UnsupportedMethod
     from starvation.training import TrainingStopped
 
-    from worker import audit_job, train_job
+    from worker import audit_job, repair_job, train_job
 
     handlers: dict[str, Callable[[dict, JobContext], dict]] = {
         "train": train_job.run,
         "audit": audit_job.run,
+        "repair": repair_job.run,
     }
     try:
         return JobStatus.SUCCEEDED, handlers[kind](spec, ctx), None
@@ -219,6 +221,10 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | 
         return JobStatus.FAILED, None, {"code": exc.code, "message": exc.message}
     except DatasetError as exc:
         return JobStatus.FAILED, None, {"code": exc.code, "message": str(exc)}
+    except NoLinearHead as exc:
+        return JobStatus.FAILED, None, {"code": "no_linear_head", "message": f"The model cannot be repaired: {exc}."}
+    except UnsupportedMethod as exc:
+        return JobStatus.FAILED, None, {"code": "unsupported_method", "message": str(exc)}
     except SpecError as exc:
         return JobStatus.FAILED, None, {"code": "invalid_spec", "message": str(exc)}
     except FileNotFoundError as exc:

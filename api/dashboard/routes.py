@@ -23,7 +23,8 @@ from api.dashboard import session as browser
 from api.dashboard import views
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
-from api.schemas import TrainJobCreate
+from api.schemas import RepairJobCreate, TrainJobCreate
+from models import files as files_repo
 from models.status import TERMINAL, JobStatus
 from models.tables import Job
 
@@ -46,7 +47,7 @@ router = APIRouter(prefix="/dashboard", include_in_schema=False, dependencies=[D
 
 STATIC = {"dashboard.css": "text/css", "charts.js": "text/javascript", "job.js": "text/javascript",
           "jobs.js": "text/javascript", "compare.js": "text/javascript"}
-KINDS = ("train", "audit")
+KINDS = ("train", "audit", "repair")
 SECURITY_HEADERS = {
     # Only our own scripts; inline <style> for the report page; plots arrive as data: URIs.
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -197,6 +198,41 @@ def job_page(job_id: str, request: Request, session: SessionDep, principal: brow
                       "seeds": (job.spec or {}).get("seeds") or [], "terminal": job.status in TERMINAL,
                       "terminal_statuses": sorted(TERMINAL)},
     })
+
+
+@router.post("/jobs/{job_id}/repair")
+def repair_audited_model(
+    job_id: str, request: Request, session: SessionDep, settings: SettingsDep, principal: browser.SignedInDep,
+    form_key: Annotated[str | None, Form(max_length=64)] = None,
+    csrf: Annotated[str | None, Form()] = None,
+) -> Response:
+    """"Repair" on an audit: the audited model, data, attribute and seed, default method."""
+    if not browser.csrf_ok(request, csrf):
+        return expired_form(request)
+    job = owned_job(session, job_id, principal.owner_id)
+    if job is None or job.kind != "audit":
+        return not_found_page(request, "audit job")
+    audited = {k: job.spec.get(k) for k in ("checkpoint_id", "train_job_id", "dataset", "spurious_attribute", "seed",
+                                             "probes", "layer") if job.spec.get(k) is not None}
+    try:
+        body = RepairJobCreate(kind="repair", tags={"source": "dashboard", "audit_job": job.id}, spec=audited)
+        created = jobs_service.submit_once(session, body, principal, settings, idempotency_key=form_key)
+    except ValueError:
+        return jobs_error("This audit's model cannot be repaired.")
+    except ApiError as exc:
+        return jobs_error(exc.message)
+    return RedirectResponse(f"/dashboard/jobs/{json.loads(created.body)['id']}", status_code=303)
+
+
+@router.get("/checkpoints/{checkpoint_id}/file")
+def download_checkpoint(checkpoint_id: str, request: Request, session: SessionDep,
+                        principal: browser.SignedInDep) -> Response:
+    """A checkpoint file for the signed-in browser (e.g. a repaired model from its job's page)."""
+    checkpoint = files_repo.get_checkpoint(session, checkpoint_id, owner_id=principal.owner_id)
+    if checkpoint is None or not Path(checkpoint.path).is_file():
+        return not_found_page(request, "checkpoint")
+    suffix = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors"}.get(checkpoint.format, "")
+    return FileResponse(checkpoint.path, media_type="application/octet-stream", filename=f"{checkpoint.id}{suffix}")
 
 
 @router.post("/jobs/{job_id}/cancel")

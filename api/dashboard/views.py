@@ -39,6 +39,8 @@ def reliance(job: Job) -> dict[str, Any]:
     """{"score", "std", "verdict"} of a train job's audit summary or an audit job's report."""
     result = job.result or {}
     summary = (result.get("audit") or {}).get("summary") if job.kind == "train" else result.get("summary")
+    if job.kind == "repair":
+        summary = result.get("after")  # the repaired model's
     if not summary:
         return {"score": None, "std": None, "verdict": None}
     score = summary.get("reliance_score")
@@ -90,6 +92,8 @@ def summary_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
             rows.append((f"{split} accuracy", splits[split].get("accuracy")))
         rows.append(("starved fraction at step 0 → end",
                      f"{fmt(starved.get('first'))} → {fmt(starved.get('last'))}" if starved else None))
+    if job.kind == "repair":
+        return rows + repair_rows(job)
     rel = reliance(job)
     rows += [
         ("reliance score", {"mean": rel["score"], "std": rel["std"]} if rel["std"] is not None else rel["score"]),
@@ -97,6 +101,26 @@ def summary_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
         ("flip rate", counterfactual.get("flip_rate")),
         ("average accuracy", (report or {}).get("average_accuracy")),
         ("worst-group accuracy", (report or {}).get("worst_group_accuracy")),
+        ("run time", f"{duration_s(job):.1f} s" if duration_s(job) is not None else None),
+    ]
+    return rows
+
+
+def repair_rows(job: Job) -> list[tuple[str, Any]]:
+    """A repair job's outcome: each number before → after, and what the repair chose."""
+    result = job.result or {}
+    before, after = result.get("before") or {}, result.get("after") or {}
+    rows: list[tuple[str, Any]] = []
+    for label, key in (("reliance score", "reliance_score"), ("verdict", "verdict"), ("flip rate", "flip_rate"),
+                       ("average accuracy", "average_accuracy"), ("worst-group accuracy", "worst_group_accuracy")):
+        if key in before or key in after:
+            rows.append((f"{label} (before → after)", f"{fmt(before.get(key))} → {fmt(after.get(key))}"))
+    selection = result.get("selection") or {}
+    rows += [
+        ("method", (result.get("method") or {}).get("name")),
+        ("chosen", ", ".join(f"{k}={v}" for k, v in (selection.get("chosen") or {}).items()) or None),
+        ("new checkpoint", result.get("checkpoint_id")),
+        ("parent checkpoint", result.get("parent_checkpoint_id")),
         ("run time", f"{duration_s(job):.1f} s" if duration_s(job) is not None else None),
     ]
     return rows

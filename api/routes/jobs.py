@@ -21,6 +21,7 @@ from api.schemas import (
     JobPage,
     MetricOut,
     MetricPage,
+    RepairReport,
     Report,
     StatusFilter,
     error_responses,
@@ -123,7 +124,7 @@ async def job_events(job_id: str, request: Request, principal: PrincipalDep):
     return StreamingResponse(events, media_type="text/event-stream")
 
 
-@router.get("/{job_id}/report", response_model=Report)
+@router.get("/{job_id}/report", response_model=Report | RepairReport)
 def get_report(job_id: str, session: SessionDep, principal: PrincipalDep):
     job = owned_job(session, job_id, principal.owner_id)
     return jobs_service.report_of(job)

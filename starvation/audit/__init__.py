@@ -4,9 +4,9 @@
 on an `AuditableModel` (see `starvation.checkpoints`) and returns the report;
 `render_report_html` turns a report into a page.
 """
-from starvation.audit.html import render_report_html
+from starvation.audit.html import render_repair_html, render_report_html
 from starvation.audit.probes import PROBES, AuditContext, Probe
 from starvation.audit.report import resolve_probes, run_audit, supported_probes, verdict
 
-__all__ = ["PROBES", "AuditContext", "Probe", "render_report_html", "resolve_probes", "run_audit",
+__all__ = ["PROBES", "AuditContext", "Probe", "render_repair_html", "render_report_html", "resolve_probes", "run_audit",
            "supported_probes", "verdict"]

@@ -125,3 +125,61 @@ def _text(value) -> str:
 
 def _number(value: float) -> str:
     return f"{value:.4g}"
+
+
+_SIDE_BY_SIDE = ".columns { display: flex; gap: 2rem; } .columns > section { flex: 1; min-width: 0; }"
+
+
+def render_repair_html(before: dict, after: dict, repair: dict, plot_urls: dict[str, str], title: str) -> str:
+    """A repair job's page: the before/after numbers in one table, what fitted and what chose,
+    then both audits side by side (groups, counterfactual, four corners, probe, plots)."""
+    def number(report: dict, *path: str):
+        value = report
+        for key in path:
+            value = (value or {}).get(key)
+        return value
+
+    rows = [(label, number(before, *path), number(after, *path)) for label, path in (
+        ("reliance score", ("summary", "reliance_score")),
+        ("verdict", ("summary", "verdict")),
+        ("average accuracy (test)", ("average_accuracy",)),
+        ("worst-group accuracy (test)", ("worst_group_accuracy",)),
+        ("flip rate", ("counterfactual", "flip_rate")),
+        ("linear probe: core", ("linear_probe", "core_accuracy")),
+        ("linear probe: spurious", ("linear_probe", "spurious_accuracy")),
+    )]
+    selection = repair.get("selection") or {}
+    method = repair.get("method") or {}
+    fitted, chosen_on = selection.get("fitted_on") or {}, selection.get("chosen_on") or {}
+    repair_rows = [
+        ("method", method.get("name")),
+        ("new checkpoint", repair.get("checkpoint_id")),
+        ("parent checkpoint", repair.get("parent_checkpoint_id")),
+        ("head changed", "yes" if repair.get("changed") else "no"),
+        ("chosen", ", ".join(f"{k}={v}" for k, v in (selection.get("chosen") or {}).items())),
+        ("fitted on", f"{fitted.get('data')} ({fitted.get('n')} examples)"),
+        ("chosen on", f"{chosen_on.get('data')} ({chosen_on.get('n')} examples, by {chosen_on.get('criterion')})"),
+        ("test split used to fit or choose", "no" if selection.get("test_split_used") is False else "?"),
+    ]
+    for key in ("note",):
+        if repair.get(key):
+            repair_rows.append((key, repair[key]))
+    if selection.get("reason"):
+        repair_rows.append(("why unchanged", selection["reason"]))
+
+    def column(name: str, report: dict) -> str:
+        sections = [_summary(report), _groups(report), _counterfactual(report), _four_corners(report),
+                    _linear_probe(report), _plots(report, plot_urls)]
+        return f"<section><h2>{_text(name)}</h2>" + "\n".join(s for s in sections if s) + "</section>"
+
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_text(title)}</title><style>{_STYLE}{_SIDE_BY_SIDE}</style></head><body>",
+        f"<h1>{_text(title)}</h1>",
+        "<h2>Before and after</h2>" + _table(["", "before", "after"], rows),
+        "<h2>Repair</h2>" + _table(["", ""], repair_rows, header=False),
+        '<div class="columns">' + column("Before", before) + column("After", after) + "</div>",
+        "</body></html>",
+    ]
+    return "\n".join(parts)

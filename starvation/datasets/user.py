@@ -224,6 +224,11 @@ def registered_size(splits: dict[str, int], input_shape: Sequence[int], num_clas
                     input_shape=tuple(int(d) for d in input_shape), num_classes=int(num_classes))
 
 
+def train_and_test_splits(names: list[str]) -> tuple[list[str], str]:
+    """(training splits, test split) a registered dataset with these split names gets."""
+    return _train_and_test(names)
+
+
 def _train_and_test(names: list[str]) -> tuple[list[str], str]:
     """Splits named "train*" are pooled for training; the test split is test/val/..., else another, else train."""
     train = [s for s in names if s.startswith("train")]

@@ -56,3 +56,19 @@ def test_audit_uploads_a_checkpoint_and_compare_puts_two_jobs_side_by_side(gs, t
     compared = gs("compare", outcome["job"]["id"], other_id)
     assert compared.exit_code == 0, compared.output
     assert "flip rate" in compared.output and "high" in compared.output
+
+
+def test_repair_waits_and_prints_the_before_and_after_table(gs, embedded_stack):
+    import io
+
+    from tests.e2e.test_repair_flow import script_bytes
+    from tests.science.repair_fixtures import erm_colored_mnist
+
+    uploaded = embedded_stack.client.post(
+        "/v1/checkpoints", files={"file": ("erm.pt", io.BytesIO(script_bytes(erm_colored_mnist())))},
+        data={"format": "torchscript"}).json()
+    result = gs("repair", uploaded["id"], "--dataset", "colored_mnist", "--probe", "groups", "--probe",
+                "counterfactual", "--wait")
+    assert result.exit_code == 0, result.output
+    assert "before and after" in result.output and "flip rate" in result.output and "last_layer" in result.output
+    assert gs("repair").exit_code != 0  # neither a checkpoint nor a train job

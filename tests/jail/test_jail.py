@@ -179,3 +179,38 @@ def test_the_lockdown_refuses_files_sockets_and_new_processes(tmp_path, planted)
     with pytest.raises(TimeoutError):
         listener.accept()  # nothing connected
     assert planted.read_bytes() == SECRET
+
+
+def test_a_repair_replaces_the_head_inside_the_jail_and_gets_torchscript_back(tmp_path):
+    import io
+    import warnings
+
+    from starvation.repair import LinearHead
+    from tests.science.repair_fixtures import ErmMlp
+
+    torch.manual_seed(0)
+    original = ErmMlp(hidden=8).eval()
+    x = torch.rand(5, *SHAPE)
+    with open_model(script(tmp_path, original), "torchscript", limits=LIMITS, wall_seconds=60, input_shape=SHAPE,
+                    repair=True) as model:
+        head = model.head()
+        assert torch.equal(head.weight, original.head.weight.detach()) and head.weight.shape == (1, 8)
+        features = model.features(x)
+        new = LinearHead(torch.randn(1, 8), torch.randn(1))
+        data = model.with_head(new, max_bytes=1 << 24)
+        with pytest.raises(JailError) as too_big:
+            model.with_head(new, max_bytes=16)
+        assert too_big.value.code == "too_large"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        repaired = torch.jit.load(io.BytesIO(data))
+    assert torch.allclose(repaired(x), new.logits(features), atol=1e-5)
+    assert torch.equal(repaired.features(x), original.features(x).detach())
+
+
+def test_a_model_without_a_linear_head_is_refused_by_the_jail(tmp_path):
+    with open_model(script(tmp_path, ColourOnly()), "torchscript", limits=LIMITS, wall_seconds=60, input_shape=SHAPE,
+                    repair=True) as model:
+        with pytest.raises(JailError) as refused:
+            model.head()
+    assert refused.value.code == "no_linear_head"

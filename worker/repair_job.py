@@ -1,0 +1,182 @@
+"""Repair jobs: audit a checkpoint, refit its head on training-split features, register the new
+checkpoint with its parent, audit it again on the same data, probes and seed (docs/repair.md).
+
+A TorchScript checkpoint is a program: its features are read, and its head replaced and the
+model re-serialised, inside its jail; the new file is only ever loaded again in a jail. Our own
+safetensors networks are repaired here.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from models import files as files_repo
+from models import jobs as jobs_repo
+from worker import audit_job
+from worker.devices import pick_device
+from worker.files import add_artifact, add_checkpoint
+from worker.runner import JobCancelled
+
+CHECK_ROWS = 256  # training examples on which the repaired model must give exactly the fitted head's logits
+
+
+def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
+    from starvation.checkpoints import CheckpointError
+    from starvation.errors import SpecError
+    from starvation.repair import build_repair_method
+
+    parent_id, path, fmt, model_info = checkpoint_to_repair(ctx, spec)
+    if fmt not in ("torchscript", "safetensors"):
+        raise CheckpointError("unsupported_format", f"A {fmt} model cannot be repaired: only TorchScript and "
+                                                    "safetensors checkpoints can have their head replaced.")
+    method = build_repair_method(spec.get("method"))
+    seed = spec.get("seed", 0)
+    audit_spec = {"probes": spec.get("probes"), "spurious_attribute": spec.get("spurious_attribute", "color"),
+                  "seed": seed}
+    foreign = fmt == "torchscript"
+    device = "cpu" if foreign else pick_device(spec.get("device"), ctx.settings.device)
+    dataset = audit_job.load_dataset(ctx, spec["dataset"], seed)
+    if dataset.test_split in dataset.train_splits:
+        raise SpecError(f"dataset {dataset.name!r} has no test split apart from its training data; a repair fits "
+                        "and chooses on the training splits only, so it needs a separate 'test' split to audit on")
+    model = audit_job.load_model(path, fmt, model_info, device, spec.get("layer"), settings=ctx.settings,
+                                 repair=foreign)
+    try:
+        old_head, features, train = read_head_and_features(model, dataset)
+        ctx.on_progress(0.1)
+        stop_if_asked(ctx)
+        before = audit_job.audit_model(ctx, model, dataset, spec=audit_spec, prefix="before-")
+        ctx.on_progress(0.4)
+        stop_if_asked(ctx)
+        repaired = method.repair(training_features(features, train, dataset), old_head, seed=seed)
+        ctx.on_progress(0.6)
+        stop_if_asked(ctx)
+        new_ids, new_path = save_repaired(ctx, model, fmt, model_info, repaired.head, parent_id, seed)
+    finally:
+        getattr(model, "close", lambda: None)()
+
+    after_model = audit_job.load_model(str(new_path), fmt, model_info, device, spec.get("layer"), settings=ctx.settings)
+    try:
+        check_repaired_model(after_model, repaired.head, train.x[:CHECK_ROWS], features[:CHECK_ROWS])
+        after = audit_job.audit_model(ctx, after_model, dataset, spec=audit_spec, prefix="after-")
+    finally:
+        getattr(after_model, "close", lambda: None)()
+    ctx.on_progress(1.0)
+    repair = {
+        "checkpoint_id": new_ids[fmt],
+        "checkpoint_ids": new_ids,
+        "parent_checkpoint_id": parent_id,
+        "format": fmt,
+        "method": repaired.method,
+        "selection": repaired.selection,
+        "changed": repaired.changed,
+        "feature_layer": model.feature_layer,
+        "head_shape": list(repaired.head.weight.shape),
+    }
+    if before["summary"].get("verdict") == "low":
+        repair["note"] = ("the audit before the repair found low reliance on the spurious attribute: there was "
+                          "nothing to repair")
+    return {
+        **{k: repair[k] for k in ("checkpoint_id", "parent_checkpoint_id", "method", "selection")},
+        "before": summary_of(before),
+        "after": summary_of(after),
+        "repair": repair,
+        "reports": {"before": before, "after": after},
+        "device": device,
+    }
+
+
+def checkpoint_to_repair(ctx, spec: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
+    """(id, path, format, model_info) of the named checkpoint, or of the train job's seed (its
+    safetensors weights: our own network)."""
+    with ctx.db.session() as session:
+        if spec.get("checkpoint_id"):
+            row = files_repo.get_checkpoint(session, spec["checkpoint_id"], owner_id=ctx.owner_id)
+        else:
+            job = jobs_repo.get(session, spec["train_job_id"], owner_id=ctx.owner_id)
+            rows = [c for c in files_repo.checkpoints_of_job(session, job.id)
+                    if c.format == "safetensors" and c.seed == spec.get("seed", 0)] if job else []
+            row = rows[0] if rows else None
+        if row is None:
+            raise FileNotFoundError("the checkpoint to repair no longer exists")
+        return row.id, row.path, row.format, dict(row.model_info)
+
+
+def read_head_and_features(model, dataset):
+    """The model's head and its penultimate features on the pooled training splits (never the
+    test split), checked to be what turns those features into the model's logits."""
+    from starvation.audit.probes import batched
+    from starvation.repair import NoLinearHead, check_head_feeds_output, read_head
+
+    if model.feature_layer is None:
+        raise NoLinearHead(model.no_features_reason or "the model exposes no feature layer")
+    old_head = model.head() if hasattr(model, "head") else read_head(model.module)
+    train = dataset.train_data()
+    features = batched(model.features, train.x, model.device, 1024)
+    logits = batched(model.logits, train.x[:CHECK_ROWS], model.device, 1024)
+    check_head_feeds_output(old_head, features[:CHECK_ROWS], logits)
+    return old_head, features, train
+
+
+def training_features(features, train, dataset):
+    from starvation.repair import TrainingFeatures
+
+    return TrainingFeatures(features=features, y=train.y, attribute=train.attribute, splits=list(dataset.train_splits))
+
+
+def save_repaired(ctx, model, fmt: str, model_info: dict[str, Any], head, parent_id: str, seed: int):
+    """Write the repaired model in the input's format family and register it with its parent.
+    Returns ({format: checkpoint id}, path of the file in the input's format)."""
+    from starvation.checkpoints import save_checkpoint
+    from starvation.repair import replace_head
+
+    out_dir = ctx.work_dir / "repaired"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "torchscript":
+        path = out_dir / "repaired.torchscript.pt"
+        path.write_bytes(model.with_head(head, max_bytes=ctx.settings.max_upload_bytes))
+        files = {"torchscript": path}
+    else:
+        module = copy.deepcopy(model.module).cpu()
+        replace_head(module, head)
+        saved = save_checkpoint(module, out_dir, seed=seed, arch=model_info["arch"],
+                                arch_params=model_info.get("arch_params") or {},
+                                input_shape=model_info["input_shape"], num_outputs=model_info["num_outputs"])
+        files = {"safetensors": saved.safetensors_path, "torchscript": saved.torchscript_path}
+    ids = {}
+    for file_format, path in files.items():
+        ids[file_format] = add_checkpoint(ctx.db, job_id=ctx.job_id, owner_id=ctx.owner_id, seed=seed, fmt=file_format,
+                                          path=path, model_info=model_info, parent_checkpoint_id=parent_id)
+        add_artifact(ctx.db, ctx.job_id, path)
+    return ids, files[fmt]
+
+
+def check_repaired_model(model, head, x, features) -> None:
+    """The written model must give the fitted head's logits: the head really was replaced."""
+    from starvation.audit.probes import batched
+    from starvation.errors import SpecError
+
+    logits = batched(model.logits, x, model.device, 1024)
+    expected = head.logits(features.to(head.weight.dtype)).float()
+    gap = float((logits.float() - expected).abs().max()) if len(x) else 0.0
+    if gap > 1e-3 * max(1.0, float(expected.abs().max())):
+        raise SpecError("the repaired model does not give the fitted head's outputs; the repair was not applied")
+
+
+def summary_of(report: dict[str, Any]) -> dict[str, Any]:
+    """The reliance summary of a report, with the numbers a before/after table shows."""
+    counterfactual = report.get("counterfactual") or {}
+    probe = report.get("linear_probe") or {}
+    return {
+        **report["summary"],
+        "average_accuracy": report.get("average_accuracy"),
+        "worst_group_accuracy": report.get("worst_group_accuracy"),
+        "flip_rate": counterfactual.get("flip_rate"),
+        "core_accuracy": probe.get("core_accuracy"),
+        "spurious_accuracy": probe.get("spurious_accuracy"),
+    }
+
+
+def stop_if_asked(ctx) -> None:
+    if ctx.should_stop():
+        raise JobCancelled
