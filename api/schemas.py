@@ -66,20 +66,22 @@ class AuditSpec(BaseModel):
     timeout_s: TimeoutSeconds | None = Field(None, description="the job fails with `timeout` after this long")
 
 
-class TrainJobCreate(BaseModel):
+class JobCreateFields(BaseModel):
+    """What every kind of job takes besides its kind and spec."""
+
     model_config = ConfigDict(extra="forbid")
+    tags: dict[str, str] = Field(default_factory=dict)
+    callback_url: HttpUrl | None = None
+
+
+class TrainJobCreate(JobCreateFields):
     kind: Literal["train"]
     spec: TrainSpec = Field(default_factory=TrainSpec)
-    tags: dict[str, str] = Field(default_factory=dict)
-    callback_url: HttpUrl | None = None
 
 
-class AuditJobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AuditJobCreate(JobCreateFields):
     kind: Literal["audit"]
     spec: AuditSpec
-    tags: dict[str, str] = Field(default_factory=dict)
-    callback_url: HttpUrl | None = None
 
 
 # ---- Repair jobs (API.md, "Repair spec"); kept in one block of their own ----
@@ -110,12 +112,9 @@ class RepairSpec(BaseModel):
     timeout_s: TimeoutSeconds | None = Field(None, description="the job fails with `timeout` after this long")
 
 
-class RepairJobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RepairJobCreate(JobCreateFields):
     kind: Literal["repair"]
     spec: RepairSpec
-    tags: dict[str, str] = Field(default_factory=dict)
-    callback_url: HttpUrl | None = None
 
 
 # ---- end of repair jobs ----

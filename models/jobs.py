@@ -188,14 +188,6 @@ def mark_enqueued(session: Session, job_id: str) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
 
 
-def unsent(session: Session, *, older_than: timedelta = timedelta(0)) -> Sequence[Job]:
-    """Queued jobs whose message never reached the broker (the outbox to sweep)."""
-    cutoff = utcnow() - older_than
-    return session.scalars(
-        select(Job).where(Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None), Job.created_at <= cutoff)
-    ).all()
-
-
 def active_count(session: Session, owner_id: str) -> int:
     """The owner's jobs that are queued or running (what the per-key limit counts)."""
     return session.scalar(select(func.count()).select_from(Job).where(
