@@ -37,12 +37,8 @@ def replay_or_create(
     what is kept for replays (e.g. without secrets). `discard` undoes what `create` did outside the database
     (a file moved into place) when a concurrent request with the same key won."""
     fingerprint = hashlib.sha256(request.encode()).hexdigest()
-    if key is not None:
-        if len(key) > 255:
-            raise ApiError(422, "invalid_request", "Idempotency-Key is longer than 255 characters.")
-        previous = auth_repo.get_idempotent(session, principal.owner_id, key)
-        if previous is not None:
-            return _replay(previous, fingerprint, request)
+    if (replayed := replay_if_seen(session, principal, key, request)) is not None:
+        return replayed
     status, body = create()
     body = jsonable_encoder(body)
     if key is not None:
@@ -56,6 +52,19 @@ def replay_or_create(
                 discard()
             return _replay(auth_repo.get_idempotent(session, principal.owner_id, key), fingerprint, request)
     return JSONResponse(body, status)
+
+
+def replay_if_seen(session: Session, principal: Principal, key: str | None, request: str) -> JSONResponse | None:
+    """The first response when this key was seen before; None when the request is new. Called early by routes
+    whose work is costly (a model check), so a retry does not pay for it again."""
+    if key is None:
+        return None
+    if len(key) > 255:
+        raise ApiError(422, "invalid_request", "Idempotency-Key is longer than 255 characters.")
+    previous = auth_repo.get_idempotent(session, principal.owner_id, key)
+    if previous is None:
+        return None
+    return _replay(previous, hashlib.sha256(request.encode()).hexdigest(), request)
 
 
 def _replay(previous: Any, fingerprint: str, request: str) -> JSONResponse:

@@ -24,6 +24,19 @@ def get_checkpoint(session: Session, checkpoint_id: str, *, owner_id: str | None
     return checkpoint
 
 
+def uploaded_twin(
+    session: Session, *, owner_id: str, sha256: str, format: str, model_info: dict[str, Any]
+) -> Checkpoint | None:
+    """This owner's earlier upload of the same bytes, format and model card, if one is kept."""
+    uploads = session.scalars(
+        select(Checkpoint).where(
+            Checkpoint.owner_id == owner_id, Checkpoint.sha256 == sha256, Checkpoint.format == format,
+            Checkpoint.job_id.is_(None),
+        ).order_by(Checkpoint.created_at)
+    )
+    return next((c for c in uploads if all(c.model_info.get(k) == v for k, v in model_info.items())), None)
+
+
 def list_checkpoints(
     session: Session, *, owner_id: str, limit: int, after_id: str | None = None
 ) -> Sequence[Checkpoint]:

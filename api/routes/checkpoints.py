@@ -7,11 +7,11 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Header, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found
-from api.idempotency import replay_or_create
+from api.idempotency import replay_if_seen, replay_or_create
 from api.schemas import COMMON_ERRORS, CheckpointOut, CheckpointPage, error_responses
 from api.uploads import save_limited
 from models import files as files_repo
@@ -39,7 +39,9 @@ def parse_json_field(name: str, raw: str | None, kind: type) -> Any:
     return value
 
 
-@router.post("", status_code=201, response_model=CheckpointOut)
+@router.post("", status_code=201, response_model=CheckpointOut, responses={
+    200: {"model": CheckpointOut, "description": "The same bytes, format and model card were uploaded before: that checkpoint."},
+})
 async def upload_checkpoint(
     session: SessionDep,
     principal: PrincipalDep,
@@ -73,6 +75,19 @@ async def upload_checkpoint(
     fields = {"format": format, "arch": arch, "arch_params": params, "input_shape": shape, "num_classes": num_classes}
     request_hash = json.dumps({"sha256": sha256, **fields}, sort_keys=True)
 
+    model_card = {k: v for k, v in fields.items() if k != "format"}
+
+    def answered_before() -> JSONResponse | None:  # a retry, or the same bytes again: no second model check
+        if (replayed := replay_if_seen(session, principal, idempotency_key, request_hash)) is not None:
+            return replayed
+        twin = files_repo.uploaded_twin(
+            session, owner_id=principal.owner_id, sha256=sha256, format=format, model_info=model_card,
+        )
+        return None if twin is None else JSONResponse(checkpoint_out(twin).model_dump(mode="json"), 200)
+
+    if (answer := await run_in_threadpool(answered_before)) is not None:
+        tmp_path.unlink()
+        return answer
     session.commit()  # no database connection is held while the model is checked
     placed: list[Path] = []  # the file `create` moved into place, removed if a concurrent twin won
 
@@ -81,11 +96,9 @@ async def upload_checkpoint(
         final = folder / f"{checkpoint_id}{SUFFIX[format]}"
         tmp_path.rename(final)
         placed.append(final)
-        model_info = {k: v for k, v in fields.items() if k != "format"}
-        model_info["num_outputs"] = info.get("num_outputs")
         checkpoint = files_repo.add_checkpoint(
             session, id=checkpoint_id, owner_id=principal.owner_id, format=format, path=str(final),
-            sha256=sha256, size_bytes=size, model_info=model_info,
+            sha256=sha256, size_bytes=size, model_info={**model_card, "num_outputs": info.get("num_outputs")},
         )
         return 201, checkpoint_out(checkpoint)
 

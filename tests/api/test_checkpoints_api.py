@@ -111,3 +111,19 @@ def test_a_model_that_never_returns_times_out_and_the_next_upload_works(client, 
     assert response.status_code == 422 and "longer than" in response.json()["error"]["message"]
     assert stored_files(settings) == before
     assert upload(client, tenant(), torchscript_bytes(ColourOnly()), "torchscript").status_code == 201
+
+
+def test_a_retry_or_the_same_bytes_again_costs_no_second_model_check(client, tenant, settings, monkeypatch):
+    headers = tenant()
+    content = torchscript_bytes(ColourOnly())
+    first = upload(client, {**headers, "Idempotency-Key": "upload-1"}, content, "torchscript")
+    assert first.status_code == 201, first.text
+    before = stored_files(settings)
+    monkeypatch.setattr(settings, "upload_checks_per_key", 0)  # from here on, any model check is refused (429)
+    retry = upload(client, {**headers, "Idempotency-Key": "upload-1"}, content, "torchscript")
+    assert (retry.status_code, retry.json()) == (201, first.json())
+    again = upload(client, headers, content, "torchscript")
+    assert (again.status_code, again.json()["id"]) == (200, first.json()["id"])
+    assert upload(client, headers, content, "torchscript", num_classes="3").status_code == 429  # another card
+    assert upload(client, tenant("other"), content, "torchscript").status_code == 429  # another owner's upload
+    assert stored_files(settings) == before
