@@ -358,6 +358,93 @@ def cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="JO
     run(ctx, body)
 
 
+@app.command()
+def checkpoints(
+    ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=500)] = 50, as_json: JsonOption = False
+) -> None:
+    """List your checkpoints: uploads, those train jobs made, repaired ones."""
+    def body(client: ApiClient) -> None:
+        items = client.checkpoints(limit=limit)
+        if as_json:
+            typer.echo(json.dumps(items))
+        else:
+            out().print(render.checkpoints_table(items) if items else "no checkpoints")
+
+    run(ctx, body)
+
+
+@app.command()
+def artifacts(
+    ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="JOB")], as_json: JsonOption = False
+) -> None:
+    """List a job's files (plots, reports, checkpoints); fetch one with `gs download`."""
+    def body(client: ApiClient) -> None:
+        items = client.artifacts(job_id)
+        if as_json:
+            typer.echo(json.dumps(items))
+        else:
+            out().print(render.artifacts_table(job_id, items) if items else f"job {job_id} has no artifacts")
+
+    run(ctx, body)
+
+
+@app.command()
+def download(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="an artifact's name (see `gs artifacts JOB`)")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="file to write (default: NAME here)")] = None,
+) -> None:
+    """Save one of a job's artifacts."""
+    target = output or Path(Path(name).name)
+
+    def body(client: ApiClient) -> None:
+        written = client.download(f"/v1/jobs/{job_id}/artifacts/{name}", target)
+        err().print(f"saved {target} ({render.size(written)})")
+
+    run(ctx, body)
+
+
+keys_app = typer.Typer(help="API keys: list, create (admin) and revoke.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Every key (admin) or your own; secrets are never listed."""
+    def body(client: ApiClient) -> None:
+        items = client.keys()
+        if as_json:
+            typer.echo(json.dumps(items))
+        else:
+            out().print(render.keys_table(items))
+
+    run(ctx, body)
+
+
+@keys_app.command("create")
+def keys_create(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="who the key is for")], as_json: JsonOption = False
+) -> None:
+    """Issue a key (admin only). Its secret and webhook secret are shown this once."""
+    def body(client: ApiClient) -> None:
+        key = client.create_key(name)
+        if as_json:
+            typer.echo(json.dumps(key))
+            return
+        out().print(f"key {key['id']} ({key['name']})\ntoken:          {key['key']}\n"
+                    f"webhook secret: {key['webhook_secret']}", soft_wrap=True)
+        err().print("Store both now: they are not shown again.")
+
+    run(ctx, body)
+
+
+@keys_app.command("revoke")
+def keys_revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(metavar="KEY_ID")]) -> None:
+    """Revoke a key at once (admin: any key; a key: itself). Its jobs and files stay."""
+    run(ctx, lambda client: out().print(f"key {client.revoke_key(key_id)['id']} revoked"))
+
+
 def main() -> None:
     app(prog_name="gs")
 

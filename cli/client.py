@@ -102,13 +102,7 @@ class ApiClient:
         return self.request("GET", f"/v1/jobs/{job_id}/report.html").text
 
     def metrics(self, job_id: str, *, since_step: int | None = None) -> list[dict]:
-        items, cursor = [], None
-        while True:
-            page = self.get(f"/v1/jobs/{job_id}/metrics", since_step=since_step, cursor=cursor, limit=5000)
-            items += page["items"]
-            cursor = page.get("next_cursor")
-            if not cursor:
-                return items
+        return list(self.pages(f"/v1/jobs/{job_id}/metrics", since_step=since_step, limit=5000))
 
     def cancel(self, job_id: str) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/cancel").json()
@@ -116,6 +110,46 @@ class ApiClient:
     def upload_checkpoint(self, path: Path, fields: dict[str, str]) -> dict:
         with path.open("rb") as handle:
             return self.create("/v1/checkpoints", files={"file": (path.name, handle)}, data=fields)
+
+    def pages(self, path: str, **params: Any) -> Iterator[dict]:
+        """Every item of a paged list (`items`, `next_cursor`)."""
+        cursor = None
+        while True:
+            page = self.get(path, cursor=cursor, **params)
+            yield from page["items"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    def checkpoints(self, *, limit: int) -> list[dict]:
+        return self.get("/v1/checkpoints", limit=min(limit, 500))["items"]
+
+    def artifacts(self, job_id: str) -> list[dict]:
+        return self.get(f"/v1/jobs/{job_id}/artifacts")["items"]
+
+    def download(self, path: str, to: Path) -> int:
+        """Stream a file of the API into `to`; the bytes written."""
+        written = 0
+        try:
+            with self.http.stream("GET", path) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    check(response)
+                with to.open("wb") as handle:
+                    for chunk in response.iter_bytes():
+                        written += handle.write(chunk)
+        except httpx.HTTPError as exc:
+            raise ApiFailure(f"download of {path} broke: {exc}") from None
+        return written
+
+    def keys(self) -> list[dict]:
+        return list(self.pages("/v1/api-keys", limit=500))
+
+    def create_key(self, name: str) -> dict:
+        return self.create("/v1/api-keys", json={"name": name})
+
+    def revoke_key(self, key_id: str) -> dict:
+        return self.request("DELETE", f"/v1/api-keys/{key_id}").json()
 
     def events(self, job_id: str, *, read_timeout_s: float = 60.0) -> Iterator[tuple[str, Any]]:
         """Server-Sent Events of GET /v1/jobs/{id}/events as (event, parsed data), until the stream ends."""

@@ -229,3 +229,42 @@ def compare_table(left: tuple[dict, dict | None], right: tuple[dict, dict | None
     for label in rows_a:
         table.add_row(label, rows_a[label], rows_b[label])
     return table
+
+
+def size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def checkpoints_table(items: list[dict]) -> Table:
+    table = Table(title="Checkpoints", title_justify="left")
+    for column in ("id", "format", "size", "created UTC", "from"):
+        table.add_column(column, no_wrap=True)
+    for c in items:
+        origin = (f"repair of {c['parent_checkpoint_id'][:12]}" if c.get("parent_checkpoint_id")
+                  else f"job {c['job_id'][:12]} seed {c.get('seed')}" if c.get("job_id") else "upload")
+        table.add_row(c["id"], c["format"], size(c["size_bytes"]), c["created_at"][5:16].replace("T", " "), origin)
+    return table
+
+
+def artifacts_table(job_id: str, items: list[dict]) -> Table:
+    table = Table(title=f"Artifacts of job {job_id}", title_justify="left")
+    for column in ("name", "type", "size"):
+        table.add_column(column, no_wrap=True)
+    for a in items:
+        table.add_row(a["name"], a["media_type"], size(a["size_bytes"]))
+    return table
+
+
+def keys_table(items: list[dict]) -> Table:
+    table = Table(title="API keys", title_justify="left")
+    for column in ("id", "name", "created UTC", "revoked UTC"):
+        table.add_column(column, no_wrap=column != "name")
+    for k in items:
+        revoked = k.get("revoked_at")
+        table.add_row(k["id"], k["name"], k["created_at"][:16].replace("T", " "),
+                      Text(revoked[:16].replace("T", " "), style="red") if revoked else "—")
+    return table

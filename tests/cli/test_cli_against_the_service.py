@@ -23,7 +23,7 @@ def gs(embedded_stack):
     return invoke
 
 
-def test_train_wait_follows_the_job_and_ends_with_its_results(gs):
+def test_train_wait_follows_the_job_and_ends_with_its_results(gs, tmp_path):
     result = gs("train", "--preset", "paper_cmnist_erm", "--steps", "20", "--eval-every", "10", "--seeds", "0",
                 "--no-audit", "--tag", "suite=cli", "--wait")
     assert result.exit_code == 0, result.output
@@ -37,6 +37,15 @@ def test_train_wait_follows_the_job_and_ends_with_its_results(gs):
 
     shown = gs("report", job["id"])
     assert shown.exit_code == 0 and job["id"] in shown.output and "test" in shown.output
+
+    files = gs("artifacts", job["id"], "--json")
+    assert files.exit_code == 0, files.output
+    artifact = json.loads(files.stdout)[0]
+    saved = tmp_path / "saved.bin"
+    fetched = gs("download", job["id"], artifact["name"], "-o", str(saved))
+    assert fetched.exit_code == 0, fetched.output
+    assert saved.stat().st_size == artifact["size_bytes"] > 0
+    assert gs("download", job["id"], "no-such-file", "-o", str(tmp_path / "x")).exit_code == 4
 
 
 def test_audit_uploads_a_checkpoint_and_compare_puts_two_jobs_side_by_side(gs, tmp_path):
@@ -52,6 +61,10 @@ def test_audit_uploads_a_checkpoint_and_compare_puts_two_jobs_side_by_side(gs, t
     other = gs("audit", "--checkpoint-id", outcome["job"]["spec"]["checkpoint_id"], "--probe", "groups")
     assert other.exit_code == 0 and "submitted audit job" in other.output
     other_id = other.output.split("job ")[1].split()[0]
+
+    listed = gs("checkpoints", "--json")
+    assert outcome["job"]["spec"]["checkpoint_id"] in [c["id"] for c in json.loads(listed.stdout)]
+    assert "upload" in gs("checkpoints").output
 
     compared = gs("compare", outcome["job"]["id"], other_id)
     assert compared.exit_code == 0, compared.output
@@ -72,3 +85,23 @@ def test_repair_waits_and_prints_the_before_and_after_table(gs, embedded_stack):
     assert result.exit_code == 0, result.output
     assert "before and after" in result.output and "flip rate" in result.output and "last_layer" in result.output
     assert gs("repair").exit_code != 0  # neither a checkpoint nor a train job
+
+
+def test_keys_are_created_listed_and_revoked_from_the_cli(gs, embedded_stack):
+    created = gs("keys", "create", "cli-tenant", "--json")
+    assert created.exit_code == 0, created.output
+    key = json.loads(created.stdout)
+    assert key["key"] and key["webhook_secret"]
+    assert key["id"] in gs("keys", "list").output
+
+    def as_tenant(*args: str):
+        env = {"GS_URL": str(embedded_stack.client.base_url), "GS_TOKEN": key["key"]}
+        return runner.invoke(app, list(args), env=env)
+
+    assert as_tenant("checkpoints").output.strip() == "no checkpoints"  # a tenant of its own
+    assert as_tenant("keys", "create", "not-admin").exit_code == 4
+    assert gs("keys", "revoke", key["id"]).exit_code == 0
+    refused = as_tenant("checkpoints")
+    assert refused.exit_code == 4 and "401" in refused.output
+    (listed,) = [k for k in json.loads(gs("keys", "list", "--json").stdout) if k["id"] == key["id"]]
+    assert listed["revoked_at"]
