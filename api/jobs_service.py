@@ -20,13 +20,14 @@ from sqlalchemy.orm import Session
 from api.deps import Principal
 from api.dispatch import dispatch
 from api.errors import ApiError, not_found, without_server_paths
-from api.hygiene import first_unstorable
+from api.hygiene import MAX_DB_INT, first_unstorable
 from api.idempotency import body_hash, replay_or_create
-from api.schemas import AuditJobCreate, JobOut, MetricOut, RepairJobCreate, TrainJobCreate
+from api.schemas import AuditJobCreate, JobOut, LogLine, LogPage, MetricOut, RepairJobCreate, TrainJobCreate
 from core import outbound
 from core.paths import job_dir
 from core.settings import Settings
 from models import files as files_repo
+from models import job_logs as logs_repo
 from models import jobs as jobs_repo
 from models import metrics as metrics_repo
 from models.db import database
@@ -370,6 +371,47 @@ def list_jobs(
     return items, encode_cursor(items[-1].created_at.isoformat(), items[-1].id) if more else None
 
 
+def after_row(cursor: str | None) -> int | None:
+    """The row a metrics or logs cursor continues after (None: from the start)."""
+    if not cursor:
+        return None
+    (after_id,) = decode_cursor(cursor, 1)
+    if not isinstance(after_id, int) or not 0 <= after_id <= MAX_DB_INT:
+        raise ApiError(400, "invalid_cursor", "The cursor is not one this API returned.")
+    return after_id
+
+
+def log_line(row: Any) -> dict[str, Any]:
+    return LogLine.model_validate(row, from_attributes=True).model_dump(mode="json")
+
+
+def logs_page(session: Session, job_id: str, *, cursor: str | None, limit: int) -> LogPage:
+    rows = logs_repo.query(session, job_id, after_id=after_row(cursor), limit=limit + 1)
+    items, more = rows[:limit], len(rows) > limit
+    return LogPage(items=[log_line(r) for r in items], next_cursor=encode_cursor(items[-1].id) if more else None)
+
+
+def follow_logs(job_id: str, cursor: str | None, is_disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+    """The job's log as JSON lines, as they are written, until the job has finished and every line was sent.
+    The caller has checked the owner and the cursor."""
+    after_id = after_row(cursor)
+
+    async def stream() -> AsyncIterator[str]:
+        nonlocal after_id
+        while not await is_disconnected():
+            with database().session() as session:  # a session per poll: a stream may stay open for hours
+                job = jobs_repo.get(session, job_id)
+                rows = logs_repo.query(session, job_id, after_id=after_id, limit=1000)
+                if rows:
+                    after_id = rows[-1].id
+                    yield "".join(json.dumps(log_line(r)) + "\n" for r in rows)
+                if job is None or (job.status in TERMINAL and not rows):
+                    return
+            await asyncio.sleep(0.5)
+
+    return stream()
+
+
 def cancel(session: Session, job: Job) -> None:
     """A queued job is cancelled at once, a running one asked to stop; a finished one is a 409."""
     if job.status in TERMINAL:
@@ -381,11 +423,11 @@ def follow(
     session: Session, job_id: str, owner_id: str, is_disconnected: Callable[[], Awaitable[bool]]
 ) -> AsyncIterator[str]:
     """The job's Server-Sent Events, once the owner is checked: `status` on every change of status or
-    progress, `metrics` for new rows, `end` when it has finished and everything was sent."""
+    progress, `metrics` and `logs` for new rows, `end` when it has finished and everything was sent."""
     owned_job(session, job_id, owner_id)
 
     async def stream() -> AsyncIterator[str]:
-        last_state, last_metric_id = None, None
+        last_state, last_metric_id, last_log_id = None, None, None
         # A session per poll, not the request's: a stream may stay open for hours.
         while not await is_disconnected():
             with database().session() as session:
@@ -393,6 +435,7 @@ def follow(
                 if job is None:
                     return
                 rows = metrics_repo.query(session, job_id, after_id=last_metric_id, limit=5000)
+                lines = logs_repo.query(session, job_id, after_id=last_log_id, limit=1000)
                 state = (job.status, round(job.progress, 4))
                 if state != last_state:
                     last_state = state
@@ -401,7 +444,10 @@ def follow(
                     last_metric_id = rows[-1].id
                     payload = [MetricOut.model_validate(m, from_attributes=True).model_dump() for m in rows]
                     yield f"event: metrics\ndata: {json.dumps(payload)}\n\n"
-                if job.status in TERMINAL and not rows:
+                if lines:
+                    last_log_id = lines[-1].id
+                    yield f"event: logs\ndata: {json.dumps([log_line(r) for r in lines])}\n\n"
+                if job.status in TERMINAL and not rows and not lines:
                     yield "event: end\ndata: {}\n\n"
                     return
             await asyncio.sleep(0.5)

@@ -168,6 +168,17 @@ class MetricPage(BaseModel):
     next_cursor: str | None
 
 
+class LogLine(BaseModel):
+    at: datetime
+    level: Literal["info", "warning", "error"]
+    message: str
+
+
+class LogPage(BaseModel):
+    items: list[LogLine]
+    next_cursor: str | None
+
+
 class CheckpointOut(BaseModel):
     id: str
     format: str

@@ -359,6 +359,25 @@ def cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="JO
 
 
 @app.command()
+def logs(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing lines until the job ends")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """A job's own log: its start, each evaluation, warnings and how it ended."""
+    def body(client: ApiClient) -> None:
+        console = out()
+        for line in client.follow_logs(job_id) if follow else client.logs(job_id):
+            if as_json:
+                typer.echo(json.dumps(line))
+            else:
+                console.print(render.log_line(line), soft_wrap=True)
+
+    run(ctx, body)
+
+
+@app.command()
 def checkpoints(
     ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=500)] = 50, as_json: JsonOption = False
 ) -> None:

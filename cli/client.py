@@ -151,6 +151,24 @@ class ApiClient:
     def revoke_key(self, key_id: str) -> dict:
         return self.request("DELETE", f"/v1/api-keys/{key_id}").json()
 
+    def logs(self, job_id: str) -> list[dict]:
+        return list(self.pages(f"/v1/jobs/{job_id}/logs", limit=5000))
+
+    def follow_logs(self, job_id: str, *, read_timeout_s: float = 120.0) -> Iterator[dict]:
+        """The job's log lines as they are written, until it has finished."""
+        timeout = httpx.Timeout(30.0, read=read_timeout_s)
+        try:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"},
+                                  timeout=timeout) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    check(response)
+                for line in response.iter_lines():
+                    if line:
+                        yield json.loads(line)
+        except httpx.HTTPError as exc:
+            raise ApiFailure(f"log stream of job {job_id} broke: {exc}") from None
+
     def events(self, job_id: str, *, read_timeout_s: float = 60.0) -> Iterator[tuple[str, Any]]:
         """Server-Sent Events of GET /v1/jobs/{id}/events as (event, parsed data), until the stream ends."""
         timeout = httpx.Timeout(30.0, read=read_timeout_s)

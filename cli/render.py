@@ -268,3 +268,11 @@ def keys_table(items: list[dict]) -> Table:
         table.add_row(k["id"], k["name"], k["created_at"][:16].replace("T", " "),
                       Text(revoked[:16].replace("T", " "), style="red") if revoked else "—")
     return table
+
+
+LEVEL_STYLE = {"warning": "yellow", "error": "red"}
+
+
+def log_line(line: dict) -> Text:
+    return Text.assemble(line["at"][11:19] + " ", (f"{line['level']:<7}", LEVEL_STYLE.get(line["level"], "dim")),
+                         " " + line["message"])

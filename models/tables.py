@@ -111,6 +111,18 @@ class Metric(Base):
     __table_args__ = (Index("ix_metrics_job_step", "job_id", "step", "id"),)
 
 
+class JobLog(Base):
+    """A job's own log lines (start, each evaluation, warnings, the outcome), for its owner to read."""
+
+    __tablename__ = "job_logs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    level: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+
+
 class Checkpoint(Base):
     __tablename__ = "checkpoints"
 

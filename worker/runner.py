@@ -20,9 +20,11 @@ from core.paths import job_dir
 from core.settings import Settings, get_settings
 from models import files as files_repo
 from models import jobs as jobs_repo
+from models import job_logs as logs_repo
 from models import metrics as metrics_repo
 from models.db import Database, database
 from models.status import JobStatus
+from models.tables import utcnow
 
 log = logging.getLogger("gs.worker")
 # A database that is restarting or unreachable: what a running job's progress and cancel checks ride out.
@@ -37,38 +39,43 @@ class JobTimedOut(Exception):
     pass
 
 
-class MetricsWriter(threading.Thread):
-    """Writes metrics off the training loop: the loop hands rows over, this thread inserts them
-    in batches (one insert for all rows waiting), so a step never waits on the database."""
+class JobWriter(threading.Thread):
+    """Writes a job's metrics and log lines off the training loop: the loop hands rows over, this thread
+    inserts them in batches (one insert per table for all rows waiting), so a step never waits on the database."""
 
     def __init__(self, db: Database, job_id: str) -> None:
-        super().__init__(daemon=True, name=f"metrics-{job_id}")
+        super().__init__(daemon=True, name=f"writer-{job_id}")
         self.db, self.job_id = db, job_id
-        self.rows: queue.Queue[list[dict[str, Any]] | None] = queue.Queue()
+        self.rows: queue.Queue[tuple[Any, list[dict[str, Any]]] | None] = queue.Queue()
 
     def put(self, rows: list[dict[str, Any]]) -> None:
-        self.rows.put(rows)
+        self.rows.put((metrics_repo, rows))
+
+    def say(self, level: str, message: str) -> None:
+        """A line of the job's own log, which its owner reads (GET /v1/jobs/{id}/logs)."""
+        self.rows.put((logs_repo, [{"at": utcnow(), "level": level, "message": message}]))
 
     def run(self) -> None:
         done = False
         while not done:
-            batch = []
+            batches: dict[Any, list[dict[str, Any]]] = {metrics_repo: [], logs_repo: []}
             item = self.rows.get()
             while True:
                 if item is None:
                     done = True
                 else:
-                    batch.extend(item)
+                    batches[item[0]].extend(item[1])
                 try:
                     item = self.rows.get_nowait()
                 except queue.Empty:
                     break
-            if batch:
-                try:
-                    with self.db.session() as session:
-                        metrics_repo.add_batch(session, self.job_id, batch)
-                except Exception as exc:  # keep the job running; say what was lost
-                    log.error("job %s: %d metric rows not stored: %s", self.job_id, len(batch), exc)
+            for repo, batch in batches.items():
+                if batch:
+                    try:
+                        with self.db.session() as session:
+                            repo.add_batch(session, self.job_id, batch)
+                    except Exception as exc:  # keep the job running; say what was lost
+                        log.error("job %s: %d %s rows not stored: %s", self.job_id, len(batch), repo.__name__, exc)
 
     def close(self) -> None:
         """Flush what is waiting and stop; the job's outcome is recorded only after this."""
@@ -85,8 +92,9 @@ class JobContext:
     job_id: str
     owner_id: str
     settings: Settings
-    writer: MetricsWriter
+    writer: JobWriter
     deadline: float | None = None  # time.monotonic() after which the job stops (its timeout_s)
+    steps: int | None = None  # a train job's length, for its log lines
     _last_poll: float = 0.0
     _stop: bool = False
 
@@ -100,6 +108,11 @@ class JobContext:
             for m in batch
         ]
         self.writer.put(rows)
+        for line in evaluation_lines(rows, self.steps):
+            self.writer.say("info", line)
+
+    def say(self, level: str, message: str) -> None:
+        self.writer.say(level, message)
 
     def on_progress(self, fraction: float) -> None:
         try:
@@ -107,6 +120,7 @@ class JobContext:
                 self._stop = jobs_repo.set_progress(session, self.job_id, min(max(fraction, 0.0), 1.0))
         except DATABASE_BLINKS as exc:  # the next report or poll will tell; the attempt goes on
             log.warning("job %s: progress not stored (database unavailable): %s", self.job_id, exc)
+            self.say("warning", "progress not stored: the database was unavailable; the job goes on")
         self._last_poll = time.monotonic()
         self.check_deadline()
 
@@ -120,6 +134,7 @@ class JobContext:
                     self._stop = jobs_repo.cancel_requested(session, self.job_id)
             except DATABASE_BLINKS as exc:  # read again at the next poll
                 log.warning("job %s: cancel flag not read (database unavailable): %s", self.job_id, exc)
+                self.say("warning", "cancel flag not read: the database was unavailable; read again shortly")
             self.check_deadline()
         return self._stop
 
@@ -165,17 +180,25 @@ def run_job(job_id: str) -> None:
     if attempts > 1:
         forget_earlier_attempt(db, job_id, settings)
     timeout_s = spec.get("timeout_s")
-    writer = MetricsWriter(db, job_id)
+    writer = JobWriter(db, job_id)
     ctx = JobContext(
         db=db, job_id=job_id, owner_id=owner_id, settings=settings,
         deadline=time.monotonic() + timeout_s if timeout_s else None, writer=writer,
+        steps=spec.get("steps") if kind == "train" else None,
     )
     log.info("job %s started (%s, attempt %d)", job_id, kind, attempts)
     heartbeat = Heartbeat(db, job_id, settings.heartbeat_s)
     heartbeat.start()
     writer.start()
+    started = time.monotonic()
+    ctx.say("info", f"{kind} job started: attempt {attempts} on worker {worker_id()}")
     try:
         status, result, error = run_kind(kind, spec, ctx)
+        took = f"after {time.monotonic() - started:.1f} s"
+        if error is not None:
+            ctx.say("error", f"{status} {took}: {error['message']} ({error['code']})")
+        else:
+            ctx.say("info", f"{status} {took}")
     finally:
         heartbeat.stop()
         writer.close()
@@ -236,10 +259,26 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | 
             log.error("job %s ran out of memory:\n%s", ctx.job_id, traceback.format_exc())
             return JobStatus.FAILED, None, {"code": "memory_limit",
                                     "message": "The job needed more memory than this worker may use."}
-        # our fault: the details go to our log only, keep the worker alive
+        # our fault: the details go to our log only (the job's log names the kind of error), keep the worker alive
         log.error("job %s crashed:\n%s", ctx.job_id, traceback.format_exc())
+        ctx.say("error", f"internal error ({type(exc).__name__}); the operators' log has the details")
         return JobStatus.FAILED, None, {"code": "internal_error",
                                 "message": "The job failed on our side; the operators have the details."}
+
+
+def evaluation_lines(rows: list[dict[str, Any]], steps: int | None) -> list[str]:
+    """One log line per evaluated step: each split's accuracy, the mean over seeds."""
+    accuracy: dict[int, dict[str, list[float]]] = {}
+    for row in rows:
+        if row["name"] == "accuracy" and row["split"]:
+            accuracy.setdefault(row["step"], {}).setdefault(row["split"], []).append(row["value"])
+    lines = []
+    for step, splits in sorted(accuracy.items()):
+        parts = [f"{split} accuracy {sum(values) / len(values):.3f}" for split, values in sorted(splits.items())]
+        seeds = max(len(values) for values in splits.values())
+        lines.append(f"step {step}{f'/{steps}' if steps else ''}: {', '.join(parts)}"
+                     + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
+    return lines
 
 
 def timeout_error(spec: dict[str, Any]) -> dict[str, str]:

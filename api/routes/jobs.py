@@ -8,7 +8,7 @@ from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 
 from api import jobs_service
 from api.deps import PrincipalDep, SessionDep, SettingsDep
-from api.errors import ApiError, not_found
+from api.errors import not_found
 from api.hygiene import MAX_DB_INT
 from api.jobs_service import job_out, owned_job
 from api.schemas import (
@@ -19,6 +19,7 @@ from api.schemas import (
     JobCreate,
     JobOut,
     JobPage,
+    LogPage,
     MetricOut,
     MetricPage,
     RepairReport,
@@ -101,19 +102,37 @@ def get_metrics(
     cursor: str | None = None,
 ):
     owned_job(session, job_id, principal.owner_id)
-    after_id = None
-    if cursor:
-        (after_id,) = jobs_service.decode_cursor(cursor, 1)
-        if not isinstance(after_id, int) or not 0 <= after_id <= MAX_DB_INT:
-            raise ApiError(400, "invalid_cursor", "The cursor is not one this API returned.")
     rows = metrics_repo.query(
-        session, job_id, name=name, seed=seed, split=split, since_step=since_step, after_id=after_id, limit=limit + 1
+        session, job_id, name=name, seed=seed, split=split, since_step=since_step,
+        after_id=jobs_service.after_row(cursor), limit=limit + 1,
     )
     items, more = rows[:limit], len(rows) > limit
     return MetricPage(
         items=[MetricOut(step=m.step, name=m.name, value=m.value, seed=m.seed, split=m.split) for m in items],
         next_cursor=jobs_service.encode_cursor(items[-1].id) if more else None,
     )
+
+
+@router.get("/{job_id}/logs", response_model=LogPage, responses={
+    200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+          "description": "A page of the job's log lines; with `follow=true`, a stream of JSON lines (LogLine) "
+                         "that ends when the job has finished."},
+})
+async def get_logs(
+    job_id: str,
+    request: Request,
+    principal: PrincipalDep,
+    follow: bool = False,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+):
+    """The job's own log: its start, each evaluation, warnings, and how it ended."""
+    with database().session() as session:
+        owned_job(session, job_id, principal.owner_id)
+        if not follow:
+            return jobs_service.logs_page(session, job_id, cursor=cursor, limit=limit)
+    lines = jobs_service.follow_logs(job_id, cursor, request.is_disconnected)
+    return StreamingResponse(lines, media_type="application/x-ndjson")
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse)

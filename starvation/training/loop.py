@@ -87,10 +87,9 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
         return data
 
     def report(step: int, values_by_seed: dict[int, dict[tuple[str, str], float]], done: float) -> None:
-        if on_metrics is not None:
-            for seed, values in values_by_seed.items():
-                on_metrics([Metric(step=step, name=name, value=value, seed=seed, split=split)
-                            for (split, name), value in values.items()])
+        if on_metrics is not None:  # one batch per evaluation, every seed in it
+            on_metrics([Metric(step=step, name=name, value=value, seed=seed, split=split)
+                        for seed, values in values_by_seed.items() for (split, name), value in values.items()])
         if on_progress is not None:
             on_progress(done)
 

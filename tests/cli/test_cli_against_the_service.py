@@ -38,6 +38,9 @@ def test_train_wait_follows_the_job_and_ends_with_its_results(gs, tmp_path):
     shown = gs("report", job["id"])
     assert shown.exit_code == 0 and job["id"] in shown.output and "test" in shown.output
 
+    logged = gs("logs", "-f", job["id"])  # the job has finished: the whole log, then the command ends
+    assert logged.exit_code == 0 and "step 20/20: test accuracy" in logged.output and "succeeded after" in logged.output
+
     files = gs("artifacts", job["id"], "--json")
     assert files.exit_code == 0, files.output
     artifact = json.loads(files.stdout)[0]

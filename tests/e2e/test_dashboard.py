@@ -152,6 +152,8 @@ def test_a_job_submitted_on_the_dashboard_runs_live_and_its_report_and_compariso
     # The page reloads itself once the job is terminal; the outcome table comes with that reload.
     wait_until(lambda: driver.find_elements(By.ID, "summary"), 15, "the outcome table after the reload")
     assert "test accuracy" in driver.find_element(By.ID, "summary").text
+    wait_until(lambda: "succeeded after" in driver.find_element(By.ID, "job-logs").text, 15, "the job's log")
+    assert "train job started" in driver.find_element(By.ID, "job-logs").text
     screenshot_is_a_picture(driver, "job")
 
     # Its reliance report, with the plots inline.

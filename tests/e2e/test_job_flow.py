@@ -4,6 +4,7 @@ Every test here runs twice: on the embedded default and on PostgreSQL + Redis.
 """
 from __future__ import annotations
 
+import json
 import time
 
 SHORT_TRAIN = {"preset": "paper_cmnist_erm", "steps": 20, "eval_every": 10, "seeds": [0, 1]}
@@ -44,17 +45,31 @@ def test_train_job_succeeds_and_serves_its_metrics(stack):
     download = stack.client.get(f"/v1/checkpoints/{checkpoint_id}/file")
     assert download.status_code == 200 and download.content[:2] == b"PK"  # a TorchScript zip
 
+    lines = [line["message"] for line in stack.client.get(f"/v1/jobs/{job['id']}/logs").json()["items"]]
+    assert lines[0].startswith("train job started: attempt 1 on worker ")
+    assert [line.split(":")[0] for line in lines[1:-1]] == ["step 0/20", "step 10/20", "step 20/20"]
+    assert "test accuracy" in lines[2] and lines[2].endswith("(mean of 2 seeds)")
+    assert lines[-1].startswith("succeeded after ")
+    followed = stack.client.get(f"/v1/jobs/{job['id']}/logs", params={"follow": "true"})  # finished: ends at once
+    assert followed.headers["content-type"] == "application/x-ndjson"
+    assert [json.loads(line)["message"] for line in followed.text.splitlines()] == lines
+
 
 def test_cancelled_job_stops_within_seconds_and_frees_its_worker(stack):
     job = submit(stack, LONG_TRAIN)
     stack.wait_for(job["id"], ("running",), timeout_s=60)
-    time.sleep(0.5)
-    asked = time.monotonic()
-    response = stack.client.post(f"/v1/jobs/{job['id']}/cancel")
-    assert response.status_code == 202 and response.json()["cancel_requested"] is True
+    followed: list[dict] = []  # the log, followed while the job runs, ends when it does
+    with stack.client.stream("GET", f"/v1/jobs/{job['id']}/logs", params={"follow": "true"}) as stream:
+        for line in stream.iter_lines():
+            followed.append(json.loads(line))
+            if len(followed) == 2:  # started, and the first evaluation: the job is well under way
+                asked = time.monotonic()
+                response = stack.client.post(f"/v1/jobs/{job['id']}/cancel")
+                assert response.status_code == 202 and response.json()["cancel_requested"] is True
     cancelled = stack.wait_for(job["id"], ("cancelled", "succeeded", "failed"), timeout_s=10)
     assert cancelled["status"] == "cancelled"
     assert time.monotonic() - asked < 5.0
+    assert followed[1]["message"].startswith("step 0/100000:") and followed[-1]["message"].startswith("cancelled after")
 
     follow_up = submit(stack, {**SHORT_TRAIN, "seeds": [0]})
     assert stack.wait_for(follow_up["id"], ("succeeded", "failed"), timeout_s=90)["status"] == "succeeded"

@@ -133,11 +133,12 @@
     });
   };
 
-  /* Follow a job's event stream; handlers: status(job), metrics(rows), end(), error(message). */
+  /* Follow a job's event stream; handlers: status(job), metrics(rows), logs(lines), end(), error(message). */
   function follow(url, handlers) {
     var source = new EventSource(url);
     source.addEventListener("status", function (e) { if (handlers.status) handlers.status(JSON.parse(e.data)); });
     source.addEventListener("metrics", function (e) { if (handlers.metrics) handlers.metrics(JSON.parse(e.data)); });
+    source.addEventListener("logs", function (e) { if (handlers.logs) handlers.logs(JSON.parse(e.data)); });
     source.addEventListener("end", function () { source.close(); if (handlers.end) handlers.end(); });
     source.onerror = function () {
       // The browser reconnects by itself unless the server refused (signed out, job deleted).

@@ -55,11 +55,22 @@
     latest.textContent = parts.join(" · ");
   }
 
+  var logs = document.getElementById("job-logs");
+  function showLogs(lines) {
+    lines.forEach(function (line) {
+      var node = document.createElement("span");
+      node.className = "log-" + line.level;
+      node.textContent = line.at.slice(11, 19) + " " + line.level + " " + line.message + "\n";
+      logs.appendChild(node);
+    });
+  }
+
   draw();
   window.addEventListener("resize", draw);
   GS.follow("/dashboard/jobs/" + encodeURIComponent(data.id) + "/events", {
     status: showStatus,
     metrics: function (rows) { if (store.add(rows)) { showLatest(rows); draw(); } },
+    logs: showLogs,
     end: function () {
       // The page was rendered while the job ran: render it again with the outcome and report.
       if (!data.terminal && TERMINAL.indexOf(statusNode.dataset.status) >= 0) window.location.reload();
