@@ -38,16 +38,17 @@ def main(requests: int, replies: int, parent_pid: int) -> None:
     except Exception as exc:
         wire.send(replies, {"ok": False, "code": "jail_unavailable", "detail": str(exc)[:300]})
         return
+    # Started and locked down: the model's own time (its wall-clock limit) starts now.
+    wire.send(replies, {"ok": True, "jail": layers})
     try:
         if first["op"] == "validate":
             info = validate_checkpoint(data, first["format"], **first["options"])
-            wire.send(replies, {"ok": True, "info": info, "jail": layers})
+            wire.send(replies, {"ok": True, "info": info})
             return
         model = load_checkpoint(data, first["format"], **first["options"])
         del data
         wire.send(replies, {
-            "ok": True, "jail": layers, "feature_layer": model.feature_layer,
-            "no_features_reason": model.no_features_reason,
+            "ok": True, "feature_layer": model.feature_layer, "no_features_reason": model.no_features_reason,
         })
         while True:
             request, tensors = wire.receive(requests, max_payload=MAX_INPUT_BYTES)

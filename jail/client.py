@@ -76,13 +76,23 @@ class _Child:
         self.drain.start()
         first = {"op": op, "path": str(Path(path).resolve()), "format": fmt, "options": options,
                  "limits": asdict(limits), "repair": repair}
-        self.hello, _ = self.call(first, timeout_s=START_TIMEOUT_S + wall_seconds)
+        # Starting (imports, lockdown) has its own allowance; the model's loading and checks get wall_seconds.
+        started, _ = self.call(first, timeout_s=START_TIMEOUT_S)
+        loaded, _ = self.reply(timeout_s=wall_seconds)
+        self.hello = {**started, **loaded}
 
     def call(self, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, *,
              timeout_s: float | None = None, max_payload: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        deadline = time.monotonic() + (timeout_s or self.wall_seconds)
         try:
             wire.send(self.requests, header, tensors)
+        except (BrokenPipeError, OSError) as exc:
+            raise self._died(exc) from None
+        return self.reply(timeout_s=timeout_s, max_payload=max_payload)
+
+    def reply(self, *, timeout_s: float | None = None,
+              max_payload: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        deadline = time.monotonic() + (timeout_s or self.wall_seconds)
+        try:
             reply, out = wire.receive(self.replies, max_payload=max_payload, deadline=deadline)
         except TimeoutError:
             self.close()
