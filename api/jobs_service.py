@@ -35,6 +35,17 @@ from models.status import TERMINAL, JobStatus
 from models.tables import Job
 
 
+def job_warnings(job: Job) -> list[str]:
+    """Derived from what is stored (the resolved spec, the result), so every job, old ones too, shows them."""
+    from starvation.training import spec_warnings
+
+    warnings = spec_warnings(job.spec) if job.kind == "train" else []
+    mlflow = (job.result or {}).get("mlflow") or {}
+    if mlflow.get("error"):
+        warnings.append(f"MLflow export failed: {without_server_paths(str(mlflow['error']))}")
+    return warnings
+
+
 def job_out(job: Job) -> JobOut:
     base = f"/v1/jobs/{job.id}"
     return JobOut(
@@ -53,6 +64,7 @@ def job_out(job: Job) -> JobOut:
         # The worker's messages are ours, but one may quote a file it could not read.
         error={**job.error, "message": without_server_paths(str(job.error.get("message", "")))} if job.error else None,
         result=job.result,
+        warnings=job_warnings(job),
         links={
             "self": base,
             "metrics": f"{base}/metrics",

@@ -143,6 +143,9 @@ class JobOut(BaseModel):
     worker_id: str | None = Field(None, description="host:pid of the worker process running it")
     error: JobError | None
     result: dict[str, Any] | None
+    warnings: list[str] = Field(
+        default_factory=list, description="what will likely not do what was meant (e.g. SD that never leaves its "
+        "warm-up) or went wrong without failing the job (an MLflow export); the job's log has them too")
     links: dict[str, str]
 
 

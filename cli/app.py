@@ -118,6 +118,8 @@ def parse_json(text: str | None, option: str, kind: type) -> Any:
 
 def finish(client: ApiClient, job: dict, wait: bool, as_json: bool) -> None:
     """Print the submitted job, or follow it to its end and exit with its outcome."""
+    for warning in job.get("warnings") or []:
+        err().print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     if not wait:
         if as_json:
             typer.echo(json.dumps(job))

@@ -110,6 +110,11 @@ def job_table(job: dict) -> Table:
     if starved:
         table.add_row("starved fraction (train)", f"{number(starved.get('first'))} at step 0 → "
                       f"{number(starved.get('last'))} at the end")
+    mlflow = (job.get("result") or {}).get("mlflow") or {}
+    if mlflow.get("run_id"):
+        table.add_row("MLflow run", f"{mlflow['run_id']} ({mlflow['tracking_uri']}, experiment {mlflow['experiment']})")
+    for warning in job.get("warnings") or []:
+        table.add_row("warning", Text(warning, style="yellow"))
     if job.get("error"):
         table.add_row("error", Text(f"{job['error']['code']}: {job['error']['message']}", style="red"))
     return table

@@ -13,13 +13,15 @@ SERVICE_FIELDS = ("timeout_s", "mlflow")  # spec fields the service acts on, not
 
 def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     from starvation.datasets import DATASETS
-    from starvation.training import ResolvedTrainSpec, train
+    from starvation.training import ResolvedTrainSpec, spec_warnings, train
 
     device = pick_device(spec.get("device"), ctx.settings.device)
     registered = spec["dataset"]["name"] not in DATASETS
     # Resolved and checked when the job was submitted (api/jobs_service.py): run as it is.
     engine_spec = ResolvedTrainSpec({k: v for k, v in spec.items() if k not in SERVICE_FIELDS})
     history: list[Any] = []  # every metric, kept for the MLflow export
+    for warning in spec_warnings(engine_spec):
+        ctx.say("warning", warning)
 
     def on_metrics(batch: list[Any]) -> None:
         ctx.on_metrics(batch)
@@ -63,6 +65,10 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
         result["audit"]["summary"] = summarize(result["audit"]["reports"])
     if spec.get("mlflow"):
         result["mlflow"] = mirror_to_mlflow(spec, ctx, history, result)
+        if "error" in result["mlflow"]:
+            ctx.say("warning", f"MLflow export failed: {result['mlflow']['error']}")
+        else:
+            ctx.say("info", f"MLflow run {result['mlflow']['run_id']} in experiment {result['mlflow']['experiment']}")
     return result
 
 

@@ -194,6 +194,8 @@ def job_page(job_id: str, request: Request, session: SessionDep, principal: brow
     return page(request, "job.html", {
         "job": job, "row": views.job_row(job), "report": report, "summary": views.summary_rows(job, report),
         "spec_json": json.dumps(job.spec, indent=2), "others": others,
+        "warnings": jobs_service.job_warnings(job), "mlflow_run": ((job.result or {}).get("mlflow") or {}).get("run_id")
+        and job.result["mlflow"],
         "page_data": {"id": job.id, "kind": job.kind, "status": job.status, "steps": (job.spec or {}).get("steps"),
                       "seeds": (job.spec or {}).get("seeds") or [], "terminal": job.status in TERMINAL,
                       "terminal_statuses": sorted(TERMINAL)},

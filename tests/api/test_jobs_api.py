@@ -13,6 +13,10 @@ def test_created_job_is_queued_with_the_resolved_spec(client, tenant):
     assert job["spec"]["steps"] == 30 and job["spec"]["method"]["name"] == "sd"
     assert job["links"]["self"] == f"/v1/jobs/{job['id']}"
     assert client.get(f"/v1/jobs/{job['id']}", headers=headers).json() == job
+    # 30 steps end inside the preset's 450-step warm-up: accepted (a smoke run), and said
+    assert len(job["warnings"]) == 1 and "warm-up" in job["warnings"][0]
+    longer = client.post("/v1/jobs", json={"kind": "train", "spec": {**SPEC, "steps": 451}}, headers=headers).json()
+    assert longer["warnings"] == []
 
 
 def test_cursor_pagination_walks_every_job_once(client, tenant):

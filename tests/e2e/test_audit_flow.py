@@ -21,7 +21,7 @@ def submit_audit(stack, model) -> dict:
     upload = stack.client.post(
         "/v1/checkpoints", files={"file": ("m.pt", io.BytesIO(torchscript_bytes(model)))}, data={"format": "torchscript"}
     )
-    assert upload.status_code == 201, upload.text
+    assert upload.status_code in (200, 201), upload.text  # 200: another test of this stack uploaded it first
     spec = {"checkpoint_id": upload.json()["id"], "dataset": {"name": "colored_mnist"}, "spurious_attribute": "color"}
     job = stack.client.post("/v1/jobs", json={"kind": "audit", "spec": spec})
     assert job.status_code == 202, job.text

@@ -98,6 +98,8 @@ def test_train_job_mirrors_its_metric_history_to_mlflow(embedded_stack, tmp_path
     done = embedded_stack.wait_for(job["id"], ("succeeded", "failed"))
     assert done["status"] == "succeeded", done["error"]
     run_id = done["result"]["mlflow"]["run_id"]
+    lines = [line["message"] for line in embedded_stack.client.get(f"/v1/jobs/{job['id']}/logs").json()["items"]]
+    assert f"MLflow run {run_id} in experiment e2e" in lines and done["warnings"] == []
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=uri)
