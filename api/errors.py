@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,6 +61,10 @@ _STATUS_CODES = {
 
 
 DATABASE_RETRY_AFTER_S = 5
+DATABASE_DOWN_PAGE = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="{DATABASE_RETRY_AFTER_S}"><title>Database unavailable</title></head>
+<body><h1>The database is unavailable</h1><p>You are still signed in and nothing was changed. This page tries
+again every {DATABASE_RETRY_AFTER_S} seconds.</p></body></html>"""
 
 
 def install(app: FastAPI) -> None:
@@ -88,12 +92,15 @@ def install(app: FastAPI) -> None:
         message = "Invalid request: a value is out of range or too long to be stored."
         return JSONResponse(error_body("invalid_request", message), 422)
 
-    async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    async def _database_unavailable(request: Request, exc: Exception) -> Response:
         # Down, restarting, refusing connections or out of them: the client should retry, nothing is lost.
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
         message = "The database is unavailable; nothing was changed. Retry shortly."
-        return JSONResponse(error_body("database_unavailable", message), 503,
-                            {"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+        headers = {"Retry-After": str(DATABASE_RETRY_AFTER_S)}
+        if request.url.path.startswith("/dashboard") and "text/html" in request.headers.get("accept", ""):
+            # A page, not a sign-out: the session cookie is left alone and the page retries by itself.
+            return HTMLResponse(DATABASE_DOWN_PAGE, 503, headers)
+        return JSONResponse(error_body("database_unavailable", message), 503, headers)
 
     for unavailable in (OperationalError, InterfaceError, PoolTimeout):
         app.add_exception_handler(unavailable, _database_unavailable)

@@ -45,3 +45,20 @@ def test_a_tenant_gets_503_not_401_and_the_service_recovers(client, tenant, monk
     monkeypatch.setattr(get_settings(), "database_url", real)
     forget_database()
     assert client.get("/v1/jobs", headers=headers).status_code == 200
+
+
+def test_the_dashboard_keeps_its_user_signed_in_through_an_outage(client, monkeypatch):
+    from core.settings import get_settings
+    from models.db import forget_database
+
+    browser = {"Cookie": f"gs_session={ADMIN_TOKEN}", "Accept": "text/html"}
+    assert client.get("/dashboard/jobs", headers=browser, follow_redirects=False).status_code == 200
+    real = get_settings().database_url
+    monkeypatch.setattr(get_settings(), "database_url", f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/gs")
+    forget_database()
+    page = client.get("/dashboard/jobs", headers=browser, follow_redirects=False)
+    assert page.status_code == 503 and "still signed in" in page.text  # not a redirect to the sign-in page
+    assert "set-cookie" not in page.headers and int(page.headers["Retry-After"]) > 0
+    monkeypatch.setattr(get_settings(), "database_url", real)
+    forget_database()
+    assert client.get("/dashboard/jobs", headers=browser, follow_redirects=False).status_code == 200
