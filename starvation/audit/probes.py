@@ -14,6 +14,13 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from starvation.audit.intervals import (
+    difference_of_shares_interval,
+    mean_interval,
+    net_share_interval,
+    share_interval,
+    wilson_interval,
+)
 from starvation.checkpoints import AuditableModel
 from starvation.datasets.base import Dataset, Split
 
@@ -65,18 +72,45 @@ def predictive_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=1)
 
 
-def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float | None:
-    return _mean_or_none(pred == y)
+def predicted_class_log_odds(logits: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of class `predicted` per example: the logit itself (signed) for one logit."""
+    logits = logits.double()
+    if logits.shape[1] == 1:
+        return torch.where(predicted == 1, logits[:, 0], -logits[:, 0])
+    log_p = torch.log_softmax(logits, dim=1)
+    chosen = log_p.gather(1, predicted[:, None])[:, 0]
+    others = torch.logsumexp(log_p.scatter(1, predicted[:, None], float("-inf")), dim=1)
+    return chosen - others
+
+
+def predicted_class_probability(logits: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    logits = logits.double()
+    if logits.shape[1] == 1:
+        p1 = torch.sigmoid(logits[:, 0])
+        return torch.where(predicted == 1, p1, 1 - p1)
+    return torch.softmax(logits, dim=1).gather(1, predicted[:, None])[:, 0]
+
+
+def _most_common(keys: torch.Tensor, values: torch.Tensor) -> dict[int, int]:
+    """For each key, the value most common with it (ties: the smallest value)."""
+    common = {}
+    for key in torch.unique(keys).tolist():
+        found, counts = torch.unique(values[keys == key], return_counts=True)
+        common[int(key)] = int(found[counts.argmax()])
+    return common
 
 
 def aligned_attributes(dataset: Dataset) -> dict[int, int]:
     """For each label, the attribute value most common with it in the pooled training data."""
     train = dataset.train_data()
-    aligned = {}
-    for label in torch.unique(train.y).tolist():
-        values, counts = torch.unique(train.attribute[train.y == label], return_counts=True)
-        aligned[int(label)] = int(values[counts.argmax()])  # ties: the smallest value
-    return aligned
+    return _most_common(train.y, train.attribute)
+
+
+def associated_labels(dataset: Dataset) -> dict[int, int]:
+    """For each attribute value, the label most common with it in the pooled training data: the
+    label the attribute 'points to' (colored_mnist: colour 1 points to label 1)."""
+    train = dataset.train_data()
+    return _most_common(train.attribute, train.y)
 
 
 class Probe:
@@ -120,6 +154,7 @@ class GroupsProbe(Probe):
                     "attribute": int(attribute),
                     "n": int(in_group.sum()),
                     "accuracy": float(correct[in_group].double().mean()),
+                    "accuracy_interval": share_interval(correct[in_group]),
                     "aligned": aligned.get(int(label)) == int(attribute),
                 })
         known = torch.zeros_like(test.y, dtype=torch.bool)  # labels never seen in training are neither
@@ -127,18 +162,34 @@ class GroupsProbe(Probe):
         for label, value in aligned.items():
             known |= test.y == label
             is_aligned |= (test.y == label) & (test.attribute == value)
+        worst = min(groups, key=lambda g: g["accuracy"], default=None)
+        aligned_correct, conflicting_correct = correct[known & is_aligned], correct[known & ~is_aligned]
         return {
             "groups": groups,
             "average_accuracy": _mean_or_none(correct),
-            "worst_group_accuracy": min((g["accuracy"] for g in groups), default=None),
-            "bias_aligned_accuracy": _mean_or_none(correct[known & is_aligned]),
-            "bias_conflicting_accuracy": _mean_or_none(correct[known & ~is_aligned]),
+            "average_accuracy_interval": share_interval(correct),
+            "worst_group_accuracy": worst["accuracy"] if worst else None,
+            # the worst group's own interval: which group is worst is taken as given
+            "worst_group_accuracy_interval": worst["accuracy_interval"] if worst else None,
+            "bias_aligned_accuracy": _mean_or_none(aligned_correct),
+            "bias_aligned_accuracy_interval": share_interval(aligned_correct),
+            "bias_conflicting_accuracy": _mean_or_none(conflicting_correct),
+            "bias_conflicting_accuracy_interval": share_interval(conflicting_correct),
+            "accuracy_gap_interval": difference_of_shares_interval(
+                int(aligned_correct.sum()), len(aligned_correct), int(conflicting_correct.sum()),
+                len(conflicting_correct), seed=ctx.seed),
         }
 
 
 @register
 class CounterfactualProbe(Probe):
-    """How often the prediction changes when only the spurious attribute is changed."""
+    """How often, which way and how far the prediction moves when only the spurious attribute is changed.
+
+    A flip is *towards* the attribute's training association when the new prediction is the label
+    the new attribute value went with in training (`associated_labels`), *against* it otherwise.
+    A model that follows the attribute flips towards; one that is merely sensitive to it near its
+    decision boundary flips both ways about equally (docs/audit.md, "Direction").
+    """
 
     name = "counterfactual"
 
@@ -148,13 +199,39 @@ class CounterfactualProbe(Probe):
     def run(self, model: AuditableModel, dataset: Dataset, ctx: AuditContext) -> dict:
         test = dataset.splits[dataset.test_split]
         intervened = dataset.intervene(test)
-        pred = ctx.predictions(model, test, "test")
-        pred_intervened = ctx.predictions(model, intervened, "test_intervened")
+        logits = ctx.logits(model, test, "test")
+        logits_intervened = ctx.logits(model, intervened, "test_intervened")
+        pred, pred_intervened = predicted_class(logits), predicted_class(logits_intervened)
+        flipped = pred != pred_intervened
+        points_to = associated_labels(dataset)
+        known = torch.tensor([int(a) in points_to for a in intervened.attribute.tolist()], dtype=torch.bool)
+        label_pointed_to = torch.tensor([points_to.get(int(a), -1) for a in intervened.attribute.tolist()])
+        towards = flipped & known & (pred_intervened == label_pointed_to)
+        against = flipped & known & ~towards
+        # how far: the change of the originally predicted class's log-odds and probability
+        logit_change = (predicted_class_log_odds(logits_intervened, pred) - predicted_class_log_odds(logits, pred)).abs()
+        probability_change = (predicted_class_probability(logits_intervened, pred)
+                              - predicted_class_probability(logits, pred)).abs()
+        correct, correct_intervened = pred == test.y, pred_intervened == intervened.y
+        n = len(test)
         return {"counterfactual": {
-            "flip_rate": float((pred != pred_intervened).double().mean()),
-            "accuracy": accuracy(pred, test.y),
-            "accuracy_intervened": accuracy(pred_intervened, intervened.y),
-            "n": len(test),
+            "flip_rate": _mean_or_none(flipped),
+            "flip_rate_interval": share_interval(flipped),
+            "flip_rate_towards": _mean_or_none(towards),
+            "flip_rate_towards_interval": share_interval(towards),
+            "flip_rate_against": _mean_or_none(against),
+            "flip_rate_against_interval": share_interval(against),
+            "flip_rate_net": (int(towards.sum()) - int(against.sum())) / n if n else None,
+            "flip_rate_net_interval": net_share_interval(int(towards.sum()), int(against.sum()), n, seed=ctx.seed),
+            "mean_abs_logit_change": _mean_or_none(logit_change),
+            "mean_abs_logit_change_interval": mean_interval(logit_change, seed=ctx.seed),
+            "mean_abs_probability_change": _mean_or_none(probability_change),
+            "mean_abs_probability_change_interval": mean_interval(probability_change, seed=ctx.seed),
+            "accuracy": _mean_or_none(correct),
+            "accuracy_interval": share_interval(correct),
+            "accuracy_intervened": _mean_or_none(correct_intervened),
+            "accuracy_intervened_interval": share_interval(correct_intervened),
+            "n": n,
         }}
 
 
@@ -174,8 +251,10 @@ class FourCornersProbe(Probe):
             split = corners[name]
             logits = ctx.logits(model, split, f"corner:{name}")
             num_outputs = logits.shape[1]
+            correct = predicted_class(logits) == split.y
             result[name] = {
-                "accuracy": accuracy(predicted_class(logits), split.y),
+                "accuracy": _mean_or_none(correct),
+                "accuracy_interval": share_interval(correct),
                 "entropy": _mean_or_none(predictive_entropy(logits)),
                 "n": len(split),
             }

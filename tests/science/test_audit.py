@@ -67,8 +67,10 @@ def audit(model, dataset, tmp_path, **kwargs):
 def test_a_model_that_reads_only_colour_flips_under_a_colour_swap(cmnist, uploaded, tmp_path, fmt):
     report = audit(uploaded["colour_reader", fmt], cmnist, tmp_path)
     assert report["counterfactual"]["flip_rate"] >= 0.95
-    assert report["summary"] == {"reliance_score": report["counterfactual"]["flip_rate"], "verdict": "high",
-                                 "basis": "counterfactual"}
+    assert report["summary"]["reliance_score"] == report["counterfactual"]["flip_rate"]  # every flip follows colour
+    assert report["counterfactual"]["flip_rate_towards"] == report["counterfactual"]["flip_rate"]
+    assert (report["summary"]["verdict"], report["summary"]["basis"]) == ("high", "counterfactual")
+    assert report["summary"]["direction"] == "towards"
     # colour disagrees with the label on 90% of the test split
     assert report["counterfactual"]["accuracy"] < 0.2 < 0.8 < report["counterfactual"]["accuracy_intervened"]
 
@@ -119,16 +121,19 @@ TEST_GROUPS = {(0, 0): 30, (0, 1): 10, (1, 0): 20, (1, 1): 40}
 def test_groups_report_accuracy_per_label_and_attribute(tmp_path):
     dataset = toy_dataset(TRAIN_COLOUR_WITH_LABEL, TEST_GROUPS)
     report = audit(wrap_module(AttributeReader()), dataset, tmp_path, probes=["groups"])
-    assert report["groups"] == [
+    assert [{k: g[k] for k in ("label", "attribute", "n", "accuracy", "aligned")} for g in report["groups"]] == [
         {"label": 0, "attribute": 0, "n": 30, "accuracy": 1.0, "aligned": True},
         {"label": 0, "attribute": 1, "n": 10, "accuracy": 0.0, "aligned": False},
         {"label": 1, "attribute": 0, "n": 20, "accuracy": 0.0, "aligned": False},
         {"label": 1, "attribute": 1, "n": 40, "accuracy": 1.0, "aligned": True},
     ]
+    # Wilson: a perfect score on 30 examples does not make the group's accuracy certainly 1
+    assert 0.85 < report["groups"][0]["accuracy_interval"][0] < 0.9 and report["groups"][0]["accuracy_interval"][1] == 1
     assert report["average_accuracy"] == pytest.approx(0.7)
     assert report["worst_group_accuracy"] == 0.0
     assert (report["bias_aligned_accuracy"], report["bias_conflicting_accuracy"]) == (1.0, 0.0)
-    assert report["summary"] == {"reliance_score": 1.0, "verdict": "high", "basis": "groups"}
+    assert {k: report["summary"][k] for k in ("reliance_score", "verdict", "basis")} == {
+        "reliance_score": 1.0, "verdict": "high", "basis": "groups"}
     assert report["counterfactual"] is None and report["four_corners"] is None
 
 
@@ -138,7 +143,8 @@ def test_bias_alignment_comes_from_the_training_data_not_the_test_split(tmp_path
                    probes=["groups"])
     assert [g["aligned"] for g in report["groups"]] == [False, True, True, False]
     # aligned minus conflicting accuracy is -1, clipped to 0
-    assert report["summary"] == {"reliance_score": 0.0, "verdict": "low", "basis": "groups"}
+    assert {k: report["summary"][k] for k in ("reliance_score", "verdict", "basis")} == {
+        "reliance_score": 0.0, "verdict": "low", "basis": "groups"}
 
 
 def test_a_model_that_reads_the_label_has_no_group_gap(tmp_path):
@@ -164,7 +170,7 @@ def test_report_has_the_api_shape_and_plots_are_pngs(cmnist, uploaded, tmp_path)
     assert REPORT_KEYS <= set(report)
     assert report["probes"] == list(PROBES)
     assert report["spurious_attribute"] == "color"
-    assert set(report["summary"]) == {"reliance_score", "verdict", "basis"}
+    assert set(report["summary"]) >= {"reliance_score", "verdict", "basis", "interval", "possible_verdicts"}
     assert {"label", "attribute", "n", "accuracy"} <= set(report["groups"][0])
     assert sum(g["n"] for g in report["groups"]) == len(cmnist.splits["test"])
     assert set(report["counterfactual"]) >= {"flip_rate", "accuracy", "accuracy_intervened"}
