@@ -154,10 +154,13 @@ class ColoredMNIST(BuiltinDataset):
                      attribute=1 - split.attribute)
 
     def four_corners(self, split: Split) -> dict[str, Split]:
-        """PAPER.md's four corners: coloured digit, grey digit, blank grey, blank coloured."""
+        """PAPER.md's four corners, as the authors' `make_environment` builds them: coloured digit;
+        grey digit (the digit at half intensity in both channels); blank grey (half the split's mean
+        intensity in both channels: `gray=True` halves the blank image too); blank coloured (the
+        mean intensity in the colour channel only)."""
         digit = split.x.sum(dim=1)  # one channel is zero, so this is the grey digit
         mean = digit.mean()
-        blank = torch.full_like(split.x, float(mean))
+        blank = torch.full_like(split.x, 0.5 * float(mean))
         blank_coloured = torch.zeros_like(split.x)
         blank_coloured[torch.arange(len(split)), split.attribute] = mean
         inputs = {

@@ -108,7 +108,8 @@ def test_four_corners_follow_the_papers_construction(cmnist) -> None:
     assert torch.equal(corners["core_and_spurious"].x, test.x)
     grey = corners["core_only"].x
     assert torch.equal(grey[:, 0], grey[:, 1]) and torch.allclose(grey[:, 0], 0.5 * digit)
-    assert torch.allclose(corners["neither"].x, torch.full_like(test.x, mean))
+    # blank grey: half the mean in both channels (the authors' gray=True halves the blank image too)
+    assert torch.allclose(corners["neither"].x, torch.full_like(test.x, 0.5 * mean))
     rows = torch.arange(len(test))
     coloured = corners["spurious_only"].x
     assert torch.allclose(coloured[rows, test.attribute], torch.full_like(digit, mean))
