@@ -35,7 +35,8 @@ def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> I
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    # at 0 or n successes the bound is exactly 0 or 1; say so rather than 0.9999999999999999
+    return [0.0 if successes == 0 else max(0.0, centre - half), 1.0 if successes == n else min(1.0, centre + half)]
 
 
 def share_interval(outcomes: torch.Tensor, confidence: float = CONFIDENCE) -> Interval | None:

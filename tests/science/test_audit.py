@@ -105,6 +105,45 @@ def test_linear_probe_decodes_colour_from_the_reader_and_digits_from_the_blind_m
     assert blind["spurious_accuracy"] <= 0.6 and blind["core_accuracy"] > 0.6
 
 
+def test_linear_probe_reads_colour_off_a_random_copy_too_so_its_baseline_is_shown(cmnist, uploaded, tmp_path):
+    probe = audit(uploaded["colour_reader", "torchscript"], cmnist, tmp_path, probes=["linear_probe"])["linear_probe"]
+    # the reader's feature layer (channel means) has no weights: any copy of it decodes colour as well
+    assert probe["random_network"]["spurious_accuracy"] == probe["spurious_accuracy"] >= 0.95
+    assert probe["core_label"].startswith("clean") and probe["data"].startswith("test")
+    onnx = audit(uploaded["colour_reader", "onnx"], cmnist, tmp_path, probes=["linear_probe"])["linear_probe"]
+    assert onnx["random_network"] == {"reason": onnx["random_network"]["reason"]} and onnx["spurious_accuracy"] >= 0.95
+
+
+def test_linear_probe_fits_and_scores_on_held_out_examples_only(tmp_path):
+    many_training_examples = {(0, 0): 400, (0, 1): 100, (1, 0): 100, (1, 1): 400}
+    dataset = toy_dataset(many_training_examples, {(0, 0): 100, (0, 1): 100, (1, 0): 100, (1, 1): 100})
+    test = dataset.splits["test"]
+    # the test labels no longer match the inputs; the training ones still do
+    shuffled = test.y[torch.randperm(len(test), generator=torch.Generator().manual_seed(0))]
+    dataset.splits["test"] = type(test)(name="test", x=test.x, y=shuffled, attribute=test.attribute)
+    probe = audit(wrap_module(LabelReader()), dataset, tmp_path, probes=["linear_probe"])["linear_probe"]
+    assert probe["core_accuracy"] < 0.65  # chance: no training example (all decodable) was fitted or scored
+    assert probe["spurious_accuracy"] >= 0.95
+
+
+def test_linear_probe_reads_the_clean_digit_label_off_an_erm_model_better_than_the_noisy_one(cmnist, tmp_path):
+    from starvation.training import train
+
+    spec = {"preset": "paper_cmnist_erm", "dataset": {"name": "colored_mnist", "params": {"n_train": 1_000}},
+            "model": {"arch": "mlp", "hidden": [32]}, "optimizer": {"name": "adam", "lr": 1e-3}, "steps": 100,
+            "eval_every": 100, "seeds": [0]}  # a small ERM MLP on the shipped digits: 2 s on a CPU
+    checkpoint = train(spec, out_dir=tmp_path / "train").checkpoints[0]
+    model = load_checkpoint(checkpoint.safetensors_path, "safetensors", arch=checkpoint.arch,
+                            arch_params=checkpoint.arch_params, num_outputs=checkpoint.num_outputs)
+    probe = audit(model, cmnist, tmp_path / "audit", probes=["linear_probe"])["linear_probe"]
+    # the label noise is not in the digit: a reading of the digit scores lower against the noisy label
+    assert probe["core_accuracy"] > probe["label_accuracy"]
+    assert probe["core_label"].startswith("clean")
+    low, high = probe["core_accuracy_interval"]
+    assert low < probe["core_accuracy"] < high
+    assert set(probe["random_network"]) >= {"core_accuracy", "spurious_accuracy", "label_accuracy"}
+
+
 def test_linear_probe_without_a_reachable_layer_says_so_instead_of_guessing(cmnist, uploaded, tmp_path):
     probe = audit(uploaded["colour_reader", "onnx_unnamed_layer"], cmnist, tmp_path, probes=["linear_probe"])
     assert probe["linear_probe"] == {"layer": None, "core_accuracy": None, "spurious_accuracy": None,
