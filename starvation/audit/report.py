@@ -134,9 +134,10 @@ def reliance_summary(report: dict, basis: str) -> dict:
     """
     if basis == "counterfactual":
         counterfactual = report["counterfactual"]
-        net = counterfactual["flip_rate_net"]
-        score, interval = abs(net), absolute_interval(counterfactual["flip_rate_net_interval"])
-        direction = "towards" if net > 0 else "against" if net < 0 else None
+        net, net_interval = counterfactual["flip_rate_net"], counterfactual["flip_rate_net_interval"]
+        score, interval = abs(net), absolute_interval(net_interval)
+        # a direction only where the interval of the net rate leaves out zero
+        direction = "towards" if net_interval[0] > 0 else "against" if net_interval[1] < 0 else None
     else:
         aligned, conflicting = report["bias_aligned_accuracy"], report["bias_conflicting_accuracy"]
         if aligned is None or conflicting is None:

@@ -63,7 +63,7 @@ def test_a_model_sensitive_to_the_attribute_both_ways_is_not_read_as_reliant(toy
     assert counterfactual["flip_rate_against"] == pytest.approx(0.25)
     assert counterfactual["flip_rate_net"] == pytest.approx(0.0)
     assert report["summary"]["reliance_score"] == pytest.approx(0.0)
-    assert report["summary"]["verdict"] == "low"
+    assert report["summary"]["verdict"] == "low" and report["summary"]["direction"] is None
 
 
 def test_a_model_that_follows_the_attribute_backwards_is_reliant_against_it(toy, tmp_path):
@@ -148,3 +148,14 @@ def test_the_mean_interval_covers_a_known_mean():
 def test_the_same_seed_gives_the_same_intervals(toy, tmp_path):
     first = audit(FollowsAttribute(0.4), toy, tmp_path / "a")
     assert audit(FollowsAttribute(0.4), toy, tmp_path / "b") == first
+
+
+def test_the_report_page_shows_the_interval_and_names_both_verdicts_when_uncertain(toy, tmp_path):
+    from starvation.audit import render_report_html
+
+    report = audit(FollowsAttribute(0.51), toy, tmp_path)
+    page = render_report_html(report, {}, title="t")
+    low, high = report["summary"]["interval"]
+    assert f"0.51 [{low:.4g}, {high:.4g}]" in page
+    assert "uncertain (between partial and high)" in page and 'class="verdict-uncertain"' in page
+    assert "flips towards the training association" in page and "mean |Δ logit|" in page
