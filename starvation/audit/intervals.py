@@ -61,7 +61,7 @@ def net_share_interval(towards: int, against: int, n: int, *, seed: int,
     rng = np.random.default_rng(seed)
     counts = np.array([towards, against, n - towards - against], dtype=float)
     shares = rng.dirichlet(counts + JEFFREYS, size=draws)
-    return percentile_interval(shares[:, 0] - shares[:, 1], confidence)
+    return _including(percentile_interval(shares[:, 0] - shares[:, 1], confidence), (towards - against) / n)
 
 
 def difference_of_shares_interval(successes_a: int, n_a: int, successes_b: int, n_b: int, *, seed: int,
@@ -72,7 +72,12 @@ def difference_of_shares_interval(successes_a: int, n_a: int, successes_b: int, 
     rng = np.random.default_rng(seed)
     share_a = rng.beta(successes_a + JEFFREYS, n_a - successes_a + JEFFREYS, size=draws)
     share_b = rng.beta(successes_b + JEFFREYS, n_b - successes_b + JEFFREYS, size=draws)
-    return percentile_interval(share_a - share_b, confidence)
+    return _including(percentile_interval(share_a - share_b, confidence), successes_a / n_a - successes_b / n_b)
+
+
+def _including(interval: Interval, estimate: float) -> Interval:
+    """The interval stretched to hold the estimate: the prior's half count pulls a share of exactly 0 or 1 inwards."""
+    return [min(interval[0], estimate), max(interval[1], estimate)]
 
 
 def mean_interval(values: torch.Tensor, *, seed: int, confidence: float = CONFIDENCE,
