@@ -117,6 +117,8 @@ def pooled_mean_interval(scores: list[float], intervals: list[Interval | None],
     one seed, or seeds that agree closely, the within-seed term keeps the interval honest.
     """
     k, z = len(scores), z_value(confidence)
+    if k == 1 and intervals[0]:
+        return intervals[0]  # one seed: its own interval, not a normal reading of it
     mean = sum(scores) / k
     within = math.sqrt(sum(((i[1] - i[0]) / (2 * z)) ** 2 for i in intervals if i)) / k
     between = float(np.std(scores, ddof=1)) / math.sqrt(k) if k > 1 else 0.0

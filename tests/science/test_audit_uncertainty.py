@@ -100,6 +100,10 @@ def test_seeds_keep_their_own_verdicts_beside_a_pooled_one_that_admits_their_spr
     assert pooled["verdict"] == "uncertain"
 
 
+def test_one_seed_pooled_keeps_its_own_interval():
+    assert pooled_mean_interval([0.015], [[0.0, 0.058]]) == [0.0, 0.058]
+
+
 def test_pooling_seeds_that_agree_keeps_each_seeds_own_uncertainty():
     interval = pooled_mean_interval([0.8, 0.8], [[0.77, 0.83], [0.77, 0.83]])
     assert 0.76 < interval[0] < 0.8 < interval[1] < 0.84  # not [0.8, 0.8]
