@@ -478,7 +478,8 @@ def delete(session: Session, job: Job, settings: Settings) -> None:
 
 
 def report_of(job: Job) -> dict[str, Any]:
-    """The audit report: an audit job's result, or the first seed's report of an audited train job;
+    """The audit report: an audit job's result, or the first seed's report of an audited train job
+    (with every seed's report and the reliance pooled over seeds);
     for a repair job, the reports before and after and what the repair did."""
     result = job.result or {}
     if job.kind == "audit" and job.status == JobStatus.SUCCEEDED:
@@ -487,7 +488,7 @@ def report_of(job: Job) -> dict[str, Any]:
         return {**result["reports"], "repair": result["repair"]}
     reports = result.get("audit", {}).get("reports") if job.kind == "train" else None
     if reports:
-        return {**reports[0], "per_seed": reports}
+        return {**reports[0], "per_seed": reports, "pooled_summary": result["audit"].get("summary")}
     raise ApiError(
         404, "no_report", f"Job {job.id} has no report ({job.kind}, {job.status}; train with audit: true)."
     )

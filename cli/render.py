@@ -11,7 +11,7 @@ from cli.client import JobStatus
 
 STATUS_STYLE = {JobStatus.QUEUED: "cyan", JobStatus.RUNNING: "yellow", JobStatus.SUCCEEDED: "green",
                 JobStatus.FAILED: "red", JobStatus.CANCELLED: "magenta"}
-VERDICT_STYLE = {"low": "green", "partial": "yellow", "high": "red"}
+VERDICT_STYLE = {"low": "green", "partial": "yellow", "high": "red", "uncertain": "magenta"}
 
 
 def number(value: Any, digits: int = 3) -> str:
@@ -29,12 +29,23 @@ def mean_std(stats: Any) -> str:
     return f"{stats['mean']:.3f} ± {std:.3f}" if isinstance(std, (int, float)) else f"{stats['mean']:.3f}"
 
 
+def estimate(value: Any, interval: Any) -> str:
+    """`0.758 [0.729, 0.782]`: a number and its 95% confidence interval."""
+    if not isinstance(interval, list) or len(interval) != 2 or value is None:
+        return number(value)
+    return f"{number(value)} [{number(interval[0])}, {number(interval[1])}]"
+
+
 def status_text(status: str) -> Text:
     return Text(status, style=STATUS_STYLE.get(status, ""))
 
 
-def verdict_text(verdict: str | None) -> Text:
-    return Text(verdict or "—", style=VERDICT_STYLE.get(verdict or "", ""))
+def verdict_text(verdict: str | None, possible: list[str] | None = None) -> Text:
+    """The verdict; an `uncertain` one names the verdicts its interval spans."""
+    text = Text(verdict or "—", style=VERDICT_STYLE.get(verdict or "", ""))
+    if verdict == "uncertain" and possible:
+        text.append(f" ({' or '.join(possible)})")
+    return text
 
 
 def duration(job: dict) -> str:
@@ -136,23 +147,53 @@ def train_result_table(job: dict) -> Table | None:
 
 def report_table(report: dict) -> Table:
     summary = report.get("summary") or {}
-    table = Table(title=f"Reliance on '{report.get('spurious_attribute')}'", title_justify="left", show_header=False)
+    table = Table(title=f"Reliance on '{report.get('spurious_attribute')}' ([95% interval])", title_justify="left",
+                  show_header=False)
     table.add_column("measure", style="bold")
     table.add_column("value")
-    table.add_row("reliance score", number(summary.get("reliance_score")))
-    table.add_row("verdict", verdict_text(summary.get("verdict")))
+    table.add_row("reliance score", estimate(summary.get("reliance_score"), summary.get("interval")))
+    table.add_row("verdict", verdict_text(summary.get("verdict"), summary.get("possible_verdicts")))
     table.add_row("basis", str(summary.get("basis", "—")))
-    table.add_row("average accuracy", number(report.get("average_accuracy")))
-    table.add_row("worst-group accuracy", number(report.get("worst_group_accuracy")))
+    if summary.get("direction"):
+        table.add_row("direction", f"{summary['direction']} the attribute's training association")
+    table.add_row("average accuracy", estimate(report.get("average_accuracy"), report.get("average_accuracy_interval")))
+    table.add_row("worst-group accuracy",
+                  estimate(report.get("worst_group_accuracy"), report.get("worst_group_accuracy_interval")))
     counterfactual = report.get("counterfactual") or {}
     if counterfactual:
-        table.add_row("flip rate", number(counterfactual.get("flip_rate")))
+        for label, key in (("flip rate", "flip_rate"), ("flips towards the training association", "flip_rate_towards"),
+                           ("flips against it", "flip_rate_against"), ("net flips", "flip_rate_net"),
+                           ("mean |Δ logit|", "mean_abs_logit_change"),
+                           ("mean |Δ probability|", "mean_abs_probability_change")):
+            if key in counterfactual:
+                table.add_row(label, estimate(counterfactual[key], counterfactual.get(f"{key}_interval")))
         table.add_row("accuracy / with attribute swapped",
                       f"{number(counterfactual.get('accuracy'))} / {number(counterfactual.get('accuracy_intervened'))}")
     probe = report.get("linear_probe") or {}
     if probe:
-        table.add_row("linear probe core / spurious",
-                      f"{number(probe.get('core_accuracy'))} / {number(probe.get('spurious_accuracy'))}")
+        baseline = probe.get("random_network") or {}
+        for label, key in (("linear probe: core", "core_accuracy"), ("linear probe: label (noisy)", "label_accuracy"),
+                           ("linear probe: spurious", "spurious_accuracy")):
+            if probe.get(key) is None and key != "core_accuracy":
+                continue
+            random_copy = f" (random copy {number(baseline[key])})" if baseline.get(key) is not None else ""
+            table.add_row(label, estimate(probe.get(key), probe.get(f"{key}_interval")) + random_copy)
+    return table
+
+
+def seeds_table(report: dict) -> Table | None:
+    """A train job's reliance per seed beside the pooled one."""
+    pooled = report.get("pooled_summary") or {}
+    if not pooled.get("per_seed"):
+        return None
+    table = Table(title="Reliance per seed and pooled ([95% interval])", title_justify="left")
+    for column in ("seed", "reliance score", "verdict"):
+        table.add_column(column)
+    for seed in pooled["per_seed"]:
+        table.add_row(str(seed.get("seed")), estimate(seed.get("reliance_score"), seed.get("interval")),
+                      verdict_text(seed.get("verdict"), seed.get("possible_verdicts")))
+    table.add_row("pooled", estimate((pooled.get("reliance_score") or {}).get("mean"), pooled.get("interval")),
+                  verdict_text(pooled.get("verdict"), pooled.get("possible_verdicts")))
     return table
 
 
@@ -161,11 +202,11 @@ def groups_table(report: dict) -> Table | None:
     if not groups:
         return None
     table = Table(title="Accuracy per (label, attribute) group", title_justify="left")
-    for column in ("label", "attribute", "n", "accuracy"):
+    for column in ("label", "attribute", "n", "accuracy [95% interval]"):
         table.add_column(column, justify="right")
     for group in groups:
         table.add_row(str(group.get("label")), str(group.get("attribute")), str(group.get("n")),
-                      number(group.get("accuracy")))
+                      estimate(group.get("accuracy"), group.get("accuracy_interval")))
     return table
 
 
@@ -175,7 +216,7 @@ def outcome(job: dict, report: dict | None) -> list[Table]:
     if report and job["kind"] == "repair":
         tables += [repair_table(report)]
     elif report:
-        tables += [report_table(report), groups_table(report)]
+        tables += [report_table(report), seeds_table(report), groups_table(report)]
     return [t for t in tables if t is not None]
 
 

@@ -1,7 +1,6 @@
 """Train jobs: call the training engine, register its checkpoints, audit them when asked."""
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
 from worker import audit_job
@@ -62,7 +61,9 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
             report = audit_job.audit_model(ctx, model, dataset, spec=audit_spec, prefix=f"seed{ckpt.seed}-")
             result["audit"]["reports"].append({"seed": ckpt.seed, **report})
     if spec.get("audit") and result.get("audit"):
-        result["audit"]["summary"] = summarize(result["audit"]["reports"])
+        from starvation.audit import pool_reliance
+
+        result["audit"]["summary"] = pool_reliance(result["audit"]["reports"])
     if spec.get("mlflow"):
         result["mlflow"] = mirror_to_mlflow(spec, ctx, history, result)
         if "error" in result["mlflow"]:
@@ -94,20 +95,3 @@ def mirror_to_mlflow(spec: dict[str, Any], ctx, history: list[Any], result: dict
     except Exception as exc:
         return {**target, "error": f"{type(exc).__name__}: {exc}"}
     return {**target, "run_id": run_id}
-
-
-def summarize(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """Reliance over seeds: mean and std of the score, and the verdict of the mean."""
-    from starvation.audit import verdict
-
-    summaries = [r["summary"] for r in reports]
-    scores = [s["reliance_score"] for s in summaries if s["reliance_score"] is not None]
-    if not scores:
-        return {"reliance_score": None, "verdict": None, "basis": summaries[0]["basis"],
-                "reason": summaries[0].get("reason")}
-    mean = statistics.fmean(scores)
-    return {
-        "reliance_score": {"mean": mean, "std": statistics.pstdev(scores)},
-        "verdict": verdict(mean),
-        "basis": summaries[0]["basis"],
-    }

@@ -36,15 +36,17 @@ def std_of(stats: Any) -> float | None:
 
 
 def reliance(job: Job) -> dict[str, Any]:
-    """{"score", "std", "verdict"} of a train job's audit summary or an audit job's report."""
+    """{"score", "std", "verdict", "interval", "per_seed"} of a train job's audit summary (pooled over
+    seeds) or an audit job's report."""
     result = job.result or {}
     summary = (result.get("audit") or {}).get("summary") if job.kind == "train" else result.get("summary")
     if job.kind == "repair":
         summary = result.get("after")  # the repaired model's
     if not summary:
-        return {"score": None, "std": None, "verdict": None}
+        return {"score": None, "std": None, "verdict": None, "interval": None, "per_seed": []}
     score = summary.get("reliance_score")
-    return {"score": mean_of(score), "std": std_of(score), "verdict": summary.get("verdict")}
+    return {"score": mean_of(score), "std": std_of(score), "verdict": summary.get("verdict"),
+            "interval": summary.get("interval"), "per_seed": summary.get("per_seed") or []}
 
 
 def report_or_none(job: Job) -> dict[str, Any] | None:
@@ -97,8 +99,16 @@ def summary_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
     rel = reliance(job)
     rows += [
         ("reliance score", {"mean": rel["score"], "std": rel["std"]} if rel["std"] is not None else rel["score"]),
+        ("reliance score, 95% interval", rel["interval"]),
         ("verdict", rel["verdict"]),
+        ("verdict per seed", ", ".join(f"{s.get('seed')}: {s.get('verdict')}" for s in rel["per_seed"]) or None),
         ("flip rate", counterfactual.get("flip_rate")),
+        ("flips towards / against the attribute's training label",
+         f"{fmt(counterfactual['flip_rate_towards'])} / {fmt(counterfactual['flip_rate_against'])}"
+         if counterfactual.get("flip_rate_towards") is not None else None),
+        ("mean |Δ logit| / |Δ probability| under the swap",
+         f"{fmt(counterfactual['mean_abs_logit_change'])} / {fmt(counterfactual['mean_abs_probability_change'])}"
+         if counterfactual.get("mean_abs_logit_change") is not None else None),
         ("average accuracy", (report or {}).get("average_accuracy")),
         ("worst-group accuracy", (report or {}).get("worst_group_accuracy")),
         ("run time", f"{duration_s(job):.1f} s" if duration_s(job) is not None else None),
@@ -127,9 +137,11 @@ def repair_rows(job: Job) -> list[tuple[str, Any]]:
 
 
 def fmt(value: Any) -> str:
-    """Numbers to 3 decimals, {"mean", "std"} as mean ± std, None as a dash."""
+    """Numbers to 3 decimals, {"mean", "std"} as mean ± std, an interval as [low, high], None as a dash."""
     if value is None:
         return "—"
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        return f"[{value[0]:.3f}, {value[1]:.3f}]"
     if isinstance(value, dict) and "mean" in value:
         if value.get("mean") is None:
             return "—"

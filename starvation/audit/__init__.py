@@ -6,7 +6,7 @@ on an `AuditableModel` (see `starvation.checkpoints`) and returns the report;
 """
 from starvation.audit.html import render_repair_html, render_report_html
 from starvation.audit.probes import PROBES, AuditContext, Probe
-from starvation.audit.report import resolve_probes, run_audit, supported_probes, verdict
+from starvation.audit.report import pool_reliance, resolve_probes, run_audit, supported_probes, verdict, verdicts
 
-__all__ = ["PROBES", "AuditContext", "Probe", "render_repair_html", "render_report_html", "resolve_probes", "run_audit",
-           "supported_probes", "verdict"]
+__all__ = ["PROBES", "AuditContext", "Probe", "pool_reliance", "render_repair_html", "render_report_html",
+           "resolve_probes", "run_audit", "supported_probes", "verdict", "verdicts"]

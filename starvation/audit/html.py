@@ -9,6 +9,7 @@ table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; }
 th, td { border: 1px solid #ccc; padding: 0.3rem 0.7rem; text-align: left; }
 th { background: #f3f3f3; }
 .verdict-high { color: #b00020; } .verdict-partial { color: #a05a00; } .verdict-low { color: #1b7a1b; }
+.verdict-uncertain { color: #5a4fa0; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5rem 0; }
 .note { color: #666; font-size: 0.9em; }
 """
@@ -38,28 +39,59 @@ def _summary(report: dict) -> str:
     rows = [
         ("spurious attribute", report.get("spurious_attribute")),
         ("dataset", report.get("dataset")),
-        ("reliance score", summary.get("reliance_score")),
-        ("verdict", verdict),
+        ("reliance score", _estimate(summary.get("reliance_score"), summary.get("interval"))),
+        ("verdict", _verdict(summary)),
         ("basis", summary.get("basis")),
     ]
+    if summary.get("measure"):
+        rows.append(("measure", summary["measure"]))
+    if summary.get("direction"):
+        rows.append(("direction", f"{summary['direction']} the attribute's training association"))
     if summary.get("reason"):
         rows.append(("why no score", summary["reason"]))
     css = f' class="verdict-{_text(verdict)}"' if verdict else ""
-    return f"<h2{css}>Summary</h2>" + _table(["", ""], rows, header=False)
+    return f"<h2{css}>Summary</h2>" + _table(["", ""], rows, header=False) + _seeds(report) + _confidence(report)
+
+
+def _verdict(summary: dict) -> str | None:
+    """The verdict, and the verdicts it lies between when it is `uncertain`."""
+    verdict, possible = summary.get("verdict"), summary.get("possible_verdicts") or []
+    return f"{verdict} (between {' and '.join(possible)})" if verdict == "uncertain" and possible else verdict
+
+
+def _seeds(report: dict) -> str:
+    pooled = report.get("pooled_summary")
+    if not pooled or not pooled.get("per_seed"):
+        return ""
+    score = pooled.get("reliance_score") or {}
+    rows = [(seed.get("seed"), _estimate(seed.get("reliance_score"), seed.get("interval")), _verdict(seed))
+            for seed in pooled["per_seed"]]
+    rows.append(("pooled (mean)", _estimate(score.get("mean"), pooled.get("interval")), _verdict(pooled)))
+    return ('<h3>Seeds</h3><p class="note">The pooled interval admits the spread between seeds.</p>'
+            + _table(["seed", "reliance score", "verdict"], rows))
+
+
+def _confidence(report: dict) -> str:
+    confidence = report.get("confidence")
+    if not confidence:
+        return ""
+    return (f'<p class="note">[low, high]: {_text(round(100 * confidence["level"]))}% confidence intervals; '
+            f'{_text(confidence.get("shares"))} for shares of examples, {_text(confidence.get("scores"))} '
+            "for scores.</p>")
 
 
 def _groups(report: dict) -> str:
     groups = report.get("groups")
     if not groups:
         return ""
-    rows = [(g.get("label"), g.get("attribute"), "yes" if g.get("aligned") else "no", g.get("n"), g.get("accuracy"))
-            for g in groups]
-    totals = [
-        ("average accuracy", report.get("average_accuracy")),
-        ("worst-group accuracy", report.get("worst_group_accuracy")),
-        ("bias-aligned accuracy", report.get("bias_aligned_accuracy")),
-        ("bias-conflicting accuracy", report.get("bias_conflicting_accuracy")),
-    ]
+    rows = [(g.get("label"), g.get("attribute"), "yes" if g.get("aligned") else "no", g.get("n"),
+             _estimate(g.get("accuracy"), g.get("accuracy_interval"))) for g in groups]
+    totals = [(label, _estimate(report.get(key), report.get(f"{key}_interval"))) for label, key in (
+        ("average accuracy", "average_accuracy"),
+        ("worst-group accuracy", "worst_group_accuracy"),
+        ("bias-aligned accuracy", "bias_aligned_accuracy"),
+        ("bias-conflicting accuracy", "bias_conflicting_accuracy"),
+    )]
     return ("<h2>Groups (test split)</h2>"
             + _table(["label", "attribute", "bias-aligned", "n", "accuracy"], rows)
             + _table(["", ""], totals, header=False))
@@ -69,9 +101,21 @@ def _counterfactual(report: dict) -> str:
     counterfactual = report.get("counterfactual")
     if not counterfactual:
         return ""
-    rows = [(key.replace("_", " "), value) for key, value in counterfactual.items()]
+    rows = [(label, _estimate(counterfactual.get(key), counterfactual.get(f"{key}_interval"))) for label, key in (
+        ("flip rate", "flip_rate"),
+        ("flips towards the training association", "flip_rate_towards"),
+        ("flips against it", "flip_rate_against"),
+        ("net (towards - against)", "flip_rate_net"),
+        ("mean |Δ logit|", "mean_abs_logit_change"),
+        ("mean |Δ probability|", "mean_abs_probability_change"),
+        ("accuracy", "accuracy"),
+        ("accuracy, attribute changed", "accuracy_intervened"),
+    ) if key in counterfactual]
+    rows.append(("examples", counterfactual.get("n")))
     return ("<h2>Counterfactual</h2>"
-            '<p class="note">Predictions with only the spurious attribute changed.</p>'
+            '<p class="note">Predictions with only the spurious attribute changed. A flip is towards the '
+            "association when the new prediction is the label the new attribute value went with in training; "
+            "a model that is only sensitive to the attribute flips both ways about equally.</p>"
             + _table(["", ""], rows, header=False))
 
 
@@ -80,7 +124,8 @@ def _four_corners(report: dict) -> str:
     if not corners:
         return ""
     entropy = report.get("four_corners_entropy") or {}
-    rows = [(name.replace("_", " "), c.get("accuracy"), c.get("entropy"), c.get("n")) for name, c in corners.items()]
+    rows = [(name.replace("_", " "), _estimate(c.get("accuracy"), c.get("accuracy_interval")), c.get("entropy"),
+             c.get("n")) for name, c in corners.items()]
     note = f"Entropy of {entropy.get('of', 'the prediction')} in {entropy.get('unit', 'nats')}"
     if entropy.get("max") is not None:
         note += f" (at most {_number(entropy['max'])})"
@@ -92,8 +137,20 @@ def _linear_probe(report: dict) -> str:
     probe = report.get("linear_probe")
     if not probe:
         return ""
-    rows = [(key.replace("_", " "), value) for key, value in probe.items()]
-    return "<h2>Linear probe</h2>" + _table(["", ""], rows, header=False)
+    if probe.get("core_accuracy") is None:
+        rows = [(key.replace("_", " "), value) for key, value in probe.items()]
+        return "<h2>Linear probe</h2>" + _table(["", ""], rows, header=False)
+    baseline = probe.get("random_network") or {}
+    rows = [(label, _estimate(probe.get(key), probe.get(f"{key}_interval")),
+             _estimate(baseline.get(key), baseline.get(f"{key}_interval")) if key in baseline else baseline.get("reason"))
+            for label, key in (("core", "core_accuracy"), ("label (noise included)", "label_accuracy"),
+                               ("spurious attribute", "spurious_accuracy")) if probe.get(key) is not None]
+    note = (f"Accuracy of logistic regressions reading layer {_text(probe.get('layer'))}; core label: "
+            f"{_text(probe.get('core_label'))}; data: {_text(probe.get('data'))}, {_text(probe.get('n_fit'))} "
+            "examples fit the core probe and "
+            f"{_text(probe.get('n_score'))} score it. The random copy shows what the network's shape alone gives.")
+    return (f'<h2>Linear probe</h2><p class="note">{note}</p>'
+            + _table(["decodes", "this network", "randomly initialised copy"], rows))
 
 
 def _plots(report: dict, plot_urls: dict[str, str]) -> str:
@@ -125,6 +182,13 @@ def _text(value) -> str:
 
 def _number(value: float) -> str:
     return f"{value:.4g}"
+
+
+def _estimate(value, interval) -> str | None:
+    """`0.758 [0.729, 0.782]`: a number and its confidence interval (plain text; escaped when written)."""
+    if value is None or not interval:
+        return value
+    return f"{_number(value)} [{_number(interval[0])}, {_number(interval[1])}]"
 
 
 _SIDE_BY_SIDE = ".columns { display: flex; gap: 2rem; } .columns > section { flex: 1; min-width: 0; }"

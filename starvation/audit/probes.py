@@ -14,11 +14,18 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from starvation.audit.intervals import (
+    difference_of_shares_interval,
+    mean_interval,
+    net_share_interval,
+    share_interval,
+    wilson_interval,
+)
 from starvation.checkpoints import AuditableModel
 from starvation.datasets.base import Dataset, Split
 
 CORNERS = ("core_and_spurious", "core_only", "spurious_only", "neither")
-PROBE_EXAMPLES_PER_GROUP = 1_000  # linear probe: at most this many per (label, attribute) group
+PROBE_EXAMPLES_PER_GROUP = 1_000  # linear probe: at most this many per (target, other) group
 MIN_PROBE_EXAMPLES_PER_GROUP = 4  # two to fit on, two to score on
 
 
@@ -65,18 +72,45 @@ def predictive_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=1)
 
 
-def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float | None:
-    return _mean_or_none(pred == y)
+def predicted_class_log_odds(logits: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of class `predicted` per example: the logit itself (signed) for one logit."""
+    logits = logits.double()
+    if logits.shape[1] == 1:
+        return torch.where(predicted == 1, logits[:, 0], -logits[:, 0])
+    log_p = torch.log_softmax(logits, dim=1)
+    chosen = log_p.gather(1, predicted[:, None])[:, 0]
+    others = torch.logsumexp(log_p.scatter(1, predicted[:, None], float("-inf")), dim=1)
+    return chosen - others
+
+
+def predicted_class_probability(logits: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    logits = logits.double()
+    if logits.shape[1] == 1:
+        p1 = torch.sigmoid(logits[:, 0])
+        return torch.where(predicted == 1, p1, 1 - p1)
+    return torch.softmax(logits, dim=1).gather(1, predicted[:, None])[:, 0]
+
+
+def _most_common(keys: torch.Tensor, values: torch.Tensor) -> dict[int, int]:
+    """For each key, the value most common with it (ties: the smallest value)."""
+    common = {}
+    for key in torch.unique(keys).tolist():
+        found, counts = torch.unique(values[keys == key], return_counts=True)
+        common[int(key)] = int(found[counts.argmax()])
+    return common
 
 
 def aligned_attributes(dataset: Dataset) -> dict[int, int]:
     """For each label, the attribute value most common with it in the pooled training data."""
     train = dataset.train_data()
-    aligned = {}
-    for label in torch.unique(train.y).tolist():
-        values, counts = torch.unique(train.attribute[train.y == label], return_counts=True)
-        aligned[int(label)] = int(values[counts.argmax()])  # ties: the smallest value
-    return aligned
+    return _most_common(train.y, train.attribute)
+
+
+def associated_labels(dataset: Dataset) -> dict[int, int]:
+    """For each attribute value, the label most common with it in the pooled training data: the
+    label the attribute 'points to' (colored_mnist: colour 1 points to label 1)."""
+    train = dataset.train_data()
+    return _most_common(train.attribute, train.y)
 
 
 class Probe:
@@ -120,6 +154,7 @@ class GroupsProbe(Probe):
                     "attribute": int(attribute),
                     "n": int(in_group.sum()),
                     "accuracy": float(correct[in_group].double().mean()),
+                    "accuracy_interval": share_interval(correct[in_group]),
                     "aligned": aligned.get(int(label)) == int(attribute),
                 })
         known = torch.zeros_like(test.y, dtype=torch.bool)  # labels never seen in training are neither
@@ -127,18 +162,34 @@ class GroupsProbe(Probe):
         for label, value in aligned.items():
             known |= test.y == label
             is_aligned |= (test.y == label) & (test.attribute == value)
+        worst = min(groups, key=lambda g: g["accuracy"], default=None)
+        aligned_correct, conflicting_correct = correct[known & is_aligned], correct[known & ~is_aligned]
         return {
             "groups": groups,
             "average_accuracy": _mean_or_none(correct),
-            "worst_group_accuracy": min((g["accuracy"] for g in groups), default=None),
-            "bias_aligned_accuracy": _mean_or_none(correct[known & is_aligned]),
-            "bias_conflicting_accuracy": _mean_or_none(correct[known & ~is_aligned]),
+            "average_accuracy_interval": share_interval(correct),
+            "worst_group_accuracy": worst["accuracy"] if worst else None,
+            # the worst group's own interval: which group is worst is taken as given
+            "worst_group_accuracy_interval": worst["accuracy_interval"] if worst else None,
+            "bias_aligned_accuracy": _mean_or_none(aligned_correct),
+            "bias_aligned_accuracy_interval": share_interval(aligned_correct),
+            "bias_conflicting_accuracy": _mean_or_none(conflicting_correct),
+            "bias_conflicting_accuracy_interval": share_interval(conflicting_correct),
+            "accuracy_gap_interval": difference_of_shares_interval(
+                int(aligned_correct.sum()), len(aligned_correct), int(conflicting_correct.sum()),
+                len(conflicting_correct), seed=ctx.seed),
         }
 
 
 @register
 class CounterfactualProbe(Probe):
-    """How often the prediction changes when only the spurious attribute is changed."""
+    """How often, which way and how far the prediction moves when only the spurious attribute is changed.
+
+    A flip is *towards* the attribute's training association when the new prediction is the label
+    the new attribute value went with in training (`associated_labels`), *against* it otherwise.
+    A model that follows the attribute flips towards; one that is merely sensitive to it near its
+    decision boundary flips both ways about equally (docs/audit.md, "Direction").
+    """
 
     name = "counterfactual"
 
@@ -148,13 +199,39 @@ class CounterfactualProbe(Probe):
     def run(self, model: AuditableModel, dataset: Dataset, ctx: AuditContext) -> dict:
         test = dataset.splits[dataset.test_split]
         intervened = dataset.intervene(test)
-        pred = ctx.predictions(model, test, "test")
-        pred_intervened = ctx.predictions(model, intervened, "test_intervened")
+        logits = ctx.logits(model, test, "test")
+        logits_intervened = ctx.logits(model, intervened, "test_intervened")
+        pred, pred_intervened = predicted_class(logits), predicted_class(logits_intervened)
+        flipped = pred != pred_intervened
+        points_to = associated_labels(dataset)
+        known = torch.tensor([int(a) in points_to for a in intervened.attribute.tolist()], dtype=torch.bool)
+        label_pointed_to = torch.tensor([points_to.get(int(a), -1) for a in intervened.attribute.tolist()])
+        towards = flipped & known & (pred_intervened == label_pointed_to)
+        against = flipped & known & ~towards
+        # how far: the change of the originally predicted class's log-odds and probability
+        logit_change = (predicted_class_log_odds(logits_intervened, pred) - predicted_class_log_odds(logits, pred)).abs()
+        probability_change = (predicted_class_probability(logits_intervened, pred)
+                              - predicted_class_probability(logits, pred)).abs()
+        correct, correct_intervened = pred == test.y, pred_intervened == intervened.y
+        n = len(test)
         return {"counterfactual": {
-            "flip_rate": float((pred != pred_intervened).double().mean()),
-            "accuracy": accuracy(pred, test.y),
-            "accuracy_intervened": accuracy(pred_intervened, intervened.y),
-            "n": len(test),
+            "flip_rate": _mean_or_none(flipped),
+            "flip_rate_interval": share_interval(flipped),
+            "flip_rate_towards": _mean_or_none(towards),
+            "flip_rate_towards_interval": share_interval(towards),
+            "flip_rate_against": _mean_or_none(against),
+            "flip_rate_against_interval": share_interval(against),
+            "flip_rate_net": (int(towards.sum()) - int(against.sum())) / n if n else None,
+            "flip_rate_net_interval": net_share_interval(int(towards.sum()), int(against.sum()), n, seed=ctx.seed),
+            "mean_abs_logit_change": _mean_or_none(logit_change),
+            "mean_abs_logit_change_interval": mean_interval(logit_change, seed=ctx.seed),
+            "mean_abs_probability_change": _mean_or_none(probability_change),
+            "mean_abs_probability_change_interval": mean_interval(probability_change, seed=ctx.seed),
+            "accuracy": _mean_or_none(correct),
+            "accuracy_interval": share_interval(correct),
+            "accuracy_intervened": _mean_or_none(correct_intervened),
+            "accuracy_intervened_interval": share_interval(correct_intervened),
+            "n": n,
         }}
 
 
@@ -174,8 +251,10 @@ class FourCornersProbe(Probe):
             split = corners[name]
             logits = ctx.logits(model, split, f"corner:{name}")
             num_outputs = logits.shape[1]
+            correct = predicted_class(logits) == split.y
             result[name] = {
-                "accuracy": accuracy(predicted_class(logits), split.y),
+                "accuracy": _mean_or_none(correct),
+                "accuracy_interval": share_interval(correct),
                 "entropy": _mean_or_none(predictive_entropy(logits)),
                 "n": len(split),
             }
@@ -192,12 +271,15 @@ class FourCornersProbe(Probe):
 
 @register
 class LinearProbe(Probe):
-    """Logistic regressions decoding the label and the spurious attribute from the feature layer.
+    """Logistic regressions reading the core label and the spurious attribute off the feature layer.
 
-    Examples come from all splits, balanced over (label, attribute) groups so that neither can be
-    decoded by riding on the other; chance is 1 / (number of values). Half of each group fits the
-    regressions, the other half scores them. The label is the dataset's label, noise included
-    (colored_mnist's 25% label noise caps core_accuracy near 0.75).
+    Fitted and scored on the test split only, which the model never trained on, so examples it
+    memorised do not count (half of each group fits, the other half scores). The core label is the
+    clean one where the dataset knows it (colored_mnist: digit < 5 before the 25% label noise),
+    else the label; `label_accuracy` decodes the noisy label beside it. Each target is decoded from
+    examples balanced over (target, other) groups, so neither can be decoded by riding on the
+    other; chance is 1 / (number of values). The same regressions on a randomly initialised copy
+    of the network (`random_network`) say how much of that any network of this shape would give.
     """
 
     name = "linear_probe"
@@ -205,45 +287,53 @@ class LinearProbe(Probe):
     def run(self, model: AuditableModel, dataset: Dataset, ctx: AuditContext) -> dict:
         if model.feature_layer is None:
             return self._unavailable(model.no_features_reason or "the model exposes no feature layer")
-        splits = [dataset.splits[name] for name in dict.fromkeys([*dataset.train_splits, dataset.test_split])]
-        x = torch.cat([s.x for s in splits])
-        y = torch.cat([s.y for s in splits]).numpy()
-        attribute = torch.cat([s.attribute for s in splits]).numpy()
-        labels, values = np.unique(y), np.unique(attribute)
-        if len(labels) < 2:
-            return self._unavailable("the data hold a single label", layer=model.feature_layer)
-        if len(values) < 2:
+        test = dataset.splits[dataset.test_split]
+        clean = test.core_label is not None
+        core = (test.core_label if clean else test.y).numpy()
+        attribute = test.attribute.numpy()
+        targets = {"core": (core, attribute), "spurious": (attribute, core)}
+        if clean:
+            targets["label"] = (test.y.numpy(), attribute)
+        if len(np.unique(core)) < 2:
+            return self._unavailable("the test split holds a single label", layer=model.feature_layer)
+        if len(np.unique(attribute)) < 2:
             return self._unavailable(
-                "the spurious attribute takes a single value in this dataset", layer=model.feature_layer
-            )
-        groups = [(label, value) for label in labels for value in values]
-        members = [np.flatnonzero((y == label) & (attribute == value)) for label, value in groups]
-        per_group = min(min(len(m) for m in members), PROBE_EXAMPLES_PER_GROUP)
-        if per_group < MIN_PROBE_EXAMPLES_PER_GROUP:
-            return self._unavailable(
-                f"some (label, attribute) group has fewer than {MIN_PROBE_EXAMPLES_PER_GROUP} examples, "
-                "so label and attribute cannot be decoded separately",
-                layer=model.feature_layer,
+                "the spurious attribute takes a single value in the test split", layer=model.feature_layer
             )
         rng = np.random.default_rng(ctx.seed)
-        fit_index, score_index = [], []
-        for m in members:
-            chosen = rng.choice(m, size=per_group, replace=False)
-            fit_index.append(chosen[: per_group // 2])
-            score_index.append(chosen[per_group // 2 :])
-        fit_index, score_index = np.concatenate(fit_index), np.concatenate(score_index)
-        chosen = np.concatenate([fit_index, score_index])
-        features = batched(model.features, x[torch.from_numpy(chosen)], model.device, ctx.batch_size)
-        features = features.double().numpy()
-        fit_features, score_features = features[: len(fit_index)], features[len(fit_index) :]
+        halves = {name: _balanced_halves(target, other, rng) for name, (target, other) in targets.items()}
+        if any(h is None for h in halves.values()):
+            return self._unavailable(
+                f"some (label, attribute) group of the test split has fewer than {MIN_PROBE_EXAMPLES_PER_GROUP} "
+                "examples, so label and attribute cannot be decoded separately",
+                layer=model.feature_layer,
+            )
+        chosen = np.unique(np.concatenate([np.concatenate(h) for h in halves.values()]))
+        x = test.x[torch.from_numpy(chosen)]
+
+        def decode_all(features_of) -> dict:
+            features = batched(features_of, x, model.device, ctx.batch_size).double().numpy()
+            result = {}
+            for name, (target, _) in targets.items():
+                fit, score = halves[name]
+                row_fit, row_score = np.searchsorted(chosen, fit), np.searchsorted(chosen, score)
+                correct = _decode(features[row_fit], target[fit], features[row_score], target[score], ctx.seed)
+                result[f"{name}_accuracy"] = float(correct.mean())
+                result[f"{name}_accuracy_interval"] = wilson_interval(int(correct.sum()), len(correct))
+            result.setdefault("label_accuracy", None)
+            result.setdefault("label_accuracy_interval", None)
+            return result
+
+        random_model = model.random_copy(ctx.seed)
         return {"linear_probe": {
             "layer": model.feature_layer,
-            "core_accuracy": _decode(fit_features, y[fit_index], score_features, y[score_index], ctx.seed),
-            "spurious_accuracy": _decode(
-                fit_features, attribute[fit_index], score_features, attribute[score_index], ctx.seed
-            ),
-            "n_fit": int(len(fit_index)),
-            "n_score": int(len(score_index)),
+            "data": f"{dataset.test_split} split only (held out from training)",
+            "core_label": "clean (before label noise)" if clean else "label",
+            **decode_all(model.features),
+            "random_network": decode_all(random_model.features) if random_model is not None else {
+                "reason": "the weights of this model format cannot be re-initialised here"},
+            "n_fit": int(len(halves["core"][0])),
+            "n_score": int(len(halves["core"][1])),
         }}
 
     @staticmethod
@@ -251,7 +341,24 @@ class LinearProbe(Probe):
         return {"linear_probe": {"layer": layer, "core_accuracy": None, "spurious_accuracy": None, "reason": reason}}
 
 
-def _decode(fit_x: np.ndarray, fit_y: np.ndarray, score_x: np.ndarray, score_y: np.ndarray, seed: int) -> float:
+def _balanced_halves(target: np.ndarray, other: np.ndarray,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+    """(fit, score) indices: the same number from every (target, other) group, split in half; None
+    when some group is too small."""
+    members = [np.flatnonzero((target == t) & (other == o)) for t in np.unique(target) for o in np.unique(other)]
+    per_group = min(min(len(m) for m in members), PROBE_EXAMPLES_PER_GROUP)
+    if per_group < MIN_PROBE_EXAMPLES_PER_GROUP:
+        return None
+    fit, score = [], []
+    for m in members:
+        picked = rng.choice(m, size=per_group, replace=False)
+        fit.append(picked[: per_group // 2])
+        score.append(picked[per_group // 2:])
+    return np.concatenate(fit), np.concatenate(score)
+
+
+def _decode(fit_x: np.ndarray, fit_y: np.ndarray, score_x: np.ndarray, score_y: np.ndarray, seed: int) -> np.ndarray:
+    """Whether each scored example is decoded right by a logistic regression fitted on the others."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -261,7 +368,7 @@ def _decode(fit_x: np.ndarray, fit_y: np.ndarray, score_x: np.ndarray, score_y: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         classifier.fit(fit_x, fit_y)
-    return float(classifier.score(score_x, score_y))
+    return classifier.predict(score_x) == score_y
 
 
 def _mean_or_none(values: torch.Tensor) -> float | None:

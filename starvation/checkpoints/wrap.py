@@ -1,6 +1,8 @@
 """What the audit sees of a model: `AuditableModel`, for torch modules, TorchScript and ONNX, and feature layers."""
 from __future__ import annotations
 
+import copy
+import math
 from typing import Callable
 
 import numpy as np
@@ -49,6 +51,11 @@ class AuditableModel:
     def features(self, x: torch.Tensor) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def random_copy(self, seed: int) -> "AuditableModel | None":
+        """The same network with fresh random weights (the linear probe's baseline), or None where
+        the weights cannot be reached (ONNX, a model run in the jail)."""
+        return None
+
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -92,6 +99,35 @@ class TorchModel(AuditableModel):
         with torch.no_grad():
             out = self._feature_fn(self.module, x.to(self._device))
         return out.flatten(1).to(x.device)
+
+    def random_copy(self, seed: int) -> "TorchModel":
+        module = copy.deepcopy(self.module)
+        on_cpu = self._device.type == "cpu"
+        module = module if on_cpu else module.cpu()  # re-initialised on the CPU: one RNG to seed, on any device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _reinitialise(module)
+        copied = TorchModel(module, fmt=self.format, feature_fn=self._feature_fn, feature_layer=self.feature_layer,
+                            no_features_reason=self.no_features_reason)
+        return copied if on_cpu else copied.to(self._device)
+
+
+def _reinitialise(module: nn.Module) -> None:
+    """Fresh weights: each layer's own `reset_parameters` where it has one (PyTorch's defaults), else
+    nn.Linear's default for matrices, zero biases and unit scales (TorchScript layers)."""
+    for layer in module.modules():
+        reset = getattr(layer, "reset_parameters", None)
+        if callable(reset) and not isinstance(layer, torch.jit.ScriptModule):
+            reset()
+            continue
+        with torch.no_grad():
+            for name, parameter in layer.named_parameters(recurse=False):
+                if parameter.dim() >= 2:
+                    nn.init.kaiming_uniform_(parameter, a=math.sqrt(5))
+                elif name.endswith("bias"):
+                    parameter.zero_()
+                else:
+                    parameter.fill_(1.0)
 
 
 class OnnxModel(AuditableModel):

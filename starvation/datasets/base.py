@@ -25,6 +25,8 @@ class Split:
     x: torch.Tensor  # float32, [N, *input_shape]
     y: torch.Tensor  # int64, [N] class index (binary tasks: 0/1)
     attribute: torch.Tensor  # int64, [N] value of the spurious attribute (colored_mnist: colour 0/1)
+    # int64, [N] the label before any label noise, where the dataset knows it (colored_mnist: digit < 5)
+    core_label: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -55,6 +57,7 @@ class Dataset:
             x=torch.cat([p.x for p in parts]),
             y=torch.cat([p.y for p in parts]),
             attribute=torch.cat([p.attribute for p in parts]),
+            core_label=None if any(p.core_label is None for p in parts) else torch.cat([p.core_label for p in parts]),
         )
 
     def intervene(self, split: Split) -> Split:

@@ -77,13 +77,14 @@ def load_digits(source: str, data_dir: str | None) -> tuple[str, np.ndarray, np.
 
 def _environment(name: str, images: np.ndarray, digits: np.ndarray, *, label_noise: float, color_flip: float,
                  rng: np.random.Generator) -> Split:
-    labels = (digits < 5).astype(np.int64)  # 1 for digits 0-4
-    labels ^= (rng.random(len(labels)) < label_noise).astype(np.int64)
+    core_labels = (digits < 5).astype(np.int64)  # 1 for digits 0-4: the clean label
+    labels = core_labels ^ (rng.random(len(core_labels)) < label_noise).astype(np.int64)
     colours = labels ^ (rng.random(len(labels)) < color_flip).astype(np.int64)
     grey = images[:, ::2, ::2].astype(np.float32) / 255.0  # 2x subsampling to 14x14
     x = np.zeros((len(labels), 2, 14, 14), dtype=np.float32)
     x[np.arange(len(labels)), colours] = grey  # the digit in channel `colour`, the other channel zero
-    return Split(name=name, x=torch.from_numpy(x), y=torch.from_numpy(labels), attribute=torch.from_numpy(colours))
+    return Split(name=name, x=torch.from_numpy(x), y=torch.from_numpy(labels), attribute=torch.from_numpy(colours),
+                 core_label=torch.from_numpy(core_labels))
 
 
 class ColoredMNIST(BuiltinDataset):
@@ -106,6 +107,7 @@ class ColoredMNIST(BuiltinDataset):
     }
     ATTRIBUTES: ClassVar[dict[str, str]] = {"color": "the channel holding the digit (0 or 1); agrees with the label "
                                                      "80%/90% of the time in training, 10% in test"}
+    # each split also carries `core_label`: 1 for digits 0-4 before the label noise (the linear probe decodes it)
     SPLITS: ClassVar[list[str]] = ["train1", "train2", "test"]
     TRAIN_SPLITS: ClassVar[list[str]] = ["train1", "train2"]
     TEST_SPLIT: ClassVar[str] = "test"
@@ -151,13 +153,16 @@ class ColoredMNIST(BuiltinDataset):
     def intervene(self, split: Split) -> Split:
         """Colour swapped: the digit moves to the other channel; label and digit unchanged."""
         return Split(name=f"{split.name}_intervened", x=split.x.flip(1).contiguous(), y=split.y.clone(),
-                     attribute=1 - split.attribute)
+                     attribute=1 - split.attribute, core_label=split.core_label)
 
     def four_corners(self, split: Split) -> dict[str, Split]:
-        """PAPER.md's four corners: coloured digit, grey digit, blank grey, blank coloured."""
+        """PAPER.md's four corners, as the authors' `make_environment` builds them: coloured digit;
+        grey digit (the digit at half intensity in both channels); blank grey (half the split's mean
+        intensity in both channels: `gray=True` halves the blank image too); blank coloured (the
+        mean intensity in the colour channel only)."""
         digit = split.x.sum(dim=1)  # one channel is zero, so this is the grey digit
         mean = digit.mean()
-        blank = torch.full_like(split.x, float(mean))
+        blank = torch.full_like(split.x, 0.5 * float(mean))
         blank_coloured = torch.zeros_like(split.x)
         blank_coloured[torch.arange(len(split)), split.attribute] = mean
         inputs = {
@@ -166,5 +171,5 @@ class ColoredMNIST(BuiltinDataset):
             "spurious_only": blank_coloured,
             "neither": blank,
         }
-        return {name: Split(name=name, x=x, y=split.y.clone(), attribute=split.attribute.clone())
-                for name, x in inputs.items()}
+        return {name: Split(name=name, x=x, y=split.y.clone(), attribute=split.attribute.clone(),
+                            core_label=split.core_label) for name, x in inputs.items()}

@@ -5,6 +5,9 @@
   template, so swapping the colour cannot change anything it computes.
 - `toy_dataset` makes a tiny 2-D dataset with chosen (label, attribute) group sizes, and
   `AttributeReader` / `LabelReader` are models whose accuracy per group is known exactly.
+- `SwappableToy` is a toy dataset whose attribute can be swapped, and `FollowsAttribute` a model
+  that follows it (or goes against it) on a known share of the examples and reads the label on
+  the rest: its flip rate and the direction of its flips are known exactly.
 """
 from __future__ import annotations
 
@@ -134,3 +137,41 @@ class PickleBomb:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+class SwappableToy(Dataset):
+    """x = [label, attribute, u] (+ jitter on the first two); u spreads evenly over [0, 1)."""
+
+    can_intervene = True
+
+    def intervene(self, split: Split) -> Split:
+        x = split.x.clone()
+        x[:, 1] = 1 - x[:, 1]
+        return Split(name=f"{split.name}_intervened", x=x, y=split.y.clone(), attribute=1 - split.attribute)
+
+    @classmethod
+    def build(cls, n_test: int = 1_000) -> "SwappableToy":
+        train = toy_split("train", {(0, 0): 40, (0, 1): 10, (1, 0): 10, (1, 1): 40}, 1)  # attribute 1 goes with label 1
+        test = toy_split("test", {(0, 0): n_test // 4, (0, 1): n_test // 4, (1, 0): n_test // 4, (1, 1): n_test // 4}, 2)
+        splits = {}
+        for split in (train, test):
+            u = (torch.randperm(len(split), generator=torch.Generator().manual_seed(3)).double() + 0.5) / len(split)
+            splits[split.name] = Split(split.name, torch.cat([split.x, u.float()[:, None]], dim=1), split.y,
+                                       split.attribute)
+        return cls(name="swappable_toy", splits=splits, train_splits=["train"], test_split="test", num_classes=2,
+                   input_shape=(3,), attribute_name="shade")
+
+
+class FollowsAttribute(nn.Module):
+    """Predicts the attribute where u < towards, its opposite where towards <= u < towards + against,
+    the label elsewhere; so a swap flips exactly those examples, in a known direction."""
+
+    def __init__(self, towards: float, against: float = 0.0, k: float = 10.0) -> None:
+        super().__init__()
+        self.towards, self.against, self.k = towards, against, k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        label, attribute, u = x[:, 0] - 0.5, x[:, 1] - 0.5, x[:, 2]
+        follows = torch.where(u < self.towards, attribute, torch.where(u < self.towards + self.against, -attribute,
+                                                                       label))
+        return (self.k * follows)[:, None]

@@ -63,6 +63,7 @@ def test_labels_are_digits_below_five_flipped_a_quarter_of_the_time(cmnist) -> N
     for name, digits in pools.items():
         clean = torch.from_numpy((digits < 5).astype(np.int64))
         assert float((cmnist.splits[name].y == clean).float().mean()) == pytest.approx(0.75, abs=0.04)
+        assert torch.equal(cmnist.splits[name].core_label, clean)  # the clean label travels with the split
     # the image really is the 2x-subsampled digit / 255
     first = cmnist.splits["train1"]
     np.testing.assert_allclose(first.x[0].sum(0).numpy(), train_images[0, ::2, ::2] / 255.0, rtol=1e-6)
@@ -108,7 +109,8 @@ def test_four_corners_follow_the_papers_construction(cmnist) -> None:
     assert torch.equal(corners["core_and_spurious"].x, test.x)
     grey = corners["core_only"].x
     assert torch.equal(grey[:, 0], grey[:, 1]) and torch.allclose(grey[:, 0], 0.5 * digit)
-    assert torch.allclose(corners["neither"].x, torch.full_like(test.x, mean))
+    # blank grey: half the mean in both channels (the authors' gray=True halves the blank image too)
+    assert torch.allclose(corners["neither"].x, torch.full_like(test.x, 0.5 * mean))
     rows = torch.arange(len(test))
     coloured = corners["spurious_only"].x
     assert torch.allclose(coloured[rows, test.attribute], torch.full_like(digit, mean))
