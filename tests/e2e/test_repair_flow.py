@@ -30,7 +30,7 @@ def script_bytes(module: torch.nn.Module) -> bytes:
 def upload(stack, module: torch.nn.Module) -> str:
     response = stack.client.post("/v1/checkpoints", files={"file": ("m.pt", io.BytesIO(script_bytes(module)))},
                                  data={"format": "torchscript"})
-    assert response.status_code == 201, response.text
+    assert response.status_code in (200, 201), response.text  # 200: the same model, uploaded by another test
     return response.json()["id"]
 
 
