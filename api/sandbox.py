@@ -7,10 +7,11 @@ uploads, nor the API's threads or database connections (the caller holds none wh
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,38 @@ class CheckGate:
 
 
 gate = CheckGate()
+
+
+class SameUpload:
+    """One key's uploads of the same request, one at a time: a duplicate (a retry, a client sending twice) waits for
+    the first, then replays its answer instead of checking the model again or being refused by the gate.
+    Waiting costs a coroutine, not a thread; past `MAX_WAITING` duplicates of one request, a 429."""
+
+    MAX_WAITING = 64
+
+    def __init__(self) -> None:
+        self._turns: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def turn(self, owner_id: str, request: str) -> AsyncIterator[None]:
+        key = (owner_id, request)
+        lock, holders = self._turns.get(key) or (asyncio.Lock(), 0)
+        if holders >= self.MAX_WAITING:
+            raise ApiError(429, "too_many_checks", "This upload is already being checked many times over; retry later.",
+                           headers={"Retry-After": "5"})
+        self._turns[key] = (lock, holders + 1)  # one event loop: nothing runs between the read and this write
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, holders = self._turns[key]
+            if holders == 1:
+                del self._turns[key]
+            else:
+                self._turns[key] = (lock, holders - 1)
+
+
+same_upload = SameUpload()
 
 
 def validate_checkpoint(owner_id: str, settings: Settings, path: Path, fmt: str, **options: Any) -> dict[str, Any]:

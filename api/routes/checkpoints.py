@@ -54,7 +54,7 @@ async def upload_checkpoint(
     num_classes: Annotated[int, Form(ge=2, le=100_000)] = 2,
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
-    from api.sandbox import validate_checkpoint
+    from api.sandbox import same_upload, validate_checkpoint
 
     params = parse_json_field("arch_params", arch_params, dict) or {}
     shape = parse_json_field("input_shape", input_shape, list) or [2, 14, 14]
@@ -85,10 +85,6 @@ async def upload_checkpoint(
         )
         return None if twin is None else JSONResponse(checkpoint_out(twin).model_dump(mode="json"), 200)
 
-    if (answer := await run_in_threadpool(answered_before)) is not None:
-        tmp_path.unlink()
-        return answer
-    session.commit()  # no database connection is held while the model is checked
     placed: list[Path] = []  # the file `create` moved into place, removed if a concurrent twin won
 
     def create() -> tuple[int, Any]:
@@ -102,16 +98,23 @@ async def upload_checkpoint(
         )
         return 201, checkpoint_out(checkpoint)
 
+    def keep() -> JSONResponse:  # committed here, so a duplicate waiting for its turn finds it
+        response = replay_or_create(session, principal, idempotency_key, request_hash, create,
+                                    discard=lambda: [path.unlink(missing_ok=True) for path in placed])
+        session.commit()
+        return response
+
     try:
-        info = await run_in_threadpool(
-            validate_checkpoint, principal.owner_id, settings, path=tmp_path, fmt=format, arch=arch,
-            arch_params=params, input_shape=list(shape), num_classes=num_classes,
-            max_bytes=settings.max_upload_bytes,
-        )
-        return await run_in_threadpool(
-            replay_or_create, session, principal, idempotency_key, request_hash, create,
-            discard=lambda: [path.unlink(missing_ok=True) for path in placed],
-        )
+        async with same_upload.turn(principal.owner_id, request_hash):
+            if (answer := await run_in_threadpool(answered_before)) is not None:
+                return answer
+            session.commit()  # no database connection is held while the model is checked
+            info = await run_in_threadpool(
+                validate_checkpoint, principal.owner_id, settings, path=tmp_path, fmt=format, arch=arch,
+                arch_params=params, input_shape=list(shape), num_classes=num_classes,
+                max_bytes=settings.max_upload_bytes,
+            )
+            return await run_in_threadpool(keep)
     finally:
         tmp_path.unlink(missing_ok=True)  # kept only if renamed into place
 
