@@ -1,4 +1,4 @@
-"""Dashboard pages: sign-in, job list, a job's live curves, its report, and two jobs side by side.
+"""Dashboard pages: sign-in, job list, a job's live curves, its report, two jobs side by side, API keys.
 
 Handlers stay thin: who is signed in comes from `session.py`, what to show from `views.py`, and every
 read or write goes through the same code as the /v1 API (so the dashboard can never do what the
@@ -23,7 +23,9 @@ from api.dashboard import session as browser
 from api.dashboard import views
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
+from api.routes.keys import may_manage
 from api.schemas import RepairJobCreate, TrainJobCreate
+from models import auth as auth_repo
 from models import files as files_repo
 from models.status import TERMINAL, JobStatus
 from models.tables import Job
@@ -306,6 +308,44 @@ def compare_page(request: Request, session: SessionDep, principal: browser.Signe
 
 
 # ---- static files --------------------------------------------------------------------------
+
+@router.get("/keys")
+def keys_page(request: Request, session: SessionDep, principal: browser.SignedInDep) -> Response:
+    """API keys: the admin sees and issues every key; a key sees itself. Either may revoke what it may manage."""
+    return render_keys(request, session, principal)
+
+
+def render_keys(request: Request, session: Session, principal: Any, created: dict[str, Any] | None = None) -> Response:
+    rows = auth_repo.list_keys(session, limit=500, only_id=None if principal.is_admin else principal.owner_id)
+    return page(request, "keys.html", {"keys": rows, "is_admin": principal.is_admin, "created": created,
+                                       "own_id": principal.owner_id})
+
+
+@router.post("/keys")
+def create_key(request: Request, session: SessionDep, principal: browser.SignedInDep,
+               name: Annotated[str, Form(min_length=1, max_length=200)],
+               csrf: Annotated[str | None, Form()] = None) -> Response:
+    if not browser.csrf_ok(request, csrf):
+        return expired_form(request)
+    if not principal.is_admin:
+        return page(request, "message.html", {"title": "Refused", "message": "Only the admin issues keys."}, 403)
+    key, secret = auth_repo.issue_key(session, name=name)
+    session.commit()
+    # The secrets are shown on this one response, never again (a reload re-posts nothing: no-store).
+    return render_keys(request, session, principal, created={"id": key.id, "name": key.name, "key": secret,
+                                                            "webhook_secret": key.webhook_secret})
+
+
+@router.post("/keys/{key_id}/revoke")
+def revoke_key(key_id: str, request: Request, session: SessionDep, principal: browser.SignedInDep,
+               csrf: Annotated[str | None, Form()] = None) -> Response:
+    if not browser.csrf_ok(request, csrf):
+        return expired_form(request)
+    if not may_manage(principal, key_id) or auth_repo.revoke(session, key_id) is None:
+        return not_found_page(request, "API key")
+    # Revoking the key this browser signed in with ends the session: the next page asks to sign in.
+    return RedirectResponse("/dashboard/keys", status_code=303)
+
 
 @router.get("/static/{name}")
 def static(name: str) -> Response:

@@ -45,3 +45,26 @@ def test_a_signed_in_visitor_gets_the_pages(client):
     assert member.get("/dashboard/compare").status_code == 200
     assert member.get(f"/dashboard/jobs/{SOME_JOB}").status_code == 404  # past the guard: no such job
     assert member.post(f"/dashboard/jobs/{SOME_JOB}/cancel").status_code == 403  # past the guard: no CSRF token
+
+
+def test_keys_are_issued_listed_and_revoked_on_the_dashboard(client):
+    admin = TestClient(client.app, follow_redirects=False, cookies={"gs_session": ADMIN_TOKEN})
+    page = admin.get("/dashboard/keys")
+    assert page.status_code == 200 and 'id="new-key"' in page.text
+    csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
+    assert admin.post("/dashboard/keys", data={"name": "team-a"}).status_code == 403  # no CSRF token
+    issued = admin.post("/dashboard/keys", data={"name": "team-a", "csrf": csrf})
+    assert issued.status_code == 200 and "shown this once" in issued.text
+    token = issued.text.split('id="created-token">')[1].split("<")[0]
+    key_id = issued.text.split('<th>id</th><td class="mono">')[1].split("<")[0]
+
+    tenant = TestClient(client.app, follow_redirects=False, cookies={"gs_session": token})
+    own = tenant.get("/dashboard/keys")
+    assert own.status_code == 200 and own.text.count("data-key-id=") == 1 and 'id="new-key"' not in own.text
+    tenant_csrf = own.text.split('name="csrf" value="')[1].split('"')[0]
+    assert tenant.post("/dashboard/keys", data={"name": "sneaky", "csrf": tenant_csrf}).status_code == 403
+    assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    revoked = admin.post(f"/dashboard/keys/{key_id}/revoke", data={"csrf": csrf})
+    assert revoked.status_code == 303
+    assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    assert tenant.get("/dashboard/keys").status_code == 303  # its session ended with the key
