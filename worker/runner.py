@@ -29,6 +29,7 @@ from models.tables import utcnow
 log = logging.getLogger("gs.worker")
 # A database that is restarting or unreachable: what a running job's progress and cancel checks ride out.
 DATABASE_BLINKS = (OperationalError, InterfaceError, PoolTimeout)
+OUTAGE_PATIENCE_S = 120.0  # how long a job's rows and outcome wait for a database that blinked
 
 
 class JobCancelled(Exception):
@@ -56,26 +57,36 @@ class JobWriter(threading.Thread):
         self.rows.put((logs_repo, [{"at": utcnow(), "level": level, "message": message}]))
 
     def run(self) -> None:
-        done = False
-        while not done:
-            batches: dict[Any, list[dict[str, Any]]] = {metrics_repo: [], logs_repo: []}
-            item = self.rows.get()
-            while True:
-                if item is None:
-                    done = True
-                else:
-                    batches[item[0]].extend(item[1])
-                try:
+        pending: dict[Any, list[dict[str, Any]]] = {metrics_repo: [], logs_repo: []}
+        done, blinked_since = False, None
+        while not done or any(pending.values()):
+            try:  # wait for rows; with rows kept through a database blink, only a second before trying again
+                item = self.rows.get(timeout=1.0 if any(pending.values()) else None)
+                while True:
+                    if item is None:
+                        done = True
+                    else:
+                        pending[item[0]].extend(item[1])
                     item = self.rows.get_nowait()
-                except queue.Empty:
-                    break
-            for repo, batch in batches.items():
-                if batch:
-                    try:
-                        with self.db.session() as session:
-                            repo.add_batch(session, self.job_id, batch)
-                    except Exception as exc:  # keep the job running; say what was lost
-                        log.error("job %s: %d %s rows not stored: %s", self.job_id, len(batch), repo.__name__, exc)
+            except queue.Empty:
+                pass
+            for repo, batch in pending.items():
+                if not batch:
+                    continue
+                try:
+                    with self.db.session() as session:
+                        repo.add_batch(session, self.job_id, batch)
+                    batch.clear()
+                    blinked_since = None
+                except DATABASE_BLINKS as exc:  # kept and tried again, for as long as an outage may last
+                    blinked_since = blinked_since or time.monotonic()
+                    if time.monotonic() - blinked_since < OUTAGE_PATIENCE_S:
+                        break
+                    log.error("job %s: %d %s rows not stored: %s", self.job_id, len(batch), repo.__name__, exc)
+                    batch.clear()
+                except Exception as exc:  # keep the job running; say what was lost
+                    log.error("job %s: %d %s rows not stored: %s", self.job_id, len(batch), repo.__name__, exc)
+                    batch.clear()
 
     def close(self) -> None:
         """Flush what is waiting and stop; the job's outcome is recorded only after this."""
@@ -202,9 +213,26 @@ def run_job(job_id: str) -> None:
     finally:
         heartbeat.stop()
         writer.close()
+    patiently(lambda: record_outcome(db, job_id, status, result, error), f"outcome of job {job_id}")
+    log.info("job %s %s", job_id, status)
+
+
+def record_outcome(db: Database, job_id: str, status: JobStatus, result: dict | None, error: dict | None) -> None:
     with db.session() as session:
         jobs_repo.finish(session, job_id, status, result=result, error=error)
-    log.info("job %s %s", job_id, status)
+
+
+def patiently(write: Callable[[], None], what: str) -> None:
+    """`write`, tried again through a database blink for up to OUTAGE_PATIENCE_S (then the error goes up)."""
+    started = time.monotonic()
+    while True:
+        try:
+            return write()
+        except DATABASE_BLINKS as exc:
+            if time.monotonic() - started > OUTAGE_PATIENCE_S:
+                raise
+            log.warning("%s not stored yet (database unavailable), trying again: %s", what, exc)
+            time.sleep(1.0)
 
 
 def forget_earlier_attempt(db: Database, job_id: str, settings: Settings) -> None:

@@ -107,3 +107,98 @@ def test_jobs_submitted_while_the_broker_is_down_run_exactly_once_when_it_is_bac
         if broker is not None:
             broker.terminate()
             broker.wait(timeout=10)
+
+
+class CuttableLink:
+    """A TCP relay in front of PostgreSQL that a test can cut: open connections are reset and new ones are
+    closed at once, as when the server stops; restored, it relays again."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        import socket
+        import threading
+
+        self.target, self.up, self.open = target, True, set()
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            server = socket.create_connection(self.target)
+            with self.lock:
+                self.open |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            end.close()
+
+    def cut(self) -> None:
+        import socket
+
+        self.up = False
+        with self.lock:
+            for end in self.open:
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.open.clear()
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def test_a_ten_second_database_outage_mid_job_is_503s_and_the_job_succeeds_once(tmp_path):
+    from urllib.parse import urlsplit
+
+    broker = require_redis().rsplit("/", 1)[0] + "/7"
+    import redis
+
+    redis.Redis.from_url(broker).flushdb()
+    database = scratch_postgres("gs_outage")
+    real = urlsplit(database)
+    link = CuttableLink((real.hostname, real.port or 5432))
+    stack = Stack("outage", {"GS_DATABASE_URL": database.replace(f":{real.port or 5432}/", f":{link.port}/"),
+                             "GS_BROKER_URL": broker, "GS_SWEEP_EVERY_S": "1"}, tmp_path).start()
+    try:
+        spec = {"preset": "paper_moons_erm", "steps": 2000, "eval_every": 250, "seeds": [0], "audit": False}
+        job_id = stack.client.post("/v1/jobs", json={"kind": "train", "spec": spec}).json()["id"]
+        stack.wait_for(job_id, ("running",), timeout_s=60)
+        link.cut()
+        try:
+            during = stack.client.get(f"/v1/jobs/{job_id}")
+            assert during.status_code == 503 and int(during.headers["Retry-After"]) > 0, during.text
+            time.sleep(10)
+        finally:
+            link.restore()
+        done = stack.wait_for(job_id, ("succeeded", "failed", "cancelled"), timeout_s=180)
+        assert done["status"] == "succeeded" and done["attempts"] == 1, (done, stack.log())
+        losses = stack.client.get(f"/v1/jobs/{job_id}/metrics", params={"name": "loss", "split": "train"}).json()
+        assert [m["step"] for m in losses["items"]] == list(range(0, 2001, 250))  # each evaluation kept, once
+        lines = [line["message"] for line in stack.client.get(f"/v1/jobs/{job_id}/logs").json()["items"]]
+        assert sum("job started" in line for line in lines) == 1 and lines[-1].startswith("succeeded after")
+    finally:
+        stack.stop()
+        link.close()
