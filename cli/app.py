@@ -104,6 +104,13 @@ def parse_ints(text: str, option: str) -> list[int]:
         raise fail(f"{option} takes integers separated by commas, e.g. 0,1,2 (got {text!r})", EXIT_USAGE) from None
 
 
+def parse_floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise fail(f"{option} takes numbers separated by commas, e.g. 0.5,2.5", EXIT_USAGE) from None
+
+
 def parse_json(text: str | None, option: str, kind: type) -> Any:
     if text is None:
         return None
@@ -165,6 +172,13 @@ def train(
     eval_every: Annotated[int | None, typer.Option(min=1)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="default: full batch")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    method: Annotated[str | None, typer.Option(help="erm | sd | weight_decay (default: the preset's)")] = None,
+    sd_lambda: Annotated[float | None, typer.Option(help="SD: strength of the logit penalty")] = None,
+    sd_gamma: Annotated[str | None, typer.Option(help="SD: logit target, one value or one per class (0.5,2.5)")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(min=0, help="SD: steps before the penalty applies")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="weight_decay: the L2 coefficient")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam | sgd")] = None,
     audit: Annotated[bool | None, typer.Option("--audit/--no-audit", help="audit each trained model")] = None,
     spec_file: Annotated[Path | None, typer.Option("--spec", exists=True, dir_okay=False,
                                                     help="a JSON train spec; the flags above override it")] = None,
@@ -177,6 +191,16 @@ def train(
     flags = {"preset": preset, "steps": steps, "eval_every": eval_every, "batch_size": batch_size,
              "device": device, "audit": audit, "seeds": parse_ints(seeds, "--seeds") if seeds else None}
     spec.update({k: v for k, v in flags.items() if v is not None})
+    gamma = None if sd_gamma is None else parse_floats(sd_gamma, "--sd-gamma")
+    sections = {
+        "method": {"name": method, "sd_lambda": sd_lambda, "sd_gamma": gamma[0] if gamma and len(gamma) == 1 else gamma,
+                   "warmup_steps": warmup_steps, "weight_decay": weight_decay},
+        "optimizer": {"name": optimizer, "lr": lr},
+    }
+    for section, fields in sections.items():  # merged into the preset's section by the server, name kept
+        given = {k: v for k, v in fields.items() if v is not None}
+        if given:
+            spec[section] = {**spec.get(section, {}), **given}
     if not spec:
         raise fail("give --preset (e.g. paper_cmnist_sd) or --spec FILE", EXIT_USAGE)
     tags = parse_tags(tag)

@@ -108,3 +108,15 @@ def test_keys_are_created_listed_and_revoked_from_the_cli(gs, embedded_stack):
     assert refused.exit_code == 4 and "401" in refused.output
     (listed,) = [k for k in json.loads(gs("keys", "list", "--json").stdout) if k["id"] == key["id"]]
     assert listed["revoked_at"]
+
+
+def test_spec_flags_reach_the_preset_and_a_warm_up_longer_than_the_run_is_warned_about(gs):
+    result = gs("train", "--preset", "paper_cmnist_sd", "--steps", "5", "--sd-lambda", "0.5", "--sd-gamma", "0.5,2.5",
+                "--lr", "0.01", "--no-audit", "--json")
+    assert result.exit_code == 0, result.output
+    spec = json.loads(result.stdout)["spec"]
+    assert spec["method"]["name"] == "sd" and spec["method"]["sd_lambda"] == 0.5
+    assert spec["method"]["sd_gamma"] == [0.5, 2.5] and spec["method"]["warmup_steps"] == 450  # the preset's
+    assert spec["optimizer"] == {**spec["optimizer"], "name": "adam", "lr": 0.01}
+    assert "warning:" in result.stderr and "warm-up" in result.stderr
+    assert gs("train", "--preset", "paper_cmnist_sd", "--sd-gamma", "x").exit_code == 2
