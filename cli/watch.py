@@ -9,12 +9,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from cli.client import TERMINAL, ApiClient, ApiFailure, JobStatus
 
 POLL_S = 1.0
+BAR_WIDTH = 30  # spinner, "train 0123456789ab running", bar, percentage and elapsed time fit in 80 columns
 MAX_STREAM_FAILURES = 3
 
 
@@ -54,7 +57,7 @@ class LatestMetrics:
             number = value(split, name)
             if number is not None:
                 parts.append(f"{label} {number:.3f}")
-        return " · ".join(p for p in parts if p)
+        return "  ".join(p for p in parts if p)
 
 
 def follow(client: ApiClient, job_id: str, on_status: Callable[[dict], None],
@@ -97,13 +100,15 @@ def poll(client: ApiClient, job_id: str, on_status: Callable[[dict], None],
 
 
 def wait_with_progress(client: ApiClient, job: dict, console: Console) -> dict:
+    """A bar with the status and percentage on one line, the latest metrics on the next: 80 columns hold both."""
     latest = LatestMetrics((job.get("spec") or {}).get("steps"))
     progress = Progress(
-        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-        TimeElapsedColumn(), TextColumn("{task.fields[metrics]}"), console=console,
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(bar_width=BAR_WIDTH), TaskProgressColumn(),
+        TimeElapsedColumn(), console=console,
     )
-    with progress:
-        task = progress.add_task(f"{job['kind']} {job['id'][:12]} {job['status']}", total=1.0, metrics="")
+    metrics = Text("", no_wrap=True, overflow="ellipsis")
+    task = progress.add_task(f"{job['kind']} {job['id'][:12]} {job['status']}", total=1.0)
+    with Live(Group(progress, metrics), console=console, refresh_per_second=8):
 
         def on_status(current: dict) -> None:
             progress.update(task, completed=current.get("progress") or 0.0,
@@ -111,7 +116,7 @@ def wait_with_progress(client: ApiClient, job: dict, console: Console) -> dict:
 
         def on_metrics(rows: list[dict]) -> None:
             latest.add(rows)
-            progress.update(task, metrics=latest.line())
+            metrics.plain = latest.line()
 
         final = follow(client, job["id"], on_status, on_metrics)
         if final["status"] == JobStatus.SUCCEEDED:

@@ -138,3 +138,29 @@ def test_the_cli_knows_the_same_job_states_as_the_server():
 
     assert [s.value for s in CliJobStatus] == [s.value for s in JobStatus]
     assert {s.value for s in CLI_TERMINAL} == {s.value for s in TERMINAL}
+
+
+def test_the_progress_display_fits_an_80_column_terminal(monkeypatch):
+    from rich.console import Console
+
+    from cli.watch import wait_with_progress
+
+    terminal = Console(width=80, force_terminal=True, record=True, color_system=None)
+    rows = [{"step": 400, "name": name, "value": 0.123456, "seed": 2, "split": split}
+            for split, name in (("train", "loss"), ("train", "accuracy"), ("test", "accuracy"),
+                                ("train", "starved_fraction"))]
+    running = {**JOB, "status": "running", "progress": 0.2, "spec": {**JOB["spec"], "steps": 2001}}
+    final = {**running, "status": "succeeded", "progress": 1.0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/events"):
+            body = sse(("status", running), ("metrics", rows), ("status", final), ("end", {}))
+            return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=final)
+
+    client = ApiClient(resolve("http://x", "t"), transport=httpx.MockTransport(handler))
+    wait_with_progress(client, running, terminal)
+    shown = terminal.export_text().rstrip("\n").split("\n")[-2:]  # the last frame: the bar, then the metrics
+    assert "100%" in shown[0] and "succeeded" in shown[0]
+    assert shown[1].startswith("seed 2  step 400/2001") and "test acc 0.123" in shown[1]
+    assert all(len(line) <= 80 for line in shown), shown
