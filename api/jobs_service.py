@@ -8,6 +8,7 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -32,7 +33,7 @@ from models import jobs as jobs_repo
 from models import metrics as metrics_repo
 from models.db import database
 from models.status import TERMINAL, JobStatus
-from models.tables import Job
+from models.tables import ID_LENGTH, Job
 
 
 def job_warnings(job: Job) -> list[str]:
@@ -76,8 +77,20 @@ def job_out(job: Job) -> JobOut:
     )
 
 
+# A job id may be shortened to a unique prefix of this many hex digits or more (as `gs jobs` shows them).
+MIN_ID_PREFIX = 8
+HEX_PREFIX = re.compile(r"^[0-9a-f]+$")
+
+
 def owned_job(session: Session, job_id: str, owner_id: str) -> Job:
+    """The owner's job by its id or a unique prefix of it; 404 when none (or someone else's), 409 when ambiguous."""
     job = jobs_repo.get(session, job_id, owner_id=owner_id)
+    if job is None and MIN_ID_PREFIX <= len(job_id) < ID_LENGTH and HEX_PREFIX.match(job_id):
+        matches = jobs_repo.with_id_prefix(session, job_id, owner_id=owner_id, limit=2)
+        if len(matches) > 1:
+            raise ApiError(409, "ambiguous_id", f"More than one of your jobs has an id starting {job_id!r}; "
+                                                "give more of it.")
+        job = matches[0] if matches else None
     if job is None:
         raise not_found("job", job_id)
     return job
@@ -436,7 +449,7 @@ def follow(
 ) -> AsyncIterator[str]:
     """The job's Server-Sent Events, once the owner is checked: `status` on every change of status or
     progress, `metrics` and `logs` for new rows, `end` when it has finished and everything was sent."""
-    owned_job(session, job_id, owner_id)
+    job_id = owned_job(session, job_id, owner_id).id  # the full id, when given a prefix
 
     async def stream() -> AsyncIterator[str]:
         last_state, last_metric_id, last_log_id = None, None, None

@@ -4,6 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -60,14 +61,14 @@ def duration(job: dict) -> str:
 
 
 def what(job: dict) -> str:
-    """A job in a few words: its preset or method for training, its model for an audit."""
+    """A job in a few words: its kind, then its preset or method for training, its model and data otherwise."""
     spec = job.get("spec") or {}
     if job["kind"] == "train":
         method = (spec.get("method") or {}).get("name")
-        return " ".join(str(p) for p in (spec.get("preset") or method, f"{spec.get('steps')} steps") if p)
+        return " ".join(str(p) for p in ("train", spec.get("preset") or method, f"{spec.get('steps')} steps") if p)
     source = spec.get("checkpoint_id") and f"checkpoint {spec['checkpoint_id'][:12]}"
     source = source or (spec.get("train_job_id") and f"train job {spec['train_job_id'][:12]}")
-    return f"{source or '?'} on {(spec.get('dataset') or {}).get('name', '?')}"
+    return f"{job['kind']} {source or '?'} on {(spec.get('dataset') or {}).get('name', '?')}"
 
 
 def reliance(job: dict) -> tuple[str, str | None]:
@@ -88,10 +89,11 @@ def test_accuracy(job: dict) -> str:
 
 
 def jobs_table(jobs: list[dict]) -> Table:
-    table = Table(title="Jobs (newest first)", title_justify="left")
-    for column in ("id", "kind", "status", "created UTC", "what", "test acc", "reliance"):
-        table.add_column(column, no_wrap=column in ("id", "kind", "status", "created UTC"),
-                         min_width=26 if column == "what" else None)
+    """Fits 80 columns: ids cut to 12 digits (every command takes them), the kind in `what`, no vertical rules."""
+    table = Table(title="Jobs (newest first)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  padding=(0, 1), collapse_padding=True)
+    for column in ("id", "status", "created", "what", "test", "reliance"):
+        table.add_column(column, no_wrap=column != "what", min_width=18 if column == "what" else None)
     for job in jobs:
         score, verdict = reliance(job)
         accuracy = ((job.get("result") or {}).get("splits") or {}).get("test", {}).get("accuracy") or {}
@@ -99,7 +101,7 @@ def jobs_table(jobs: list[dict]) -> Table:
         if job["status"] == JobStatus.RUNNING:
             status.append(f" {100 * (job.get('progress') or 0):.0f}%")
         table.add_row(
-            job["id"], job["kind"], status, job["created_at"][5:16].replace("T", " "), what(job),
+            job["id"][:12], status, job["created_at"][5:16].replace("T", " "), what(job),
             number(accuracy.get("mean")), Text.assemble(verdict_text(verdict), f" {score.split(' ')[0]}")
             if verdict else Text("—"),
         )

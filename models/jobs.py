@@ -180,6 +180,14 @@ def request_cancel(session: Session, job: Job) -> None:
     session.refresh(job)
 
 
+def with_id_prefix(session: Session, prefix: str, *, owner_id: str, limit: int) -> Sequence[Job]:
+    """The owner's jobs whose id starts with `prefix` (hex digits only: nothing LIKE would read as a pattern)."""
+    if not all(c in "0123456789abcdef" for c in prefix):
+        return []
+    return session.scalars(select(Job).where(Job.owner_id == owner_id, Job.id.startswith(prefix))
+                           .order_by(Job.id).limit(limit)).all()
+
+
 def remove(session: Session, job: Job) -> None:
     session.execute(delete(Job).where(Job.id == job.id))
 

@@ -27,6 +27,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+ID_LENGTH = 32  # every id is a uuid4's hex digits
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 

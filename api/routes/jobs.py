@@ -101,7 +101,7 @@ def get_metrics(
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
     cursor: str | None = None,
 ):
-    owned_job(session, job_id, principal.owner_id)
+    job_id = owned_job(session, job_id, principal.owner_id).id  # the full id, when given a prefix
     rows = metrics_repo.query(
         session, job_id, name=name, seed=seed, split=split, since_step=since_step,
         after_id=jobs_service.after_row(cursor), limit=limit + 1,
@@ -128,7 +128,7 @@ async def get_logs(
 ):
     """The job's own log: its start, each evaluation, warnings, and how it ended."""
     with database().session() as session:
-        owned_job(session, job_id, principal.owner_id)
+        job_id = owned_job(session, job_id, principal.owner_id).id
         if not follow:
             return jobs_service.logs_page(session, job_id, cursor=cursor, limit=limit)
     lines = jobs_service.follow_logs(job_id, cursor, request.is_disconnected)
@@ -157,7 +157,7 @@ def get_report_html(job_id: str, session: SessionDep, principal: PrincipalDep):
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)
 def list_artifacts(job_id: str, session: SessionDep, principal: PrincipalDep):
-    owned_job(session, job_id, principal.owner_id)
+    job_id = owned_job(session, job_id, principal.owner_id).id  # the full id, when given a prefix
     return ArtifactList(
         items=[
             ArtifactOut(
@@ -173,7 +173,7 @@ def list_artifacts(job_id: str, session: SessionDep, principal: PrincipalDep):
 
 @router.get("/{job_id}/artifacts/{name}", response_class=FileResponse)
 def get_artifact(job_id: str, name: str, session: SessionDep, principal: PrincipalDep):
-    owned_job(session, job_id, principal.owner_id)
+    job_id = owned_job(session, job_id, principal.owner_id).id  # the full id, when given a prefix
     artifact = files_repo.get_artifact(session, job_id, name)
     if artifact is None:
         raise not_found("artifact", name)

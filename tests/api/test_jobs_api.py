@@ -90,3 +90,28 @@ def test_openapi_spells_job_status_as_one_enum_of_five_states(client):
     assert document["components"]["schemas"][status_schema["$ref"].split("/")[-1]]["enum"] == states
     (status_filter,) = [p for p in document["paths"]["/v1/jobs"]["get"]["parameters"] if p["name"] == "status"]
     assert status_filter["schema"]["anyOf"][0] == status_schema  # the list filter takes the same enum
+
+
+def test_a_job_is_found_by_a_unique_prefix_of_its_id(client, tenant):
+    headers = tenant()
+    ids = [client.post("/v1/jobs", json={"kind": "train", "spec": SPEC}, headers=headers).json()["id"] for _ in range(3)]
+    job_id = ids[0]
+    assert client.get(f"/v1/jobs/{job_id[:12]}", headers=headers).json()["id"] == job_id
+    assert client.post(f"/v1/jobs/{job_id[:8]}/cancel", headers=headers).json()["id"] == job_id
+    assert client.get(f"/v1/jobs/{job_id[:7]}", headers=headers).status_code == 404  # too short to be a prefix
+    assert client.get(f"/v1/jobs/{job_id[:12]}", headers=tenant("other")).status_code == 404  # not theirs
+    assert client.get(f"/v1/jobs/{job_id[:11]}%25", headers=headers).status_code == 404  # no LIKE patterns
+
+
+def test_an_ambiguous_prefix_is_a_409(client, tenant):
+    from models.db import database
+    from models.tables import Job
+
+    headers = tenant()
+    first = client.post("/v1/jobs", json={"kind": "train", "spec": SPEC}, headers=headers).json()
+    with database().session() as session:  # a second job whose id shares the first's first 10 digits
+        twin = session.get(Job, first["id"])
+        session.add(Job(id=first["id"][:10] + "f" * 22, owner_id=twin.owner_id, kind="train", spec=twin.spec,
+                        tags={}, status=twin.status))
+    response = client.get(f"/v1/jobs/{first['id'][:8]}", headers=headers)
+    assert response.status_code == 409 and response.json()["error"]["code"] == "ambiguous_id"

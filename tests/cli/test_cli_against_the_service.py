@@ -35,13 +35,14 @@ def test_train_wait_follows_the_job_and_ends_with_its_results(gs, tmp_path):
     (job,) = json.loads(listed.output)
     assert job["status"] == "succeeded" and job["spec"]["steps"] == 20
 
-    shown = gs("report", job["id"])
+    shown = gs("report", job["id"][:12])  # the id as `gs jobs` shows it
     assert shown.exit_code == 0 and job["id"] in shown.output and "test" in shown.output
+    assert job["id"][:12] in gs("jobs", "--tag", "suite=cli").output
 
-    logged = gs("logs", "-f", job["id"])  # the job has finished: the whole log, then the command ends
+    logged = gs("logs", "-f", job["id"][:12])  # the job has finished: the whole log, then the command ends
     assert logged.exit_code == 0 and "step 20/20: test accuracy" in logged.output and "succeeded after" in logged.output
 
-    files = gs("artifacts", job["id"], "--json")
+    files = gs("artifacts", job["id"][:12], "--json")
     assert files.exit_code == 0, files.output
     artifact = json.loads(files.stdout)[0]
     saved = tmp_path / "saved.bin"
