@@ -89,7 +89,7 @@ def delete_job(job_id: str, session: SessionDep, principal: PrincipalDep, settin
 
 
 @router.get("/{job_id}/metrics", response_model=MetricPage)
-def get_metrics(
+def list_job_metrics(
     job_id: str,
     session: SessionDep,
     principal: PrincipalDep,
@@ -117,7 +117,7 @@ def get_metrics(
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse)
-async def job_events(job_id: str, request: Request, principal: PrincipalDep):
+async def stream_job_events(job_id: str, request: Request, principal: PrincipalDep):
     """Server-Sent Events: `status` on every change of status or progress, `metrics` for new rows."""
     with database().session() as session:
         events = jobs_service.follow(session, job_id, principal.owner_id, request.is_disconnected)

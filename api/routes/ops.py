@@ -3,16 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from api.deps import SessionDep, SettingsDep, admin_principal, current_principal
+from api.deps import AuthorizationDep, SessionDep, SettingsDep, admin_principal, current_principal
 from api.schemas import error_responses
 from core.queue import QUEUES, check_broker
 from models.db import database
@@ -120,9 +119,7 @@ class Families:
         return self.items
 
 
-def metrics_reader(
-    session: SessionDep, settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
-) -> None:
+def metrics_reader(session: SessionDep, settings: SettingsDep, authorization: AuthorizationDep) -> None:
     """The admin's to read (the counts span every tenant), unless GS_METRICS_PUBLIC admits any scraper."""
     if not settings.metrics_public:
         admin_principal(current_principal(session, authorization))
@@ -130,7 +127,7 @@ def metrics_reader(
 
 @router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(metrics_reader)],
             responses=error_responses(401, 403))
-def metrics() -> Response:
+def prometheus_metrics() -> Response:
     with database().session() as session:
         families = job_metric_families(session, utcnow())
     # The API process's own CPU, memory and GC figures come from the default registry.
