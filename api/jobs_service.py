@@ -22,7 +22,8 @@ from api.dispatch import dispatch
 from api.errors import ApiError, not_found, without_server_paths
 from api.hygiene import first_unstorable
 from api.idempotency import body_hash, replay_or_create
-from api.schemas import AuditJobCreate, JobOut, MetricOut, RepairJobCreate, TrainJobCreate
+from api.schemas import (AuditJobCreate, AuditJobOut, MetricOut, RepairJobCreate, RepairJobOut, TrainJobCreate,
+                         TrainJobOut, job_out_adapter)
 from core import outbound
 from core.paths import job_dir
 from core.settings import Settings
@@ -34,9 +35,10 @@ from models.status import TERMINAL, JobStatus
 from models.tables import Job
 
 
-def job_out(job: Job) -> JobOut:
+def job_out(job: Job) -> TrainJobOut | AuditJobOut | RepairJobOut:
+    """The job as the API shows it; its kind picks the shape of `result`."""
     base = f"/v1/jobs/{job.id}"
-    return JobOut(
+    return job_out_adapter.validate_python(dict(
         id=job.id,
         kind=job.kind,
         status=job.status,
@@ -60,7 +62,7 @@ def job_out(job: Job) -> JobOut:
             "report_html": f"{base}/report.html",
             "artifacts": f"{base}/artifacts",
         },
-    )
+    ))
 
 
 def owned_job(session: Session, job_id: str, owner_id: str) -> Job:
