@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 
 from api import background, dashboard, errors
 from api.deps import admin_token
@@ -30,7 +31,9 @@ def operation_id(route: APIRoute) -> str:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from /static-offline-docs (files in the fastapi-offline
+    # package), not from a CDN: they work on a machine without the internet.
+    app = FastAPIOffline(
         title="Gradient Starvation service",
         version="1.0.0",
         description="Train classifiers with or without Spectral Decoupling; audit any model for "
