@@ -55,9 +55,17 @@ class TrainServiceFields(BaseModel):
 def _engine_field(schema: dict[str, Any]) -> tuple[Any, Any]:
     """A field the engine checks (once, at submission: a 422 `invalid_spec` naming it), documented by the engine's
     own JSON Schema, whose default is what a job runs with when neither the spec nor its preset sets it (FastAPI
-    leaves a null default out of /openapi.json: a field shown without one runs with null)."""
-    return Annotated[Any, WithJsonSchema({k: v for k, v in schema.items() if k != "default"})], \
-        Field(None, json_schema_extra={"default": schema.get("default")})
+    leaves a null default out of /openapi.json: a field shown without one runs with null). A section's default (an
+    object: the variant chosen, e.g. {"arch": "mlp"}) is `x-default`, and said in words: client generators refuse
+    an object default on a union of objects (openapi-python-client drops the whole body, and POST /v1/jobs)."""
+    default = schema.get("default")
+    shown = {k: v for k, v in schema.items() if k != "default"}
+    if isinstance(default, dict):
+        chosen = ", ".join(f"{key} {value}" for key, value in default.items())
+        said = "; ".join(filter(None, [shown.get("description"), f"default: {chosen}, with its parameters' defaults"]))
+        shown |= {"x-default": default, "description": said}
+        return Annotated[Any, WithJsonSchema(shown)], Field(None)
+    return Annotated[Any, WithJsonSchema(shown)], Field(None, json_schema_extra={"default": default})
 
 
 # Fields given here override the preset's. Built from the engine's declarations (starvation/training/spec.py).
@@ -447,7 +455,8 @@ class ErrorResponse(BaseModel):
 
 # When each error status is answered; every error has the body of ErrorResponse, also on HTML and file routes.
 ERROR_MEANINGS = {
-    400: "A cursor or filter this API did not issue, or a malformed multipart body.",
+    400: "A body that cannot be parsed (JSON that is not UTF-8, broken multipart), or a cursor or filter this API "
+         "did not issue.",
     401: "No token, or one that is unknown or revoked.",
     403: "Only the admin token may do this.",
     404: "No such object, or one that belongs to another key.",
@@ -472,8 +481,9 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 # Every route behind a key may answer: 401 (the token), 422 (a parameter, or NUL/invalid Unicode anywhere in the
 # request: api/hygiene.py) and 503 (the database is unavailable). Routes add what else they can answer.
 KEYED_ERRORS = (401, 422, 503)
-# A POST that creates something: its body may be too large, and its Idempotency-Key may race (409).
-CREATE_ERRORS = (409, 413)
+# A POST that creates something: its body may not parse (400) or be too large (413), and its Idempotency-Key may
+# race (409).
+CREATE_ERRORS = (400, 409, 413)
 
 
 def media_response(description: str, *media_types: str, binary: bool = False) -> dict[int | str, dict[str, Any]]:

@@ -39,8 +39,8 @@ def parse_json_field(name: str, raw: str | None, kind: type) -> Any:
     return value
 
 
-# 400: a malformed multipart body; 429: too many model checks at once (api/sandbox.py).
-@router.post("", status_code=201, response_model=CheckpointOut, responses=error_responses(*CREATE_ERRORS, 400, 429))
+# 429: too many model checks at once (api/sandbox.py).
+@router.post("", status_code=201, response_model=CheckpointOut, responses=error_responses(*CREATE_ERRORS, 429))
 async def upload_checkpoint(
     session: SessionDep,
     principal: PrincipalDep,

@@ -32,7 +32,7 @@ def list_datasets(session: SessionDep, principal: PrincipalDep):
     return DatasetList(items=builtins + registered)
 
 
-@router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(*CREATE_ERRORS, 400))
+@router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(*CREATE_ERRORS))
 async def register_dataset(
     session: SessionDep,
     principal: PrincipalDep,

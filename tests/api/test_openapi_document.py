@@ -97,11 +97,11 @@ def test_each_operation_lists_the_errors_of_what_it_does(document):
         assert ({401, 503} <= errors[operation_id]) == keyed, operation_id
         assert 422 in errors[operation_id], operation_id  # api/hygiene.py checks every URL
         assert (404 in errors[operation_id]) == ("{" in op["path"]), operation_id
-        assert (413 in errors[operation_id]) == ("requestBody" in op), operation_id
+        assert ({400, 413} <= errors[operation_id]) == ("requestBody" in op), operation_id  # unparsable, too large
     assert {o for o, codes in errors.items() if 409 in codes} == {
         "create_job", "cancel_job", "delete_job", "upload_checkpoint", "register_dataset", "create_api_key"}
     assert {o for o, codes in errors.items() if 429 in codes} == {"create_job", "upload_checkpoint"}
     assert {o for o, codes in errors.items() if 403 in codes} == {"create_api_key", "prometheus_metrics"}
-    assert {o for o, codes in errors.items() if 400 in codes} == {
-        "list_jobs", "list_job_metrics", "upload_checkpoint", "register_dataset"}
+    assert {o for o, codes in errors.items() if 400 in codes} == {  # a cursor or filter; a body that does not parse
+        "list_jobs", "list_job_metrics", "create_job", "upload_checkpoint", "register_dataset", "create_api_key"}
     assert errors["healthz"] == {422}
