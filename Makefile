@@ -2,20 +2,29 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# openapi-python-client, for the generated-client test (tests/e2e/test_generated_client.py), in a venv of its
+# own: its pins (typer<0.28) conflict with the CLI's typer.
+CODEGEN := .venv-codegen
+OPENAPI_PYTHON_CLIENT := openapi-python-client==0.29.1
 
 .PHONY: install browser serve demo test bench perf clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(CODEGEN)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-serve: install
+$(CODEGEN)/.installed: Makefile
+	$(PYTHON) -m venv $(CODEGEN)
+	$(CODEGEN)/bin/python -m pip install --quiet '$(OPENAPI_PYTHON_CLIENT)'
+	touch $@
+
+serve: $(VENV)/.installed
 	$(PY) scripts/serve.py
 
-demo: install
+demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
 # Headless Chromium for the dashboard test, from Debian's packages (skipped when present).

@@ -5,6 +5,8 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 
 from api import background, dashboard, errors
 from api.deps import admin_token
@@ -23,13 +25,21 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         task.cancel()
 
 
+def operation_id(route: APIRoute) -> str:
+    """The handler's name (`create_job`, `upload_checkpoint`): what a generated client calls the operation."""
+    return route.name
+
+
 def create_app() -> FastAPI:
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from /static-offline-docs (files in the fastapi-offline
+    # package), not from a CDN: they work on a machine without the internet.
+    app = FastAPIOffline(
         title="Gradient Starvation service",
         version="1.0.0",
         description="Train classifiers with or without Spectral Decoupling; audit any model for "
         "reliance on a spurious feature.",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
         dependencies=[Depends(refuse_unstorable_text)],  # NUL or invalid Unicode anywhere: a 422
     )
     errors.install(app)

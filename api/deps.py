@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
@@ -48,15 +49,25 @@ def admin_token() -> str:
     return token
 
 
+class BearerHeader(HTTPBearer):
+    """Declares the HTTP Bearer scheme in /openapi.json (a generated client then takes its token once) and
+    hands over the raw Authorization header: `current_principal` checks it, and answers every failure."""
+
+    async def __call__(self, request: Request) -> str | None:  # type: ignore[override]
+        return request.headers.get("Authorization")
+
+
+bearer = BearerHeader(scheme_name="bearer", description="An API key, or the admin token (GS_ADMIN_TOKEN).")
+AuthorizationDep = Annotated[str | None, Security(bearer)]
+
+
 @dataclass(frozen=True)
 class Principal:
     owner_id: str
     is_admin: bool
 
 
-def current_principal(
-    session: SessionDep, authorization: Annotated[str | None, Header()] = None
-) -> Principal:
+def current_principal(session: SessionDep, authorization: AuthorizationDep) -> Principal:
     if not authorization or not authorization.lower().startswith("bearer "):
         raise ApiError(401, "unauthorized", "Send 'Authorization: Bearer <token>'.")
     token = authorization[7:].strip()

@@ -23,7 +23,8 @@ from api.dispatch import dispatch
 from api.errors import ApiError, not_found, without_server_paths
 from api.hygiene import MAX_DB_INT, first_unstorable
 from api.idempotency import body_hash, replay_or_create
-from api.schemas import AuditJobCreate, JobOut, LogLine, LogPage, MetricOut, RepairJobCreate, TrainJobCreate
+from api.schemas import (AuditJobCreate, AuditJobOut, LogLine, LogPage, MetricOut, RepairJobCreate, RepairJobOut,
+                         TrainJobCreate, TrainJobOut, job_out_adapter)
 from core import outbound
 from core.paths import job_dir
 from core.settings import Settings
@@ -47,9 +48,10 @@ def job_warnings(job: Job) -> list[str]:
     return warnings
 
 
-def job_out(job: Job) -> JobOut:
+def job_out(job: Job) -> TrainJobOut | AuditJobOut | RepairJobOut:
+    """The job as the API shows it; its kind picks the shape of `result`."""
     base = f"/v1/jobs/{job.id}"
-    return JobOut(
+    return job_out_adapter.validate_python(dict(
         id=job.id,
         kind=job.kind,
         status=job.status,
@@ -73,8 +75,9 @@ def job_out(job: Job) -> JobOut:
             "report": f"{base}/report",
             "report_html": f"{base}/report.html",
             "artifacts": f"{base}/artifacts",
+            "logs": f"{base}/logs",
         },
-    )
+    ))
 
 
 # A job id may be shortened to a unique prefix of this many hex digits or more (as `gs jobs` shows them).

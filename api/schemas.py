@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, WithJsonSchema, create_model
+from fastapi import UploadFile
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, TypeAdapter, WithJsonSchema, create_model
 
 from models.status import JobStatus
 from starvation.training.spec import DEVICE_PATTERN, MAX_SEED
@@ -15,6 +17,19 @@ LAYER_PATTERN = r"^[A-Za-z0-9_:/-]+(\.[A-Za-z0-9_:/-]+)*$"
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 # Celery's time limit becomes an OS alarm: a bound it can arm (30 days).
 TimeoutSeconds = Annotated[int, Field(gt=0, le=30 * 24 * 3600)]
+# A multipart file field. `format: binary` is what client generators read as "send a file" (FastAPI writes only
+# contentMediaType, and openapi-python-client then sends the field as text).
+BinaryUpload = Annotated[
+    UploadFile, WithJsonSchema({"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"})
+]
+
+
+class JobKind(StrEnum):
+    """The kinds of job, as `kind` spells them (the job-creation bodies below, one per kind)."""
+
+    TRAIN = "train"
+    AUDIT = "audit"
+    REPAIR = "repair"
 
 
 class DatasetRef(BaseModel):
@@ -40,9 +55,17 @@ class TrainServiceFields(BaseModel):
 def _engine_field(schema: dict[str, Any]) -> tuple[Any, Any]:
     """A field the engine checks (once, at submission: a 422 `invalid_spec` naming it), documented by the engine's
     own JSON Schema, whose default is what a job runs with when neither the spec nor its preset sets it (FastAPI
-    leaves a null default out of /openapi.json: a field shown without one runs with null)."""
-    return Annotated[Any, WithJsonSchema({k: v for k, v in schema.items() if k != "default"})], \
-        Field(None, json_schema_extra={"default": schema.get("default")})
+    leaves a null default out of /openapi.json: a field shown without one runs with null). A section's default (an
+    object: the variant chosen, e.g. {"arch": "mlp"}) is `x-default`, and said in words: client generators refuse
+    an object default on a union of objects (openapi-python-client drops the whole body, and POST /v1/jobs)."""
+    default = schema.get("default")
+    shown = {k: v for k, v in schema.items() if k != "default"}
+    if isinstance(default, dict):
+        chosen = ", ".join(f"{key} {value}" for key, value in default.items())
+        said = "; ".join(filter(None, [shown.get("description"), f"default: {chosen}, with its parameters' defaults"]))
+        shown |= {"x-default": default, "description": said}
+        return Annotated[Any, WithJsonSchema(shown)], Field(None)
+    return Annotated[Any, WithJsonSchema(shown)], Field(None, json_schema_extra={"default": default})
 
 
 # Fields given here override the preset's. Built from the engine's declarations (starvation/training/spec.py).
@@ -121,41 +144,6 @@ class RepairJobCreate(JobCreateFields):
 
 
 JobCreate = Annotated[TrainJobCreate | AuditJobCreate | RepairJobCreate, Field(discriminator="kind")]
-
-
-class JobError(BaseModel):
-    code: str
-    message: str
-
-
-class JobOut(BaseModel):
-    id: str
-    kind: str
-    status: JobStatus
-    progress: float
-    spec: dict[str, Any]
-    tags: dict[str, str]
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    attempts: int
-    cancel_requested: bool
-    worker_id: str | None = Field(None, description="host:pid of the worker process running it")
-    error: JobError | None
-    result: dict[str, Any] | None
-    warnings: list[str] = Field(
-        default_factory=list, description="what will likely not do what was meant (e.g. SD that never leaves its "
-        "warm-up) or went wrong without failing the job (an MLflow export); the job's log has them too")
-    links: dict[str, str]
-
-
-# ?status= of GET /v1/jobs: one of the states (anything else is a 422), or empty for any, as before.
-StatusFilter = Annotated[JobStatus | None, BeforeValidator(lambda value: value or None)]
-
-
-class JobPage(BaseModel):
-    items: list[JobOut]
-    next_cursor: str | None
 
 
 class MetricOut(BaseModel):
@@ -391,6 +379,156 @@ class RepairReport(BaseModel):
                                                "the head was chosen (`selection`)")
 
 
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class MeanStd(BaseModel):
+    """Over seeds; null where a value was not finite (a diverged loss)."""
+
+    mean: float | None
+    std: float | None
+
+
+class SplitSummary(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    accuracy: MeanStd
+    loss: MeanStd
+
+
+class SeedCheckpoints(BaseModel):
+    """The checkpoints one seed produced: the same network in both formats."""
+
+    seed: int
+    torchscript: str = Field(description="checkpoint id")
+    safetensors: str = Field(description="checkpoint id")
+
+
+class SeedReport(Report):
+    seed: int
+
+
+class RelianceOverSeeds(BaseModel):
+    reliance_score: MeanStd | None
+    verdict: Literal["low", "partial", "high"] | None
+    basis: Literal["counterfactual", "groups"]
+    reason: str | None = None
+
+
+class TrainAudit(BaseModel):
+    reports: list[SeedReport] = Field(description="the report of every seed")
+    summary: RelianceOverSeeds
+
+
+class MlflowOutcome(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    tracking_uri: str
+    experiment: str
+    run_id: str | None = None
+    error: str | None = Field(None, description="why the export failed; the job itself succeeded")
+
+
+class TrainResult(BaseModel):
+    """A finished train job: per split, mean and std over seeds of the final accuracy and loss."""
+
+    model_config = ConfigDict(extra="allow")
+    splits: dict[str, SplitSummary]
+    seeds: list[int]
+    checkpoints: list[SeedCheckpoints]
+    device: str
+    dataset: dict[str, Any] = Field(default_factory=dict, description="what the dataset was built with")
+    starved_fraction: dict[str, float] | None = None
+    execution: dict[str, Any] | None = Field(None, description="how the seeds ran (batched or sequential) and why")
+    timing: dict[str, float] | None = None
+    audit: TrainAudit | None = Field(None, description="with `audit: true`")
+    mlflow: MlflowOutcome | None = None
+
+
+class AuditResult(Report):
+    """A finished audit job: its report (also at /report) and where the model ran."""
+
+    device: str
+
+
+class RepairSummary(RelianceSummary):
+    """An audit's reliance summary with the numbers a before/after table shows."""
+
+    average_accuracy: float | None = None
+    worst_group_accuracy: float | None = None
+    flip_rate: float | None = None
+    core_accuracy: float | None = None
+    spurious_accuracy: float | None = None
+
+
+class RepairReports(BaseModel):
+    before: Report
+    after: Report
+
+
+class RepairResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    checkpoint_id: str = Field(description="the new checkpoint")
+    parent_checkpoint_id: str
+    method: dict[str, Any] = Field(description="the method as resolved, with every parameter")
+    selection: dict[str, Any] = Field(description="which data fitted the head and which chose it")
+    before: RepairSummary
+    after: RepairSummary
+    repair: dict[str, Any]
+    reports: RepairReports
+    device: str
+
+
+class JobOutFields(BaseModel):
+    """What every job shows; `kind` tells the shape of `result`."""
+
+    id: str
+    status: JobStatus
+    progress: float
+    spec: dict[str, Any]
+    tags: dict[str, str]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    cancel_requested: bool
+    worker_id: str | None = Field(None, description="host:pid of the worker process running it")
+    error: JobError | None
+    warnings: list[str] = Field(
+        default_factory=list, description="what will likely not do what was meant (e.g. SD that never leaves its "
+        "warm-up) or went wrong without failing the job (an MLflow export); the job's log has them too")
+    links: dict[str, str]
+
+
+class TrainJobOut(JobOutFields):
+    kind: Literal[JobKind.TRAIN]
+    result: TrainResult | None
+
+
+class AuditJobOut(JobOutFields):
+    kind: Literal[JobKind.AUDIT]
+    result: AuditResult | None
+
+
+class RepairJobOut(JobOutFields):
+    kind: Literal[JobKind.REPAIR]
+    result: RepairResult | None
+
+
+JobOut = Annotated[TrainJobOut | AuditJobOut | RepairJobOut, Field(discriminator="kind")]
+job_out_adapter: TypeAdapter[TrainJobOut | AuditJobOut | RepairJobOut] = TypeAdapter(JobOut)
+
+
+# ?status= and ?kind= of GET /v1/jobs: one of the enum's values (anything else is a 422), or empty for any.
+StatusFilter = Annotated[JobStatus | None, BeforeValidator(lambda value: value or None)]
+KindFilter = Annotated[JobKind | None, BeforeValidator(lambda value: value or None)]
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -401,11 +539,46 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+# When each error status is answered; every error has the body of ErrorResponse, also on HTML and file routes.
+ERROR_MEANINGS = {
+    400: "A body that cannot be parsed (JSON that is not UTF-8, broken multipart), or a cursor or filter this API "
+         "did not issue.",
+    401: "No token, or one that is unknown or revoked.",
+    403: "Only the admin token may do this.",
+    404: "No such object, or one that belongs to another key.",
+    409: "The object's state does not allow it, or a concurrent request with this Idempotency-Key failed.",
+    413: "The body or the upload is over the size limit.",
+    422: "Invalid input (the error names the field), or an Idempotency-Key reused with another body.",
+    429: "Over a limit of this key or of the service; retry after Retry-After seconds.",
+    503: "The database (or the model checker) is unavailable; nothing was changed. Retry after Retry-After seconds.",
+}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for our error shape, always JSON (also on HTML and file routes)."""
     schema = {"$ref": "#/components/schemas/ErrorResponse"}
-    return {code: {"model": ErrorResponse, "content": {"application/json": {"schema": schema}}} for code in codes}
+    return {
+        code: {"model": ErrorResponse, "description": ERROR_MEANINGS[code],
+               "content": {"application/json": {"schema": schema}}}
+        for code in codes
+    }
 
 
-# Every API route may answer these: bad framing (400), auth (401), body too large (413), invalid (422).
-COMMON_ERRORS = (400, 401, 413, 422)
+# Every route behind a key may answer: 401 (the token), 422 (a parameter, or NUL/invalid Unicode anywhere in the
+# request: api/hygiene.py) and 503 (the database is unavailable). Routes add what else they can answer.
+KEYED_ERRORS = (401, 422, 503)
+# A POST that creates something: its body may not parse (400) or be too large (413), and its Idempotency-Key may
+# race (409).
+CREATE_ERRORS = (400, 409, 413)
+
+
+def media_response(description: str, *media_types: str, binary: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The 200 of a route that answers something else than JSON (a file, a page, an event stream), so a client reads
+    bytes or text. Such a route keeps the plain `Response` class: FastAPI then documents its errors as JSON only."""
+    schema = {"type": "string", "format": "binary"} if binary else {"type": "string"}
+    return {200: {"description": description, "content": {media: {"schema": schema} for media in media_types}}}
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str] = Field(description='"ok", or why the part is unreachable, by part (database, broker)')

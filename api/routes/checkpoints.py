@@ -5,20 +5,20 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Header, Query, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found
 from api.idempotency import replay_if_seen, replay_or_create
-from api.schemas import COMMON_ERRORS, CheckpointOut, CheckpointPage, error_responses
+from api.schemas import (CREATE_ERRORS, KEYED_ERRORS, BinaryUpload, CheckpointOut, CheckpointPage, error_responses,
+                         media_response)
 from api.uploads import save_limited
 from models import files as files_repo
 from models.tables import Checkpoint, new_id
 
-ERRORS = error_responses(*COMMON_ERRORS, 404)
-router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=ERRORS)
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=error_responses(*KEYED_ERRORS))
 
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors"}
 
@@ -39,14 +39,17 @@ def parse_json_field(name: str, raw: str | None, kind: type) -> Any:
     return value
 
 
+# 200: the same bytes again (no second check); 429: too many model checks at once (api/sandbox.py).
 @router.post("", status_code=201, response_model=CheckpointOut, responses={
-    200: {"model": CheckpointOut, "description": "The same bytes, format and model card were uploaded before: that checkpoint."},
+    **error_responses(*CREATE_ERRORS, 429),
+    200: {"model": CheckpointOut, "description": "The same bytes, format and model card were uploaded before: "
+                                                  "that checkpoint, not checked again."},
 })
 async def upload_checkpoint(
     session: SessionDep,
     principal: PrincipalDep,
     settings: SettingsDep,
-    file: Annotated[UploadFile, File()],
+    file: Annotated[BinaryUpload, File()],
     format: Annotated[Literal["torchscript", "onnx", "safetensors"], Form()],
     arch: Annotated[str | None, Form()] = None,
     arch_params: Annotated[str | None, Form(description="JSON object")] = None,
@@ -134,7 +137,7 @@ def list_checkpoints(
     )
 
 
-@router.get("/{checkpoint_id}", response_model=CheckpointOut)
+@router.get("/{checkpoint_id}", response_model=CheckpointOut, responses=error_responses(404))
 def get_checkpoint(checkpoint_id: str, session: SessionDep, principal: PrincipalDep):
     checkpoint = files_repo.get_checkpoint(session, checkpoint_id, owner_id=principal.owner_id)
     if checkpoint is None:
@@ -142,7 +145,9 @@ def get_checkpoint(checkpoint_id: str, session: SessionDep, principal: Principal
     return checkpoint_out(checkpoint)
 
 
-@router.get("/{checkpoint_id}/file", response_class=FileResponse)
+@router.get("/{checkpoint_id}/file", response_class=Response,
+            responses={**media_response("The checkpoint's file.", "application/octet-stream", binary=True),
+                       **error_responses(404)})
 def download_checkpoint(checkpoint_id: str, session: SessionDep, principal: PrincipalDep):
     checkpoint = files_repo.get_checkpoint(session, checkpoint_id, owner_id=principal.owner_id)
     if checkpoint is None:

@@ -12,14 +12,12 @@ from fastapi.concurrency import run_in_threadpool
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, without_server_paths
 from api.idempotency import replay_or_create
-from api.schemas import COMMON_ERRORS, DatasetList, DatasetOut, error_responses
+from api.schemas import CREATE_ERRORS, KEYED_ERRORS, BinaryUpload, DatasetList, DatasetOut, error_responses
 from api.uploads import save_limited
 from models import files as files_repo
 from models.tables import new_id
 
-router = APIRouter(
-    prefix="/v1/datasets", tags=["datasets"], responses=error_responses(*COMMON_ERRORS)
-)
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses(*KEYED_ERRORS))
 
 
 @router.get("", response_model=DatasetList)
@@ -34,14 +32,14 @@ def list_datasets(session: SessionDep, principal: PrincipalDep):
     return DatasetList(items=builtins + registered)
 
 
-@router.post("", status_code=201, response_model=DatasetOut)
+@router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(*CREATE_ERRORS))
 async def register_dataset(
     session: SessionDep,
     principal: PrincipalDep,
     settings: SettingsDep,
     name: Annotated[str, Form(min_length=1, max_length=200)],
     format: Annotated[Literal["npz", "image_folder"], Form()] = "npz",
-    file: Annotated[UploadFile | None, File(description=".npz with arrays x, y, attribute (optional split)")] = None,
+    file: Annotated[BinaryUpload | None, File(description=".npz with arrays x, y, attribute (optional split)")] = None,
     folder: Annotated[str | None, Form(description="image_folder: a folder under GS_DATA_DIR")] = None,
     metadata: Annotated[str, Form(description="image_folder: the CSV (path,label,attribute,split), in the folder")]
     = "metadata.csv",

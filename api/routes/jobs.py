@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response, StreamingResponse
 
 from api import jobs_service
 from api.deps import PrincipalDep, SessionDep, SettingsDep
@@ -12,29 +12,38 @@ from api.errors import not_found
 from api.hygiene import MAX_DB_INT
 from api.jobs_service import job_out, owned_job
 from api.schemas import (
-    COMMON_ERRORS,
+    CREATE_ERRORS,
+    KEYED_ERRORS,
     MAX_SEED,
     ArtifactList,
     ArtifactOut,
     JobCreate,
     JobOut,
     JobPage,
+    KindFilter,
     LogPage,
     MetricOut,
     MetricPage,
     RepairReport,
     Report,
     StatusFilter,
+    media_response,
     error_responses,
 )
 from models import files as files_repo
 from models import metrics as metrics_repo
 from models.db import database
 
-ERRORS = error_responses(*COMMON_ERRORS, 404, 409)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*KEYED_ERRORS))
+OF_A_JOB = error_responses(404, 409)  # every route under /v1/jobs/{job_id} (409: an id prefix two jobs share)
 
 MAX_LIMIT = 500
+EVENT_STREAM = media_response("`event: status` (the job), `event: metrics` and `event: logs` (new rows), `event: end`.",
+                              "text/event-stream")
+# Checkpoints, plots and JSON reports, each with its own media type (the artifact list says which).
+ARTIFACT_FILE = media_response("The artifact's bytes.", "application/octet-stream", "image/png", "application/json",
+                               binary=True)
+REPORT_PAGE = media_response("The report as one self-contained page with its plots.", "text/html")
 # report.html is one self-contained page: inline <style>, plots as data: URIs, no script at all.
 REPORT_HTML_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
@@ -44,7 +53,7 @@ REPORT_HTML_HEADERS = {
 }
 
 
-@router.post("", status_code=202, response_model=JobOut)
+@router.post("", status_code=202, response_model=JobOut, responses=error_responses(*CREATE_ERRORS, 429))
 def create_job(
     body: Annotated[JobCreate, Body()],
     session: SessionDep,
@@ -55,11 +64,11 @@ def create_job(
     return jobs_service.submit_once(session, body, principal, settings, idempotency_key)
 
 
-@router.get("", response_model=JobPage)
+@router.get("", response_model=JobPage, responses=error_responses(400))
 def list_jobs(
     session: SessionDep,
     principal: PrincipalDep,
-    kind: str | None = None,
+    kind: KindFilter = None,
     status: StatusFilter = None,
     tag: Annotated[list[str], Query(description="k:v, repeatable")] = [],  # noqa: B006
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
@@ -72,25 +81,25 @@ def list_jobs(
     return JobPage(items=[job_out(j) for j in items], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=OF_A_JOB)
 def get_job(job_id: str, session: SessionDep, principal: PrincipalDep):
     return job_out(owned_job(session, job_id, principal.owner_id))
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses=error_responses(404, 409))
 def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep):
     job = owned_job(session, job_id, principal.owner_id)
     jobs_service.cancel(session, job)
     return job_out(job)
 
 
-@router.delete("/{job_id}", status_code=204)
+@router.delete("/{job_id}", status_code=204, responses=error_responses(404, 409))
 def delete_job(job_id: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep):
     jobs_service.delete(session, owned_job(session, job_id, principal.owner_id), settings)
 
 
-@router.get("/{job_id}/metrics", response_model=MetricPage)
-def get_metrics(
+@router.get("/{job_id}/metrics", response_model=MetricPage, responses=error_responses(400, 404, 409))
+def list_job_metrics(
     job_id: str,
     session: SessionDep,
     principal: PrincipalDep,
@@ -117,8 +126,9 @@ def get_metrics(
     200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}},
           "description": "A page of the job's log lines; with `follow=true`, a stream of JSON lines (LogLine) "
                          "that ends when the job has finished."},
+    **error_responses(400, 404, 409),
 })
-async def get_logs(
+async def get_job_logs(
     job_id: str,
     request: Request,
     principal: PrincipalDep,
@@ -135,27 +145,27 @@ async def get_logs(
     return StreamingResponse(lines, media_type="application/x-ndjson")
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse)
-async def job_events(job_id: str, request: Request, principal: PrincipalDep):
-    """Server-Sent Events: `status` on every change of status or progress, `metrics` for new rows."""
+@router.get("/{job_id}/events", response_class=Response, responses={**EVENT_STREAM, **OF_A_JOB})
+async def stream_job_events(job_id: str, request: Request, principal: PrincipalDep):
+    """Server-Sent Events: `status` on every change of status or progress, `metrics` and `logs` for new rows."""
     with database().session() as session:
         events = jobs_service.follow(session, job_id, principal.owner_id, request.is_disconnected)
     return StreamingResponse(events, media_type="text/event-stream")
 
 
-@router.get("/{job_id}/report", response_model=Report | RepairReport)
+@router.get("/{job_id}/report", response_model=Report | RepairReport, responses=OF_A_JOB)
 def get_report(job_id: str, session: SessionDep, principal: PrincipalDep):
     job = owned_job(session, job_id, principal.owner_id)
     return jobs_service.report_of(job)
 
 
-@router.get("/{job_id}/report.html", response_class=HTMLResponse)
+@router.get("/{job_id}/report.html", response_class=Response, responses={**REPORT_PAGE, **OF_A_JOB})
 def get_report_html(job_id: str, session: SessionDep, principal: PrincipalDep):
     job = owned_job(session, job_id, principal.owner_id)
     return HTMLResponse(jobs_service.report_html(session, job), headers=REPORT_HTML_HEADERS)
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactList)
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=OF_A_JOB)
 def list_artifacts(job_id: str, session: SessionDep, principal: PrincipalDep):
     job_id = owned_job(session, job_id, principal.owner_id).id  # the full id, when given a prefix
     return ArtifactList(
@@ -171,7 +181,7 @@ def list_artifacts(job_id: str, session: SessionDep, principal: PrincipalDep):
     )
 
 
-@router.get("/{job_id}/artifacts/{name}", response_class=FileResponse)
+@router.get("/{job_id}/artifacts/{name}", response_class=Response, responses={**ARTIFACT_FILE, **OF_A_JOB})
 def get_artifact(job_id: str, name: str, session: SessionDep, principal: PrincipalDep):
     job_id = owned_job(session, job_id, principal.owner_id).id  # the full id, when given a prefix
     artifact = files_repo.get_artifact(session, job_id, name)

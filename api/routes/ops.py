@@ -3,17 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from api.deps import SessionDep, SettingsDep, admin_principal, current_principal
-from api.schemas import error_responses
+from api.deps import AuthorizationDep, SessionDep, SettingsDep, admin_principal, current_principal
+from api.schemas import Readiness, error_responses, media_response
 from core.queue import QUEUES, check_broker
 from models.db import database
 from models.status import JobStatus
@@ -22,12 +21,14 @@ from models.tables import Job, utcnow
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=error_responses(422))
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "The database or the broker is unreachable."},
+                       **error_responses(422)})
 def readyz() -> JSONResponse:
     checks = {}
     try:
@@ -120,17 +121,15 @@ class Families:
         return self.items
 
 
-def metrics_reader(
-    session: SessionDep, settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
-) -> None:
+def metrics_reader(session: SessionDep, settings: SettingsDep, authorization: AuthorizationDep) -> None:
     """The admin's to read (the counts span every tenant), unless GS_METRICS_PUBLIC admits any scraper."""
     if not settings.metrics_public:
         admin_principal(current_principal(session, authorization))
 
 
-@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(metrics_reader)],
-            responses=error_responses(401, 403))
-def metrics() -> Response:
+@router.get("/metrics", response_class=Response, dependencies=[Depends(metrics_reader)],
+            responses={**media_response("Prometheus text format.", "text/plain"), **error_responses(401, 403, 422, 503)})
+def prometheus_metrics() -> Response:
     with database().session() as session:
         families = job_metric_families(session, utcnow())
     # The API process's own CPU, memory and GC figures come from the default registry.

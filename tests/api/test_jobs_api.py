@@ -86,8 +86,10 @@ def test_openapi_and_health(client):
 def test_openapi_spells_job_status_as_one_enum_of_five_states(client):
     document = client.get("/openapi.json").json()
     states = ["queued", "running", "succeeded", "failed", "cancelled"]
-    status_schema = document["components"]["schemas"]["JobOut"]["properties"]["status"]
-    assert document["components"]["schemas"][status_schema["$ref"].split("/")[-1]]["enum"] == states
+    schemas = document["components"]["schemas"]
+    status_schema = schemas["TrainJobOut"]["properties"]["status"]
+    assert schemas[status_schema["$ref"].split("/")[-1]]["enum"] == states
+    assert schemas["AuditJobOut"]["properties"]["status"] == schemas["RepairJobOut"]["properties"]["status"] == status_schema
     (status_filter,) = [p for p in document["paths"]["/v1/jobs"]["get"]["parameters"] if p["name"] == "status"]
     assert status_filter["schema"]["anyOf"][0] == status_schema  # the list filter takes the same enum
 
@@ -115,3 +117,20 @@ def test_an_ambiguous_prefix_is_a_409(client, tenant):
                         tags={}, status=twin.status))
     response = client.get(f"/v1/jobs/{first['id'][:8]}", headers=headers)
     assert response.status_code == 409 and response.json()["error"]["code"] == "ambiguous_id"
+
+
+def test_the_kind_filter_is_an_enum_of_the_kinds_a_job_can_be_created_with(client):
+    document = client.get("/openapi.json").json()
+    (kind_filter,) = [p for p in document["paths"]["/v1/jobs"]["get"]["parameters"] if p["name"] == "kind"]
+    kinds = document["components"]["schemas"][kind_filter["schema"]["anyOf"][0]["$ref"].split("/")[-1]]["enum"]
+    creatable = [schema["properties"]["kind"]["const"] for name, schema in document["components"]["schemas"].items()
+                 if name.endswith("JobCreate")]
+    assert sorted(kinds) == sorted(creatable) == ["audit", "repair", "train"]
+
+
+def test_an_unknown_kind_or_status_filter_is_a_422_and_an_empty_one_means_any(client):
+    for query in ({"kind": "sweeep"}, {"status": "done"}):
+        response = client.get("/v1/jobs", params=query)
+        assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request", query
+    assert client.get("/v1/jobs", params={"kind": "", "status": ""}).status_code == 200
+    assert client.get("/v1/jobs", params={"kind": "audit"}).status_code == 200

@@ -40,7 +40,7 @@ def test_every_plain_field_documents_the_default_a_job_runs_with(client, tenant)
 @pytest.mark.parametrize("section, identity", [("model", "arch"), ("method", "name"), ("optimizer", "name")])
 def test_the_default_section_documents_its_parameters_defaults(client, tenant, section, identity):
     schema = train_spec_schema(client)[section]
-    chosen = schema["default"][identity]
+    chosen = schema["x-default"][identity]  # an object default breaks client generators (api/schemas.py)
     ran = submit(client, tenant(), BARE)[section]
     assert ran[identity] == chosen
     assert {k: v for k, v in ran.items() if k != identity} == variant_defaults(schema, chosen)

@@ -1,0 +1,109 @@
+"""The OpenAPI document is one a client generator can use as it is: names a person would choose, a Bearer
+scheme instead of an `authorization` parameter on every call, files as binary, the errors each operation
+really answers, and the media types of what is not JSON."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def document(client) -> dict:
+    return client.get("/openapi.json").json()
+
+
+def operations(document: dict) -> dict[str, dict]:
+    """{operationId: operation} of every operation; a repeated id is a failure."""
+    found: dict[str, dict] = {}
+    for path, methods in document["paths"].items():
+        for method, operation in methods.items():
+            assert operation["operationId"] not in found, f"{method} {path} repeats {operation['operationId']}"
+            found[operation["operationId"]] = {**operation, "path": path, "method": method}
+    return found
+
+
+def test_operation_ids_are_the_names_a_person_would_choose(document):
+    ids = set(operations(document))
+    assert {"create_job", "get_job", "list_jobs", "cancel_job", "delete_job", "list_job_metrics", "get_job_logs", "stream_job_events",
+            "get_report", "get_report_html", "list_artifacts", "get_artifact", "upload_checkpoint", "list_checkpoints",
+            "get_checkpoint", "download_checkpoint", "list_datasets", "register_dataset", "create_api_key",
+            "list_api_keys", "revoke_api_key", "healthz", "readyz", "prometheus_metrics"} == ids
+
+
+def test_a_bearer_scheme_replaces_the_authorization_parameter(document):
+    (scheme,) = document["components"]["securitySchemes"].values()
+    assert {k: scheme[k] for k in ("type", "scheme")} == {"type": "http", "scheme": "bearer"}
+    for operation_id, operation in operations(document).items():
+        names = [p["name"].lower() for p in operation.get("parameters", [])]
+        assert "authorization" not in names, operation_id
+        needs_key = operation["path"].startswith("/v1/") or operation_id == "prometheus_metrics"
+        assert (operation.get("security") == [{"bearer": []}]) == needs_key, operation_id
+
+
+@pytest.mark.parametrize("header", [None, "Basic dXNlcjpwYXNz", "Bearer", "Bearer not-a-key", "bearer  "])
+def test_a_missing_or_wrong_token_is_still_a_401_with_our_error_shape(client, header):
+    headers = {"Authorization": header} if header is not None else {}
+    client_headers = client.headers.copy()
+    client.headers.pop("Authorization")
+    try:
+        response = client.get("/v1/jobs", headers=headers)
+    finally:
+        client.headers = client_headers
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert response.json()["error"]["code"] == "unauthorized"
+
+
+def test_a_token_is_read_whatever_the_case_of_its_scheme(client, tenant):
+    token = tenant()["Authorization"].split(" ", 1)[1]
+    assert client.get("/v1/jobs", headers={"Authorization": f"bEaReR {token}"}).status_code == 200
+
+
+def test_every_file_field_is_binary_so_a_generated_client_uploads_it(document):
+    bodies = [op["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]
+              for op in operations(document).values() if "multipart/form-data" in op.get("requestBody", {}).get("content", {})]
+    assert sorted(bodies) == ["Body_register_dataset", "Body_upload_checkpoint"]
+    for body in bodies:
+        file_field = document["components"]["schemas"][body]["properties"]["file"]
+        variants = [v for v in file_field.get("anyOf", [file_field]) if v.get("type") == "string"]
+        assert variants and all(v["format"] == "binary" for v in variants), body
+
+
+def test_files_pages_and_streams_declare_their_media_types_and_errors_stay_json(document):
+    found = {operation_id: sorted(operation["responses"]["200"].get("content", {}))
+             for operation_id, operation in operations(document).items() if "200" in operation["responses"]}
+    assert found["download_checkpoint"] == ["application/octet-stream"]
+    assert "application/octet-stream" in found["get_artifact"]
+    assert found["stream_job_events"] == ["text/event-stream"]
+    assert found["get_report_html"] == ["text/html"]
+    assert found["prometheus_metrics"] == ["text/plain"]
+    for operation_id, operation in operations(document).items():
+        for status, response in operation["responses"].items():
+            if status.startswith(("4", "5")) and operation_id != "readyz":
+                assert response["content"] == {"application/json": {"schema": {
+                    "$ref": "#/components/schemas/ErrorResponse"}}}, (operation_id, status)
+
+
+def test_readyz_documents_its_503(document):
+    responses = operations(document)["readyz"]["responses"]
+    assert responses["503"]["content"]["application/json"]["schema"] == responses["200"]["content"][
+        "application/json"]["schema"] == {"$ref": "#/components/schemas/Readiness"}
+
+
+def test_each_operation_lists_the_errors_of_what_it_does(document):
+    ops = operations(document)
+    errors = {operation_id: {int(s) for s in op["responses"] if s.startswith(("4", "5"))} for operation_id, op in ops.items()}
+    for operation_id, op in ops.items():
+        keyed = "security" in op
+        assert ({401, 503} <= errors[operation_id]) == keyed, operation_id
+        assert 422 in errors[operation_id], operation_id  # api/hygiene.py checks every URL
+        assert (404 in errors[operation_id]) == ("{" in op["path"]), operation_id
+        assert ({400, 413} <= errors[operation_id]) == ("requestBody" in op), operation_id  # unparsable, too large
+    job_routes = {o for o, op in ops.items() if op["path"].startswith("/v1/jobs/{job_id}")}  # 409: a shared id prefix
+    assert {o for o, codes in errors.items() if 409 in codes} == {
+        "create_job", "upload_checkpoint", "register_dataset", "create_api_key"} | job_routes
+    assert {o for o, codes in errors.items() if 429 in codes} == {"create_job", "upload_checkpoint"}
+    assert {o for o, codes in errors.items() if 403 in codes} == {"create_api_key", "prometheus_metrics"}
+    assert {o for o, codes in errors.items() if 400 in codes} == {  # a cursor or filter; a body that does not parse
+        "list_jobs", "list_job_metrics", "get_job_logs", "create_job", "upload_checkpoint", "register_dataset",
+        "create_api_key"}
+    assert errors["healthz"] == {422}
