@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -156,6 +157,13 @@ def show_outcome(client: ApiClient, job: dict, as_json: bool) -> None:
         raise fail(f"job {job['id']} failed: {error.get('code', 'unknown')}: {error.get('message', '')}", EXIT_FAILED)
     if job["status"] == JobStatus.CANCELLED:
         raise fail(f"job {job['id']} was cancelled", EXIT_CANCELLED)
+
+
+def show_list(items: list[dict], as_json: bool, table: Callable[[list[dict]], Any], empty: str) -> None:
+    if as_json:
+        typer.echo(json.dumps(items))
+    else:
+        out().print(table(items) if items else empty)
 
 
 WaitOption = Annotated[bool, typer.Option("--wait/--no-wait", help="follow the job to its end with a progress bar")]
@@ -310,11 +318,7 @@ def jobs(
     tags = [t.replace("=", ":", 1) if ":" not in t else t for t in tag]
 
     def body(client: ApiClient) -> None:
-        items = client.jobs(status=status, kind=kind, tags=tags, limit=limit)
-        if as_json:
-            typer.echo(json.dumps(items))
-        else:
-            out().print(render.jobs_table(items) if items else "no jobs")
+        show_list(client.jobs(status=status, kind=kind, tags=tags, limit=limit), as_json, render.jobs_table, "no jobs")
 
     run(ctx, body)
 
@@ -409,11 +413,7 @@ def checkpoints(
 ) -> None:
     """List your checkpoints: uploads, those train jobs made, repaired ones."""
     def body(client: ApiClient) -> None:
-        items = client.checkpoints(limit=limit)
-        if as_json:
-            typer.echo(json.dumps(items))
-        else:
-            out().print(render.checkpoints_table(items) if items else "no checkpoints")
+        show_list(client.checkpoints(limit=limit), as_json, render.checkpoints_table, "no checkpoints")
 
     run(ctx, body)
 
@@ -424,11 +424,8 @@ def artifacts(
 ) -> None:
     """List a job's files (plots, reports, checkpoints); fetch one with `gs download`."""
     def body(client: ApiClient) -> None:
-        items = client.artifacts(job_id)
-        if as_json:
-            typer.echo(json.dumps(items))
-        else:
-            out().print(render.artifacts_table(job_id, items) if items else f"job {job_id} has no artifacts")
+        show_list(client.artifacts(job_id), as_json, lambda items: render.artifacts_table(job_id, items),
+                  f"job {job_id} has no artifacts")
 
     run(ctx, body)
 
@@ -458,11 +455,7 @@ app.add_typer(keys_app, name="keys")
 def keys_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Every key (admin) or your own; secrets are never listed."""
     def body(client: ApiClient) -> None:
-        items = client.keys()
-        if as_json:
-            typer.echo(json.dumps(items))
-        else:
-            out().print(render.keys_table(items))
+        show_list(client.keys(), as_json, render.keys_table, "no keys")
 
     run(ctx, body)
 
