@@ -87,9 +87,10 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
         return data
 
     def report(step: int, values_by_seed: dict[int, dict[tuple[str, str], float]], done: float) -> None:
-        if on_metrics is not None:  # one batch per evaluation, every seed in it
-            on_metrics([Metric(step=step, name=name, value=value, seed=seed, split=split)
-                        for seed, values in values_by_seed.items() for (split, name), value in values.items()])
+        rows = [Metric(step=step, name=name, value=value, seed=seed, split=split)
+                for seed, values in values_by_seed.items() for (split, name), value in values.items()]
+        if on_metrics is not None and rows:  # one batch per evaluation, every seed in it; none for progress alone
+            on_metrics(rows)
         if on_progress is not None:
             on_progress(done)
 

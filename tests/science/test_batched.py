@@ -79,14 +79,14 @@ def test_minibatches_are_each_seeds_own_as_in_sequential_training(tmp_path: path
     assert_same_training(sequential, batched)
 
 
-def test_each_metrics_batch_is_one_seed_at_one_step_and_progress_rises_to_one(tmp_path: pathlib.Path) -> None:
+def test_each_metrics_batch_is_one_evaluation_of_every_seed_and_progress_rises_to_one(tmp_path: pathlib.Path) -> None:
     batches: list[list[Metric]] = []
     progress: list[float] = []
     train({**SMALL, "execution": "batched"}, out_dir=tmp_path, on_metrics=batches.append,
           on_progress=progress.append)
-    assert len(batches) == 3 * 4  # steps 0, 15, 30, 40 for each seed
+    assert [batch[0].step for batch in batches] == [0, 15, 30, 40]
     for batch in batches:
-        assert len({m.step for m in batch}) == 1 and len({m.seed for m in batch}) == 1
+        assert len({m.step for m in batch}) == 1 and {m.seed for m in batch} == set(SMALL["seeds"])
     assert progress[0] == 0.0 and progress[-1] == 1.0 and progress == sorted(progress)
     assert len(progress) > 2 * 4  # between evaluations too: about as often as the sequential path reports
 
