@@ -236,3 +236,25 @@ def test_multiclass_tasks_train_with_one_logit_per_class(tmp_path: pathlib.Path)
     with pytest.raises(SpecError, match="sd_gamma has 3 values"):
         train({**spec, "method": {"name": "sd", "sd_gamma": [0.0, 1.0, 2.0]}, "dataset": {"name": "colored_mnist"}},
               out_dir=tmp_path / "bad")
+
+
+def test_a_method_is_told_which_training_environment_each_example_came_from() -> None:
+    from starvation.datasets import build
+    from starvation.training.loop import memberships
+
+    data = build("colored_mnist", {"n_train": 10}, seed=0, data_dir=None)
+    environment = memberships(data, ("environment",))["environment"]
+    sizes = [len(data.splits[name]) for name in data.train_splits]
+    assert environment.shape == (sum(sizes), 2) and environment.sum(dim=0).tolist() == sizes
+    assert environment[:sizes[0], 0].eq(1).all() and environment[sizes[0]:, 1].eq(1).all()  # train_data()'s order
+    assert memberships(data, ()) == {}
+    with pytest.raises(ValueError, match="supplies environment"):
+        memberships(data, ("hair_colour",))
+
+
+def test_the_irm_preset_is_the_authors_recipe() -> None:
+    spec = resolve_train_spec({"preset": "paper_cmnist_irm"})
+    assert spec["method"] == {"name": "irm", "penalty_weight": 91257.18613115903, "penalty_anneal_steps": 190,
+                              "l2_weight": 0.00110794568}
+    assert spec["model"] == {"arch": "mlp", "hidden": [390, 390]} and spec["steps"] == 501
+    assert spec["optimizer"]["lr"] == 0.0004898536566546834 and spec["batch_size"] is None
