@@ -5,9 +5,11 @@ cross-entropy: binary cross-entropy with logits, which equals the paper's logist
 with y mapped to +-1.
 
 A method that needs to know more about each example than its label names it in `NEEDS`; the training loop
-then passes it to `loss` as a keyword: `environment`, a one-hot float [N, environments] saying which training
-split each example came from (Colored MNIST: train1, train2). One-hot, so a loss can average per environment
-with a matmul: no data-dependent shapes, no read back to the host, and it batches under `vmap`.
+then passes it to `loss` as a keyword, one-hot float so a loss can average within each with a matmul (no
+data-dependent shapes, no read back to the host, and it batches under `vmap`):
+- `environment` [N, environments]: which training split each example came from (Colored MNIST: train1, train2);
+- `group` [N, classes x attribute values]: each example's (label, spurious attribute) pair, at
+  label * attribute values + attribute.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ class Method:
     DESCRIPTION: ClassVar[str]
     PARAMS: ClassVar[dict[str, P.Param]] = {}
     NEEDS: ClassVar[tuple[str, ...]] = ()  # per-example facts `loss` takes as keywords (see the module docstring)
+    SEQUENTIAL_ONLY: ClassVar[str | None] = None  # why seeds cannot train stacked (None: they can)
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         self.params = P.resolve(f"method {self.NAME!r}", self.PARAMS, params)
@@ -144,9 +147,9 @@ class SpectralDecoupling(Method):
 
 
 def per_environment_mean(values: torch.Tensor, environment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean of `values` [N] within each environment [E], which environments the batch holds [E] as 0/1).
+    """(mean of `values` [N] within each environment or group [E], which of them the batch holds [E] as 0/1).
 
-    `environment`: one-hot [N, E]. An environment absent from the batch has mean 0 and presence 0.
+    `environment`: one-hot [N, E]. One absent from the batch has mean 0 and presence 0.
     """
     counts = environment.sum(dim=0)
     return environment.T @ values / counts.clamp(min=1), (counts > 0).to(values.dtype)
@@ -217,7 +220,45 @@ class IRM(Method):
         return step < self.params["penalty_anneal_steps"]
 
 
-METHODS: dict[str, type[Method]] = {cls.NAME: cls for cls in (ERM, WeightDecay, SpectralDecoupling, IRM)}
+class GroupDRO(Method):
+    """Group distributionally robust optimisation, online: Sagawa, Koh, Hashimoto, Liang 2020, "Distributionally
+    Robust Neural Networks for Group Shifts" (ICLR, arXiv:1911.08731), Algorithm 1, as in their `loss.py`
+    (github kohpangwei/group_DRO; the Gradient Starvation authors' Table_2 code carries the same): groups are
+    (label, attribute) pairs; each update, the weights q <- q * exp(step_size * each group's mean loss),
+    normalised, and the loss is sum_g q_g * group g's mean loss. q starts uniform; a group absent from a batch
+    has loss 0 there. Default step_size 0.01 (their `robust_step_size`). The generalisation adjustment C/sqrt(n_g)
+    of their Section 3.3 is not implemented (their default, C = 0).
+
+    The weights are state carried from update to update, one set per model: seeds train one after another.
+    """
+
+    NAME: ClassVar[str] = "group_dro"
+    DESCRIPTION: ClassVar[str] = ("Group DRO (Sagawa et al. 2020): the loss of the worst (label, attribute) groups, "
+                                  "by weights that grow exponentially with each group's loss at rate step_size; "
+                                  "needs the attribute of every training example")
+    PARAMS: ClassVar[dict[str, P.Param]] = {
+        "step_size": P.Param(0.01, "eta: how fast a group's weight grows with its loss (q_g *= exp(eta * loss_g))",
+                             P.non_negative),
+    }
+    NEEDS: ClassVar[tuple[str, ...]] = ("group",)
+    SEQUENTIAL_ONLY: ClassVar[str | None] = "group_dro's group weights are state kept per model"
+
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        super().__init__(params)
+        self.group_weights: torch.Tensor | None = None  # q, made on the first update on the logits' device
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module, *,
+             group: torch.Tensor) -> torch.Tensor:
+        group_losses, _ = per_environment_mean(per_example_cross_entropy(logits, y), group)
+        if self.group_weights is None:
+            self.group_weights = torch.full((group.shape[1],), 1 / group.shape[1], device=logits.device)
+        with torch.no_grad():  # in place: a CUDA graph replays the update on the same tensor
+            grown = self.group_weights * torch.exp(self.params["step_size"] * group_losses)
+            self.group_weights.copy_(grown / grown.sum())
+        return group_losses @ self.group_weights
+
+
+METHODS: dict[str, type[Method]] = {cls.NAME: cls for cls in (ERM, WeightDecay, SpectralDecoupling, IRM, GroupDRO)}
 
 
 def method_class(name: str) -> type[Method]:

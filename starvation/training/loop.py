@@ -16,7 +16,7 @@ from starvation import datasets
 from starvation.checkpoints.save import CheckpointFile, save_checkpoint
 from starvation.datasets import Dataset
 from starvation.ensemble import StackedMLP, seed_losses, unsupported_reason
-from starvation.methods import Method, build_method
+from starvation.methods import Method, build_method, method_class
 from starvation.networks import Network, build_network, output_count
 from starvation.training.acceleration import GraphedUpdates, forward_precision, tf32_matmuls
 from starvation.training.evaluation import (_summarise, _to, as_logits, evaluate, evaluate_stacked,
@@ -140,7 +140,7 @@ def choose_execution(spec: dict, network: Network) -> tuple[str, str]:
     requested = spec["execution"]
     if requested == "sequential":
         return "sequential", "requested"
-    reason = unsupported_reason(network)
+    reason = unsupported_reason(network) or method_class(spec["method"]["name"]).SEQUENTIAL_ONLY
     if reason is not None:
         return "sequential", f"cannot batch: {reason}"
     if requested == "batched":
@@ -278,16 +278,24 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
 
 def memberships(data: Dataset, needs: Sequence[str]) -> dict[str, torch.Tensor]:
     """What a method's loss needs of each pooled training example besides its label (`Method.NEEDS`), in the
-    order of `Dataset.train_data()`: `environment`, one-hot float [N, training splits] (the split it came from)."""
-    known = {"environment"}
+    order of `Dataset.train_data()`, one-hot float: `environment` [N, training splits] (the split it came from);
+    `group` [N, classes x attribute values] (its (label, attribute) pair, at label * attribute values + attribute).
+    """
+    known = {"environment", "group"}
     unknown = sorted(set(needs) - known)
     if unknown:
         raise ValueError(f"a method needs {', '.join(unknown)}; the training loop supplies {', '.join(sorted(known))}")
-    if "environment" not in needs:
-        return {}
-    sizes = torch.tensor([len(data.splits[name]) for name in data.train_splits])
-    environment = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
-    return {"environment": torch.nn.functional.one_hot(environment, len(sizes)).float()}
+    given = {}
+    if "environment" in needs:
+        sizes = torch.tensor([len(data.splits[name]) for name in data.train_splits])
+        environment = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        given["environment"] = torch.nn.functional.one_hot(environment, len(sizes)).float()
+    if "group" in needs:
+        train = data.train_data()
+        values = int(train.attribute.max()) + 1
+        group = train.y * values + train.attribute
+        given["group"] = torch.nn.functional.one_hot(group, data.num_classes * values).float()
+    return given
 
 
 def _arch_params(spec: dict) -> dict:

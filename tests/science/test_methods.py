@@ -25,8 +25,8 @@ def test_binary_cross_entropy_is_the_logistic_loss_with_labels_mapped_to_plus_mi
 
 
 def test_registry_names_the_methods_and_each_cites_its_source() -> None:
-    assert set(METHODS) == {"erm", "weight_decay", "sd", "irm"}
-    assert "arXiv" in METHODS["irm"].__doc__
+    assert set(METHODS) == {"erm", "weight_decay", "sd", "irm", "group_dro"}
+    assert "arXiv" in METHODS["irm"].__doc__ and "arXiv" in METHODS["group_dro"].__doc__
 
 
 def test_sd_scalar_gamma_adds_half_lambda_times_mean_squared_distance() -> None:
@@ -197,3 +197,28 @@ def test_an_environment_absent_from_a_minibatch_adds_nothing() -> None:
     method = build_method({"name": "irm", "penalty_weight": 1.0, "penalty_anneal_steps": 0})
     alone = float(cross_entropy(logits, y)) + authors_irm_penalty(logits, y, only_first[:, :1])
     assert float(method.loss(logits, y, 0, nn.Linear(1, 1), environment=only_first)) == pytest.approx(alone, rel=1e-5)
+
+
+# ---- Group DRO -------------------------------------------------------------------------------
+
+def test_group_dro_grows_each_groups_weight_with_its_loss_and_weighs_the_loss_by_it() -> None:
+    y, logits = torch.tensor([1, 1, 0, 0]), torch.tensor([2.0, 1.0, 3.0, -1.0])  # group 1 (rows 2, 3) fits worse
+    group = nn.functional.one_hot(torch.tensor([0, 0, 1, 1]), 2).float()
+    losses = torch.stack([cross_entropy(logits[:2], y[:2]), cross_entropy(logits[2:], y[2:])])
+    method = build_method({"name": "group_dro", "step_size": 0.5})
+    grown = 0.5 * torch.exp(0.5 * losses)
+    weights = grown / grown.sum()
+    assert float(method.loss(logits, y, 0, nn.Linear(1, 1), group=group)) == pytest.approx(
+        float(weights @ losses), rel=1e-6)
+    torch.testing.assert_close(method.group_weights, weights)
+    for step in range(1, 50):  # the same losses again and again: the worse group takes (nearly) all the weight
+        method.loss(logits, y, step, nn.Linear(1, 1), group=group)
+    assert float(method.group_weights[1]) > 0.99
+
+
+def test_group_dro_with_step_size_zero_is_the_mean_of_the_group_losses() -> None:
+    y, logits = torch.tensor([1, 0, 0]), torch.tensor([0.5, 0.2, -2.0])
+    group = nn.functional.one_hot(torch.tensor([0, 1, 1]), 4).float()  # groups 2 and 3 absent: loss 0 there
+    method = build_method({"name": "group_dro", "step_size": 0.0})
+    expected = (float(cross_entropy(logits[:1], y[:1])) + float(cross_entropy(logits[1:], y[1:]))) / 4
+    assert float(method.loss(logits, y, 0, nn.Linear(1, 1), group=group)) == pytest.approx(expected, rel=1e-6)

@@ -258,3 +258,19 @@ def test_the_irm_preset_is_the_authors_recipe() -> None:
                               "l2_weight": 0.00110794568}
     assert spec["model"] == {"arch": "mlp", "hidden": [390, 390]} and spec["steps"] == 501
     assert spec["optimizer"]["lr"] == 0.0004898536566546834 and spec["batch_size"] is None
+
+
+def test_group_dro_is_told_each_examples_label_and_attribute_and_trains_seeds_one_after_another(
+        tmp_path: pathlib.Path) -> None:
+    from starvation.datasets import build
+    from starvation.training.loop import memberships
+
+    data = build("colored_mnist", {"n_train": 40}, seed=0, data_dir=None)
+    group = memberships(data, ("group",))["group"]
+    pooled = data.train_data()
+    assert group.shape == (40, 4) and torch.equal(group.argmax(dim=1), pooled.y * 2 + pooled.attribute)
+    spec = {"dataset": {"name": "colored_mnist", "params": {"n_train": 40}}, "model": {"arch": "mlp", "hidden": [8]},
+            "method": {"name": "group_dro"}, "steps": 3, "eval_every": 3, "seeds": [0, 1], "execution": "batched"}
+    outcome = train(spec, out_dir=tmp_path)
+    assert outcome.result["execution"]["used"] == "sequential"
+    assert "group_dro" in outcome.result["execution"]["why"]
