@@ -274,3 +274,11 @@ def test_group_dro_is_told_each_examples_label_and_attribute_and_trains_seeds_on
     outcome = train(spec, out_dir=tmp_path)
     assert outcome.result["execution"]["used"] == "sequential"
     assert "group_dro" in outcome.result["execution"]["why"]
+
+
+def test_a_run_that_ends_before_irms_penalty_applies_is_warned_about() -> None:
+    from starvation.training import spec_warnings
+
+    [warning] = spec_warnings(resolve_train_spec({"preset": "paper_cmnist_irm", "steps": 100}))
+    assert "penalty_anneal_steps (190)" in warning
+    assert spec_warnings(resolve_train_spec({"preset": "paper_cmnist_irm"})) == []
