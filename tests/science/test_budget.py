@@ -186,3 +186,9 @@ def test_the_estimate_is_above_what_a_real_run_uses(spec) -> None:
     measured = json.loads(run.stdout.strip().splitlines()[-1])
     assert measured["used"] > 50 * 2**20  # the run did allocate: the comparison means something
     assert measured["used"] < measured["estimate"] < 3 * measured["used"]
+
+
+def test_group_dro_seeds_are_counted_one_at_a_time_as_they_train() -> None:
+    erm = resolved(preset="paper_cmnist_erm", seeds=[0, 1, 2])
+    dro = resolved(preset="paper_cmnist_erm", seeds=[0, 1, 2], method={"name": "group_dro"})
+    assert budget.seeds_at_once(erm) == 3 and budget.seeds_at_once(dro) == 1
