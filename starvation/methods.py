@@ -146,13 +146,13 @@ class SpectralDecoupling(Method):
         return self._targets
 
 
-def per_environment_mean(values: torch.Tensor, environment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_within(values: torch.Tensor, membership: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean of `values` [N] within each environment or group [E], which of them the batch holds [E] as 0/1).
 
-    `environment`: one-hot [N, E]. One absent from the batch has mean 0 and presence 0.
+    `membership`: one-hot [N, E]. One absent from the batch has mean 0 and presence 0.
     """
-    counts = environment.sum(dim=0)
-    return environment.T @ values / counts.clamp(min=1), (counts > 0).to(values.dtype)
+    counts = membership.sum(dim=0)
+    return membership.T @ values / counts.clamp(min=1), (counts > 0).to(values.dtype)
 
 
 def irm_scale_gradient(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -176,7 +176,7 @@ def per_example_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Te
 def irm_penalty(logits: torch.Tensor, y: torch.Tensor, environment: torch.Tensor) -> torch.Tensor:
     """IRMv1: the squared gradient of each environment's risk w.r.t. a scale on the logits at 1, averaged over
     the environments in the batch. Zero when scaling the logits cannot lower any environment's risk."""
-    gradients, present = per_environment_mean(irm_scale_gradient(logits, y), environment)
+    gradients, present = mean_within(irm_scale_gradient(logits, y), environment)
     return (present * gradients ** 2).sum() / present.sum().clamp(min=1)
 
 
@@ -210,7 +210,7 @@ class IRM(Method):
              environment: torch.Tensor) -> torch.Tensor:
         p = self.params
         weight = p["penalty_weight"] if step >= p["penalty_anneal_steps"] else 1.0
-        risks, present = per_environment_mean(per_example_cross_entropy(logits, y), environment)
+        risks, present = mean_within(per_example_cross_entropy(logits, y), environment)
         loss = (present * risks).sum() / present.sum().clamp(min=1) + weight * irm_penalty(logits, y, environment)
         if p["l2_weight"]:
             loss = loss + p["l2_weight"] * sum(w.pow(2).sum() for w in model.parameters())
@@ -226,8 +226,8 @@ class GroupDRO(Method):
     (github kohpangwei/group_DRO; the Gradient Starvation authors' Table_2 code carries the same): groups are
     (label, attribute) pairs; each update, the weights q <- q * exp(step_size * each group's mean loss),
     normalised, and the loss is sum_g q_g * group g's mean loss. q starts uniform; a group absent from a batch
-    has loss 0 there. Default step_size 0.01 (their `robust_step_size`). The generalisation adjustment C/sqrt(n_g)
-    of their Section 3.3 is not implemented (their default, C = 0).
+    has loss 0 there. Default step_size 0.01 (their `robust_step_size`). Their generalisation adjustment
+    C/sqrt(n_g) (`--generalization_adjustment`, default 0) is not implemented.
 
     The weights are state carried from update to update, one set per model: seeds train one after another.
     """
@@ -249,7 +249,7 @@ class GroupDRO(Method):
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module, *,
              group: torch.Tensor) -> torch.Tensor:
-        group_losses, _ = per_environment_mean(per_example_cross_entropy(logits, y), group)
+        group_losses, _ = mean_within(per_example_cross_entropy(logits, y), group)
         if self.group_weights is None:
             self.group_weights = torch.full((group.shape[1],), 1 / group.shape[1], device=logits.device)
         with torch.no_grad():  # in place: a CUDA graph replays the update on the same tensor
