@@ -40,7 +40,7 @@ LABELS = {"paper_cmnist_erm": "ERM", "paper_cmnist_weight_decay": "ERM + weight 
 
 
 def colored_mnist(preset: str, seeds: list[int], data_dir: str | None, work: pathlib.Path,
-                  steps: int | None = None) -> dict:
+                  steps: int | None = None, dataset_params: dict | None = None) -> dict:
     trajectory: dict[int, list[float]] = {}
     final_test: dict[int, float] = {}
 
@@ -54,7 +54,8 @@ def colored_mnist(preset: str, seeds: list[int], data_dir: str | None, work: pat
               flush=True)
 
     started = time.perf_counter()
-    spec = {"preset": preset, "seeds": seeds} | ({"steps": steps, "eval_every": steps} if steps else {})
+    spec = ({"preset": preset, "seeds": seeds} | ({"steps": steps, "eval_every": steps} if steps else {})
+            | ({"dataset": {"params": dataset_params}} if dataset_params else {}))
     outcome = train(spec, out_dir=work / preset, data_dir=data_dir, on_metrics=record)
     return {"result": outcome.result, "wall_s": time.perf_counter() - started,
             "starved_trajectory": {step: float(np.mean(v)) for step, v in sorted(trajectory.items())},

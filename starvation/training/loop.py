@@ -16,7 +16,7 @@ from starvation import datasets
 from starvation.checkpoints.save import CheckpointFile, save_checkpoint
 from starvation.datasets import Dataset
 from starvation.ensemble import StackedMLP, seed_losses, unsupported_reason
-from starvation.methods import Method, build_method
+from starvation.methods import Method, build_method, method_class
 from starvation.networks import Network, build_network, output_count
 from starvation.training.acceleration import GraphedUpdates, forward_precision, tf32_matmuls
 from starvation.training.evaluation import (_summarise, _to, as_logits, evaluate, evaluate_stacked,
@@ -141,7 +141,7 @@ def choose_execution(spec: dict, network: Network) -> tuple[str, str]:
     requested = spec["execution"]
     if requested == "sequential":
         return "sequential", "requested"
-    reason = unsupported_reason(network)
+    reason = unsupported_reason(network) or method_class(spec["method"]["name"]).SEQUENTIAL_ONLY
     if reason is not None:
         return "sequential", f"cannot batch: {reason}"
     if requested == "batched":
@@ -190,14 +190,19 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
     train_split = splits["train"]
     model = _init_network(spec, data, seed).to(device)
     method = build_method(spec["method"])
+    groups = {name: tensor.to(device) for name, tensor in memberships(data, method.NEEDS).items()}
     optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
     batches = Batches(len(train_split), spec["batch_size"], seeds=[seed], device=device)
     steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
     history = []
 
     def update(rows: torch.Tensor | None, step: int) -> None:
-        x, y = (train_split.x, train_split.y) if rows is None else (train_split.x[rows[0]], train_split.y[rows[0]])
-        train_step(model, optimizer, method, x, y, step, precision=precision)
+        if rows is None:
+            x, y, given = train_split.x, train_split.y, groups
+        else:
+            x, y = train_split.x[rows[0]], train_split.y[rows[0]]
+            given = {name: tensor[rows[0]] for name, tensor in groups.items()}
+        train_step(model, optimizer, method, x, y, step, precision=precision, memberships=given)
     if graphs:
         update = GraphedUpdates(update, method, device)
 
@@ -222,21 +227,27 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     """Every seed at once as a StackedMLP: per seed the same init, data, minibatches and updates as `_train_seed`."""
     seeds = spec["seeds"]
     splits = stacked_splits(data, device, shared=shared_data)
+    method = build_method(spec["method"])
+    per_seed_groups = [memberships(d, method.NEEDS) for d in data[:1 if shared_data else len(data)]]
+    groups = {name: torch.stack([g[name] for g in per_seed_groups]).expand(len(seeds), -1, -1).to(device)
+              for name in method.NEEDS}
     first = data[0]
     del data  # the stacked copy is all that training needs
     train_split = splits["train"]
     networks = [_init_network(spec, first, seed) for seed in seeds]
     model = StackedMLP(networks, per_seed_matmuls=matmuls_per_seed).to(device)
-    method = build_method(spec["method"])
     optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
     batches = Batches(train_split.x.shape[1], spec["batch_size"], seeds=seeds, device=device)
     seed_rows = torch.arange(len(seeds), device=device).unsqueeze(1)
     steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
 
     def update(rows: torch.Tensor | None, step: int) -> None:
-        x, y = ((train_split.x, train_split.y) if rows is None
-                else (train_split.x[seed_rows, rows], train_split.y[seed_rows, rows]))
-        stacked_train_step(model, optimizer, method, x, y, step, precision=precision)
+        if rows is None:
+            x, y, given = train_split.x, train_split.y, groups
+        else:
+            x, y = train_split.x[seed_rows, rows], train_split.y[seed_rows, rows]
+            given = {name: tensor[seed_rows, rows] for name, tensor in groups.items()}
+        stacked_train_step(model, optimizer, method, x, y, step, precision=precision, memberships=given)
     if graphs:
         update = GraphedUpdates(update, method, device)
     # Progress between evaluations too, about as often as the sequential path reports it, but at most ~100 times
@@ -266,17 +277,43 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     return networks, histories, clock
 
 
+def memberships(data: Dataset, needs: Sequence[str]) -> dict[str, torch.Tensor]:
+    """What a method's loss needs of each pooled training example besides its label (`Method.NEEDS`), in the
+    order of `Dataset.train_data()`, one-hot float: `environment` [N, training splits] (the split it came from);
+    `group` [N, classes x attribute values] (its (label, attribute) pair, at label * attribute values + attribute).
+    """
+    known = {"environment", "group"}
+    unknown = sorted(set(needs) - known)
+    if unknown:
+        raise ValueError(f"a method needs {', '.join(unknown)}; the training loop supplies {', '.join(sorted(known))}")
+    given = {}
+    if "environment" in needs:
+        sizes = torch.tensor([len(data.splits[name]) for name in data.train_splits])
+        environment = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        given["environment"] = torch.nn.functional.one_hot(environment, len(sizes)).float()
+    if "group" in needs:
+        train = data.train_data()
+        values = int(train.attribute.max()) + 1
+        group = train.y * values + train.attribute
+        given["group"] = torch.nn.functional.one_hot(group, data.num_classes * values).float()
+    return given
+
+
 def _arch_params(spec: dict) -> dict:
     return {k: v for k, v in spec["model"].items() if k != "arch"}
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, method: Method, x: torch.Tensor,
-               y: torch.Tensor, step: int, *, precision: str = "fp32") -> torch.Tensor:
-    """One optimizer update on (x, y) with the method's loss at `step`; returns that loss (detached, no sync)."""
+               y: torch.Tensor, step: int, *, precision: str = "fp32",
+               memberships: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """One optimizer update on (x, y) with the method's loss at `step`; returns that loss (detached, no sync).
+
+    `memberships`: what the method `NEEDS` of these rows (`memberships(data, method.NEEDS)`, rows selected).
+    """
     model.train()
     with forward_precision(precision, x.device):
         output = model(x)
-    loss = method.loss(as_logits(output).float(), y, step, model)
+    loss = method.loss(as_logits(output).float(), y, step, model, **(memberships or {}))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -284,7 +321,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, method: Metho
 
 
 def stacked_train_step(model: StackedMLP, optimizer: torch.optim.Optimizer, method: Method, x: torch.Tensor,
-                       y: torch.Tensor, step: int, *, precision: str = "fp32") -> torch.Tensor:
+                       y: torch.Tensor, step: int, *, precision: str = "fp32",
+                       memberships: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """One update of every seed on its own rows x [S, B, ...], y [S, B]; returns the seeds' losses [S] (no sync).
 
     The sum of the seeds' losses is minimised: each seed's gradient is its own (`starvation.ensemble`).
@@ -292,7 +330,8 @@ def stacked_train_step(model: StackedMLP, optimizer: torch.optim.Optimizer, meth
     model.train()
     with forward_precision(precision, x.device):
         output = model(x)
-    per_seed = seed_losses(method, stacked_logits(output).float(), y, step, list(model.parameters()))
+    per_seed = seed_losses(method, stacked_logits(output).float(), y, step, list(model.parameters()),
+                           memberships)
     optimizer.zero_grad(set_to_none=True)
     per_seed.sum().backward()
     optimizer.step()

@@ -134,10 +134,12 @@ def resolve_train_spec(spec: dict, *, user_datasets: Collection[str] = ()) -> Re
 def spec_warnings(spec: dict) -> list[str]:
     """What in a valid, resolved spec will likely not do what its author meant; said, not refused."""
     warnings = []
-    warmup, steps = spec["method"].get("warmup_steps") or 0, spec["steps"]
-    if warmup and steps <= warmup:
-        warnings.append(f"steps ({steps}) do not pass method.warmup_steps ({warmup}): the run ends inside the "
-                        f"warm-up, so {spec['method']['name']}'s own terms never apply")
+    steps = spec["steps"]
+    for name in ("warmup_steps", "penalty_anneal_steps"):  # SD's, IRM's: steps before the method's terms apply
+        warmup = spec["method"].get(name) or 0
+        if warmup and steps <= warmup:
+            warnings.append(f"steps ({steps}) do not pass method.{name} ({warmup}): the run ends inside the "
+                            f"warm-up, so {spec['method']['name']}'s own terms never apply")
     return warnings
 
 

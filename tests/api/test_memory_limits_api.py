@@ -136,7 +136,7 @@ def test_the_budget_is_a_setting(client, tenant, monkeypatch) -> None:
     assert train(client, spec, tenant()).json()["error"]["code"] == "over_budget"
 
 
-@pytest.mark.parametrize("preset", ["paper_cmnist_erm", "paper_cmnist_sd", "paper_cmnist_weight_decay",
+@pytest.mark.parametrize("preset", ["paper_cmnist_erm", "paper_cmnist_sd", "paper_cmnist_irm", "paper_cmnist_weight_decay",
                                     "paper_moons_erm", "paper_moons_sd"])
 def test_the_paper_presets_with_ten_seeds_are_accepted(client, tenant, preset) -> None:
     response = train(client, {"preset": preset, "seeds": list(range(10))}, tenant())

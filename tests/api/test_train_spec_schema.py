@@ -47,7 +47,7 @@ def test_the_default_section_documents_its_parameters_defaults(client, tenant, s
 
 
 @pytest.mark.parametrize("section, name", [("method", "sd"), ("method", "weight_decay"), ("method", "erm"),
-                                           ("optimizer", "sgd"), ("optimizer", "adam"), ("model", "cnn")])
+                                           ("method", "irm"), ("method", "group_dro"), ("optimizer", "sgd"), ("optimizer", "adam"), ("model", "cnn")])
 def test_each_choice_documents_the_defaults_it_runs_with(client, tenant, section, name):
     schema = train_spec_schema(client)[section]
     identity = "arch" if section == "model" else "name"
@@ -63,6 +63,21 @@ def test_every_parameter_of_sd_is_documented(client):
     assert set(sd["properties"]) == {"name", *SpectralDecoupling.PARAMS}
 
 
+def test_irm_and_noise_draws_are_documented_and_a_job_runs_with_them(client, tenant):
+    from starvation.datasets.colored_mnist import ColoredMNIST
+    from starvation.methods import IRM
+
+    fields = train_spec_schema(client)
+    assert set(variant(fields["method"], "irm")["properties"]) == {"name", *IRM.PARAMS}
+    [cmnist] = [v for v in fields["dataset"]["anyOf"] if v["properties"]["name"] == {"const": "colored_mnist"}]
+    draws = cmnist["properties"]["params"]["properties"]["noise_draws"]
+    assert draws["default"] == 1 and draws["maximum"] == 20 and set(cmnist["properties"]["params"]["properties"]) == set(
+        ColoredMNIST.PARAMS)
+    ran = submit(client, tenant(), {"preset": "paper_cmnist_irm", "dataset": {"params": {"noise_draws": 3}}})
+    assert ran["method"]["name"] == "irm" and ran["method"]["penalty_weight"] == 91257.18613115903
+    assert ran["dataset"]["params"]["noise_draws"] == 3
+
+
 def test_adam_betas_and_eps_are_accepted_and_used(client, tenant):
     from starvation.training import build_optimizer
 
@@ -76,6 +91,8 @@ def test_adam_betas_and_eps_are_accepted_and_used(client, tenant):
     ({**BARE, "optimizer": {"name": "adam", "betas": [0.9]}}, "betas"),
     ({**BARE, "method": {"name": "sd", "warmup_steps": -1}}, "warmup_steps"),
     ({**BARE, "precision": "fp8"}, "precision"),
+    ({**BARE, "method": {"name": "irm", "penalty_weight": -1}}, "penalty_weight"),
+    ({"dataset": {"name": "colored_mnist", "params": {"noise_draws": 21}}}, "noise_draws"),
 ])
 def test_what_the_engine_refuses_is_an_invalid_spec_naming_it(client, tenant, spec, field):
     response = client.post("/v1/jobs", json={"kind": "train", "spec": spec}, headers=tenant())

@@ -53,8 +53,11 @@ def assert_same_training(sequential: list[Metric], batched: list[Metric], *, los
         assert candidate[key] == pytest.approx(value, abs=tolerances.get(key[3], other)), key
 
 
-@pytest.mark.parametrize("method", [{"name": "erm"}, SD_WITH_WARMUP, {"name": "weight_decay", "weight_decay": 1e-3}],
-                         ids=["erm", "sd_warmup", "weight_decay"])
+IRM_WITH_ANNEAL = {"name": "irm", "penalty_weight": 1e3, "penalty_anneal_steps": 20, "l2_weight": 1e-3}
+
+
+@pytest.mark.parametrize("method", [{"name": "erm"}, SD_WITH_WARMUP, {"name": "weight_decay", "weight_decay": 1e-3},
+                                    IRM_WITH_ANNEAL], ids=["erm", "sd_warmup", "weight_decay", "irm"])
 def test_batched_seeds_train_as_they_do_one_after_another(tmp_path: pathlib.Path, method: dict) -> None:
     spec = {**SMALL, "method": method}
     sequential, seq_outcome = run(spec, tmp_path, "sequential")
@@ -77,6 +80,11 @@ def test_minibatches_are_each_seeds_own_as_in_sequential_training(tmp_path: path
     sequential, _ = run(spec, tmp_path, "sequential")
     batched, _ = run(spec, tmp_path, "batched")
     assert_same_training(sequential, batched)
+
+
+def test_irm_minibatches_carry_their_rows_environments_in_both_paths(tmp_path: pathlib.Path) -> None:
+    spec = {**SMALL, "method": {**IRM_WITH_ANNEAL, "penalty_anneal_steps": 10}, "batch_size": 64, "steps": 20}
+    assert_same_training(run(spec, tmp_path, "sequential")[0], run(spec, tmp_path, "batched")[0])
 
 
 def test_each_metrics_batch_is_one_evaluation_of_every_seed_and_progress_rises_to_one(tmp_path: pathlib.Path) -> None:

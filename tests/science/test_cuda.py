@@ -18,7 +18,7 @@ from starvation.datasets import build
 from starvation.export import load_builtin
 from starvation.methods import cross_entropy
 from starvation.training import loop
-from tests.science.test_batched import SD_WITH_WARMUP, SMALL, assert_same_training, by_key, run
+from tests.science.test_batched import IRM_WITH_ANNEAL, SD_WITH_WARMUP, SMALL, assert_same_training, by_key, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -82,6 +82,16 @@ def test_updates_replayed_from_cuda_graphs_train_as_eager_ones(tmp_path: pathlib
     eager, _ = run(spec, tmp_path / "eager", execution, device="cuda")
     graphed, outcome = run({**spec, "cuda_graphs": True}, tmp_path / "graphs", execution, device="cuda")
     assert outcome.result["execution"]["cuda_graphs"] is True
+    assert_same_training(eager, graphed, loss=1e-5)
+
+
+@pytest.mark.parametrize("method", [IRM_WITH_ANNEAL, {"name": "group_dro", "step_size": 0.1}],
+                         ids=["irm", "group_dro"])
+def test_methods_given_memberships_replay_from_cuda_graphs_as_eagerly(tmp_path: pathlib.Path, method: dict) -> None:
+    """IRM's environments and Group DRO's groups (its weights updated in place) through captured minibatch rows."""
+    spec = {**SMALL, "method": method, "batch_size": 64, "seeds": [0]}
+    eager, _ = run(spec, tmp_path / "eager", "sequential", device="cuda")
+    graphed, _ = run({**spec, "cuda_graphs": True}, tmp_path / "graphs", "sequential", device="cuda")
     assert_same_training(eager, graphed, loss=1e-5)
 
 

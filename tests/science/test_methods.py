@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from starvation.errors import SpecError
-from starvation.methods import METHODS, build_method, cross_entropy, sd_penalty
+from starvation.methods import METHODS, build_method, cross_entropy, irm_penalty, sd_penalty
 
 LOGITS = torch.tensor([1.0, -2.0, 3.0, 0.0])
 LABELS = torch.tensor([1, 0, 1, 1])
@@ -24,8 +24,9 @@ def test_binary_cross_entropy_is_the_logistic_loss_with_labels_mapped_to_plus_mi
     assert float(cross_entropy(LOGITS, LABELS)) == pytest.approx(logistic(LOGITS, LABELS), rel=1e-6)
 
 
-def test_registry_names_the_three_methods() -> None:
-    assert set(METHODS) == {"erm", "weight_decay", "sd"}
+def test_registry_names_the_methods_and_each_cites_its_source() -> None:
+    assert set(METHODS) == {"erm", "weight_decay", "sd", "irm", "group_dro"}
+    assert "arXiv" in METHODS["irm"].__doc__ and "arXiv" in METHODS["group_dro"].__doc__
 
 
 def test_sd_scalar_gamma_adds_half_lambda_times_mean_squared_distance() -> None:
@@ -121,3 +122,103 @@ def test_erm_is_the_cross_entropy_for_k_classes() -> None:
 def test_bad_method_specs_are_refused_with_a_message(spec: dict, message: str) -> None:
     with pytest.raises(SpecError, match=message):
         build_method(spec)
+
+
+# ---- IRM -------------------------------------------------------------------------------------
+
+def two_environments(first: int, second: int) -> torch.Tensor:
+    """One-hot environment membership [first + second, 2]: the first rows in environment 0, the rest in 1."""
+    return nn.functional.one_hot(torch.tensor([0] * first + [1] * second), 2).float()
+
+
+def authors_irm_penalty(logits: torch.Tensor, y: torch.Tensor, environment: torch.Tensor) -> float:
+    """IRMv1 as the IRM authors compute it: autograd of each environment's BCE w.r.t. a dummy scale at 1."""
+    penalties = []
+    for e in range(environment.shape[1]):
+        rows = environment[:, e].bool()
+        scale = torch.tensor(1.0, requires_grad=True)
+        risk = nn.functional.binary_cross_entropy_with_logits(logits[rows] * scale, y[rows].float())
+        penalties.append(torch.autograd.grad(risk, [scale])[0] ** 2)
+    return float(torch.stack(penalties).mean())
+
+
+def test_irm_penalty_is_zero_for_a_classifier_optimal_in_every_environment_and_positive_otherwise() -> None:
+    # Each environment: 4 examples, 1 positive. A constant logit log(1/3) predicts 1/4, the environment's rate:
+    # no rescaling of it lowers either risk.
+    y = torch.tensor([1, 0, 0, 0, 0, 1, 0, 0])
+    calibrated = torch.full((8,), math.log(1 / 3))
+    environment = two_environments(4, 4)
+    assert float(irm_penalty(calibrated, y, environment)) == pytest.approx(0.0, abs=1e-12)
+    # The same logits where environment 1 is half positive: optimal for environment 0 only.
+    y_shifted = torch.tensor([1, 0, 0, 0, 1, 1, 0, 0])
+    assert float(irm_penalty(calibrated, y_shifted, environment)) > 1e-3
+    # Over-confident logits (right sign, too large) are penalised in both environments.
+    assert float(irm_penalty(4 * calibrated, y, environment)) > 1e-3
+
+
+def test_irm_penalty_equals_the_authors_autograd_formulation() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(30, generator=generator) * 2, torch.randint(0, 2, (30,), generator=generator)
+    environment = two_environments(12, 18)
+    assert float(irm_penalty(logits, y, environment)) == pytest.approx(
+        authors_irm_penalty(logits, y, environment), rel=1e-5)
+
+
+def test_irm_penalty_for_k_classes_is_the_gradient_wrt_a_scale_on_the_logits() -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits, y = torch.randn(10, 3, generator=generator), torch.randint(0, 3, (10,), generator=generator)
+    environment = two_environments(4, 6)
+    expected = []
+    for rows in (slice(0, 4), slice(4, 10)):
+        scale = torch.tensor(1.0, requires_grad=True)
+        expected.append(torch.autograd.grad(cross_entropy(logits[rows] * scale, y[rows]), [scale])[0] ** 2)
+    assert float(irm_penalty(logits, y, environment)) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+
+
+def test_irm_loss_anneals_the_penalty_then_rescales_the_whole_loss() -> None:
+    y = torch.tensor([1, 0, 0, 0, 1, 1, 0, 0])
+    logits = torch.tensor([2.0, -1.0, 0.5, -3.0, 1.0, 0.0, -0.5, 1.5])
+    environment = two_environments(4, 4)
+    model = nn.Linear(2, 1)
+    squared = sum(float(p.detach().pow(2).sum()) for p in model.parameters())  # biases included, as the authors' script
+    risks = [float(cross_entropy(logits[:4], y[:4])), float(cross_entropy(logits[4:], y[4:]))]
+    penalty = float(irm_penalty(logits, y, environment))
+    method = build_method({"name": "irm", "penalty_weight": 1000.0, "penalty_anneal_steps": 10, "l2_weight": 0.01})
+    before = sum(risks) / 2 + penalty + 0.01 * squared
+    after = (sum(risks) / 2 + 1000.0 * penalty + 0.01 * squared) / 1000.0
+    assert float(method.loss(logits, y, 9, model, environment=environment).detach()) == pytest.approx(before, rel=1e-5)
+    assert float(method.loss(logits, y, 10, model, environment=environment).detach()) == pytest.approx(after, rel=1e-5)
+    assert method.phase(9) != method.phase(10)
+
+
+def test_an_environment_absent_from_a_minibatch_adds_nothing() -> None:
+    y, logits = torch.tensor([1, 0, 1]), torch.tensor([0.3, -0.2, 1.0])
+    only_first = two_environments(3, 0)
+    method = build_method({"name": "irm", "penalty_weight": 1.0, "penalty_anneal_steps": 0})
+    alone = float(cross_entropy(logits, y)) + authors_irm_penalty(logits, y, only_first[:, :1])
+    assert float(method.loss(logits, y, 0, nn.Linear(1, 1), environment=only_first)) == pytest.approx(alone, rel=1e-5)
+
+
+# ---- Group DRO -------------------------------------------------------------------------------
+
+def test_group_dro_grows_each_groups_weight_with_its_loss_and_weighs_the_loss_by_it() -> None:
+    y, logits = torch.tensor([1, 1, 0, 0]), torch.tensor([2.0, 1.0, 3.0, -1.0])  # group 1 (rows 2, 3) fits worse
+    group = nn.functional.one_hot(torch.tensor([0, 0, 1, 1]), 2).float()
+    losses = torch.stack([cross_entropy(logits[:2], y[:2]), cross_entropy(logits[2:], y[2:])])
+    method = build_method({"name": "group_dro", "step_size": 0.5})
+    grown = 0.5 * torch.exp(0.5 * losses)
+    weights = grown / grown.sum()
+    assert float(method.loss(logits, y, 0, nn.Linear(1, 1), group=group)) == pytest.approx(
+        float(weights @ losses), rel=1e-6)
+    torch.testing.assert_close(method.group_weights, weights)
+    for step in range(1, 50):  # the same losses again and again: the worse group takes (nearly) all the weight
+        method.loss(logits, y, step, nn.Linear(1, 1), group=group)
+    assert float(method.group_weights[1]) > 0.99
+
+
+def test_group_dro_with_step_size_zero_is_the_mean_of_the_group_losses() -> None:
+    y, logits = torch.tensor([1, 0, 0]), torch.tensor([0.5, 0.2, -2.0])
+    group = nn.functional.one_hot(torch.tensor([0, 1, 1]), 4).float()  # groups 2 and 3 absent: loss 0 there
+    method = build_method({"name": "group_dro", "step_size": 0.0})
+    expected = (float(cross_entropy(logits[:1], y[:1])) + float(cross_entropy(logits[1:], y[1:]))) / 4
+    assert float(method.loss(logits, y, 0, nn.Linear(1, 1), group=group)) == pytest.approx(expected, rel=1e-6)

@@ -82,7 +82,7 @@ def test_resolving_does_not_modify_the_input_or_the_presets() -> None:
     ({"dataset": {"name": "cifar"}}, "unknown dataset 'cifar'"),
     ({"preset": "paper_imagenet"}, "unknown preset"),
     ({"preset": "paper_cmnist_erm", "model": {"arch": "transformer"}}, "unknown arch"),
-    ({"preset": "paper_cmnist_erm", "method": {"name": "irm"}}, "unknown method"),
+    ({"preset": "paper_cmnist_erm", "method": {"name": "jtt"}}, "unknown method"),
     ({"preset": "paper_cmnist_erm", "steps": 0}, "steps must be a positive integer"),
     ({"preset": "paper_cmnist_erm", "steps": -5}, "steps"),
     ({"preset": "paper_cmnist_erm", "seeds": []}, "seeds must be a non-empty list"),
@@ -236,3 +236,49 @@ def test_multiclass_tasks_train_with_one_logit_per_class(tmp_path: pathlib.Path)
     with pytest.raises(SpecError, match="sd_gamma has 3 values"):
         train({**spec, "method": {"name": "sd", "sd_gamma": [0.0, 1.0, 2.0]}, "dataset": {"name": "colored_mnist"}},
               out_dir=tmp_path / "bad")
+
+
+def test_a_method_is_told_which_training_environment_each_example_came_from() -> None:
+    from starvation.datasets import build
+    from starvation.training.loop import memberships
+
+    data = build("colored_mnist", {"n_train": 10}, seed=0, data_dir=None)
+    environment = memberships(data, ("environment",))["environment"]
+    sizes = [len(data.splits[name]) for name in data.train_splits]
+    assert environment.shape == (sum(sizes), 2) and environment.sum(dim=0).tolist() == sizes
+    assert environment[:sizes[0], 0].eq(1).all() and environment[sizes[0]:, 1].eq(1).all()  # train_data()'s order
+    assert memberships(data, ()) == {}
+    with pytest.raises(ValueError, match="supplies environment"):
+        memberships(data, ("hair_colour",))
+
+
+def test_the_irm_preset_is_the_authors_recipe() -> None:
+    spec = resolve_train_spec({"preset": "paper_cmnist_irm"})
+    assert spec["method"] == {"name": "irm", "penalty_weight": 91257.18613115903, "penalty_anneal_steps": 190,
+                              "l2_weight": 0.00110794568}
+    assert spec["model"] == {"arch": "mlp", "hidden": [390, 390]} and spec["steps"] == 501
+    assert spec["optimizer"]["lr"] == 0.0004898536566546834 and spec["batch_size"] is None
+
+
+def test_group_dro_is_told_each_examples_label_and_attribute_and_trains_seeds_one_after_another(
+        tmp_path: pathlib.Path) -> None:
+    from starvation.datasets import build
+    from starvation.training.loop import memberships
+
+    data = build("colored_mnist", {"n_train": 40}, seed=0, data_dir=None)
+    group = memberships(data, ("group",))["group"]
+    pooled = data.train_data()
+    assert group.shape == (40, 4) and torch.equal(group.argmax(dim=1), pooled.y * 2 + pooled.attribute)
+    spec = {"dataset": {"name": "colored_mnist", "params": {"n_train": 40}}, "model": {"arch": "mlp", "hidden": [8]},
+            "method": {"name": "group_dro"}, "steps": 3, "eval_every": 3, "seeds": [0, 1], "execution": "batched"}
+    outcome = train(spec, out_dir=tmp_path)
+    assert outcome.result["execution"]["used"] == "sequential"
+    assert "group_dro" in outcome.result["execution"]["why"]
+
+
+def test_a_run_that_ends_before_irms_penalty_applies_is_warned_about() -> None:
+    from starvation.training import spec_warnings
+
+    [warning] = spec_warnings(resolve_train_spec({"preset": "paper_cmnist_irm", "steps": 100}))
+    assert "penalty_anneal_steps (190)" in warning
+    assert spec_warnings(resolve_train_spec({"preset": "paper_cmnist_irm"})) == []
