@@ -180,7 +180,8 @@ def train(
     eval_every: Annotated[int | None, typer.Option(min=1)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="default: full batch")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
-    method: Annotated[str | None, typer.Option(help="erm | sd | weight_decay | irm | group_dro (default: the preset's)")] = None,
+    method: Annotated[str | None, typer.Option(
+        help="erm | sd | weight_decay | irm | group_dro (default: the preset's)")] = None,
     sd_lambda: Annotated[float | None, typer.Option(help="SD: strength of the logit penalty")] = None,
     sd_gamma: Annotated[str | None, typer.Option(help="SD: logit target, one value or one per class (0.5,2.5)")] = None,
     warmup_steps: Annotated[int | None, typer.Option(min=0, help="SD: steps before the penalty applies")] = None,
