@@ -410,7 +410,9 @@ def after_row(cursor: str | None) -> int | None:
 
 
 def log_line(row: Any) -> dict[str, Any]:
-    return LogLine.model_validate(row, from_attributes=True).model_dump(mode="json")
+    line = LogLine.model_validate(row, from_attributes=True).model_dump(mode="json")
+    # The worker's lines are ours, but one may quote an error that names a file on this server.
+    return {**line, "message": without_server_paths(line["message"])}
 
 
 def logs_page(session: Session, job_id: str, *, cursor: str | None, limit: int) -> LogPage:

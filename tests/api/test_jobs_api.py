@@ -134,3 +134,15 @@ def test_an_unknown_kind_or_status_filter_is_a_422_and_an_empty_one_means_any(cl
         assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request", query
     assert client.get("/v1/jobs", params={"kind": "", "status": ""}).status_code == 200
     assert client.get("/v1/jobs", params={"kind": "audit"}).status_code == 200
+
+
+def test_log_lines_never_show_where_the_server_keeps_its_files():
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    from api.jobs_service import log_line
+    from core.settings import get_settings
+
+    path = get_settings().var_dir.absolute() / "storage" / "x.npz"
+    line = log_line(SimpleNamespace(at=datetime.now(UTC), level="error", message=f"failed: cannot read {path}"))
+    assert str(get_settings().var_dir.absolute()) not in line["message"] and "x.npz" in line["message"]
