@@ -11,7 +11,8 @@ import pytest
 from tests.conftest import ADMIN_TOKEN, Stack, free_port, require_redis, scratch_postgres
 
 QUICK = {"GS_SWEEP_EVERY_S": "1", "GS_DISPATCH_EVERY_S": "0.3"}
-# Jobs the forgetful broker is given; the issue's drill is 200 (GS_FAULT_JOBS=200, minutes), the suite runs a few.
+# The drills' sizes: jobs the forgetful broker is given (the issue: 200) and tenant A's backlog (300); the suite
+# runs a few (GS_FAULT_JOBS=200 or 300 runs the issue's, in minutes).
 FAULT_JOBS = int(os.environ.get("GS_FAULT_JOBS", "6"))
 JOB = {"kind": "train", "spec": {"preset": "paper_moons_erm", "steps": 200, "eval_every": 100, "audit": False}}
 
@@ -46,7 +47,7 @@ def test_one_tenants_backlog_does_not_hold_up_anothers_job(tmp_path):
                            "GS_DISPATCH_WINDOW": "2", **QUICK}, tmp_path).start()
     try:
         a, b = new_key(stack, "a"), new_key(stack, "b")
-        backlog = [submit(stack, a) for _ in range(12)]
+        backlog = [submit(stack, a) for _ in range(max(12, FAULT_JOBS))]  # the issue's drill: GS_FAULT_JOBS=300
         lone = submit(stack, b)
         done = wait_done(stack, lone, b)
         assert done["status"] == "succeeded", done
