@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
-
 from core.paths import job_dir
 from core.settings import Settings, get_settings
 from models import files as files_repo
@@ -25,11 +22,9 @@ from models import metrics as metrics_repo
 from models.db import Database, database
 from models.status import JobStatus
 from models.tables import utcnow
+from worker.outages import DATABASE_BLINKS, OUTAGE_PATIENCE_S, patiently
 
 log = logging.getLogger("gs.worker")
-# A database that is restarting or unreachable: what a running job's progress and cancel checks ride out.
-DATABASE_BLINKS = (OperationalError, InterfaceError, PoolTimeout)
-OUTAGE_PATIENCE_S = 120.0  # how long a job's rows and outcome wait for a database that blinked
 
 
 class JobCancelled(Exception):
@@ -220,19 +215,6 @@ def run_job(job_id: str) -> None:
 def record_outcome(db: Database, job_id: str, status: JobStatus, result: dict | None, error: dict | None) -> None:
     with db.session() as session:
         jobs_repo.finish(session, job_id, status, result=result, error=error)
-
-
-def patiently(write: Callable[[], None], what: str) -> None:
-    """`write`, tried again through a database blink for up to OUTAGE_PATIENCE_S (then the error goes up)."""
-    started = time.monotonic()
-    while True:
-        try:
-            return write()
-        except DATABASE_BLINKS as exc:
-            if time.monotonic() - started > OUTAGE_PATIENCE_S:
-                raise
-            log.warning("%s not stored yet (database unavailable), trying again: %s", what, exc)
-            time.sleep(1.0)
 
 
 def forget_earlier_attempt(db: Database, job_id: str, settings: Settings) -> None:
