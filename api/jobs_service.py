@@ -8,7 +8,6 @@ import asyncio
 import base64
 import binascii
 import json
-import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -82,13 +81,12 @@ def job_out(job: Job) -> TrainJobOut | AuditJobOut | RepairJobOut:
 
 # A job id may be shortened to a unique prefix of this many hex digits or more (as `gs jobs` shows them).
 MIN_ID_PREFIX = 8
-HEX_PREFIX = re.compile(r"^[0-9a-f]+$")
 
 
 def owned_job(session: Session, job_id: str, owner_id: str) -> Job:
     """The owner's job by its id or a unique prefix of it; 404 when none (or someone else's), 409 when ambiguous."""
     job = jobs_repo.get(session, job_id, owner_id=owner_id)
-    if job is None and MIN_ID_PREFIX <= len(job_id) < ID_LENGTH and HEX_PREFIX.match(job_id):
+    if job is None and MIN_ID_PREFIX <= len(job_id) < ID_LENGTH:  # the repository takes hex digits only
         matches = jobs_repo.with_id_prefix(session, job_id, owner_id=owner_id, limit=2)
         if len(matches) > 1:
             raise ApiError(409, "ambiguous_id", f"More than one of your jobs has an id starting {job_id!r}; "
