@@ -5,6 +5,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,18 @@ class ApiClient:
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None}).json()
+
+    @contextmanager
+    def stream(self, path: str, what: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """GET `path` as a stream; the API's refusal or a broken connection (`what` broke) is an ApiFailure."""
+        try:
+            with self.http.stream("GET", path, **kwargs) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    check(response)
+                yield response
+        except httpx.HTTPError as exc:
+            raise ApiFailure(f"{what} broke: {exc}") from None
 
     def create(self, path: str, **kwargs: Any) -> Any:
         """POST that creates something, once: a retry after a dropped connection reuses the key."""
@@ -130,16 +143,9 @@ class ApiClient:
     def download(self, path: str, to: Path) -> int:
         """Stream a file of the API into `to`; the bytes written."""
         written = 0
-        try:
-            with self.http.stream("GET", path) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    check(response)
-                with to.open("wb") as handle:
-                    for chunk in response.iter_bytes():
-                        written += handle.write(chunk)
-        except httpx.HTTPError as exc:
-            raise ApiFailure(f"download of {path} broke: {exc}") from None
+        with self.stream(path, f"download of {path}") as response, to.open("wb") as handle:
+            for chunk in response.iter_bytes():
+                written += handle.write(chunk)
         return written
 
     def keys(self) -> list[dict]:
@@ -157,38 +163,26 @@ class ApiClient:
     def follow_logs(self, job_id: str, *, read_timeout_s: float = 120.0) -> Iterator[dict]:
         """The job's log lines as they are written, until it has finished."""
         timeout = httpx.Timeout(30.0, read=read_timeout_s)
-        try:
-            with self.http.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"},
-                                  timeout=timeout) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    check(response)
-                for line in response.iter_lines():
-                    if line:
-                        yield json.loads(line)
-        except httpx.HTTPError as exc:
-            raise ApiFailure(f"log stream of job {job_id} broke: {exc}") from None
+        with self.stream(f"/v1/jobs/{job_id}/logs", f"log stream of job {job_id}", params={"follow": "true"},
+                         timeout=timeout) as response:
+            for line in response.iter_lines():
+                if line:
+                    yield json.loads(line)
 
     def events(self, job_id: str, *, read_timeout_s: float = 60.0) -> Iterator[tuple[str, Any]]:
         """Server-Sent Events of GET /v1/jobs/{id}/events as (event, parsed data), until the stream ends."""
         timeout = httpx.Timeout(30.0, read=read_timeout_s)
-        try:
-            with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    check(response)
-                event, data = "message", []
-                for line in response.iter_lines():
-                    if line == "":
-                        if data:
-                            yield event, json.loads("\n".join(data))
-                        event, data = "message", []
-                    elif line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data.append(line[5:].lstrip())
-        except httpx.HTTPError as exc:
-            raise ApiFailure(f"event stream of job {job_id} broke: {exc}") from None
+        with self.stream(f"/v1/jobs/{job_id}/events", f"event stream of job {job_id}", timeout=timeout) as response:
+            event, data = "message", []
+            for line in response.iter_lines():
+                if line == "":
+                    if data:
+                        yield event, json.loads("\n".join(data))
+                    event, data = "message", []
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].lstrip())
 
 
 def check(response: httpx.Response) -> None:
