@@ -103,6 +103,7 @@ class JobContext:
     steps: int | None = None  # a train job's length, for its log lines
     _last_poll: float = 0.0
     _stop: bool = False
+    _blinking: bool = False
 
     @property
     def work_dir(self) -> Path:
@@ -124,9 +125,10 @@ class JobContext:
         try:
             with self.db.session() as session:
                 self._stop = jobs_repo.set_progress(session, self.job_id, min(max(fraction, 0.0), 1.0))
+            self._database_answers()
         except DATABASE_BLINKS as exc:  # the next report or poll will tell; the attempt goes on
             log.warning("job %s: progress not stored (database unavailable): %s", self.job_id, exc)
-            self.say("warning", "progress not stored: the database was unavailable; the job goes on")
+            self._database_blinked()
         self._last_poll = time.monotonic()
         self.check_deadline()
 
@@ -138,11 +140,23 @@ class JobContext:
             try:
                 with self.db.session() as session:
                     self._stop = jobs_repo.cancel_requested(session, self.job_id)
+                self._database_answers()
             except DATABASE_BLINKS as exc:  # read again at the next poll
                 log.warning("job %s: cancel flag not read (database unavailable): %s", self.job_id, exc)
-                self.say("warning", "cancel flag not read: the database was unavailable; read again shortly")
+                self._database_blinked()
             self.check_deadline()
         return self._stop
+
+    def _database_blinked(self) -> None:
+        # Said once per outage in the job's own log (each progress report and cancel poll would repeat it).
+        if not self._blinking:
+            self._blinking = True
+            self.say("warning", "the database is unavailable; the job goes on, its rows wait to be stored")
+
+    def _database_answers(self) -> None:
+        if self._blinking:
+            self._blinking = False
+            self.say("info", "the database answers again")
 
     def check_deadline(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
