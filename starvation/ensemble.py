@@ -34,9 +34,16 @@ def unsupported_reason(network: Network) -> str | None:
 
 
 class StackedMLP(nn.Module):
-    """S MLPs of one shape. forward: [S, B, *input_shape] -> [S, B, outputs], seed s through network s."""
+    """S MLPs of one shape. forward: [S, B, *input_shape] -> [S, B, outputs], seed s through network s.
 
-    def __init__(self, networks: Sequence[Network], *, per_seed_matmuls: bool = False) -> None:
+    `pad_to`: hidden widths rounded up to a multiple of this with units that are zero and stay zero (zero weights
+    in and out, zero bias: ReLU(0) = 0 and its gradient there is 0, so no update ever moves them), which changes
+    no output or gradient of the real units. On a GPU, widths like the paper's 390 leave rows that are not 16-byte
+    aligned, and cuBLAS then picks slower matmul kernels (docs/performance.md has the measurement).
+    `network_state` returns the real units only.
+    """
+
+    def __init__(self, networks: Sequence[Network], *, per_seed_matmuls: bool = False, pad_to: int = 1) -> None:
         super().__init__()
         self.per_seed_matmuls = per_seed_matmuls
         template = networks[0]
@@ -44,11 +51,14 @@ class StackedMLP(nn.Module):
         if reason is not None:
             raise ValueError(f"cannot stack this network: {reason}")
         self.names = [name for name, _ in template.named_parameters()]
+        self.shapes = [tuple(parameter.shape) for _, parameter in template.named_parameters()]
+        layers = [(kind, f"features.{index}") for index, kind in _kinds(template.features)] + [("linear", "head")]
+        padded = _padded_shapes(dict(zip(self.names, self.shapes)), [p for k, p in layers if k == "linear"], pad_to)
         states = [dict(network.named_parameters()) for network in networks]
         # ParameterList, not ParameterDict: parameter names hold dots. .detach() keeps the seeds' modules apart.
         self.stacked = nn.ParameterList(
-            nn.Parameter(torch.stack([state[name].detach() for state in states]).contiguous()) for name in self.names)
-        layers = [(kind, f"features.{index}") for index, kind in _kinds(template.features)] + [("linear", "head")]
+            nn.Parameter(_pad(torch.stack([state[name].detach() for state in states]), padded[name]).contiguous())
+            for name in self.names)
         # (kind, index of the weight in `stacked`, index of the bias); -1 for layers without parameters
         self.plan = [(kind, self.names.index(f"{prefix}.weight") if kind == "linear" else -1,
                       self.names.index(f"{prefix}.bias") if kind == "linear" else -1) for kind, prefix in layers]
@@ -75,8 +85,25 @@ class StackedMLP(nn.Module):
 
     @torch.no_grad()
     def network_state(self, seed_index: int) -> dict[str, torch.Tensor]:
-        """Seed `seed_index`'s parameters under the `Network`'s names (copies, on the CPU)."""
-        return {name: p[seed_index].detach().cpu().clone() for name, p in zip(self.names, self.stacked)}
+        """Seed `seed_index`'s parameters under the `Network`'s names (copies, on the CPU; padding left out)."""
+        return {name: p[seed_index][tuple(slice(0, n) for n in shape)].detach().cpu().clone()
+                for name, p, shape in zip(self.names, self.stacked, self.shapes)}
+
+
+def _padded_shapes(shapes: dict[str, tuple[int, ...]], linears: list[str], pad_to: int) -> dict[str, tuple[int, ...]]:
+    """Each parameter's shape with every hidden width (a linear's outputs but the head's, and the next linear's
+    inputs) rounded up to a multiple of `pad_to`."""
+    padded = {name: list(shape) for name, shape in shapes.items()}
+    for layer, following in zip(linears, linears[1:]):
+        width = -(-padded[f"{layer}.weight"][0] // pad_to) * pad_to
+        padded[f"{layer}.weight"][0] = padded[f"{layer}.bias"][0] = padded[f"{following}.weight"][1] = width
+    return {name: tuple(shape) for name, shape in padded.items()}
+
+
+def _pad(stacked: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`stacked` [S, *parameter shape] with zeros after its entries up to [S, *shape]."""
+    widths = [(0, target - size) for size, target in zip(stacked.shape[1:], shape)]
+    return torch.nn.functional.pad(stacked, [n for pair in reversed(widths) for n in pair])
 
 
 def _kinds(features: nn.Sequential) -> list[tuple[int, str]]:

@@ -1,7 +1,10 @@
-"""How an update runs fast on a GPU: replayed from CUDA graphs, with TF32 matmuls or a bfloat16 forward pass."""
+"""How an update runs fast on a GPU: replayed from CUDA graphs, compiled per phase, with TF32 matmuls or a
+bfloat16 forward pass."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,13 +32,14 @@ class GraphedUpdates:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[Any, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self.eager: dict[Any, int] = {}
+        self.phases = PhaseOrder(method)
 
     def __call__(self, rows: torch.Tensor | None, step: int) -> None:
         with torch.cuda.device(self.device):  # streams and replays on the training device, whichever is current
             self._step(rows, step)
 
     def _step(self, rows: torch.Tensor | None, step: int) -> None:
-        phase = self.method.phase(step)
+        phase = self.phases.at(step)
         if phase in self.graphs:
             graph, static_rows = self.graphs[phase]
             if static_rows is not None:
@@ -55,6 +59,65 @@ class GraphedUpdates:
                 self.graphs[phase] = graph, static_rows
                 graph.replay()  # capturing recorded this step's update without running it
         torch.cuda.current_stream().wait_stream(self.stream)
+
+
+class PhaseOrder:
+    """A method's phase at each step, checked to move only forward: a graph or a compiled loss is made once per
+    phase and reused for every later step of it, which is right only if the loss at a step depends on the step
+    through its phase alone and a phase, once left, never comes back (SD's warm-up, IRM's anneal)."""
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+        self.left: set[Any] = set()
+        self.current: Any = None
+        self.started = False
+
+    def at(self, step: int) -> Any:
+        phase = self.method.phase(step)
+        if self.started and phase != self.current:
+            if phase in self.left:
+                raise AssertionError(f"method {self.method.NAME!r} went back to phase {phase!r} at step {step}: "
+                                     "a graphed or compiled update assumes phases only move forward")
+            self.left.add(self.current)
+        self.current, self.started = phase, True
+        return phase
+
+
+class PhaseCompiled:
+    """`loss(*args, step=step)` under `torch.compile`, one compiled function per phase of the method's loss.
+
+    The step is bound to the first step of each phase (the loss depends on it through the phase alone:
+    `PhaseOrder`), so Dynamo never sees a new integer and never recompiles within a phase. Inductor fuses the
+    elementwise work around the matmuls (bias, ReLU and their backward, the loss) that eager mode runs as separate
+    kernels. `prepare(steps, parameters, *args)` compiles every phase a run meets before its clock starts.
+    """
+
+    def __init__(self, loss: Callable[..., torch.Tensor], method: Method) -> None:
+        self.loss, self.method = loss, method
+        self.compiled: dict[Any, Callable[..., torch.Tensor]] = {}
+        self.phases = PhaseOrder(method)
+
+    def __call__(self, *args: Any, step: int) -> torch.Tensor:
+        phase = self.phases.at(step)
+        if phase not in self.compiled:
+            self.compiled[phase] = torch.compile(functools.partial(self.loss, step=step), dynamic=False)
+        return self.compiled[phase](*args)
+
+    def prepare(self, steps: int, parameters: list[torch.Tensor], *args: Any) -> float:
+        """Compile the forward and backward of each phase of `steps` on `args` before training; the seconds it
+        took. The gradients this makes are dropped (`parameters`' .grad set to None): nothing is updated."""
+        started = time.perf_counter()
+        firsts: dict[Any, int] = {}
+        for step in range(steps):
+            firsts.setdefault(self.method.phase(step), step)
+        for phase, step in firsts.items():
+            self.compiled[phase] = torch.compile(functools.partial(self.loss, step=step), dynamic=False)
+            self.compiled[phase](*args).sum().backward()
+        for parameter in parameters:
+            parameter.grad = None
+        if parameters and parameters[0].device.type == "cuda":
+            torch.cuda.synchronize(parameters[0].device)
+        return time.perf_counter() - started
 
 
 # ---- precision -----------------------------------------------------------------------------

@@ -37,6 +37,18 @@ def evaluation_splits(data: Dataset) -> dict[str, Split]:
     return splits
 
 
+def pooled_slices(data: Dataset) -> dict[str, slice]:
+    """Where each training split lies in the pooled 'train' split (`Dataset.train_data()`'s order); a split named
+    'train' is the pool itself. Evaluation slices these splits' logits from the pool's instead of recomputing."""
+    slices, start = {}, 0
+    for name in data.train_splits:
+        end = start + len(data.splits[name])
+        if name != "train":
+            slices[name] = slice(start, end)
+        start = end
+    return slices
+
+
 def _to(split: Split, device: torch.device) -> Split:
     return Split(name=split.name, x=split.x.to(device), y=split.y.to(device), attribute=split.attribute.to(device))
 
@@ -60,13 +72,8 @@ def stacked_splits(data: Sequence[Dataset], device: torch.device, *, shared: boo
 
     pooled = stack(Dataset.train_data, "train")
     splits = {"train": pooled}
-    start = 0
-    for name in first.train_splits:  # in the order train_data() pools them
-        end = start + len(first.splits[name])
-        if name != "train":
-            splits[name] = Split(name=name, x=pooled.x[:, start:end], y=pooled.y[:, start:end],
-                                 attribute=pooled.attribute[:, start:end])
-        start = end
+    for name, rows in pooled_slices(first).items():
+        splits[name] = Split(name=name, x=pooled.x[:, rows], y=pooled.y[:, rows], attribute=pooled.attribute[:, rows])
     names = ["train"] + [name for name in first.splits if name != "train"]  # evaluation_splits' order
     for name in names:
         if name not in splits:
@@ -88,25 +95,38 @@ def _metric_names(split: str) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, splits: dict[str, Split]) -> dict[tuple[str, str], float]:
-    """{(split, metric): value}: loss, accuracy, mean_abs_logit per split; starved_fraction for 'train'."""
+def evaluate(model: nn.Module, splits: dict[str, Split],
+             pooled: dict[str, slice] | None = None) -> dict[tuple[str, str], float]:
+    """{(split, metric): value}: loss, accuracy, mean_abs_logit per split; starved_fraction for 'train'.
+
+    `pooled` (`pooled_slices`): the splits whose logits are sliced from 'train''s, which comes first.
+    """
     model.eval()
-    values = {}
+    values, computed = {}, {}
     for name, split in splits.items():
-        logits = torch.cat([as_logits(model(split.x[i:i + EVAL_CHUNK])) for i in range(0, len(split), EVAL_CHUNK)])
+        if pooled and name in pooled:
+            logits = computed["train"][pooled[name]]
+        else:
+            logits = torch.cat([as_logits(model(split.x[i:i + EVAL_CHUNK]))
+                                for i in range(0, len(split), EVAL_CHUNK)])
+        computed[name] = logits
         values.update(zip(_metric_names(name), split_metrics(logits, split.y, with_starved=name == "train").tolist()))
     return values
 
 
 @torch.no_grad()
-def evaluate_stacked(model: StackedMLP, splits: dict[str, Split]) -> list[dict[tuple[str, str], float]]:
+def evaluate_stacked(model: StackedMLP, splits: dict[str, Split],
+                     pooled: dict[str, slice] | None = None) -> list[dict[tuple[str, str], float]]:
     """`evaluate` for every seed of a stacked model on stacked splits: one dict per seed, one host sync in all."""
     model.eval()
-    names, columns = [], []
+    names, columns, computed = [], [], {}
     for name, split in splits.items():
-        size = split.x.shape[1]
-        logits = torch.cat([stacked_logits(model(split.x[:, i:i + EVAL_CHUNK])) for i in range(0, size, EVAL_CHUNK)],
-                           dim=1)
+        if pooled and name in pooled:
+            logits = computed["train"][:, pooled[name]]
+        else:
+            logits = torch.cat([stacked_logits(model(split.x[:, i:i + EVAL_CHUNK]))
+                                for i in range(0, split.x.shape[1], EVAL_CHUNK)], dim=1)
+        computed[name] = logits
         columns.append(vmap(functools.partial(split_metrics, with_starved=name == "train"))(logits, split.y))
         names += _metric_names(name)
     return [dict(zip(names, row)) for row in torch.cat(columns, dim=1).tolist()]

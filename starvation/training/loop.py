@@ -18,9 +18,9 @@ from starvation.datasets import Dataset
 from starvation.ensemble import StackedMLP, seed_losses, unsupported_reason
 from starvation.methods import Method, build_method, method_class
 from starvation.networks import Network, build_network, output_count
-from starvation.training.acceleration import GraphedUpdates, forward_precision, tf32_matmuls
+from starvation.training.acceleration import GraphedUpdates, PhaseCompiled, forward_precision, tf32_matmuls
 from starvation.training.evaluation import (_summarise, _to, as_logits, evaluate, evaluate_stacked,
-                                            evaluation_splits, stacked_logits, stacked_splits)
+                                            evaluation_splits, pooled_slices, stacked_logits, stacked_splits)
 from starvation.training.spec import (ResolvedTrainSpec, _check_gamma, build_optimizer, resolve_device,
                                       resolve_train_spec)
 
@@ -28,6 +28,9 @@ from starvation.training.spec import (ResolvedTrainSpec, _check_gamma, build_opt
 # (`per_seed_matmuls`). On a 2-core CPU (docs/performance.md) one batched matmul over 10 seeds is 1.4x slower than
 # 10 separate ones at 830M (CMNIST, full batch), even at 53M (CMNIST, batches of 256), faster at 0.45M (two moons).
 CPU_PER_SEED_MATMUL_MACS = 50_000_000
+# On a GPU, a batched job's hidden widths are padded to a multiple of this with units that stay zero
+# (`StackedMLP`'s pad_to): 16-byte rows for bf16 and float32 alike, so cuBLAS can use its fastest kernels.
+GPU_WIDTH_MULTIPLE = 8
 
 
 class TrainingStopped(Exception):
@@ -101,12 +104,14 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
     execution, why = choose_execution(spec, shape)
     per_seed = execution == "batched" and per_seed_matmuls(shape, rows, torch_device)
     graphs = spec["cuda_graphs"] and torch_device.type == "cuda"
+    compiled = spec["compile"] and execution == "batched"
     with tf32_matmuls(spec["precision"] == "tf32"):  # evaluation switches it off again: metrics in float32
         if execution == "batched":
             networks, histories, clock = _train_batched(spec, [first] + [load(seed) for seed in seeds[1:]],
                                                         torch_device, report, should_stop,
                                                         shared_data=dataset is not None,
-                                                        matmuls_per_seed=per_seed, graphs=graphs)
+                                                        matmuls_per_seed=per_seed, graphs=graphs,
+                                                        compiled=compiled)
         else:
             networks, histories, clock = [], [], _Clock(torch_device)
             for index, seed in enumerate(seeds):
@@ -130,7 +135,7 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
             "first": float(np.mean([h[0][("train", "starved_fraction")] for h in histories])),
             "last": float(np.mean([h[-1][("train", "starved_fraction")] for h in histories]))},
         "execution": {"requested": spec["execution"], "used": execution, "why": why, "precision": spec["precision"],
-                      "per_seed_matmuls": per_seed, "cuda_graphs": graphs},
+                      "per_seed_matmuls": per_seed, "cuda_graphs": graphs, "compile": compiled},
         "timing": clock.summary(spec["steps"], total_s=time.perf_counter() - started),
     }
     return TrainOutcome(result=result, checkpoints=checkpoints, dataset_info=dict(first.info))
@@ -187,6 +192,7 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
                 ) -> tuple[nn.Module, list[dict[tuple[str, str], float]]]:
     """One model: init under `seed`, full-batch or minibatch updates, evaluation on schedule."""
     splits = {name: _to(split, device) for name, split in evaluation_splits(data).items()}
+    pooled = pooled_slices(data)
     train_split = splits["train"]
     model = _init_network(spec, data, seed).to(device)
     method = build_method(spec["method"])
@@ -194,13 +200,14 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
     optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
     batches = Batches(len(train_split), spec["batch_size"], seeds=[seed], device=device)
     steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
+    train_x = update_inputs(train_split.x, precision)
     history = []
 
     def update(rows: torch.Tensor | None, step: int) -> None:
         if rows is None:
-            x, y, given = train_split.x, train_split.y, groups
+            x, y, given = train_x, train_split.y, groups
         else:
-            x, y = train_split.x[rows[0]], train_split.y[rows[0]]
+            x, y = train_x[rows[0]], train_split.y[rows[0]]
             given = {name: tensor[rows[0]] for name, tensor in groups.items()}
         train_step(model, optimizer, method, x, y, step, precision=precision, memberships=given)
     if graphs:
@@ -210,7 +217,7 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
             with clock.evaluating(), tf32_matmuls(False):
-                values = evaluate(model, splits)
+                values = evaluate(model, splits, pooled)
                 history.append(values)
                 report(step, steps, seed, values)
         if step == steps:
@@ -223,10 +230,12 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
 
 def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report: ProgressCallback,
                    should_stop: Callable[[], bool] | None, *, shared_data: bool, matmuls_per_seed: bool,
-                   graphs: bool) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], _Clock]:
+                   graphs: bool, compiled: bool
+                   ) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], _Clock]:
     """Every seed at once as a StackedMLP: per seed the same init, data, minibatches and updates as `_train_seed`."""
     seeds = spec["seeds"]
     splits = stacked_splits(data, device, shared=shared_data)
+    pooled = pooled_slices(data[0])
     method = build_method(spec["method"])
     per_seed_groups = [memberships(d, method.NEEDS) for d in data[:1 if shared_data else len(data)]]
     groups = {name: torch.stack([g[name] for g in per_seed_groups]).expand(len(seeds), -1, -1).to(device)
@@ -235,32 +244,44 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     del data  # the stacked copy is all that training needs
     train_split = splits["train"]
     networks = [_init_network(spec, first, seed) for seed in seeds]
-    model = StackedMLP(networks, per_seed_matmuls=matmuls_per_seed).to(device)
+    model = StackedMLP(networks, per_seed_matmuls=matmuls_per_seed,
+                       pad_to=GPU_WIDTH_MULTIPLE if device.type == "cuda" else 1).to(device)
     optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
     batches = Batches(train_split.x.shape[1], spec["batch_size"], seeds=seeds, device=device)
     seed_rows = torch.arange(len(seeds), device=device).unsqueeze(1)
     steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
+    train_x = update_inputs(train_split.x, precision)
+    clock = _Clock(device)
+
+    def inputs(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        if rows is None:
+            return train_x, train_split.y, groups
+        return (train_x[seed_rows, rows], train_split.y[seed_rows, rows],
+                {name: tensor[seed_rows, rows] for name, tensor in groups.items()})
+
+    losses = None
+    if compiled:
+        losses = PhaseCompiled(functools.partial(stacked_losses, model, method, precision=precision), method)
+        batch = None if batches.batch_size is None or batches.batch_size >= batches.n else batches.batch_size
+        shaped = None if batch is None else torch.arange(batch, device=device).expand(len(seeds), batch)
+        clock.compile_s = losses.prepare(steps, list(model.parameters()), *inputs(shaped))
 
     def update(rows: torch.Tensor | None, step: int) -> None:
-        if rows is None:
-            x, y, given = train_split.x, train_split.y, groups
-        else:
-            x, y = train_split.x[seed_rows, rows], train_split.y[seed_rows, rows]
-            given = {name: tensor[seed_rows, rows] for name, tensor in groups.items()}
-        stacked_train_step(model, optimizer, method, x, y, step, precision=precision, memberships=given)
+        x, y, given = inputs(rows)
+        stacked_train_step(model, optimizer, method, x, y, step, precision=precision, memberships=given,
+                           losses=losses)
     if graphs:
         update = GraphedUpdates(update, method, device)
     # Progress between evaluations too, about as often as the sequential path reports it, but at most ~100 times
     # a job: in the worker each report is a database write on this thread.
     progress_every = max(1, eval_every // len(seeds), steps // 100)
     histories: list[list[dict[tuple[str, str], float]]] = [[] for _ in seeds]
-    clock = _Clock(device)
 
     clock.start()
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
             with clock.evaluating(), tf32_matmuls(False):
-                per_seed = evaluate_stacked(model, splits)
+                per_seed = evaluate_stacked(model, splits, pooled)
                 for history, values in zip(histories, per_seed):
                     history.append(values)
                 report(step, dict(zip(seeds, per_seed)), step / steps)
@@ -320,22 +341,39 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, method: Metho
     return loss.detach()
 
 
+def stacked_losses(model: StackedMLP, method: Method, x: torch.Tensor, y: torch.Tensor,
+                   memberships: dict[str, torch.Tensor] | None = None, *, step: int,
+                   precision: str = "fp32") -> torch.Tensor:
+    """Every seed's loss [S] on its own rows x [S, B, ...], y [S, B]: the forward pass and the method's loss."""
+    with forward_precision(precision, x.device):
+        output = model(x)
+    return seed_losses(method, stacked_logits(output).float(), y, step, list(model.parameters()), memberships)
+
+
 def stacked_train_step(model: StackedMLP, optimizer: torch.optim.Optimizer, method: Method, x: torch.Tensor,
                        y: torch.Tensor, step: int, *, precision: str = "fp32",
-                       memberships: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                       memberships: dict[str, torch.Tensor] | None = None,
+                       losses: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """One update of every seed on its own rows x [S, B, ...], y [S, B]; returns the seeds' losses [S] (no sync).
 
     The sum of the seeds' losses is minimised: each seed's gradient is its own (`starvation.ensemble`).
+    `losses`: what computes them, called as `stacked_losses` is without its first two arguments (a
+    `PhaseCompiled` of it); default `stacked_losses` itself.
     """
     model.train()
-    with forward_precision(precision, x.device):
-        output = model(x)
-    per_seed = seed_losses(method, stacked_logits(output).float(), y, step, list(model.parameters()),
-                           memberships)
+    if losses is None:
+        losses = functools.partial(stacked_losses, model, method, precision=precision)
+    per_seed = losses(x, y, memberships, step=step)
     optimizer.zero_grad(set_to_none=True)
     per_seed.sum().backward()
     optimizer.step()
     return per_seed.detach()
+
+
+def update_inputs(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """The training inputs the updates read: under bf16, a bfloat16 copy made once (autocast would otherwise cast
+    the inputs again at every update; it casts the float32 master weights each time, which are far smaller)."""
+    return x.to(torch.bfloat16) if precision == "bf16" else x
 
 
 class Batches:
@@ -378,6 +416,7 @@ class _Clock:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.train_s = self.eval_s = 0.0
+        self.compile_s = 0.0  # torch.compile before training (`PhaseCompiled.prepare`), outside train_s
         self.mark = time.perf_counter()
 
     def start(self) -> None:
@@ -396,4 +435,4 @@ class _Clock:
     def summary(self, steps: int, *, total_s: float) -> dict[str, float]:
         """step_ms: wall time to move every seed of the job one update (batched: one stacked update)."""
         return {"step_ms": 1000 * self.train_s / steps, "train_s": self.train_s, "eval_s": self.eval_s,
-                "total_s": total_s}
+                "compile_s": self.compile_s, "total_s": total_s}

@@ -60,6 +60,9 @@ FIELDS: dict[str, P.Param] = {
                          P.one_of(*PRECISIONS)),
     "cuda_graphs": P.Param(False, "on a CUDA device, replay each update from a CUDA graph (fewer launches; ignored "
                                   "on a CPU)", P.boolean),
+    "compile": P.Param(False, "batched execution: the stacked update's forward pass and loss, and their backward, "
+                              "under torch.compile, compiled once per phase of the loss before training starts "
+                              "(timing.compile_s); sequential execution ignores it", P.boolean),
     "device": P.Param("auto", "where the worker trains: auto (CUDA when present), cpu, cuda or cuda:N",
                       _device_name),
     "audit": P.Param(True, "audit each trained checkpoint for reliance on the dataset's spurious attribute",

@@ -14,8 +14,12 @@ from starvation.ensemble import StackedMLP, seed_losses
 from starvation.export import load_builtin
 from starvation.methods import build_method
 from starvation.networks import build_network
-from starvation.training import (Metric, TrainingStopped, build_optimizer, choose_execution, per_seed_matmuls,
-                                 resolve_train_spec, stacked_train_step, train, train_step)
+from starvation.training import (Metric, TrainingStopped, build_optimizer, choose_execution, evaluate,
+                                 evaluate_stacked, evaluation_splits, per_seed_matmuls, resolve_train_spec,
+                                 stacked_splits, stacked_train_step, train, train_step)
+from starvation.training.acceleration import PhaseOrder
+from starvation.training.evaluation import pooled_slices
+from starvation.training.loop import update_inputs
 from starvation.training import loop
 
 # A small Colored MNIST run: 400 training digits, a narrow MLP, three seeds.
@@ -221,8 +225,9 @@ def test_the_result_reports_how_the_seeds_ran_and_the_step_time(tmp_path: pathli
     execution = outcome.result["execution"]
     assert (execution["requested"], execution["used"], execution["precision"]) == ("auto", "batched", "fp32")
     timing = outcome.result["timing"]
-    assert set(timing) == {"step_ms", "train_s", "eval_s", "total_s"}
+    assert set(timing) == {"step_ms", "train_s", "eval_s", "compile_s", "total_s"}
     assert 0 < timing["step_ms"] and timing["train_s"] + timing["eval_s"] <= timing["total_s"]
+    assert timing["compile_s"] == 0 and execution["compile"] is False
 
 
 def test_auto_batches_several_seeds_of_an_mlp_and_large_cpu_updates_use_per_seed_matmuls() -> None:
@@ -301,3 +306,76 @@ def test_one_adam_over_the_stacked_seeds_is_one_adam_per_seed(per_seed: bool) ->
                 torch.testing.assert_close(stacked_adam.state[stacked_param][moment][index], seed_state[param][moment],
                                            rtol=1e-5, atol=1e-9)
             assert float(stacked_adam.state[stacked_param]["step"]) == float(seed_state[param]["step"]) == 25
+
+
+@pytest.mark.parametrize("method", [SD_WITH_WARMUP, {"name": "weight_decay", "weight_decay": 1e-2}],
+                         ids=["sd", "weight_decay"])
+def test_padded_hidden_units_stay_zero_and_change_no_real_unit(method: dict) -> None:
+    """StackedMLP's pad_to (on a GPU: aligned rows for cuBLAS): widths 13 and 7 padded to 16 and 8 train as unpadded."""
+    adam = {"name": "adam", "lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8}
+    torch.manual_seed(0)
+    networks = [build_network("mlp", {"hidden": [13, 7]}, (6,), 1) for _ in range(3)]
+    x, y = torch.randn(3, 20, 6), torch.randint(0, 2, (3, 20))
+    plain, padded = StackedMLP(networks), StackedMLP(networks, pad_to=8)
+    assert [tuple(p.shape[1:]) for p in padded.stacked] == [(16, 6), (16,), (8, 16), (8,), (1, 8), (1,)]
+    method = build_method(method)
+    optimizers = [build_optimizer(adam, model.parameters()) for model in (plain, padded)]
+    for step in range(25):  # across SD's warm-up end at step 20
+        for model, optimizer in zip((plain, padded), optimizers):
+            stacked_train_step(model, optimizer, method, x, y, step)
+    for index in range(3):
+        for name, value in padded.network_state(index).items():
+            torch.testing.assert_close(value, plain.network_state(index)[name], rtol=1e-5, atol=1e-6)
+    first, second, head = padded.stacked[0], padded.stacked[2], padded.stacked[4]
+    assert not first[:, 13:].any() and not padded.stacked[1][:, 13:].any()  # padded units: no weights in, no bias
+    assert not second[:, :, 13:].any() and not second[:, 7:].any() and not head[:, :, 7:].any()  # none out
+
+
+def test_evaluation_slices_the_training_environments_from_the_pooled_logits(tmp_path: pathlib.Path) -> None:
+    """train1/train2's metrics, sliced from the pooled 'train' logits, are those of their own forward pass."""
+    data = build("colored_mnist", {"n_train": 400}, seed=0, data_dir=None)
+    torch.manual_seed(0)
+    network = build_network("mlp", {"hidden": [16]}, data.input_shape, 1)
+    splits = evaluation_splits(data)
+    sliced, recomputed = evaluate(network, splits, pooled_slices(data)), evaluate(network, splits)
+    assert set(sliced) == set(recomputed) and ("train1", "accuracy") in sliced
+    for key, value in recomputed.items():
+        assert sliced[key] == pytest.approx(value, abs=1e-6), key
+    stacked = StackedMLP([network, network])
+    stacked_data = stacked_splits([data, data], torch.device("cpu"))
+    for seed_values in evaluate_stacked(stacked, stacked_data, pooled_slices(data)):
+        for key, value in recomputed.items():
+            assert seed_values[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_bf16_updates_read_inputs_stored_once_in_bf16_and_train_close_to_float32(tmp_path: pathlib.Path) -> None:
+    """The stored copy is what autocast would cast to at every update; bf16 stays within 2e-2 of fp32 on loss."""
+    x = torch.rand(3, 5)
+    assert update_inputs(x, "bf16").dtype == torch.bfloat16 and update_inputs(x, "fp32") is x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(torch.nn.functional.linear(x, torch.eye(5)), torch.nn.functional.linear(
+            update_inputs(x, "bf16"), torch.eye(5)))
+    spec = {**SMALL, "method": SD_WITH_WARMUP}
+    reference, _ = run({**spec, "precision": "fp32"}, tmp_path / "fp32", "batched")
+    reduced, _ = run({**spec, "precision": "bf16"}, tmp_path / "bf16", "batched")
+    assert_same_training(reference, reduced, loss=2e-2, accuracy=5e-2, other=5e-2)
+
+
+def test_a_compiled_stacked_update_trains_as_the_eager_one(tmp_path: pathlib.Path) -> None:
+    """torch.compile per phase (SD's warm-up ends at step 20 of 40), compiled before the clock: same metrics."""
+    spec = {**SMALL, "method": SD_WITH_WARMUP, "seeds": [0, 1], "batch_size": 64}
+    eager, _ = run(spec, tmp_path / "eager", "batched")
+    compiled, outcome = run({**spec, "compile": True}, tmp_path / "compiled", "batched")
+    assert outcome.result["execution"]["compile"] is True and outcome.result["timing"]["compile_s"] > 0
+    assert_same_training(eager, compiled, loss=1e-5)
+
+
+def test_a_phase_that_comes_back_is_refused_where_updates_are_made_once_per_phase() -> None:
+    class Cycling(build_method({"name": "erm"}).__class__):
+        def phase(self, step: int) -> int:
+            return (step // 10) % 2
+
+    order = PhaseOrder(Cycling())
+    assert [order.at(step) for step in (0, 9, 10, 19)] == [0, 0, 1, 1]
+    with pytest.raises(AssertionError, match="went back to phase 0 at step 20"):
+        order.at(20)
