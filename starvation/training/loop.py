@@ -372,8 +372,13 @@ def stacked_train_step(model: StackedMLP, optimizer: torch.optim.Optimizer, meth
 
 def update_inputs(x: torch.Tensor, precision: str) -> torch.Tensor:
     """The training inputs the updates read: under bf16, a bfloat16 copy made once (autocast would otherwise cast
-    the inputs again at every update; it casts the float32 master weights each time, which are far smaller)."""
-    return x.to(torch.bfloat16) if precision == "bf16" else x
+    the inputs again at every update; it casts the float32 master weights each time, which are far smaller).
+    A registered dataset's inputs, expanded over the seeds (stride 0), stay one copy, expanded again."""
+    if precision != "bf16":
+        return x
+    if x.ndim > 1 and x.stride(0) == 0:
+        return x[0].to(torch.bfloat16).unsqueeze(0).expand_as(x)
+    return x.to(torch.bfloat16)
 
 
 class Batches:

@@ -352,6 +352,8 @@ def test_bf16_updates_read_inputs_stored_once_in_bf16_and_train_close_to_float32
     """The stored copy is what autocast would cast to at every update; bf16 stays within 2e-2 of fp32 on loss."""
     x = torch.rand(3, 5)
     assert update_inputs(x, "bf16").dtype == torch.bfloat16 and update_inputs(x, "fp32") is x
+    shared = update_inputs(x.unsqueeze(0).expand(4, 3, 5), "bf16")  # a registered dataset's: one copy, not four
+    assert shared.shape == (4, 3, 5) and shared.stride(0) == 0 and torch.equal(shared[3], update_inputs(x, "bf16"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(torch.nn.functional.linear(x, torch.eye(5)), torch.nn.functional.linear(
             update_inputs(x, "bf16"), torch.eye(5)))
