@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from api.deps import AuthorizationDep, SessionDep, SettingsDep, admin_principal, current_principal
-from api.schemas import Readiness, error_responses, media_response
+from api.schemas import JobKind, Readiness, error_responses, media_response
 from core.queue import QUEUES, check_broker
 from models.db import database
 from models.status import JobStatus
@@ -48,12 +48,11 @@ def readyz() -> JSONResponse:
 
 # Upper bounds of the job duration histogram, in seconds: a smoke test to a day-long GPU run.
 DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 12 * 3600, 24 * 3600)
-KINDS = ("train", "audit")
 
 
 def job_metric_families(session: Session, now: datetime) -> list[Metric]:
     """The service's state as Prometheus families, read from the jobs table (the truth)."""
-    counts = {(kind, status): 0 for kind in KINDS for status in JobStatus}
+    counts = {(kind.value, status): 0 for kind in JobKind for status in JobStatus}  # zeros too: every series exists
     for kind, status, count in session.execute(
         select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
     ):

@@ -65,6 +65,7 @@ def test_metrics_count_jobs_queue_durations_and_heartbeats(client, some_jobs):
     assert delta(after, before, "gs_jobs", "gs_jobs", kind="audit", status="succeeded") == 2
     assert delta(after, before, "gs_jobs", "gs_jobs", kind="audit", status="cancelled") == 0
     assert ("gs_jobs", (("kind", "audit"), ("status", "cancelled"))) in after["gs_jobs"]  # zeros are exported
+    assert ("gs_jobs", (("kind", "repair"), ("status", "running"))) in after["gs_jobs"]  # for every kind
     assert delta(after, before, "gs_queue_depth", "gs_queue_depth", queue="gpu") == 1
     assert after["gs_oldest_queued_job_age_seconds"][("gs_oldest_queued_job_age_seconds", ())] >= 39
 
