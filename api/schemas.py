@@ -9,6 +9,8 @@ from fastapi import UploadFile
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, TypeAdapter, WithJsonSchema, create_model
 
 from models.status import JobStatus
+from starvation.audit.probes import PROBES
+from starvation.repair.methods import NOT_YET_AVAILABLE, REPAIR_METHODS
 from starvation.training.spec import DEVICE_PATTERN, MAX_SEED
 from starvation.training.spec import field_schemas as train_spec_fields
 
@@ -30,6 +32,14 @@ class JobKind(StrEnum):
     TRAIN = "train"
     AUDIT = "audit"
     REPAIR = "repair"
+
+
+# The audit's probes and the repair methods by name, from the engine's registries (an enum in the document, so a
+# typo is a 422 naming the field and client generators offer the names).
+ProbeName = StrEnum("ProbeName", {name.upper(): name for name in PROBES})
+RepairMethodName = StrEnum("RepairMethodName", {name.upper(): name for name in [*REPAIR_METHODS, *NOT_YET_AVAILABLE]})
+Probes = Annotated[list[ProbeName] | None, Field(description="probes to run; default: every probe the dataset "
+                                                             "supports")]
 
 
 class DatasetRef(BaseModel):
@@ -81,7 +91,7 @@ class AuditSpec(BaseModel):
     train_job_id: str | None = None
     dataset: DatasetRef = Field(default_factory=lambda: DatasetRef(name="colored_mnist"))
     spurious_attribute: str = "color"
-    probes: list[str] | None = None
+    probes: Probes = None
     layer: str | None = Field(None, max_length=200, pattern=LAYER_PATTERN,
                               description="penultimate layer for the linear probe, by name")
     seed: Seed = 0
@@ -114,8 +124,8 @@ class RepairMethodSpec(BaseModel):
     """A repair method and its parameters (starvation.repair.REPAIR_METHODS declares them)."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = Field("last_layer", min_length=1, max_length=64,
-                      description="last_layer | last_layer_sd (finetune_sd: not available yet)")
+    name: RepairMethodName = Field(RepairMethodName.LAST_LAYER,
+                                   description="finetune_sd is named but not available yet (422 unsupported_method)")
 
 
 class RepairSpec(BaseModel):
@@ -129,8 +139,7 @@ class RepairSpec(BaseModel):
     method: RepairMethodSpec = Field(default_factory=RepairMethodSpec)
     layer: str | None = Field(None, max_length=200, pattern=LAYER_PATTERN,
                               description="the feature layer (the head's input), by name; default: found automatically")
-    probes: list[str] | None = Field(None, description="of the audits before and after; default: every probe the "
-                                                       "dataset supports")
+    probes: Probes = None  # of the audits before and after
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     timeout_s: TimeoutSeconds | None = Field(None, description="the job fails with `timeout` after this long")
 

@@ -107,3 +107,15 @@ def test_each_operation_lists_the_errors_of_what_it_does(document):
         "list_jobs", "list_job_metrics", "get_job_logs", "create_job", "upload_checkpoint", "register_dataset",
         "create_api_key"}
     assert errors["healthz"] == {422}
+
+
+def test_probes_and_repair_methods_are_enums_and_a_misspelt_one_is_a_422_naming_it(client, document, tenant):
+    schemas = document["components"]["schemas"]
+    assert set(schemas["ProbeName"]["enum"]) == {"groups", "counterfactual", "four_corners", "linear_probe"}
+    assert set(schemas["RepairMethodName"]["enum"]) == {"last_layer", "last_layer_sd", "finetune_sd"}
+    audit = {"kind": "audit", "spec": {"checkpoint_id": "c" * 32, "probes": ["groups", "counterfactaul"]}}
+    answer = client.post("/v1/jobs", json=audit, headers=tenant())
+    assert answer.status_code == 422 and "spec.probes.1" in answer.text and "'counterfactual'" in answer.text, answer.text
+    repair = {"kind": "repair", "spec": {"checkpoint_id": "c" * 32, "method": {"name": "last_layers"}}}
+    answer = client.post("/v1/jobs", json=repair, headers=tenant())
+    assert answer.status_code == 422 and "spec.method.name" in answer.text and "'last_layer'" in answer.text, answer.text

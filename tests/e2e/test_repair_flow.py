@@ -111,7 +111,7 @@ def test_what_a_repair_cannot_do_is_refused_at_submit(embedded_stack, tmp_path):
     assert refused({"checkpoint_id": parent, "dataset": {"name": "two_moons"}})["code"] == "no_attribute"
     error = refused({"checkpoint_id": parent, "method": {"name": "finetune_sd"}})
     assert error["code"] == "unsupported_method" and "not available yet" in error["message"]
-    assert refused({"checkpoint_id": parent, "method": {"name": "magic"}})["code"] == "invalid_spec"
+    assert refused({"checkpoint_id": parent, "method": {"name": "magic"}})["code"] == "invalid_request"  # an enum
     assert refused({"checkpoint_id": parent, "method": {"name": "last_layer", "inverse_strengths": [-1]}})[
         "code"] == "invalid_spec"
     assert refused({"checkpoint_id": "nope"})["code"] == "invalid_spec"
