@@ -438,6 +438,30 @@ class MlflowOutcome(BaseModel):
     error: str | None = Field(None, description="why the export failed; the job itself succeeded")
 
 
+class TrainExecution(BaseModel):
+    """How a train job's seeds ran (docs/performance.md). Fields added later have defaults, so older jobs load."""
+
+    model_config = ConfigDict(extra="allow")
+    requested: str = Field("auto", description="the spec's execution")
+    used: Literal["batched", "sequential"]
+    why: str = Field("", description="why `used` (e.g. 'auto: several seeds', 'cannot batch: ...')")
+    precision: str = "fp32"
+    per_seed_matmuls: bool = Field(False, description="batched on the CPU: each seed's matmuls run on their own")
+    cuda_graphs: bool = Field(False, description="updates replayed from CUDA graphs (a CUDA device only)")
+    compile: bool = Field(False, description="the stacked update under torch.compile (batched only)")
+
+
+class TrainTiming(BaseModel):
+    """Seconds of a train job's parts; step_ms: one update of every seed (batched: one stacked update)."""
+
+    model_config = ConfigDict(extra="allow")
+    step_ms: float
+    train_s: float = Field(description="the updates, between evaluations")
+    eval_s: float = Field(description="the evaluations and their metric reports")
+    compile_s: float = Field(0.0, description="torch.compile before training (`compile: true`)")
+    total_s: float = Field(description="the whole training call: data, training, evaluation, checkpoints")
+
+
 class TrainResult(BaseModel):
     """A finished train job: per split, mean and std over seeds of the final accuracy and loss."""
 
@@ -448,8 +472,8 @@ class TrainResult(BaseModel):
     device: str
     dataset: dict[str, Any] = Field(default_factory=dict, description="what the dataset was built with")
     starved_fraction: dict[str, float] | None = None
-    execution: dict[str, Any] | None = Field(None, description="how the seeds ran (batched or sequential) and why")
-    timing: dict[str, float] | None = None
+    execution: TrainExecution | None = Field(None, description="how the seeds ran (batched or sequential) and why")
+    timing: TrainTiming | None = None
     audit: TrainAudit | None = Field(None, description="with `audit: true`")
     mlflow: MlflowOutcome | None = None
 
@@ -475,15 +499,56 @@ class RepairReports(BaseModel):
     after: Report
 
 
+class RepairMethodOut(BaseModel):
+    """The repair method as resolved: its name and every parameter (starvation.repair.describe_all)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: RepairMethodName
+
+
+class RepairScores(BaseModel):
+    accuracy: float | None = None
+    worst_group_accuracy: float | None = None
+
+
+class RepairSelection(BaseModel):
+    """Which data fitted the head and which chose it; the test split is never one of them."""
+
+    model_config = ConfigDict(extra="allow")
+    fitted_on: dict[str, Any] = Field(description="data, splits, n")
+    chosen_on: dict[str, Any] = Field(description="data, splits, n, fraction, seed, stratified_by, criterion")
+    test_split_used: Literal[False]
+    candidates: list[dict[str, Any]] = Field(description="each candidate's strength and its fit and validation "
+                                                         "scores")
+    chosen: dict[str, Any] = Field(description="the chosen candidate's strength")
+    chosen_validation: RepairScores
+    original_head: dict[str, Any] = Field(description="the old head's validation scores, for reference only")
+    changed: bool
+
+
+class RepairDetails(BaseModel):
+    """What was written: the new checkpoint in each format, its parent, the feature layer and the head's shape."""
+
+    model_config = ConfigDict(extra="allow")
+    checkpoint_id: str
+    checkpoint_ids: dict[str, str] = Field(description="format: checkpoint id (ours come in both formats)")
+    parent_checkpoint_id: str
+    format: str
+    changed: bool
+    feature_layer: str | None = None
+    head_shape: list[int]
+    note: str | None = Field(None, description="e.g. that the audit before found nothing to repair")
+
+
 class RepairResult(BaseModel):
     model_config = ConfigDict(extra="allow")
     checkpoint_id: str = Field(description="the new checkpoint")
     parent_checkpoint_id: str
-    method: dict[str, Any] = Field(description="the method as resolved, with every parameter")
-    selection: dict[str, Any] = Field(description="which data fitted the head and which chose it")
+    method: RepairMethodOut = Field(description="the method as resolved, with every parameter")
+    selection: RepairSelection = Field(description="which data fitted the head and which chose it")
     before: RepairSummary
     after: RepairSummary
-    repair: dict[str, Any]
+    repair: RepairDetails
     reports: RepairReports
     device: str
 

@@ -119,3 +119,19 @@ def test_probes_and_repair_methods_are_enums_and_a_misspelt_one_is_a_422_naming_
     repair = {"kind": "repair", "spec": {"checkpoint_id": "c" * 32, "method": {"name": "last_layers"}}}
     answer = client.post("/v1/jobs", json=repair, headers=tenant())
     assert answer.status_code == 422 and "spec.method.name" in answer.text and "'last_layer'" in answer.text, answer.text
+
+
+def test_train_and_repair_results_are_typed_where_their_shape_is_stable(document):
+    schemas = document["components"]["schemas"]
+
+    def ref(schema: str, field: str) -> str:
+        prop = schemas[schema]["properties"][field]
+        options = prop.get("anyOf", [prop])
+        return next(option["$ref"].rsplit("/", 1)[1] for option in options if "$ref" in option)
+
+    assert (ref("TrainResult", "execution"), ref("TrainResult", "timing")) == ("TrainExecution", "TrainTiming")
+    assert set(schemas["TrainExecution"]["properties"]["used"]["enum"]) == {"batched", "sequential"}
+    assert {"step_ms", "train_s", "eval_s", "compile_s", "total_s"} <= set(schemas["TrainTiming"]["properties"])
+    assert [ref("RepairResult", f) for f in ("method", "selection", "repair")] == [
+        "RepairMethodOut", "RepairSelection", "RepairDetails"]
+    assert schemas["RepairSelection"]["properties"]["test_split_used"]["const"] is False
