@@ -109,6 +109,16 @@ def test_pooling_seeds_that_agree_keeps_each_seeds_own_uncertainty():
     assert 0.76 < interval[0] < 0.8 < interval[1] < 0.84  # not [0.8, 0.8]
 
 
+def test_the_pooled_interval_of_a_few_seeds_covers_their_true_mean_95_percent_of_the_time():
+    """Seeds' scores spread around a true reliance: with 3 seeds, a normal quantile would cover ~88%."""
+    rng = np.random.default_rng(3)
+    draws = rng.normal(0.5, 0.08, size=(4_000, 3))
+    tight = [[0.49, 0.51]] * 3  # each seed's own interval: narrow, so the spread between seeds decides
+    found = coverage([pooled_mean_interval(list(row), tight) for row in draws], 0.5)
+    assert 0.93 <= found <= 0.97
+    assert pooled_mean_interval([0.5, 0.6, 0.7], tight) == pytest.approx([0.6 - 0.2484, 0.6 + 0.2484], abs=1e-3)
+
+
 # ---- coverage on synthetic data with a known rate ---------------------------------------------
 
 def coverage(intervals, truth) -> float:
