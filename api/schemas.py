@@ -379,15 +379,6 @@ class Report(BaseModel):
     bias_conflicting_accuracy_interval: Interval | None = None
 
 
-class RepairReport(BaseModel):
-    """`GET /report` of a repair job: the audits before and after, on the same data, probes and seed."""
-
-    before: Report
-    after: Report
-    repair: dict[str, Any] = Field(description="checkpoint ids (new and parent), the resolved method and how "
-                                               "the head was chosen (`selection`)")
-
-
 class JobError(BaseModel):
     code: str
     message: str
@@ -538,6 +529,13 @@ class RepairDetails(BaseModel):
     feature_layer: str | None = None
     head_shape: list[int]
     note: str | None = Field(None, description="e.g. that the audit before found nothing to repair")
+
+
+class RepairReport(RepairReports):
+    """`GET /report` of a repair job: the audits before and after, on the same data, probes and seed, and the
+    repair's details as in the job's `result.repair`."""
+
+    repair: RepairDetails
 
 
 class RepairResult(BaseModel):
