@@ -100,8 +100,11 @@ class PhaseCompiled:
     def __call__(self, *args: Any, step: int) -> torch.Tensor:
         phase = self.phases.at(step)
         if phase not in self.compiled:
-            self.compiled[phase] = torch.compile(functools.partial(self.loss, step=step), dynamic=False)
+            self._compile(phase, step)
         return self.compiled[phase](*args)
+
+    def _compile(self, phase: Any, step: int) -> None:
+        self.compiled[phase] = torch.compile(functools.partial(self.loss, step=step), dynamic=False)
 
     def prepare(self, steps: int, parameters: list[torch.Tensor], *args: Any) -> float:
         """Compile the forward and backward of each phase of `steps` on `args` before training; the seconds it
@@ -111,7 +114,7 @@ class PhaseCompiled:
         for step in range(steps):
             firsts.setdefault(self.method.phase(step), step)
         for phase, step in firsts.items():
-            self.compiled[phase] = torch.compile(functools.partial(self.loss, step=step), dynamic=False)
+            self._compile(phase, step)
             self.compiled[phase](*args).sum().backward()
         for parameter in parameters:
             parameter.grad = None

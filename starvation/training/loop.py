@@ -262,8 +262,8 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     losses = None
     if compiled:
         losses = PhaseCompiled(functools.partial(stacked_losses, model, method, precision=precision), method)
-        batch = None if batches.batch_size is None or batches.batch_size >= batches.n else batches.batch_size
-        shaped = None if batch is None else torch.arange(batch, device=device).expand(len(seeds), batch)
+        shaped = None if batches.full else torch.arange(batches.batch_size, device=device).expand(
+            len(seeds), batches.batch_size)  # rows of a minibatch's shape: what the compiled loss will be given
         clock.compile_s = losses.prepare(steps, list(model.parameters()), *inputs(shaped))
 
     def update(rows: torch.Tensor | None, step: int) -> None:
@@ -393,8 +393,13 @@ class Batches:
         self.order = torch.empty(len(seeds), 0, dtype=torch.long)
         self.position = 0
 
+    @property
+    def full(self) -> bool:
+        """Every update sees all n examples (no batch size, or one at least n): `next()` gives None."""
+        return self.batch_size is None or self.batch_size >= self.n
+
     def next(self) -> torch.Tensor | None:
-        if self.batch_size is None or self.batch_size >= self.n:
+        if self.full:
             return None
         if self.position + self.batch_size > self.order.shape[1]:
             order = torch.stack([torch.randperm(self.n, generator=generator) for generator in self.generators])
