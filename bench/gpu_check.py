@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TextIO
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -111,19 +112,21 @@ def protocol_run(config: tuple, args: argparse.Namespace, data_dir: str) -> dict
     return row
 
 
-def protocol(args: argparse.Namespace, folder: pathlib.Path, runs: list[tuple], rows: list[dict],
+def warm_up(args: argparse.Namespace, report: Report) -> None:
+    """The table's header, then a short run off the clock: CUDA context, cuBLAS handles, first kernels."""
+    report(f"{args.seeds} seeds; ERM {args.steps or TASKS['erm'][1]} + SD {args.steps or TASKS['sd'][1]} steps; "
+           f"40k = the shipped digits tiled (bench.common.write_tiled_mnist), 4k = the shipped digits")
+    report("protocol s = the updates and evaluations of ERM + SD (the goals' clock); compile s comes before it")
+    report(f"{'run':34} {'protocol s':>10} {'ERM s':>7} {'SD s':>7} {'compile s':>9} {'ERM test':>8} "
+           f"{'SD test':>8} {'peak MiB':>9}")
+    warm = (None, "bf16", True, False, "batched", PADDED)
+    protocol_run(warm, argparse.Namespace(**{**vars(args), "steps": 20, "seeds": 2}), args.tiled_dir)
+
+
+def protocol(args: argparse.Namespace, report: Report, jsonl: TextIO, runs: list[tuple], rows: list[dict],
              deadline: float) -> None:
     """`runs` in order, each appended to `rows` and reported as it ends; those not begun by `deadline` skipped."""
-    report, data_dir = Report(folder / "1_protocol.txt"), args.tiled_dir
-    jsonl = (folder / "1_protocol.jsonl").open("a")
-    if not rows:
-        report(f"{args.seeds} seeds; ERM {args.steps or TASKS['erm'][1]} + SD {args.steps or TASKS['sd'][1]} steps; "
-               f"40k = the shipped digits tiled (bench.common.write_tiled_mnist), 4k = the shipped digits")
-        report("protocol s = the updates and evaluations of ERM + SD (the goals' clock); compile s comes before it")
-        report(f"{'run':34} {'protocol s':>10} {'ERM s':>7} {'SD s':>7} {'compile s':>9} {'ERM test':>8} "
-               f"{'SD test':>8} {'peak MiB':>9}")
-        warm = (None, "bf16", True, False, "batched", PADDED)  # CUDA context, cuBLAS handles, first kernels: off the clock
-        protocol_run(warm, argparse.Namespace(**{**vars(args), "steps": 20, "seeds": 2}), data_dir)
+    data_dir = args.tiled_dir
     for config in runs:
         if time.monotonic() > deadline:
             report(f"{label(*config):34} skipped: past the time budget")
@@ -249,13 +252,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tiled-mnist-") as tiled:
         args.tiled_dir = str(write_tiled_mnist(pathlib.Path(tiled)))
         rows: list[dict] = []
+        report, jsonl = Report(folder / "1_protocol.txt"), (folder / "1_protocol.jsonl").open("a")
         runs = [run for index, run in enumerate(RUNS) if index == 0 or not (args.dry_run and run[3])]  # one compile
-        parts = [("protocol", lambda: protocol(args, folder, runs, rows, deadline=began + args.budget_s)),
-                 ("references", lambda: protocol(args, folder, [] if args.no_references else REFERENCES, rows,
-                                                 deadline=float("inf"))),
+        parts = [("warm-up", lambda: warm_up(args, report)),
+                 ("protocol", lambda: protocol(args, report, jsonl, runs, rows, deadline=began + args.budget_s)),
+                 ("references", lambda: protocol(args, report, jsonl, [] if args.no_references else REFERENCES,
+                                                 rows, deadline=float("inf"))),
                  ("tests", lambda: None if args.no_tests else tests(args, folder, timeout_s=150)),
                  ("profile", lambda: profile(args, folder)),
-                 ("comparisons", lambda: protocol(args, folder, COMPARISONS, rows, deadline=began + args.budget_s))]
+                 ("comparisons", lambda: protocol(args, report, jsonl, COMPARISONS, rows,
+                                                  deadline=began + args.budget_s))]
         for name, part in parts:
             started = time.monotonic()
             try:
@@ -264,7 +270,6 @@ def main() -> int:
             except Exception as exc:
                 args.failures += 1
                 env(f"{name}: FAILED after {time.monotonic() - started:.1f} s: {type(exc).__name__}: {exc}")
-        report = Report(folder / "1_protocol.txt")
         report()
         for line in goals(rows):
             report(line)
