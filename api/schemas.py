@@ -409,16 +409,9 @@ class SeedReport(Report):
     seed: int
 
 
-class RelianceOverSeeds(BaseModel):
-    reliance_score: MeanStd | None
-    verdict: Literal["low", "partial", "high"] | None
-    basis: Literal["counterfactual", "groups"]
-    reason: str | None = None
-
-
 class TrainAudit(BaseModel):
     reports: list[SeedReport] = Field(description="the report of every seed")
-    summary: RelianceOverSeeds
+    summary: PooledReliance
 
 
 class MlflowOutcome(BaseModel):
