@@ -23,7 +23,7 @@ from api.errors import ApiError, not_found, without_server_paths
 from api.hygiene import MAX_DB_INT, first_unstorable
 from api.idempotency import body_hash, replay_or_create
 from api.schemas import (AuditJobCreate, AuditJobOut, LogLine, LogPage, MetricOut, RepairJobCreate, RepairJobOut,
-                         TrainJobCreate, TrainJobOut, job_out_adapter)
+                         SweepJobCreate, SweepJobOut, TrainJobCreate, TrainJobOut, job_out_adapter)
 from core import outbound
 from core.paths import job_dir
 from core.settings import Settings
@@ -40,14 +40,14 @@ def job_warnings(job: Job) -> list[str]:
     """Derived from what is stored (the resolved spec, the result), so every job, old ones too, shows them."""
     from starvation.training import spec_warnings
 
-    warnings = spec_warnings(job.spec) if job.kind == "train" else []
+    warnings = spec_warnings(job.spec) if job.kind in ("train", "sweep") else []
     mlflow = (job.result or {}).get("mlflow") or {}
     if mlflow.get("error"):
         warnings.append(f"MLflow export failed: {without_server_paths(str(mlflow['error']))}")
     return warnings
 
 
-def job_out(job: Job) -> TrainJobOut | AuditJobOut | RepairJobOut:
+def job_out(job: Job) -> TrainJobOut | AuditJobOut | RepairJobOut | SweepJobOut:
     """The job as the API shows it; its kind picks the shape of `result`."""
     base = f"/v1/jobs/{job.id}"
     return job_out_adapter.validate_python(dict(
@@ -133,6 +133,26 @@ def resolve_train(spec: dict[str, Any], settings: Settings, user_datasets: list[
     if len(resolved["seeds"]) > settings.max_seeds:
         raise invalid_spec(f"{len(resolved['seeds'])} seeds; the limit is {settings.max_seeds}.")
     return resolved
+
+
+def resolve_sweep(spec: dict[str, Any], settings: Settings, user_datasets: list[str]) -> tuple[dict[str, Any], dict]:
+    """(the spec to store: the resolved train spec with its grid and rule, the resolved sweep); 422 naming the field.
+    A sweep trains settings x seeds models: at most `max_sweep_models` (GS_MAX_SWEEP_MODELS)."""
+    from starvation.errors import SpecError
+    from starvation.training.sweep import resolve_sweep_spec
+
+    try:
+        resolved = resolve_sweep_spec(spec, user_datasets=user_datasets)
+    except SpecError as exc:
+        raise invalid_spec(str(exc), field_of(exc)) from None
+    base = resolved["base"]
+    if base["steps"] > settings.max_steps:
+        raise invalid_spec(f"steps is {base['steps']}; the limit is {settings.max_steps}.", {"field": "spec.steps"})
+    models = len(resolved["settings"]) * len(base["seeds"])
+    if models > settings.max_sweep_models:
+        raise invalid_spec(f"the sweep trains {len(resolved['settings'])} settings x {len(base['seeds'])} seeds = "
+                           f"{models} models; the limit is {settings.max_sweep_models}.", {"field": "spec.grid"})
+    return {**base, "grid": resolved["grid"], "selection": resolved["selection"]}, resolved
 
 
 def field_of(exc: Exception) -> dict[str, str] | None:
@@ -309,7 +329,7 @@ def check_separate_test_split(session: Session, name: str, owner_id: str) -> Non
 
 
 def submit(
-    session: Session, body: TrainJobCreate | AuditJobCreate | RepairJobCreate, principal: Principal,
+    session: Session, body: TrainJobCreate | AuditJobCreate | RepairJobCreate | SweepJobCreate, principal: Principal,
     settings: Settings,
 ) -> Job:
     check_quota(session, principal, settings)
@@ -324,6 +344,21 @@ def submit(
         owned = [d.id for d in files_repo.list_datasets(session, owner_id=principal.owner_id)]
         spec = resolve_train(given, settings, owned) | service_fields
         check_memory_budget(session, spec, settings, principal.owner_id)
+    elif isinstance(body, SweepJobCreate):
+        from starvation.training.sweep import stacks
+
+        given = body.spec.model_dump(mode="json", exclude_unset=True)
+        service_fields = {k: given.pop(k) for k in ("timeout_s", "mlflow") if given.get(k) is not None}
+        if "mlflow" in service_fields:
+            raise invalid_spec("A sweep does not export to MLflow (yet); train its chosen setting with mlflow.",
+                               {"field": "spec.mlflow"})
+        given["selection"] = str(body.spec.selection)
+        owned = [d.id for d in files_repo.list_datasets(session, owner_id=principal.owner_id)]
+        spec, resolved = resolve_sweep(given, settings, owned)
+        spec |= service_fields
+        # One stack at a time holds the data once and one network per setting in it.
+        widest = max(len(group) for group in stacks(resolved["settings"]))
+        check_memory_budget(session, {**spec, "seeds": list(range(widest))}, settings, principal.owner_id)
     elif isinstance(body, RepairJobCreate):
         spec = resolve_repair(session, body, principal.owner_id)
     else:
@@ -494,15 +529,15 @@ def delete(session: Session, job: Job, settings: Settings) -> None:
 
 
 def report_of(job: Job) -> dict[str, Any]:
-    """The audit report: an audit job's result, or the first seed's report of an audited train job
-    (with every seed's report and the reliance pooled over seeds);
+    """The audit report: an audit job's result, or the first seed's report of an audited train job, or of an
+    audited sweep's chosen setting (with every seed's report and the reliance pooled over seeds);
     for a repair job, the reports before and after and what the repair did."""
     result = job.result or {}
     if job.kind == "audit" and job.status == JobStatus.SUCCEEDED:
         return result
     if job.kind == "repair" and job.status == JobStatus.SUCCEEDED:
         return {**result["reports"], "repair": result["repair"]}
-    reports = result.get("audit", {}).get("reports") if job.kind == "train" else None
+    reports = result.get("audit", {}).get("reports") if job.kind in ("train", "sweep") else None
     if reports:
         return {**reports[0], "per_seed": reports, "pooled_summary": result["audit"].get("summary")}
     raise ApiError(

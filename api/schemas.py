@@ -13,6 +13,8 @@ from starvation.audit.probes import PROBES
 from starvation.repair.methods import NOT_YET_AVAILABLE, REPAIR_METHODS
 from starvation.training.spec import DEVICE_PATTERN, MAX_SEED
 from starvation.training.spec import field_schemas as train_spec_fields
+from starvation.training.sweep import MAX_SETTINGS, SELECTIONS
+from starvation.training.sweep import MAX_VALUES as MAX_GRID_VALUES
 
 # A submodule (dotted, e.g. "features.3") or an ONNX tensor name ("/fc1/Gemm_output_0", "onnx::Relu_5").
 LAYER_PATTERN = r"^[A-Za-z0-9_:/-]+(\.[A-Za-z0-9_:/-]+)*$"
@@ -32,6 +34,7 @@ class JobKind(StrEnum):
     TRAIN = "train"
     AUDIT = "audit"
     REPAIR = "repair"
+    SWEEP = "sweep"
 
 
 # The audit's probes and the repair methods by name, from the engine's registries (an enum in the document, so a
@@ -152,7 +155,32 @@ class RepairJobCreate(JobCreateFields):
 # ---- end of repair jobs ----
 
 
-JobCreate = Annotated[TrainJobCreate | AuditJobCreate | RepairJobCreate, Field(discriminator="kind")]
+# ---- Sweep jobs (API.md, "Sweep spec") ----
+
+SelectionRule = StrEnum("SelectionRule", {name.upper(): name for name in SELECTIONS})
+GridValue = Annotated[float | list[float], Field(description="a number, or one per class (sd_gamma)")]
+
+
+class SweepSpec(TrainSpec):
+    """A train spec and a grid over its method's and optimizer's parameters; every setting x every seed trains,
+    as one job. The spec's other fields apply to every setting."""
+
+    grid: dict[str, Annotated[list[GridValue], Field(min_length=1, max_length=MAX_GRID_VALUES)]] = Field(
+        description="'method.<parameter>' or 'optimizer.lr' -> the values to try; the settings are every combination "
+                    f"(at most {MAX_SETTINGS})", min_length=1)
+    selection: SelectionRule = Field(SelectionRule.TRAIN_DOMAIN_VALIDATION, description="; ".join(
+        f"{name}: {meaning}" for name, meaning in SELECTIONS.items()))
+
+
+class SweepJobCreate(JobCreateFields):
+    kind: Literal["sweep"]
+    spec: SweepSpec
+
+
+# ---- end of sweep jobs ----
+
+
+JobCreate = Annotated[TrainJobCreate | AuditJobCreate | RepairJobCreate | SweepJobCreate, Field(discriminator="kind")]
 
 
 class MetricOut(BaseModel):
@@ -544,6 +572,43 @@ class RepairResult(BaseModel):
     device: str
 
 
+class SweepScores(BaseModel):
+    accuracy: MeanStd | None
+    worst_group_accuracy: MeanStd | None = Field(description="null where the dataset has no attribute")
+
+
+class SweepSetting(BaseModel):
+    params: dict[str, Any] = Field(description="the grid's values of this setting")
+    validation: SweepScores | None = Field(description="on the held-out part of the training data; null when "
+                                                       "nothing was held out (oracle)")
+    test: SweepScores
+    checkpoints: list[SeedCheckpoints] = Field(default_factory=list, description="one network per seed")
+
+
+class SweepRun(BaseModel):
+    seed: int
+    settings: list[int] = Field(description="indexes of the settings trained together")
+    used: Literal["batched", "sequential"]
+    why: str
+
+
+class SweepResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    selection: SelectionRule
+    scored_on: Literal["validation", "test"]
+    metric: Literal["worst_group_accuracy", "accuracy"]
+    leaks_test: bool = Field(description="true when the choice read the test split (oracle)")
+    chosen: int = Field(description="index into settings")
+    chosen_params: dict[str, Any]
+    seeds: list[int]
+    holdout: float = Field(description="fraction of each training split held out to choose on")
+    settings: list[SweepSetting]
+    execution: list[SweepRun] = Field(description="how the settings ran, per seed: stacked together or one by one")
+    timing: dict[str, float]
+    device: str
+    audit: TrainAudit | None = Field(None, description="with `audit: true`: the chosen setting's models")
+
+
 class JobOutFields(BaseModel):
     """What every job shows; `kind` tells the shape of `result`."""
 
@@ -580,8 +645,13 @@ class RepairJobOut(JobOutFields):
     result: RepairResult | None
 
 
-JobOut = Annotated[TrainJobOut | AuditJobOut | RepairJobOut, Field(discriminator="kind")]
-job_out_adapter: TypeAdapter[TrainJobOut | AuditJobOut | RepairJobOut] = TypeAdapter(JobOut)
+class SweepJobOut(JobOutFields):
+    kind: Literal[JobKind.SWEEP]
+    result: SweepResult | None
+
+
+JobOut = Annotated[TrainJobOut | AuditJobOut | RepairJobOut | SweepJobOut, Field(discriminator="kind")]
+job_out_adapter: TypeAdapter[TrainJobOut | AuditJobOut | RepairJobOut | SweepJobOut] = TypeAdapter(JobOut)
 
 
 # ?status= and ?kind= of GET /v1/jobs: one of the enum's values (anything else is a 422), or empty for any.

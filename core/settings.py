@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     # Limits: each enforced with a 4xx.
     max_steps: int = 100_000
     max_seeds: int = 20
+    max_sweep_models: int = 64  # a sweep's settings x seeds
     max_upload_bytes: int = 512 * 1024 * 1024
     upload_check_timeout_s: float = 60.0  # loading + a dry forward pass of an uploaded model
     upload_check_slots: int = 2  # upload checks running at once (each a jailed process)

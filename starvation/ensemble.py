@@ -122,16 +122,20 @@ class _SeedParameters:
 
 
 def seed_losses(method: Method, logits: torch.Tensor, y: torch.Tensor, step: int,
-                parameters: list[torch.Tensor], memberships: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                parameters: list[torch.Tensor], memberships: dict[str, torch.Tensor] | None = None,
+                member_params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Each seed's own loss under `method`: [S] from logits [S, B(, k)], labels [S, B] and the stacked parameters.
 
     `memberships`: what the method `NEEDS` of each row, stacked over the seeds ([S, B, ...]).
+    `member_params`: each member's own value of some of the method's `TENSOR_PARAMS` ([S] or [S, k]): a sweep's
+    settings riding in one stack (`Method.with_params`).
 
     The method's `loss` runs under `torch.func.vmap`, so the meaning is the method's, with one kernel per op for
     all seeds; a method's loss must therefore batch under vmap (no data-dependent shapes, no reads to the host).
     """
     def one_seed(seed_logits: torch.Tensor, seed_y: torch.Tensor, seed_params: list[torch.Tensor],
-                 seed_memberships: dict[str, torch.Tensor]) -> torch.Tensor:
-        return method.loss(seed_logits, seed_y, step, _SeedParameters(seed_params), **seed_memberships)
+                 seed_memberships: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> torch.Tensor:
+        member = method.with_params(own) if own else method
+        return member.loss(seed_logits, seed_y, step, _SeedParameters(seed_params), **seed_memberships)
 
-    return vmap(one_seed)(logits, y, parameters, memberships or {})
+    return vmap(one_seed)(logits, y, parameters, memberships or {}, member_params or {})

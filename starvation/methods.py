@@ -13,6 +13,7 @@ data-dependent shapes, no read back to the host, and it batches under `vmap`):
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 import torch
@@ -66,12 +67,25 @@ class Method:
     PARAMS: ClassVar[dict[str, P.Param]] = {}
     NEEDS: ClassVar[tuple[str, ...]] = ()  # per-example facts `loss` takes as keywords (see the module docstring)
     SEQUENTIAL_ONLY: ClassVar[str | None] = None  # why seeds cannot train stacked (None: they can)
+    # Parameters that `loss` uses only as numbers in tensor arithmetic (no branch, no shape, no `phase`): a sweep
+    # may give each member of one stacked model its own value of these (`with_params`, as 0-d or [k] tensors).
+    TENSOR_PARAMS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         self.params = P.resolve(f"method {self.NAME!r}", self.PARAMS, params)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module) -> torch.Tensor:
         raise NotImplementedError
+
+    def with_params(self, values: dict[str, Any]) -> Method:
+        """This method with some `TENSOR_PARAMS` replaced by tensors (one member's values inside `vmap`);
+        not checked again: the sweep resolved each member's setting as a spec first."""
+        unknown = sorted(set(values) - set(self.TENSOR_PARAMS))
+        if unknown:
+            raise ValueError(f"method {self.NAME!r} cannot take {', '.join(unknown)} as tensors")
+        twin = copy.copy(self)
+        twin.params = {**self.params, **values}
+        return twin
 
     def phase(self, step: int) -> Any:
         """What the loss's computation at `step` depends on besides its tensors: equal phases, equal code path.
@@ -96,6 +110,7 @@ class WeightDecay(Method):
         "weight_decay": P.Param(1e-3, "coefficient of the squared L2 norm of the weight matrices/kernels",
                                 P.non_negative),
     }
+    TENSOR_PARAMS: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module) -> torch.Tensor:
         squared_norm = sum(w.pow(2).sum() for w in model.parameters() if w.ndim > 1)
@@ -118,6 +133,8 @@ class SpectralDecoupling(Method):
         "post_warmup_loss_scale": P.Param(1.0, "factor on the whole loss after warm-up (the CMNIST recipe: 2e-5; "
                                                "not a no-op with Adam's epsilon)", P.positive),
     }
+    # sd_gamma as a tensor is one target per class ([2] for one logit: gamma[y])
+    TENSOR_PARAMS: ClassVar[tuple[str, ...]] = ("sd_lambda", "sd_gamma", "warmup_sd_lambda", "post_warmup_loss_scale")
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         super().__init__(params)

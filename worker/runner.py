@@ -109,13 +109,14 @@ class JobContext:
     def work_dir(self) -> Path:
         return job_dir(self.settings, self.job_id)
 
-    def on_metrics(self, batch: list[Any]) -> None:
+    def on_metrics(self, batch: list[Any], *, log_lines: bool = True) -> None:
+        """Store the rows; `log_lines`: and say each evaluation's accuracies in the job's log."""
         rows = [
             {"step": m.step, "name": m.name, "value": float(m.value), "seed": m.seed, "split": m.split}
             for m in batch
         ]
         self.writer.put(rows)
-        for line in evaluation_lines(rows, self.steps):
+        for line in evaluation_lines(rows, self.steps) if log_lines else ():
             self.writer.say("info", line)
 
     def say(self, level: str, message: str) -> None:
@@ -249,12 +250,13 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | 
     from starvation.repair import NoLinearHead, UnsupportedMethod
     from starvation.training import TrainingStopped
 
-    from worker import audit_job, repair_job, train_job
+    from worker import audit_job, repair_job, sweep_job, train_job
 
     handlers: dict[str, Callable[[dict, JobContext], dict]] = {
         "train": train_job.run,
         "audit": audit_job.run,
         "repair": repair_job.run,
+        "sweep": sweep_job.run,
     }
     try:
         return JobStatus.SUCCEEDED, handlers[kind](spec, ctx), None

@@ -37,33 +37,10 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
         should_stop=ctx.should_stop,
         dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0) if registered else None,
     )
-    result: dict[str, Any] = {**outcome.result, "device": device, "checkpoints": []}
-    for ckpt in outcome.checkpoints:
-        model_info = {
-            "arch": ckpt.arch,
-            "arch_params": ckpt.arch_params,
-            "input_shape": list(ckpt.input_shape),
-            "num_outputs": ckpt.num_outputs,
-        }
-        ids = {}
-        for fmt, path in (("torchscript", ckpt.torchscript_path), ("safetensors", ckpt.safetensors_path)):
-            ids[fmt] = add_checkpoint(
-                ctx.db, job_id=ctx.job_id, owner_id=ctx.owner_id, seed=ckpt.seed, fmt=fmt, path=path,
-                model_info=model_info,
-            )
-            add_artifact(ctx.db, ctx.job_id, path)
-        result["checkpoints"].append({"seed": ckpt.seed, **ids})
-        if spec.get("audit"):
-            result.setdefault("audit", {"reports": []})
-            model = audit_job.load_model(str(ckpt.safetensors_path), "safetensors", model_info, device)
-            dataset = audit_job.load_dataset(ctx, spec["dataset"], ckpt.seed)
-            audit_spec = {"seed": ckpt.seed, "spurious_attribute": dataset.attribute_name or "attribute"}
-            report = audit_job.audit_model(ctx, model, dataset, spec=audit_spec, prefix=f"seed{ckpt.seed}-")
-            result["audit"]["reports"].append({"seed": ckpt.seed, **report})
-    if spec.get("audit") and result.get("audit"):
-        from starvation.audit import pool_reliance
-
-        result["audit"]["summary"] = pool_reliance(result["audit"]["reports"])
+    result: dict[str, Any] = {**outcome.result, "device": device,
+                              "checkpoints": register_checkpoints(ctx, outcome.checkpoints)}
+    if spec.get("audit"):
+        result["audit"] = audit_checkpoints(ctx, spec["dataset"], outcome.checkpoints, device)
     if spec.get("mlflow"):
         result["mlflow"] = mirror_to_mlflow(spec, ctx, history, result)
         if "error" in result["mlflow"]:
@@ -71,6 +48,40 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
         else:
             ctx.say("info", f"MLflow run {result['mlflow']['run_id']} in experiment {result['mlflow']['experiment']}")
     return result
+
+
+def register_checkpoints(ctx, checkpoints: list[Any], prefix: str = "") -> list[dict[str, Any]]:
+    """Each trained network as two checkpoints (TorchScript, safetensors) and artifacts of the job, named
+    `prefix` + the file's name: [{"seed", "torchscript": id, "safetensors": id}]."""
+    registered = []
+    for ckpt in checkpoints:
+        ids = {}
+        for fmt, path in (("torchscript", ckpt.torchscript_path), ("safetensors", ckpt.safetensors_path)):
+            ids[fmt] = add_checkpoint(ctx.db, job_id=ctx.job_id, owner_id=ctx.owner_id, seed=ckpt.seed, fmt=fmt,
+                                      path=path, model_info=model_info(ckpt))
+            add_artifact(ctx.db, ctx.job_id, path, f"{prefix}{path.name}")
+        registered.append({"seed": ckpt.seed, **ids})
+    return registered
+
+
+def model_info(ckpt: Any) -> dict[str, Any]:
+    return {"arch": ckpt.arch, "arch_params": ckpt.arch_params, "input_shape": list(ckpt.input_shape),
+            "num_outputs": ckpt.num_outputs}
+
+
+def audit_checkpoints(ctx, dataset_ref: dict[str, Any], checkpoints: list[Any], device: str,
+                      prefix: str = "") -> dict[str, Any]:
+    """Each network audited on its seed's data: {"reports": [{"seed", ...}], "summary": pooled over seeds}."""
+    from starvation.audit import pool_reliance
+
+    reports = []
+    for ckpt in checkpoints:
+        model = audit_job.load_model(str(ckpt.safetensors_path), "safetensors", model_info(ckpt), device)
+        dataset = audit_job.load_dataset(ctx, dataset_ref, ckpt.seed)
+        audit_spec = {"seed": ckpt.seed, "spurious_attribute": dataset.attribute_name or "attribute"}
+        report = audit_job.audit_model(ctx, model, dataset, spec=audit_spec, prefix=f"{prefix}seed{ckpt.seed}-")
+        reports.append({"seed": ckpt.seed, **report})
+    return {"reports": reports, "summary": pool_reliance(reports)}
 
 
 def mirror_to_mlflow(spec: dict[str, Any], ctx, history: list[Any], result: dict[str, Any]) -> dict[str, Any]:

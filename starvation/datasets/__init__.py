@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from starvation.datasets.base import DataSize, Dataset, Split
+from starvation.datasets.base import HOLDOUT_SPLIT, DataSize, Dataset, Split, hold_out
 from starvation.datasets.builtin import BuiltinDataset
 from starvation.datasets.colored_mnist import ColoredMNIST
 from starvation.datasets.two_moons import TwoMoons
@@ -42,6 +42,6 @@ def size(name: str, params: dict[str, Any] | None, *, data_dir: str | None) -> D
     return cls.size(cls.resolve_params(params), data_dir)
 
 
-__all__ = ["DATASETS", "BuiltinDataset", "DataSize", "Dataset", "DatasetError", "Split", "SpecError", "build",
-           "check_npz", "dataset_class", "describe_all", "load_image_folder", "load_npz", "registered_size",
+__all__ = ["DATASETS", "HOLDOUT_SPLIT", "BuiltinDataset", "DataSize", "Dataset", "DatasetError", "Split", "SpecError", "build",
+           "check_npz", "dataset_class", "describe_all", "hold_out", "load_image_folder", "load_npz", "registered_size",
            "resolve_params", "size"]

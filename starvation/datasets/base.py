@@ -1,6 +1,7 @@
 """What every dataset is: named splits of tensors, plus what it can say about its spurious attribute."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -67,3 +68,40 @@ class Dataset:
     def four_corners(self, split: Split) -> dict[str, Split]:
         """The paper's four corners: core_and_spurious, core_only, spurious_only, neither."""
         raise NotImplementedError(f"{self.name} has no four-corners construction")
+
+
+HOLDOUT_SPLIT = "holdout"
+
+
+def hold_out(data: Dataset, fraction: float) -> Dataset:
+    """`data` with `fraction` of each training split moved to a split of its own, `HOLDOUT_SPLIT` (evaluated,
+    never trained on): validation data drawn from the training environments, as DomainBed's training-domain
+    validation. The rows are drawn by a generator seeded 0, so every seed of a registered dataset holds out the same
+    rows, and a train job and a sweep with the same `holdout` hold out the same rows. 0: `data` as it is."""
+    from starvation.errors import SpecError
+
+    if not fraction:
+        return data
+    if HOLDOUT_SPLIT in data.splits:
+        raise SpecError(f"dataset {data.name!r} already has a split named {HOLDOUT_SPLIT!r}; holdout must be 0")
+    generator = torch.Generator().manual_seed(0)
+    kept, held = {}, []
+    for name in data.train_splits:
+        split = data.splits[name]
+        order = torch.randperm(len(split), generator=generator)
+        count = round(len(split) * fraction)
+        if not 0 < count < len(split):
+            raise SpecError(f"holdout {fraction} of training split {name!r} ({len(split)} examples) leaves "
+                            f"{count} held out and {len(split) - count} to train on; both must be at least 1")
+        held.append(_rows(split, order[:count].sort().values))
+        kept[name] = _rows(split, order[count:].sort().values)
+    pooled = Split(name=HOLDOUT_SPLIT, **{key: torch.cat([getattr(part, key) for part in held])
+                                          for key in ("x", "y", "attribute")},
+                   core_label=None if any(p.core_label is None for p in held) else torch.cat([p.core_label for p in held]))
+    info = {**data.info, "holdout": {"fraction": fraction, "examples": len(pooled)}}
+    return dataclasses.replace(data, splits={**data.splits, **kept, HOLDOUT_SPLIT: pooled}, info=info)
+
+
+def _rows(split: Split, rows: torch.Tensor) -> Split:
+    return Split(name=split.name, x=split.x[rows], y=split.y[rows], attribute=split.attribute[rows],
+                 core_label=None if split.core_label is None else split.core_label[rows])

@@ -87,7 +87,7 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
         data = dataset if dataset is not None else datasets.build(
             spec["dataset"]["name"], spec["dataset"]["params"], seed=seed, data_dir=data_dir)
         _check_gamma(spec["method"], data.num_classes)
-        return data
+        return datasets.hold_out(data, spec["holdout"])
 
     def report(step: int, values_by_seed: dict[int, dict[tuple[str, str], float]], done: float) -> None:
         rows = [Metric(step=step, name=name, value=value, seed=seed, split=split)
@@ -230,10 +230,18 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
 
 def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report: ProgressCallback,
                    should_stop: Callable[[], bool] | None, *, shared_data: bool, matmuls_per_seed: bool,
-                   graphs: bool, compiled: bool
+                   graphs: bool, compiled: bool, seeds: Sequence[int] | None = None,
+                   member_params: dict[str, torch.Tensor] | None = None
                    ) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], _Clock]:
-    """Every seed at once as a StackedMLP: per seed the same init, data, minibatches and updates as `_train_seed`."""
-    seeds = spec["seeds"]
+    """Every seed at once as a StackedMLP: per seed the same init, data, minibatches and updates as `_train_seed`.
+
+    `seeds`: one per member of the stack (default the spec's); a sweep repeats a seed, one member per setting,
+    and gives each member its own values of the method's `TENSOR_PARAMS` in `member_params` ([members, ...]).
+    `report` then gets each evaluation keyed by member index, not by seed.
+    """
+    keys = list(range(len(seeds))) if seeds is not None else spec["seeds"]
+    seeds = list(seeds) if seeds is not None else spec["seeds"]
+    member_params = {name: value.to(device) for name, value in (member_params or {}).items()}
     splits = stacked_splits(data, device, shared=shared_data)
     pooled = pooled_slices(data[0])
     method = build_method(spec["method"])
@@ -247,6 +255,8 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     model = StackedMLP(networks, per_seed_matmuls=matmuls_per_seed,
                        pad_to=GPU_WIDTH_MULTIPLE if device.type == "cuda" else 1).to(device)
     optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
+    stacked = functools.partial(stacked_losses, model, method, precision=spec["precision"],
+                                member_params=member_params)
     batches = Batches(train_split.x.shape[1], spec["batch_size"], seeds=seeds, device=device)
     seed_rows = torch.arange(len(seeds), device=device).unsqueeze(1)
     steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
@@ -261,7 +271,7 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
 
     losses = None
     if compiled:
-        losses = PhaseCompiled(functools.partial(stacked_losses, model, method, precision=precision), method)
+        losses = PhaseCompiled(stacked, method)
         shaped = None if batches.full else torch.arange(batches.batch_size, device=device).expand(
             len(seeds), batches.batch_size)  # rows of a minibatch's shape: what the compiled loss will be given
         clock.compile_s = losses.prepare(steps, list(model.parameters()), *inputs(shaped))
@@ -269,7 +279,7 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     def update(rows: torch.Tensor | None, step: int) -> None:
         x, y, given = inputs(rows)
         stacked_train_step(model, optimizer, method, x, y, step, precision=precision, memberships=given,
-                           losses=losses)
+                           losses=losses or stacked)
     if graphs:
         update = GraphedUpdates(update, method, device)
     # Progress between evaluations too, about as often as the sequential path reports it, but at most ~100 times
@@ -284,7 +294,7 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
                 per_seed = evaluate_stacked(model, splits, pooled)
                 for history, values in zip(histories, per_seed):
                     history.append(values)
-                report(step, dict(zip(seeds, per_seed)), step / steps)
+                report(step, dict(zip(keys, per_seed)), step / steps)
         elif step % progress_every == 0:
             report(step, {}, step / steps)
         if step == steps:
@@ -343,11 +353,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, method: Metho
 
 def stacked_losses(model: StackedMLP, method: Method, x: torch.Tensor, y: torch.Tensor,
                    memberships: dict[str, torch.Tensor] | None = None, *, step: int,
-                   precision: str = "fp32") -> torch.Tensor:
-    """Every seed's loss [S] on its own rows x [S, B, ...], y [S, B]: the forward pass and the method's loss."""
+                   precision: str = "fp32", member_params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Every seed's loss [S] on its own rows x [S, B, ...], y [S, B]: the forward pass and the method's loss
+    (`member_params`: as `seed_losses` takes them)."""
     with forward_precision(precision, x.device):
         output = model(x)
-    return seed_losses(method, stacked_logits(output).float(), y, step, list(model.parameters()), memberships)
+    return seed_losses(method, stacked_logits(output).float(), y, step, list(model.parameters()), memberships,
+                       member_params)
 
 
 def stacked_train_step(model: StackedMLP, optimizer: torch.optim.Optimizer, method: Method, x: torch.Tensor,

@@ -49,6 +49,13 @@ def _seed_list(value: Any) -> list[int]:
     return seeds
 
 
+@P.accepting({"type": "number", "minimum": 0, "maximum": 0.5})
+def _holdout_fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 0.5:
+        raise ValueError("must be a number from 0 to 0.5")
+    return float(value)
+
+
 # The spec's plain fields; the four sections (dataset, model, method, optimizer) are declared by what they name.
 FIELDS: dict[str, P.Param] = {
     "steps": P.Param(1000, "training updates", P.positive_int),
@@ -63,6 +70,9 @@ FIELDS: dict[str, P.Param] = {
     "compile": P.Param(False, "batched execution: the stacked update's forward pass and loss, and their backward, "
                               "under torch.compile, compiled once per phase of the loss before training starts "
                               "(timing.compile_s); sequential execution ignores it", P.boolean),
+    "holdout": P.Param(0.0, "fraction of each training split held out as a split named 'holdout' (evaluated, never "
+                            "trained on; the same rows for every seed); a sweep's train_domain_validation chooses on "
+                            "it", _holdout_fraction),
     "device": P.Param("auto", "where the worker trains: auto (CUDA when present), cpu, cuda or cuda:N",
                       _device_name),
     "audit": P.Param(True, "audit each trained checkpoint for reliance on the dataset's spurious attribute",

@@ -125,7 +125,7 @@ def test_the_kind_filter_is_an_enum_of_the_kinds_a_job_can_be_created_with(clien
     kinds = document["components"]["schemas"][kind_filter["schema"]["anyOf"][0]["$ref"].split("/")[-1]]["enum"]
     creatable = [schema["properties"]["kind"]["const"] for name, schema in document["components"]["schemas"].items()
                  if name.endswith("JobCreate")]
-    assert sorted(kinds) == sorted(creatable) == ["audit", "repair", "train"]
+    assert sorted(kinds) == sorted(creatable) == ["audit", "repair", "sweep", "train"]
 
 
 def test_an_unknown_kind_or_status_filter_is_a_422_and_an_empty_one_means_any(client):

@@ -135,6 +135,8 @@ def test_train_and_repair_results_are_typed_where_their_shape_is_stable(document
     assert [ref("RepairResult", f) for f in ("method", "selection", "repair")] == [
         "RepairMethodOut", "RepairSelection", "RepairDetails"]
     assert schemas["RepairSelection"]["properties"]["test_split_used"]["const"] is False
+    assert [schemas["SweepResult"]["properties"][f]["items"]["$ref"].rsplit("/", 1)[1]
+            for f in ("settings", "execution")] == ["SweepSetting", "SweepRun"]
     assert ref("TrainAudit", "summary") == "PooledReliance"
 
 

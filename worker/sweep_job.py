@@ -1,0 +1,40 @@
+"""Sweep jobs: every setting of a grid x every seed trained in one job (starvation/training/sweep.py), each
+network registered as a checkpoint, the chosen setting's networks audited when asked."""
+from __future__ import annotations
+
+from typing import Any
+
+from worker import audit_job
+from worker.devices import pick_device
+from worker.train_job import SERVICE_FIELDS, audit_checkpoints, register_checkpoints
+
+
+def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
+    from starvation.datasets import DATASETS
+    from starvation.training.sweep import sweep
+
+    device = pick_device(spec.get("device"), ctx.settings.device)
+    name = spec["dataset"]["name"]
+    registered = name not in DATASETS
+    outcome = sweep(
+        {k: v for k, v in spec.items() if k not in SERVICE_FIELDS},
+        out_dir=ctx.work_dir,
+        device=device,
+        data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
+        # Every setting's splits at every evaluation: stored, but too many for a log line (the log says the choice).
+        on_metrics=lambda batch: ctx.on_metrics(batch, log_lines=False),
+        on_progress=lambda fraction: ctx.on_progress(0.9 * fraction if spec.get("audit") else fraction),
+        should_stop=ctx.should_stop,
+        dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0) if registered else None,
+        user_datasets=(name,) if registered else (),
+    )
+    result: dict[str, Any] = {**outcome.result, "device": device}
+    for index, (setting, checkpoints) in enumerate(zip(result["settings"], outcome.checkpoints)):
+        setting["checkpoints"] = register_checkpoints(ctx, checkpoints, prefix=f"setting{index}-")
+    chosen = result["chosen"]
+    ctx.say("info", f"chose setting {chosen} {result['chosen_params']} by {result['selection']} "
+                    f"({result['metric']} on {result['scored_on']})")
+    if spec.get("audit"):
+        result["audit"] = audit_checkpoints(ctx, spec["dataset"], outcome.checkpoints[chosen], device,
+                                            prefix=f"setting{chosen}-")
+    return result
