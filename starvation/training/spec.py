@@ -187,7 +187,10 @@ def _section(name: str, value: Any, identity: str) -> tuple[Any, dict]:
     if not isinstance(value, dict):
         raise SpecError(f"{name} must be an object with a {identity!r} field")
     rest = {k: v for k, v in value.items() if k != identity}
-    return value.get(identity), rest
+    named = value.get(identity)
+    if named is not None and not isinstance(named, str):  # a list or object is no name (and not hashable)
+        raise P.ParamError(f"{name}.{identity} must be a string (got {named!r})", f"{name}.{identity}")
+    return named, rest
 
 
 def _resolve_dataset(section: Any, user_datasets: Collection[str]) -> dict:

@@ -106,3 +106,16 @@ def test_artifact_names_cannot_escape(client, name):
     response = client.get(f"/v1/jobs/{job['id']}/artifacts/{name}")
     assert response.status_code == 404
     assert b"BaseSettings" not in response.content and b"root:" not in response.content
+
+
+@pytest.mark.parametrize("kind", ["train", "sweep"])
+@pytest.mark.parametrize("section, identity", [("dataset", "name"), ("model", "arch"), ("method", "name"),
+                                               ("optimizer", "name")])
+def test_a_section_named_by_a_list_is_a_422_naming_it(client, kind, section, identity):
+    """Found by the fuzzer: a list where a name goes reached `name in DATASETS` and was a 500."""
+    spec = {"preset": "paper_cmnist_sd", section: {identity: []}}
+    if kind == "sweep":
+        spec["grid"] = {"method.sd_lambda": [1.0]}
+    response = client.post("/v1/jobs", json={"kind": kind, "spec": spec})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"] == {"field": f"spec.{section}.{identity}"}
