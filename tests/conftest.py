@@ -22,6 +22,10 @@ _IN_PROCESS_VAR = Path(tempfile.mkdtemp(prefix="gs-test-var-"))
 os.environ.setdefault("GS_VAR_DIR", str(_IN_PROCESS_VAR))
 os.environ.setdefault("GS_DATABASE_URL", f"sqlite:///{_IN_PROCESS_VAR / 'gs.sqlite3'}")
 os.environ.setdefault("GS_ADMIN_TOKEN", ADMIN_TOKEN)
+# glibc's resolver, here and in every stack the tests start: one try of one second. This machine has no
+# internet, and its resolver answers a thread's first lookup of a name only after its 5 s default timeout;
+# the fuzzer's callback URLs (https://0.com, from each of the server's threads) spent minutes on that.
+os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:1")
 
 
 def require_postgres() -> str:
