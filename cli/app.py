@@ -306,6 +306,46 @@ def repair(
     run(ctx, lambda client: finish(client, client.submit_job("repair", spec, tags), wait, as_json))
 
 
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """["method.sd_lambda=0.5,1,2", "method.sd_gamma=[0, [1, 0.5]]"] as the grid: numbers, or a JSON list."""
+    grid: dict[str, list] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key:
+            raise fail(f"--grid {item!r}: give PARAMETER=VALUES, e.g. method.sd_lambda=0.5,1,2", EXIT_USAGE)
+        grid[key] = (parse_json(values, f"--grid {key}", list) if values.lstrip().startswith("[")
+                     else parse_floats(values, f"--grid {key}"))
+    return grid
+
+
+@app.command()
+def sweep(
+    ctx: typer.Context,
+    grid: Annotated[list[str], typer.Option("--grid", help="PARAMETER=VALUES, repeatable: method.sd_lambda=0.5,1,2 "
+                                                         "or a JSON list (method.sd_gamma='[0, [1, 0.5]]')")],
+    preset: Annotated[str | None, typer.Option(help="the train spec the settings start from, e.g. paper_cmnist_sd")] = None,
+    steps: Annotated[int | None, typer.Option(min=1)] = None,
+    seeds: Annotated[str | None, typer.Option(help="comma-separated, e.g. 0,1")] = None,
+    selection: Annotated[str, typer.Option(help="train_domain_validation | oracle (chooses on the test split)")] = (
+        "train_domain_validation"),
+    holdout: Annotated[float | None, typer.Option(help="fraction of the training data held out to choose on")] = None,
+    audit: Annotated[bool | None, typer.Option("--audit/--no-audit", help="audit the chosen setting's models")] = None,
+    spec_file: Annotated[Path | None, typer.Option("--spec", exists=True, dir_okay=False,
+                                                    help="a JSON train spec; the options above override it")] = None,
+    tag: TagOption = [],  # noqa: B006
+    wait: WaitOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Train every setting of a grid x every seed as one job and choose one setting; prints the table."""
+    spec: dict[str, Any] = parse_json(spec_file.read_text(), "--spec", dict) if spec_file else {}
+    flags = {"preset": preset, "steps": steps, "holdout": holdout, "audit": audit,
+             "seeds": parse_ints(seeds, "--seeds") if seeds else None}
+    spec.update({k: v for k, v in flags.items() if v is not None})
+    spec.update(grid=parse_grid(grid), selection=selection)
+    tags = parse_tags(tag)
+    run(ctx, lambda client: finish(client, client.submit_job("sweep", spec, tags), wait, as_json))
+
+
 @app.command()
 def jobs(
     ctx: typer.Context,

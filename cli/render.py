@@ -1,6 +1,7 @@
 """Rich tables for jobs, results, reports and comparisons."""
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -63,9 +64,14 @@ def duration(job: dict) -> str:
 def what(job: dict) -> str:
     """A job in a few words: its kind, then its preset or method for training, its model and data otherwise."""
     spec = job.get("spec") or {}
-    if job["kind"] == "train":
+    if job["kind"] in ("train", "sweep"):
         method = (spec.get("method") or {}).get("name")
-        return " ".join(str(p) for p in ("train", spec.get("preset") or method, f"{spec.get('steps')} steps") if p)
+        settings = 1
+        for values in (spec.get("grid") or {}).values():
+            settings *= len(values)
+        size = f"{settings} settings x {len(spec.get('seeds') or [])} seeds" if job["kind"] == "sweep" else None
+        return " ".join(str(p) for p in (job["kind"], spec.get("preset") or method, size,
+                                         f"{spec.get('steps')} steps") if p)
     source = spec.get("checkpoint_id") and f"checkpoint {spec['checkpoint_id'][:12]}"
     source = source or (spec.get("train_job_id") and f"train job {spec['train_job_id'][:12]}")
     return f"{job['kind']} {source or '?'} on {(spec.get('dataset') or {}).get('name', '?')}"
@@ -74,7 +80,7 @@ def what(job: dict) -> str:
 def reliance(job: dict) -> tuple[str, str | None]:
     """(score, verdict) from a train job's audit summary or an audit job's report."""
     result = job.get("result") or {}
-    summary = (result.get("audit") or {}).get("summary") if job["kind"] == "train" else result.get("summary")
+    summary = (result.get("audit") or {}).get("summary") if job["kind"] in ("train", "sweep") else result.get("summary")
     if job["kind"] == "repair":
         summary = result.get("after")  # the repaired model's
     if not summary:
@@ -147,6 +153,28 @@ def train_result_table(job: dict) -> Table | None:
     return table
 
 
+def sweep_table(job: dict) -> Table | None:
+    """A sweep: every setting's validation and test scores (mean ± std over seeds), the chosen one marked."""
+    result = job.get("result") or {}
+    if job["kind"] != "sweep" or not result.get("settings"):
+        return None
+    metric = result["metric"]
+    short = "wg acc" if metric == "worst_group_accuracy" else "acc"
+    leak = " — oracle: chosen on the TEST split (leaks it)" if result.get("leaks_test") else ""
+    table = Table(title=f"Sweep: chosen by {result['selection']} ({metric} on {result['scored_on']}){leak}",
+                  title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("#", "setting", f"valid {short}", "test acc", "test wg acc", ""):
+        table.add_column(column, no_wrap=column != "setting")
+    for index, setting in enumerate(result["settings"]):
+        params = " ".join(f"{key.split('.')[-1]}={json.dumps(value)}" for key, value in setting["params"].items())
+        validation, test = setting.get("validation") or {}, setting.get("test") or {}
+        chosen = index == result["chosen"]
+        table.add_row(str(index), params, mean_std(validation.get(metric)) if validation else "—",
+                      mean_std(test.get("accuracy")), mean_std(test.get("worst_group_accuracy")),
+                      Text("◀ chosen", style="bold green") if chosen else "", style="bold" if chosen else None)
+    return table
+
+
 def report_table(report: dict) -> Table:
     summary = report.get("summary") or {}
     table = Table(title=f"Reliance on '{report.get('spurious_attribute')}' ([95% interval])", title_justify="left",
@@ -214,7 +242,7 @@ def groups_table(report: dict) -> Table | None:
 
 def outcome(job: dict, report: dict | None) -> list[Table]:
     """Everything worth showing about a job, in reading order."""
-    tables = [job_table(job), train_result_table(job)]
+    tables = [job_table(job), train_result_table(job), sweep_table(job)]
     if report and job["kind"] == "repair":
         tables += [repair_table(report)]
     elif report:

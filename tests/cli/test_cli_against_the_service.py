@@ -121,3 +121,20 @@ def test_spec_flags_reach_the_preset_and_a_warm_up_longer_than_the_run_is_warned
     assert spec["optimizer"] == {**spec["optimizer"], "name": "adam", "lr": 0.01}
     assert "warning:" in result.stderr and "warm-up" in result.stderr
     assert gs("train", "--preset", "paper_cmnist_sd", "--sd-gamma", "x").exit_code == 2
+
+
+def test_sweep_waits_and_prints_every_setting_with_the_chosen_one_marked(gs, tmp_path):
+    spec = {"dataset": {"name": "colored_mnist", "params": {"n_train": 600}}, "eval_every": 10,
+            "method": {"warmup_steps": 5}}
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    result = gs("sweep", "--preset", "paper_cmnist_sd", "--spec", str(spec_file), "--steps", "20", "--seeds", "0",
+                "--grid", "method.sd_lambda=0,2", "--grid", "method.sd_gamma=[0, [1, 0.5]]", "--no-audit",
+                "--selection", "oracle", "--wait")
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output
+    assert "chosen by oracle (worst_group_accuracy on test) — oracle: chosen on the TEST split" in result.output
+    rows = [line for line in result.output.splitlines() if "sd_lambda=" in line]
+    assert len(rows) == 4 and sum("◀ chosen" in row for row in rows) == 1
+    assert 'sd_gamma=[1, 0.5]' in rows[1] or 'sd_gamma=[1.0, 0.5]' in rows[1]
+    assert gs("sweep", "--grid", "sd_lambda").exit_code == 2  # no '='
