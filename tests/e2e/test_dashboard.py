@@ -106,7 +106,9 @@ def sign_in(driver, base: str) -> None:
     assert "/dashboard/login" in driver.current_url  # not signed in yet
     driver.find_element(By.ID, "token").send_keys("not-a-token")
     driver.find_element(By.ID, "login-submit").click()
-    assert "unknown or revoked" in driver.find_element(By.CSS_SELECTOR, ".error").text
+    # The answer is a new page: wait for it (a loaded machine once looked before it arrived).
+    error = wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, ".error"), 10, "the refusal")
+    assert "unknown or revoked" in error[0].text
     driver.find_element(By.ID, "token").send_keys(ADMIN_TOKEN)
     driver.find_element(By.ID, "login-submit").click()
     wait_until(lambda: driver.current_url.endswith("/dashboard/jobs"), 10, "sign-in")
