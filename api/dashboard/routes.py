@@ -49,7 +49,7 @@ router = APIRouter(prefix="/dashboard", include_in_schema=False, dependencies=[D
 
 STATIC = {"dashboard.css": "text/css", "charts.js": "text/javascript", "job.js": "text/javascript",
           "jobs.js": "text/javascript", "compare.js": "text/javascript"}
-KINDS = ("train", "audit", "repair")
+KINDS = ("train", "audit", "repair", "sweep")
 SECURITY_HEADERS = {
     # Only our own scripts; inline <style> for the report page; plots arrive as data: URIs.
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -195,6 +195,7 @@ def job_page(job_id: str, request: Request, session: SessionDep, principal: brow
     others = [views.job_row(j) for j in recent if j.id != job.id]
     return page(request, "job.html", {
         "job": job, "row": views.job_row(job), "report": report, "summary": views.summary_rows(job, report),
+        "sweep": views.sweep_view(job),
         "spec_json": json.dumps(job.spec, indent=2), "others": others,
         "warnings": jobs_service.job_warnings(job), "mlflow_run": ((job.result or {}).get("mlflow") or {}).get("run_id")
         and job.result["mlflow"],

@@ -16,10 +16,13 @@ from models.tables import Job
 
 def describe(job: Job) -> str:
     spec = job.spec or {}
-    if job.kind == "train":
+    if job.kind in ("train", "sweep"):
         method = (spec.get("method") or {}).get("name")
         name = spec.get("preset") or method or "train"
-        return f"{name}, {spec.get('steps')} steps, seeds {', '.join(map(str, spec.get('seeds') or []))}"
+        seeds = f"seeds {', '.join(map(str, spec.get('seeds') or []))}"
+        if job.kind == "sweep":
+            return f"{name} sweep of {len(settings_of(spec))} settings, {spec.get('steps')} steps, {seeds}"
+        return f"{name}, {spec.get('steps')} steps, {seeds}"
     source = (f"checkpoint {spec['checkpoint_id'][:10]}…" if spec.get("checkpoint_id")
               else f"train job {str(spec.get('train_job_id'))[:10]}…")
     return f"{source} on {(spec.get('dataset') or {}).get('name', '?')}"
@@ -39,7 +42,7 @@ def reliance(job: Job) -> dict[str, Any]:
     """{"score", "std", "verdict", "interval", "per_seed"} of a train job's audit summary (pooled over
     seeds) or an audit job's report."""
     result = job.result or {}
-    summary = (result.get("audit") or {}).get("summary") if job.kind == "train" else result.get("summary")
+    summary = (result.get("audit") or {}).get("summary") if job.kind in ("train", "sweep") else result.get("summary")
     if job.kind == "repair":
         summary = result.get("after")  # the repaired model's
     if not summary:
@@ -96,6 +99,10 @@ def summary_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
                      f"{fmt(starved.get('first'))} → {fmt(starved.get('last'))}" if starved else None))
     if job.kind == "repair":
         return rows + repair_rows(job)
+    if job.kind == "sweep":
+        rows += [("selection", result.get("selection")), ("chosen setting", params_text(result.get("chosen_params"))),
+                 ("scored by", f"{result['metric']} on {result['scored_on']}" if result.get("metric") else None),
+                 ("held out to choose on", result.get("holdout"))]
     rel = reliance(job)
     rows += [
         ("reliance score", {"mean": rel["score"], "std": rel["std"]} if rel["std"] is not None else rel["score"]),
@@ -114,6 +121,55 @@ def summary_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
         ("run time", f"{duration_s(job):.1f} s" if duration_s(job) is not None else None),
     ]
     return rows
+
+
+def settings_of(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """A sweep spec's settings: every combination of its grid, the last key varying fastest (as the engine)."""
+    from itertools import product
+
+    grid = spec.get("grid") or {}
+    return [dict(zip(grid, values)) for values in product(*grid.values())]
+
+
+def params_text(params: dict[str, Any] | None) -> str | None:
+    """{"method.sd_lambda": 0.5, ...} as "sd_lambda 0.5, sd_gamma [1.0, 0.5]"."""
+    return ", ".join(f"{key.split('.')[-1]} {value}" for key, value in params.items()) if params else None
+
+
+HEAT_AXES = ("method.sd_lambda", "method.sd_gamma")
+
+
+def sweep_view(job: Job) -> dict[str, Any] | None:
+    """A finished sweep for its page: one row per setting (chosen marked, checkpoints to download) and, when the
+    grid is exactly λ x γ, heat maps of the chosen metric on validation and test with a colour per cell."""
+    result = job.result or {}
+    if job.kind != "sweep" or not result.get("settings"):
+        return None
+    metric, chosen = result["metric"], result["chosen"]
+    rows = [{"index": index, "params": params_text(setting["params"]), "chosen": index == chosen,
+             "validation": setting.get("validation") or {}, "test": setting.get("test") or {},
+             "checkpoints": setting.get("checkpoints") or []}
+            for index, setting in enumerate(result["settings"])]
+    heat = None
+    if tuple(job.spec.get("grid") or {}) == HEAT_AXES:
+        lambdas, gammas = (job.spec["grid"][axis] for axis in HEAT_AXES)
+        heat = {"lambdas": lambdas, "gammas": gammas, "maps": [
+            {"title": f"{part} {metric}", "id": f"heat-{part}",
+             "cells": _heat_cells(result["settings"], part, metric, len(gammas), chosen)}
+            for part in ("validation", "test") if result["settings"][0].get(part)]}
+    return {"rows": rows, "metric": metric, "leaks_test": result.get("leaks_test"), "heat": heat}
+
+
+def _heat_cells(settings: list[dict], part: str, metric: str, columns: int, chosen: int) -> list[list[dict]]:
+    """Row per λ, column per γ: the mean, and a background from red (the map's lowest) to green (its highest)."""
+    means = [mean_of((setting[part] or {}).get(metric)) for setting in settings]
+    known = [m for m in means if m is not None]
+    low, high = (min(known), max(known)) if known else (0.0, 0.0)
+    cells = []
+    for index, mean in enumerate(means):
+        hue = 0 if mean is None or high == low else 120 * (mean - low) / (high - low)
+        cells.append({"value": mean, "chosen": index == chosen, "style": f"background: hsl({hue:.0f}, 65%, 80%)"})
+    return [cells[start:start + columns] for start in range(0, len(cells), columns)]
 
 
 def repair_rows(job: Job) -> list[tuple[str, Any]]:

@@ -57,3 +57,40 @@ def test_bad_grids_are_refused_naming_the_field(stack):
     assert refused({**SWEEP, "grid": {}})["code"] in ("invalid_request", "invalid_spec")
     assert refused({**SWEEP, "selection": "peek"})["code"] == "invalid_request"
     assert refused({**SWEEP, "holdout": 0})["details"] == {"field": "spec.holdout"}
+
+
+def test_the_dashboard_shows_every_setting_the_choice_and_the_heat_maps(embedded_stack):
+    import re
+
+    import httpx
+
+    from tests.conftest import ADMIN_TOKEN
+
+    stack = embedded_stack
+    small = {**SWEEP, "seeds": [0]}
+    ids = [stack.client.post("/v1/jobs", json={"kind": "sweep", "spec": {**small, "selection": rule}}).json()["id"]
+           for rule in ("train_domain_validation", "oracle")]
+    jobs = [stack.wait_for(job_id, ("succeeded", "failed"), timeout_s=300) for job_id in ids]
+    assert [job["status"] for job in jobs] == ["succeeded", "succeeded"], [job["error"] for job in jobs]
+    base, cookie = str(stack.client.base_url), {"gs_session": ADMIN_TOKEN}
+
+    def page(path: str) -> str:
+        response = httpx.get(f"{base}{path}", cookies=cookie, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.text
+
+    for job in jobs:
+        html = page(f"/dashboard/jobs/{job['id']}")
+        table = html[html.index('id="sweep-table"'):]
+        table = table[:table.index("</table>")]
+        assert len(re.findall(r'<tr class="[^"]*" data-index="\d"', table)) == 4
+        assert re.findall(r'<tr class="chosen" data-index="(\d)"', table) == [str(job["result"]["chosen"])]
+        assert table.count("/dashboard/checkpoints/") == 4  # one network per setting (one seed)
+        oracle = job["result"]["selection"] == "oracle"
+        assert ('id="sweep-leak"' in html) is oracle
+        assert ('id="heat-validation"' in html) is not oracle and 'id="heat-test"' in html
+        heat = html[html.index('id="heat-test"'):]
+        heat = heat[:heat.index("</table>")]
+        assert heat.count("hsl(") == 4 and heat.count('class="num chosen"') == 1
+    listed = page("/dashboard/jobs?kind=sweep")
+    assert all(job["id"][:12] in listed for job in jobs) and "sweep of 4 settings" in listed
