@@ -122,7 +122,8 @@ class SpectralDecoupling(Method):
     DESCRIPTION: ClassVar[str] = ("Spectral Decoupling: cross-entropy + sd_lambda/2 * mean((logit - gamma_y)^2), "
                                   "with an optional warm-up and post-warm-up loss scale")
     PARAMS: ClassVar[dict[str, P.Param]] = {
-        "sd_lambda": P.Param(0.1, "coefficient lambda of lambda/2 * mean((logit - gamma_y)^2) after warm-up",
+        "sd_lambda": P.Param(0.1, "coefficient lambda of lambda/2 * mean((logit - gamma_y)^2) after warm-up (a "
+                                  "coefficient c on the plain mean, as the paper's CelebA 0.1, is sd_lambda 2c)",
                              P.non_negative),
         "sd_gamma": P.Param(0.0, "logit target: a scalar for every class or one value per class",
                             P.number_or_list),
