@@ -34,25 +34,26 @@ def export_run(
     spec: dict,
     metrics: list[dict],
     result: dict,
-    report_path: str | None,
+    reports: Sequence[str] = (),
     allowed_schemes: Sequence[str] = outbound.WEB_SCHEMES,
     outbound_allow: str = "",
 ) -> str:
     """Log the job to `experiment` at `tracking_uri` and return the MLflow run id.
 
     `metrics`: rows as GET /v1/jobs/{id}/metrics serves them ({step, name, value, seed, split}).
+    `reports`: every seed's report file, each logged under report/<its folder> (e.g. report/seed1-audit/).
     Each (name, split, seed) becomes one MLflow metric key (`metric_key`) with its history by step.
     `allowed_schemes` and `outbound_allow`: GS_MLFLOW_ALLOWED_SCHEMES and GS_OUTBOUND_ALLOW.
     Raises OutboundRefused for a target (or an artifact location) this service must not write to.
     """
     outbound.check_target(tracking_uri, allowed_schemes, outbound_allow)
     with outbound.guard_urllib3(outbound_allow):
-        return log_job(tracking_uri, experiment, job_id, spec, metrics, result, report_path)
+        return log_job(tracking_uri, experiment, job_id, spec, metrics, result, reports)
 
 
 def log_job(
     tracking_uri: str, experiment: str, job_id: str, spec: dict, metrics: list[dict], result: dict,
-    report_path: str | None,
+    reports: Sequence[str],
 ) -> str:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
@@ -88,7 +89,7 @@ def log_job(
         if verdict_of(result):
             client.log_batch(run_id, tags=[RunTag("gs.verdict", str(verdict_of(result)))])
         documents = {"result.json": result, "spec.json": spec}
-        log_artifacts(run.info.artifact_uri, tracking_uri, documents, report_path)
+        log_artifacts(run.info.artifact_uri, tracking_uri, documents, reports)
     except Exception:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -97,7 +98,7 @@ def log_job(
 
 
 def log_artifacts(
-    artifact_uri: str, tracking_uri: str, documents: dict[str, dict], report_path: str | None
+    artifact_uri: str, tracking_uri: str, documents: dict[str, dict], reports: Sequence[str]
 ) -> None:
     """Write to the artifact location create_run answered, once checked (never asked for again)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -109,8 +110,8 @@ def log_artifacts(
             path = Path(folder) / name
             path.write_text(json.dumps(document, indent=2))
             repository.log_artifact(str(path))
-    if report_path:
-        repository.log_artifact(report_path, "report")
+    for report in reports:
+        repository.log_artifact(report, f"report/{Path(report).parent.name}")
 
 
 def check_artifact_uri(artifact_uri: str, tracking_uri: str) -> None:

@@ -95,11 +95,11 @@ def mirror_to_mlflow(spec: dict[str, Any], ctx, history: list[Any], result: dict
 
     target = spec["mlflow"]
     rows = [{"step": m.step, "name": m.name, "value": float(m.value), "seed": m.seed, "split": m.split} for m in history]
-    reports = sorted(ctx.work_dir.glob("seed*-audit/report.json"))
+    reports = [str(path) for path in sorted(ctx.work_dir.glob("seed*-audit/report.json"))]
     try:
         run_id = export_run(
             tracking_uri=target["tracking_uri"], experiment=target["experiment"], job_id=ctx.job_id,
-            spec=spec, metrics=rows, result=result, report_path=str(reports[0]) if reports else None,
+            spec=spec, metrics=rows, result=result, reports=reports,
             allowed_schemes=ctx.settings.mlflow_allowed_schemes.split(","),
             outbound_allow=ctx.settings.outbound_allow,
         )

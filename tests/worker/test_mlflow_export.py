@@ -38,11 +38,14 @@ def test_the_run_holds_our_params_metric_history_result_and_report(trained, trac
     from mlflow.tracking import MlflowClient
 
     spec, rows, result = trained
-    report = tmp_path / "report.html"
-    report.write_text("<html><body>report</body></html>")
+    reports = []
+    for seed in (0, 1):  # every seed's report, as the job writes them
+        (tmp_path / f"seed{seed}-audit").mkdir()
+        reports.append(tmp_path / f"seed{seed}-audit" / "report.json")
+        reports[-1].write_text(json.dumps({"seed": seed}))
 
     run_id = export_run(tracking_uri=tracking_uri, experiment="gs-tests", job_id="job0001", spec=spec,
-                        metrics=rows, result=result, report_path=str(report), allowed_schemes=["file"])
+                        metrics=rows, result=result, reports=[str(r) for r in reports], allowed_schemes=["file"])
 
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(run_id)
@@ -61,8 +64,10 @@ def test_the_run_holds_our_params_metric_history_result_and_report(trained, trac
     assert final[0].value == pytest.approx(result["splits"]["test"]["accuracy"]["mean"])
 
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
-        a.path for a in client.list_artifacts(run_id, "report")}
-    assert {"result.json", "spec.json", "report/report.html"} <= artifacts
+        a.path for folder in ("report/seed0-audit", "report/seed1-audit") for a in client.list_artifacts(run_id, folder)}
+    assert {"result.json", "spec.json", "report/seed0-audit/report.json", "report/seed1-audit/report.json"} <= artifacts
+    seed1 = Path(client.download_artifacts(run_id, "report/seed1-audit/report.json", str(tmp_path / "down")))
+    assert json.loads(seed1.read_text()) == {"seed": 1}
     downloaded = Path(client.download_artifacts(run_id, "result.json", str(tmp_path)))
     assert json.loads(downloaded.read_text()) == json.loads(json.dumps(result))
 
@@ -70,9 +75,9 @@ def test_the_run_holds_our_params_metric_history_result_and_report(trained, trac
 def test_exporting_a_job_again_returns_its_run(trained, tracking_uri):
     spec, rows, result = trained
     first = export_run(tracking_uri=tracking_uri, experiment="gs-tests", job_id="job0002", spec=spec,
-                       metrics=rows[:10], result=result, report_path=None, allowed_schemes=["file"])
+                       metrics=rows[:10], result=result, allowed_schemes=["file"])
     again = export_run(tracking_uri=tracking_uri, experiment="gs-tests", job_id="job0002", spec=spec,
-                       metrics=rows[:10], result=result, report_path=None, allowed_schemes=["file"])
+                       metrics=rows[:10], result=result, allowed_schemes=["file"])
     assert again == first
 
 
@@ -131,7 +136,7 @@ def test_an_artifact_uri_off_the_tracking_server_is_refused_before_anything_is_w
     HostileMlflow.artifact_uri = target.as_uri()
     with pytest.raises(OutboundRefused, match="artifact location"):
         export_run(tracking_uri=hostile_mlflow, experiment="e", job_id="job0003", spec=spec, metrics=rows[:5],
-                   result=result, report_path=None, outbound_allow="127.0.0.1")
+                   result=result, outbound_allow="127.0.0.1")
     assert not target.exists()
     assert ("POST", "/api/2.0/mlflow/runs/update") in HostileMlflow.calls  # the run was marked FAILED
 
@@ -140,7 +145,7 @@ def test_artifacts_go_back_to_the_tracking_server_through_mlflow_artifacts(train
     spec, rows, result = trained
     HostileMlflow.artifact_uri = "mlflow-artifacts:/1/r1/artifacts"
     run_id = export_run(tracking_uri=hostile_mlflow, experiment="e", job_id="job0004", spec=spec,
-                        metrics=rows[:5], result=result, report_path=None, outbound_allow="127.0.0.1")
+                        metrics=rows[:5], result=result, outbound_allow="127.0.0.1")
     assert run_id == "r1"
     puts = {path for method, path in HostileMlflow.calls if method == "PUT"}
     assert puts == {"/api/2.0/mlflow-artifacts/artifacts/1/r1/artifacts/result.json",
@@ -151,7 +156,7 @@ def test_a_tracking_server_on_loopback_gets_no_request_without_the_allow_list(tr
     spec, rows, result = trained
     with pytest.raises(OutboundRefused, match="loopback"):
         export_run(tracking_uri=hostile_mlflow, experiment="e", job_id="job0005", spec=spec, metrics=rows[:5],
-                   result=result, report_path=None)
+                   result=result)
     assert HostileMlflow.calls == []
 
 
