@@ -19,9 +19,14 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Our weight files, which Python's table would call something else (".pt": a SNES page table).
+WEIGHTS = (".pt", ".safetensors", ".onnx")
+
+
 def add_artifact(db: Database, job_id: str, path: Path, name: str | None = None) -> str:
     name = name or path.name
-    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    guessed = None if name.endswith(WEIGHTS) else mimetypes.guess_type(name)[0]
+    media_type = guessed or "application/octet-stream"
     def write() -> None:
         with db.session() as session:
             files_repo.add_artifact(

@@ -44,7 +44,10 @@ def test_train_wait_follows_the_job_and_ends_with_its_results(gs, tmp_path):
 
     files = gs("artifacts", job["id"][:12], "--json")
     assert files.exit_code == 0, files.output
-    artifact = json.loads(files.stdout)[0]
+    listed = json.loads(files.stdout)
+    assert {a["media_type"] for a in listed if a["name"].endswith((".pt", ".safetensors"))} == {
+        "application/octet-stream"}  # weights, not what Python's table guesses for .pt
+    artifact = listed[0]
     saved = tmp_path / "saved.bin"
     fetched = gs("download", job["id"], artifact["name"], "-o", str(saved))
     assert fetched.exit_code == 0, fetched.output
