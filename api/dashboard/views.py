@@ -21,7 +21,7 @@ def describe(job: Job) -> str:
         name = spec.get("preset") or method or "train"
         seeds = f"seeds {', '.join(map(str, spec.get('seeds') or []))}"
         if job.kind == "sweep":
-            return f"{name} sweep of {len(settings_of(spec))} settings, {spec.get('steps')} steps, {seeds}"
+            return f"{name} sweep of {setting_count(spec)} settings, {spec.get('steps')} steps, {seeds}"
         return f"{name}, {spec.get('steps')} steps, {seeds}"
     source = (f"checkpoint {spec['checkpoint_id'][:10]}…" if spec.get("checkpoint_id")
               else f"train job {str(spec.get('train_job_id'))[:10]}…")
@@ -63,6 +63,8 @@ def report_or_none(job: Job) -> dict[str, Any] | None:
 
 def job_row(job: Job) -> dict[str, Any]:
     splits = (job.result or {}).get("splits") or {}
+    if job.kind == "sweep":  # a sweep has no splits of its own: the chosen setting's stand for it
+        splits = {"test": (chosen_setting(job) or {}).get("test") or {}}
     return {
         "id": job.id,
         "kind": job.kind,
@@ -123,12 +125,18 @@ def summary_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
     return rows
 
 
-def settings_of(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """A sweep spec's settings: every combination of its grid, the last key varying fastest (as the engine)."""
-    from itertools import product
+def setting_count(spec: dict[str, Any]) -> int:
+    """How many settings a sweep spec's grid makes (known before the result is)."""
+    from math import prod
 
-    grid = spec.get("grid") or {}
-    return [dict(zip(grid, values)) for values in product(*grid.values())]
+    return prod(len(values) for values in (spec.get("grid") or {}).values())
+
+
+def chosen_setting(job: Job) -> dict[str, Any] | None:
+    """A finished sweep's chosen setting (its params, scores and checkpoints); None before it finishes."""
+    result = job.result or {}
+    settings = result.get("settings") or []
+    return settings[result["chosen"]] if job.kind == "sweep" and settings else None
 
 
 def params_text(params: dict[str, Any] | None) -> str | None:
@@ -136,39 +144,48 @@ def params_text(params: dict[str, Any] | None) -> str | None:
     return ", ".join(f"{key.split('.')[-1]} {value}" for key, value in params.items()) if params else None
 
 
-HEAT_AXES = ("method.sd_lambda", "method.sd_gamma")
+HEAT_AXES = {"method.sd_lambda": "λ", "method.sd_gamma": "γ"}  # the grids drawn as heat maps, by symbol
 
 
 def sweep_view(job: Job) -> dict[str, Any] | None:
     """A finished sweep for its page: one row per setting (chosen marked, checkpoints to download) and, when the
-    grid is exactly λ x γ, heat maps of the chosen metric on validation and test with a colour per cell."""
-    result = job.result or {}
+    grid is exactly λ and γ (either order), heat maps of the chosen metric on validation and test: rows are the
+    grid's first key and columns its last, as the engine's settings run (the last key varying fastest)."""
+    result, grid = job.result or {}, (job.spec or {}).get("grid") or {}
     if job.kind != "sweep" or not result.get("settings"):
         return None
     metric, chosen = result["metric"], result["chosen"]
     rows = [{"index": index, "params": params_text(setting["params"]), "chosen": index == chosen,
-             "validation": setting.get("validation") or {}, "test": setting.get("test") or {},
+             "scores": [(setting.get(part) or {}).get(name)  # the table's columns; no validation under oracle
+                        for part in ("validation", "test") for name in ("accuracy", "worst_group_accuracy")],
              "checkpoints": setting.get("checkpoints") or []}
             for index, setting in enumerate(result["settings"])]
     heat = None
-    if tuple(job.spec.get("grid") or {}) == HEAT_AXES:
-        lambdas, gammas = (job.spec["grid"][axis] for axis in HEAT_AXES)
-        heat = {"lambdas": lambdas, "gammas": gammas, "maps": [
-            {"title": f"{part} {metric}", "id": f"heat-{part}",
-             "cells": _heat_cells(result["settings"], part, metric, len(gammas), chosen)}
-            for part in ("validation", "test") if result["settings"][0].get(part)]}
+    if sorted(grid) == sorted(HEAT_AXES):
+        (row_key, row_values), (column_key, column_values) = grid.items()
+        row_symbol, column_symbol = HEAT_AXES[row_key], HEAT_AXES[column_key]
+        heat = {"row_labels": [f"{row_symbol} {value}" for value in row_values],
+                "column_labels": [f"{column_symbol} {value}" for value in column_values],
+                "axes": f"rows {row_symbol}, columns {column_symbol}", "maps": [
+                    {"title": f"{part} {metric}", "id": f"heat-{part}",
+                     "cells": _heat_cells(result["settings"], part, metric, len(column_values), chosen)}
+                    for part in ("validation", "test") if result["settings"][0].get(part)]}
     return {"rows": rows, "metric": metric, "leaks_test": result.get("leaks_test"), "heat": heat}
 
 
 def _heat_cells(settings: list[dict], part: str, metric: str, columns: int, chosen: int) -> list[list[dict]]:
-    """Row per λ, column per γ: the mean, and a background from red (the map's lowest) to green (its highest)."""
+    """Rows of `columns` cells: the mean, and a background from red (the map's lowest) to green (its highest);
+    no colour where a score is missing (a group absent from the split)."""
     means = [mean_of((setting[part] or {}).get(metric)) for setting in settings]
     known = [m for m in means if m is not None]
     low, high = (min(known), max(known)) if known else (0.0, 0.0)
     cells = []
     for index, mean in enumerate(means):
-        hue = 0 if mean is None or high == low else 120 * (mean - low) / (high - low)
-        cells.append({"value": mean, "chosen": index == chosen, "style": f"background: hsl({hue:.0f}, 65%, 80%)"})
+        style = ""
+        if mean is not None:
+            hue = 120 * (mean - low) / (high - low) if high > low else 60  # all alike: a neutral yellow
+            style = f"background: hsl({hue:.0f}, 65%, 80%)"
+        cells.append({"value": mean, "chosen": index == chosen, "style": style})
     return [cells[start:start + columns] for start in range(0, len(cells), columns)]
 
 
