@@ -26,8 +26,9 @@ def test_a_sweep_trains_every_setting_chooses_one_and_audits_it(stack):
     assert [run["used"] for run in result["execution"]] == ["batched", "batched"]  # one stack per seed
     ids = [c["torchscript"] for s in result["settings"] for c in s["checkpoints"]]
     assert len(set(ids)) == 8
-    listed = stack.client.get("/v1/checkpoints", params={"limit": 100}).json()["items"]
-    assert set(ids) <= {c["id"] for c in listed}
+    for checkpoint_id in ids:  # registered, with their job (the stack is shared: not all on one list page)
+        checkpoint = stack.client.get(f"/v1/checkpoints/{checkpoint_id}").json()
+        assert checkpoint["job_id"] == job["id"] and checkpoint["format"] == "torchscript"
 
     audited = result["audit"]["reports"]
     chosen = result["settings"][result["chosen"]]["checkpoints"]
