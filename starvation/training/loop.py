@@ -98,8 +98,7 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
             on_progress(done)
 
     first = load(seeds[0])
-    n_train = sum(len(first.splits[name]) for name in first.train_splits)
-    rows = min(spec["batch_size"] or n_train, n_train)
+    rows = update_rows(spec, first)
     shape = _shape_of(spec, first)
     execution, why = choose_execution(spec, shape)
     per_seed = execution == "batched" and per_seed_matmuls(shape, rows, torch_device)
@@ -154,6 +153,12 @@ def choose_execution(spec: dict, network: Network) -> tuple[str, str]:
     if len(spec["seeds"]) == 1:
         return "sequential", "auto: one seed"
     return "batched", "auto: several seeds"
+
+
+def update_rows(spec: dict, data: Dataset) -> int:
+    """Examples per update: the spec's batch size, or every pooled training example (full batch)."""
+    n_train = sum(len(data.splits[name]) for name in data.train_splits)
+    return min(spec["batch_size"] or n_train, n_train)
 
 
 def per_seed_matmuls(network: Network, rows: int, device: torch.device) -> bool:

@@ -34,9 +34,9 @@ from starvation.errors import SpecError
 from starvation.params import ParamError
 from starvation.methods import method_class
 from starvation.networks import output_count
-from starvation.training.evaluation import as_logits, predictions
-from starvation.training.loop import (Metric, _arch_params, _Clock, _shape_of, _train_batched,
-                                      _train_seed, choose_execution, per_seed_matmuls)
+from starvation.training.evaluation import EVAL_CHUNK, as_logits, predictions
+from starvation.training.loop import (Metric, _arch_params, _Clock, _shape_of, _train_batched, _train_seed,
+                                      choose_execution, per_seed_matmuls, update_rows)
 from starvation.training.spec import ResolvedTrainSpec, resolve_device, resolve_train_spec
 
 SELECTIONS = {
@@ -174,13 +174,13 @@ def sweep(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
                 if on_progress is not None:
                     on_progress((runs_done + done) / runs)
 
-            execution, why = choose_execution({**lead, "seeds": [seed] * len(group)}, _shape_of(lead, data))
+            shape, graphs = _shape_of(lead, data), lead["cuda_graphs"] and torch_device.type == "cuda"
+            execution, why = choose_execution({**lead, "seeds": [seed] * len(group)}, shape)
             if execution == "batched":
-                rows = min(lead["batch_size"] or _n_train(data), _n_train(data))
                 trained, histories, run_clock = _train_batched(
                     lead, [data] * len(group), torch_device, report, should_stop, shared_data=True,
-                    matmuls_per_seed=per_seed_matmuls(_shape_of(lead, data), rows, torch_device),
-                    graphs=lead["cuda_graphs"] and torch_device.type == "cuda", compiled=lead["compile"],
+                    matmuls_per_seed=per_seed_matmuls(shape, update_rows(lead, data), torch_device),
+                    graphs=graphs, compiled=lead["compile"],
                     seeds=[seed] * len(group), member_params=member_params(specs, data.num_classes))
                 clock.train_s += run_clock.train_s
                 clock.eval_s += run_clock.eval_s
@@ -191,7 +191,7 @@ def sweep(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
                         setting_spec, data, seed, torch_device, clock, should_stop,
                         lambda step, steps, _seed, values, member=member: report(
                             step, {member: values}, (member * steps + step) / (len(specs) * steps)),
-                        graphs=lead["cuda_graphs"] and torch_device.type == "cuda")
+                        graphs=graphs)
                     trained.append(network)
                     histories.append(history)
             executions.append({"seed": seed, "settings": group, "used": execution, "why": why})
@@ -212,10 +212,6 @@ def sweep(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
     return SweepOutcome(result=result, checkpoints=checkpoints)
 
 
-def _n_train(data: Dataset) -> int:
-    return sum(len(data.splits[name]) for name in data.train_splits)
-
-
 @torch.no_grad()
 def scores(network: nn.Module, data: Dataset, device: torch.device) -> dict[str, dict[str, float | None]]:
     """{"holdout"?: ..., "test": ...}: accuracy and worst-group accuracy (None without an attribute) of a
@@ -230,8 +226,8 @@ def scores(network: nn.Module, data: Dataset, device: torch.device) -> dict[str,
 
 def split_scores(network: nn.Module, split: Split, device: torch.device, *,
                  with_groups: bool) -> dict[str, float | None]:
-    predicted = torch.cat([predictions(as_logits(network(split.x[i:i + 8192].to(device)))).cpu()
-                           for i in range(0, len(split), 8192)])
+    predicted = torch.cat([predictions(as_logits(network(split.x[i:i + EVAL_CHUNK].to(device)))).cpu()
+                           for i in range(0, len(split), EVAL_CHUNK)])
     correct = (predicted == split.y).float()
     worst = None
     if with_groups:
