@@ -335,25 +335,22 @@ def submit(
     check_quota(session, principal, settings)
     if body.callback_url:
         check_callback_url(str(body.callback_url), settings)
-    if isinstance(body, TrainJobCreate):
-        given = body.spec.model_dump(exclude_unset=True)
+    if isinstance(body, (TrainJobCreate, SweepJobCreate)):
+        given = body.spec.model_dump(mode="json", exclude_unset=True)
         # The service's business, not the engine's: kept beside the resolved spec.
         service_fields = {k: given.pop(k) for k in ("timeout_s", "mlflow") if given.get(k) is not None}
+        owned = [d.id for d in files_repo.list_datasets(session, owner_id=principal.owner_id)]
+    if isinstance(body, TrainJobCreate):
         if "mlflow" in service_fields:
             check_mlflow_uri(service_fields["mlflow"]["tracking_uri"], settings)
-        owned = [d.id for d in files_repo.list_datasets(session, owner_id=principal.owner_id)]
         spec = resolve_train(given, settings, owned) | service_fields
         check_memory_budget(session, spec, settings, principal.owner_id)
     elif isinstance(body, SweepJobCreate):
         from starvation.training.sweep import stacks
 
-        given = body.spec.model_dump(mode="json", exclude_unset=True)
-        service_fields = {k: given.pop(k) for k in ("timeout_s", "mlflow") if given.get(k) is not None}
         if "mlflow" in service_fields:
             raise invalid_spec("A sweep does not export to MLflow (yet); train its chosen setting with mlflow.",
                                {"field": "spec.mlflow"})
-        given["selection"] = str(body.spec.selection)
-        owned = [d.id for d in files_repo.list_datasets(session, owner_id=principal.owner_id)]
         spec, resolved = resolve_sweep(given, settings, owned)
         spec |= service_fields
         # One stack at a time holds the data once and one network per setting in it.
