@@ -124,6 +124,13 @@ def parse_json(text: str | None, option: str, kind: type) -> Any:
     return value
 
 
+def spec_with(spec_file: Path | None, **flags: Any) -> dict[str, Any]:
+    """The JSON spec of --spec (or an empty one) with every flag that was given set over it."""
+    spec: dict[str, Any] = parse_json(spec_file.read_text(), "--spec", dict) if spec_file else {}
+    spec.update({key: value for key, value in flags.items() if value is not None})
+    return spec
+
+
 def finish(client: ApiClient, job: dict, wait: bool, as_json: bool) -> None:
     """Print the submitted job, or follow it to its end and exit with its outcome."""
     for warning in job.get("warnings") or []:
@@ -196,10 +203,8 @@ def train(
     as_json: JsonOption = False,
 ) -> None:
     """Train one model per seed (with or without Spectral Decoupling) and optionally audit them."""
-    spec: dict[str, Any] = parse_json(spec_file.read_text(), "--spec", dict) if spec_file else {}
-    flags = {"preset": preset, "steps": steps, "eval_every": eval_every, "batch_size": batch_size,
-             "device": device, "audit": audit, "seeds": parse_ints(seeds, "--seeds") if seeds else None}
-    spec.update({k: v for k, v in flags.items() if v is not None})
+    spec = spec_with(spec_file, preset=preset, steps=steps, eval_every=eval_every, batch_size=batch_size,
+                     device=device, audit=audit, seeds=parse_ints(seeds, "--seeds") if seeds else None)
     gamma = None if sd_gamma is None else parse_floats(sd_gamma, "--sd-gamma")
     sections = {
         "method": {"name": method, "sd_lambda": sd_lambda, "sd_gamma": gamma[0] if gamma and len(gamma) == 1 else gamma,
@@ -337,11 +342,9 @@ def sweep(
     as_json: JsonOption = False,
 ) -> None:
     """Train every setting of a grid x every seed as one job and choose one setting; prints the table."""
-    spec: dict[str, Any] = parse_json(spec_file.read_text(), "--spec", dict) if spec_file else {}
-    flags = {"preset": preset, "steps": steps, "holdout": holdout, "audit": audit,
-             "seeds": parse_ints(seeds, "--seeds") if seeds else None}
-    spec.update({k: v for k, v in flags.items() if v is not None})
-    spec.update(grid=parse_grid(grid), selection=selection)
+    spec = spec_with(spec_file, preset=preset, steps=steps, holdout=holdout, audit=audit,
+                     seeds=parse_ints(seeds, "--seeds") if seeds else None, grid=parse_grid(grid),
+                     selection=selection)
     tags = parse_tags(tag)
     run(ctx, lambda client: finish(client, client.submit_job("sweep", spec, tags), wait, as_json))
 
