@@ -336,7 +336,7 @@ def submit(
     if body.callback_url:
         check_callback_url(str(body.callback_url), settings)
     if isinstance(body, (TrainJobCreate, SweepJobCreate)):
-        given = body.spec.model_dump(mode="json", exclude_unset=True)
+        given = body.spec.model_dump(exclude_unset=True)  # not JSON mode: that would make a NaN null, i.e. a default
         # The service's business, not the engine's: kept beside the resolved spec.
         service_fields = {k: given.pop(k) for k in ("timeout_s", "mlflow") if given.get(k) is not None}
         owned = [d.id for d in files_repo.list_datasets(session, owner_id=principal.owner_id)]
@@ -351,6 +351,8 @@ def submit(
         if "mlflow" in service_fields:
             raise invalid_spec("A sweep does not export to MLflow (yet); train its chosen setting with mlflow.",
                                {"field": "spec.mlflow"})
+        if "selection" in given:
+            given["selection"] = str(given["selection"])
         spec, resolved = resolve_sweep(given, settings, owned)
         spec |= service_fields
         # One stack at a time holds the data once and one network per setting in it.

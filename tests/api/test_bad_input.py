@@ -119,3 +119,12 @@ def test_a_section_named_by_a_list_is_a_422_naming_it(client, kind, section, ide
     response = client.post("/v1/jobs", json={"kind": kind, "spec": spec})
     assert response.status_code == 422, response.text
     assert response.json()["error"]["details"] == {"field": f"spec.{section}.{identity}"}
+
+
+@pytest.mark.parametrize("kind, extra", [("train", ""), ("sweep", ', "grid": {"method.sd_lambda": [1.0]}')])
+def test_a_nan_where_null_means_a_default_is_refused_not_read_as_null(client, kind, extra):
+    """Python's JSON reader takes NaN; a spec dumped in pydantic's JSON mode turned it into null, and a null
+    batch_size is the full batch: the job would have run with a value nobody gave."""
+    body = '{"kind": "%s", "spec": {"preset": "paper_cmnist_sd", "batch_size": NaN%s}}' % (kind, extra)
+    response = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and "batch_size" in response.json()["error"]["message"], response.text
