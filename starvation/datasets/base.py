@@ -52,14 +52,7 @@ class Dataset:
 
     def train_data(self) -> Split:
         """All training splits pooled into one (full batch training, as in the paper)."""
-        parts = [self.splits[name] for name in self.train_splits]
-        return Split(
-            name="train",
-            x=torch.cat([p.x for p in parts]),
-            y=torch.cat([p.y for p in parts]),
-            attribute=torch.cat([p.attribute for p in parts]),
-            core_label=None if any(p.core_label is None for p in parts) else torch.cat([p.core_label for p in parts]),
-        )
+        return concat("train", [self.splits[name] for name in self.train_splits])
 
     def intervene(self, split: Split) -> Split:
         """The same examples with only the spurious attribute changed (counterfactual)."""
@@ -95,11 +88,20 @@ def hold_out(data: Dataset, fraction: float) -> Dataset:
                             f"{count} held out and {len(split) - count} to train on; both must be at least 1")
         held.append(_rows(split, order[:count].sort().values))
         kept[name] = _rows(split, order[count:].sort().values)
-    pooled = Split(name=HOLDOUT_SPLIT, **{key: torch.cat([getattr(part, key) for part in held])
-                                          for key in ("x", "y", "attribute")},
-                   core_label=None if any(p.core_label is None for p in held) else torch.cat([p.core_label for p in held]))
+    pooled = concat(HOLDOUT_SPLIT, held)
     info = {**data.info, "holdout": {"fraction": fraction, "examples": len(pooled)}}
     return dataclasses.replace(data, splits={**data.splits, **kept, HOLDOUT_SPLIT: pooled}, info=info)
+
+
+def concat(name: str, parts: list[Split]) -> Split:
+    """`parts` one after another as one split (core labels only where every part has them)."""
+    return Split(
+        name=name,
+        x=torch.cat([p.x for p in parts]),
+        y=torch.cat([p.y for p in parts]),
+        attribute=torch.cat([p.attribute for p in parts]),
+        core_label=None if any(p.core_label is None for p in parts) else torch.cat([p.core_label for p in parts]),
+    )
 
 
 def _rows(split: Split, rows: torch.Tensor) -> Split:
