@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -51,6 +52,8 @@ class MLP:
                           P.list_of(P.int_between(1, MAX_WIDTH), max_length=MAX_DEPTH)),
     }
     WIDTHS: ClassVar[str] = "hidden"  # the parameter that sets the network's size
+    BATCH_NORM: ClassVar[bool] = False  # normalises over the batch: an update needs 2 examples at least
+    NOMINAL_SHAPE: ClassVar[tuple[int, ...]] = (1,)  # the input `check_arch_params` counts without one given
 
     @staticmethod
     def parameter_count(params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
@@ -83,6 +86,8 @@ class CNN:
                             P.list_of(P.int_between(1, MAX_CHANNELS), min_length=1, max_length=MAX_DEPTH)),
     }
     WIDTHS: ClassVar[str] = "channels"
+    BATCH_NORM: ClassVar[bool] = False
+    NOMINAL_SHAPE: ClassVar[tuple[int, ...]] = (1, 1, 1)
 
     @staticmethod
     def parameter_count(params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
@@ -118,7 +123,291 @@ class CNN:
         return network
 
 
-ARCHS: dict[str, type] = {cls.NAME: cls for cls in (MLP, CNN)}
+# ---- ResNets: torchvision's resnet18 and resnet50 (v1.5), under torchvision's module names ----------------------
+
+RESNET_MIN_SIZE = 8  # pixels a side at least: 2x2 after the stem, 1x1 from layer2 on (CMNIST's 14x14 fits)
+MAX_RESNET_WIDTH = 256  # channels of the stem and layer1 (torchvision: 64); MAX_PARAMETERS bounds the total too
+
+
+def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: two 3x3 convs (the first strided) with BatchNorm, plus the shortcut."""
+
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    @staticmethod
+    def convs(inplanes: int, planes: int, stride: int) -> list[tuple[int, int, int, int]]:
+        """(in channels, out channels, kernel, stride of its output w.r.t. the block's input) of each conv but
+        the shortcut's, in order."""
+        return [(inplanes, planes, 3, stride), (planes, planes, 3, stride)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck (ResNet v1.5: the stride on the 3x3 conv): 1x1, 3x3, 1x1 to 4x the planes."""
+
+    expansion: int = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = _conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    @staticmethod
+    def convs(inplanes: int, planes: int, stride: int) -> list[tuple[int, int, int, int]]:
+        out = planes * Bottleneck.expansion
+        return [(inplanes, planes, 1, 1), (planes, planes, 3, stride), (planes, out, 1, stride)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+def _strided(size: int, stride: int) -> int:
+    """A side after a conv or max-pool of this stride with 'same' padding (7x7 p3, 3x3 p1, 1x1 p0)."""
+    return (size - 1) // stride + 1
+
+
+class _ResNet:
+    """torchvision's ResNet: conv1 7x7/2, bn1, relu, maxpool 3x3/2, layer1..layer4 (planes width x 1, 2, 4, 8;
+    layer2..4 start with stride 2), global average pool, flatten; `head` is torchvision's `fc`.
+
+    `features` holds torchvision's top-level modules under their names, so our state-dict keys are
+    `features.<torchvision key>` and `head.weight`/`head.bias` (`torchvision_state_dict_to_ours`).
+    """
+
+    NAME: ClassVar[str]
+    DESCRIPTION: ClassVar[str]
+    BLOCK: ClassVar[type[BasicBlock] | type[Bottleneck]]
+    LAYERS: ClassVar[tuple[int, int, int, int]]  # blocks per stage
+    PARAMS: ClassVar[dict[str, P.Param]] = {
+        "width": P.Param(64, f"channels of the stem and of layer1's 3x3 convs, 1..{MAX_RESNET_WIDTH}; layer2..4 use "
+                         "2x, 4x and 8x as many (a Bottleneck puts out 4x its 3x3 channels). 64 is torchvision's, and "
+                         "what its ImageNet weights need", P.int_between(1, MAX_RESNET_WIDTH)),
+    }
+    WIDTHS: ClassVar[str] = "width"
+    BATCH_NORM: ClassVar[bool] = True
+    NOMINAL_SHAPE: ClassVar[tuple[int, ...]] = (1, RESNET_MIN_SIZE, RESNET_MIN_SIZE)
+    TORCHVISION_NAMES: ClassVar[bool] = True  # weights may come with torchvision's key names
+
+    @classmethod
+    def _image_shape(cls, input_shape: Sequence[int]) -> tuple[int, int, int]:
+        if len(input_shape) != 3 or min(input_shape[1:]) < RESNET_MIN_SIZE:
+            raise SpecError(f"arch {cls.NAME!r} needs image inputs [channels, height, width] of at least "
+                            f"{RESNET_MIN_SIZE}x{RESNET_MIN_SIZE}, got shape {list(input_shape)}")
+        channels, height, width = (int(d) for d in input_shape)
+        return channels, height, width
+
+    @classmethod
+    def _blocks(cls, width: int) -> list[tuple[str, int, int, int, bool]]:
+        """(stage name, inplanes, planes, stride, has a downsample shortcut) of every block, in order."""
+        blocks, inplanes = [], width
+        for index, count in enumerate(cls.LAYERS):
+            planes, stride = width * 2**index, (1 if index == 0 else 2)
+            for block in range(count):
+                first = block == 0
+                downsample = first and (stride != 1 or inplanes != planes * cls.BLOCK.expansion)
+                blocks.append((f"layer{index + 1}", inplanes, planes, stride if first else 1, downsample))
+                inplanes = planes * cls.BLOCK.expansion
+        return blocks
+
+    @classmethod
+    def _counts(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> tuple[int, int, int]:
+        """(parameters, values one example keeps for the backward pass, values it holds at once without
+        gradients), from the layer plan alone.
+
+        Kept values: each conv's output (its BatchNorm's input) and each BatchNorm's output (the in-place ReLU's,
+        or the block's sum), the max-pool's output and its int64 indices (2 float32 values each), the pooled
+        features and the logits. Without gradients a block holds at most its input and, around each conv, the
+        conv's input, output, BatchNorm output and workspace: 4x its largest conv output bounds these (measured on
+        the CPU: within 1.3x of the peak for resnet18/50 at 32..224 pixels).
+        """
+        channels, height, width = cls._image_shape(input_shape)
+        base = params["width"]
+        height, width = _strided(height, 2), _strided(width, 2)
+        n_parameters = channels * base * 49 + 2 * base
+        kept = peak = 2 * base * height * width  # conv1's output and bn1's (relu is in place)
+        stem = base * height * width
+        height, width = _strided(height, 2), _strided(width, 2)
+        kept += 3 * base * height * width
+        peak = max(peak, stem + base * height * width)
+        block_input = base * height * width
+        for _, inplanes, planes, stride, downsample in cls._blocks(base):
+            convs = cls.BLOCK.convs(inplanes, planes, stride)
+            if downsample:
+                convs.append((inplanes, planes * cls.BLOCK.expansion, 1, stride))
+            largest = 0
+            for c_in, c_out, kernel, out_stride in convs:
+                values = c_out * _strided(height, out_stride) * _strided(width, out_stride)
+                n_parameters += c_in * c_out * kernel * kernel + 2 * c_out
+                kept += 2 * values
+                largest = max(largest, values)
+            peak = max(peak, block_input + 4 * largest)
+            height, width = _strided(height, stride), _strided(width, stride)
+            block_input = planes * cls.BLOCK.expansion * height * width
+        features = 8 * base * cls.BLOCK.expansion
+        n_parameters += features * num_outputs + num_outputs
+        return n_parameters, kept + features + num_outputs, peak + features + num_outputs
+
+    @classmethod
+    def parameter_count(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
+        return cls._counts(params, input_shape, num_outputs)[0]
+
+    @classmethod
+    def activation_count(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
+        """Per example: every conv's and BatchNorm's output at its resolution, the max-pool's, features, logits."""
+        return cls._counts(params, input_shape, num_outputs)[1]
+
+    @classmethod
+    def inference_count(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
+        """Per example, the most values a forward pass without gradients holds at once (the input not counted):
+        far fewer than `activation_count` for a deep network, whose layers' outputs are freed as it goes."""
+        return cls._counts(params, input_shape, num_outputs)[2]
+
+    @classmethod
+    def build(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> Network:
+        channels, _, _ = cls._image_shape(input_shape)
+        base = params["width"]
+        stages: dict[str, list[nn.Module]] = {f"layer{i}": [] for i in range(1, 5)}
+        for stage, inplanes, planes, stride, downsample in cls._blocks(base):
+            shortcut = (nn.Sequential(_conv1x1(inplanes, planes * cls.BLOCK.expansion, stride),
+                                      nn.BatchNorm2d(planes * cls.BLOCK.expansion)) if downsample else None)
+            stages[stage].append(cls.BLOCK(inplanes, planes, stride, shortcut))
+        features = nn.Sequential(OrderedDict(
+            conv1=nn.Conv2d(channels, base, kernel_size=7, stride=2, padding=3, bias=False),
+            bn1=nn.BatchNorm2d(base),
+            relu=nn.ReLU(inplace=True),
+            maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+            **{name: nn.Sequential(*blocks) for name, blocks in stages.items()},
+            avgpool=nn.AdaptiveAvgPool2d((1, 1)),
+            flatten=nn.Flatten(),
+        ))
+        network = Network(features, nn.Linear(8 * base * cls.BLOCK.expansion, num_outputs))
+        for layer in features.modules():  # torchvision's initialisation; the head keeps nn.Linear's default
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(layer, nn.BatchNorm2d):
+                nn.init.ones_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        return network
+
+
+class ResNet18(_ResNet):
+    NAME: ClassVar[str] = "resnet18"
+    DESCRIPTION: ClassVar[str] = ("torchvision's ResNet-18: 7x7 stem, 4 stages of 2 BasicBlocks (BatchNorm), global "
+                                  "average pool, a Linear head; takes torchvision-named weights")
+    BLOCK = BasicBlock
+    LAYERS = (2, 2, 2, 2)
+
+
+class ResNet50(_ResNet):
+    NAME: ClassVar[str] = "resnet50"
+    DESCRIPTION: ClassVar[str] = ("torchvision's ResNet-50 (v1.5): 7x7 stem, 4 stages of 3, 4, 6, 3 Bottlenecks "
+                                  "(BatchNorm), global average pool, a Linear head; takes torchvision-named weights")
+    BLOCK = Bottleneck
+    LAYERS = (3, 4, 6, 3)
+
+
+ARCHS: dict[str, type] = {cls.NAME: cls for cls in (MLP, CNN, ResNet18, ResNet50)}
+
+
+# ---- weights from elsewhere (torchvision's names) -------------------------------------------
+
+def torchvision_state_dict_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` under our `Network`'s names: torchvision's `fc.*` becomes `head.*`, every other key not already
+    ours (`features.*`, `head.*`) becomes `features.<key>` (`conv1.weight` -> `features.conv1.weight`). Keys that
+    are ours stay as they are; two keys landing on one name are a SpecError."""
+    renamed: dict[str, torch.Tensor] = {}
+    given: dict[str, str] = {}
+    for key, tensor in state_dict.items():
+        if key.startswith(("features.", "head.")):
+            ours = key
+        elif key.startswith("fc."):
+            ours = "head." + key[len("fc."):]
+        else:
+            ours = "features." + key
+        if ours in renamed:
+            raise SpecError(f"the weights hold both {given[ours]!r} and {key!r}, which are the same tensor {ours!r}")
+        renamed[ours], given[ours] = tensor, key
+    return renamed
+
+
+def load_initial_weights(network: Network, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Fill `network` (in place) from `state_dict`, with torchvision's names or ours: the backbone strictly, the
+    head where it fits.
+
+    Every `features` tensor must be there with the network's shape (a BatchNorm's `num_batches_tracked` may be
+    missing: it is then left as it is) and no key may be unknown, else a SpecError naming the first bad key as
+    given. The head (`fc`/`head`) is loaded only when both its tensors are there with the network's shapes;
+    otherwise the fresh head stays (fine-tuning a 1000-class ImageNet net to one logit).
+    Returns {"names": "torchvision" | "ours", "loaded": tensors loaded, "head": "loaded" | "fresh",
+    "skipped": the keys (as given) left out}.
+    """
+    renamed = torchvision_state_dict_to_ours(state_dict)
+    given = dict(zip(renamed, state_dict))  # our name -> the key as given (dicts keep their order)
+    expected = network.state_dict()
+    for key in renamed:
+        if key not in expected:
+            raise SpecError(f"the weights hold {given[key]!r} ({key!r}), which the network does not have")
+    backbone = {key: tensor for key, tensor in renamed.items() if not key.startswith("head.")}
+    for key, tensor in expected.items():
+        if key.startswith("head."):
+            continue
+        if key not in backbone:
+            if key.endswith(".num_batches_tracked"):
+                continue
+            raise SpecError(f"the weights lack {key!r} (torchvision: {key.removeprefix('features.')!r})")
+        if tuple(backbone[key].shape) != tuple(tensor.shape):
+            raise SpecError(f"the weights' {given[key]!r} has shape {list(backbone[key].shape)}; the network's "
+                            f"{key!r} has {list(tensor.shape)}")
+    head_keys = [key for key in expected if key.startswith("head.")]
+    head_fits = all(key in renamed and tuple(renamed[key].shape) == tuple(expected[key].shape) for key in head_keys)
+    loaded = {**backbone, **({key: renamed[key] for key in head_keys} if head_fits else {})}
+    with torch.no_grad():
+        network.load_state_dict(loaded, strict=False)
+    torchvision_named = any(not key.startswith(("features.", "head.")) for key in state_dict)
+    return {"names": "torchvision" if torchvision_named else "ours", "loaded": len(loaded),
+            "head": "loaded" if head_fits else "fresh",
+            "skipped": [given[key] for key in renamed if key not in loaded]}
+
 
 
 def arch_class(arch: str) -> type:
@@ -138,7 +427,7 @@ def check_arch_params(arch: str, params: dict[str, Any] | None, *, input_shape: 
     """
     cls = arch_class(arch)
     resolved = P.resolve(f"arch {arch!r}", cls.PARAMS, params, field=field)
-    shape = tuple(int(d) for d in input_shape) if input_shape is not None else ((1, 1, 1) if arch == "cnn" else (1,))
+    shape = tuple(int(d) for d in input_shape) if input_shape is not None else cls.NOMINAL_SHAPE
     count = cls.parameter_count(resolved, shape, max(int(num_outputs), 1))
     if count > MAX_PARAMETERS:
         raise P.ParamError(f"{field}.{cls.WIDTHS} gives arch {arch!r} {count:,} parameters"
@@ -162,6 +451,15 @@ def activation_count(arch: str, params: dict[str, Any] | None, input_shape: Sequ
     """Values one example's forward pass keeps for the backward pass (the budget's activations, per example)."""
     cls = arch_class(arch)
     return cls.activation_count(P.resolve(f"arch {arch!r}", cls.PARAMS, params), tuple(input_shape), num_outputs)
+
+
+def inference_count(arch: str, params: dict[str, Any] | None, input_shape: Sequence[int], num_outputs: int) -> int:
+    """Values one example holds at once in a forward pass without gradients, its input aside (the budget's
+    evaluation, per example): the arch's `inference_count` where it declares one, else `activation_count` (an
+    upper bound: what a pass with gradients keeps)."""
+    cls = arch_class(arch)
+    count = getattr(cls, "inference_count", cls.activation_count)
+    return count(P.resolve(f"arch {arch!r}", cls.PARAMS, params), tuple(input_shape), num_outputs)
 
 
 def build_network(arch: str, params: dict[str, Any] | None, input_shape: Sequence[int], num_outputs: int) -> Network:

@@ -16,7 +16,7 @@ from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from starvation.errors import SpecError
-from starvation.networks import build_network
+from starvation.networks import arch_class, build_network, torchvision_state_dict_to_ours
 
 
 @dataclass
@@ -72,7 +72,12 @@ def _script(model: nn.Module, input_shape: list[int]) -> torch.jit.ScriptModule:
 
 def load_builtin(path_safetensors: str | pathlib.Path | bytes, arch: str, arch_params: dict | None,
                  input_shape: Sequence[int], num_outputs: int) -> nn.Module:
-    """A built-in network with weights from a safetensors file (or its bytes), in eval mode on the CPU."""
+    """A built-in network with weights from a safetensors file (or its bytes), in eval mode on the CPU.
+
+    Every tensor must be there with its shape, the head's included. For archs that take torchvision's names
+    (resnet18, resnet50) the keys may be torchvision's (`conv1.weight`, `layer1.0.bn1.running_mean`, `fc.weight`)
+    as well as ours (`torchvision_state_dict_to_ours`).
+    """
     try:
         if isinstance(path_safetensors, bytes):
             state = load(path_safetensors)
@@ -81,6 +86,8 @@ def load_builtin(path_safetensors: str | pathlib.Path | bytes, arch: str, arch_p
     except (OSError, SafetensorError) as error:
         raise SpecError(f"not a readable safetensors file ({error})") from None
     model = build_network(arch, arch_params, input_shape, num_outputs)
+    if getattr(arch_class(arch), "TORCHVISION_NAMES", False):
+        state = torchvision_state_dict_to_ours(state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -30,7 +30,7 @@ def test_mlp_is_the_papers_392_300_300_1_with_xavier_weights_and_zero_biases() -
 
 
 def test_every_arch_exposes_features_and_head_and_gives_k_logits_for_k_classes() -> None:
-    assert set(ARCHS) == {"mlp", "cnn"}
+    assert set(ARCHS) == {"mlp", "cnn", "resnet18", "resnet50"}
     for arch, shape in (("mlp", (3, 8, 8)), ("cnn", (3, 8, 8)), ("cnn", (2, 14, 14)), ("mlp", (2,))):
         if arch == "cnn" and len(shape) != 3:
             continue
