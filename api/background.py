@@ -1,4 +1,5 @@
-"""The API process's background loops: the dispatcher (the outbox), the reaper of lost jobs, and webhooks."""
+"""The API process's background loops: the dispatcher (the outbox), the reaper of lost jobs, webhooks, and the
+checks of registered image folders."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +9,7 @@ from datetime import timedelta
 
 from fastapi.concurrency import run_in_threadpool
 
-from api import dispatch, webhooks
+from api import dataset_checks, dispatch, webhooks
 from api.deps import admin_token
 from core.settings import get_settings
 from models import jobs as jobs_repo
@@ -59,4 +60,5 @@ def start() -> list[asyncio.Task]:
     settings = get_settings()
     return [asyncio.create_task(every(settings.sweep_every_s, reap_lost_jobs)),
             asyncio.create_task(every(settings.dispatch_every_s, dispatch_round)),
-            asyncio.create_task(every(settings.sweep_every_s, deliver_webhooks))]
+            asyncio.create_task(every(settings.sweep_every_s, deliver_webhooks)),
+            asyncio.create_task(every(settings.dispatch_every_s, dataset_checks.check_pending_datasets))]

@@ -167,15 +167,19 @@ def check_memory_budget(session: Session, spec: dict[str, Any], settings: Settin
     from starvation.errors import SpecError
 
     name = spec["dataset"]["name"]
+    check_dataset(session, name, owner_id)
     row = None if name in datasets.DATASETS else files_repo.get_dataset(session, name, owner_id=owner_id)
     info = dict(row.info or {}) if row is not None else {}
-    if row is not None and not {"splits", "input_shape", "num_classes"} <= set(info):
-        return  # not registered yet (an image folder in progress): its size is checked when it is
+    streamed = row is not None and row.format == "image_folder"
+    if streamed and not spec.get("batch_size"):
+        raise invalid_spec(f"Dataset {name!r} is an image folder, read from disk in minibatches: set batch_size.",
+                           {"field": "spec.batch_size"})
     try:
         if row is None:
             data = budget.data_size(spec, str(settings.data_dir) if settings.data_dir else None)
         else:
-            data = datasets.registered_size(info["splits"], info["input_shape"], info["num_classes"])
+            data = datasets.registered_size(info["splits"], info["input_shape"], info["num_classes"],
+                                            streamed=streamed)
         budget.check_train_budget(spec, settings.worker_memory_budget_bytes, data, shared_dataset=row is not None)
     except budget.OverBudget as exc:
         details = {"field": f"spec.{exc.field}", "estimate_bytes": exc.estimate.total_bytes,
@@ -183,6 +187,22 @@ def check_memory_budget(session: Session, spec: dict[str, Any], settings: Settin
         raise ApiError(422, "over_budget", str(exc), details) from None
     except SpecError as exc:
         raise invalid_spec(str(exc), field_of(exc)) from None
+
+
+def check_initial_weights(session: Session, spec: dict[str, Any], owner_id: str) -> None:
+    """`init_checkpoint_id` names the owner's safetensors checkpoint of the spec's arch (their shapes are checked
+    against the network when the job builds it)."""
+    field = {"field": "spec.init_checkpoint_id"}
+    row = files_repo.get_checkpoint(session, spec["init_checkpoint_id"], owner_id=owner_id)
+    if row is None:
+        raise invalid_spec(f"No checkpoint {spec['init_checkpoint_id']!r} to start from.", field)
+    if row.format != "safetensors":
+        raise invalid_spec(f"Initial weights come from a safetensors checkpoint (a state dict); this one is "
+                           f"{row.format}.", field)
+    arch = (row.model_info or {}).get("arch")
+    if arch != spec["model"]["arch"]:
+        raise invalid_spec(f"The checkpoint holds weights of arch {arch!r}; the spec trains {spec['model']['arch']!r}.",
+                           field)
 
 
 def check_mlflow_uri(uri: str, settings: Settings) -> None:
@@ -202,11 +222,22 @@ def check_callback_url(url: str, settings: Settings) -> None:
 
 
 def check_dataset(session: Session, name: str, owner_id: str) -> None:
+    """A built-in, or a dataset the owner registered that is ready (an image folder still being checked is a 409:
+    nothing half-registered is used)."""
     from starvation.datasets import DATASETS
 
-    if name not in DATASETS and files_repo.get_dataset(session, name, owner_id=owner_id) is None:
+    if name in DATASETS:
+        return
+    row = files_repo.get_dataset(session, name, owner_id=owner_id)
+    if row is None:
         known = ", ".join(sorted(DATASETS))
         raise invalid_spec(f"Unknown dataset {name!r}: use a built-in ({known}) or a registered dataset id.")
+    if row.status == "pending":
+        raise ApiError(409, "dataset_not_ready", f"Dataset {name!r} is still being checked (status pending); "
+                       "submit again when GET /v1/datasets/{id} says ready.", {"field": "spec.dataset.name"})
+    if row.status != "ready":
+        raise ApiError(409, "dataset_not_ready", f"Dataset {name!r} failed its check and cannot be used: {row.error}",
+                       {"field": "spec.dataset.name"})
 
 
 def check_builtin_audit_data(name: str, params: dict[str, Any], spurious_attribute: str) -> None:
@@ -338,19 +369,25 @@ def submit(
     if isinstance(body, (TrainJobCreate, SweepJobCreate)):
         given = body.spec.model_dump(exclude_unset=True)  # not JSON mode: that would make a NaN null, i.e. a default
         # The service's business, not the engine's: kept beside the resolved spec.
-        service_fields = {k: given.pop(k) for k in ("timeout_s", "mlflow") if given.get(k) is not None}
+        service_fields = {k: given.pop(k) for k in ("timeout_s", "mlflow", "init_checkpoint_id")
+                          if given.get(k) is not None}
         owned = [d.id for d in files_repo.list_datasets(session, owner_id=principal.owner_id)]
     if isinstance(body, TrainJobCreate):
         if "mlflow" in service_fields:
             check_mlflow_uri(service_fields["mlflow"]["tracking_uri"], settings)
         spec = resolve_train(given, settings, owned) | service_fields
         check_memory_budget(session, spec, settings, principal.owner_id)
+        if "init_checkpoint_id" in spec:
+            check_initial_weights(session, spec, principal.owner_id)
     elif isinstance(body, SweepJobCreate):
         from starvation.training.sweep import stacks
 
         if "mlflow" in service_fields:
             raise invalid_spec("A sweep does not export to MLflow (yet); train its chosen setting with mlflow.",
                                {"field": "spec.mlflow"})
+        if "init_checkpoint_id" in service_fields:
+            raise invalid_spec("A sweep starts from fresh weights (yet); train from init_checkpoint_id instead.",
+                               {"field": "spec.init_checkpoint_id"})
         if "selection" in given:
             given["selection"] = str(given["selection"])
         spec, resolved = resolve_sweep(given, settings, owned)

@@ -63,6 +63,10 @@ class TrainServiceFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
     timeout_s: TimeoutSeconds | None = Field(None, description="the job fails with `timeout` after this long")
     mlflow: MlflowSpec | None = Field(None, description="mirror params, metric history and report to MLflow")
+    init_checkpoint_id: str | None = Field(
+        None, max_length=64, description="start every seed from this uploaded safetensors checkpoint of the same "
+        "arch (torchvision's key names are taken for resnet18/50): the backbone strictly, the head where its shape "
+        "fits the task (else a fresh head: an ImageNet network fine-tuned to this dataset's classes)")
 
 
 def _engine_field(schema: dict[str, Any]) -> tuple[Any, Any]:
@@ -268,6 +272,10 @@ class DatasetOut(BaseModel):
     builtin: bool
     description: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime | None = None
+    status: Literal["pending", "ready", "failed"] = Field(
+        "ready", description="an image folder is `pending` while its rows and images are checked in the background, "
+        "then `ready` (usable by jobs) or `failed` (`error` names the CSV line at fault)")
+    error: str | None = None
 
 
 class DatasetList(BaseModel):

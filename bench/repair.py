@@ -48,7 +48,7 @@ def audited(model, dataset, seed: int, out: pathlib.Path) -> dict:
 
 
 def repaired(model, dataset, method: str, seed: int):
-    from starvation.audit.probes import batched
+    from starvation.datasets import batched
     from starvation.repair import TrainingFeatures, build_repair_method, read_head, replace_head
 
     started = time.perf_counter()

@@ -40,9 +40,13 @@ class Settings(BaseSettings):
     jail_threads: int = 1
     max_body_bytes: int = 1024 * 1024  # JSON request bodies (uploads have max_upload_bytes)
     # Memory (docs/security.md, "Limits and budgets"): checked before anything is decompressed or allocated.
-    max_dataset_bytes: int = 2 << 30  # a registered dataset once loaded (an .npz's arrays, x as float32; images)
+    max_dataset_bytes: int = 2 << 30  # an .npz dataset once loaded (its arrays, x as float32); image folders stream
     max_dataset_compression_ratio: float = 100.0  # an .npz member over 16 MiB unpacking more than this: a bomb
     max_image_pixels: int = 50_000_000  # one image of an image-folder dataset, read from its header
+    # Image folders: checked in the background after registration (api/background.py); a check that has not
+    # finished dataset_check_stale_s after it began lost its API process and is taken up again.
+    dataset_check_stale_s: float = 3600.0
+    data_workers: int = Field(2, ge=0, description="DataLoader processes reading an image folder's batches")
     worker_memory_budget_bytes: int = 8 << 30  # a train job's estimated peak (starvation/budget.py), at submit
     # The worker child's RLIMIT_AS: what it maps once torch is imported + the budget + this headroom (thread
     # stacks, malloc arenas, libraries loaded later). Off with worker_limit_address_space=false; never on CUDA.

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from models.tables import Artifact, Checkpoint, Job, UserDataset
+from models.tables import Artifact, Checkpoint, Job, UserDataset, utcnow
 
 
 def add_checkpoint(session: Session, **fields: Any) -> Checkpoint:
@@ -87,6 +88,35 @@ def list_datasets(session: Session, *, owner_id: str) -> Sequence[UserDataset]:
     return session.scalars(
         select(UserDataset).where(UserDataset.owner_id == owner_id).order_by(UserDataset.created_at)
     ).all()
+
+
+def claim_dataset_check(session: Session, *, stale_after: timedelta) -> UserDataset | None:
+    """A pending dataset to check, marked as being checked (one API process gets it); a check begun more than
+    `stale_after` ago lost its process and is handed out again. Commits."""
+    now = utcnow()
+    free = or_(UserDataset.check_started_at.is_(None), UserDataset.check_started_at < now - stale_after)
+    candidates = session.scalars(select(UserDataset.id).where(UserDataset.status == "pending", free)
+                                 .order_by(UserDataset.created_at).limit(4)).all()
+    for dataset_id in candidates:
+        claimed = session.execute(update(UserDataset).where(UserDataset.id == dataset_id,
+                                                            UserDataset.status == "pending", free)
+                                  .values(check_started_at=now))
+        session.commit()
+        if claimed.rowcount == 1:
+            return session.get(UserDataset, dataset_id)
+    return None
+
+
+def finish_dataset_check(session: Session, dataset_id: str, *, info: dict[str, Any] | None = None,
+                         error: str | None = None) -> None:
+    """The check's outcome: `ready` with what it found (merged into `info`), or `failed` with `error`."""
+    dataset = session.get(UserDataset, dataset_id)
+    if dataset is None:
+        return
+    dataset.status = "failed" if error is not None else "ready"
+    dataset.error = error
+    dataset.info = {**dataset.info, **(info or {})}
+    dataset.check_started_at = None
 
 
 def job_owner(session: Session, job_id: str) -> str | None:

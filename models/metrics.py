@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import and_, delete, insert, not_, or_, select
 from sqlalchemy.orm import Session
 
 from models.tables import Metric
@@ -44,5 +44,11 @@ def query(
     return session.scalars(stmt.order_by(Metric.id).limit(limit)).all()
 
 
-def forget(session: Session, job_id: str) -> None:
-    session.execute(delete(Metric).where(Metric.job_id == job_id))
+def forget(session: Session, job_id: str, *, kept_before: dict[int, int | None] | None = None) -> None:
+    """Drop a job's metrics, except, per seed in `kept_before`, those of steps before its step (None: all of the
+    seed's): what a resumed run will not report again."""
+    stmt = delete(Metric).where(Metric.job_id == job_id)
+    for seed, step in (kept_before or {}).items():
+        kept = Metric.seed == seed if step is None else and_(Metric.seed == seed, Metric.step < step)
+        stmt = stmt.where(or_(Metric.seed.is_(None), not_(kept)))
+    session.execute(stmt)

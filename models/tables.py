@@ -173,6 +173,10 @@ class UserDataset(Base):
     path: Mapped[str] = mapped_column(Text)
     info: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # pending -> ready | failed: an image folder is checked in the background (npz uploads are ready at once)
+    status: Mapped[str] = mapped_column(String(16), default="ready")
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    check_started_at: Mapped[datetime | None] = mapped_column(default=None)  # a check in progress, since
 
 
 class IdempotencyRecord(Base):

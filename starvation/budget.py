@@ -6,9 +6,12 @@ The estimate (float32 bytes) is the sum of five parts: a fixed `runtime` allowan
 - activations: what one update's forward pass keeps for the backward pass, with its gradients and temporaries
   (x3), and a minibatch's input rows, for the rows of one update (`batch_size`, or the whole training set: full
   batch, as the paper), for the seeds trained at once (batched execution: all of them; sequential: one);
-- evaluation: one chunk of EVAL_CHUNK examples through the network (no gradients), for the seeds at once;
+- evaluation: one chunk of EVAL_CHUNK examples through the network (no gradients: what a pass holds at once,
+  `networks.inference_count`), for the seeds at once;
 - dataset: every split's inputs, labels and attribute, for each seed (each seed draws its own built-in dataset;
   a registered one is shared), twice (the splits, and the pooled training set or the stacked copy beside them).
+  An image folder (`DataSize.streamed`) holds labels only, and STREAM_BATCHES batches of inputs read ahead; its
+  evaluation reads IMAGE_BATCH images at a time.
 It is an estimate from above: tests/science/test_budget.py checks it against the peak memory of real runs.
 The field named when a spec is over budget is the one whose reset (to the arch's default widths, one seed,
 minibatches of SMALL_BATCH, SMALL_DATASET training examples) shrinks the estimate most.
@@ -21,15 +24,18 @@ from dataclasses import dataclass
 
 from starvation import datasets
 from starvation.datasets import DataSize
+from starvation.datasets.images import IMAGE_BATCH
 from starvation.errors import SpecError
 from starvation.methods import method_class
-from starvation.networks import activation_count, arch_class, check_arch_params, output_count, parameter_count
+from starvation.networks import (activation_count, arch_class, check_arch_params, inference_count, output_count,
+                                 parameter_count)
 
 BYTES = 4  # float32
 LABEL_BYTES = 16  # y and attribute, int64 each
 EVAL_CHUNK = 8192  # starvation.training.EVAL_CHUNK (not imported: this module must not need torch's training code)
 SMALL_BATCH = 256
 SMALL_DATASET = 10_000  # training examples: between the paper's two moons (300) and MNIST (50,000)
+STREAM_BATCHES = 8  # an image folder's batches read ahead and in flight (DataLoader's prefetch, pinned copies)
 RUNTIME_BYTES = 256 << 20  # what the first update adds whatever its size (kernels, thread pools, allocator caches)
 
 
@@ -77,6 +83,7 @@ def estimate_train_memory(spec: dict, data: DataSize, *, shared_dataset: bool = 
     copies = 2 + state + (1 if at_once > 1 else 0)  # weights, gradients, optimizer state, the per-seed modules
     n_parameters = parameter_count(arch, params, data.input_shape, outputs)
     per_example = activation_count(arch, params, data.input_shape, outputs)
+    evaluated = inference_count(arch, params, data.input_shape, outputs)  # no gradients: layers freed as it goes
     input_values = math.prod(data.input_shape)
     rows = min(spec["batch_size"] or data.n_train, data.n_train)
     example_bytes = input_values * BYTES + LABEL_BYTES
@@ -85,8 +92,10 @@ def estimate_train_memory(spec: dict, data: DataSize, *, shared_dataset: bool = 
         "parameters": n_parameters * copies * seeds * BYTES,
         # kept values, their gradients and a temporary (x3, measured); a minibatch's inputs are a gathered copy
         "activations": rows * (3 * per_example + (input_values if rows < data.n_train else 0)) * at_once * BYTES,
-        "evaluation": min(EVAL_CHUNK, data.n_examples) * (per_example + input_values) * at_once * BYTES,
-        "dataset": 2 * data.n_examples * example_bytes * (1 if shared_dataset else seeds),
+        "evaluation": min(IMAGE_BATCH if data.streamed else EVAL_CHUNK, data.n_examples)
+        * (evaluated + input_values) * at_once * BYTES,
+        "dataset": (2 * data.n_examples * LABEL_BYTES + STREAM_BATCHES * rows * input_values * BYTES) if data.streamed
+        else 2 * data.n_examples * example_bytes * (1 if shared_dataset else seeds),
     })
 
 

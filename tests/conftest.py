@@ -74,6 +74,7 @@ def embedded_stack(tmp_path_factory) -> Iterator[Stack]:
     stack = Stack(
         "embedded",
         {"GS_DATABASE_URL": f"sqlite:///{var_dir / 'gs.sqlite3'}", "GS_BROKER_URL": "filesystem://",
+         "GS_DATA_DIR": str(var_dir / "data"),  # image folders the tests register
          # The MLflow test exports to a local file store; deployments allow http(s) only.
          "GS_MLFLOW_ALLOWED_SCHEMES": "http,https,file", "MLFLOW_ALLOW_FILE_STORE": "true"},
         var_dir,
@@ -89,8 +90,9 @@ def services_stack(tmp_path_factory) -> Iterator[Stack]:
     postgres, broker = require_postgres(), require_redis()
     reset_postgres(postgres)
     redis.Redis.from_url(broker).flushdb()
-    stack = Stack("postgres+redis", {"GS_DATABASE_URL": postgres, "GS_BROKER_URL": broker},
-                  tmp_path_factory.mktemp("services"))
+    var_dir = tmp_path_factory.mktemp("services")
+    stack = Stack("postgres+redis", {"GS_DATABASE_URL": postgres, "GS_BROKER_URL": broker,
+                                     "GS_DATA_DIR": str(var_dir / "data")}, var_dir)
     yield stack.start()
     stack.stop()
 

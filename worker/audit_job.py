@@ -4,14 +4,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from core.paths import dataset_index_path
 from models import files as files_repo
 from models import jobs as jobs_repo
 from worker.devices import pick_device
 from worker.files import add_artifact
 
 
-def load_dataset(ctx, dataset_spec: dict[str, Any], seed: int):
-    """A built-in dataset by name, or a dataset the job's owner registered, by id."""
+def load_dataset(ctx, dataset_spec: dict[str, Any], seed: int, device: str = "cpu"):
+    """A built-in dataset by name, or a dataset the job's owner registered, by id (an image folder streams from
+    its checked index, read by GS_DATA_WORKERS processes, pinned for a GPU `device`)."""
     from starvation import datasets
 
     name = dataset_spec["name"]
@@ -22,11 +24,16 @@ def load_dataset(ctx, dataset_spec: dict[str, Any], seed: int):
         row = files_repo.get_dataset(session, name, owner_id=ctx.owner_id)
         if row is None:
             raise FileNotFoundError(f"dataset {name!r} is neither built in nor registered by this key")
-        path, label, fmt, info = row.path, row.name, row.format, dict(row.info)
+        path, label, fmt, info, status, error = row.path, row.name, row.format, dict(row.info), row.status, row.error
     settings = ctx.settings
+    if status != "ready":
+        raise FileNotFoundError(f"dataset {name!r} is {status}" + (f": {error}" if error else
+                                                                  " (its images are still being checked)"))
     if fmt == "image_folder":
-        return datasets.load_image_folder(path, info["metadata"], label, info["image_size"],
-                                          max_bytes=settings.max_dataset_bytes, max_image_pixels=settings.max_image_pixels)
+        index = datasets.load_index(dataset_index_path(settings, name))
+        return datasets.open_image_folder(path, index, label, info["image_size"],
+                                          max_image_pixels=settings.max_image_pixels, workers=settings.data_workers,
+                                          pin_memory=device.startswith("cuda"))
     return datasets.load_npz(path, label, max_bytes=settings.max_dataset_bytes,
                              max_compression_ratio=settings.max_dataset_compression_ratio)
 
@@ -93,7 +100,7 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     device = "cpu" if fmt in ("torchscript", "onnx") else pick_device(spec.get("device"), ctx.settings.device)
     model = load_model(path, fmt, model_info, device, spec.get("layer"), settings=ctx.settings)
     try:
-        dataset = load_dataset(ctx, spec["dataset"], spec.get("seed", 0))
+        dataset = load_dataset(ctx, spec["dataset"], spec.get("seed", 0), device)
         ctx.on_progress(0.1)
         report = audit_model(ctx, model, dataset, spec=spec)
     finally:

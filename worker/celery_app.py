@@ -26,6 +26,15 @@ def _fresh_connections_in_child(**_: object) -> None:
 
 
 @worker_process_init.connect
+def _may_start_data_loaders(**_: object) -> None:
+    # Celery's pool marks its children daemonic, and multiprocessing refuses children to a daemon; an image folder's
+    # DataLoader needs them (GS_DATA_WORKERS). Its workers watch this process and exit when it does.
+    import multiprocessing
+
+    multiprocessing.current_process()._config["daemon"] = False
+
+
+@worker_process_init.connect
 def _memory_limit_in_child(**_: object) -> None:
     limit = limit_address_space(get_settings())
     if limit is not None:

@@ -105,7 +105,7 @@ def checkpoint_to_repair(ctx, spec: dict[str, Any]) -> tuple[str, str, str, dict
 def read_head_and_features(model, dataset):
     """The model's head and its penultimate features on the pooled training splits (never the
     test split), checked to be what turns those features into the model's logits."""
-    from starvation.audit.probes import batched
+    from starvation.datasets import batched
     from starvation.repair import NoLinearHead, check_head_feeds_output, read_head
 
     if model.feature_layer is None:
@@ -153,7 +153,7 @@ def save_repaired(ctx, model, fmt: str, model_info: dict[str, Any], head, parent
 
 def check_repaired_model(model, head, x, features) -> None:
     """The written model must give the fitted head's logits: the head really was replaced."""
-    from starvation.audit.probes import batched
+    from starvation.datasets import batched
     from starvation.errors import SpecError
 
     logits = batched(model.logits, x, model.device, 1024)

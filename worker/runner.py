@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.paths import job_dir
+from core.paths import job_dir, resume_dir
 from core.settings import Settings, get_settings
 from models import files as files_repo
 from models import jobs as jobs_repo
@@ -232,14 +232,24 @@ def record_outcome(db: Database, job_id: str, status: JobStatus, result: dict | 
         jobs_repo.finish(session, job_id, status, result=result, error=error)
 
 
-def forget_earlier_attempt(db: Database, job_id: str, settings: Settings) -> None:
-    """A re-run starts clean: what a lost worker half-wrote would otherwise be counted twice."""
+def forget_earlier_attempt(db: Database, job_id: str, settings: Settings) -> dict[int, int | None]:
+    """A re-run starts clean: what a lost worker half-wrote would otherwise be counted twice. Except what a train
+    job saved to resume from (`resume_dir`): that folder stays, and so do the metrics of the steps before each
+    seed's saved step, which the resumed run does not report again. Returns those steps per seed."""
     import shutil
 
+    from starvation.training import Resume
+
+    folder = job_dir(settings, job_id)
+    kept = Resume.reported(resume_dir(folder)) if resume_dir(folder).is_dir() else {}
     with db.session() as session:
         files_repo.forget_outputs(session, job_id)
-        metrics_repo.forget(session, job_id)
-    shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
+        metrics_repo.forget(session, job_id, kept_before=kept)
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if path != resume_dir(folder):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return kept
+
 
 
 def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | None, dict | None]:

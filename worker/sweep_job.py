@@ -25,7 +25,7 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
         on_metrics=lambda batch: ctx.on_metrics(batch, log_lines=False),
         on_progress=lambda fraction: ctx.on_progress(0.9 * fraction if spec.get("audit") else fraction),
         should_stop=ctx.should_stop,
-        dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0) if registered else None,
+        dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0, device=device) if registered else None,
         user_datasets=(name,) if registered else (),
     )
     result: dict[str, Any] = {**outcome.result, "device": device}

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.paths import resume_dir
 from worker import audit_job
 from worker.devices import pick_device
 from worker.files import add_artifact, add_checkpoint
 
-SERVICE_FIELDS = ("timeout_s", "mlflow")  # spec fields the service acts on, not the engine
+
+SERVICE_FIELDS = ("timeout_s", "mlflow", "init_checkpoint_id")  # spec fields the service acts on, not the engine
 
 
 def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
@@ -35,8 +37,12 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
         on_metrics=on_metrics,
         on_progress=lambda fraction: ctx.on_progress(0.9 * fraction if spec.get("audit") else fraction),
         should_stop=ctx.should_stop,
-        dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0) if registered else None,
+        dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0, device=device) if registered else None,
+        resume_dir=resume_dir(ctx.work_dir),
+        init_weights=initial_weights(ctx, spec.get("init_checkpoint_id")),
     )
+    for seed, step in outcome.result.get("resumed", {}).items():
+        ctx.say("info", f"seed {seed} resumed from its state saved at step {step}")
     result: dict[str, Any] = {**outcome.result, "device": device,
                               "checkpoints": register_checkpoints(ctx, outcome.checkpoints)}
     if spec.get("audit"):
@@ -48,6 +54,22 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
         else:
             ctx.say("info", f"MLflow run {result['mlflow']['run_id']} in experiment {result['mlflow']['experiment']}")
     return result
+
+
+def initial_weights(ctx, checkpoint_id: str | None) -> dict[str, Any] | None:
+    """The state dict of the owner's safetensors checkpoint to start from (safetensors: nothing is unpickled)."""
+    if checkpoint_id is None:
+        return None
+    from safetensors.torch import load_file
+
+    from models import files as files_repo
+
+    with ctx.db.session() as session:
+        row = files_repo.get_checkpoint(session, checkpoint_id, owner_id=ctx.owner_id)
+        path = row.path if row is not None else None
+    if path is None:
+        raise FileNotFoundError(f"the checkpoint {checkpoint_id!r} to start from no longer exists")
+    return load_file(path)
 
 
 def register_checkpoints(ctx, checkpoints: list[Any], prefix: str = "") -> list[dict[str, Any]]:
@@ -77,7 +99,7 @@ def audit_checkpoints(ctx, dataset_ref: dict[str, Any], checkpoints: list[Any], 
     reports = []
     for ckpt in checkpoints:
         model = audit_job.load_model(str(ckpt.safetensors_path), "safetensors", model_info(ckpt), device)
-        dataset = audit_job.load_dataset(ctx, dataset_ref, ckpt.seed)
+        dataset = audit_job.load_dataset(ctx, dataset_ref, ckpt.seed, device)
         audit_spec = {"seed": ckpt.seed, "spurious_attribute": dataset.attribute_name or "attribute"}
         report = audit_job.audit_model(ctx, model, dataset, spec=audit_spec, prefix=f"{prefix}seed{ckpt.seed}-")
         reports.append({"seed": ckpt.seed, **report})

@@ -1,5 +1,6 @@
-"""Datasets: the built-ins with their parameters, and datasets users register (.npz uploads or
-image folders with a metadata CSV under GS_DATA_DIR)."""
+"""Datasets: the built-ins with their parameters, and datasets users register (.npz uploads, ready at once, or
+image folders with a metadata CSV under GS_DATA_DIR, answered at once and checked in the background:
+api/dataset_checks.py)."""
 from __future__ import annotations
 
 from functools import partial
@@ -10,7 +11,7 @@ from fastapi import APIRouter, File, Form, Header, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
-from api.errors import ApiError, without_server_paths
+from api.errors import ApiError, not_found, without_server_paths
 from api.idempotency import replay_or_create
 from api.schemas import CREATE_ERRORS, KEYED_ERRORS, BinaryUpload, DatasetList, DatasetOut, error_responses
 from api.uploads import save_limited
@@ -25,14 +26,21 @@ def list_datasets(session: SessionDep, principal: PrincipalDep):
     from starvation.datasets import DATASETS
 
     builtins = [DatasetOut(name=name, builtin=True, description=cls.describe()) for name, cls in DATASETS.items()]
-    registered = [
-        DatasetOut(id=d.id, name=d.name, builtin=False, description=public_info(d.info), created_at=d.created_at)
-        for d in files_repo.list_datasets(session, owner_id=principal.owner_id)
-    ]
+    registered = [dataset_out(d) for d in files_repo.list_datasets(session, owner_id=principal.owner_id)]
     return DatasetList(items=builtins + registered)
 
 
-@router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(*CREATE_ERRORS))
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404))
+def get_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep):
+    row = files_repo.get_dataset(session, dataset_id, owner_id=principal.owner_id)
+    if row is None:
+        raise not_found("dataset", dataset_id)
+    return dataset_out(row)
+
+
+@router.post("", status_code=201, response_model=DatasetOut, responses={
+    202: {"model": DatasetOut, "description": "an image folder, registered as `pending` and checked in the background"},
+    **error_responses(*CREATE_ERRORS)})
 async def register_dataset(
     session: SessionDep,
     principal: PrincipalDep,
@@ -106,20 +114,15 @@ def inside_data_dir(settings, relative: str | None, what: str) -> Path:
 
 
 def register_image_folder(session, principal, settings, name, folder, metadata, image_size) -> tuple[int, Any]:
-    from starvation.datasets import load_image_folder
-    from starvation.errors import SpecError
-
+    """202 at once: the folder and its CSV exist under GS_DATA_DIR; rows and images are checked in the background."""
     root = inside_data_dir(settings, folder, "folder")
     csv_path = inside_data_dir(settings, str(Path(folder or "") / metadata), "metadata")
     if not csv_path.is_file():
         raise ApiError(422, "invalid_dataset", f"No metadata CSV {metadata!r} in {folder!r}.")
-    try:
-        dataset = load_image_folder(root, csv_path, name, image_size, max_bytes=settings.max_dataset_bytes,
-                                    max_image_pixels=settings.max_image_pixels)
-    except SpecError as exc:
-        raise dataset_refused(exc) from None
-    extra = {"metadata": str(csv_path), "image_size": image_size}
-    return 201, add_row(session, principal, new_id(), name, "image_folder", root, dataset, extra)
+    info = {"metadata": str(csv_path), "image_size": image_size}
+    row = files_repo.add_dataset(session, id=new_id(), owner_id=principal.owner_id, name=name, format="image_folder",
+                                 path=str(root), info=info, status="pending")
+    return 202, dataset_out(row)
 
 
 def add_row(session, principal, dataset_id, name, fmt, path, dataset, extra) -> DatasetOut:
@@ -132,7 +135,12 @@ def add_row(session, principal, dataset_id, name, fmt, path, dataset, extra) -> 
     row = files_repo.add_dataset(
         session, id=dataset_id, owner_id=principal.owner_id, name=name, format=fmt, path=str(path), info=info
     )
-    return DatasetOut(id=row.id, name=row.name, builtin=False, description=public_info(info), created_at=row.created_at)
+    return dataset_out(row)
+
+
+def dataset_out(row) -> DatasetOut:
+    return DatasetOut(id=row.id, name=row.name, builtin=False, description=public_info(row.info),
+                      created_at=row.created_at, status=row.status, error=row.error)
 
 
 def public_info(info: dict[str, Any]) -> dict[str, Any]:

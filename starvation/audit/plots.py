@@ -8,7 +8,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from starvation.audit.probes import batched
+from starvation.datasets.images import batched
 from starvation.checkpoints import AuditableModel
 from starvation.datasets.base import Dataset
 

@@ -23,6 +23,7 @@ from starvation.audit.intervals import (
 )
 from starvation.checkpoints import AuditableModel
 from starvation.datasets.base import Dataset, Split
+from starvation.datasets.images import batched
 
 CORNERS = ("core_and_spurious", "core_only", "spurious_only", "neither")
 PROBE_EXAMPLES_PER_GROUP = 1_000  # linear probe: at most this many per (target, other) group
@@ -45,12 +46,6 @@ class AuditContext:
 
     def predictions(self, model: AuditableModel, split: Split, key: str) -> torch.Tensor:
         return predicted_class(self.logits(model, split, key))
-
-
-def batched(fn, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
-    """`fn` over `x` in batches on `device`; the result back on CPU."""
-    outs = [fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(outs) if outs else torch.empty(0)
 
 
 def predicted_class(logits: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from starvation.datasets.images import ImageFiles
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,7 @@ class DataSize:
     n_examples: int  # examples in every split, the training ones included
     input_shape: tuple[int, ...]
     num_classes: int
+    streamed: bool = False  # an image folder: inputs are read from disk per batch, never held whole
 
 
 @dataclass
@@ -23,7 +27,7 @@ class Split:
     """One environment or split: inputs, binary/class labels and the spurious attribute per example."""
 
     name: str
-    x: torch.Tensor  # float32, [N, *input_shape]
+    x: torch.Tensor | ImageFiles  # float32 [N, *input_shape], or an image folder's files, read per batch
     y: torch.Tensor  # int64, [N] class index (binary tasks: 0/1)
     attribute: torch.Tensor  # int64, [N] value of the spurious attribute (colored_mnist: colour 0/1)
     # int64, [N] the label before any label noise, where the dataset knows it (colored_mnist: digit < 5)
@@ -97,7 +101,8 @@ def concat(name: str, parts: list[Split]) -> Split:
     """`parts` one after another as one split (core labels only where every part has them)."""
     return Split(
         name=name,
-        x=torch.cat([p.x for p in parts]),
+        x=torch.cat([p.x for p in parts]) if isinstance(parts[0].x, torch.Tensor) else type(parts[0].x).cat(
+            [p.x for p in parts]),
         y=torch.cat([p.y for p in parts]),
         attribute=torch.cat([p.attribute for p in parts]),
         core_label=None if any(p.core_label is None for p in parts) else torch.cat([p.core_label for p in parts]),

@@ -1,12 +1,11 @@
-"""Datasets users register: an .npz of arrays, or an image folder with a metadata CSV (CelebA/Waterbirds layout).
+"""Datasets users register: an .npz of arrays (image folders: `starvation.datasets.images`), and what both share.
 
 Every check raises `DatasetError` (a `SpecError`) with a message for the person who uploaded the file. Nothing
-is unpickled, and nothing is decompressed or decoded before its size is known and within limits: an .npz's
-zip directory and .npy headers are read first (`check_npz`), an image's header before its pixels.
+is unpickled, and nothing is decompressed before its size is known and within limits: an .npz's zip directory and
+.npy headers are read first (`check_npz`).
 """
 from __future__ import annotations
 
-import csv
 import math
 import pathlib
 import re
@@ -160,68 +159,13 @@ def load_npz(path: str | pathlib.Path, name: str, *, max_bytes: int = MAX_DATASE
     return from_arrays(name, x, arrays["y"], arrays["attribute"], split, info={"source": "npz"})
 
 
-def load_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, name: str,
-                      image_size: int | tuple[int, int], *, max_bytes: int = MAX_DATASET_BYTES,
-                      max_image_pixels: int = MAX_IMAGE_PIXELS) -> Dataset:
-    """A dataset from images under `root` listed in a CSV with columns path, label, attribute[, split].
-
-    Each image is loaded with Pillow as RGB, resized to `image_size` (an int or (height, width)) and stored
-    float32 CHW in [0, 1]. Paths are relative to `root`; a path that leaves `root` is refused. An image over
-    `max_image_pixels` is refused from its header, before it is decoded; so is a folder whose tensors would
-    pass `max_bytes`. Any decoding failure is a `DatasetError` naming the CSV line.
-    """
-    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if height <= 0 or width <= 0:
-        raise DatasetError(f"image_size must be positive, got {image_size!r}")
-    root = pathlib.Path(root).resolve()
-    rows = _csv_rows(pathlib.Path(csv_path))
-    tensor_bytes = len(rows) * 3 * height * width * 4
-    if tensor_bytes > max_bytes:
-        raise DatasetError(f"{len(rows)} images of 3x{height}x{width} take {_size(tensor_bytes)} as float32; the "
-                           f"limit is {_size(max_bytes)} (use a smaller image_size or fewer images)", code="too_large")
-    images, labels, attributes, splits = [], [], [], []
-    for number, row in enumerate(rows, start=2):  # line 1 is the header
-        where = f"metadata CSV line {number}"
-        image_path = _inside(root, row["path"], where)
-        rgb = _read_image(image_path, (width, height), max_image_pixels, where, row["path"])
-        images.append(np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0)
-        labels.append(_int(row["label"], f"{where}: label"))
-        attributes.append(_int(row["attribute"], f"{where}: attribute"))
-        splits.append(row.get("split") or ALL)
-    x = np.stack(images)
-    split = _split_names(np.array(splits), len(x)) if any(s != ALL for s in splits) else None
-    return from_arrays(name, x, np.array(labels), np.array(attributes), split,
-                       info={"source": "image_folder", "image_size": [height, width]})
-
-
-def _read_image(path: pathlib.Path, size: tuple[int, int], max_pixels: int, where: str, relative: str):
-    """The image at `path` as RGB resized to `size` (width, height); its pixel count checked before decoding."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own check agrees: a warning past it, an error past twice it
-    try:
-        with Image.open(path) as image:  # reads the header only
-            pixels = image.width * image.height
-            if pixels > max_pixels:
-                raise DatasetError(f"{where}: image {relative!r} is {image.width}x{image.height} = {pixels} pixels; "
-                                   f"the limit is {max_pixels} (a decompression bomb, or a photo to shrink first)",
-                                   code="too_large")
-            return image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
-    except DatasetError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # Pillow's (warnings as errors)
-        raise DatasetError(f"{where}: image {relative!r} is refused as a decompression bomb ({error})",
-                           code="too_large") from None
-    except Exception as error:  # noqa: BLE001 - a decoder fails on a hostile file in many ways, each the file's fault
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
-        raise DatasetError(f"{where}: cannot read image {relative!r} ({reason})") from None
-
-
-def registered_size(splits: dict[str, int], input_shape: Sequence[int], num_classes: int) -> DataSize:
-    """A registered dataset's size from what registration recorded (split sizes), for the memory budget."""
+def registered_size(splits: dict[str, int], input_shape: Sequence[int], num_classes: int, *,
+                    streamed: bool = False) -> DataSize:
+    """A registered dataset's size from what registration recorded (split sizes), for the memory budget
+    (`streamed`: an image folder)."""
     train, _ = _train_and_test(list(splits))
     return DataSize(n_train=sum(splits[s] for s in train), n_examples=sum(splits.values()),
-                    input_shape=tuple(int(d) for d in input_shape), num_classes=int(num_classes))
+                    input_shape=tuple(int(d) for d in input_shape), num_classes=int(num_classes), streamed=streamed)
 
 
 def train_and_test_splits(names: list[str]) -> tuple[list[str], str]:
@@ -289,31 +233,6 @@ def _split_names(split: np.ndarray, n: int) -> np.ndarray:
         if not SPLIT_NAME.match(value):
             raise DatasetError(f"split name {value!r} must be 1-64 letters, digits, '_', '-' or '.'")
     return split
-
-
-def _csv_rows(csv_path: pathlib.Path) -> list[dict[str, str]]:
-    try:
-        with csv_path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = sorted({"path", "label", "attribute"} - set(reader.fieldnames or []))
-            if missing:
-                raise DatasetError(f"metadata CSV lacks column(s) {', '.join(missing)}; "
-                                "needs path, label, attribute and optionally split")
-            rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise DatasetError(f"cannot read the metadata CSV ({error})") from None
-    if not rows:
-        raise DatasetError("the metadata CSV lists no images")
-    return rows
-
-
-def _inside(root: pathlib.Path, relative: str, where: str) -> pathlib.Path:
-    if not relative or pathlib.PurePath(relative).is_absolute():
-        raise DatasetError(f"{where}: path must be relative to the image folder, got {relative!r}")
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
-        raise DatasetError(f"{where}: path {relative!r} leaves the image folder")
-    return path
 
 
 def _int(text: str, what: str) -> int:

@@ -10,15 +10,15 @@ from starvation.training.acceleration import GraphedUpdates, forward_precision, 
 from starvation.training.evaluation import (EVAL_CHUNK, STARVED_GRADIENT, as_logits, evaluate, evaluate_stacked,
                                             evaluation_splits, predictions, split_metrics, stacked_logits,
                                             stacked_splits, starved)
-from starvation.training.loop import (CPU_PER_SEED_MATMUL_MACS, Batches, Metric, ProgressCallback, TrainingStopped,
-                                      TrainOutcome, choose_execution, per_seed_matmuls, stacked_train_step, train,
+from starvation.training.loop import (CPU_PER_SEED_MATMUL_MACS, Batches, Metric, ProgressCallback, Resume,
+                                      TrainingStopped, TrainOutcome, choose_execution, per_seed_matmuls, stacked_train_step, train,
                                       train_step)
 from starvation.training.spec import (DEFAULTS, EXECUTIONS, MAX_SEED, OPTIMIZERS, PRECISIONS, ResolvedTrainSpec,
                                       build_optimizer, resolve_device, resolve_train_spec, spec_warnings)
 
 __all__ = [
     "CPU_PER_SEED_MATMUL_MACS", "DEFAULTS", "EVAL_CHUNK", "EXECUTIONS", "MAX_SEED", "OPTIMIZERS", "PRECISIONS",
-    "ResolvedTrainSpec", "STARVED_GRADIENT", "Batches", "GraphedUpdates", "Metric", "ProgressCallback", "TrainOutcome", "TrainingStopped",
+    "ResolvedTrainSpec", "STARVED_GRADIENT", "Batches", "GraphedUpdates", "Metric", "ProgressCallback", "Resume", "TrainOutcome", "TrainingStopped",
     "as_logits", "build_optimizer", "choose_execution", "evaluate", "evaluate_stacked", "evaluation_splits",
     "forward_precision", "per_seed_matmuls", "predictions", "resolve_device", "resolve_train_spec", "spec_warnings",
     "split_metrics", "stacked_logits", "stacked_splits", "stacked_train_step", "starved", "tf32_matmuls", "train", "train_step",

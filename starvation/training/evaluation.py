@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from starvation.datasets import Dataset, Split
+from starvation.datasets import Dataset, Split, batches_of
 from starvation.ensemble import StackedMLP
 from starvation.methods import cross_entropy
 
@@ -50,7 +50,9 @@ def pooled_slices(data: Dataset) -> dict[str, slice]:
 
 
 def _to(split: Split, device: torch.device) -> Split:
-    return Split(name=split.name, x=split.x.to(device), y=split.y.to(device), attribute=split.attribute.to(device))
+    """`split` on `device` (an image folder's files stay files: batches go to the device as they are read)."""
+    x = split.x.to(device) if isinstance(split.x, torch.Tensor) else split.x
+    return Split(name=split.name, x=x, y=split.y.to(device), attribute=split.attribute.to(device))
 
 
 def stacked_splits(data: Sequence[Dataset], device: torch.device, *, shared: bool = False) -> dict[str, Split]:
@@ -107,8 +109,8 @@ def evaluate(model: nn.Module, splits: dict[str, Split],
         if pooled and name in pooled:
             logits = computed["train"][pooled[name]]
         else:
-            logits = torch.cat([as_logits(model(split.x[i:i + EVAL_CHUNK]))
-                                for i in range(0, len(split), EVAL_CHUNK)])
+            logits = torch.cat([as_logits(model(batch.to(split.y.device, non_blocking=True)))
+                                for batch in batches_of(split.x, EVAL_CHUNK)])
         computed[name] = logits
         values.update(zip(_metric_names(name), split_metrics(logits, split.y, with_starved=name == "train").tolist()))
     return values

@@ -5,7 +5,7 @@ import contextlib
 import functools
 import pathlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,10 +14,11 @@ from torch import nn
 
 from starvation import datasets
 from starvation.checkpoints.save import CheckpointFile, save_checkpoint
-from starvation.datasets import Dataset
+from starvation.datasets import Dataset, ImageFiles
+from starvation.errors import SpecError
 from starvation.ensemble import StackedMLP, seed_losses, unsupported_reason
 from starvation.methods import Method, build_method, method_class
-from starvation.networks import Network, build_network, output_count
+from starvation.networks import Network, build_network, load_initial_weights, output_count
 from starvation.training.acceleration import GraphedUpdates, PhaseCompiled, forward_precision, tf32_matmuls
 from starvation.training.evaluation import (_summarise, _to, as_logits, evaluate, evaluate_stacked,
                                             evaluation_splits, pooled_slices, stacked_logits, stacked_splits)
@@ -63,7 +64,8 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
           on_metrics: Callable[[list[Metric]], None] | None = None,
           on_progress: Callable[[float], None] | None = None,
           should_stop: Callable[[], bool] | None = None,
-          dataset: Dataset | None = None) -> TrainOutcome:
+          dataset: Dataset | None = None, resume_dir: pathlib.Path | None = None,
+          init_weights: Mapping[str, torch.Tensor] | None = None) -> TrainOutcome:
     """Train one model per seed of `spec` and save each under `out_dir`.
 
     `spec`: a `ResolvedTrainSpec` runs as it is; anything else is resolved here first (`resolve_train_spec`).
@@ -72,6 +74,13 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
     label noise and colours). A registered dataset is passed as `dataset` (spec's dataset.name then names it)
     and serves every seed. Raises SpecError for a bad spec, TrainingStopped when `should_stop()` says so.
     The result says how the seeds ran (`execution`) and how long the updates took (`timing`).
+
+    `resume_dir`: where sequential training keeps its resumable states (`save_every`, `Resume`); a run given the
+    folder of an earlier run that stopped goes on from its last saved step, and skips the seeds it finished. The
+    result's `resumed` says, per seed, the step it went on from.
+
+    `init_weights`: a state dict every seed starts from (`networks.load_initial_weights`: torchvision's names or
+    ours; the backbone strictly, the head where it fits); the result's `init` says what was loaded.
     """
     started = time.perf_counter()
     section = spec.get("dataset") if isinstance(spec, dict) else None
@@ -101,25 +110,36 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
     rows = update_rows(spec, first)
     shape = _shape_of(spec, first)
     execution, why = choose_execution(spec, shape)
+    streamed = isinstance(first.splits[first.train_splits[0]].x, ImageFiles)
+    if streamed:
+        if not spec["batch_size"]:
+            raise SpecError(f"dataset {spec['dataset']['name']!r} is an image folder, read from disk in minibatches: "
+                            "set batch_size (full-batch training would hold every image in memory)")
+        execution, why = "sequential", "an image folder streams from disk, one seed at a time"
     per_seed = execution == "batched" and per_seed_matmuls(shape, rows, torch_device)
-    graphs = spec["cuda_graphs"] and torch_device.type == "cuda"
+    graphs = spec["cuda_graphs"] and torch_device.type == "cuda" and not streamed
     compiled = spec["compile"] and execution == "batched"
+    # what the initial weights fill (checked here, before any training: a wrong shape is a SpecError naming the key)
+    init = load_initial_weights(_init_network(spec, first, seeds[0]), init_weights) if init_weights else None
+    resumed: dict[int, int] = {}
     with tf32_matmuls(spec["precision"] == "tf32"):  # evaluation switches it off again: metrics in float32
         if execution == "batched":
             networks, histories, clock = _train_batched(spec, [first] + [load(seed) for seed in seeds[1:]],
                                                         torch_device, report, should_stop,
                                                         shared_data=dataset is not None,
                                                         matmuls_per_seed=per_seed, graphs=graphs,
-                                                        compiled=compiled)
+                                                        compiled=compiled, init_weights=init_weights)
         else:
             networks, histories, clock = [], [], _Clock(torch_device)
+            saved = Resume(pathlib.Path(resume_dir), spec["save_every"]) if resume_dir is not None else None
             for index, seed in enumerate(seeds):
                 data = first if index == 0 else load(seed)
                 network, history = _train_seed(spec, data, seed, torch_device, clock, should_stop,
                                                functools.partial(_report_seed, report, index, len(seeds)),
-                                               graphs=graphs)
+                                               graphs=graphs, resume=saved, init_weights=init_weights)
                 networks.append(network)
                 histories.append(history)
+            resumed = saved.resumed if saved is not None else {}
 
     checkpoints = [save_checkpoint(network, out_dir, seed=seed, arch=spec["model"]["arch"],
                                    arch_params=_arch_params(spec), input_shape=first.input_shape,
@@ -137,6 +157,10 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
                       "per_seed_matmuls": per_seed, "cuda_graphs": graphs, "compile": compiled},
         "timing": clock.summary(spec["steps"], total_s=time.perf_counter() - started),
     }
+    if resumed:
+        result["resumed"] = {str(seed): step for seed, step in resumed.items()}
+    if init is not None:
+        result["init"] = init
     return TrainOutcome(result=result, checkpoints=checkpoints, dataset_info=dict(first.info))
 
 
@@ -177,12 +201,17 @@ def _shape_of(spec: dict, data: Dataset) -> Network:
                              output_count(data.num_classes))
 
 
-def _init_network(spec: dict, data: Dataset, seed: int) -> Network:
-    """Seed `seed`'s initial network; the caller's global RNG is left as it was."""
+def _init_network(spec: dict, data: Dataset, seed: int,
+                  init_weights: Mapping[str, torch.Tensor] | None = None) -> Network:
+    """Seed `seed`'s initial network (filled from `init_weights` where given); the caller's global RNG is left as
+    it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_network(spec["model"]["arch"], _arch_params(spec), data.input_shape,
-                             output_count(data.num_classes))
+        network = build_network(spec["model"]["arch"], _arch_params(spec), data.input_shape,
+                                output_count(data.num_classes))
+    if init_weights is not None:
+        load_initial_weights(network, init_weights)
+    return network
 
 
 def _report_seed(report: ProgressCallback, index: int, count: int, step: int, steps: int, seed: int,
@@ -193,23 +222,51 @@ def _report_seed(report: ProgressCallback, index: int, count: int, step: int, st
 
 def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, clock: _Clock,
                 should_stop: Callable[[], bool] | None,
-                report: Callable[[int, int, int, dict[tuple[str, str], float]], None], *, graphs: bool
+                report: Callable[[int, int, int, dict[tuple[str, str], float]], None], *, graphs: bool,
+                resume: Resume | None = None, init_weights: Mapping[str, torch.Tensor] | None = None
                 ) -> tuple[nn.Module, list[dict[tuple[str, str], float]]]:
-    """One model: init under `seed`, full-batch or minibatch updates, evaluation on schedule."""
+    """One model: init under `seed`, full-batch or minibatch updates, evaluation on schedule.
+
+    `resume`: the seed goes on from the state an earlier run saved there (or is taken as it finished), and saves
+    its own every `resume.every` steps."""
     splits = {name: _to(split, device) for name, split in evaluation_splits(data).items()}
     pooled = pooled_slices(data)
     train_split = splits["train"]
-    model = _init_network(spec, data, seed).to(device)
+    model = _init_network(spec, data, seed, init_weights).to(device)
     method = build_method(spec["method"])
     groups = {name: tensor.to(device) for name, tensor in memberships(data, method.NEEDS).items()}
     optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
-    batches = Batches(len(train_split), spec["batch_size"], seeds=[seed], device=device)
     steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
-    train_x = update_inputs(train_split.x, precision)
-    history = []
+    streamed = isinstance(train_split.x, ImageFiles)
+    batches = Batches(len(train_split), spec["batch_size"], seeds=[seed],
+                      device=torch.device("cpu") if streamed else device)
+    start, history = 0, []
+    state = resume.load(seed) if resume is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        history = [{(split, name): value for split, name, value in values} for values in state["history"]]
+        if state["finished"]:
+            return model, history
+        optimizer.load_state_dict(state["optimizer"])
+        batches.restore(state["batches"])
+        start = resume.resumed[seed] = state["step"]
+    drawn_before: dict[int, dict] = {}  # the minibatch order as it was before the rows of a step to save at
+
+    def rows_of_steps() -> Iterator[list[int]]:
+        for step in range(start, steps):
+            if resume is not None and resume.due(step):
+                drawn_before[step] = batches.state()
+            yield batches.next()[0].tolist()
+    if streamed:  # the same rows in the same order as in memory, read from disk (ahead) by the loader's workers
+        stream = iter(train_split.x.loader(rows_of_steps()))
+    train_x = None if streamed else update_inputs(train_split.x, precision)
 
     def update(rows: torch.Tensor | None, step: int) -> None:
-        if rows is None:
+        if streamed:
+            images, picked = next(stream)
+            x, picked = images.to(device, non_blocking=True), picked.to(device)
+            y, given = train_split.y[picked], {name: tensor[picked] for name, tensor in groups.items()}
+        elif rows is None:
             x, y, given = train_x, train_split.y, groups
         else:
             x, y = train_x[rows[0]], train_split.y[rows[0]]
@@ -219,7 +276,10 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
         update = GraphedUpdates(update, method, device)
 
     clock.start()
-    for step in range(steps + 1):
+    for step in range(start, steps + 1):
+        if resume is not None and step > start and resume.due(step):  # before this step's evaluation is reported
+            resume.save(seed, step=step, model=model, optimizer=optimizer, history=history,
+                        batches=drawn_before.pop(step, None) or batches.state())
         if step % eval_every == 0 or step == steps:
             with clock.evaluating(), tf32_matmuls(False):
                 values = evaluate(model, splits, pooled)
@@ -229,14 +289,17 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
             break
         if should_stop is not None and should_stop():
             raise TrainingStopped(f"stopped at step {step} of seed {seed}")
-        update(batches.next(), step)
+        update(None if streamed else batches.next(), step)
+    if resume is not None and resume.every:
+        resume.save(seed, step=steps, model=model, optimizer=None, history=history, batches=None)
     return model, history
 
 
 def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report: ProgressCallback,
                    should_stop: Callable[[], bool] | None, *, shared_data: bool, matmuls_per_seed: bool,
                    graphs: bool, compiled: bool, seeds: Sequence[int] | None = None,
-                   member_params: dict[str, torch.Tensor] | None = None
+                   member_params: dict[str, torch.Tensor] | None = None,
+                   init_weights: Mapping[str, torch.Tensor] | None = None
                    ) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], _Clock]:
     """Every seed at once as a StackedMLP: per seed the same init, data, minibatches and updates as `_train_seed`.
 
@@ -256,7 +319,7 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     first = data[0]
     del data  # the stacked copy is all that training needs
     train_split = splits["train"]
-    networks = [_init_network(spec, first, seed) for seed in seeds]
+    networks = [_init_network(spec, first, seed, init_weights) for seed in seeds]
     model = StackedMLP(networks, per_seed_matmuls=matmuls_per_seed,
                        pad_to=GPU_WIDTH_MULTIPLE if device.type == "cuda" else 1).to(device)
     optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
@@ -415,6 +478,16 @@ class Batches:
         """Every update sees all n examples (no batch size, or one at least n): `next()` gives None."""
         return self.batch_size is None or self.batch_size >= self.n
 
+    def state(self) -> dict:
+        """Where the epochs stand: restored with `restore`, the rows that follow are the same."""
+        return {"order": self.order.cpu().clone(), "position": self.position,
+                "generators": [generator.get_state() for generator in self.generators]}
+
+    def restore(self, state: dict) -> None:
+        self.order, self.position = _to_device(state["order"], self.device), int(state["position"])
+        for generator, saved in zip(self.generators, state["generators"], strict=True):
+            generator.set_state(saved)
+
     def next(self) -> torch.Tensor | None:
         if self.full:
             return None
@@ -424,6 +497,47 @@ class Batches:
         rows = self.order[:, self.position:self.position + self.batch_size]
         self.position += self.batch_size
         return rows
+
+
+class Resume:
+    """A sequential run's resumable states, one file per seed in `folder`: the weights, the optimizer, the step and
+    the minibatch order every `every` steps, and the weights and history once the seed is finished. Saved with
+    plain tensors and numbers only, and read back with `torch.load(weights_only=True)`. `resumed`: the seeds this
+    run went on with, and the step each went on from."""
+
+    def __init__(self, folder: pathlib.Path, every: int | None) -> None:
+        self.folder, self.every = folder, every
+        self.resumed: dict[int, int] = {}
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def path(self, seed: int) -> pathlib.Path:
+        return self.folder / f"seed{seed}.pt"
+
+    def load(self, seed: int) -> dict | None:
+        path = self.path(seed)
+        return torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
+
+    def save(self, seed: int, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+             history: list[dict[tuple[str, str], float]], batches: dict | None) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {"step": step, "finished": optimizer is None, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict() if optimizer is not None else None, "batches": batches,
+                 "history": [[[split, name, value] for (split, name), value in values.items()] for values in history]}
+        partial = self.path(seed).with_suffix(".partial")
+        torch.save(state, partial)
+        partial.replace(self.path(seed))  # a worker killed mid-save leaves the last whole state
+
+    @staticmethod
+    def reported(folder: pathlib.Path) -> dict[int, int | None]:
+        """Per seed with a saved state, the step before which its metrics stand (None: finished, all of them):
+        what a run resuming from `folder` will not report again."""
+        reported = {}
+        for path in sorted(folder.glob("seed*.pt")):
+            state = torch.load(path, weights_only=True, map_location="cpu")
+            reported[int(path.stem.removeprefix("seed"))] = None if state["finished"] else state["step"]
+        return reported
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

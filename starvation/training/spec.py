@@ -12,7 +12,7 @@ from starvation import datasets
 from starvation import params as P
 from starvation.errors import SpecError
 from starvation.methods import method_class
-from starvation.networks import resolve_arch_params
+from starvation.networks import arch_class, resolve_arch_params
 from starvation.presets import PRESETS
 
 MAX_SEED = 2**31 - 1
@@ -70,6 +70,10 @@ FIELDS: dict[str, P.Param] = {
     "compile": P.Param(False, "batched execution: the stacked update's forward pass and loss, and their backward, "
                               "under torch.compile, compiled once per phase of the loss before training starts "
                               "(timing.compile_s); sequential execution ignores it", P.boolean),
+    "save_every": P.Param(None, "save a resumable state (weights, optimizer, step, minibatch order) every this many "
+                                "steps, so that a run after a lost worker resumes there instead of at step 0 "
+                                "(sequential execution: one seed at a time); null: never",
+                          P.optional(P.positive_int)),
     "holdout": P.Param(0.0, "fraction of each training split held out as a split named 'holdout' (evaluated, never "
                             "trained on; the same rows for every seed); a sweep's train_domain_validation chooses on "
                             "it", _holdout_fraction),
@@ -134,10 +138,14 @@ def resolve_train_spec(spec: dict, *, user_datasets: Collection[str] = ()) -> Re
         raise SpecError("the train spec needs a dataset, e.g. {\"name\": \"colored_mnist\"}, or a preset")
     dataset = _resolve_dataset(merged["dataset"], user_datasets)
     num_classes = datasets.DATASETS[dataset["name"]].NUM_CLASSES if dataset["name"] in datasets.DATASETS else None
+    model = _resolve_model(merged["model"])
+    if fields["batch_size"] == 1 and arch_class(model["arch"]).BATCH_NORM:
+        raise P.ParamError(f"arch {model['arch']!r} normalises over the batch (BatchNorm): batch_size must be at "
+                           "least 2", "batch_size")
     return ResolvedTrainSpec({
         "preset": preset_name,
         "dataset": dataset,
-        "model": _resolve_model(merged["model"]),
+        "model": model,
         "method": _resolve_method(merged["method"], num_classes),
         "optimizer": _resolve_optimizer(merged["optimizer"]),
         **fields,
@@ -153,6 +161,10 @@ def spec_warnings(spec: dict) -> list[str]:
         if warmup and steps <= warmup:
             warnings.append(f"steps ({steps}) do not pass method.{name} ({warmup}): the run ends inside the "
                             f"warm-up, so {spec['method']['name']}'s own terms never apply")
+    if spec.get("save_every") and spec["execution"] != "sequential" and len(spec["seeds"]) > 1:
+        warnings.append("save_every saves seeds trained one at a time; if these seeds train batched (an MLP, "
+                        "execution auto), a run after a lost worker starts again at step 0 (set execution: "
+                        "sequential to resume)")
     return warnings
 
 

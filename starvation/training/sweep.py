@@ -29,7 +29,7 @@ from torch import nn
 
 from starvation import datasets
 from starvation.checkpoints.save import CheckpointFile, save_checkpoint
-from starvation.datasets import Dataset, Split
+from starvation.datasets import Dataset, Split, batched
 from starvation.errors import SpecError
 from starvation.params import ParamError
 from starvation.methods import method_class
@@ -226,8 +226,7 @@ def scores(network: nn.Module, data: Dataset, device: torch.device) -> dict[str,
 
 def split_scores(network: nn.Module, split: Split, device: torch.device, *,
                  with_groups: bool) -> dict[str, float | None]:
-    predicted = torch.cat([predictions(as_logits(network(split.x[i:i + EVAL_CHUNK].to(device)))).cpu()
-                           for i in range(0, len(split), EVAL_CHUNK)])
+    predicted = predictions(as_logits(batched(network, split.x, device, EVAL_CHUNK)))
     correct = (predicted == split.y).float()
     worst = None
     if with_groups:

@@ -127,3 +127,38 @@ def test_a_retry_or_the_same_bytes_again_costs_no_second_model_check(client, ten
     assert upload(client, headers, content, "torchscript", num_classes="3").status_code == 429  # another card
     assert upload(client, tenant("other"), content, "torchscript").status_code == 429  # another owner's upload
     assert stored_files(settings) == before
+
+
+def test_a_train_job_starts_only_from_the_owners_safetensors_of_its_arch(client, tenant):
+    import json
+
+    from safetensors.torch import save
+
+    from starvation.networks import build_network
+    from tests.fixtures_models import ColourOnly, torchscript_bytes
+
+    headers, other = tenant(), tenant("other")
+    network = build_network("resnet18", {"width": 8}, (2, 14, 14), 1000)
+    torchvision_named = {("fc." + k[5:] if k.startswith("head.") else k[len("features."):]): v
+                         for k, v in network.state_dict().items()}
+    weights = upload(client, headers, save(torchvision_named), "safetensors", name="r18.safetensors", arch="resnet18",
+                     arch_params=json.dumps({"width": 8}), input_shape="[2, 14, 14]", num_classes="1000")
+    assert weights.status_code == 201, weights.text
+    program = upload(client, headers, torchscript_bytes(ColourOnly()), "torchscript")
+    spec = {"preset": "paper_cmnist_erm", "model": {"arch": "resnet18", "width": 8}, "batch_size": 16, "steps": 2}
+
+    def submit(checkpoint_id: str, as_headers=headers, model=None):
+        body = {"kind": "train", "spec": {**spec, "model": model or spec["model"], "init_checkpoint_id": checkpoint_id}}
+        return client.post("/v1/jobs", json=body, headers=as_headers)
+
+    accepted = submit(weights.json()["id"])
+    assert accepted.status_code == 202 and accepted.json()["spec"]["init_checkpoint_id"] == weights.json()["id"]
+    for response, said in ((submit(weights.json()["id"], other), "No checkpoint"),
+                           (submit(program.json()["id"]), "safetensors"),
+                           (submit(weights.json()["id"], model={"arch": "cnn"}), "arch 'resnet18'")):
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["details"] == {"field": "spec.init_checkpoint_id"} and said in error["message"]
+    sweep = client.post("/v1/jobs", headers=headers, json={"kind": "sweep", "spec": {
+        **spec, "init_checkpoint_id": weights.json()["id"], "grid": {"optimizer.lr": [0.1, 0.01]}}})
+    assert sweep.status_code == 422 and sweep.json()["error"]["details"] == {"field": "spec.init_checkpoint_id"}

@@ -63,15 +63,98 @@ def image_folder(root, n: int = 8) -> None:
     (root / "metadata.csv").write_text("\n".join(lines) + "\n")
 
 
-def test_image_folder_under_the_data_dir_is_registered(client, tmp_path, monkeypatch):
+def checked(client, form: dict, headers=None, timeout_s: float = 60.0) -> dict:
+    """Register an image folder (202, pending) and wait for the API's background check to end it."""
+    import time
+
+    response = client.post("/v1/datasets", data=form, headers=headers)
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "pending"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        dataset = client.get(f"/v1/datasets/{response.json()['id']}", headers=headers).json()
+        if dataset["status"] != "pending" or time.monotonic() > deadline:
+            return dataset
+        time.sleep(0.2)
+
+
+def test_image_folder_under_the_data_dir_is_registered_then_checked(client, tmp_path, monkeypatch):
     from core.settings import get_settings
 
     image_folder(tmp_path / "faces")
     monkeypatch.setattr(get_settings(), "data_dir", tmp_path)
-    response = client.post("/v1/datasets", data={"name": "faces", "format": "image_folder", "folder": "faces",
-                                                 "image_size": "8"})
-    assert response.status_code == 201, response.text
-    assert response.json()["description"]["input_shape"] == [3, 8, 8]
+    dataset = checked(client, {"name": "faces", "format": "image_folder", "folder": "faces", "image_size": "8"})
+    assert dataset["status"] == "ready" and dataset["error"] is None, dataset
+    description = dataset["description"]
+    assert description["input_shape"] == [3, 8, 8] and description["splits"] == {"train": 6, "test": 2}
+    assert sum(group["n"] for group in description["groups"]["test"]) == 2
+    listed = {d["id"]: d for d in client.get("/v1/datasets").json()["items"] if d["id"]}
+    assert listed[dataset["id"]]["status"] == "ready"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("imgs/missing.png,1,0,train", "line 10: cannot read image 'imgs/missing.png'"),
+    ("../escape.png,1,0,train", "line 10: path '../escape.png' leaves the image folder"),
+    ("notes.txt,1,0,train", "line 10: cannot read image 'notes.txt'"),
+])
+def test_a_bad_folder_ends_failed_naming_the_row_and_cannot_be_used(client, tmp_path, monkeypatch, line, message):
+    from core.settings import get_settings
+
+    image_folder(tmp_path / "faces")
+    (tmp_path / "faces" / "notes.txt").write_text("not an image")
+    (tmp_path / "escape.png").write_bytes((tmp_path / "faces" / "imgs" / "0.png").read_bytes())
+    with open(tmp_path / "faces" / "metadata.csv", "a") as csv_file:
+        csv_file.write(line + "\n")
+    monkeypatch.setattr(get_settings(), "data_dir", tmp_path)
+    dataset = checked(client, {"name": "faces", "format": "image_folder", "folder": "faces", "image_size": "8"})
+    assert dataset["status"] == "failed" and message in dataset["error"], dataset
+    assert str(tmp_path) not in dataset["error"]
+    spec = {"dataset": {"name": dataset["id"]}, "model": {"arch": "cnn"}, "batch_size": 4, "steps": 2}
+    refused = client.post("/v1/jobs", json={"kind": "train", "spec": spec})
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "dataset_not_ready", refused.text
+    assert message in refused.json()["error"]["message"]
+
+
+def test_a_csv_without_its_columns_ends_failed(client, tmp_path, monkeypatch):
+    from core.settings import get_settings
+
+    image_folder(tmp_path / "faces")
+    (tmp_path / "faces" / "metadata.csv").write_text("file,label\nimgs/0.png,1\n")
+    monkeypatch.setattr(get_settings(), "data_dir", tmp_path)
+    dataset = checked(client, {"name": "faces", "format": "image_folder", "folder": "faces"})
+    assert dataset["status"] == "failed" and "lacks column(s) attribute, path" in dataset["error"], dataset
+
+
+def test_a_pending_folder_cannot_be_used_and_a_ready_one_needs_minibatches(client, tmp_path, monkeypatch):
+    from core.settings import get_settings
+    from models import files as files_repo
+    from models.db import database
+
+    image_folder(tmp_path / "faces")
+    monkeypatch.setattr(get_settings(), "data_dir", tmp_path)
+    dataset = checked(client, {"name": "faces", "format": "image_folder", "folder": "faces", "image_size": "8"})
+    spec = {"dataset": {"name": dataset["id"]}, "model": {"arch": "cnn"}, "steps": 2}
+    full_batch = client.post("/v1/jobs", json={"kind": "train", "spec": spec})
+    assert full_batch.status_code == 422 and full_batch.json()["error"]["details"]["field"] == "spec.batch_size"
+    with database().session() as session:  # as it is between the POST and the end of its check
+        files_repo.get_dataset(session, dataset["id"], owner_id=None).status = "pending"
+    monkeypatch.setattr(get_settings(), "dataset_check_stale_s", 3600.0)
+    with database().session() as session:  # claimed by a check in progress, so the loop leaves it alone
+        from models.tables import utcnow
+        files_repo.get_dataset(session, dataset["id"], owner_id=None).check_started_at = utcnow()
+    pending = client.post("/v1/jobs", json={"kind": "train", "spec": {**spec, "batch_size": 4}})
+    assert pending.status_code == 409 and "pending" in pending.json()["error"]["message"], pending.text
+
+
+def test_someone_elses_dataset_is_a_404(client, tenant):
+    other = tenant("other")
+    assert client.get("/v1/datasets/nope").status_code == 404
+    registered = client.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(x=np.zeros((4, 2)), y=np.array([0, 1, 0, 1]),
+                                                                              attribute=np.zeros(4, dtype=int)))},
+                             data={"name": "mine"})
+    assert registered.status_code == 201 and registered.json()["status"] == "ready", registered.text
+    assert client.get(f"/v1/datasets/{registered.json()['id']}").status_code == 200
+    assert client.get(f"/v1/datasets/{registered.json()['id']}", headers=other).status_code == 404
 
 
 @pytest.mark.parametrize("folder, metadata", [

@@ -234,22 +234,20 @@ def test_other_dashboard_posts_from_another_origin_are_403(stack):
 
 def test_errors_and_dataset_descriptions_show_no_server_paths(client, tmp_path, monkeypatch):
     from core.settings import get_settings
-    from tests.api.test_datasets_api import image_folder
+    from tests.api.test_datasets_api import checked, image_folder
 
     data_dir = tmp_path / "data"
     image_folder(data_dir / "faces")
     monkeypatch.setattr(get_settings(), "data_dir", data_dir)
-    registered = client.post("/v1/datasets", data={"name": "faces", "format": "image_folder", "folder": "faces",
-                                                   "image_size": "8"})
-    assert registered.status_code == 201, registered.text
-    assert registered.json()["description"]["metadata"] == "faces/metadata.csv"
+    form = {"name": "faces", "format": "image_folder", "folder": "faces", "image_size": "8"}
+    registered = checked(client, form)
+    assert registered["status"] == "ready" and registered["description"]["metadata"] == "faces/metadata.csv"
     assert str(tmp_path) not in client.get("/v1/datasets").text
 
     (data_dir / "faces" / "imgs" / "3.png").unlink()  # the CSV now names an image that is not there
-    broken = client.post("/v1/datasets", data={"name": "faces", "format": "image_folder", "folder": "faces",
-                                               "image_size": "8"})
-    error = assert_error(broken, 422, "invalid_dataset")
-    assert "3.png" in error["message"] and str(tmp_path) not in broken.text
+    broken = checked(client, form)
+    assert broken["status"] == "failed" and "3.png" in broken["error"], broken
+    assert str(tmp_path) not in client.get(f"/v1/datasets/{broken['id']}").text
 
 
 def test_a_job_error_quoting_a_server_file_is_shown_relative(client):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.science.test_dataset_limits import members_of, npy_header, small_arrays, zero_bomb
+from tests.api.test_datasets_api import checked
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ def test_an_npz_over_the_configured_dataset_limit_is_a_413(client, monkeypatch) 
     assert post_npz(client, buffer.getvalue(), name="fine").status_code == 201
 
 
-def test_a_png_bomb_in_an_image_folder_is_a_413_not_a_500(client, tmp_path, monkeypatch) -> None:
+def test_a_png_bomb_in_an_image_folder_fails_its_check_from_the_header(client, tmp_path, monkeypatch) -> None:
     from PIL import Image
 
     from core.settings import get_settings
@@ -80,13 +81,11 @@ def test_a_png_bomb_in_an_image_folder_is_a_413_not_a_500(client, tmp_path, monk
     Image.new("1", (15_000, 15_000)).save(folder / "bomb.png", optimize=True)  # 225 megapixels, a few hundred kB
     (folder / "metadata.csv").write_text("path,label,attribute\nok.png,0,0\nbomb.png,1,1\n")
     monkeypatch.setattr(get_settings(), "data_dir", tmp_path)
-    response = client.post("/v1/datasets", data={"name": "faces", "format": "image_folder", "folder": "faces",
-                                                 "image_size": "8"})
-    assert response.status_code == 413, response.text
-    assert response.json()["error"]["code"] == "too_large" and "bomb.png" in response.json()["error"]["message"]
+    dataset = checked(client, {"name": "faces", "format": "image_folder", "folder": "faces", "image_size": "8"})
+    assert dataset["status"] == "failed" and "line 3: image 'bomb.png' is refused as a decompression bomb" in dataset["error"]
 
 
-def test_a_corrupt_image_is_a_422_not_a_500(client, tmp_path, monkeypatch) -> None:
+def test_a_corrupt_image_fails_its_check(client, tmp_path, monkeypatch) -> None:
     from core.settings import get_settings
 
     folder = tmp_path / "faces"
@@ -94,8 +93,8 @@ def test_a_corrupt_image_is_a_422_not_a_500(client, tmp_path, monkeypatch) -> No
     (folder / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
     (folder / "metadata.csv").write_text("path,label,attribute\ncut.png,0,0\n")
     monkeypatch.setattr(get_settings(), "data_dir", tmp_path)
-    response = client.post("/v1/datasets", data={"name": "faces", "format": "image_folder", "folder": "faces"})
-    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_dataset"
+    dataset = checked(client, {"name": "faces", "format": "image_folder", "folder": "faces"})
+    assert dataset["status"] == "failed" and "line 2: cannot read image 'cut.png'" in dataset["error"], dataset
 
 
 def train(client, spec: dict, headers):

@@ -25,7 +25,7 @@ def test_operation_ids_are_the_names_a_person_would_choose(document):
     ids = set(operations(document))
     assert {"create_job", "get_job", "list_jobs", "cancel_job", "delete_job", "list_job_metrics", "get_job_logs", "stream_job_events",
             "get_report", "get_report_html", "list_artifacts", "get_artifact", "upload_checkpoint", "list_checkpoints",
-            "get_checkpoint", "download_checkpoint", "list_datasets", "register_dataset", "create_api_key",
+            "get_checkpoint", "download_checkpoint", "list_datasets", "get_dataset", "register_dataset", "create_api_key",
             "list_api_keys", "revoke_api_key", "healthz", "readyz", "prometheus_metrics"} == ids
 
 

@@ -79,6 +79,30 @@ def test_killed_workers_never_leave_a_job_running(fault_stack):
     assert failed["attempts"] == 3
 
 
+# A ResNet saving a resumable state every few steps: killed past its first saves, the next attempt goes on from there.
+RESUMABLE = {"preset": "paper_cmnist_erm", "model": {"arch": "resnet18"}, "batch_size": 64, "steps": 120,
+             "eval_every": 40, "save_every": 5, "seeds": [0], "audit": False}
+
+
+def test_a_killed_resnet_job_resumes_from_its_last_saved_step(fault_stack):
+    stack = fault_stack
+    job_id = stack.client.post("/v1/jobs", json={"kind": "train", "spec": RESUMABLE}).json()["id"]
+    child, _ = worker_pids(wait_running_attempt(stack, job_id, 1))
+    deadline = time.monotonic() + 120
+    while (job := stack.client.get(f"/v1/jobs/{job_id}").json())["progress"] < 0.3:  # past step 36: saves at 5..35
+        assert job["status"] == "running" and time.monotonic() < deadline, job
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+
+    done = stack.wait_for(job_id, ("succeeded", "failed"), timeout_s=300)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2 and int(done["result"]["resumed"]["0"]) >= 35, done["result"].get("resumed")
+    metrics = stack.client.get(f"/v1/jobs/{job_id}/metrics", params={"name": "loss", "split": "train"}).json()
+    assert [m["step"] for m in metrics["items"]] == [0, 40, 80, 120]  # each evaluation once, none lost or repeated
+    lines = [line["message"] for line in stack.client.get(f"/v1/jobs/{job_id}/logs").json()["items"]]
+    assert any(line.startswith("seed 0 resumed from its state saved at step ") for line in lines)
+
+
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 def test_jobs_submitted_while_the_broker_is_down_run_exactly_once_when_it_is_back(tmp_path):
     port = free_port()

@@ -143,7 +143,7 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path, monk
                         lambda self, *a, **k: decoded.append(self.size) or convert(self, *a, **k))
     with pytest.raises(DatasetError, match="line 3: image 'bomb.png' .*144000000 pixels") as error:
         load_image_folder(tmp_path / "imgs", csv_path, "imgs", 8, max_image_pixels=50_000_000)
-    assert error.value.code == "too_large" and decoded == [(8, 8)]  # the bomb's pixels were never decoded
+    assert error.value.code == "too_large" and decoded == []  # every header is read before any pixels: none decoded
 
 
 @pytest.mark.parametrize("warnings_are_errors", [False, True])
@@ -178,13 +178,6 @@ def test_a_truncated_image_is_a_dataset_error_not_a_crash(tmp_path) -> None:
     with pytest.raises(DatasetError, match="line 2: cannot read image 'cut.png'") as error:
         load_image_folder(tmp_path / "imgs", csv_path, "imgs", 8)
     assert error.value.code == "invalid_dataset"
-
-
-def test_an_image_folder_too_large_as_tensors_is_refused_before_reading_any_image(tmp_path) -> None:
-    csv_path = image_folder(tmp_path / "imgs", {f"{i}.png": b"never read" for i in range(10)})
-    with pytest.raises(DatasetError, match="10 images of 3x512x512") as error:
-        load_image_folder(tmp_path / "imgs", csv_path, "imgs", 512, max_bytes=10 * 3 * 512 * 512 * 4 - 1)
-    assert error.value.code == "too_large"
 
 
 def test_a_zip_directory_of_millions_of_entries_is_refused_before_zipfile_reads_it(tmp_path, monkeypatch) -> None:

@@ -271,6 +271,7 @@ def _image_folder(tmp_path: pathlib.Path, rows: list[str]) -> tuple[pathlib.Path
     (root / "sub").mkdir(parents=True)
     Image.new("RGB", (8, 6), (255, 0, 0)).save(root / "a.png")
     Image.new("L", (5, 5), 128).save(root / "sub" / "b.png")
+    (root / "notes.txt").write_text("not an image")
     csv_path = tmp_path / "metadata.csv"
     csv_path.write_text("\n".join(["path,label,attribute,split", *rows]) + "\n")
     return root, csv_path
@@ -280,9 +281,9 @@ def test_image_folder_loads_resized_chw_floats(tmp_path: pathlib.Path) -> None:
     root, csv_path = _image_folder(tmp_path, ["a.png,1,0,train", "sub/b.png,0,1,test"])
     data = load_image_folder(root, csv_path, "birds", image_size=4)
     assert data.input_shape == (3, 4, 4) and data.train_splits == ["train"] and data.test_split == "test"
-    red = data.splits["train"].x[0]
+    red = data.splits["train"].x.load()[0]
     assert torch.allclose(red[0], torch.ones(4, 4)) and torch.all(red[1:] == 0)
-    assert torch.allclose(data.splits["test"].x[0], torch.full((3, 4, 4), 128 / 255))
+    assert torch.allclose(data.splits["test"].x.load()[0], torch.full((3, 4, 4), 128 / 255))
     assert data.splits["test"].attribute.tolist() == [1]
 
 
@@ -291,6 +292,7 @@ def test_image_folder_loads_resized_chw_floats(tmp_path: pathlib.Path) -> None:
     ("/etc/passwd,1,0,train", "relative"),
     ("missing.png,1,0,train", "cannot read"),
     ("a.png,blond,0,train", "label must be an integer"),
+    ("notes.txt,1,0,train", "line 2: cannot read image 'notes.txt'"),
 ])
 def test_image_folder_refuses_bad_rows(tmp_path: pathlib.Path, row: str, message: str) -> None:
     (tmp_path / "outside.png").write_bytes(b"")

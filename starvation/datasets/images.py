@@ -1,0 +1,301 @@
+"""Image folders that stream: a metadata CSV is checked once into an index, and images are read from disk per batch.
+
+`index_image_folder` reads the CSV (path, label, attribute[, split][, counterfactual]), refuses any row whose path
+leaves the folder, is missing, is not an image or is over the pixel limit (every image's header is read; a sample,
+or all of a small folder, is decoded in full), and returns an `ImageIndex`: the rows as arrays, saved with
+`save_index` and read back with `load_index` (plain arrays, no pickle). `open_image_folder` turns an index into a
+`Dataset` whose splits hold `ImageFiles` as their `x`: paths, read and resized with Pillow when a batch is asked for
+(`batches_of`, through a `torch.utils.data.DataLoader` with `workers` processes). Memory holds batches, never the
+folder, so it does not grow with the number of images.
+
+A `counterfactual` column names, per row, the same image with only the attribute changed (Waterbirds with its bird
+pasted on the other background, say); with it, the dataset can intervene (the audit's counterfactual probe).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import pathlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from starvation.datasets.base import Dataset, Split
+from starvation.datasets.user import ALL, MAX_IMAGE_PIXELS, DatasetError, _int, _split_names, _train_and_test
+
+COLUMNS = ("path", "label", "attribute")  # required; `split` and `counterfactual` are optional
+DECODED_SAMPLE = 256  # images decoded in full at registration (all of them in a folder this small or smaller)
+IMAGE_BATCH = 256  # images per batch when a consumer reads a whole split (evaluation, audits)
+
+
+@dataclass(frozen=True)
+class ImageIndex:
+    """A checked metadata CSV: one entry per row, in the CSV's order."""
+
+    paths: np.ndarray  # str, relative to the folder
+    labels: np.ndarray  # int64
+    attributes: np.ndarray  # int64
+    splits: np.ndarray  # str
+    lines: np.ndarray  # int64, the CSV line of each row (for error messages)
+    counterfactuals: np.ndarray | None = None  # str, relative paths, or None without the column
+
+    def summary(self) -> dict:
+        """Counts per split and per (label, attribute) group within each split."""
+        out = {}
+        for split in dict.fromkeys(self.splits.tolist()):
+            rows = self.splits == split
+            pairs, counts = np.unique(np.stack([self.labels[rows], self.attributes[rows]]), axis=1, return_counts=True)
+            out[split] = {"n": int(rows.sum()), "groups": [{"label": int(label), "attribute": int(attribute),
+                                                           "n": int(n)} for (label, attribute), n in zip(pairs.T, counts)]}
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class ImageFiles:
+    """A split's images as files: `x` of a streaming `Split`. Indexing gives a subset (still files); `batches_of`
+    reads them. Each image is read as RGB and resized to `size` (height, width): float32 CHW in [0, 1]."""
+
+    root: pathlib.Path
+    paths: np.ndarray  # str, relative to root
+    size: tuple[int, int]
+    max_pixels: int = MAX_IMAGE_PIXELS
+    workers: int = 0  # DataLoader worker processes reading batches (0: read in this process)
+    pin_memory: bool = False  # page-locked batches, for a copy to a GPU that does not make the host wait
+    counterfactuals: np.ndarray | None = None  # str, per row the same image with only the attribute changed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.paths), 3, *self.size)
+
+    def __getitem__(self, rows) -> ImageFiles:
+        if isinstance(rows, torch.Tensor):
+            rows = rows.cpu().numpy()
+        swapped = None if self.counterfactuals is None else np.atleast_1d(self.counterfactuals[rows])
+        return dataclasses.replace(self, paths=np.atleast_1d(self.paths[rows]), counterfactuals=swapped)
+
+    def swapped(self) -> ImageFiles:
+        """The counterfactual images in place of these (and these as theirs)."""
+        if self.counterfactuals is None:
+            raise NotImplementedError("these images have no counterfactuals (no counterfactual column in the CSV)")
+        return dataclasses.replace(self, paths=self.counterfactuals, counterfactuals=self.paths)
+
+    def read(self, index: int) -> torch.Tensor:
+        relative = str(self.paths[index])
+        path = _inside(self.root, relative, f"image {relative!r}")
+        rgb = _read_image(path, (self.size[1], self.size[0]), self.max_pixels, "reading the image folder", relative)
+        return torch.from_numpy(np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+
+    def load(self) -> torch.Tensor:
+        """Every image as one tensor: for a few rows only (a check, a plot)."""
+        return torch.stack([self.read(i) for i in range(len(self))]) if len(self) else torch.empty(0, 3, *self.size)
+
+    def loader(self, batch_rows: Iterable[Sequence[int]]) -> torch.utils.data.DataLoader:
+        """(images [B, 3, H, W], rows [B]) for each list of rows `batch_rows` yields, in its order."""
+        return torch.utils.data.DataLoader(_Reader(self), batch_sampler=batch_rows, num_workers=self.workers,
+                                           pin_memory=self.pin_memory, persistent_workers=False)
+
+    @staticmethod
+    def cat(parts: Sequence[ImageFiles]) -> ImageFiles:
+        first = parts[0]
+        if any((p.root, p.size) != (first.root, first.size) for p in parts):
+            raise ValueError("only image files of one folder and one size are pooled")
+        swapped = None if any(p.counterfactuals is None for p in parts) else np.concatenate(
+            [p.counterfactuals for p in parts])
+        return dataclasses.replace(first, paths=np.concatenate([p.paths for p in parts]), counterfactuals=swapped)
+
+
+class _Reader(torch.utils.data.Dataset):
+    def __init__(self, files: ImageFiles) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.files.read(index), index
+
+
+def batches_of(x: torch.Tensor | ImageFiles, batch_size: int) -> Iterator[torch.Tensor]:
+    """`x` in order, `batch_size` rows at a time (image files: at most IMAGE_BATCH, read as they are needed)."""
+    if isinstance(x, ImageFiles):
+        size = min(batch_size, IMAGE_BATCH)
+        chunks = [range(i, min(i + size, len(x))) for i in range(0, len(x), size)]
+        for images, _ in x.loader(chunks):
+            yield images
+        return
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size]
+
+
+def materialize(x: torch.Tensor | ImageFiles) -> torch.Tensor:
+    """`x` as a tensor (image files are read: for a few rows only)."""
+    return x.load() if isinstance(x, ImageFiles) else x
+
+
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor | ImageFiles, device: torch.device | str,
+            batch_size: int) -> torch.Tensor:
+    """`fn` over `x` in batches on `device`; the results concatenated on the CPU."""
+    outs = [fn(batch.to(device)).cpu() for batch in batches_of(x, batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+# ---- registration: the CSV checked into an index ----------------------------------------------------------------
+
+def index_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, *,
+                       max_image_pixels: int = MAX_IMAGE_PIXELS, decoded_sample: int = DECODED_SAMPLE,
+                       on_progress: Callable[[int, int], None] | None = None) -> ImageIndex:
+    """The CSV's rows checked: every path inside `root` and an image Pillow can open within the pixel limit (its
+    header read), `decoded_sample` images spread over the folder decoded in full, labels and attributes class
+    indices, a binary attribute where there is a `counterfactual` column. Raises `DatasetError` naming the CSV line.
+    `on_progress(done, total)` is called every few thousand rows."""
+    root = pathlib.Path(root).resolve()
+    rows = _csv_rows(pathlib.Path(csv_path))
+    paths, labels, attributes, splits, counterfactuals = [], [], [], [], []
+    has_counterfactual = "counterfactual" in rows[0]
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        where = f"metadata CSV line {number}"
+        relative = row["path"]
+        _read_image(_inside(root, relative, where), None, max_image_pixels, where, relative)
+        if has_counterfactual:
+            other = row.get("counterfactual", "")
+            _read_image(_inside(root, other, f"{where}: counterfactual"), None, max_image_pixels, where, other)
+            counterfactuals.append(other)
+        label, attribute = _int(row["label"], f"{where}: label"), _int(row["attribute"], f"{where}: attribute")
+        if label < 0 or attribute < 0:
+            raise DatasetError(f"{where}: label and attribute must be class indices 0..k-1, got {label}, {attribute}")
+        if has_counterfactual and attribute > 1:
+            raise DatasetError(f"{where}: a counterfactual swaps a binary attribute (0/1), got attribute {attribute}")
+        paths.append(relative)
+        labels.append(label)
+        attributes.append(attribute)
+        splits.append(row.get("split") or ALL)
+        if on_progress is not None and (number - 1) % 5_000 == 0:
+            on_progress(number - 1, len(rows))
+    split_names = _split_names(np.array(splits), len(splits))
+    for index in _spread(len(rows), decoded_sample):  # headers can be whole while the pixels are cut short
+        where = f"metadata CSV line {index + 2}"
+        _read_image(root / paths[index], (8, 8), max_image_pixels, where, paths[index])
+    return ImageIndex(paths=np.array(paths), labels=np.array(labels, dtype=np.int64),
+                      attributes=np.array(attributes, dtype=np.int64), splits=split_names,
+                      lines=np.arange(2, len(rows) + 2, dtype=np.int64),
+                      counterfactuals=np.array(counterfactuals) if has_counterfactual else None)
+
+
+def save_index(index: ImageIndex, path: str | pathlib.Path) -> None:
+    arrays = {"paths": index.paths, "labels": index.labels, "attributes": index.attributes, "splits": index.splits,
+              "lines": index.lines}
+    if index.counterfactuals is not None:
+        arrays["counterfactuals"] = index.counterfactuals
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def load_index(path: str | pathlib.Path) -> ImageIndex:
+    with np.load(path, allow_pickle=False) as archive:
+        return ImageIndex(**{name: archive[name] for name in archive.files})
+
+
+def open_image_folder(root: str | pathlib.Path, index: ImageIndex, name: str, image_size: int | tuple[int, int], *,
+                      max_image_pixels: int = MAX_IMAGE_PIXELS, workers: int = 0,
+                      pin_memory: bool = False) -> ImageFolderDataset:
+    """A streaming `Dataset` over a checked index: splits named as in the CSV ("train*" pooled for training)."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if height <= 0 or width <= 0:
+        raise DatasetError(f"image_size must be positive, got {image_size!r}")
+    files = ImageFiles(root=pathlib.Path(root).resolve(), paths=index.paths, size=(height, width),
+                       max_pixels=max_image_pixels, workers=workers, pin_memory=pin_memory,
+                       counterfactuals=index.counterfactuals)
+    names = list(dict.fromkeys(index.splits.tolist()))
+    splits = {}
+    for split_name in names:
+        rows = np.flatnonzero(index.splits == split_name)
+        splits[split_name] = Split(name=split_name, x=files[rows], y=torch.from_numpy(index.labels[rows]),
+                                   attribute=torch.from_numpy(index.attributes[rows]))
+    train, test = _train_and_test(names)
+    info = {"source": "image_folder", "image_size": [height, width], "n_examples": len(index.paths),
+            "splits": {s: len(splits[s]) for s in names}, "counterfactual": index.counterfactuals is not None}
+    return ImageFolderDataset(name=name, splits=splits, train_splits=train, test_split=test,
+                              num_classes=max(2, int(index.labels.max()) + 1), input_shape=(3, height, width),
+                              attribute_name="attribute", info=info)
+
+
+@dataclass
+class ImageFolderDataset(Dataset):
+    """An image folder's splits as files; it intervenes where the CSV names each image's counterfactual."""
+
+    @property
+    def can_intervene(self) -> bool:  # type: ignore[override]
+        return self.splits[self.test_split].x.counterfactuals is not None
+
+    def intervene(self, split: Split) -> Split:
+        return Split(name=f"{split.name}_intervened", x=split.x.swapped(), y=split.y.clone(),
+                     attribute=1 - split.attribute)
+
+
+def load_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, name: str,
+                      image_size: int | tuple[int, int], *, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                      workers: int = 0) -> ImageFolderDataset:
+    """`index_image_folder` then `open_image_folder`: a folder checked and opened in one call (notebooks, tests)."""
+    index = index_image_folder(root, csv_path, max_image_pixels=max_image_pixels)
+    return open_image_folder(root, index, name, image_size, max_image_pixels=max_image_pixels, workers=workers)
+
+
+def _spread(count: int, sample: int) -> list[int]:
+    """`sample` row numbers spread evenly over `count` rows (all of them when there are no more)."""
+    if count <= sample:
+        return list(range(count))
+    return sorted(set(np.linspace(0, count - 1, sample).round().astype(int).tolist()))
+
+
+def _csv_rows(csv_path: pathlib.Path) -> list[dict[str, str]]:
+    try:
+        with csv_path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = sorted(set(COLUMNS) - set(reader.fieldnames or []))
+            if missing:
+                raise DatasetError(f"metadata CSV lacks column(s) {', '.join(missing)}; "
+                                   "needs path, label, attribute and optionally split and counterfactual")
+            rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DatasetError(f"cannot read the metadata CSV ({error})") from None
+    if not rows:
+        raise DatasetError("the metadata CSV lists no images")
+    return rows
+
+
+def _inside(root: pathlib.Path, relative: str, where: str) -> pathlib.Path:
+    if not relative or pathlib.PurePath(relative).is_absolute():
+        raise DatasetError(f"{where}: path must be relative to the image folder, got {relative!r}")
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise DatasetError(f"{where}: path {relative!r} leaves the image folder")
+    return path
+
+
+def _read_image(path: pathlib.Path, size: tuple[int, int] | None, max_pixels: int, where: str, relative: str):
+    """The image at `path` as RGB resized to `size` (width, height); its pixel count checked before decoding.
+    `size` None: the header alone is read and checked (None returned). Any failure is a `DatasetError` at `where`."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own check agrees: a warning past it, an error past twice it
+    try:
+        with Image.open(path) as image:  # reads the header only
+            pixels = image.width * image.height
+            if pixels > max_pixels:
+                raise DatasetError(f"{where}: image {relative!r} is {image.width}x{image.height} = {pixels} pixels; "
+                                   f"the limit is {max_pixels} (a decompression bomb, or a photo to shrink first)",
+                                   code="too_large")
+            return None if size is None else image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+    except DatasetError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # Pillow's (warnings as errors)
+        raise DatasetError(f"{where}: image {relative!r} is refused as a decompression bomb ({error})",
+                           code="too_large") from None
+    except Exception as error:  # noqa: BLE001 - a decoder fails on a hostile file in many ways, each the file's fault
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
+        raise DatasetError(f"{where}: cannot read image {relative!r} ({reason})") from None

@@ -1,0 +1,123 @@
+"""Image folders stream from disk: training and audits read batches, and give what the same images in memory give."""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from starvation import datasets
+from starvation.audit import run_audit
+from starvation.checkpoints.wrap import wrap_module
+from starvation.datasets.user import from_arrays
+from starvation.training import train
+
+N_TRAIN, N_TEST = 48, 24
+
+
+def coloured_folder(root: pathlib.Path) -> pathlib.Path:
+    """Noisy 12x12 images whose background is red (attribute 0) or green (1), with the same image in the other colour
+    as each row's counterfactual; in training the colour agrees with the label, at test it is independent of it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True)
+    (root / "swap").mkdir()
+    lines = ["path,label,attribute,split,counterfactual"]
+    for i in range(N_TRAIN + N_TEST):
+        label = i % 2
+        attribute = label if i < N_TRAIN else (i // 2) % 2
+        noise = rng.integers(0, 60, (12, 12, 3), dtype=np.uint8)
+        for value, folder in ((attribute, "img"), (1 - attribute, "swap")):
+            pixels = noise.copy()
+            pixels[..., value] += 150  # red channel for 0, green for 1
+            Image.fromarray(pixels).save(root / folder / f"{i}.png")
+        lines.append(f"img/{i}.png,{label},{attribute},{'train' if i < N_TRAIN else 'test'},swap/{i}.png")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return root / "metadata.csv"
+
+
+def in_memory_twin(folder: datasets.Dataset) -> datasets.Dataset:
+    """The same images, labels and splits as tensors (what an .npz upload of them would be)."""
+    names = list(folder.splits)
+    x = torch.cat([folder.splits[name].x.load() for name in names]).numpy()
+    y = torch.cat([folder.splits[name].y for name in names]).numpy()
+    attribute = torch.cat([folder.splits[name].attribute for name in names]).numpy()
+    split = np.concatenate([[name] * len(folder.splits[name]) for name in names])
+    return from_arrays(folder.name, x, y, attribute, split, info={})
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> pathlib.Path:
+    root = tmp_path_factory.mktemp("coloured")
+    coloured_folder(root)
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_streamed_folder_trains_exactly_as_its_images_in_memory(folder, tmp_path, workers) -> None:
+    streamed = datasets.load_image_folder(folder, folder / "metadata.csv", "coloured", 8, workers=workers)
+    spec = {"dataset": {"name": "coloured"}, "model": {"arch": "cnn", "channels": [4, 8]}, "method": {"name": "sd"},
+            "steps": 9, "batch_size": 16, "eval_every": 3, "seeds": [5]}
+    from_disk = train(spec, out_dir=tmp_path / "disk", dataset=streamed)
+    from_memory = train(spec, out_dir=tmp_path / "memory", dataset=in_memory_twin(streamed))
+    assert from_disk.result["execution"]["used"] == "sequential"
+    assert from_disk.result["splits"] == from_memory.result["splits"]
+    disk, memory = (load_file(o.checkpoints[0].safetensors_path) for o in (from_disk, from_memory))
+    assert disk.keys() == memory.keys() and all(torch.equal(disk[k], memory[k]) for k in disk)
+
+
+def test_a_folder_trains_in_minibatches_only(folder, tmp_path) -> None:
+    streamed = datasets.load_image_folder(folder, folder / "metadata.csv", "coloured", 8)
+    spec = {"dataset": {"name": "coloured"}, "model": {"arch": "cnn", "channels": [4]}, "steps": 2}
+    with pytest.raises(datasets.SpecError, match="set batch_size"):
+        train(spec, out_dir=tmp_path, dataset=streamed)
+
+
+class ReadsGreen(nn.Module):
+    """Predicts label 1 when the image is greener than it is red: a model that relies on the attribute alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, 1] - x[:, 0]).mean(dim=(1, 2)).unsqueeze(1) * 10
+
+
+def test_an_audit_streams_the_test_split_and_swaps_to_the_counterfactual_images(folder, tmp_path) -> None:
+    streamed = datasets.load_image_folder(folder, folder / "metadata.csv", "coloured", 8)
+    assert streamed.can_intervene
+    report = run_audit(wrap_module(ReadsGreen()), streamed, probes=["groups", "counterfactual"],
+                       spurious_attribute="attribute", seed=0, out_dir=tmp_path)
+    assert sum(group["n"] for group in report["groups"]) == N_TEST
+    assert report["counterfactual"]["flip_rate"] == 1.0 and report["counterfactual"]["flip_rate_towards"] == 1.0
+    conflicting = [g for g in report["groups"] if not g["aligned"]]
+    assert conflicting and all(g["accuracy"] == 0.0 for g in conflicting)
+
+
+def test_a_folder_without_counterfactuals_cannot_intervene(folder, tmp_path) -> None:
+    csv_path = tmp_path / "plain.csv"
+    lines = (folder / "metadata.csv").read_text().splitlines()
+    csv_path.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    plain = datasets.load_image_folder(folder, csv_path, "plain", 8)
+    assert not plain.can_intervene
+
+
+def test_reading_a_split_holds_one_batch_at_a_time(folder, monkeypatch) -> None:
+    streamed = datasets.load_image_folder(folder, folder / "metadata.csv", "coloured", 8)
+    monkeypatch.setattr(datasets.images, "IMAGE_BATCH", 10)
+    reads, seen = [], []
+    read = datasets.ImageFiles.read
+    monkeypatch.setattr(datasets.ImageFiles, "read", lambda self, i: reads.append(i) or read(self, i))
+    for batch in datasets.batches_of(streamed.splits["test"].x, 1024):
+        seen.append((len(batch), len(reads)))
+    assert seen == [(10, 10), (10, 20), (4, 24)]  # each batch read when it is asked for, never the split at once
+
+
+def test_the_index_round_trips_without_pickle(folder, tmp_path) -> None:
+    index = datasets.index_image_folder(folder, folder / "metadata.csv")
+    datasets.save_index(index, tmp_path / "index.npz")
+    again = datasets.load_index(tmp_path / "index.npz")
+    assert all(np.array_equal(getattr(index, f), getattr(again, f))
+               for f in ("paths", "labels", "attributes", "splits", "lines", "counterfactuals"))
+    assert index.summary()["test"]["n"] == N_TEST
