@@ -463,6 +463,46 @@ def checkpoints(
 
 
 @app.command()
+def datasets(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """List the built-in datasets and yours, with the status of each image folder's check."""
+    def body(client: ApiClient) -> None:
+        show_list(client.datasets(), as_json, render.datasets_table, "no datasets")
+
+    run(ctx, body)
+
+
+@app.command("register-folder")
+def register_folder(
+    ctx: typer.Context,
+    folder: Annotated[str, typer.Argument(help="the image folder, a path inside the server's GS_DATA_DIR")],
+    name: Annotated[str | None, typer.Option(help="the dataset's name (default: the folder's)")] = None,
+    metadata: Annotated[str, typer.Option(help="the CSV in the folder: path,label,attribute[,split][,counterfactual]")]
+    = "metadata.csv",
+    image_size: Annotated[int, typer.Option(min=4, max=512, help="images are resized to this many pixels a side")] = 64,
+    wait: Annotated[bool, typer.Option("--wait", help="wait for the background check and say how it ended")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Register an image folder (CelebA/Waterbirds layout); the service checks it in the background."""
+    import time
+
+    def body(client: ApiClient) -> None:
+        dataset = client.create("/v1/datasets", data={"name": name or Path(folder).name, "format": "image_folder",
+                                                      "folder": folder, "metadata": metadata,
+                                                      "image_size": str(image_size)})
+        while wait and dataset["status"] == "pending":
+            time.sleep(1)
+            dataset = client.get(f"/v1/datasets/{dataset['id']}")
+        if as_json:
+            typer.echo(json.dumps(dataset))
+        else:
+            out().print(render.datasets_table([dataset]))
+        if dataset["status"] == "failed":
+            raise typer.Exit(EXIT_FAILED)
+
+    run(ctx, body)
+
+
+@app.command()
 def artifacts(
     ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="JOB")], as_json: JsonOption = False
 ) -> None:

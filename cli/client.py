@@ -137,6 +137,9 @@ class ApiClient:
     def checkpoints(self, *, limit: int) -> list[dict]:
         return self.get("/v1/checkpoints", limit=min(limit, 500))["items"]
 
+    def datasets(self) -> list[dict]:
+        return self.get("/v1/datasets")["items"]
+
     def artifacts(self, job_id: str) -> list[dict]:
         return self.get(f"/v1/jobs/{job_id}/artifacts")["items"]
 

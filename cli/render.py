@@ -326,6 +326,19 @@ def checkpoints_table(items: list[dict]) -> Table:
     return table
 
 
+def datasets_table(items: list[dict]) -> Table:
+    table = Table(title="Datasets", title_justify="left")
+    for column in ("id / name", "status", "splits", "note"):
+        table.add_column(column, no_wrap=column != "note")
+    for d in items:
+        splits = (d.get("description") or {}).get("splits") or {}
+        status = Text(d.get("status", "ready"), style={"ready": "green", "pending": "yellow"}.get(d.get("status"), "red"))
+        table.add_row(d["name"] if d["builtin"] else f"{d['id']} {d['name']}", status,
+                      (" ".join(f"{name} {count}" for name, count in splits.items()) if isinstance(splits, dict)
+                       else " ".join(map(str, splits))) or "—", d.get("error") or "")
+    return table
+
+
 def artifacts_table(job_id: str, items: list[dict]) -> Table:
     table = Table(title=f"Artifacts of job {job_id}", title_justify="left")
     for column in ("name", "type", "size"):

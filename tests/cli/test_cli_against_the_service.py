@@ -141,3 +141,21 @@ def test_sweep_waits_and_prints_every_setting_with_the_chosen_one_marked(gs, tmp
     assert len(rows) == 4 and sum("◀ chosen" in row for row in rows) == 1
     assert 'sd_gamma=[1, 0.5]' in rows[1] or 'sd_gamma=[1.0, 0.5]' in rows[1]
     assert gs("sweep", "--grid", "sd_lambda").exit_code == 2  # no '='
+
+
+def test_register_folder_waits_for_the_check_and_datasets_lists_its_status(gs, embedded_stack):
+    from tests.science.test_image_folders import coloured_folder
+
+    root = embedded_stack.var_dir / "data" / "cli-faces"
+    if not root.exists():
+        coloured_folder(root)
+    registered = gs("register-folder", "cli-faces", "--image-size", "8", "--wait", "--json")
+    assert registered.exit_code == 0, registered.output
+    dataset = json.loads(registered.output)
+    assert dataset["status"] == "ready" and dataset["description"]["splits"] == {"train": 48, "test": 24}
+
+    (root / "broken.csv").write_text("path,label,attribute\nimg/none.png,0,1\n")
+    broken = gs("register-folder", "cli-faces", "--metadata", "broken.csv", "--wait")
+    assert broken.exit_code == 1 and "failed" in broken.output and "line 2" in broken.output
+    listed = gs("datasets")
+    assert listed.exit_code == 0 and dataset["id"] in listed.output and "colored_mnist" in listed.output
