@@ -40,7 +40,8 @@ def check_image_folder(settings: Settings, dataset_id: str, root: str, info: dic
     from starvation.errors import SpecError
 
     try:
-        index = index_image_folder(root, info["metadata"], max_image_pixels=settings.max_image_pixels)
+        index = index_image_folder(root, info["metadata"], max_image_pixels=settings.max_image_pixels,
+                                   max_rows=settings.max_dataset_rows)
     except SpecError as exc:
         return {"error": without_server_paths(str(exc))}
     except Exception as exc:  # noqa: BLE001 - whatever the folder holds, the dataset fails, not the loop

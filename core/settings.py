@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     # Image folders: checked in the background after registration (api/background.py); a check that has not
     # finished dataset_check_stale_s after it began lost its API process and is taken up again.
     dataset_check_stale_s: float = 3600.0
+    max_dataset_rows: int = 2_000_000  # images one image folder's CSV may list
     data_workers: int = Field(2, ge=0, description="DataLoader processes reading an image folder's batches")
     worker_memory_budget_bytes: int = 8 << 30  # a train job's estimated peak (starvation/budget.py), at submit
     # The worker child's RLIMIT_AS: what it maps once torch is imported + the budget + this headroom (thread

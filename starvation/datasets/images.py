@@ -23,11 +23,13 @@ import numpy as np
 import torch
 
 from starvation.datasets.base import Dataset, Split
-from starvation.datasets.user import ALL, MAX_IMAGE_PIXELS, DatasetError, _int, _split_names, _train_and_test
+from starvation.datasets.user import ALL, MAX_IMAGE_PIXELS, SPLIT_NAME, DatasetError, _int, _train_and_test
 
 COLUMNS = ("path", "label", "attribute")  # required; `split` and `counterfactual` are optional
 DECODED_SAMPLE = 256  # images decoded in full at registration (all of them in a folder this small or smaller)
 IMAGE_BATCH = 256  # images per batch when a consumer reads a whole split (evaluation, audits)
+MAX_ROWS = 2_000_000  # images one CSV may list (CelebA: 202,599); the check holds ~200 bytes a row
+MAX_PATH_CHARS = 1_024  # one path in the CSV
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,6 @@ class ImageIndex:
     labels: np.ndarray  # int64
     attributes: np.ndarray  # int64
     splits: np.ndarray  # str
-    lines: np.ndarray  # int64, the CSV line of each row (for error messages)
     counterfactuals: np.ndarray | None = None  # str, relative paths, or None without the column
 
     def summary(self) -> dict:
@@ -148,56 +149,82 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor | ImageF
 
 def index_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, *,
                        max_image_pixels: int = MAX_IMAGE_PIXELS, decoded_sample: int = DECODED_SAMPLE,
-                       on_progress: Callable[[int, int], None] | None = None) -> ImageIndex:
-    """The CSV's rows checked: every path inside `root` and an image Pillow can open within the pixel limit (its
-    header read), `decoded_sample` images spread over the folder decoded in full, labels and attributes class
-    indices, a binary attribute where there is a `counterfactual` column. Raises `DatasetError` naming the CSV line.
-    `on_progress(done, total)` is called every few thousand rows."""
+                       max_rows: int = MAX_ROWS) -> ImageIndex:
+    """The CSV's rows checked: every path inside `root` (at most MAX_PATH_CHARS) and an image Pillow can open
+    within the pixel limit (its header read), `decoded_sample` images spread over the folder decoded in full,
+    labels and attributes class indices, split names short and plain, a binary attribute where there is a
+    `counterfactual` column, at most `max_rows` rows (read one at a time). Raises `DatasetError` naming the line."""
     root = pathlib.Path(root).resolve()
-    rows = _csv_rows(pathlib.Path(csv_path))
-    paths, labels, attributes, splits, counterfactuals = [], [], [], [], []
-    has_counterfactual = "counterfactual" in rows[0]
-    for number, row in enumerate(rows, start=2):  # line 1 is the header
+    paths, labels, attributes, splits, counterfactuals, lines = [], [], [], [], [], []
+    has_counterfactual = False
+    for number, row in _csv_rows(pathlib.Path(csv_path)):
         where = f"metadata CSV line {number}"
-        relative = row["path"]
-        _read_image(_inside(root, relative, where), None, max_image_pixels, where, relative)
+        if len(paths) == max_rows:
+            raise DatasetError(f"{where}: the CSV lists more than {max_rows:,} images, the limit", code="too_large")
+        has_counterfactual = "counterfactual" in row
+        relative = _path_of(root, row["path"], where, max_image_pixels)
         if has_counterfactual:
-            other = row.get("counterfactual", "")
-            _read_image(_inside(root, other, f"{where}: counterfactual"), None, max_image_pixels, where, other)
-            counterfactuals.append(other)
+            counterfactuals.append(_path_of(root, row.get("counterfactual", ""), f"{where}: counterfactual",
+                                            max_image_pixels))
         label, attribute = _int(row["label"], f"{where}: label"), _int(row["attribute"], f"{where}: attribute")
         if label < 0 or attribute < 0:
             raise DatasetError(f"{where}: label and attribute must be class indices 0..k-1, got {label}, {attribute}")
         if has_counterfactual and attribute > 1:
             raise DatasetError(f"{where}: a counterfactual swaps a binary attribute (0/1), got attribute {attribute}")
+        split = row.get("split") or ALL
+        if not SPLIT_NAME.match(split):
+            raise DatasetError(f"{where}: split name {split[:80]!r} must be 1-64 letters, digits, '_', '-' or '.'")
         paths.append(relative)
         labels.append(label)
         attributes.append(attribute)
-        splits.append(row.get("split") or ALL)
-        if on_progress is not None and (number - 1) % 5_000 == 0:
-            on_progress(number - 1, len(rows))
-    split_names = _split_names(np.array(splits), len(splits))
-    for index in _spread(len(rows), decoded_sample):  # headers can be whole while the pixels are cut short
-        where = f"metadata CSV line {index + 2}"
-        _read_image(root / paths[index], (8, 8), max_image_pixels, where, paths[index])
-    return ImageIndex(paths=np.array(paths), labels=np.array(labels, dtype=np.int64),
-                      attributes=np.array(attributes, dtype=np.int64), splits=split_names,
-                      lines=np.arange(2, len(rows) + 2, dtype=np.int64),
-                      counterfactuals=np.array(counterfactuals) if has_counterfactual else None)
+        splits.append(split)
+        lines.append(number)
+    if not paths:
+        raise DatasetError("the metadata CSV lists no images")
+    for index in _spread(len(paths), decoded_sample):  # headers can be whole while the pixels are cut short
+        _read_image(root / paths[index], (8, 8), max_image_pixels, f"metadata CSV line {lines[index]}", paths[index])
+    return ImageIndex(paths=_strings(paths), labels=np.array(labels, dtype=np.int64),
+                      attributes=np.array(attributes, dtype=np.int64), splits=np.array(splits),
+                      counterfactuals=_strings(counterfactuals) if has_counterfactual else None)
+
+
+def _path_of(root: pathlib.Path, relative: str, where: str, max_pixels: int) -> str:
+    """`relative` once it is short, stays inside `root` and names an image whose header is within the limits."""
+    if len(relative) > MAX_PATH_CHARS:
+        raise DatasetError(f"{where}: a path of {len(relative)} characters; the limit is {MAX_PATH_CHARS}")
+    _read_image(_inside(root, relative, where), None, max_pixels, where, relative)
+    return relative
+
+
+def _strings(values: list[str]) -> np.ndarray:
+    """Python strings in an object array: as long as each string, where numpy's fixed-width "U" would give every row
+    the width of the longest."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
 
 
 def save_index(index: ImageIndex, path: str | pathlib.Path) -> None:
-    arrays = {"paths": index.paths, "labels": index.labels, "attributes": index.attributes, "splits": index.splits,
-              "lines": index.lines}
-    if index.counterfactuals is not None:
-        arrays["counterfactuals"] = index.counterfactuals
+    """Plain arrays only (strings as UTF-8 bytes and offsets), so `load_index` needs no pickle."""
+    arrays = {"labels": index.labels, "attributes": index.attributes, "splits": index.splits}
+    for name in ("paths", "counterfactuals"):
+        values = getattr(index, name)
+        if values is not None:
+            encoded = [value.encode("utf-8") for value in values]
+            arrays[f"{name}_utf8"] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+            arrays[f"{name}_ends"] = np.cumsum([len(value) for value in encoded], dtype=np.int64)
     with open(path, "wb") as handle:
         np.savez(handle, **arrays)
 
 
 def load_index(path: str | pathlib.Path) -> ImageIndex:
     with np.load(path, allow_pickle=False) as archive:
-        return ImageIndex(**{name: archive[name] for name in archive.files})
+        fields = {name: archive[name] for name in ("labels", "attributes", "splits")}
+        for name in ("paths", "counterfactuals"):
+            if f"{name}_utf8" in archive.files:
+                data, ends = archive[f"{name}_utf8"].tobytes(), archive[f"{name}_ends"].tolist()
+                fields[name] = _strings([data[a:b].decode("utf-8") for a, b in zip([0, *ends[:-1]], ends)])
+    return ImageIndex(**fields)
 
 
 def open_image_folder(root: str | pathlib.Path, index: ImageIndex, name: str, image_size: int | tuple[int, int], *,
@@ -252,7 +279,8 @@ def _spread(count: int, sample: int) -> list[int]:
     return sorted(set(np.linspace(0, count - 1, sample).round().astype(int).tolist()))
 
 
-def _csv_rows(csv_path: pathlib.Path) -> list[dict[str, str]]:
+def _csv_rows(csv_path: pathlib.Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) one at a time, values stripped; the header must name the columns."""
     try:
         with csv_path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
@@ -260,12 +288,10 @@ def _csv_rows(csv_path: pathlib.Path) -> list[dict[str, str]]:
             if missing:
                 raise DatasetError(f"metadata CSV lacks column(s) {', '.join(missing)}; "
                                    "needs path, label, attribute and optionally split and counterfactual")
-            rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+            for row in reader:
+                yield reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise DatasetError(f"cannot read the metadata CSV ({error})") from None
-    if not rows:
-        raise DatasetError("the metadata CSV lists no images")
-    return rows
 
 
 def _inside(root: pathlib.Path, relative: str, where: str) -> pathlib.Path:

@@ -119,5 +119,25 @@ def test_the_index_round_trips_without_pickle(folder, tmp_path) -> None:
     datasets.save_index(index, tmp_path / "index.npz")
     again = datasets.load_index(tmp_path / "index.npz")
     assert all(np.array_equal(getattr(index, f), getattr(again, f))
-               for f in ("paths", "labels", "attributes", "splits", "lines", "counterfactuals"))
+               for f in ("paths", "labels", "attributes", "splits", "counterfactuals"))
     assert index.summary()["test"]["n"] == N_TEST
+
+
+@pytest.mark.parametrize("line, message", [
+    ("img/0.png" + "/." * 600 + ",1,0,train", "a path of 1209 characters; the limit is 1024"),
+    ("img/0.png,1,0," + "t" * 100_000, "split name 'tttt"),
+])
+def test_a_row_that_would_blow_up_the_index_is_refused_naming_its_line(folder, tmp_path, line, message) -> None:
+    csv_path = tmp_path / "hostile.csv"
+    csv_path.write_text("path,label,attribute,split\nimg/1.png,1,1,train\n" + line + "\n")
+    with pytest.raises(datasets.DatasetError, match=f"line 3: {message}"):
+        datasets.index_image_folder(folder, csv_path)
+
+
+def test_a_csv_past_the_row_limit_is_refused_before_it_is_held(folder, tmp_path) -> None:
+    csv_path = tmp_path / "long.csv"
+    csv_path.write_text("path,label,attribute\n" + "img/0.png,0,0\n" * 11)
+    with pytest.raises(datasets.DatasetError, match="line 12: the CSV lists more than 10 images") as error:
+        datasets.index_image_folder(folder, csv_path, max_rows=10)
+    assert error.value.code == "too_large"
+    assert len(datasets.index_image_folder(folder, csv_path, max_rows=11).paths) == 11
