@@ -339,7 +339,25 @@ def resolve_repair(session: Session, body: RepairJobCreate, owner_id: str) -> di
         raise ApiError(422, "unsupported_method", str(exc), {"field": "spec.method.name"}) from None
     except SpecError as exc:
         raise invalid_spec(str(exc), field_of(exc)) from None
+    if method.WHOLE_NETWORK:
+        check_trainable(session, spec, method, owner_id)
     return {**spec.model_dump(), "method": method.resolved()}
+
+
+def check_trainable(session: Session, spec, method, owner_id: str) -> None:
+    """A whole-network repair trains our own network (a safetensors checkpoint or a train job's seed), and an image
+    folder only in minibatches."""
+    if spec.checkpoint_id is not None:
+        checkpoint = files_repo.get_checkpoint(session, spec.checkpoint_id, owner_id=owner_id)
+        if checkpoint.format != "safetensors":
+            raise ApiError(422, "unsupported_format",
+                           f"{method.NAME} trains the whole network, which this service does for its own networks "
+                           f"(safetensors checkpoints, train jobs' seeds); checkpoint {spec.checkpoint_id} is "
+                           f"{checkpoint.format}: use last_layer or last_layer_sd.", {"field": "spec.checkpoint_id"})
+    row = files_repo.get_dataset(session, spec.dataset.name, owner_id=owner_id)
+    if row is not None and row.format == "image_folder" and not method.params["batch_size"]:
+        raise invalid_spec(f"Dataset {spec.dataset.name!r} is an image folder, read in minibatches: set "
+                           "method.batch_size.", {"field": "spec.method.batch_size"})
 
 
 def check_separate_test_split(session: Session, name: str, owner_id: str) -> None:

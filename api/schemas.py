@@ -132,7 +132,8 @@ class RepairMethodSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: RepairMethodName = Field(RepairMethodName.LAST_LAYER,
-                                   description="finetune_sd is named but not available yet (422 unsupported_method)")
+                                   description="last_layer, last_layer_sd (head refits), finetune_sd (the whole "
+                                   "network; safetensors checkpoints and train jobs' seeds only)")
 
 
 class RepairSpec(BaseModel):

@@ -65,7 +65,8 @@ def test_a_folder_whose_images_vanish_after_the_check_fails_the_job_naming_the_i
     assert done["status"] == "failed" and "img/60.png" in done["error"]["message"], done
 
 
-def test_a_resnet_starts_from_uploaded_torchvision_weights_and_trains_on_the_folder(stack):
+def test_a_resnet_starts_from_uploaded_torchvision_weights_and_trains_on_the_folder(embedded_stack):
+    stack = embedded_stack  # the folder's flow runs on PostgreSQL + Redis in the tests above
     import json
 
     from safetensors.torch import save

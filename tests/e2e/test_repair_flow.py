@@ -109,8 +109,8 @@ def test_what_a_repair_cannot_do_is_refused_at_submit(embedded_stack, tmp_path):
         return response.json()["error"]
 
     assert refused({"checkpoint_id": parent, "dataset": {"name": "two_moons"}})["code"] == "no_attribute"
-    error = refused({"checkpoint_id": parent, "method": {"name": "finetune_sd"}})
-    assert error["code"] == "unsupported_method" and "not available yet" in error["message"]
+    error = refused({"checkpoint_id": parent, "method": {"name": "finetune_sd"}})  # a TorchScript upload
+    assert error["code"] == "unsupported_format" and "use last_layer" in error["message"]
     assert refused({"checkpoint_id": parent, "method": {"name": "magic"}})["code"] == "invalid_request"  # an enum
     assert refused({"checkpoint_id": parent, "method": {"name": "last_layer", "inverse_strengths": [-1]}})[
         "code"] == "invalid_spec"
@@ -224,3 +224,32 @@ def test_the_dashboard_offers_repair_on_a_high_audit_and_the_repaired_model_down
         download = browser.get(f"/dashboard/checkpoints/{done['result']['checkpoint_id']}/file")
         assert download.status_code == 200 and download.content.startswith(b"PK")
         assert browser.get("/dashboard/checkpoints/nope/file").status_code == 404
+
+
+def test_finetune_sd_trains_the_whole_network_on_from_a_train_jobs_seed_and_chooses_on_held_out_rows(services_stack):
+    stack = services_stack  # PostgreSQL + Redis (the embedded default runs the same worker code in other tests)
+    train = stack.client.post("/v1/jobs", json={"kind": "train", "spec": {
+        "preset": "paper_cmnist_erm", "steps": 100, "seeds": [0], "eval_every": 100, "audit": False}})
+    trained = stack.wait_for(train.json()["id"], ("succeeded", "failed"), timeout_s=REPAIR_TIMEOUT_S)
+    assert trained["status"] == "succeeded", trained["error"]
+    parent = trained["result"]["checkpoints"][0]["safetensors"]
+
+    done = repair(stack, {"train_job_id": trained["id"], "probes": ["groups", "counterfactual"], "method": {
+        "name": "finetune_sd", "sd_lambdas": [0.5, 4.0], "steps": 40, "lr": 1e-4}})
+    result = done["result"]
+    assert result["method"] == {"name": "finetune_sd", "sd_lambdas": [0.5, 4.0], "steps": 40, "lr": 1e-4,
+                                "batch_size": None, "criterion": "worst_group_accuracy", "validation_fraction": 0.2}
+    selection = result["selection"]
+    assert selection["test_split_used"] is False and selection["chosen_on"]["n"] == 800  # 20% of 4,000 digits
+    scores = [c["validation"]["worst_group_accuracy"] for c in selection["candidates"]]
+    assert selection["chosen"] == {"sd_lambda": [0.5, 4.0][scores.index(max(scores))]}
+    assert result["parent_checkpoint_id"] == parent
+    ids = result["repair"]["checkpoint_ids"]
+    for checkpoint_id in ids.values():
+        assert stack.client.get(f"/v1/checkpoints/{checkpoint_id}").json()["parent_checkpoint_id"] == parent
+    report = stack.client.get(f"/v1/jobs/{done['id']}/report").json()
+    validate_against_openapi(stack, report, "RepairReport")
+    before, after = (load_downloaded(stack, i) for i in (trained["result"]["checkpoints"][0]["torchscript"],
+                                                           ids["torchscript"]))
+    assert not torch.equal(before.head.weight, after.head.weight)  # the whole network moved, from where it was
+    assert before.head.weight.shape == after.head.weight.shape

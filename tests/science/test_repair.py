@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from starvation.errors import SpecError
-from starvation.repair import (LinearHead, NoLinearHead, TrainingFeatures, UnsupportedMethod, build_repair_method,
+from starvation.repair import (LinearHead, NoLinearHead, TrainingFeatures, build_repair_method,
                                carve_validation, check_head_feeds_output, read_head, replace_head, score,
                                torchscript_bytes)
 
@@ -105,8 +105,9 @@ def test_last_layer_sd_fits_without_group_labels_and_chooses_on_validation():
 
 
 def test_methods_refuse_what_they_cannot_do():
-    with pytest.raises(UnsupportedMethod, match="not available yet"):
-        build_repair_method({"name": "finetune_sd"})
+    with pytest.raises(SpecError, match="at most 0.5"):
+        build_repair_method({"name": "finetune_sd", "validation_fraction": 0.6})
+    assert build_repair_method({"name": "finetune_sd"}).WHOLE_NETWORK
     with pytest.raises(SpecError, match="unknown repair method"):
         build_repair_method({"name": "magic"})
     with pytest.raises(SpecError, match="validation_fraction"):
