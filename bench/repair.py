@@ -6,7 +6,8 @@
 
 Per seed: train `paper_cmnist_erm`, refit its head with every repair method (the same code a
 repair job runs on our safetensors checkpoints: features of the training splits only, a
-validation part carved from them), and train `paper_cmnist_sd` from scratch. Each model is
+validation part carved from them), fine-tune the whole network with SD (`finetune_sd`, its defaults), and train
+`paper_cmnist_sd` from scratch. Each model is
 audited on the test split (groups + counterfactual). Printed: mean and std over seeds of test
 accuracy, worst-group accuracy, colour-swap flip rate, and wall time (for a repair: features,
 fits and choice; for SD: the whole training run).
@@ -35,7 +36,35 @@ def trained(preset: str, seed: int, steps: int, out: pathlib.Path, data_dir: str
                     out_dir=out / preset, device="cpu", data_dir=data_dir)
     ckpt = outcome.checkpoints[0]
     model = load_checkpoint(ckpt.safetensors_path, "safetensors")
-    return model, time.perf_counter() - started
+    return model, time.perf_counter() - started, ckpt.safetensors_path
+
+
+def finetuned(weights_path: pathlib.Path, dataset, seed: int, out: pathlib.Path, data_dir: str | None):
+    """`finetune_sd` with its defaults, as a repair job runs it: one SD run on from the ERM weights per candidate,
+    the best on the rows held out of the training splits kept."""
+    import torch
+    from safetensors.torch import load_file
+
+    from starvation import datasets
+    from starvation.checkpoints import load_checkpoint
+    from starvation.repair import build_repair_method
+    from starvation.training import train
+    from starvation.training.sweep import split_scores
+
+    method = build_repair_method({"name": "finetune_sd"})
+    info = {"arch": "mlp", "arch_params": {"hidden": [300, 300]}}
+    validation = datasets.hold_out(dataset, method.params["validation_fraction"]).splits[datasets.HOLDOUT_SPLIT]
+    started, best = time.perf_counter(), None
+    for sd_lambda in method.params["sd_lambdas"]:
+        spec = method.train_spec({"name": "colored_mnist"}, info, sd_lambda, seed)
+        outcome = train(spec, out_dir=out / f"finetune{sd_lambda}", device="cpu", data_dir=data_dir,
+                        init_weights=load_file(weights_path))
+        model = load_checkpoint(outcome.checkpoints[0].safetensors_path, "safetensors")
+        with torch.no_grad():
+            score = split_scores(model.module, validation, torch.device("cpu"), with_groups=True)["worst_group_accuracy"]
+        if best is None or score > best[0]:
+            best = (score, model, sd_lambda)
+    return best[1], time.perf_counter() - started, best[2]
 
 
 def audited(model, dataset, seed: int, out: pathlib.Path) -> dict:
@@ -78,14 +107,17 @@ def main() -> int:
         out = pathlib.Path(folder)
         for seed in range(args.seeds):
             dataset = datasets.build("colored_mnist", {}, seed=seed, data_dir=args.data_dir)  # what the seed trained on
-            erm, erm_s = trained("paper_cmnist_erm", seed, args.erm_steps, out / f"seed{seed}", args.data_dir)
+            erm, erm_s, erm_path = trained("paper_cmnist_erm", seed, args.erm_steps, out / f"seed{seed}", args.data_dir)
             rows.setdefault("erm", []).append({**audited(erm, dataset, seed, out / "a"), "wall_s": erm_s})
+            model, seconds, chosen = finetuned(erm_path, dataset, seed, out / f"seed{seed}", args.data_dir)
+            rows.setdefault("erm + finetune_sd", []).append(
+                {**audited(model, dataset, seed, out / "a"), "wall_s": seconds, "chosen": chosen})
             for method in ("last_layer", "last_layer_sd"):
                 model, seconds, chosen = repaired(erm, dataset, method, seed)
                 rows.setdefault(f"erm + {method}", []).append(
                     {**audited(model, dataset, seed, out / "a"), "wall_s": seconds, "chosen": chosen})
             if not args.no_sd:
-                sd, sd_s = trained("paper_cmnist_sd", seed, args.sd_steps, out / f"seed{seed}", args.data_dir)
+                sd, sd_s, _ = trained("paper_cmnist_sd", seed, args.sd_steps, out / f"seed{seed}", args.data_dir)
                 rows.setdefault("sd from scratch", []).append({**audited(sd, dataset, seed, out / "a"), "wall_s": sd_s})
             print(json.dumps({"seed": seed, **{name: runs[-1] for name, runs in rows.items()}}), flush=True)
 
