@@ -40,31 +40,17 @@ def trained(preset: str, seed: int, steps: int, out: pathlib.Path, data_dir: str
 
 
 def finetuned(weights_path: pathlib.Path, dataset, seed: int, out: pathlib.Path, data_dir: str | None):
-    """`finetune_sd` with its defaults, as a repair job runs it: one SD run on from the ERM weights per candidate,
-    the best on the rows held out of the training splits kept."""
-    import torch
+    """`finetune_sd` with its defaults, as a repair job runs it (`starvation.repair.finetune`)."""
     from safetensors.torch import load_file
 
-    from starvation import datasets
-    from starvation.checkpoints import load_checkpoint
     from starvation.repair import build_repair_method
-    from starvation.training import train
-    from starvation.training.sweep import split_scores
+    from starvation.repair.finetune import finetune_sd
 
-    method = build_repair_method({"name": "finetune_sd"})
-    info = {"arch": "mlp", "arch_params": {"hidden": [300, 300]}}
-    validation = datasets.hold_out(dataset, method.params["validation_fraction"]).splits[datasets.HOLDOUT_SPLIT]
-    started, best = time.perf_counter(), None
-    for sd_lambda in method.params["sd_lambdas"]:
-        spec = method.train_spec({"name": "colored_mnist"}, info, sd_lambda, seed)
-        outcome = train(spec, out_dir=out / f"finetune{sd_lambda}", device="cpu", data_dir=data_dir,
-                        init_weights=load_file(weights_path))
-        model = load_checkpoint(outcome.checkpoints[0].safetensors_path, "safetensors")
-        with torch.no_grad():
-            score = split_scores(model.module, validation, torch.device("cpu"), with_groups=True)["worst_group_accuracy"]
-        if best is None or score > best[0]:
-            best = (score, model, sd_lambda)
-    return best[1], time.perf_counter() - started, best[2]
+    started = time.perf_counter()
+    done = finetune_sd(build_repair_method({"name": "finetune_sd"}), {"name": "colored_mnist"}, dataset,
+                       {"arch": "mlp", "arch_params": {"hidden": [300, 300]}}, load_file(weights_path), seed,
+                       out_dir=out / "finetune", data_dir=data_dir, registered=False)
+    return done.model, time.perf_counter() - started, done.candidates[done.chosen]["sd_lambda"]
 
 
 def audited(model, dataset, seed: int, out: pathlib.Path) -> dict:

@@ -92,63 +92,41 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
 
 def finetune(ctx, spec: dict[str, Any], method, parent_id: str, path: str, model_info: dict[str, Any], dataset,
              audit_spec: dict[str, Any], device: str, seed: int) -> dict[str, Any]:
-    """A whole-network repair: one SD fine-tuning run from the checkpoint per candidate sd_lambda (the training
-    splits less a held-out validation part), the best on that part kept, registered, audited after."""
-    import torch
+    """A whole-network repair (`starvation.repair.finetune`): the audit before, the candidates' runs, the kept one
+    registered with its parent and audited after."""
     from safetensors.torch import load_file
 
     from starvation import datasets
-    from starvation.training import train
-    from starvation.training.sweep import split_scores
-
-    def scored(network) -> dict[str, float | None]:
-        with torch.no_grad():
-            return split_scores(network.eval(), validation, torch.device(device), with_groups=True)
+    from starvation.repair.finetune import finetune_sd, scored
 
     model = audit_job.load_model(path, "safetensors", model_info, device)
     before = audit_job.audit_model(ctx, model, dataset, spec=audit_spec, prefix="before-")
     stop_if_asked(ctx)
-    registered = spec["dataset"]["name"] not in datasets.DATASETS
-    weights, candidates, runs = load_file(path), [], []
-    validation = datasets.hold_out(dataset, method.params["validation_fraction"]).splits[datasets.HOLDOUT_SPLIT]
-    lambdas = method.params["sd_lambdas"]
-    for index, sd_lambda in enumerate(lambdas):
-        def progress(fraction: float, index: int = index) -> None:
-            ctx.on_progress(0.2 + 0.6 * (index + fraction) / len(lambdas))
-
-        outcome = train(method.train_spec(spec["dataset"], model_info, sd_lambda, seed),
-                        out_dir=ctx.work_dir / "repaired" / f"sd_lambda{index}", device=device,
-                        data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
-                        on_progress=progress, should_stop=ctx.should_stop,
-                        dataset=dataset if registered else None, init_weights=weights)
-        network = audit_job.load_model(str(outcome.checkpoints[0].safetensors_path), "safetensors", model_info,
-                                       device).module
-        candidates.append({"sd_lambda": sd_lambda, "validation": scored(network)})
-        runs.append(outcome.checkpoints[0])
-    criterion = method.params["criterion"]
-    best = max(range(len(runs)), key=lambda i: (candidates[i]["validation"][criterion] or 0.0,
-                                                candidates[i]["validation"]["accuracy"] or 0.0))
-    chosen = runs[best]
+    done = finetune_sd(method, spec["dataset"], dataset, model_info, load_file(path), seed,
+                       out_dir=ctx.work_dir / "repaired", device=device,
+                       data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
+                       registered=spec["dataset"]["name"] not in datasets.DATASETS,
+                       on_progress=lambda fraction: ctx.on_progress(0.2 + 0.6 * fraction), should_stop=ctx.should_stop)
     ids = {}
-    for file_format, file in (("safetensors", chosen.safetensors_path), ("torchscript", chosen.torchscript_path)):
+    for file_format, file in (("safetensors", done.checkpoint.safetensors_path),
+                              ("torchscript", done.checkpoint.torchscript_path)):
         ids[file_format] = add_checkpoint(ctx.db, job_id=ctx.job_id, owner_id=ctx.owner_id, seed=seed, fmt=file_format,
                                           path=file, model_info=model_info, parent_checkpoint_id=parent_id)
         add_artifact(ctx.db, ctx.job_id, file)
-    after_model = audit_job.load_model(str(chosen.safetensors_path), "safetensors", model_info, device)
-    after = audit_job.audit_model(ctx, after_model, dataset, spec=audit_spec, prefix="after-")
+    after = audit_job.audit_model(ctx, done.model, dataset, spec=audit_spec, prefix="after-")
     ctx.on_progress(1.0)
-    splits = list(dataset.train_splits)
+    splits, held = list(dataset.train_splits), len(done.validation)
     selection = {
         "fitted_on": {"data": "training splits less the validation part (the whole network, from the checkpoint)",
-                      "splits": splits, "n": sum(len(dataset.splits[s]) for s in splits) - len(validation)},
-        "chosen_on": {"data": "validation part held out of the training splits", "splits": splits,
-                      "n": len(validation), "fraction": method.params["validation_fraction"], "seed": 0,
-                      "stratified_by": "none (rows drawn per training split)", "criterion": criterion},
+                      "splits": splits, "n": sum(len(dataset.splits[s]) for s in splits) - held},
+        "chosen_on": {"data": "validation part held out of the training splits", "splits": splits, "n": held,
+                      "fraction": method.params["validation_fraction"], "seed": 0,
+                      "stratified_by": "none (rows drawn per training split)", "criterion": method.params["criterion"]},
         "test_split_used": False,
-        "candidates": candidates,
-        "chosen": {"sd_lambda": candidates[best]["sd_lambda"]},
-        "chosen_validation": candidates[best]["validation"],
-        "original_head": {"validation": scored(model.module),
+        "candidates": done.candidates,
+        "chosen": {"sd_lambda": done.candidates[done.chosen]["sd_lambda"]},
+        "chosen_validation": done.candidates[done.chosen]["validation"],
+        "original_head": {"validation": scored(model.module, done.validation),
                           "note": "the checkpoint as it was, for reference only: it was trained on these examples"},
         "changed": True,
     }

@@ -8,8 +8,8 @@ from starvation.datasets.builtin import BuiltinDataset
 from starvation.datasets.colored_mnist import ColoredMNIST
 from starvation.datasets.two_moons import TwoMoons
 from starvation.datasets.images import (ImageFiles, ImageFolderDataset, ImageIndex, batched, batches_of,
-                                        index_image_folder, load_image_folder, load_index, materialize,
-                                        open_image_folder, save_index)
+                                        index_image_folder, load_image_folder, load_index, open_image_folder,
+                                        save_index)
 from starvation.datasets.user import DatasetError, check_npz, load_npz, registered_size
 from starvation.errors import SpecError
 
@@ -48,4 +48,4 @@ def size(name: str, params: dict[str, Any] | None, *, data_dir: str | None) -> D
 __all__ = ["DATASETS", "HOLDOUT_SPLIT", "BuiltinDataset", "DataSize", "Dataset", "DatasetError", "ImageFiles",
            "ImageFolderDataset", "ImageIndex", "Split", "SpecError", "batched", "batches_of", "build", "check_npz",
            "dataset_class", "describe_all", "hold_out", "index_image_folder", "load_image_folder", "load_index",
-           "load_npz", "materialize", "open_image_folder", "registered_size", "resolve_params", "save_index", "size"]
+           "load_npz", "open_image_folder", "registered_size", "resolve_params", "save_index", "size"]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from starvation.datasets.base import Dataset, Split
-from starvation.datasets.user import ALL, MAX_IMAGE_PIXELS, SPLIT_NAME, DatasetError, _int, _train_and_test
+from starvation.datasets.user import ALL, MAX_IMAGE_PIXELS, DatasetError, _int, _train_and_test, check_split_name
 
 COLUMNS = ("path", "label", "attribute")  # required; `split` and `counterfactual` are optional
 DECODED_SAMPLE = 256  # images decoded in full at registration (all of them in a folder this small or smaller)
@@ -68,10 +68,6 @@ class ImageFiles:
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.paths), 3, *self.size)
 
     def __getitem__(self, rows) -> ImageFiles:
         if isinstance(rows, torch.Tensor):
@@ -133,11 +129,6 @@ def batches_of(x: torch.Tensor | ImageFiles, batch_size: int) -> Iterator[torch.
         yield x[i:i + batch_size]
 
 
-def materialize(x: torch.Tensor | ImageFiles) -> torch.Tensor:
-    """`x` as a tensor (image files are read: for a few rows only)."""
-    return x.load() if isinstance(x, ImageFiles) else x
-
-
 def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor | ImageFiles, device: torch.device | str,
             batch_size: int) -> torch.Tensor:
     """`fn` over `x` in batches on `device`; the results concatenated on the CPU."""
@@ -171,9 +162,7 @@ def index_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, *
             raise DatasetError(f"{where}: label and attribute must be class indices 0..k-1, got {label}, {attribute}")
         if has_counterfactual and attribute > 1:
             raise DatasetError(f"{where}: a counterfactual swaps a binary attribute (0/1), got attribute {attribute}")
-        split = row.get("split") or ALL
-        if not SPLIT_NAME.match(split):
-            raise DatasetError(f"{where}: split name {split[:80]!r} must be 1-64 letters, digits, '_', '-' or '.'")
+        split = check_split_name(row.get("split") or ALL, f"{where}: ")
         paths.append(relative)
         labels.append(label)
         attributes.append(attribute)

@@ -230,9 +230,15 @@ def _split_names(split: np.ndarray, n: int) -> np.ndarray:
         raise DatasetError(f"split must be {n} strings such as 'train' and 'test', got dtype {split.dtype}, "
                         f"shape {list(split.shape)}")
     for value in np.unique(split):
-        if not SPLIT_NAME.match(value):
-            raise DatasetError(f"split name {value!r} must be 1-64 letters, digits, '_', '-' or '.'")
+        check_split_name(value)
     return split
+
+
+def check_split_name(value: str, where: str = "") -> str:
+    """A split name of 1-64 plain characters (it names metrics and files), else a `DatasetError` at `where`."""
+    if not SPLIT_NAME.match(value):
+        raise DatasetError(f"{where}split name {value[:80]!r} must be 1-64 letters, digits, '_', '-' or '.'")
+    return value
 
 
 def _int(text: str, what: str) -> int:
