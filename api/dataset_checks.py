@@ -36,7 +36,7 @@ def check_pending_datasets() -> int:
 
 def check_image_folder(settings: Settings, dataset_id: str, root: str, info: dict[str, Any]) -> dict[str, Any]:
     """{"info": what the dataset's description gains} when the folder is sound, else {"error": the reason}."""
-    from starvation.datasets import index_image_folder, save_index
+    from starvation.datasets import index_image_folder, open_image_folder, save_index
     from starvation.errors import SpecError
 
     try:
@@ -52,9 +52,9 @@ def check_image_folder(settings: Settings, dataset_id: str, root: str, info: dic
     partial = path.with_suffix(".partial")
     save_index(index, partial)
     partial.replace(path)  # a worker never reads half an index
-    size = info["image_size"]
+    opened = open_image_folder(root, index, dataset_id, info["image_size"])  # what a worker will see; reads no image
     summary = index.summary()
     return {"info": {"splits": {name: split["n"] for name, split in summary.items()},
                      "groups": {name: split["groups"] for name, split in summary.items()},
-                     "input_shape": [3, size, size], "num_classes": max(2, int(index.labels.max()) + 1),
-                     "counterfactual": index.counterfactuals is not None}}
+                     "input_shape": list(opened.input_shape), "num_classes": opened.num_classes,
+                     "counterfactual": opened.can_intervene}}
