@@ -286,7 +286,10 @@ def _csv_rows(csv_path: pathlib.Path) -> Iterator[tuple[int, dict[str, str]]]:
 def _inside(root: pathlib.Path, relative: str, where: str) -> pathlib.Path:
     if not relative or pathlib.PurePath(relative).is_absolute():
         raise DatasetError(f"{where}: path must be relative to the image folder, got {relative!r}")
-    path = (root / relative).resolve()
+    try:
+        path = (root / relative).resolve()
+    except (ValueError, OSError) as error:  # a NUL byte, a loop of links: the row's fault, named as such
+        raise DatasetError(f"{where}: path {relative!r} is not a usable path ({error})") from None
     if not path.is_relative_to(root):
         raise DatasetError(f"{where}: path {relative!r} leaves the image folder")
     return path
