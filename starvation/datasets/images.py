@@ -69,6 +69,11 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """What the images read as: [N, 3, height, width], as a tensor's shape."""
+        return (len(self.paths), 3, *self.size)
+
     def __getitem__(self, rows) -> ImageFiles:
         if isinstance(rows, torch.Tensor):
             rows = rows.cpu().numpy()
