@@ -306,11 +306,10 @@ def resolve_repair(session: Session, body: RepairJobCreate, owner_id: str) -> di
         checkpoint = files_repo.get_checkpoint(session, spec.checkpoint_id, owner_id=owner_id)
         if checkpoint is None:
             raise invalid_spec(f"No checkpoint with id {spec.checkpoint_id!r}.", {"field": "spec.checkpoint_id"})
-        if checkpoint.format not in ("torchscript", "safetensors"):
+        if checkpoint.format not in ("torchscript", "safetensors", "onnx"):
             raise ApiError(422, "unsupported_format",
-                           f"Checkpoint {spec.checkpoint_id} is {checkpoint.format}: a repair replaces the head of a "
-                           "TorchScript or safetensors model; ONNX graphs cannot be rewritten yet.",
-                           {"field": "spec.checkpoint_id"})
+                           f"Checkpoint {spec.checkpoint_id} is {checkpoint.format}: a repair rewrites a TorchScript, "
+                           "ONNX or safetensors model.", {"field": "spec.checkpoint_id"})
     else:
         train_job = jobs_repo.get(session, spec.train_job_id, owner_id=owner_id)
         if train_job is None or train_job.kind != "train":
@@ -345,19 +344,26 @@ def resolve_repair(session: Session, body: RepairJobCreate, owner_id: str) -> di
 
 
 def check_trainable(session: Session, spec, method, owner_id: str) -> None:
-    """A whole-network repair trains our own network (a safetensors checkpoint or a train job's seed), and an image
-    folder only in minibatches."""
+    """A whole-network repair trains our own networks (safetensors checkpoints, train jobs' seeds) and TorchScript
+    programs (in their jail, from data in memory), not ONNX graphs; an image folder only in minibatches."""
+    checkpoint = None
     if spec.checkpoint_id is not None:
         checkpoint = files_repo.get_checkpoint(session, spec.checkpoint_id, owner_id=owner_id)
-        if checkpoint.format != "safetensors":
+        if checkpoint.format == "onnx":
             raise ApiError(422, "unsupported_format",
-                           f"{method.NAME} trains the whole network, which this service does for its own networks "
-                           f"(safetensors checkpoints, train jobs' seeds); checkpoint {spec.checkpoint_id} is "
-                           f"{checkpoint.format}: use last_layer or last_layer_sd.", {"field": "spec.checkpoint_id"})
+                           f"{method.NAME} trains the whole network; checkpoint {spec.checkpoint_id} is an ONNX graph, "
+                           "which this service runs but does not train: use last_layer or last_layer_sd.",
+                           {"field": "spec.checkpoint_id"})
     row = files_repo.get_dataset(session, spec.dataset.name, owner_id=owner_id)
-    if row is not None and row.format == "image_folder" and not method.params["batch_size"]:
-        raise invalid_spec(f"Dataset {spec.dataset.name!r} is an image folder, read in minibatches: set "
-                           "method.batch_size.", {"field": "spec.method.batch_size"})
+    if row is not None and row.format == "image_folder":
+        if checkpoint is not None and checkpoint.format == "torchscript":
+            raise ApiError(422, "unsupported_format",
+                           f"{method.NAME} trains a TorchScript model in its jail, which cannot read an image folder: "
+                           "use last_layer or last_layer_sd, or a checkpoint of our own networks.",
+                           {"field": "spec.checkpoint_id"})
+        if not method.params["batch_size"]:
+            raise invalid_spec(f"Dataset {spec.dataset.name!r} is an image folder, read in minibatches: set "
+                               "method.batch_size.", {"field": "spec.method.batch_size"})
 
 
 def check_separate_test_split(session: Session, name: str, owner_id: str) -> None:

@@ -133,7 +133,7 @@ class RepairMethodSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: RepairMethodName = Field(RepairMethodName.LAST_LAYER,
                                    description="last_layer, last_layer_sd (head refits), finetune_sd (the whole "
-                                   "network; safetensors checkpoints and train jobs' seeds only)")
+                                   "network; TorchScript and safetensors checkpoints, train jobs' seeds; not ONNX)")
 
 
 class RepairSpec(BaseModel):
@@ -557,7 +557,8 @@ class RepairDetails(BaseModel):
     format: str
     changed: bool
     feature_layer: str | None = None
-    head_shape: list[int]
+    head_shape: list[int] | None = Field(description="[outputs, features] of the last linear layer; null when a "
+                                         "fine-tuned model has none")
     note: str | None = Field(None, description="e.g. that the audit before found nothing to repair")
 
 

@@ -43,14 +43,18 @@ def finetuned(weights_path: pathlib.Path, dataset, seed: int, out: pathlib.Path,
     """`finetune_sd` with its defaults, as a repair job runs it (`starvation.repair.finetune`)."""
     from safetensors.torch import load_file
 
+    from starvation.checkpoints import load_checkpoint
     from starvation.repair import build_repair_method
-    from starvation.repair.finetune import finetune_sd
+    from starvation.repair.finetune import finetune_sd, train_candidates
 
     started = time.perf_counter()
-    done = finetune_sd(build_repair_method({"name": "finetune_sd"}), {"name": "colored_mnist"}, dataset,
-                       {"arch": "mlp", "arch_params": {"hidden": [300, 300]}}, load_file(weights_path), seed,
-                       out_dir=out / "finetune", data_dir=data_dir, registered=False)
-    return done.model, time.perf_counter() - started, done.candidates[done.chosen]["sd_lambda"]
+    method = build_repair_method({"name": "finetune_sd"})
+    model_info = {"arch": "mlp", "arch_params": {"hidden": [300, 300]}}
+    run = train_candidates(method, {"name": "colored_mnist"}, dataset, model_info, load_file(weights_path), seed,
+                           out_dir=out / "finetune", data_dir=data_dir, registered=False)
+    done = finetune_sd(method, dataset, run, original=load_checkpoint(weights_path, "safetensors").logits)
+    model, _ = done.kept
+    return model, time.perf_counter() - started, done.candidates[done.chosen]["sd_lambda"]
 
 
 def audited(model, dataset, seed: int, out: pathlib.Path) -> dict:

@@ -18,6 +18,7 @@ if __name__ == "__main__":  # the lockdown forbids imports later: take everythin
     from jail import lockdown, wire
     from starvation import checkpoints
     from starvation import repair
+    from starvation.repair import finetune
     from starvation.checkpoints import CheckpointError, load_checkpoint, validate_checkpoint
     from starvation.errors import SpecError
 
@@ -50,6 +51,7 @@ def main(requests: int, replies: int, parent_pid: int) -> None:
         wire.send(replies, {
             "ok": True, "feature_layer": model.feature_layer, "no_features_reason": model.no_features_reason,
         })
+        uploaded, tuning = None, None  # the weights as uploaded and the running fine-tuning, for finetune_sd
         while True:
             request, tensors = wire.receive(requests, max_payload=MAX_INPUT_BYTES)
             op = request.get("op")
@@ -58,13 +60,31 @@ def main(requests: int, replies: int, parent_pid: int) -> None:
                 y = model.logits(x) if op == "logits" else model.features(x)
                 wire.send(replies, {"ok": True}, {"y": y} if y is not None else None)
             elif op == "head":  # the last linear layer's weights, for a repair
-                head = repair.read_head(_module_of(model))
+                head = repair.read_onnx_head(model.proto) if model.format == "onnx" else repair.read_head(
+                    _module_of(model))
                 wire.send(replies, {"ok": True}, {"weight": head.weight, "bias": head.bias})
-            elif op == "replace_head":  # new head weights in, the re-serialised TorchScript out
+            elif op == "replace_head":  # new head weights in, the re-serialised model out
+                head = repair.LinearHead(tensors["weight"], tensors["bias"])
+                if model.format == "onnx":
+                    data = repair.replace_onnx_head(model.proto, head)
+                else:
+                    repair.replace_head(_module_of(model), head)
+                    data = repair.torchscript_bytes(_module_of(model))
+                _send_model(replies, data)
+            elif op == "finetune":  # a finetune_sd candidate starts, from the weights the model was uploaded with
                 module = _module_of(model)
-                repair.replace_head(module, repair.LinearHead(tensors["weight"], tensors["bias"]))
-                data = repair.torchscript_bytes(module)
-                wire.send(replies, {"ok": True}, {"model": torch.frombuffer(bytearray(data), dtype=torch.uint8)})
+                uploaded = uploaded or [t.detach().clone() for t in _weights(module)]
+                with torch.no_grad():
+                    for tensor, value in zip(_weights(module), uploaded, strict=True):
+                        tensor.copy_(value)
+                tuning = finetune.Finetuning(module, tensors["x"], tensors["y"], sd_lambda=float(request["sd_lambda"]),
+                                             lr=float(request["lr"]), batch_size=request["batch_size"],
+                                             seed=int(request["seed"]))
+                wire.send(replies, {"ok": True})
+            elif op == "finetune_steps":
+                wire.send(replies, {"ok": True, "loss": tuning.run(int(request["steps"]))})
+            elif op == "model":  # the (fine-tuned) model, serialised
+                _send_model(replies, repair.torchscript_bytes(_module_of(model)))
             else:
                 return
     except CheckpointError as exc:
@@ -80,11 +100,19 @@ def main(requests: int, replies: int, parent_pid: int) -> None:
 
 
 def _module_of(model):
-    """The TorchScript module behind a loaded model; an ONNX graph has none to rewrite."""
+    """The TorchScript module behind a loaded model; an ONNX graph has none to train."""
     module = getattr(model, "module", None)
     if not isinstance(module, torch.jit.ScriptModule):
-        raise repair.NoLinearHead("only TorchScript models can have their head replaced in the jail")
+        raise repair.NoLinearHead("only TorchScript models can be trained in the jail")
     return module
+
+
+def _weights(module) -> list:
+    return [*module.parameters(), *module.buffers()]
+
+
+def _send_model(replies: int, data: bytes) -> None:
+    wire.send(replies, {"ok": True}, {"model": torch.frombuffer(bytearray(data), dtype=torch.uint8)})
 
 
 def _warm_up(repairs: bool = False) -> None:
@@ -99,8 +127,11 @@ def _warm_up(repairs: bool = False) -> None:
     from safetensors.torch import load, save
 
     load(save({"x": x}))
-    if repairs:
-        repair.torchscript_bytes(torch.jit.script(torch.nn.Linear(2, 1)))
+    if repairs:  # TorchScript's writer; a fine-tuning's autograd, Adam and minibatch draw
+        scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1)))
+        repair.torchscript_bytes(scripted)
+        finetune.Finetuning(scripted, torch.rand(4, 4), torch.tensor([0, 1, 0, 1]), sd_lambda=1.0, lr=1e-3,
+                            batch_size=2, seed=0).run(3)
 
 
 if __name__ == "__main__":

@@ -226,21 +226,42 @@ class JailedModel(AuditableModel):
         return LinearHead(weight.float(), bias.float())
 
     def with_head(self, head: LinearHead, *, max_bytes: int) -> bytes:
-        """The model as TorchScript bytes with its head replaced (in the child; the model there
-        keeps the new head). What comes back is untrusted: at most `max_bytes`, a TorchScript
-        archive by its bytes (it is only ever loaded again in a jail)."""
+        """The model's file (TorchScript or ONNX, as uploaded) with its head replaced, made in the child (the
+        model there keeps the new head)."""
+        tensors = {"weight": head.weight.float().contiguous(), "bias": head.bias.float().contiguous()}
+        return self._model_bytes(self._child.call({"op": "replace_head"}, tensors, max_payload=max_bytes + (1 << 16)),
+                                 max_bytes)
+
+    def finetune(self, x: torch.Tensor, y: torch.Tensor, *, sd_lambda: float, lr: float, batch_size: int | None,
+                 seed: int) -> None:
+        """Start a TorchScript model's fine-tuning (`starvation.repair.finetune.Finetuning`) on (x, y), from the
+        weights it was uploaded with; `finetune_steps` runs it."""
+        self._child.call({"op": "finetune", "sd_lambda": sd_lambda, "lr": lr, "batch_size": batch_size, "seed": seed},
+                         {"x": x.detach().to("cpu", torch.float32).contiguous(), "y": y.detach().cpu().contiguous()})
+
+    def finetune_steps(self, steps: int) -> float:
+        """The fine-tuning's next `steps` updates; the last update's loss."""
+        reply, _ = self._child.call({"op": "finetune_steps", "steps": steps})
+        loss = reply.get("loss")
+        return float(loss) if isinstance(loss, (int, float)) else float("nan")
+
+    def model_bytes(self, *, max_bytes: int) -> bytes:
+        """The (fine-tuned) TorchScript model as it is now in the child, serialised."""
+        return self._model_bytes(self._child.call({"op": "model"}, max_payload=max_bytes + (1 << 16)), max_bytes)
+
+    def _model_bytes(self, answer: tuple[dict[str, Any], dict[str, torch.Tensor]], max_bytes: int) -> bytes:
+        """A model file the child sent. Untrusted: at most `max_bytes`, of this model's format by its bytes (it is
+        only ever loaded again in a jail)."""
         from starvation.checkpoints.detect import _identify
 
-        tensors = {"weight": head.weight.float().contiguous(), "bias": head.bias.float().contiguous()}
-        _, out = self._child.call({"op": "replace_head"}, tensors, max_payload=max_bytes + (1 << 16))
-        model = out.get("model")
+        model = answer[1].get("model")
         if not isinstance(model, torch.Tensor) or model.dtype != torch.uint8 or model.dim() != 1:
             raise JailError("model_crashed", "The jailed process did not return a model.")
         if model.numel() > max_bytes:
             raise JailError("too_large", f"The repaired model is larger than {max_bytes} bytes.")
         data = model.numpy().tobytes()
-        if _identify(data, max_unpacked_bytes=4 * max_bytes)[0] != "torchscript":
-            raise JailError("model_crashed", "The jailed process did not return a TorchScript archive.")
+        if _identify(data, max_unpacked_bytes=4 * max_bytes)[0] != self.format:
+            raise JailError("model_crashed", f"The jailed process did not return a {self.format} model.")
         return data
 
     def close(self) -> None:

@@ -1,9 +1,9 @@
 """Repair jobs: audit a checkpoint, refit its head on training-split features, register the new
 checkpoint with its parent, audit it again on the same data, probes and seed (docs/repair.md).
 
-A TorchScript checkpoint is a program: its features are read, and its head replaced and the
-model re-serialised, inside its jail; the new file is only ever loaded again in a jail. Our own
-safetensors networks are repaired here.
+A TorchScript or ONNX checkpoint is a program: its features are read, its head replaced (or, for
+`finetune_sd`, a TorchScript model trained) and the model re-serialised inside its jail; the new
+file is only ever loaded again in a jail. Our own safetensors networks are repaired here.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from worker.devices import pick_device
 from worker.files import add_artifact, add_checkpoint
 from worker.runner import JobCancelled
 
-CHECK_ROWS = 256  # training examples on which the repaired model must give exactly the fitted head's logits
+CHECK_ROWS = 256  # examples on which the repaired model, written and read again, must give the logits it was made with
+FINETUNE_CHUNK = 50  # a jailed fine-tuning's updates per call: progress and cancellation between them
 
 
 def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
@@ -26,23 +27,20 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     from starvation.repair import build_repair_method
 
     parent_id, path, fmt, model_info = checkpoint_to_repair(ctx, spec)
-    if fmt not in ("torchscript", "safetensors"):
-        raise CheckpointError("unsupported_format", f"A {fmt} model cannot be repaired: only TorchScript and "
-                                                    "safetensors checkpoints can have their head replaced.")
     method = build_repair_method(spec.get("method"))
+    if fmt not in ("torchscript", "safetensors", "onnx") or (method.WHOLE_NETWORK and fmt == "onnx"):
+        raise CheckpointError("unsupported_format", f"{method.NAME} cannot repair a {fmt} model.")
     seed = spec.get("seed", 0)
     audit_spec = {"probes": spec.get("probes"), "spurious_attribute": spec.get("spurious_attribute", "color"),
                   "seed": seed}
-    foreign = fmt == "torchscript"
+    foreign = fmt in ("torchscript", "onnx")
     device = "cpu" if foreign else pick_device(spec.get("device"), ctx.settings.device)
     dataset = audit_job.load_dataset(ctx, spec["dataset"], seed)
     if dataset.test_split in dataset.train_splits:
         raise SpecError(f"dataset {dataset.name!r} has no test split apart from its training data; a repair fits "
                         "and chooses on the training splits only, so it needs a separate 'test' split to audit on")
     if method.WHOLE_NETWORK:
-        if fmt != "safetensors":
-            raise CheckpointError("unsupported_format", f"{method.NAME} trains our own networks only (safetensors).")
-        return finetune(ctx, spec, method, parent_id, path, model_info, dataset, audit_spec, device, seed)
+        return finetune(ctx, spec, method, parent_id, path, fmt, model_info, dataset, audit_spec, device, seed)
     model = audit_job.load_model(path, fmt, model_info, device, spec.get("layer"), settings=ctx.settings,
                                  repair=foreign)
     try:
@@ -90,30 +88,49 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     }
 
 
-def finetune(ctx, spec: dict[str, Any], method, parent_id: str, path: str, model_info: dict[str, Any], dataset,
-             audit_spec: dict[str, Any], device: str, seed: int) -> dict[str, Any]:
-    """A whole-network repair (`starvation.repair.finetune`): the audit before, the candidates' runs, the kept one
-    registered with its parent and audited after."""
+def finetune(ctx, spec: dict[str, Any], method, parent_id: str, path: str, fmt: str, model_info: dict[str, Any],
+             dataset, audit_spec: dict[str, Any], device: str, seed: int) -> dict[str, Any]:
+    """A whole-network repair (`starvation.repair.finetune`): the audit before, the candidates' runs (our own network
+    through `train`; a TorchScript program in its jail), the kept one registered with its parent and audited after."""
     from safetensors.torch import load_file
 
     from starvation import datasets
-    from starvation.repair.finetune import finetune_sd, scored
+    from starvation.repair.finetune import finetune_sd, train_candidates
 
-    model = audit_job.load_model(path, "safetensors", model_info, device)
-    before = audit_job.audit_model(ctx, model, dataset, spec=audit_spec, prefix="before-")
-    stop_if_asked(ctx)
-    done = finetune_sd(method, spec["dataset"], dataset, model_info, load_file(path), seed,
-                       out_dir=ctx.work_dir / "repaired", device=device,
-                       data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
-                       registered=spec["dataset"]["name"] not in datasets.DATASETS,
-                       on_progress=lambda fraction: ctx.on_progress(0.2 + 0.6 * fraction), should_stop=ctx.should_stop)
-    ids = {}
-    for file_format, file in (("safetensors", done.checkpoint.safetensors_path),
-                              ("torchscript", done.checkpoint.torchscript_path)):
-        ids[file_format] = add_checkpoint(ctx.db, job_id=ctx.job_id, owner_id=ctx.owner_id, seed=seed, fmt=file_format,
-                                          path=file, model_info=model_info, parent_checkpoint_id=parent_id)
-        add_artifact(ctx.db, ctx.job_id, file)
-    after = audit_job.audit_model(ctx, done.model, dataset, spec=audit_spec, prefix="after-")
+    foreign = fmt == "torchscript"
+    model = audit_job.load_model(path, fmt, model_info, device, spec.get("layer"), settings=ctx.settings,
+                                 repair=foreign)
+    try:
+        before = audit_job.audit_model(ctx, model, dataset, spec=audit_spec, prefix="before-")
+        stop_if_asked(ctx)
+        if foreign:
+            run = jailed_candidates(ctx, model, method, seed)
+        else:
+            run = train_candidates(method, spec["dataset"], dataset, model_info, load_file(path), seed,
+                                   out_dir=ctx.work_dir / "repaired", device=device,
+                                   data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
+                                   registered=spec["dataset"]["name"] not in datasets.DATASETS,
+                                   should_stop=ctx.should_stop)
+        done = finetune_sd(method, dataset, run, original=model.logits,
+                           on_progress=lambda fraction: ctx.on_progress(0.2 + 0.6 * fraction))
+        feature_layer, head_shape = model.feature_layer, head_shape_of(model)
+    finally:
+        getattr(model, "close", lambda: None)()
+    if foreign:
+        after_model, ids = registered_finetuned(ctx, done, model_info, parent_id, seed)
+    else:
+        after_model, checkpoint = done.kept
+        ids = {}
+        for file_format, file in (("safetensors", checkpoint.safetensors_path),
+                                  ("torchscript", checkpoint.torchscript_path)):
+            ids[file_format] = add_checkpoint(ctx.db, job_id=ctx.job_id, owner_id=ctx.owner_id, seed=seed,
+                                              fmt=file_format, path=file, model_info=model_info,
+                                              parent_checkpoint_id=parent_id)
+            add_artifact(ctx.db, ctx.job_id, file)
+    try:
+        after = audit_job.audit_model(ctx, after_model, dataset, spec=audit_spec, prefix="after-")
+    finally:
+        getattr(after_model, "close", lambda: None)()
     ctx.on_progress(1.0)
     splits, held = list(dataset.train_splits), len(done.validation)
     selection = {
@@ -126,16 +143,75 @@ def finetune(ctx, spec: dict[str, Any], method, parent_id: str, path: str, model
         "candidates": done.candidates,
         "chosen": {"sd_lambda": done.candidates[done.chosen]["sd_lambda"]},
         "chosen_validation": done.candidates[done.chosen]["validation"],
-        "original_head": {"validation": scored(model.module, done.validation),
+        "original_head": {"validation": done.original_validation,
                           "note": "the checkpoint as it was, for reference only: it was trained on these examples"},
         "changed": True,
     }
-    repair = {"checkpoint_id": ids["safetensors"], "checkpoint_ids": ids, "parent_checkpoint_id": parent_id,
-              "format": "safetensors", "method": method.resolved(), "selection": selection, "changed": True,
-              "feature_layer": model.feature_layer, "head_shape": list(model.module.head.weight.shape)}
+    repair = {"checkpoint_id": ids[fmt], "checkpoint_ids": ids, "parent_checkpoint_id": parent_id, "format": fmt,
+              "method": method.resolved(), "selection": selection, "changed": True, "feature_layer": feature_layer,
+              "head_shape": head_shape}
     return {**{k: repair[k] for k in ("checkpoint_id", "parent_checkpoint_id", "method", "selection")},
             "before": summary_of(before), "after": summary_of(after), "repair": repair,
             "reports": {"before": before, "after": after}, "device": device}
+
+
+def jailed_candidates(ctx, model, method, seed: int):
+    """`finetune_sd`'s candidate runs of a TorchScript model, in its jail, `FINETUNE_CHUNK` updates per call (progress
+    and cancellation between them); each keeps (its file's bytes, its logits on the first `CHECK_ROWS` held-out
+    rows)."""
+    import torch
+
+    from starvation import datasets
+    from starvation.errors import SpecError
+
+    def run(held, sd_lambda: float, progress):
+        train = held.train_data()
+        if not isinstance(train.x, torch.Tensor):
+            raise SpecError("finetune_sd trains a TorchScript model in its jail, which cannot read an image folder")
+        model.finetune(train.x, train.y, sd_lambda=sd_lambda, lr=method.params["lr"],
+                       batch_size=method.params["batch_size"], seed=seed)
+        steps = method.params["steps"]
+        for start in range(0, steps, FINETUNE_CHUNK):
+            model.finetune_steps(min(FINETUNE_CHUNK, steps - start))
+            progress(min(start + FINETUNE_CHUNK, steps) / steps)
+            stop_if_asked(ctx)
+        check_x = held.splits[datasets.HOLDOUT_SPLIT].x[:CHECK_ROWS]
+        return model.logits, (model.model_bytes(max_bytes=ctx.settings.max_upload_bytes), check_x,
+                              model.logits(check_x))
+
+    return run
+
+
+def head_shape_of(model) -> list[int] | None:
+    """[outputs, features] of the model's last linear layer; None when it has none (a fine-tuning needs none)."""
+    from jail import JailError
+    from starvation.repair import NoLinearHead, read_head
+
+    try:
+        head = model.head() if hasattr(model, "head") else read_head(model.module)
+    except (JailError, NoLinearHead):
+        return None
+    return list(head.weight.shape)
+
+
+def registered_finetuned(ctx, done, model_info: dict[str, Any], parent_id: str, seed: int):
+    """The kept TorchScript candidate written, registered with its parent and opened in a new jail, checked to give
+    the logits it was chosen with."""
+    data, check_x, expected = done.kept
+    out_dir = ctx.work_dir / "repaired"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "repaired.torchscript.pt"
+    path.write_bytes(data)
+    ids = {"torchscript": add_checkpoint(ctx.db, job_id=ctx.job_id, owner_id=ctx.owner_id, seed=seed, fmt="torchscript",
+                                         path=path, model_info=model_info, parent_checkpoint_id=parent_id)}
+    add_artifact(ctx.db, ctx.job_id, path)
+    after_model = audit_job.load_model(str(path), "torchscript", model_info, "cpu", settings=ctx.settings)
+    try:
+        check_same_outputs(after_model, check_x, expected, "the fine-tuned network it chose")
+    except BaseException:
+        after_model.close()
+        raise
+    return after_model, ids
 
 
 def checkpoint_to_repair(ctx, spec: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
@@ -184,10 +260,10 @@ def save_repaired(ctx, model, fmt: str, model_info: dict[str, Any], head, parent
 
     out_dir = ctx.work_dir / "repaired"
     out_dir.mkdir(parents=True, exist_ok=True)
-    if fmt == "torchscript":
-        path = out_dir / "repaired.torchscript.pt"
+    if fmt in ("torchscript", "onnx"):
+        path = out_dir / ("repaired.torchscript.pt" if fmt == "torchscript" else "repaired.onnx")
         path.write_bytes(model.with_head(head, max_bytes=ctx.settings.max_upload_bytes))
-        files = {"torchscript": path}
+        files = {fmt: path}
     else:
         module = copy.deepcopy(model.module).cpu()
         replace_head(module, head)
@@ -205,14 +281,17 @@ def save_repaired(ctx, model, fmt: str, model_info: dict[str, Any], head, parent
 
 def check_repaired_model(model, head, x, features) -> None:
     """The written model must give the fitted head's logits: the head really was replaced."""
+    check_same_outputs(model, x, head.logits(features.to(head.weight.dtype)).float(), "the fitted head")
+
+
+def check_same_outputs(model, x, expected, what: str) -> None:
     from starvation.datasets import batched
     from starvation.errors import SpecError
 
     logits = batched(model.logits, x, model.device, 1024)
-    expected = head.logits(features.to(head.weight.dtype)).float()
-    gap = float((logits.float() - expected).abs().max()) if len(x) else 0.0
+    gap = float((logits.float() - expected.float()).abs().max()) if len(x) else 0.0
     if gap > 1e-3 * max(1.0, float(expected.abs().max())):
-        raise SpecError("the repaired model does not give the fitted head's outputs; the repair was not applied")
+        raise SpecError(f"the repaired model does not give the outputs of {what}; the repair was not applied")
 
 
 def summary_of(report: dict[str, Any]) -> dict[str, Any]:

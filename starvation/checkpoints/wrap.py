@@ -131,7 +131,8 @@ def _reinitialise(module: nn.Module) -> None:
 
 
 class OnnxModel(AuditableModel):
-    """An ONNX model run by onnxruntime on CPU; the feature layer is an intermediate tensor."""
+    """An ONNX model run by onnxruntime on CPU; the feature layer is an intermediate tensor: the one named, or by
+    default the input of the Gemm (linear layer) that makes the graph's output (`onnx_head`)."""
 
     format = "onnx"
 
@@ -139,15 +140,16 @@ class OnnxModel(AuditableModel):
         import onnx
         import onnxruntime as ort
 
+        self.proto = proto  # as uploaded: what a repair rewrites
         self._logit_name = proto.graph.output[0].name
-        self.feature_layer = feature_layer
         self.no_features_reason = None
         if feature_layer is None:
-            self.no_features_reason = (
-                "ONNX graphs have no standard feature layer; name an intermediate tensor "
-                "(feature_layer) to probe it"
-            )
-        else:
+            head, reason = onnx_head(proto.graph)
+            feature_layer = head.input[0] if head is not None else None
+            self.no_features_reason = None if head is not None else (
+                f"{reason}; name an intermediate tensor (feature_layer) to probe it")
+        self.feature_layer = feature_layer
+        if feature_layer is not None:
             produced = {out for node in proto.graph.node for out in node.output}
             if feature_layer not in produced:
                 raise CheckpointError(
@@ -218,6 +220,26 @@ class OnnxModel(AuditableModel):
                 chunks.append(self._session.run([output], {self._input.name: chunk})[0][: size - pad])
             result = np.concatenate(chunks)
         return torch.from_numpy(np.asarray(result, dtype=np.float32)).to(x.device)
+
+
+def onnx_head(graph) -> tuple[object | None, str | None]:
+    """The node that makes an ONNX graph's output when it is a linear layer on an intermediate tensor: a Gemm
+    (Y = alpha * A B' + beta * C, A not transposed) whose B and C are constants of the graph. (node, None), or
+    (None, why not)."""
+    import onnx
+
+    output = graph.output[0].name
+    node = next((n for n in graph.node if output in n.output), None)
+    if node is None or node.op_type != "Gemm":
+        made_by = f" (it is made by a {node.op_type} node)" if node is not None else ""
+        return None, f"the ONNX graph's output is not made by a Gemm (linear layer) node{made_by}"
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    constants = {t.name for t in graph.initializer}
+    if attributes.get("transA", 0) or len(node.input) < 3 or not {node.input[1], node.input[2]} <= constants:
+        return None, "the ONNX graph's last Gemm does not hold its weight and bias as constants"
+    if node.input[0] in {i.name for i in graph.input}:
+        return None, "the ONNX graph's last Gemm reads the model's input: there is no hidden representation"
+    return node, None
 
 
 def wrap_module(module: nn.Module, *, feature_layer: str | None = None) -> TorchModel:

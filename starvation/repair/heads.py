@@ -1,9 +1,10 @@
 """The head of a network: the last linear layer, whose input is the penultimate representation.
 
 A repair replaces only this layer's weight and bias, so the repaired model is the original
-network (TorchScript code included) with new head weights. The head is found the same way the
-audit finds the feature layer (`starvation.checkpoints.wrap`): a top-level `head` beside the
-feature layer, or the last child of an `nn.Sequential`.
+network (TorchScript code or ONNX graph included) with new head weights. The head is found the
+same way the audit finds the feature layer (`starvation.checkpoints.wrap`): a top-level `head`
+beside the feature layer, or the last child of an `nn.Sequential`; in an ONNX graph, the Gemm
+node that makes the output.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -72,15 +74,65 @@ def read_head(module: nn.Module) -> LinearHead:
 def replace_head(module: nn.Module, new: LinearHead) -> None:
     """Overwrite the head's weight and bias in place; the shapes must be the old ones."""
     head = find_linear_head(module)
-    if tuple(new.weight.shape) != tuple(head.weight.shape) or tuple(new.bias.shape) != tuple(head.bias.shape):
-        raise SpecError(
-            f"the new head is {list(new.weight.shape)} but the model's is {list(head.weight.shape)}"
-        )
-    if not (torch.isfinite(new.weight).all() and torch.isfinite(new.bias).all()):
-        raise SpecError("the new head has non-finite values")
+    _check_new_head(LinearHead(head.weight, head.bias), new)
     with torch.no_grad():
         head.weight.copy_(new.weight.to(head.weight.dtype))
         head.bias.copy_(new.bias.to(head.bias.dtype))
+
+
+def _check_new_head(old: LinearHead, new: LinearHead) -> None:
+    if tuple(new.weight.shape) != tuple(old.weight.shape) or tuple(new.bias.shape) != tuple(old.bias.shape):
+        raise SpecError(f"the new head is {list(new.weight.shape)} but the model's is {list(old.weight.shape)}")
+    if not (torch.isfinite(new.weight).all() and torch.isfinite(new.bias).all()):
+        raise SpecError("the new head has non-finite values")
+
+
+def read_onnx_head(proto) -> LinearHead:
+    """The head of an ONNX graph (`starvation.checkpoints.wrap.onnx_head`) as weight [k, d] and bias [k]."""
+    from onnx import numpy_helper
+
+    node, alpha, beta, trans_b, constants = _onnx_head(proto)
+    b, c = (numpy_helper.to_array(constants[name]).astype(np.float64) for name in node.input[1:3])
+    weight = alpha * (b if trans_b else b.T)
+    if c.size not in (1, weight.shape[0]):
+        raise NoLinearHead(f"the ONNX graph's last Gemm adds a bias of shape {list(c.shape)} to {weight.shape[0]} "
+                           "outputs: not one value per output")
+    bias = beta * np.broadcast_to(c.reshape(-1), (weight.shape[0],))
+    return LinearHead(torch.from_numpy(weight).float(), torch.from_numpy(bias.copy()).float())
+
+
+def replace_onnx_head(proto, new: LinearHead) -> bytes:
+    """The ONNX graph with its head's constants replaced (nothing else), serialised; `proto` is changed too."""
+    from onnx import numpy_helper
+
+    old = read_onnx_head(proto)
+    _check_new_head(old, new)
+    node, alpha, beta, trans_b, constants = _onnx_head(proto)
+    weight, bias = new.weight.double().numpy() / alpha, new.bias.double().numpy() / beta
+    for name, value in ((node.input[1], weight if trans_b else weight.T), (node.input[2], bias)):
+        dtype = numpy_helper.to_array(constants[name]).dtype
+        constants[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype)), name))
+    return proto.SerializeToString()
+
+
+def _onnx_head(proto):
+    """(Gemm node, alpha, beta, transB, {name: initializer}) of the graph's head; its constants used by it alone."""
+    import onnx
+
+    from starvation.checkpoints.wrap import onnx_head
+
+    node, reason = onnx_head(proto.graph)
+    if node is None:
+        raise NoLinearHead(reason)
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    alpha, beta = float(attributes.get("alpha", 1.0)), float(attributes.get("beta", 1.0))
+    if alpha == 0 or beta == 0:
+        raise NoLinearHead("the ONNX graph's last Gemm multiplies its weight or its bias by 0")
+    uses = [name for n in proto.graph.node for name in n.input]
+    if uses.count(node.input[1]) > 1 or uses.count(node.input[2]) > 1:
+        raise NoLinearHead("the ONNX graph's head shares its weight or bias with another node")
+    constants = {t.name: t for t in proto.graph.initializer if t.name in node.input[1:3]}
+    return node, alpha, beta, bool(attributes.get("transB", 0)), constants
 
 
 def torchscript_bytes(module: torch.jit.ScriptModule) -> bytes:

@@ -144,14 +144,15 @@ class FinetuneSD(RepairMethod):
     """The whole network trained on from the checkpoint with Spectral Decoupling (the paper's fix, from where the
     model is rather than from scratch), once per candidate sd_lambda; the candidate whose network scores best on
     a validation part held out of the training splits (`train` spec `holdout`) is kept. No group labels in the
-    training; the validation part's groups choose. Our own networks only (a safetensors checkpoint, a train job's
-    seed): a TorchScript program is not trained here."""
+    training; the validation part's groups choose. Our own networks (a safetensors checkpoint, a train job's seed)
+    train through `train`; a TorchScript program trains in its jail (`starvation.repair.finetune.Finetuning`); an
+    ONNX graph is not trained."""
 
     NAME: ClassVar[str] = "finetune_sd"
     DESCRIPTION: ClassVar[str] = (
         "the whole network fine-tuned from the checkpoint with cross-entropy + sd_lambda/2 * mean(squared logits) "
         "(Spectral Decoupling) on the training splits less a validation part, one run per candidate sd_lambda, "
-        "chosen on the validation part; safetensors checkpoints (our networks) only")
+        "chosen on the validation part; TorchScript and safetensors checkpoints (not ONNX)")
     WHOLE_NETWORK: ClassVar[bool] = True
     STRENGTH: ClassVar[str] = "sd_lambdas"
     CANDIDATE: ClassVar[str] = "sd_lambda"

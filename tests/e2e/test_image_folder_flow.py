@@ -42,6 +42,11 @@ def test_a_folder_is_checked_then_trained_on_and_audited_from_disk(stack):
     upload = stack.client.post("/v1/checkpoints", data={"format": "torchscript"},
                                files={"file": ("green.pt", io.BytesIO(torchscript_bytes(ReadsGreen())))})
     assert upload.status_code in (200, 201), upload.text
+    refused = stack.client.post("/v1/jobs", json={"kind": "repair", "spec": {  # the jail cannot read the folder
+        "checkpoint_id": upload.json()["id"], "dataset": {"name": dataset["id"]}, "spurious_attribute": "attribute",
+        "method": {"name": "finetune_sd", "batch_size": 8}}})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "unsupported_format"
+    assert "image folder" in refused.json()["error"]["message"]
     audit = stack.client.post("/v1/jobs", json={"kind": "audit", "spec": {
         "checkpoint_id": upload.json()["id"], "dataset": {"name": dataset["id"]}, "spurious_attribute": "attribute"}})
     assert audit.status_code == 202, audit.text

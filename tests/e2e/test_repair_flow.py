@@ -9,6 +9,7 @@ import io
 import warnings
 
 import numpy as np
+import pytest
 import torch
 
 from starvation import datasets
@@ -109,8 +110,6 @@ def test_what_a_repair_cannot_do_is_refused_at_submit(embedded_stack, tmp_path):
         return response.json()["error"]
 
     assert refused({"checkpoint_id": parent, "dataset": {"name": "two_moons"}})["code"] == "no_attribute"
-    error = refused({"checkpoint_id": parent, "method": {"name": "finetune_sd"}})  # a TorchScript upload
-    assert error["code"] == "unsupported_format" and "use last_layer" in error["message"]
     assert refused({"checkpoint_id": parent, "method": {"name": "magic"}})["code"] == "invalid_request"  # an enum
     assert refused({"checkpoint_id": parent, "method": {"name": "last_layer", "inverse_strengths": [-1]}})[
         "code"] == "invalid_spec"
@@ -130,7 +129,8 @@ def test_what_a_repair_cannot_do_is_refused_at_submit(embedded_stack, tmp_path):
     response = stack.client.post("/v1/checkpoints", files={"file": ("m.onnx", onnx_path.read_bytes())},
                                  data={"format": "onnx"})
     assert response.status_code == 201, response.text
-    assert refused({"checkpoint_id": response.json()["id"]})["code"] == "unsupported_format"
+    error = refused({"checkpoint_id": response.json()["id"], "method": {"name": "finetune_sd"}})  # ONNX is not trained
+    assert error["code"] == "unsupported_format" and "use last_layer" in error["message"]
 
 
 def test_a_train_job_seed_is_repaired_and_a_repaired_checkpoint_can_be_repaired_again(services_stack):
@@ -253,3 +253,63 @@ def test_finetune_sd_trains_the_whole_network_on_from_a_train_jobs_seed_and_choo
                                                            ids["torchscript"]))
     assert not torch.equal(before.head.weight, after.head.weight)  # the whole network moved, from where it was
     assert before.head.weight.shape == after.head.weight.shape
+
+
+def test_an_onnx_model_gets_its_gemm_head_refitted_and_the_downloaded_graph_predicts_what_the_audit_measured(
+        embedded_stack, tmp_path):
+    import onnxruntime
+
+    from tests.science.audit_fixtures import save_onnx
+
+    stack = embedded_stack
+    onnx_path = save_onnx(erm_colored_mnist(), tmp_path / "erm.onnx", torch.zeros(1, 2, 14, 14))
+    uploaded = stack.client.post("/v1/checkpoints", files={"file": ("erm.onnx", onnx_path.read_bytes())},
+                                 data={"format": "onnx"})
+    assert uploaded.status_code in (200, 201), uploaded.text
+    parent = uploaded.json()["id"]
+    done = repair(stack, {"checkpoint_id": parent, "probes": ["groups", "counterfactual"]})
+    result = done["result"]
+    before, after = result["before"], result["after"]
+    assert before["flip_rate"] >= 0.7 and before["verdict"] == "high"
+    assert after["average_accuracy"] >= 0.55 and after["flip_rate"] <= 0.40 and after["verdict"] != "high"
+    assert result["repair"]["format"] == "onnx" and result["repair"]["feature_layer"].endswith("Relu_output_0")
+    checkpoint = stack.client.get(f"/v1/checkpoints/{result['checkpoint_id']}").json()
+    assert checkpoint["format"] == "onnx" and checkpoint["parent_checkpoint_id"] == parent
+
+    downloaded = stack.client.get(f"/v1/checkpoints/{result['checkpoint_id']}/file")
+    assert downloaded.status_code == 200
+    session = onnxruntime.InferenceSession(downloaded.content, providers=["CPUExecutionProvider"])
+    data = datasets.build("colored_mnist", {}, seed=0, data_dir=None)
+    test = data.splits["test"]
+    predicted, swapped = ((session.run(None, {"x": x.numpy()})[0][:, 0] > 0)
+                          for x in (test.x, data.intervene(test).x))
+    report = stack.client.get(f"/v1/jobs/{done['id']}/report").json()
+    assert float(np.mean(predicted == test.y.numpy())) == pytest.approx(report["after"]["counterfactual"]["accuracy"])
+    assert float(np.mean(predicted != swapped)) == pytest.approx(after["flip_rate"])
+
+
+def test_finetune_sd_trains_an_uploaded_torchscript_model_in_its_jail(embedded_stack):
+    stack = embedded_stack
+    parent = upload(stack, erm_colored_mnist())
+    done = repair(stack, {"checkpoint_id": parent, "probes": ["groups", "counterfactual"], "method": {
+        "name": "finetune_sd", "sd_lambdas": [0.5, 4.0], "steps": 60, "lr": 1e-4}})
+    result = done["result"]
+    selection = result["selection"]
+    assert result["repair"]["format"] == "torchscript" and set(result["repair"]["checkpoint_ids"]) == {"torchscript"}
+    assert selection["test_split_used"] is False and selection["chosen_on"]["n"] == 800
+    scores = [c["validation"]["worst_group_accuracy"] for c in selection["candidates"]]
+    assert selection["chosen"] == {"sd_lambda": [0.5, 4.0][scores.index(max(scores))]}
+    assert scores[0] != scores[1]  # each candidate trained from the uploaded weights, with its own lambda
+    assert result["repair"]["head_shape"] == [1, 128]
+    assert stack.client.get(f"/v1/checkpoints/{result['checkpoint_id']}").json()["parent_checkpoint_id"] == parent
+
+    # Every weight moved, not only the head's; the downloaded file predicts what the after audit measured.
+    original, tuned = erm_colored_mnist(), load_downloaded(stack, result["checkpoint_id"])
+    tuned_weights, original_weights = tuned.state_dict(), original.state_dict()
+    assert set(tuned_weights) == set(original_weights)
+    assert all(not torch.equal(tuned_weights[name], original_weights[name]) for name in original_weights)
+    test = datasets.build("colored_mnist", {}, seed=0, data_dir=None).splits["test"]
+    with torch.no_grad():
+        predicted = (tuned(test.x)[:, 0] > 0).long()
+    report = stack.client.get(f"/v1/jobs/{done['id']}/report").json()
+    assert float((predicted == test.y).double().mean()) == report["after"]["counterfactual"]["accuracy"]

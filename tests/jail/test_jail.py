@@ -208,6 +208,40 @@ def test_a_repair_replaces_the_head_inside_the_jail_and_gets_torchscript_back(tm
     assert torch.equal(repaired.features(x), original.features(x).detach())
 
 
+def test_a_torchscript_model_fine_tunes_inside_the_jail_as_it_would_outside(tmp_path):
+    """finetune_sd's runs of an upload: autograd, Adam and minibatch draws work after the lockdown, each run starts
+    from the uploaded weights, and the model that comes back is the one trained here with the same updates."""
+    import copy
+    import io
+    import warnings
+
+    from starvation.repair.finetune import Finetuning
+    from tests.science.repair_fixtures import ErmMlp
+
+    torch.manual_seed(0)
+    original = ErmMlp(hidden=8, input_size=int(torch.tensor(SHAPE).prod())).eval()
+    x, y = torch.rand(64, *SHAPE), torch.randint(0, 2, (64,))
+    params = {"sd_lambda": 2.0, "lr": 1e-2, "batch_size": 16, "seed": 3}
+    with open_model(script(tmp_path, original), "torchscript", limits=LIMITS, wall_seconds=60, input_shape=SHAPE,
+                    repair=True) as model:
+        runs = []
+        for _ in range(2):
+            model.finetune(x, y, **params)
+            model.finetune_steps(4)
+            model.finetune_steps(6)
+            runs.append((model.logits(x), model.model_bytes(max_bytes=1 << 24)))
+    assert torch.equal(runs[0][0], runs[1][0])  # the second run started where the first did
+    here = torch.jit.script(copy.deepcopy(original))
+    Finetuning(here, x, y, **params).run(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        returned = torch.jit.load(io.BytesIO(runs[0][1]))
+    with torch.no_grad():  # another process, another thread count: equal up to float rounding
+        torch.testing.assert_close(returned(x), here(x))
+        torch.testing.assert_close(runs[0][0], here(x))
+        assert (here(x) - original(x)).abs().max() > 1e-3
+
+
 def test_a_model_without_a_linear_head_is_refused_by_the_jail(tmp_path):
     with open_model(script(tmp_path, ColourOnly()), "torchscript", limits=LIMITS, wall_seconds=60, input_shape=SHAPE,
                     repair=True) as model:

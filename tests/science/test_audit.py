@@ -43,7 +43,6 @@ def uploaded(cmnist, tmp_path_factory):
             save_torchscript(module, root / f"{name}.pt"), "torchscript", input_shape=cmnist.input_shape)
         onnx_path = save_onnx(module, root / f"{name}.onnx", example)
         models[name, "onnx"] = load_checkpoint(onnx_path, "onnx", feature_layer=_features_output(onnx_path))
-        models[name, "onnx_unnamed_layer"] = load_checkpoint(onnx_path, "onnx")
     return models
 
 
@@ -144,10 +143,19 @@ def test_linear_probe_reads_the_clean_digit_label_off_an_erm_model_better_than_t
     assert set(probe["random_network"]) >= {"core_accuracy", "spurious_accuracy", "label_accuracy"}
 
 
-def test_linear_probe_without_a_reachable_layer_says_so_instead_of_guessing(cmnist, uploaded, tmp_path):
-    probe = audit(uploaded["colour_reader", "onnx_unnamed_layer"], cmnist, tmp_path, probes=["linear_probe"])
+class ScaledColourReader(ColourReader):
+    """Something runs after the last linear layer: an ONNX export whose output no Gemm makes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.head(self.features(x))
+
+
+def test_linear_probe_without_a_reachable_layer_says_so_instead_of_guessing(cmnist, tmp_path):
+    onnx_path = save_onnx(ScaledColourReader(), tmp_path / "scaled.onnx", cmnist.splits["test"].x[:4])
+    probe = audit(load_checkpoint(onnx_path, "onnx"), cmnist, tmp_path, probes=["linear_probe"])
     assert probe["linear_probe"] == {"layer": None, "core_accuracy": None, "spurious_accuracy": None,
                                      "reason": probe["linear_probe"]["reason"]}
+    assert "not made by a Gemm" in probe["linear_probe"]["reason"]
     assert "name an intermediate tensor" in probe["linear_probe"]["reason"]
 
 

@@ -119,14 +119,18 @@ def test_torchscript_features_that_do_not_feed_the_head_are_refused(tmp_path):
     assert "does not reproduce" in model.no_features_reason
 
 
-def test_onnx_features_need_a_named_tensor(files):
-    assert load_checkpoint(files["onnx"], "onnx").feature_layer is None
+def test_onnx_features_are_the_last_gemms_input_or_a_named_tensor(files):
     import onnx
 
     graph = onnx.load(str(files["onnx"])).graph
+    gemm = next(node for node in graph.node if node.op_type == "Gemm")
+    x = torch.rand(3, *INPUT_SHAPE)
+    default = load_checkpoint(files["onnx"], "onnx")
+    assert default.feature_layer == gemm.input[0] and default.no_features_reason is None
+    torch.testing.assert_close(default.features(x), x.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+
     means = next(node.output[0] for node in graph.node if node.op_type == "ReduceMean")
     model = load_checkpoint(files["onnx"], "onnx", feature_layer=means)
-    x = torch.rand(3, *INPUT_SHAPE)
     assert model.feature_layer == means
     torch.testing.assert_close(model.features(x), x.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
 

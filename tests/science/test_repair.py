@@ -163,3 +163,77 @@ def test_a_head_that_is_not_the_last_step_is_refused():
         assert check_head_feeds_output(read_head(plain), plain.features(x), plain(x)) < 1e-5
     with pytest.raises(NoLinearHead):
         read_head(nn.Module())
+
+
+def onnx_of(module: nn.Module, tmp_path) -> bytes:
+    from tests.science.audit_fixtures import save_onnx
+
+    return save_onnx(module, tmp_path / "m.onnx", torch.zeros(1, 6)).read_bytes()
+
+
+def test_an_onnx_graphs_head_is_its_last_gemm_and_only_its_constants_are_replaced(tmp_path):
+    import onnx
+
+    from starvation.checkpoints import load_checkpoint
+    from starvation.repair import read_onnx_head, replace_onnx_head
+
+    torch.manual_seed(0)
+    module = FeaturesAndHead().eval()
+    model = load_checkpoint(onnx_of(module, tmp_path), "onnx")  # no feature layer named: the Gemm's input
+    x = torch.rand(8, 6)
+    with torch.no_grad():
+        assert torch.allclose(model.features(x), module.features(x), atol=1e-6)
+    assert torch.allclose(read_onnx_head(model.proto).weight, module.head.weight.detach())
+    new = LinearHead(torch.randn(1, 4), torch.randn(1))
+    nodes_before = [(n.op_type, list(n.input)) for n in model.proto.graph.node]
+    repaired = load_checkpoint(replace_onnx_head(model.proto, new), "onnx")
+    assert torch.allclose(repaired.logits(x), new.logits(model.features(x)), atol=1e-5)
+    assert [(n.op_type, list(n.input)) for n in repaired.proto.graph.node] == nodes_before
+    with pytest.raises(SpecError, match="new head"):
+        replace_onnx_head(model.proto, LinearHead(torch.randn(2, 4), torch.randn(2)))
+
+    # A Gemm that scales and keeps its weight untransposed is read and written in its own convention.
+    gemm = next(n for n in model.proto.graph.node if n.op_type == "Gemm")
+    weight = next(t for t in model.proto.graph.initializer if t.name == gemm.input[1])
+    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight).T.copy() / 2, weight.name))
+    gemm.ClearField("attribute")
+    gemm.attribute.extend([onnx.helper.make_attribute("alpha", 2.0), onnx.helper.make_attribute("transB", 0)])
+    assert torch.allclose(read_onnx_head(model.proto).weight, new.weight, atol=1e-6)
+    rescaled = load_checkpoint(replace_onnx_head(model.proto, LinearHead(2 * new.weight, new.bias)), "onnx")
+    assert torch.allclose(rescaled.logits(x), 2 * new.logits(model.features(x)) - new.bias, atol=1e-5)
+
+    scaled = load_checkpoint(onnx_of(HeadThenScale().eval(), tmp_path), "onnx")  # a Mul makes the output
+    assert scaled.feature_layer is None and "not made by a Gemm" in scaled.no_features_reason
+    with pytest.raises(NoLinearHead, match="not made by a Gemm"):
+        read_onnx_head(scaled.proto)
+
+
+def test_a_scripted_network_fine_tuned_in_memory_matches_the_engines_fine_tuning(tmp_path):
+    """`Finetuning` (what trains a TorchScript upload in its jail) makes exactly the updates of `train` on
+    `FinetuneSD.train_spec` from the same weights: full batch and minibatches."""
+    from safetensors.torch import load_file
+
+    from starvation import datasets
+    from starvation.checkpoints import load_checkpoint
+    from starvation.repair.finetune import Finetuning
+    from starvation.training import train
+
+    spec = {"dataset": {"name": "colored_mnist", "params": {"n_train": 600}}, "model": {"arch": "mlp", "hidden": [32]},
+            "steps": 5, "eval_every": 5, "seeds": [0], "audit": False}
+    start = train(spec, out_dir=tmp_path / "start", device="cpu").checkpoints[0]
+    data = datasets.build("colored_mnist", {"n_train": 600}, seed=0, data_dir=None)
+    rows = datasets.hold_out(data, 0.2).train_data()
+    for batch_size in (None, 64):
+        method = build_repair_method({"name": "finetune_sd", "steps": 12, "batch_size": batch_size, "lr": 1e-3})
+        run = method.train_spec(spec["dataset"], {"arch": "mlp", "arch_params": {"hidden": [32]}}, 2.0, 0)
+        engine = train(run, out_dir=tmp_path / f"engine{batch_size}", device="cpu",
+                       init_weights=load_file(start.safetensors_path)).checkpoints[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scripted = torch.jit.load(str(start.torchscript_path))
+        Finetuning(scripted, rows.x, rows.y, sd_lambda=2.0, lr=1e-3, batch_size=batch_size, seed=0).run(12)
+        tuned = load_checkpoint(engine.safetensors_path, "safetensors").module
+        x = data.splits["test"].x[:200]
+        with torch.no_grad():
+            assert torch.equal(scripted(x), tuned(x))
+            assert not torch.equal(scripted(x), load_checkpoint(start.safetensors_path, "safetensors").module(x))
