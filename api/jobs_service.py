@@ -44,6 +44,9 @@ def job_warnings(job: Job) -> list[str]:
     mlflow = (job.result or {}).get("mlflow") or {}
     if mlflow.get("error"):
         warnings.append(f"MLflow export failed: {without_server_paths(str(mlflow['error']))}")
+    elif mlflow.get("live_error"):
+        warnings.append(f"MLflow did not take the metrics while the job ran ("
+                        f"{without_server_paths(str(mlflow['live_error']))}); they were sent when it ended")
     return warnings
 
 

@@ -457,6 +457,8 @@ class MlflowOutcome(BaseModel):
     experiment: str
     run_id: str | None = None
     error: str | None = Field(None, description="why the export failed; the job itself succeeded")
+    live_error: str | None = Field(None, description="why sending the metrics while the job ran failed (they "
+                                                     "were sent again; `error` says if the end failed too)")
 
 
 class TrainExecution(BaseModel):

@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     # MLflow export targets: a tracking URI whose scheme is not listed is refused (no file: by default,
     # so a user cannot make the worker write to its own disk).
     mlflow_allowed_schemes: str = "http,https"
+    # A train job's metrics reach its MLflow run while it trains, in batches at most this many seconds apart.
+    mlflow_flush_s: float = Field(5.0, gt=0)
     # Webhooks and MLflow reach public internet hosts only (core/outbound.py); these are admitted anyway:
     outbound_allow: str = ""  # comma-separated hostnames and/or CIDRs, e.g. "mlflow.internal,10.0.0.0/8"
 

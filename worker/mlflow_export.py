@@ -1,18 +1,24 @@
-"""Export a finished train job to an MLflow tracking server: params, metric history, result, report.
+"""A train job's MLflow run: params when it starts, metrics while it trains, result and reports when it ends.
 
 A spec asks for it with `"mlflow": {"tracking_uri": ..., "experiment": ...}`. One job is one MLflow
-run, tagged `gs.job_id`; exporting the same job again returns the run already there, so a retried
-job never makes a second run.
+run, tagged `gs.job_id`. `MlflowRun` logs from a thread of its own, so the training loop never waits
+on the server: metric rows go in batches (every `flush_s` seconds, or `BATCH` rows), and `finish` adds
+only what the run lacks. A server that stops answering costs a warning, not the job: the rows wait
+and are sent again, at the latest when the job ends. Exporting a job whose run finished already
+returns that run, so a retried job never makes a second one.
 
 The tracking URI is user input: it is checked again here (core/outbound.py), MLflow's connections go
 only to checked addresses, and the server's `artifact_uri` is followed only back to that server.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +30,9 @@ JOB_ID_TAG = "gs.job_id"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 BATCH = 1000  # MLflow's limit on entries in one log_batch call
 PARAMS_PER_BATCH = 100
+FLUSH_S = 5.0  # the longest a live metric waits for its batch
+RETRY_S = 60.0  # after a failed live call, the wait before the next one
+MAX_ERROR_CHARS = 500  # an MLflow error can quote a whole response
 
 
 def export_run(
@@ -38,7 +47,7 @@ def export_run(
     allowed_schemes: Sequence[str] = outbound.WEB_SCHEMES,
     outbound_allow: str = "",
 ) -> str:
-    """Log the job to `experiment` at `tracking_uri` and return the MLflow run id.
+    """Log a finished job to `experiment` at `tracking_uri` in one go and return the MLflow run id.
 
     `metrics`: rows as GET /v1/jobs/{id}/metrics serves them ({step, name, value, seed, split}).
     `reports`: every seed's report file, each logged under report/<its folder> (e.g. report/seed1-audit/).
@@ -46,55 +55,235 @@ def export_run(
     `allowed_schemes` and `outbound_allow`: GS_MLFLOW_ALLOWED_SCHEMES and GS_OUTBOUND_ALLOW.
     Raises OutboundRefused for a target (or an artifact location) this service must not write to.
     """
-    outbound.check_target(tracking_uri, allowed_schemes, outbound_allow)
-    with outbound.guard_urllib3(outbound_allow):
-        return log_job(tracking_uri, experiment, job_id, spec, metrics, result, reports)
+    run = MlflowRun(tracking_uri=tracking_uri, experiment=experiment, job_id=job_id, spec=spec,
+                    allowed_schemes=allowed_schemes, outbound_allow=outbound_allow)
+    return run.finish(metrics, result, reports)
 
 
-def log_job(
-    tracking_uri: str, experiment: str, job_id: str, spec: dict, metrics: list[dict], result: dict,
-    reports: Sequence[str],
-) -> str:
-    from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
+class MlflowRun:
+    """One train job's MLflow run, fed while the job runs.
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = experiment_id_of(client, experiment)
-    existing = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}'", max_results=10
-    )
-    for run in existing:
-        if run.info.status == "FINISHED":
-            return run.info.run_id
-        client.delete_run(run.info.run_id)  # a half-written export of an earlier attempt
+    `start()` opens the run (tags, params) in a thread, which then logs what `add` hands over, in batches.
+    `finish()` stops the thread; it logs the metric points the run lacks (no point twice), the summary, what
+    the result says of the job (`init`, `resumed`, the verdict), the result and the reports, and marks the run
+    FINISHED. `abandon()` marks it KILLED or FAILED instead, for a job that ends without a result.
 
+    `on_trouble(error, retrying)`: said once when a live call fails (`retrying`: the rows wait for the next
+    try; False: the target is refused for good), `on_recovery()` when the server answers again. `live_error`
+    keeps the first error. Arguments as `export_run`'s; `flush_s`, `retry_s`: see FLUSH_S and RETRY_S.
+    """
+
+    def __init__(
+        self, *, tracking_uri: str, experiment: str, job_id: str, spec: dict,
+        allowed_schemes: Sequence[str] = outbound.WEB_SCHEMES, outbound_allow: str = "",
+        flush_s: float = FLUSH_S, retry_s: float = RETRY_S,
+        on_trouble: Callable[[str, bool], None] | None = None, on_recovery: Callable[[], None] | None = None,
+    ) -> None:
+        self.tracking_uri, self.experiment, self.job_id, self.spec = tracking_uri, experiment, job_id, spec
+        self.allowed_schemes, self.outbound_allow = allowed_schemes, outbound_allow
+        self.flush_s, self.retry_s = flush_s, retry_s
+        self.on_trouble, self.on_recovery = on_trouble, on_recovery
+        self.run_id: str | None = None
+        self.finished_before = False  # an earlier attempt of the job finished the run: nothing more to log
+        self.live_error: str | None = None
+        self.logged: set[tuple[str, int]] = set()  # (metric key, step) of every point the run has
+        self._client: Any = None
+        self._artifact_uri = ""
+        self._items: queue.Queue[tuple[int, list[dict]] | str | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._troubled = self._refused = False
+
+    # ---- while the job runs ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._live, daemon=True, name=f"mlflow-{self.job_id}")
+        self._thread.start()
+
+    def add(self, rows: Sequence[dict]) -> None:
+        """Metric rows ({step, name, value, seed, split}), stamped now, for the next batch."""
+        if self._thread is not None and rows:
+            self._items.put((int(time.time() * 1000), list(rows)))
+
+    def abandon(self, status: str) -> None:
+        """The job ends without a result: the thread marks the run `status` (KILLED, FAILED) and stops. Nothing
+        here waits on the server: a cancelled job stops at once."""
+        if self._thread is not None:
+            self._items.put(status)
+            self._thread = None
+
+    def _live(self) -> None:
+        pending: list[tuple[int, dict]] = []
+        oldest = 0.0  # when the oldest pending row came
+        next_try = 0.0  # after a failed call, not before this
+        if not self._attempt(lambda: None):  # opened now, the run shows its params from the job's start
+            if self._refused:
+                return
+            next_try = time.monotonic() + self.retry_s
+        while True:
+            wake = max(oldest + self.flush_s, next_try) if pending else next_try if self.run_id is None else None
+            try:
+                item = self._items.get(timeout=None if wake is None else max(0.0, wake - time.monotonic()))
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return  # finish() sends what is pending
+            if isinstance(item, str):  # abandon(item): the points that came, then the run's end
+                if self.run_id is not None and not self.finished_before:
+                    self._attempt(lambda: self._end(pending, item))
+                return
+            if item:
+                oldest = oldest if pending else time.monotonic()
+                pending += [(item[0], row) for row in item[1]]
+            now = time.monotonic()
+            due = self.run_id is None or len(pending) >= BATCH or (pending and now >= oldest + self.flush_s)
+            if now < next_try or not due:
+                continue
+            if self._attempt(lambda: self._log_metrics(pending)):
+                pending, next_try = [], 0.0
+            elif self._refused:
+                return
+            else:
+                next_try = time.monotonic() + self.retry_s
+
+    def _end(self, pending: Sequence[tuple[int, dict]], status: str) -> None:
+        self._log_metrics(pending)
+        self._client.set_terminated(self.run_id, status)
+
+    def _attempt(self, call: Callable[[], Any]) -> bool:
+        """`call` on the opened run; False when it failed (said once per outage)."""
+        try:
+            with outbound.guard_urllib3(self.outbound_allow):
+                self._open()
+                call()
+        except Exception as exc:
+            self._refused = isinstance(exc, outbound.OutboundRefused)
+            if not self._troubled:
+                self._troubled = True
+                error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+                self.live_error = self.live_error or error
+                if self.on_trouble is not None:
+                    self.on_trouble(error, not self._refused)
+            return False
+        if self._troubled:
+            self._troubled = False
+            if self.on_recovery is not None:
+                self.on_recovery()
+        return True
+
+    # ---- when the job ends -------------------------------------------------------------------
+
+    def finish(self, metrics: Sequence[dict], result: dict, reports: Sequence[str] = ()) -> str:
+        """Stop the live logging, log what the run lacks and the rest of the job, and return the run id.
+
+        `metrics`: every row of the job (those sent live are not sent again). Raises what the checks or the
+        server raised (OutboundRefused for a target this service must not write to); the run is marked FAILED.
+        """
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._items.put(None)
+            thread.join()
+        outbound.check_target(self.tracking_uri, self.allowed_schemes, self.outbound_allow)
+        with outbound.guard_urllib3(self.outbound_allow):
+            self._open()
+            assert self.run_id is not None
+            if self.finished_before:
+                return self.run_id
+            try:
+                self._log_rest(metrics, result, reports)
+            except Exception:
+                with contextlib.suppress(Exception):  # the export's own error says more
+                    self._client.set_terminated(self.run_id, "FAILED")
+                raise
+            self._client.set_terminated(self.run_id, "FINISHED")
+        return self.run_id
+
+    def _log_rest(self, metrics: Sequence[dict], result: dict, reports: Sequence[str]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        self._log_metrics([(now, row) for row in metrics])
+        last = final_step(metrics)
+        summary = [Metric(key, value, now, last) for key, value in summary_metrics(result).items()]
+        for chunk in chunks(summary, BATCH):
+            self._client.log_batch(self.run_id, metrics=chunk)
+        params = [Param(key, value) for key, value in result_params(result).items()]
+        tags = [RunTag(key, value) for key, value in result_tags(result).items()]
+        for chunk in chunks(params, PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=chunk)
+        if tags:
+            self._client.log_batch(self.run_id, tags=tags)
+        documents = {"result.json": result, "spec.json": self.spec}
+        log_artifacts(self._artifact_uri, self.tracking_uri, documents, reports)
+
+    # ---- calls to the server (under outbound.guard_urllib3) -----------------------------------
+
+    def _open(self) -> None:
+        """Find or make the job's run and log its params, once."""
+        if self.run_id is not None:
+            return
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        outbound.check_target(self.tracking_uri, self.allowed_schemes, self.outbound_allow)
+        client = self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        experiment_id = experiment_id_of(client, self.experiment)
+        existing = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{JOB_ID_TAG}` = '{self.job_id}'", max_results=10
+        )
+        for found in existing:
+            if found.info.status == "FINISHED":
+                self.run_id, self.finished_before = found.info.run_id, True
+                return
+            # What an earlier attempt left (it may hold points this attempt reports again); a run of ours that
+            # failed to take its params below is found and deleted here the next time.
+            client.delete_run(found.info.run_id)
+        run = client.create_run(experiment_id, run_name=f"gs-{self.job_id}", tags=run_tags(self.job_id, self.spec))
+        params = [Param(key, value) for key, value in flatten_params(self.spec).items()]
+        for chunk in chunks(params, PARAMS_PER_BATCH):
+            client.log_batch(run.info.run_id, params=chunk)
+        self.run_id, self._artifact_uri = run.info.run_id, run.info.artifact_uri
+
+    def _log_metrics(self, stamped: Sequence[tuple[int, dict]]) -> None:
+        """The points the run lacks, `BATCH` at a time; each counted as logged once its call succeeded."""
+        from mlflow.entities import Metric
+
+        if self.finished_before:
+            return
+        points: dict[tuple[str, int], Any] = {}
+        for timestamp, row in stamped:
+            point = (metric_key(row), int(row["step"]))
+            if point not in self.logged:
+                points.setdefault(point, Metric(point[0], float(row["value"]), timestamp, point[1]))
+        batch = list(points.items())
+        for chunk in chunks(batch, BATCH):
+            self._client.log_batch(self.run_id, metrics=[metric for _, metric in chunk])
+            self.logged.update(point for point, _ in chunk)
+
+
+def run_tags(job_id: str, spec: dict) -> dict[str, str]:
     tags = {JOB_ID_TAG: job_id, "gs.kind": "train", "mlflow.source.name": "gradient-starvation-service"}
     method = (spec.get("method") or {}).get("name")
     if method:
         tags["gs.method"] = str(method)
     if spec.get("preset"):
         tags["gs.preset"] = str(spec["preset"])
-    run = client.create_run(experiment_id, run_name=f"gs-{job_id}", tags=tags)
-    run_id = run.info.run_id
-    try:
-        params = [Param(key, value) for key, value in flatten_params(spec).items()]
-        for chunk in chunks(params, PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=chunk)
-        timestamp = int(time.time() * 1000)
-        history = [Metric(metric_key(m), float(m["value"]), timestamp, int(m["step"])) for m in metrics]
-        last = final_step(metrics)
-        history += [Metric(key, value, timestamp, last) for key, value in summary_metrics(result).items()]
-        for chunk in chunks(history, BATCH):
-            client.log_batch(run_id, metrics=chunk)
-        if verdict_of(result):
-            client.log_batch(run_id, tags=[RunTag("gs.verdict", str(verdict_of(result)))])
-        documents = {"result.json": result, "spec.json": spec}
-        log_artifacts(run.info.artifact_uri, tracking_uri, documents, reports)
-    except Exception:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
+    return tags
+
+
+def result_params(result: dict) -> dict[str, str]:
+    """What the initial weights filled (`init.names`, `init.loaded`, `init.head`, `init.skipped`): set by the
+    spec's init_checkpoint_id, so the same in every attempt of the job."""
+    return flatten_params({"init": result["init"]}) if isinstance(result.get("init"), dict) else {}
+
+
+def result_tags(result: dict) -> dict[str, str]:
+    """The audit's verdict, and `gs.resumed` ({seed: step}, JSON) when this attempt went on from saved states."""
+    tags = {}
+    if verdict_of(result):
+        tags["gs.verdict"] = str(verdict_of(result))
+    if result.get("resumed"):
+        tags["gs.resumed"] = json.dumps(result["resumed"], sort_keys=True)
+    return tags
 
 
 def log_artifacts(

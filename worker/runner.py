@@ -109,8 +109,9 @@ class JobContext:
     def work_dir(self) -> Path:
         return job_dir(self.settings, self.job_id)
 
-    def on_metrics(self, batch: list[Any], *, log_lines: bool = True) -> None:
-        """Store the rows; `log_lines`: and say each evaluation's accuracies in the job's log."""
+    def on_metrics(self, batch: list[Any], *, log_lines: bool = True) -> list[dict[str, Any]]:
+        """Store the rows and return them as stored; `log_lines`: and say each evaluation's accuracies in the
+        job's log."""
         rows = [
             {"step": m.step, "name": m.name, "value": float(m.value), "seed": m.seed, "split": m.split}
             for m in batch
@@ -118,6 +119,7 @@ class JobContext:
         self.writer.put(rows)
         for line in evaluation_lines(rows, self.steps) if log_lines else ():
             self.writer.say("info", line)
+        return rows
 
     def say(self, level: str, message: str) -> None:
         self.writer.say(level, message)

@@ -1,6 +1,7 @@
 """Train jobs: call the training engine, register its checkpoints, audit them when asked."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from core.paths import resume_dir
@@ -8,51 +9,57 @@ from worker import audit_job
 from worker.devices import pick_device
 from worker.files import add_artifact, add_checkpoint
 
+log = logging.getLogger("gs.worker")
 
 SERVICE_FIELDS = ("timeout_s", "mlflow", "init_checkpoint_id")  # spec fields the service acts on, not the engine
 
 
 def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     from starvation.datasets import DATASETS
-    from starvation.training import ResolvedTrainSpec, spec_warnings, train
+    from starvation.training import ResolvedTrainSpec, TrainingStopped, spec_warnings, train
 
     device = pick_device(spec.get("device"), ctx.settings.device)
     registered = spec["dataset"]["name"] not in DATASETS
     # Resolved and checked when the job was submitted (api/jobs_service.py): run as it is.
     engine_spec = ResolvedTrainSpec({k: v for k, v in spec.items() if k not in SERVICE_FIELDS})
-    history: list[Any] = []  # every metric, kept for the MLflow export
     for warning in spec_warnings(engine_spec):
         ctx.say("warning", warning)
+    mlflow = start_mlflow(spec, ctx) if spec.get("mlflow") else None
+    history = stored_metrics(ctx) if mlflow is not None else []  # every metric of the job, for MLflow
+    if mlflow is not None:
+        mlflow.add(history)
 
     def on_metrics(batch: list[Any]) -> None:
-        ctx.on_metrics(batch)
-        if spec.get("mlflow"):
-            history.extend(batch)
+        rows = ctx.on_metrics(batch)
+        if mlflow is not None:
+            history.extend(rows)
+            mlflow.add(rows)
 
-    outcome = train(
-        engine_spec,
-        out_dir=ctx.work_dir,
-        device=device,
-        data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
-        on_metrics=on_metrics,
-        on_progress=lambda fraction: ctx.on_progress(0.9 * fraction if spec.get("audit") else fraction),
-        should_stop=ctx.should_stop,
-        dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0, device=device) if registered else None,
-        resume_dir=resume_dir(ctx.work_dir),
-        init_weights=initial_weights(ctx, spec.get("init_checkpoint_id")),
-    )
-    for seed, step in outcome.result.get("resumed", {}).items():
-        ctx.say("info", f"seed {seed} resumed from its state saved at step {step}")
-    result: dict[str, Any] = {**outcome.result, "device": device,
-                              "checkpoints": register_checkpoints(ctx, outcome.checkpoints)}
-    if spec.get("audit"):
-        result["audit"] = audit_checkpoints(ctx, spec["dataset"], outcome.checkpoints, device)
-    if spec.get("mlflow"):
-        result["mlflow"] = mirror_to_mlflow(spec, ctx, history, result)
-        if "error" in result["mlflow"]:
-            ctx.say("warning", f"MLflow export failed: {result['mlflow']['error']}")
-        else:
-            ctx.say("info", f"MLflow run {result['mlflow']['run_id']} in experiment {result['mlflow']['experiment']}")
+    try:
+        outcome = train(
+            engine_spec,
+            out_dir=ctx.work_dir,
+            device=device,
+            data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
+            on_metrics=on_metrics,
+            on_progress=lambda fraction: ctx.on_progress(0.9 * fraction if spec.get("audit") else fraction),
+            should_stop=ctx.should_stop,
+            dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0, device=device) if registered else None,
+            resume_dir=resume_dir(ctx.work_dir),
+            init_weights=initial_weights(ctx, spec.get("init_checkpoint_id")),
+        )
+        for seed, step in outcome.result.get("resumed", {}).items():
+            ctx.say("info", f"seed {seed} resumed from its state saved at step {step}")
+        result: dict[str, Any] = {**outcome.result, "device": device,
+                                  "checkpoints": register_checkpoints(ctx, outcome.checkpoints)}
+        if spec.get("audit"):
+            result["audit"] = audit_checkpoints(ctx, spec["dataset"], outcome.checkpoints, device)
+    except BaseException as exc:
+        if mlflow is not None:
+            mlflow.abandon("KILLED" if isinstance(exc, TrainingStopped) else "FAILED")
+        raise
+    if mlflow is not None:
+        result["mlflow"] = finish_mlflow(mlflow, spec, ctx, history, result)
     return result
 
 
@@ -106,25 +113,61 @@ def audit_checkpoints(ctx, dataset_ref: dict[str, Any], checkpoints: list[Any], 
     return {"reports": reports, "summary": pool_reliance(reports)}
 
 
-def mirror_to_mlflow(spec: dict[str, Any], ctx, history: list[Any], result: dict[str, Any]) -> dict[str, Any]:
-    """Export the finished job; an unreachable MLflow is recorded, it does not fail the job."""
+def start_mlflow(spec: dict[str, Any], ctx) -> Any:
+    """The job's MLflow run, logging its metrics from now on; its troubles are warnings in the job's log."""
     import os
 
     # MLflow's own defaults retry for minutes; a worker must not hang on a dead tracking server.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    from worker.mlflow_export import export_run
+    from worker.mlflow_export import MlflowRun
 
-    target = spec["mlflow"]
-    rows = [{"step": m.step, "name": m.name, "value": float(m.value), "seed": m.seed, "split": m.split} for m in history]
+    def trouble(error: str, retrying: bool) -> None:
+        then = "its metrics wait and are sent again later" if retrying else "nothing more is sent"
+        ctx.say("warning", f"MLflow live logging failed: {error}; the job goes on, {then}")
+
+    run = MlflowRun(
+        tracking_uri=spec["mlflow"]["tracking_uri"], experiment=spec["mlflow"]["experiment"], job_id=ctx.job_id,
+        spec=spec, allowed_schemes=ctx.settings.mlflow_allowed_schemes.split(","),
+        outbound_allow=ctx.settings.outbound_allow, flush_s=ctx.settings.mlflow_flush_s,
+        on_trouble=trouble, on_recovery=lambda: ctx.say("info", "MLflow takes the live metrics again"),
+    )
+    run.start()
+    return run
+
+
+def stored_metrics(ctx) -> list[dict[str, Any]]:
+    """The job's metrics stored already: what an earlier attempt kept for this one, which resumes after them (a
+    resumed seed does not report its earlier steps again). None when the database cannot say: MLflow is no
+    reason to fail the job."""
+    from models import metrics as metrics_repo
+
+    rows: list[dict[str, Any]] = []
+    after = None
+    try:
+        with ctx.db.session() as session:
+            while page := metrics_repo.query(session, ctx.job_id, after_id=after, limit=5000):
+                rows += [{"step": m.step, "name": m.name, "value": m.value, "seed": m.seed, "split": m.split}
+                         for m in page]
+                after = page[-1].id
+    except Exception as exc:
+        log.warning("job %s: its stored metrics not read for MLflow: %s", ctx.job_id, exc)
+        return []
+    return rows
+
+
+def finish_mlflow(run: Any, spec: dict[str, Any], ctx, history: list[dict[str, Any]],
+                  result: dict[str, Any]) -> dict[str, Any]:
+    """Export the rest of the finished job; an unreachable MLflow is recorded, it does not fail the job."""
+    target = dict(spec["mlflow"])
     reports = [str(path) for path in sorted(ctx.work_dir.glob("seed*-audit/report.json"))]
     try:
-        run_id = export_run(
-            tracking_uri=target["tracking_uri"], experiment=target["experiment"], job_id=ctx.job_id,
-            spec=spec, metrics=rows, result=result, reports=reports,
-            allowed_schemes=ctx.settings.mlflow_allowed_schemes.split(","),
-            outbound_allow=ctx.settings.outbound_allow,
-        )
+        outcome = {**target, "run_id": run.finish(history, result, reports)}
     except Exception as exc:
-        return {**target, "error": f"{type(exc).__name__}: {exc}"}
-    return {**target, "run_id": run_id}
+        outcome = {**target, "error": f"{type(exc).__name__}: {exc}"}
+        ctx.say("warning", f"MLflow export failed: {outcome['error']}")
+    else:
+        ctx.say("info", f"MLflow run {outcome['run_id']} in experiment {outcome['experiment']}")
+    if run.live_error:
+        outcome["live_error"] = run.live_error
+    return outcome

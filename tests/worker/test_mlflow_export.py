@@ -1,15 +1,17 @@
-"""MLflow export: a train job's params, metric history, result and report land in one MLflow run."""
+"""MLflow export: a train job's params, metric history, result and report land in one MLflow run; its metrics
+arrive while it trains, and a server that fails meanwhile costs the job a warning, nothing more."""
 from __future__ import annotations
 
 import http.server
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from core.outbound import OutboundRefused
-from worker.mlflow_export import check_artifact_uri, export_run, flatten_params, metric_key
+from worker.mlflow_export import MlflowRun, check_artifact_uri, export_run, flatten_params, metric_key
 
 SPEC = {"preset": "paper_moons_sd", "steps": 20, "eval_every": 5, "seeds": [0, 1], "audit": False,
         "mlflow": {"tracking_uri": "ignored", "experiment": "ignored"}}
@@ -86,6 +88,8 @@ class HostileMlflow(http.server.BaseHTTPRequestHandler):
 
     artifact_uri = ""
     calls: list[tuple[str, str]] = []
+    metrics: list[dict] = []  # every metric point log-batch took
+    failing = False  # log-batch answers 503
 
     def answer(self, body: dict) -> None:
         raw = json.dumps(body).encode()
@@ -97,9 +101,14 @@ class HostileMlflow(http.server.BaseHTTPRequestHandler):
 
     def handle_any(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(length)
+        body = self.rfile.read(length)
         path = self.path.split("?", 1)[0]
         HostileMlflow.calls.append((self.command, path))
+        if path.endswith("/runs/log-batch") and HostileMlflow.failing:
+            self.send_error(503)
+            return
+        if path.endswith("/runs/log-batch"):
+            HostileMlflow.metrics += json.loads(body).get("metrics") or []
         run_info = {"run_id": "r1", "run_uuid": "r1", "experiment_id": "1", "status": "RUNNING",
                     "artifact_uri": HostileMlflow.artifact_uri, "lifecycle_stage": "active", "start_time": 0}
         if path.endswith("/experiments/get-by-name"):
@@ -122,9 +131,9 @@ class HostileMlflow(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def hostile_mlflow(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    HostileMlflow.calls = []
+    HostileMlflow.calls, HostileMlflow.metrics, HostileMlflow.failing = [], [], False
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostileMlflow)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
 
@@ -182,3 +191,121 @@ def test_where_artifacts_may_go(artifact_uri, tracking_uri, allowed):
     else:
         with pytest.raises(OutboundRefused):
             check_artifact_uri(artifact_uri, tracking_uri)
+
+
+# ---- live: while the job trains --------------------------------------------------------------------------------
+
+def wait_for(condition, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.05)
+    return value
+
+
+def test_metrics_reach_the_run_while_the_job_trains_and_the_end_sends_no_point_twice(trained, tracking_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from starvation.training import train
+
+    spec = trained[0]
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = MlflowRun(tracking_uri=tracking_uri, experiment="gs-live", job_id="job0006", spec=spec,
+                    allowed_schemes=["file"], flush_s=0.05)
+    run.start()
+    rows: list[dict] = []
+    in_mlflow_at_step_10: list[int] = []
+
+    def on_metrics(batch) -> None:
+        new = [vars(m).copy() for m in batch]
+        rows.extend(new)
+        run.add(new)
+        if new[0]["step"] == 10:  # training waits here: what MLflow has now, it got while the job ran
+            history = lambda: [m.step for m in client.get_metric_history(run.run_id, "accuracy/test/seed1")]
+            in_mlflow_at_step_10.extend(wait_for(lambda: run.run_id and len(history()) == 3 and history()))
+
+    engine_spec = {k: v for k, v in spec.items() if k != "mlflow"}
+    outcome = train(engine_spec, out_dir=tmp_path, on_metrics=on_metrics)
+    assert sorted(in_mlflow_at_step_10) == [0, 5, 10]
+    assert client.get_run(run.run_id).data.params == flatten_params(spec)  # the params came first
+
+    # What the result says of the job's start: the initial weights (params) and a resume (tag).
+    result = {**outcome.result, "init": {"names": "ours", "loaded": 4, "head": "fresh", "skipped": []},
+              "resumed": {"0": 10}}
+    assert run.finish(rows, result) == run.run_id
+    finished = client.get_run(run.run_id)
+    assert finished.info.status == "FINISHED"
+    assert {key: finished.data.params[key] for key in ("init.names", "init.loaded", "init.head", "init.skipped")} == {
+        "init.names": "ours", "init.loaded": "4", "init.head": "fresh", "init.skipped": "[]"}
+    assert json.loads(finished.data.tags["gs.resumed"]) == {"0": 10}
+    ours: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        ours.setdefault(metric_key(row), []).append((row["step"], row["value"]))
+    for key, history in ours.items():  # every point once: none sent again at the end
+        assert sorted((m.step, m.value) for m in client.get_metric_history(run.run_id, key)) == sorted(history), key
+
+
+def test_a_server_failing_mid_run_is_said_once_and_the_end_sends_what_it_missed(trained, hostile_mlflow):
+    spec, rows, result = trained
+    HostileMlflow.artifact_uri = "mlflow-artifacts:/1/r1/artifacts"
+    troubles: list[tuple[str, bool]] = []
+    run = MlflowRun(tracking_uri=hostile_mlflow, experiment="e", job_id="job0007", spec=spec,
+                    outbound_allow="127.0.0.1", flush_s=0.0, retry_s=60.0,
+                    on_trouble=lambda error, retrying: troubles.append((error, retrying)))
+    run.start()
+    first, later = rows[:len(rows) // 2], rows[len(rows) // 2:]
+    run.add(first)
+    wait_for(lambda: len(HostileMlflow.metrics) == len(first))
+    HostileMlflow.failing = True
+    run.add(later[:5])
+    wait_for(lambda: troubles)
+    run.add(later[5:])  # the server is still down: waits, said once
+    HostileMlflow.failing = False
+
+    assert run.finish(rows, result) == "r1"
+    assert len(troubles) == 1 and troubles[0][1] is True and "503" in troubles[0][0]
+    assert run.live_error == troubles[0][0]
+    points = [(m["key"], m["step"]) for m in HostileMlflow.metrics if not m["key"].startswith("final/")]
+    assert sorted(points) == sorted((metric_key(row), row["step"]) for row in rows)  # each once
+
+
+def test_a_train_job_whose_mlflow_fails_succeeds_with_warnings(hostile_mlflow, monkeypatch, tmp_path):
+    """The worker's side: the job's log says it, the job's warnings show it, the job succeeds."""
+    from api.jobs_service import job_warnings
+    from core.settings import get_settings
+    from models import job_logs as logs_repo
+    from models import jobs as jobs_repo
+    from models.db import Database
+    from models.migrate import upgrade
+    from models.status import JobStatus
+    from starvation.training import resolve_train_spec
+    from worker.runner import JobContext, JobWriter, run_kind
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")  # what the job sets, kept to this test
+    settings = get_settings().model_copy(update={"outbound_allow": "127.0.0.1", "mlflow_flush_s": 0.01,
+                                                 "var_dir": tmp_path})
+    upgrade(settings.database_url)
+    db = Database(settings.database_url)
+    spec = {**resolve_train_spec({"preset": "paper_moons_sd", "steps": 20, "eval_every": 5, "seeds": [0]}),
+            "mlflow": {"tracking_uri": hostile_mlflow, "experiment": "e"}}
+    with db.session() as session:
+        job_id = jobs_repo.create(session, owner_id="owner", kind="train", spec=spec, tags={}, queue="cpu",
+                                  callback_url=None).id
+        jobs_repo.claim(session, job_id, "test-worker")
+    HostileMlflow.artifact_uri, HostileMlflow.failing = "mlflow-artifacts:/1/r1/artifacts", True
+    writer = JobWriter(db, job_id)
+    writer.start()
+    ctx = JobContext(db=db, job_id=job_id, owner_id="owner", settings=settings, writer=writer, steps=20)
+    status, result, error = run_kind("train", spec, ctx)
+    writer.close()
+
+    assert status == JobStatus.SUCCEEDED and error is None
+    assert "503" in result["mlflow"]["error"] and "503" in result["mlflow"]["live_error"]
+    with db.session() as session:
+        jobs_repo.finish(session, job_id, status, result=result)
+        lines = [(line.level, line.message) for line in logs_repo.query(session, job_id)]
+        warnings = job_warnings(jobs_repo.get(session, job_id))
+    said = [message for level, message in lines if level == "warning" and "MLflow" in message]
+    assert len(said) == 2 and said[0].startswith("MLflow live logging failed: ") and "sent again later" in said[0]
+    assert said[1].startswith("MLflow export failed: ")
+    assert [w for w in warnings if "MLflow" in w] == [f"MLflow export failed: {result['mlflow']['error']}"]
