@@ -609,16 +609,22 @@ def report_of(job: Job) -> dict[str, Any]:
 
 
 def report_html(session: Session, job: Job) -> str:
-    from starvation.audit import render_repair_html, render_report_html
+    from starvation.audit import standalone_page
+
+    return standalone_page(*report_body(session, job))
+
+
+def report_body(session: Session, job: Job) -> tuple[str, str]:
+    """The report's title and its sections as HTML, without a page around them (the dashboard has its own)."""
+    from starvation.audit import render_repair_body, render_report_body
 
     report = report_of(job)
     if job.kind == "repair":
         plots = [*report["before"].get("plots", []), *report["after"].get("plots", [])]
-        title = f"Repair report: job {job.id}"
-        return render_repair_html(report["before"], report["after"], report["repair"], _plot_urls(session, job, plots),
-                                  title)
-    title = f"Reliance report: {job.kind} job {job.id}"
-    return render_report_html(report, _plot_urls(session, job, report.get("plots", [])), title)
+        return f"Repair report: job {job.id}", render_repair_body(report["before"], report["after"], report["repair"],
+                                                                  _plot_urls(session, job, plots))
+    return (f"Reliance report: {job.kind} job {job.id}",
+            render_report_body(report, _plot_urls(session, job, report.get("plots", []))))
 
 
 def _plot_urls(session: Session, job: Job, names: list[str]) -> dict[str, str]:

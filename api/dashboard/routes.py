@@ -51,7 +51,7 @@ STATIC = {"dashboard.css": "text/css", "charts.js": "text/javascript", "job.js":
           "jobs.js": "text/javascript", "compare.js": "text/javascript"}
 KINDS = ("train", "audit", "repair", "sweep")
 SECURITY_HEADERS = {
-    # Only our own scripts; inline <style> for the report page; plots arrive as data: URIs.
+    # Only our own scripts; inline style attributes (the sweep's heat maps); plots arrive as data: URIs.
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                                "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
                                "frame-ancestors 'none'; base-uri 'none'",
@@ -197,6 +197,7 @@ def job_page(job_id: str, request: Request, session: SessionDep, principal: brow
         "job": job, "row": views.job_row(job), "report": report, "summary": views.summary_rows(job, report),
         "sweep": views.sweep_view(job),
         "spec_json": json.dumps(job.spec, indent=2), "others": others,
+        "downloads": views.downloads(session, job, principal.owner_id),
         "warnings": jobs_service.job_warnings(job), "mlflow_run": ((job.result or {}).get("mlflow") or {}).get("run_id")
         and job.result["mlflow"],
         "page_data": {"id": job.id, "kind": job.kind, "status": job.status, "steps": (job.spec or {}).get("steps"),
@@ -268,17 +269,27 @@ async def job_events(job_id: str, request: Request) -> Response:
 
 @router.get("/jobs/{job_id}/report")
 def report_page(job_id: str, request: Request, session: SessionDep, principal: browser.SignedInDep) -> Response:
+    """The report in the dashboard's frame (navigation, style), with the job's files to download."""
     job = owned_job(session, job_id, principal.owner_id)
     if job is None:
         return not_found_page(request, "job")
     try:
-        document = jobs_service.report_html(session, job)
+        title, body = jobs_service.report_body(session, job)
     except ApiError as exc:
         return page(request, "message.html", {"title": "No report", "message": exc.message}, exc.status)
-    nav = (f'<nav style="margin-bottom:1rem"><a href="/dashboard/jobs">Jobs</a> · '
-           f'<a href="/dashboard/jobs/{job.id}">job {job.id}</a></nav>')
-    document = document.replace("<body>", "<body>" + nav, 1)
-    response = HTMLResponse(document)
+    return page(request, "report.html", {"job": job, "title": title, "body": body,
+                                         "downloads": views.downloads(session, job, principal.owner_id)})
+
+
+@router.get("/jobs/{job_id}/artifacts/{name}")
+def download_artifact(job_id: str, name: str, request: Request, session: SessionDep,
+                      principal: browser.SignedInDep) -> Response:
+    """One of the job's artifacts (a plot, a JSON report) for the signed-in browser."""
+    job = owned_job(session, job_id, principal.owner_id)
+    artifact = files_repo.get_artifact(session, job.id, name) if job is not None else None
+    if artifact is None or not Path(artifact.path).is_file():
+        return not_found_page(request, "artifact")
+    response = FileResponse(artifact.path, media_type=artifact.media_type, filename=artifact.name)
     response.headers.update(SECURITY_HEADERS)
     return response
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy.orm import Session
 
@@ -225,12 +226,40 @@ def fmt(value: Any) -> str:
 
 
 def plot_images(session: Session, job: Job, report: dict | None) -> list[dict[str, str]]:
-    """The report's plots as data URIs (one authenticated page load, no second request per image)."""
+    """The report's plots as data URIs (one authenticated page load, no second request per image), captioned."""
+    from starvation.audit import plot_caption
+
     images = []
     for name in (report or {}).get("plots", []):
         artifact = files_repo.get_artifact(session, job.id, name)
         if artifact is None or not Path(artifact.path).is_file():
             continue
         data = base64.b64encode(Path(artifact.path).read_bytes()).decode()
-        images.append({"name": name, "src": f"data:{artifact.media_type};base64,{data}"})
+        images.append({"name": name, "src": f"data:{artifact.media_type};base64,{data}", "caption": plot_caption(name)})
     return images
+
+
+def downloads(session: Session, job: Job, owner_id: str) -> dict[str, list[dict[str, Any]]]:
+    """The job's files, as links for the signed-in browser: the checkpoints it made (each format) and the one it
+    read (an audit's or a repair's input), and its other artifacts (plots, reports)."""
+    made = list(files_repo.checkpoints_of_job(session, job.id))
+    read = files_repo.get_checkpoint(session, job.spec["checkpoint_id"], owner_id=owner_id) \
+        if isinstance((job.spec or {}).get("checkpoint_id"), str) else None
+    checkpoints = [{"id": c.id, "format": c.format, "size": size_text(c.size_bytes),
+                    "what": "input" if c is read else f"seed {c.seed}" if c.seed is not None else "made",
+                    "url": f"/dashboard/checkpoints/{c.id}/file"}
+                   for c in made + ([read] if read is not None and read not in made else [])]
+    paths = {c.path for c in made}  # a checkpoint's file is an artifact too: listed once, as a checkpoint
+    artifacts = [{"name": a.name, "media_type": a.media_type, "size": size_text(a.size_bytes),
+                  "url": f"/dashboard/jobs/{job.id}/artifacts/{quote(a.name, safe='')}"}
+                 for a in files_repo.artifacts_of_job(session, job.id) if a.path not in paths]
+    return {"checkpoints": checkpoints, "artifacts": artifacts}
+
+
+def size_text(size_bytes: int) -> str:
+    """1234567 as "1.2 MiB"."""
+    if size_bytes < 1024:
+        return f"{size_bytes} bytes"
+    if size_bytes < 1024 ** 2:
+        return f"{size_bytes / 1024:.1f} KiB"
+    return f"{size_bytes / 1024 ** 2:.1f} MiB"

@@ -1,7 +1,10 @@
-"""An audit report as one self-contained HTML page: the numbers in tables, the plots as <img>."""
+"""An audit report as HTML: its sections (the numbers in tables, the plots as captioned <img>), alone or as one
+self-contained page. Every number shows with three decimals, as the dashboard's do."""
 from __future__ import annotations
 
 from html import escape
+
+from starvation.audit.plots import plot_caption
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; }
@@ -12,25 +15,34 @@ th { background: #f3f3f3; }
 .verdict-uncertain { color: #5a4fa0; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5rem 0; }
 .note { color: #666; font-size: 0.9em; }
+figure { margin: 1rem 0; } figcaption { color: #444; font-size: 0.9em; max-width: 48rem; }
+.file { color: #666; font-family: monospace; font-size: 0.9em; }
 """
+_SIDE_BY_SIDE = ".columns { display: flex; gap: 2rem; } .columns > section { flex: 1; min-width: 0; }"
 
 
 def render_report_html(report: dict, plot_urls: dict[str, str], title: str) -> str:
     """A page for `report`; `plot_urls` maps each name in report["plots"] to where it is served."""
-    parts = [
+    return standalone_page(title, render_report_body(report, plot_urls))
+
+
+def render_report_body(report: dict, plot_urls: dict[str, str]) -> str:
+    """The report's sections, without a page around them (the dashboard puts them in its own)."""
+    parts = [_summary(report), _groups(report), _counterfactual(report), _four_corners(report), _linear_probe(report),
+             _plots(report, plot_urls)]
+    return "\n".join(part for part in parts if part)
+
+
+def standalone_page(title: str, body: str) -> str:
+    """One page that needs nothing else: inline style, no script."""
+    return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{_text(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<title>{_text(title)}</title><style>{_STYLE}{_SIDE_BY_SIDE}</style></head><body>",
         f"<h1>{_text(title)}</h1>",
-        _summary(report),
-        _groups(report),
-        _counterfactual(report),
-        _four_corners(report),
-        _linear_probe(report),
-        _plots(report, plot_urls),
+        body,
         "</body></html>",
-    ]
-    return "\n".join(part for part in parts if part)
+    ])
 
 
 def _summary(report: dict) -> str:
@@ -155,8 +167,8 @@ def _linear_probe(report: dict) -> str:
 
 def _plots(report: dict, plot_urls: dict[str, str]) -> str:
     images = [
-        f'<figure><img src="{escape(plot_urls[name], quote=True)}" alt="{escape(name, quote=True)}">'
-        f"<figcaption>{_text(name)}</figcaption></figure>"
+        f'<figure><img src="{escape(plot_urls[name], quote=True)}" alt="{_text(plot_caption(name))}">'
+        f'<figcaption>{_text(plot_caption(name))} <span class="file">{_text(name)}</span></figcaption></figure>'
         for name in report.get("plots") or [] if name in plot_urls
     ]
     return "<h2>Plots</h2>" + "".join(images) if images else ""
@@ -181,7 +193,7 @@ def _text(value) -> str:
 
 
 def _number(value: float) -> str:
-    return f"{value:.4g}"
+    return f"{value:.3f}"
 
 
 def _estimate(value, interval) -> str | None:
@@ -191,12 +203,14 @@ def _estimate(value, interval) -> str | None:
     return f"{_number(value)} [{_number(interval[0])}, {_number(interval[1])}]"
 
 
-_SIDE_BY_SIDE = ".columns { display: flex; gap: 2rem; } .columns > section { flex: 1; min-width: 0; }"
-
-
 def render_repair_html(before: dict, after: dict, repair: dict, plot_urls: dict[str, str], title: str) -> str:
     """A repair job's page: the before/after numbers in one table, what fitted and what chose,
     then both audits side by side (groups, counterfactual, four corners, probe, plots)."""
+    return standalone_page(title, render_repair_body(before, after, repair, plot_urls))
+
+
+def render_repair_body(before: dict, after: dict, repair: dict, plot_urls: dict[str, str]) -> str:
+    """`render_repair_html`'s sections, without a page around them."""
     def number(report: dict, *path: str):
         value = report
         for key in path:
@@ -237,13 +251,8 @@ def render_repair_html(before: dict, after: dict, repair: dict, plot_urls: dict[
         return f"<section><h2>{_text(name)}</h2>" + "\n".join(s for s in sections if s) + "</section>"
 
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{_text(title)}</title><style>{_STYLE}{_SIDE_BY_SIDE}</style></head><body>",
-        f"<h1>{_text(title)}</h1>",
         "<h2>Before and after</h2>" + _table(["", "before", "after"], rows),
         "<h2>Repair</h2>" + _table(["", ""], repair_rows, header=False),
         '<div class="columns">' + column("Before", before) + column("After", after) + "</div>",
-        "</body></html>",
     ]
     return "\n".join(parts)

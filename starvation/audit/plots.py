@@ -15,6 +15,18 @@ from starvation.datasets.base import Dataset
 GROUP_ACCURACY = "group_accuracy.png"
 FOUR_CORNERS = "four_corners.png"
 DECISION_BOUNDARY = "decision_boundary.png"
+# The group plot's bars (matplotlib's tab:blue and tab:orange); pages that draw next to it keep off these two.
+ALIGNED_COLOUR, CONFLICTING_COLOUR = "#1f77b4", "#ff7f0e"
+CAPTIONS = {
+    GROUP_ACCURACY: "Test accuracy of each group (label × spurious attribute). Blue: bias-aligned groups, where the "
+                    "attribute goes with the label as it did in training; orange: bias-conflicting groups; dashed: "
+                    "the average. A model that leans on the attribute scores high on blue and low on orange.",
+    FOUR_CORNERS: "Accuracy (left) and mean predictive entropy (right) on the test split with the core feature "
+                  "and/or the spurious attribute removed. Leaning on the attribute: accuracy falls when it is "
+                  "removed, and the model stays confident with only the attribute left.",
+    DECISION_BOUNDARY: "The predicted probability of class 1 over the input plane (the black line is 0.5), with the "
+                       "training points (circles) and the test points (crosses) coloured by label.",
+}
 _DPI = 100
 _GRID = 200  # decision boundary: points per axis
 
@@ -41,7 +53,7 @@ def group_accuracy(report: dict) -> Figure:
     fig = Figure(figsize=(max(4.0, 1.1 * len(groups) + 2), 3.6), dpi=_DPI)
     ax = fig.add_subplot()
     labels = [f"y={g['label']}\n{attribute}={g['attribute']}\nn={g['n']}" for g in groups]
-    colours = ["tab:blue" if g.get("aligned") else "tab:orange" for g in groups]
+    colours = [ALIGNED_COLOUR if g.get("aligned") else CONFLICTING_COLOUR for g in groups]
     bars = ax.bar(range(len(groups)), [g["accuracy"] for g in groups], color=colours)
     for bar, g in zip(bars, groups):
         ax.annotate(f"{g['accuracy']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
@@ -56,6 +68,11 @@ def group_accuracy(report: dict) -> Figure:
     ax.set_title("Accuracy per group (blue: bias-aligned, orange: bias-conflicting)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def plot_caption(name: str) -> str:
+    """What a plot shows, for a caption under it; `name` as a report lists it (a train job's: `seed0-...`)."""
+    return next((caption for plot, caption in CAPTIONS.items() if name.endswith(plot)), name)
 
 
 def four_corners(report: dict) -> Figure:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from starvation.audit import ALIGNED_COLOUR, CONFLICTING_COLOUR
 from tests.conftest import ADMIN_TOKEN
 
 SHORT_ERM = {"preset": "paper_cmnist_erm", "steps": 40, "eval_every": 10, "seeds": [0]}
@@ -50,6 +52,7 @@ def browser():
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     driver.set_page_load_timeout(60)
+    driver.set_script_timeout(30)
     yield driver
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
@@ -160,12 +163,28 @@ def test_a_job_submitted_on_the_dashboard_runs_live_and_its_report_and_compariso
     assert "train job started" in driver.find_element(By.ID, "job-logs").text
     screenshot_is_a_picture(driver, "job")
 
-    # Its reliance report, with the plots inline.
+    assert driver.find_elements(By.CSS_SELECTOR, "#files-panel a.download")  # its checkpoints, to download
+
+    # Its reliance report, in the dashboard's frame, with the plots inline and captioned.
     driver.find_element(By.ID, "report-link").click()
     wait_until(lambda: "Reliance report" in driver.title, 15, "the report page")
+    nav = {a.get_attribute("href").removeprefix(base) for a in driver.find_elements(By.CSS_SELECTOR, "header.top nav a")}
+    assert {"/dashboard/jobs", "/dashboard/compare", "/dashboard/keys"} <= nav
+    assert driver.find_elements(By.CSS_SELECTOR, f"#crumbs a[href='/dashboard/jobs/{job_id}']")
+    assert driver.execute_script("return getComputedStyle(document.body).backgroundColor") == "rgb(246, 247, 249)"
     images = driver.find_elements(By.CSS_SELECTOR, "img")
     assert images and all(img.get_attribute("src").startswith("data:image/png") for img in images)
     assert driver.execute_script("return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    captions = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#report figure > img + figcaption")]
+    assert len(captions) == len(images) and all(len(caption) > 80 for caption in captions)  # a sentence, not a name
+    numbers = re.findall(r"\d+\.\d+", " ".join(t.text for t in driver.find_elements(By.CSS_SELECTOR, "#report table")))
+    assert numbers and {len(number.split(".")[1]) for number in numbers} == {3}  # one precision throughout
+    links = [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "#downloads a.download")]
+    assert any("/dashboard/checkpoints/" in link for link in links) and any("/artifacts/" in link for link in links)
+    statuses = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "Promise.all(arguments[0].map(u => fetch(u).then(r => r.status))).then(done, e => done(String(e)));", links)
+    assert statuses == [200] * len(links), dict(zip(links, statuses))
     screenshot_is_a_picture(driver, "report")
 
     # The API's own report.html renders under its stricter policy too: inline style, data: images, no script.
@@ -189,6 +208,16 @@ def test_a_job_submitted_on_the_dashboard_runs_live_and_its_report_and_compariso
     assert "paper_cmnist_erm" in table and "paper_cmnist_sd" in table and "test accuracy" in table
     wait_until(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#chart-accuracy path.series")) == 4, 15,
                "both jobs' accuracy curves")
+    # A and B in colours of their own, apart from the group plots' bias-aligned and bias-conflicting ones.
+    colour_of = "return getComputedStyle(arguments[0])[arguments[1]]"
+    strokes = {driver.execute_script(colour_of, path, "stroke")
+               for path in driver.find_elements(By.CSS_SELECTOR, "#chart-accuracy path.series")}
+    swatches = {driver.execute_script(colour_of, swatch, "backgroundColor")
+                for swatch in driver.find_elements(By.CSS_SELECTOR, "#compare-legend .swatch")}
+    assert len(strokes) == 2 and strokes == swatches
+    assert not strokes & {rgb(ALIGNED_COLOUR), rgb(CONFLICTING_COLOUR)}
+    captions = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "figure.report-plot > img + figcaption")]
+    assert captions and all(len(caption) > 80 for caption in captions)  # A's plots (B trained without an audit)
     screenshot_is_a_picture(driver, "compare")
 
     # The job list filters by status and kind.
@@ -214,6 +243,12 @@ def test_the_api_docs_render_offline_from_the_service_own_files(embedded_stack, 
         "return performance.getEntriesByType('resource').filter(e => e.initiatorType !== 'img').map(e => e.name)")
     assert loaded and all(url.startswith(base + "/") for url in loaded), loaded
     screenshot_is_a_picture(browser, f"api-docs{page.replace('/', '-')}")
+
+
+def rgb(hex_colour: str) -> str:
+    """"#1f77b4" as the browser computes it: "rgb(31, 119, 180)"."""
+    red, green, blue = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgb({red}, {green}, {blue})"
 
 
 def listed_jobs(driver) -> set[str]:

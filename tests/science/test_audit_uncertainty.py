@@ -170,6 +170,6 @@ def test_the_report_page_shows_the_interval_and_names_both_verdicts_when_uncerta
     report = audit(FollowsAttribute(0.51), toy, tmp_path)
     page = render_report_html(report, {}, title="t")
     low, high = report["summary"]["interval"]
-    assert f"0.51 [{low:.4g}, {high:.4g}]" in page
+    assert f"0.510 [{low:.3f}, {high:.3f}]" in page  # every number at three decimals, as on the dashboard
     assert "uncertain (between partial and high)" in page and 'class="verdict-uncertain"' in page
     assert "flips towards the training association" in page and "mean |Δ logit|" in page

@@ -3,7 +3,9 @@
   "use strict";
   var data = GS.pageData();
   if (!data.jobs || data.jobs.length !== 2) return;
-  var COLORS = {A: "#1f77b4", B: "#ff7f0e"};
+  // The sides' colours live in dashboard.css (--side-a, --side-b), away from the group plots' blue and orange.
+  var style = getComputedStyle(document.documentElement);
+  var COLORS = {A: style.getPropertyValue("--side-a").trim(), B: style.getPropertyValue("--side-b").trim()};
   var stores = {};
 
   function chart(id, name, splits, options) {
