@@ -44,14 +44,16 @@ def colored_mnist(preset: str, seeds: list[int], data_dir: str | None, work: pat
     trajectory: dict[int, list[float]] = {}
     final_test: dict[int, float] = {}
 
-    def record(metrics: list[Metric]) -> None:
-        values = {(m.split, m.name): m.value for m in metrics}
-        step, seed = metrics[0].step, metrics[0].seed
-        trajectory.setdefault(step, []).append(values[("train", "starved_fraction")])
-        final_test[seed] = values[("test", "accuracy")]  # the last call per seed is the final model
-        print(f"  {preset} seed {seed} step {step}: train {values[('train', 'accuracy')]:.3f} "
-              f"test {values[('test', 'accuracy')]:.3f} starved {values[('train', 'starved_fraction')]:.3f}",
-              flush=True)
+    def record(metrics: list[Metric]) -> None:  # one evaluation of one seed, or of every seed (batched)
+        evaluations: dict[tuple[int, int], dict[tuple[str, str], float]] = {}
+        for m in metrics:
+            evaluations.setdefault((m.seed, m.step), {})[(m.split, m.name)] = m.value
+        for (seed, step), values in sorted(evaluations.items()):
+            trajectory.setdefault(step, []).append(values[("train", "starved_fraction")])
+            final_test[seed] = values[("test", "accuracy")]  # the last evaluation per seed is the final model
+            print(f"  {preset} seed {seed} step {step}: train {values[('train', 'accuracy')]:.3f} "
+                  f"test {values[('test', 'accuracy')]:.3f} starved {values[('train', 'starved_fraction')]:.3f}",
+                  flush=True)
 
     started = time.perf_counter()
     spec = ({"preset": preset, "seeds": seeds} | ({"steps": steps, "eval_every": steps} if steps else {})
