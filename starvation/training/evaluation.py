@@ -1,4 +1,6 @@
-"""Evaluation: each split's loss, accuracy, mean |logit| and starved fraction, and the summary over seeds."""
+"""Evaluation: each split's loss, accuracy, mean |logit|; starvation on the way (the training split's starved
+fraction and the share of its gradient that bias-conflicting examples carry, the core-only corner's margin); the
+summary over seeds."""
 from __future__ import annotations
 
 import functools
@@ -15,6 +17,7 @@ from starvation.ensemble import StackedMLP
 from starvation.methods import cross_entropy
 
 STARVED_GRADIENT = 1e-3  # an example is "starved" when its loss gradient w.r.t. the logit is below this
+CORE_ONLY = "core_only"  # the test split's core-only corner, evaluated with the splits where a dataset builds it
 EVAL_CHUNK = 8192  # examples per forward pass when evaluating
 
 
@@ -31,10 +34,40 @@ def stacked_logits(output: torch.Tensor) -> torch.Tensor:
 # ---- evaluation ----------------------------------------------------------------------------
 
 def evaluation_splits(data: Dataset) -> dict[str, Split]:
-    """'train' (the training splits pooled) and every named split (a split named 'train' is the pooled one)."""
+    """'train' (the training splits pooled), every named split (a split named 'train' is the pooled one), and
+    `CORE_ONLY` where the dataset builds it (`core_only_corner`)."""
     splits = {"train": data.train_data()}
     splits.update({name: split for name, split in data.splits.items() if name != "train"})
+    corner = core_only_corner(data)
+    if corner is not None:
+        splits[CORE_ONLY] = corner
     return splits
+
+
+def core_only_corner(data: Dataset) -> Split | None:
+    """The paper's core-only corner of the test split (Colored MNIST: the grey digit, no colour), labelled with the
+    clean core label where the dataset knows it: what the core feature alone earns, followed over training. None
+    where the dataset has no four corners (or holds a split of that name)."""
+    test = data.splits.get(data.test_split)
+    if not data.has_four_corners or test is None or not isinstance(test.x, torch.Tensor) or CORE_ONLY in data.splits:
+        return None
+    corner = data.four_corners(test)["core_only"]
+    label = corner.core_label if corner.core_label is not None else corner.y
+    return Split(name=CORE_ONLY, x=corner.x, y=label, attribute=corner.attribute, core_label=corner.core_label)
+
+
+def bias_conflicting(data: Dataset) -> torch.Tensor | None:
+    """Per example of the pooled training split (`Dataset.train_data()`'s order): its attribute is not the one most
+    common among the training examples of its label (Colored MNIST: the colour disagrees with the label). None
+    where the dataset has no attribute or its training data one value of it (nothing conflicts)."""
+    y = torch.cat([data.splits[name].y for name in data.train_splits])
+    attribute = torch.cat([data.splits[name].attribute for name in data.train_splits])
+    if data.attribute_name is None or bool((attribute == attribute[0]).all()):
+        return None
+    attributes, classes = int(attribute.max()) + 1, int(y.max()) + 1
+    counts = torch.bincount(y * attributes + attribute, minlength=classes * attributes)
+    majority = counts.view(classes, attributes).argmax(dim=1)
+    return attribute != majority[y]
 
 
 def pooled_slices(data: Dataset) -> dict[str, slice]:
@@ -80,28 +113,45 @@ def stacked_splits(data: Sequence[Dataset], device: torch.device, *, shared: boo
     for name in names:
         if name not in splits:
             splits[name] = stack(lambda d, name=name: d.splits[name], name)
+    if core_only_corner(first) is not None:
+        names.append(CORE_ONLY)
+        splits[CORE_ONLY] = stack(core_only_corner, CORE_ONLY)
     return {name: splits[name] for name in names}
 
 
-def split_metrics(logits: torch.Tensor, y: torch.Tensor, *, with_starved: bool) -> torch.Tensor:
-    """[loss, accuracy, mean_abs_logit(, starved_fraction)] of one split's logits, as one tensor (no sync)."""
+def split_metrics(logits: torch.Tensor, y: torch.Tensor, conflicting: torch.Tensor | None = None, *,
+                  split: str) -> torch.Tensor:
+    """One split's `_metric_names`, as one tensor (no sync). `conflicting`: the training split's bias-conflicting
+    examples (`bias_conflicting`), where the dataset has an attribute."""
     values = [cross_entropy(logits, y), (predictions(logits) == y).float().mean(), logits.abs().mean()]
-    if with_starved:
+    if split == "train":
         values.append(starved(logits, y).float().mean())
+        if conflicting is not None:
+            gradient = logit_gradient(logits, y)
+            values.append((gradient * conflicting).sum() / gradient.sum().clamp_min(torch.finfo(gradient.dtype).tiny))
+    elif split == CORE_ONLY:
+        values.append(signed_margin(logits, y).mean())
     return torch.stack(values)
 
 
-def _metric_names(split: str) -> list[tuple[str, str]]:
-    names = ["loss", "accuracy", "mean_abs_logit"] + (["starved_fraction"] if split == "train" else [])
+def _metric_names(split: str, conflicting: bool = False) -> list[tuple[str, str]]:
+    """loss, accuracy, mean_abs_logit; for 'train' the starved fraction and, given the bias-conflicting examples,
+    the share of the cross-entropy's logit gradient they carry; for `CORE_ONLY` the mean signed margin."""
+    names = ["loss", "accuracy", "mean_abs_logit"]
+    if split == "train":
+        names += ["starved_fraction"] + (["conflicting_gradient_share"] if conflicting else [])
+    elif split == CORE_ONLY:
+        names.append("margin")
     return [(split, name) for name in names]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, splits: dict[str, Split],
-             pooled: dict[str, slice] | None = None) -> dict[tuple[str, str], float]:
-    """{(split, metric): value}: loss, accuracy, mean_abs_logit per split; starved_fraction for 'train'.
+def evaluate(model: nn.Module, splits: dict[str, Split], pooled: dict[str, slice] | None = None,
+             conflicting: torch.Tensor | None = None) -> dict[tuple[str, str], float]:
+    """{(split, metric): value}: each split's `_metric_names`.
 
     `pooled` (`pooled_slices`): the splits whose logits are sliced from 'train''s, which comes first.
+    `conflicting`: 'train''s bias-conflicting examples (`bias_conflicting`), or None (no attribute).
     """
     model.eval()
     values, computed = {}, {}
@@ -112,14 +162,17 @@ def evaluate(model: nn.Module, splits: dict[str, Split],
             logits = torch.cat([as_logits(model(batch.to(split.y.device, non_blocking=True)))
                                 for batch in batches_of(split.x, EVAL_CHUNK)])
         computed[name] = logits
-        values.update(zip(_metric_names(name), split_metrics(logits, split.y, with_starved=name == "train").tolist()))
+        given = conflicting if name == "train" else None
+        values.update(zip(_metric_names(name, given is not None),
+                          split_metrics(logits, split.y, given, split=name).tolist()))
     return values
 
 
 @torch.no_grad()
-def evaluate_stacked(model: StackedMLP, splits: dict[str, Split],
-                     pooled: dict[str, slice] | None = None) -> list[dict[tuple[str, str], float]]:
-    """`evaluate` for every seed of a stacked model on stacked splits: one dict per seed, one host sync in all."""
+def evaluate_stacked(model: StackedMLP, splits: dict[str, Split], pooled: dict[str, slice] | None = None,
+                     conflicting: torch.Tensor | None = None) -> list[dict[tuple[str, str], float]]:
+    """`evaluate` for every seed of a stacked model on stacked splits (`conflicting` [S, N]): one dict per seed,
+    one host sync in all."""
     model.eval()
     names, columns, computed = [], [], {}
     for name, split in splits.items():
@@ -129,8 +182,9 @@ def evaluate_stacked(model: StackedMLP, splits: dict[str, Split],
             logits = torch.cat([stacked_logits(model(split.x[:, i:i + EVAL_CHUNK]))
                                 for i in range(0, split.x.shape[1], EVAL_CHUNK)], dim=1)
         computed[name] = logits
-        columns.append(vmap(functools.partial(split_metrics, with_starved=name == "train"))(logits, split.y))
-        names += _metric_names(name)
+        given = (conflicting,) if name == "train" and conflicting is not None else ()
+        columns.append(vmap(functools.partial(split_metrics, split=name))(logits, split.y, *given))
+        names += _metric_names(name, bool(given))
     return [dict(zip(names, row)) for row in torch.cat(columns, dim=1).tolist()]
 
 
@@ -140,10 +194,26 @@ def predictions(logits: torch.Tensor) -> torch.Tensor:
 
 def starved(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per example: the cross-entropy's gradient w.r.t. the logit(s) is below STARVED_GRADIENT in magnitude."""
+    return logit_gradient(logits, y) < STARVED_GRADIENT
+
+
+def logit_gradient(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per example: the magnitude of the cross-entropy's gradient w.r.t. its logit(s), |sigmoid(f) - y| or
+    ||softmax(f) - onehot(y)||: how much the example still teaches the network."""
     if logits.ndim == 1:
-        return (torch.sigmoid(logits) - y.to(logits.dtype)).abs() < STARVED_GRADIENT
+        return (torch.sigmoid(logits) - y.to(logits.dtype)).abs()
     onehot = torch.nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype)
-    return torch.linalg.vector_norm(torch.softmax(logits, dim=1) - onehot, dim=1) < STARVED_GRADIENT
+    return torch.linalg.vector_norm(torch.softmax(logits, dim=1) - onehot, dim=1)
+
+
+def signed_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per example: how far the logit(s) favour the label y, f for 1 and -f for 0 (one logit), or f_y minus the
+    largest other logit (k logits); negative when the prediction is wrong."""
+    if logits.ndim == 1:
+        return torch.where(y == 1, logits, -logits)
+    right = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+    return right - others
 
 
 def _summarise(finals: dict[int, dict[tuple[str, str], float]]) -> dict:

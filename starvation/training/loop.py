@@ -20,7 +20,7 @@ from starvation.ensemble import StackedMLP, seed_losses, unsupported_reason
 from starvation.methods import Method, build_method, method_class
 from starvation.networks import Network, build_network, load_initial_weights, output_count
 from starvation.training.acceleration import GraphedUpdates, PhaseCompiled, forward_precision, tf32_matmuls
-from starvation.training.evaluation import (_summarise, _to, as_logits, evaluate, evaluate_stacked,
+from starvation.training.evaluation import (_summarise, _to, as_logits, bias_conflicting, evaluate, evaluate_stacked,
                                             evaluation_splits, pooled_slices, stacked_logits, stacked_splits)
 from starvation.training.spec import (ResolvedTrainSpec, _check_gamma, build_optimizer, resolve_device,
                                       resolve_train_spec)
@@ -232,6 +232,8 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
     splits = {name: _to(split, device) for name, split in evaluation_splits(data).items()}
     pooled = pooled_slices(data)
     train_split = splits["train"]
+    conflicting = bias_conflicting(data)
+    conflicting = conflicting.to(device) if conflicting is not None else None
     model = _init_network(spec, data, seed, init_weights).to(device)
     method = build_method(spec["method"])
     groups = {name: tensor.to(device) for name, tensor in memberships(data, method.NEEDS).items()}
@@ -282,7 +284,7 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
                         batches=drawn_before.pop(step, None) or batches.state())
         if step % eval_every == 0 or step == steps:
             with clock.evaluating(), tf32_matmuls(False):
-                values = evaluate(model, splits, pooled)
+                values = evaluate(model, splits, pooled, conflicting)
                 history.append(values)
                 report(step, steps, seed, values)
         if step == steps:
@@ -316,6 +318,8 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     per_seed_groups = [memberships(d, method.NEEDS) for d in data[:1 if shared_data else len(data)]]
     groups = {name: torch.stack([g[name] for g in per_seed_groups]).expand(len(seeds), -1, -1).to(device)
               for name in method.NEEDS}
+    masks = [bias_conflicting(d) for d in data[:1 if shared_data else len(data)]]
+    conflicting = None if any(m is None for m in masks) else torch.stack(masks).expand(len(seeds), -1).to(device)
     first = data[0]
     del data  # the stacked copy is all that training needs
     train_split = splits["train"]
@@ -359,7 +363,7 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
             with clock.evaluating(), tf32_matmuls(False):
-                per_seed = evaluate_stacked(model, splits, pooled)
+                per_seed = evaluate_stacked(model, splits, pooled, conflicting)
                 for history, values in zip(histories, per_seed):
                     history.append(values)
                 report(step, dict(zip(keys, per_seed)), step / steps)

