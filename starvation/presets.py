@@ -70,6 +70,32 @@ PRESETS: dict[str, dict] = {
         "batch_size": None,
         "eval_every": 50,
     },
+    "cmnist_group_dro": {
+        "source": "Not a row of the paper: the ERM recipe (paper_cmnist_erm, from the authors' Gradient_Starvation "
+                  "Figure_4_and_table_1/cmnist.py) with Group DRO's loss over the four "
+                  "(label, colour) groups, step size 0.01 (Sagawa et al. 2020's default): a comparator that is "
+                  "given the group labels SD does without.",
+        "dataset": _CMNIST_DATA,
+        "model": _CMNIST_MODEL,
+        "method": {"name": "group_dro", "step_size": 0.01},
+        "optimizer": _CMNIST_ADAM,
+        "steps": 1001,
+        "batch_size": None,
+        "eval_every": 100,
+    },
+    "cmnist_jtt": {
+        "source": "Not a row of the paper: the ERM recipe (paper_cmnist_erm, from the authors' Gradient_Starvation "
+                  "Figure_4_and_table_1/cmnist.py) trained twice as JTT does (Liu et al. "
+                  "2021): identification by ERM for 100 steps, then its errors upweighted 6 times (our choice for "
+                  "this task, see the method); like SD it needs no group labels.",
+        "dataset": _CMNIST_DATA,
+        "model": _CMNIST_MODEL,
+        "method": {"name": "jtt", "identification_steps": 100, "upweight": 6.0},
+        "optimizer": _CMNIST_ADAM,
+        "steps": 1001,
+        "batch_size": None,
+        "eval_every": 100,
+    },
     "paper_celeba_erm": {
         "source": "Table 2, ERM row (worst group 40.35): the authors' Table_2/table_2.sh (a fork of group_DRO's "
                   "run_expt.py): ImageNet-pretrained ResNet-50, one logit, cross-entropy, SGD lr 1e-5 momentum 0.9 "

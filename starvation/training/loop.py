@@ -14,14 +14,15 @@ from torch import nn
 
 from starvation import datasets
 from starvation.checkpoints.save import CheckpointFile, save_checkpoint
-from starvation.datasets import Dataset, ImageFiles
+from starvation.datasets import Dataset, ImageFiles, batches_of
 from starvation.errors import SpecError
 from starvation.ensemble import StackedMLP, seed_losses, unsupported_reason
 from starvation.methods import Method, build_method, method_class
 from starvation.networks import Network, build_network, load_initial_weights, output_count
 from starvation.training.acceleration import GraphedUpdates, PhaseCompiled, forward_precision, tf32_matmuls
-from starvation.training.evaluation import (_summarise, _to, as_logits, bias_conflicting, evaluate, evaluate_stacked,
-                                            evaluation_splits, pooled_slices, stacked_logits, stacked_splits)
+from starvation.training.evaluation import (EVAL_CHUNK, _summarise, _to, as_logits, bias_conflicting, evaluate,
+                                            evaluate_stacked, evaluation_splits, pooled_slices, predictions,
+                                            stacked_logits, stacked_splits)
 from starvation.training.spec import (ResolvedTrainSpec, _check_gamma, build_optimizer, resolve_device,
                                       resolve_train_spec)
 
@@ -236,7 +237,11 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
     conflicting = conflicting.to(device) if conflicting is not None else None
     model = _init_network(spec, data, seed, init_weights).to(device)
     method = build_method(spec["method"])
-    groups = {name: tensor.to(device) for name, tensor in memberships(data, method.NEEDS).items()}
+    found = {}
+    if method.IDENTIFICATION_STEPS is not None:  # JTT: its identification model first
+        found["error_set"] = identification_errors(spec, data, seed, device, method.params[method.IDENTIFICATION_STEPS],
+                                                   should_stop)
+    groups = {name: tensor.to(device) for name, tensor in memberships(data, method.NEEDS, **found).items()}
     optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
     steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
     streamed = isinstance(train_split.x, ImageFiles)
@@ -380,16 +385,18 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     return networks, histories, clock
 
 
-def memberships(data: Dataset, needs: Sequence[str]) -> dict[str, torch.Tensor]:
+def memberships(data: Dataset, needs: Sequence[str], *,
+                error_set: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """What a method's loss needs of each pooled training example besides its label (`Method.NEEDS`), in the
     order of `Dataset.train_data()`, one-hot float: `environment` [N, training splits] (the split it came from);
-    `group` [N, classes x attribute values] (its (label, attribute) pair, at label * attribute values + attribute).
+    `group` [N, classes x attribute values] (its (label, attribute) pair, at label * attribute values + attribute);
+    `error_set` [N] as given (`identification_errors`).
     """
-    known = {"environment", "group"}
+    known = {"environment", "group"} | ({"error_set"} if error_set is not None else set())
     unknown = sorted(set(needs) - known)
     if unknown:
         raise ValueError(f"a method needs {', '.join(unknown)}; the training loop supplies {', '.join(sorted(known))}")
-    given = {}
+    given = {"error_set": error_set.float()} if "error_set" in needs else {}
     if "environment" in needs:
         sizes = torch.tensor([len(data.splits[name]) for name in data.train_splits])
         environment = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
@@ -400,6 +407,19 @@ def memberships(data: Dataset, needs: Sequence[str]) -> dict[str, torch.Tensor]:
         group = train.y * values + train.attribute
         given["group"] = torch.nn.functional.one_hot(group, data.num_classes * values).float()
     return given
+
+
+def identification_errors(spec: dict, data: Dataset, seed: int, device: torch.device, steps: int,
+                          should_stop: Callable[[], bool] | None) -> torch.Tensor:
+    """JTT's error set: an ERM model trained for `steps` from the seed's initialisation (the spec's model, optimizer,
+    batch size and precision), then which pooled training examples it gets wrong, [N] float (1: wrong)."""
+    identify = ResolvedTrainSpec({**spec, "method": {"name": "erm"}, "steps": steps, "eval_every": steps})
+    model, _ = _train_seed(identify, data, seed, device, _Clock(device), should_stop, lambda *_: None, graphs=False)
+    model.eval()
+    train = data.train_data()
+    with torch.no_grad():
+        logits = torch.cat([as_logits(model(batch.to(device))) for batch in batches_of(train.x, EVAL_CHUNK)])
+    return (predictions(logits).cpu() != train.y).float()
 
 
 def _arch_params(spec: dict) -> dict:

@@ -48,7 +48,7 @@ def test_the_default_section_documents_its_parameters_defaults(client, tenant, s
 
 
 @pytest.mark.parametrize("section, name", [("method", "sd"), ("method", "weight_decay"), ("method", "erm"),
-                                           ("method", "irm"), ("method", "group_dro"), ("optimizer", "sgd"), ("optimizer", "adam"), ("model", "cnn")])
+                                           ("method", "irm"), ("method", "group_dro"), ("method", "jtt"), ("optimizer", "sgd"), ("optimizer", "adam"), ("model", "cnn")])
 def test_each_choice_documents_the_defaults_it_runs_with(client, tenant, section, name):
     schema = train_spec_schema(client)[section]
     identity = "arch" if section == "model" else "name"

@@ -25,8 +25,8 @@ def test_binary_cross_entropy_is_the_logistic_loss_with_labels_mapped_to_plus_mi
 
 
 def test_registry_names_the_methods_and_each_cites_its_source() -> None:
-    assert set(METHODS) == {"erm", "weight_decay", "sd", "irm", "group_dro"}
-    assert "arXiv" in METHODS["irm"].__doc__ and "arXiv" in METHODS["group_dro"].__doc__
+    assert set(METHODS) == {"erm", "weight_decay", "sd", "irm", "group_dro", "jtt"}
+    assert all("arXiv" in METHODS[name].__doc__ for name in ("irm", "group_dro", "jtt"))
 
 
 def test_sd_scalar_gamma_adds_half_lambda_times_mean_squared_distance() -> None:
@@ -222,3 +222,42 @@ def test_group_dro_with_step_size_zero_is_the_mean_of_the_group_losses() -> None
     method = build_method({"name": "group_dro", "step_size": 0.0})
     expected = (float(cross_entropy(logits[:1], y[:1])) + float(cross_entropy(logits[1:], y[1:]))) / 4
     assert float(method.loss(logits, y, 0, nn.Linear(1, 1), group=group)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_jtt_weighs_the_error_sets_cross_entropy_by_upweight() -> None:
+    error_set = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    method = build_method({"name": "jtt", "upweight": 5.0})
+    per_example = [logistic(LOGITS[i:i + 1], LABELS[i:i + 1]) for i in range(4)]
+    expected = (5 * per_example[0] + per_example[1] + per_example[2] + 5 * per_example[3]) / 12
+    assert float(method.loss(LOGITS, LABELS, 0, nn.Linear(1, 1), error_set=error_set)) == pytest.approx(expected)
+    plain = build_method({"name": "jtt", "upweight": 1.0})
+    assert float(plain.loss(LOGITS, LABELS, 0, None, error_set=error_set)) == pytest.approx(logistic(LOGITS, LABELS))
+
+
+def test_jtts_error_set_is_what_erm_from_the_same_start_gets_wrong_and_its_second_model_starts_afresh(tmp_path):
+    from starvation import datasets
+    from starvation.checkpoints import load_checkpoint
+    from starvation.training import train
+    from starvation.training.loop import identification_errors
+    from starvation.training.spec import resolve_train_spec
+
+    spec = {"dataset": {"name": "colored_mnist", "params": {"n_train": 400}}, "model": {"arch": "mlp", "hidden": [16]},
+            "steps": 8, "eval_every": 8, "seeds": [3], "audit": False}
+    erm = train({**spec, "steps": 5, "eval_every": 5}, out_dir=tmp_path / "erm5").checkpoints[0]
+    data = datasets.build("colored_mnist", {"n_train": 400}, seed=3, data_dir=None)
+    rows = data.train_data()
+    with torch.no_grad():
+        wrong = ((load_checkpoint(erm.safetensors_path, "safetensors").logits(rows.x)[:, 0] > 0).long() != rows.y)
+    found = identification_errors(resolve_train_spec({**spec, "method": {"name": "jtt", "identification_steps": 5}}),
+                                  data, 3, torch.device("cpu"), 5, None)
+    assert torch.equal(found, wrong.float()) and 0 < int(found.sum()) < len(rows)
+
+    # With upweight 1 the second model is plain ERM from the seed's initialisation: the same run, step for step (up
+    # to the rounding of a weighted mean against a mean).
+    def run(method: dict) -> dict[tuple[int, str, str], float]:
+        metrics = []
+        train({**spec, "method": method}, out_dir=tmp_path / method["name"], on_metrics=metrics.extend)
+        return {(m.step, m.split, m.name): m.value for m in metrics}
+    erm_run = run({"name": "erm"})
+    assert run({"name": "jtt", "upweight": 1.0, "identification_steps": 5}) == pytest.approx(erm_run, rel=1e-5)
+    assert run({"name": "jtt", "upweight": 8.0, "identification_steps": 5}) != pytest.approx(erm_run, rel=1e-3)

@@ -87,7 +87,7 @@ def test_resolving_does_not_modify_the_input_or_the_presets() -> None:
     ({"dataset": {"name": "cifar"}}, "unknown dataset 'cifar'"),
     ({"preset": "paper_imagenet"}, "unknown preset"),
     ({"preset": "paper_cmnist_erm", "model": {"arch": "transformer"}}, "unknown arch"),
-    ({"preset": "paper_cmnist_erm", "method": {"name": "jtt"}}, "unknown method"),
+    ({"preset": "paper_cmnist_erm", "method": {"name": "dfr"}}, "unknown method"),
     ({"preset": "paper_cmnist_erm", "steps": 0}, "steps must be a positive integer"),
     ({"preset": "paper_cmnist_erm", "steps": -5}, "steps"),
     ({"preset": "paper_cmnist_erm", "seeds": []}, "seeds must be a non-empty list"),
