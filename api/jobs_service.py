@@ -391,8 +391,6 @@ def submit(
     settings: Settings,
 ) -> Job:
     check_quota(session, principal, settings)
-    if body.callback_url:
-        check_callback_url(str(body.callback_url), settings)
     if isinstance(body, (TrainJobCreate, SweepJobCreate)):
         given = body.spec.model_dump(exclude_unset=True)  # not JSON mode: that would make a NaN null, i.e. a default
         # The service's business, not the engine's: kept beside the resolved spec.
@@ -400,8 +398,6 @@ def submit(
                           if given.get(k) is not None}
         owned = [d.id for d in files_repo.list_datasets(session, owner_id=principal.owner_id)]
     if isinstance(body, TrainJobCreate):
-        if "mlflow" in service_fields:
-            check_mlflow_uri(service_fields["mlflow"]["tracking_uri"], settings)
         spec = resolve_train(given, settings, owned) | service_fields
         check_memory_budget(session, spec, settings, principal.owner_id)
         if "init_checkpoint_id" in spec:
@@ -426,6 +422,11 @@ def submit(
         spec = resolve_repair(session, body, principal.owner_id)
     else:
         spec = resolve_audit(session, body, principal.owner_id)
+    # Last, the checks that ask DNS (seconds when a resolver is slow): a spec refused on its own merits never waits.
+    if spec.get("mlflow"):
+        check_mlflow_uri(spec["mlflow"]["tracking_uri"], settings)
+    if body.callback_url:
+        check_callback_url(str(body.callback_url), settings)
     return jobs_repo.create(
         session,
         owner_id=principal.owner_id,

@@ -719,6 +719,13 @@ KEYED_ERRORS = (401, 422, 503)
 CREATE_ERRORS = (400, 409, 413)
 
 
+def links_to(parameter: str, *operation_ids: str) -> dict[str, Any]:
+    """The `links` of a create's answer: the operations that take the new object's `id` as `parameter`. A client (and
+    schemathesis's stateful phase, tests/api/test_fuzz_openapi.py) follows them from POST to GET/DELETE."""
+    return {"links": {operation_id: {"operationId": operation_id, "parameters": {parameter: "$response.body#/id"}}
+                      for operation_id in operation_ids}}
+
+
 def media_response(description: str, *media_types: str, binary: bool = False) -> dict[int | str, dict[str, Any]]:
     """The 200 of a route that answers something else than JSON (a file, a page, an event stream), so a client reads
     bytes or text. Such a route keeps the plain `Response` class: FastAPI then documents its errors as JSON only."""

@@ -13,7 +13,7 @@ from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found
 from api.idempotency import replay_if_seen, replay_or_create
 from api.schemas import (CREATE_ERRORS, KEYED_ERRORS, BinaryUpload, CheckpointOut, CheckpointPage, error_responses,
-                         media_response)
+                         links_to, media_response)
 from api.uploads import save_limited
 from models import files as files_repo
 from models.tables import Checkpoint, new_id
@@ -21,6 +21,7 @@ from models.tables import Checkpoint, new_id
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=error_responses(*KEYED_ERRORS))
 
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors"}
+TO_THE_CHECKPOINT = links_to("checkpoint_id", "get_checkpoint", "download_checkpoint")
 
 
 def checkpoint_out(checkpoint: Checkpoint) -> CheckpointOut:
@@ -42,8 +43,9 @@ def parse_json_field(name: str, raw: str | None, kind: type) -> Any:
 # 200: the same bytes again (no second check); 429: too many model checks at once (api/sandbox.py).
 @router.post("", status_code=201, response_model=CheckpointOut, responses={
     **error_responses(*CREATE_ERRORS, 429),
+    201: TO_THE_CHECKPOINT,
     200: {"model": CheckpointOut, "description": "The same bytes, format and model card were uploaded before: "
-                                                  "that checkpoint, not checked again."},
+                                                  "that checkpoint, not checked again.", **TO_THE_CHECKPOINT},
 })
 async def upload_checkpoint(
     session: SessionDep,

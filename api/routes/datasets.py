@@ -13,12 +13,14 @@ from fastapi.concurrency import run_in_threadpool
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found, without_server_paths
 from api.idempotency import replay_or_create
-from api.schemas import CREATE_ERRORS, KEYED_ERRORS, BinaryUpload, DatasetList, DatasetOut, error_responses
+from api.schemas import (CREATE_ERRORS, KEYED_ERRORS, BinaryUpload, DatasetList, DatasetOut, error_responses,
+                         links_to)
 from api.uploads import save_limited
 from models import files as files_repo
 from models.tables import new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses(*KEYED_ERRORS))
+TO_THE_DATASET = links_to("dataset_id", "get_dataset")
 
 
 @router.get("", response_model=DatasetList)
@@ -39,7 +41,9 @@ def get_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep):
 
 
 @router.post("", status_code=201, response_model=DatasetOut, responses={
-    202: {"model": DatasetOut, "description": "an image folder, registered as `pending` and checked in the background"},
+    201: TO_THE_DATASET,
+    202: {"model": DatasetOut, "description": "an image folder, registered as `pending` and checked in the background",
+          **TO_THE_DATASET},
     **error_responses(*CREATE_ERRORS)})
 async def register_dataset(
     session: SessionDep,

@@ -27,8 +27,9 @@ from api.schemas import (
     RepairReport,
     Report,
     StatusFilter,
-    media_response,
     error_responses,
+    links_to,
+    media_response,
 )
 from models import files as files_repo
 from models import metrics as metrics_repo
@@ -36,6 +37,8 @@ from models.db import database
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*KEYED_ERRORS))
 OF_A_JOB = error_responses(404, 409)  # every route under /v1/jobs/{job_id} (409: an id prefix two jobs share)
+TO_THE_JOB = links_to("job_id", "get_job", "cancel_job", "delete_job", "list_job_metrics", "get_job_logs",
+                      "stream_job_events", "get_report", "get_report_html", "list_artifacts")
 
 MAX_LIMIT = 500
 EVENT_STREAM = media_response("`event: status` (the job), `event: metrics` and `event: logs` (new rows), `event: end`.",
@@ -51,11 +54,25 @@ REPORT_HTML_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+# Bodies that are accepted as they are: Swagger's "Try it out" starts from them, and the fuzzer's stateful phase
+# mixes them in so that its jobs get created and their links followed (tests/api/test_fuzz_openapi.py).
+JOB_EXAMPLES = {
+    "train_preset": {"summary": "A recipe of the paper: SD on two moons",
+                     "value": {"kind": "train", "spec": {"preset": "paper_moons_sd"}}},
+    "train": {"summary": "SD on Colored MNIST, 500 steps, tagged",
+              "value": {"kind": "train", "tags": {"team": "vision"},
+                        "spec": {"dataset": {"name": "colored_mnist"}, "method": {"name": "sd", "sd_lambda": 2.0},
+                                 "steps": 500}}},
+    "sweep": {"summary": "Two SD strengths on two moons",
+              "value": {"kind": "sweep", "spec": {"preset": "paper_moons_sd",
+                                                  "grid": {"method.sd_lambda": [0.1, 1.0]}}}},
+}
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=error_responses(*CREATE_ERRORS, 429))
+@router.post("", status_code=202, response_model=JobOut,
+             responses={202: TO_THE_JOB, **error_responses(*CREATE_ERRORS, 429)})
 def create_job(
-    body: Annotated[JobCreate, Body()],
+    body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)],
     session: SessionDep,
     principal: PrincipalDep,
     settings: SettingsDep,

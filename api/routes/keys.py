@@ -8,13 +8,15 @@ from fastapi import APIRouter, Header, Query
 from api.deps import AdminDep, Principal, PrincipalDep, SessionDep
 from api.errors import not_found
 from api.idempotency import body_hash, replay_or_create
-from api.schemas import CREATE_ERRORS, KEYED_ERRORS, ApiKeyCreate, ApiKeyOut, ApiKeyPage, ApiKeySummary, error_responses
+from api.schemas import (CREATE_ERRORS, KEYED_ERRORS, ApiKeyCreate, ApiKeyOut, ApiKeyPage, ApiKeySummary,
+                         error_responses, links_to)
 from models import auth as auth_repo
 
 router = APIRouter(prefix="/v1/api-keys", tags=["auth"], responses=error_responses(*KEYED_ERRORS))
 
 
-@router.post("", status_code=201, response_model=ApiKeyOut, responses=error_responses(*CREATE_ERRORS, 403))
+@router.post("", status_code=201, response_model=ApiKeyOut,
+             responses={201: links_to("key_id", "revoke_api_key"), **error_responses(*CREATE_ERRORS, 403)})
 def create_api_key(
     body: ApiKeyCreate,
     session: SessionDep,

@@ -83,6 +83,29 @@ def test_files_pages_and_streams_declare_their_media_types_and_errors_stay_json(
                     "$ref": "#/components/schemas/ErrorResponse"}}}, (operation_id, status)
 
 
+def test_what_a_create_answers_links_to_the_routes_that_take_the_new_id(document):
+    """OpenAPI links: a client (and the fuzzer's stateful phase) goes from the POST to GET/cancel/DELETE with the id."""
+    ops = operations(document)
+    followed: dict[tuple[str, str], set[str]] = {}
+    for operation_id, operation in ops.items():
+        for status, response in operation["responses"].items():
+            for name, link in response.get("links", {}).items():
+                target = ops[link["operationId"]]
+                path_parameters = {p["name"] for p in target.get("parameters", []) if p["in"] == "path"}
+                assert link["parameters"] == {p: "$response.body#/id" for p in path_parameters}, (operation_id, name)
+                followed.setdefault((operation_id, status), set()).add(link["operationId"])
+    one_job = {o for o, op in ops.items() if op["path"].startswith("/v1/jobs/{job_id}") and op["path"].count("{") == 1}
+    assert followed == {
+        ("create_job", "202"): one_job,
+        ("upload_checkpoint", "201"): {"get_checkpoint", "download_checkpoint"},
+        ("upload_checkpoint", "200"): {"get_checkpoint", "download_checkpoint"},  # the same bytes again
+        ("register_dataset", "201"): {"get_dataset"},
+        ("register_dataset", "202"): {"get_dataset"},  # an image folder, checked in the background
+        ("create_api_key", "201"): {"revoke_api_key"},
+    }
+    assert {"get_job", "cancel_job", "delete_job"} <= one_job
+
+
 def test_readyz_documents_its_503(document):
     responses = operations(document)["readyz"]["responses"]
     assert responses["503"]["content"]["application/json"]["schema"] == responses["200"]["content"][

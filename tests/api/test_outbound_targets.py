@@ -49,10 +49,33 @@ def test_an_mlflow_tracking_uri_inside_our_network_is_refused_and_never_called(c
     assert listener.requests == []
 
 
-def test_an_audit_job_callback_url_is_checked_too(client, tenant):
+def test_an_audit_job_callback_url_is_checked_too(client):
+    from models import files as files_repo
+    from models.db import database
+    from models.tables import new_id
+
+    key = client.post("/v1/api-keys", json={"name": "auditor"}).json()
+    with database().session() as session:  # the audit's spec must pass: the callback is checked after it
+        checkpoint = files_repo.add_checkpoint(session, id=new_id(), owner_id=key["id"], format="torchscript",
+                                               path="/nonexistent.pt", sha256="0" * 64, size_bytes=1, model_info={})
+    response = client.post("/v1/jobs", headers={"Authorization": f"Bearer {key['key']}"}, json={
+        "kind": "audit", "spec": {"checkpoint_id": checkpoint.id}, "callback_url": "http://192.168.0.10/hook"})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_callback_url", response.text
+
+
+def test_a_spec_refused_on_its_own_merits_never_waits_for_dns(client, tenant, monkeypatch):
+    """The fuzzer's callback hosts cost a resolver timeout each on a machine without DNS; a bad spec is
+    answered first."""
+    from core import outbound
+
+    looked_up = []
+    monkeypatch.setattr(outbound, "resolve", lambda host, port: looked_up.append(host) or [])
+    spec = {**SPEC, "dataset": {"name": "no_such_dataset"},
+            "mlflow": {"tracking_uri": "https://mlflow.invalid", "experiment": "e"}}
     response = client.post("/v1/jobs", headers=tenant(), json={
-        "kind": "audit", "spec": {"checkpoint_id": "none"}, "callback_url": "http://192.168.0.10/hook"})
-    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_callback_url"
+        "kind": "train", "spec": spec, "callback_url": "https://hooks.invalid/x"})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_spec", response.text
+    assert "no_such_dataset" in response.json()["error"]["message"] and looked_up == []
 
 
 def test_a_public_callback_url_is_accepted(client, tenant):
