@@ -50,7 +50,8 @@ def export_run(
     """Log a finished job to `experiment` at `tracking_uri` in one go and return the MLflow run id.
 
     `metrics`: rows as GET /v1/jobs/{id}/metrics serves them ({step, name, value, seed, split}).
-    `reports`: every seed's report file, each logged under report/<its folder> (e.g. report/seed1-audit/).
+    `reports`: every seed's report file, each logged with the plots (PNG) beside it under report/<its folder>
+    (e.g. report/seed1-audit/).
     Each (name, split, seed) becomes one MLflow metric key (`metric_key`) with its history by step.
     `allowed_schemes` and `outbound_allow`: GS_MLFLOW_ALLOWED_SCHEMES and GS_OUTBOUND_ALLOW.
     Raises OutboundRefused for a target (or an artifact location) this service must not write to.
@@ -299,8 +300,10 @@ def log_artifacts(
             path = Path(folder) / name
             path.write_text(json.dumps(document, indent=2))
             repository.log_artifact(str(path))
-    for report in reports:
-        repository.log_artifact(report, f"report/{Path(report).parent.name}")
+    for report in reports:  # each seed's report and its plots, beside it in the seed's audit folder
+        folder = Path(report).parent
+        for file in [Path(report), *sorted(folder.glob("*.png"))]:
+            repository.log_artifact(str(file), f"report/{folder.name}")
 
 
 def check_artifact_uri(artifact_uri: str, tracking_uri: str) -> None:

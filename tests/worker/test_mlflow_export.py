@@ -45,6 +45,7 @@ def test_the_run_holds_our_params_metric_history_result_and_report(trained, trac
         (tmp_path / f"seed{seed}-audit").mkdir()
         reports.append(tmp_path / f"seed{seed}-audit" / "report.json")
         reports[-1].write_text(json.dumps({"seed": seed}))
+        (tmp_path / f"seed{seed}-audit" / "groups.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes([seed]))
 
     run_id = export_run(tracking_uri=tracking_uri, experiment="gs-tests", job_id="job0001", spec=spec,
                         metrics=rows, result=result, reports=[str(r) for r in reports], allowed_schemes=["file"])
@@ -67,7 +68,8 @@ def test_the_run_holds_our_params_metric_history_result_and_report(trained, trac
 
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for folder in ("report/seed0-audit", "report/seed1-audit") for a in client.list_artifacts(run_id, folder)}
-    assert {"result.json", "spec.json", "report/seed0-audit/report.json", "report/seed1-audit/report.json"} <= artifacts
+    assert {"result.json", "spec.json", "report/seed0-audit/report.json", "report/seed1-audit/report.json",
+            "report/seed0-audit/groups.png", "report/seed1-audit/groups.png"} <= artifacts
     seed1 = Path(client.download_artifacts(run_id, "report/seed1-audit/report.json", str(tmp_path / "down")))
     assert json.loads(seed1.read_text()) == {"seed": 1}
     downloaded = Path(client.download_artifacts(run_id, "result.json", str(tmp_path)))
