@@ -305,14 +305,14 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | 
 
 
 def evaluation_lines(rows: list[dict[str, Any]], steps: int | None) -> list[str]:
-    """One log line per evaluated step: each split's accuracy, the mean over seeds."""
+    """One log line per evaluated step: each split's accuracy (test first, then by name), the mean over seeds."""
     accuracy: dict[int, dict[str, list[float]]] = {}
     for row in rows:
         if row["name"] == "accuracy" and row["split"]:
             accuracy.setdefault(row["step"], {}).setdefault(row["split"], []).append(row["value"])
     lines = []
     for step, splits in sorted(accuracy.items()):
-        parts = [f"{split} accuracy {sum(values) / len(values):.3f}" for split, values in sorted(splits.items())]
+        parts = [f"{split} accuracy {sum(values) / len(values):.3f}" for split, values in sorted(splits.items(), key=lambda item: (item[0] != "test", item[0]))]
         seeds = max(len(values) for values in splits.values())
         lines.append(f"step {step}{f'/{steps}' if steps else ''}: {', '.join(parts)}"
                      + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
