@@ -120,13 +120,8 @@ def finetune(ctx, spec: dict[str, Any], method, parent_id: str, path: str, fmt: 
         after_model, ids = registered_finetuned(ctx, done, model_info, parent_id, seed)
     else:
         after_model, checkpoint = done.kept
-        ids = {}
-        for file_format, file in (("safetensors", checkpoint.safetensors_path),
-                                  ("torchscript", checkpoint.torchscript_path)):
-            ids[file_format] = add_checkpoint(ctx.db, job_id=ctx.job_id, owner_id=ctx.owner_id, seed=seed,
-                                              fmt=file_format, path=file, model_info=model_info,
-                                              parent_checkpoint_id=parent_id)
-            add_artifact(ctx.db, ctx.job_id, file)
+        ids = register(ctx, {"safetensors": checkpoint.safetensors_path, "torchscript": checkpoint.torchscript_path},
+                       model_info, parent_id, seed)
     try:
         after = audit_job.audit_model(ctx, after_model, dataset, spec=audit_spec, prefix="after-")
     finally:
@@ -202,9 +197,7 @@ def registered_finetuned(ctx, done, model_info: dict[str, Any], parent_id: str, 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "repaired.torchscript.pt"
     path.write_bytes(data)
-    ids = {"torchscript": add_checkpoint(ctx.db, job_id=ctx.job_id, owner_id=ctx.owner_id, seed=seed, fmt="torchscript",
-                                         path=path, model_info=model_info, parent_checkpoint_id=parent_id)}
-    add_artifact(ctx.db, ctx.job_id, path)
+    ids = register(ctx, {"torchscript": path}, model_info, parent_id, seed)
     after_model = audit_job.load_model(str(path), "torchscript", model_info, "cpu", settings=ctx.settings)
     try:
         check_same_outputs(after_model, check_x, expected, "the fine-tuned network it chose")
@@ -271,12 +264,18 @@ def save_repaired(ctx, model, fmt: str, model_info: dict[str, Any], head, parent
                                 arch_params=model_info.get("arch_params") or {},
                                 input_shape=model_info["input_shape"], num_outputs=model_info["num_outputs"])
         files = {"safetensors": saved.safetensors_path, "torchscript": saved.torchscript_path}
+    return register(ctx, files, model_info, parent_id, seed), files[fmt]
+
+
+def register(ctx, files: dict[str, Any], model_info: dict[str, Any], parent_id: str, seed: int) -> dict[str, str]:
+    """The repaired model's files ({format: path}) as checkpoints with their parent, and as the job's artifacts;
+    {format: checkpoint id}."""
     ids = {}
     for file_format, path in files.items():
         ids[file_format] = add_checkpoint(ctx.db, job_id=ctx.job_id, owner_id=ctx.owner_id, seed=seed, fmt=file_format,
                                           path=path, model_info=model_info, parent_checkpoint_id=parent_id)
         add_artifact(ctx.db, ctx.job_id, path)
-    return ids, files[fmt]
+    return ids
 
 
 def check_repaired_model(model, head, x, features) -> None:

@@ -66,8 +66,8 @@ def finetune_sd(method: FinetuneSD, dataset: datasets.Dataset, run: CandidateRun
 
 
 def train_candidates(method: FinetuneSD, dataset_spec: dict[str, Any], dataset: datasets.Dataset,
-                     model_info: dict[str, Any], weights: Mapping[str, torch.Tensor], seed: int, *, out_dir: pathlib.Path, device: str = "cpu",
-                     data_dir: str | None = None, registered: bool,
+                     model_info: dict[str, Any], weights: Mapping[str, torch.Tensor], seed: int, *,
+                     out_dir: pathlib.Path, device: str = "cpu", data_dir: str | None = None, registered: bool,
                      should_stop: Callable[[], bool] | None = None) -> CandidateRun:
     """Candidate runs of one of our own networks: a `train` run from `weights` per candidate, keeping (network,
     checkpoint files). `registered`: `dataset` is a user's, passed to `train` as it is (a built-in is drawn again by

@@ -125,9 +125,9 @@ def split_metrics(logits: torch.Tensor, y: torch.Tensor, conflicting: torch.Tens
     examples (`bias_conflicting`), where the dataset has an attribute."""
     values = [cross_entropy(logits, y), (predictions(logits) == y).float().mean(), logits.abs().mean()]
     if split == "train":
-        values.append(starved(logits, y).float().mean())
+        gradient = logit_gradient(logits, y)  # once: the starved fraction and the conflicting share both read it
+        values.append((gradient < STARVED_GRADIENT).float().mean())
         if conflicting is not None:
-            gradient = logit_gradient(logits, y)
             values.append((gradient * conflicting).sum() / gradient.sum().clamp_min(torch.finfo(gradient.dtype).tiny))
     elif split == CORE_ONLY:
         values.append(signed_margin(logits, y).mean())

@@ -237,11 +237,6 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
     conflicting = conflicting.to(device) if conflicting is not None else None
     model = _init_network(spec, data, seed, init_weights).to(device)
     method = build_method(spec["method"])
-    found = {}
-    if method.IDENTIFICATION_STEPS is not None:  # JTT: its identification model first
-        found["error_set"] = identification_errors(spec, data, seed, device, method.params[method.IDENTIFICATION_STEPS],
-                                                   should_stop)
-    groups = {name: tensor.to(device) for name, tensor in memberships(data, method.NEEDS, **found).items()}
     optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
     steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
     streamed = isinstance(train_split.x, ImageFiles)
@@ -257,6 +252,11 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
         optimizer.load_state_dict(state["optimizer"])
         batches.restore(state["batches"])
         start = resume.resumed[seed] = state["step"]
+    found = {}
+    if method.IDENTIFICATION_STEPS is not None:  # JTT: its identification model first (not for a finished seed)
+        found["error_set"] = identification_errors(spec, data, seed, device, method.params[method.IDENTIFICATION_STEPS],
+                                                   should_stop)
+    groups = {name: tensor.to(device) for name, tensor in memberships(data, method.NEEDS, **found).items()}
     drawn_before: dict[int, dict] = {}  # the minibatch order as it was before the rows of a step to save at
 
     def rows_of_steps() -> Iterator[list[int]]:
@@ -320,10 +320,11 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     splits = stacked_splits(data, device, shared=shared_data)
     pooled = pooled_slices(data[0])
     method = build_method(spec["method"])
-    per_seed_groups = [memberships(d, method.NEEDS) for d in data[:1 if shared_data else len(data)]]
+    distinct = data[:1 if shared_data else len(data)]  # a registered dataset serves every seed
+    per_seed_groups = [memberships(d, method.NEEDS) for d in distinct]
     groups = {name: torch.stack([g[name] for g in per_seed_groups]).expand(len(seeds), -1, -1).to(device)
               for name in method.NEEDS}
-    masks = [bias_conflicting(d) for d in data[:1 if shared_data else len(data)]]
+    masks = [bias_conflicting(d) for d in distinct]
     conflicting = None if any(m is None for m in masks) else torch.stack(masks).expand(len(seeds), -1).to(device)
     first = data[0]
     del data  # the stacked copy is all that training needs
