@@ -89,9 +89,12 @@ def _check_new_head(old: LinearHead, new: LinearHead) -> None:
 
 def read_onnx_head(proto) -> LinearHead:
     """The head of an ONNX graph (`starvation.checkpoints.wrap.onnx_head`) as weight [k, d] and bias [k]."""
+    return _head_of(*_onnx_head(proto))
+
+
+def _head_of(node, alpha: float, beta: float, trans_b: bool, constants: dict) -> LinearHead:
     from onnx import numpy_helper
 
-    node, alpha, beta, trans_b, constants = _onnx_head(proto)
     b, c = (numpy_helper.to_array(constants[name]).astype(np.float64) for name in node.input[1:3])
     weight = alpha * (b if trans_b else b.T)
     if c.size not in (1, weight.shape[0]):
@@ -105,9 +108,8 @@ def replace_onnx_head(proto, new: LinearHead) -> bytes:
     """The ONNX graph with its head's constants replaced (nothing else), serialised; `proto` is changed too."""
     from onnx import numpy_helper
 
-    old = read_onnx_head(proto)
-    _check_new_head(old, new)
-    node, alpha, beta, trans_b, constants = _onnx_head(proto)
+    node, alpha, beta, trans_b, constants = head = _onnx_head(proto)
+    _check_new_head(_head_of(*head), new)
     weight, bias = new.weight.double().numpy() / alpha, new.bias.double().numpy() / beta
     for name, value in ((node.input[1], weight if trans_b else weight.T), (node.input[2], bias)):
         dtype = numpy_helper.to_array(constants[name]).dtype
