@@ -402,10 +402,11 @@ def memberships(data: Dataset, needs: Sequence[str], *,
         sizes = torch.tensor([len(data.splits[name]) for name in data.train_splits])
         environment = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
         given["environment"] = torch.nn.functional.one_hot(environment, len(sizes)).float()
-    if "group" in needs:
-        train = data.train_data()
-        values = int(train.attribute.max()) + 1
-        group = train.y * values + train.attribute
+    if "group" in needs:  # labels and attributes only: pooling the splits would copy every input too
+        parts = [data.splits[name] for name in data.train_splits]
+        y, attribute = torch.cat([p.y for p in parts]), torch.cat([p.attribute for p in parts])
+        values = int(attribute.max()) + 1
+        group = y * values + attribute
         given["group"] = torch.nn.functional.one_hot(group, data.num_classes * values).float()
     return given
 
