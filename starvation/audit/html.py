@@ -89,7 +89,7 @@ def _confidence(report: dict) -> str:
         return ""
     return (f'<p class="note">[low, high]: {_text(round(100 * confidence["level"]))}% confidence intervals; '
             f'{_text(confidence.get("shares"))} for shares of examples, {_text(confidence.get("scores"))} '
-            "for scores.</p>")
+            f'for scores built from shares, {_text(confidence.get("means"))} for means.</p>')
 
 
 def _groups(report: dict) -> str:

@@ -121,7 +121,9 @@ def run_audit(
 def confidence_note(seed: int) -> dict:
     """How the report's `*_interval` fields were computed."""
     return {"level": CONFIDENCE, "shares": "Wilson score interval",
-            "scores": f"percentile bootstrap over test examples, {BOOTSTRAP_DRAWS} draws, seed {seed}"}
+            "scores": f"bootstrap of the outcome shares (Dirichlet, half a pseudo-count each), {BOOTSTRAP_DRAWS} "
+                      f"draws, seed {seed}",
+            "means": f"percentile bootstrap over test examples, {BOOTSTRAP_DRAWS} draws, seed {seed}"}
 
 
 def reliance_summary(report: dict, basis: str) -> dict:
