@@ -286,7 +286,7 @@ def repair(
     dataset: Annotated[str, typer.Option(help="built-in name or registered dataset id")] = "colored_mnist",
     dataset_params: Annotated[str | None, typer.Option(help='JSON object, e.g. {"color_flip_test": 0.9}')] = None,
     attribute: Annotated[str, typer.Option(help="the spurious attribute")] = "color",
-    method: Annotated[str, typer.Option(help="last_layer | last_layer_sd")] = "last_layer",
+    method: Annotated[str, typer.Option(help="last_layer | last_layer_sd | finetune_sd")] = "last_layer",
     method_params: Annotated[str | None, typer.Option(help='JSON object, e.g. {"inverse_strengths": [0.1, 1]}')] = None,
     layer: Annotated[str | None, typer.Option(help="the feature layer (the head's input), by name")] = None,
     probe: Annotated[list[str], typer.Option("--probe", help="repeatable; default: every probe")] = [],  # noqa: B006
@@ -353,7 +353,7 @@ def sweep(
 def jobs(
     ctx: typer.Context,
     status: Annotated[str | None, typer.Option(help=" | ".join(JobStatus))] = None,
-    kind: Annotated[str | None, typer.Option(help="train | audit | repair")] = None,
+    kind: Annotated[str | None, typer.Option(help="train | audit | repair | sweep")] = None,
     tag: Annotated[list[str], typer.Option("--tag", help="key:value or key=value, repeatable")] = [],  # noqa: B006
     limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
     as_json: JsonOption = False,
