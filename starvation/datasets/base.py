@@ -58,6 +58,12 @@ class Dataset:
         """All training splits pooled into one (full batch training, as in the paper)."""
         return concat("train", [self.splits[name] for name in self.train_splits])
 
+    def train_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(label, attribute) of every pooled training example, in `train_data()`'s order, without pooling the
+        inputs too."""
+        parts = [self.splits[name] for name in self.train_splits]
+        return torch.cat([p.y for p in parts]), torch.cat([p.attribute for p in parts])
+
     def intervene(self, split: Split) -> Split:
         """The same examples with only the spurious attribute changed (counterfactual)."""
         raise NotImplementedError(f"{self.name} cannot intervene on its attribute")

@@ -60,8 +60,7 @@ def bias_conflicting(data: Dataset) -> torch.Tensor | None:
     """Per example of the pooled training split (`Dataset.train_data()`'s order): its attribute is not the one most
     common among the training examples of its label (Colored MNIST: the colour disagrees with the label). None
     where the dataset has no attribute or its training data one value of it (nothing conflicts)."""
-    y = torch.cat([data.splits[name].y for name in data.train_splits])
-    attribute = torch.cat([data.splits[name].attribute for name in data.train_splits])
+    y, attribute = data.train_labels()
     if data.attribute_name is None or bool((attribute == attribute[0]).all()):
         return None
     attributes, classes = int(attribute.max()) + 1, int(y.max()) + 1

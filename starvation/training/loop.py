@@ -402,9 +402,8 @@ def memberships(data: Dataset, needs: Sequence[str], *,
         sizes = torch.tensor([len(data.splits[name]) for name in data.train_splits])
         environment = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
         given["environment"] = torch.nn.functional.one_hot(environment, len(sizes)).float()
-    if "group" in needs:  # labels and attributes only: pooling the splits would copy every input too
-        parts = [data.splits[name] for name in data.train_splits]
-        y, attribute = torch.cat([p.y for p in parts]), torch.cat([p.attribute for p in parts])
+    if "group" in needs:
+        y, attribute = data.train_labels()
         values = int(attribute.max()) + 1
         group = y * values + attribute
         given["group"] = torch.nn.functional.one_hot(group, data.num_classes * values).float()
