@@ -1,10 +1,11 @@
-"""What every benchmark prints about where it ran, and how it waits for the device."""
+"""What every benchmark prints about where it ran, how it waits for the device, and how it writes a mean over seeds."""
 from __future__ import annotations
 
 import os
 import pathlib
 import platform
 import resource
+import statistics
 
 import numpy as np
 import torch
@@ -51,3 +52,12 @@ def write_tiled_mnist(folder: pathlib.Path) -> pathlib.Path:
     (folder / IDX_NAMES[1]).write_bytes(np.array([2049, len(rows)], dtype=">i4").tobytes()
                                         + labels[rows].astype(np.uint8).tobytes())
     return folder
+
+
+def mean_std(values: list[float], digits: int = 3, scale: float = 1.0) -> str:
+    """`mean ± std` of `values` (the population std, as every table in docs/ gives it) times `scale`; one value
+    alone, without a spread it does not have."""
+    mean = scale * statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {scale * statistics.pstdev(values):.{digits}f}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
 import tempfile
 
@@ -24,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 from starvation.datasets import build  # noqa: E402
 from starvation.export import load_builtin  # noqa: E402
 from starvation.training import train  # noqa: E402
-from starvation.training.evaluation import bias_conflicting  # noqa: E402
+from bench.common import mean_std  # noqa: E402
+from starvation.training.evaluation import bias_conflicting, logit_gradient, predictions  # noqa: E402
 
 PRESETS = {"paper_cmnist_erm": "ERM", "paper_cmnist_sd": "SD"}
 COLUMNS = ("n", "accuracy (training label)", "accuracy (clean label)", "mean abs(logit)",
@@ -41,8 +41,7 @@ def subsets(preset: str, seed: int, work: pathlib.Path) -> dict[str, tuple[float
     pooled, conflicting = data.train_data(), bias_conflicting(data)
     with torch.no_grad():
         logits = model(pooled.x).squeeze(-1)
-    predicted = (logits > 0).long()
-    residual = (torch.sigmoid(logits) - pooled.y.float()).abs()
+    predicted, residual = predictions(logits), logit_gradient(logits, pooled.y)
     found = {}
     for name, rows in (("bias-conflicting", conflicting), ("bias-aligned", ~conflicting)):
         found[name] = (float(rows.sum()), float((predicted[rows] == pooled.y[rows]).float().mean()),
@@ -63,10 +62,7 @@ def main() -> None:
         for preset, label in PRESETS.items():
             runs = [subsets(preset, seed, pathlib.Path(work)) for seed in seeds]
             for name in runs[0]:
-                cells = []
-                for values in zip(*(run[name] for run in runs)):
-                    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-                    cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
+                cells = [mean_std(list(values)) for values in zip(*(run[name] for run in runs))]
                 print(f"| {label} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 

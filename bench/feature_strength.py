@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import mean_std  # noqa: E402
 
 
 def scores(checkpoint, seed: int, params: dict) -> tuple[float, float, float]:
@@ -54,11 +55,6 @@ def run(preset: str, strength: float, seeds: list[int], steps: int) -> dict[str,
             "core_margin": [s[2] for s in per_seed]}
 
 
-def text(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    spread = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * spread:.{digits}f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strengths", default="0.5,0.6,0.7,0.8,0.9,0.95")
@@ -75,8 +71,8 @@ def main() -> None:
         for method, preset, steps in (("ERM", "paper_cmnist_erm", args.erm_steps),
                                       ("SD", "paper_cmnist_sd", args.sd_steps)):
             row = run(preset, strength, seeds, steps)
-            print(f"| {strength:.2f} | {method} | {text(row['test'], 100)} | {text(row['core_accuracy'], 100)} "
-                  f"| {text(row['core_margin'], digits=2)} |", flush=True)
+            print(f"| {strength:.2f} | {method} | {mean_std(row['test'], 1, 100)} | {mean_std(row['core_accuracy'], 1, 100)} "
+                  f"| {mean_std(row['core_margin'], 2)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import mean_std  # noqa: E402
+
 METRICS = {("train", "conflicting_gradient_share"): "share of the gradient from bias-conflicting examples",
            ("core_only", "margin"): "core-only margin (grey test digits, clean label)",
            ("test", "accuracy"): "test accuracy"}
@@ -43,11 +45,6 @@ def curves(preset: str, seeds: list[int], steps: int | None, every: int | None,
         {"eval_every": every} if every else {})
     train(spec, out_dir=work / preset, on_metrics=collect)
     return found
-
-
-def text(values: list[float], digits: int = 3) -> str:
-    mean = statistics.fmean(values)
-    return f"{mean:.{digits}f} ± {statistics.pstdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def plot(runs: dict[str, dict], path: pathlib.Path) -> None:
@@ -97,7 +94,7 @@ def main() -> None:
         for found in runs.values():
             for metric in METRICS:
                 values = list(found[metric].get(step, {}).values())
-                cells.append(text(values, 2 if metric[1] == "margin" else 3) if values else "")
+                cells.append(mean_std(values, 2 if metric[1] == "margin" else 3) if values else "")
         print(f"| {step} | " + " | ".join(cells) + " |", flush=True)
     print(f"\nplot: {args.plot}; seeds {seeds}")
 
