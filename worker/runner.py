@@ -312,7 +312,8 @@ def evaluation_lines(rows: list[dict[str, Any]], steps: int | None) -> list[str]
             accuracy.setdefault(row["step"], {}).setdefault(row["split"], []).append(row["value"])
     lines = []
     for step, splits in sorted(accuracy.items()):
-        parts = [f"{split} accuracy {sum(values) / len(values):.3f}" for split, values in sorted(splits.items(), key=lambda item: (item[0] != "test", item[0]))]
+        ordered = sorted(splits.items(), key=lambda item: (item[0] != "test", item[0]))  # test first
+        parts = [f"{split} accuracy {sum(values) / len(values):.3f}" for split, values in ordered]
         seeds = max(len(values) for values in splits.values())
         lines.append(f"step {step}{f'/{steps}' if steps else ''}: {', '.join(parts)}"
                      + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
