@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     # Each foreign model runs in a jailed child (jail/, docs/security.md) with these limits.
     jail_memory_bytes: int = 4 << 30  # address space beyond what torch itself maps
     jail_cpu_seconds: int = 1800  # CPU time of one child: one upload check or one audit
+    jail_call_seconds: int = 600  # wall-clock time of one request to a child (a batch of logits, a head)
     jail_threads: int = 1
     max_body_bytes: int = 1024 * 1024  # JSON request bodies (uploads have max_upload_bytes)
     # Memory (docs/security.md, "Limits and budgets"): checked before anything is decompressed or allocated.

@@ -1,4 +1,4 @@
-"""The jailed child: `python -m jail.child REQUESTS REPLIES PARENT_PID`.
+"""The jailed child: `python -m jail.child REQUESTS REPLIES`, started inside bubblewrap (jail/bwrap.py).
 
 It imports everything it will need, reads the first request (which model file, which
 operation, the limits) and the model's bytes, locks itself down (jail/lockdown.py), and only
@@ -25,17 +25,17 @@ if __name__ == "__main__":  # the lockdown forbids imports later: take everythin
 MAX_INPUT_BYTES = 1 << 32
 
 
-def main(requests: int, replies: int, parent_pid: int) -> None:
+def main(requests: int, replies: int) -> None:
     from pathlib import Path
 
-    lockdown.die_with_parent(parent_pid)
+    lockdown.die_with_parent()
     first, _ = wire.receive(requests, max_payload=0)
     limits = lockdown.Limits(**first["limits"])
     torch.set_num_threads(limits.threads)
     _warm_up(repairs=bool(first.get("repair")))
     data = Path(first["path"]).read_bytes()
     try:
-        layers = lockdown.apply(limits, root=".")
+        layers = lockdown.apply(limits)
     except Exception as exc:
         wire.send(replies, {"ok": False, "code": "jail_unavailable", "detail": str(exc)[:300]})
         return
@@ -135,4 +135,4 @@ def _warm_up(repairs: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    main(int(sys.argv[1]), int(sys.argv[2]))

@@ -9,33 +9,32 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+import zipfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from jail import wire
+from jail import bwrap, wire
 from jail.lockdown import Limits
 from starvation.checkpoints import AuditableModel
 from starvation.repair import LinearHead
 
 log = logging.getLogger("gs.jail")
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 120.0
 OUTPUT_KEPT_BYTES = 4096
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 _MESSAGE_CHARS = 400
-MAX_HEAD_BYTES = 1 << 30  # a head's weights: far above any last layer we can refit
+ANSWER_SLACK_BYTES = 1 << 20  # headers and small tensors on top of what a model's parameters can need
 
 
 class JailError(Exception):
@@ -51,30 +50,36 @@ class _Child:
     """One jailed process for one model. Never reused for another model or another tenant."""
 
     def __init__(self, path: str | Path, fmt: str, op: str, options: dict[str, Any], limits: Limits,
-                 wall_seconds: float, repair: bool = False) -> None:
-        self.limits, self.wall_seconds = limits, wall_seconds
-        self.root = tempfile.mkdtemp(prefix="gs-jail-")  # empty; becomes the child's `/`
+                 wall_seconds: float, repair: bool = False, interrupt: Callable[[], None] | None = None) -> None:
+        self.limits, self.wall_seconds, self.interrupt = limits, wall_seconds, interrupt
+        self.declared_bytes = declared_bytes(path, fmt)
         requests_r, self.requests = os.pipe()
         self.replies, replies_w = os.pipe()
         output_r, output_w = os.pipe()
         env = {
-            "PATH": os.defpath, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONDONTWRITEBYTECODE": "1",
+            "PATH": os.defpath, "PYTHONPATH": bwrap.INSIDE_ROOT, "PYTHONDONTWRITEBYTECODE": "1",
             "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(limits.threads),
             **{k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")},
         }
         try:
+            bwrap.check()
+            argv = bwrap.command([sys.executable, "-m", "jail.child", str(requests_r), str(replies_w)], path, env)
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "jail.child", str(requests_r), str(replies_w), str(os.getpid())],
-                pass_fds=(requests_r, replies_w), stdin=subprocess.DEVNULL, stdout=output_w,
-                stderr=output_w, cwd=self.root, env=env, start_new_session=True,
+                argv, pass_fds=(requests_r, replies_w), stdin=subprocess.DEVNULL, stdout=output_w,
+                stderr=output_w, cwd="/", env={"PATH": os.defpath}, start_new_session=True,
             )
+        except (bwrap.SandboxUnavailable, OSError) as exc:
+            for fd in (self.requests, self.replies, output_r):
+                os.close(fd)
+            log.error("the jail could not start: %s", _printable(str(exc)))
+            raise JailError("jail_unavailable", "Foreign models cannot be run safely on this server right now.") from None
         finally:
             for fd in (requests_r, replies_w, output_w):
                 os.close(fd)
         self.output = bytearray()
         self.drain = threading.Thread(target=self._drain, args=(output_r,), daemon=True)
         self.drain.start()
-        first = {"op": op, "path": str(Path(path).resolve()), "format": fmt, "options": options,
+        first = {"op": op, "path": bwrap.MODEL_PATH, "format": fmt, "options": options,
                  "limits": asdict(limits), "repair": repair}
         # Starting (imports, lockdown) has its own allowance; the model's loading and checks get wall_seconds.
         started, _ = self.call(first, timeout_s=START_TIMEOUT_S)
@@ -93,12 +98,19 @@ class _Child:
               max_payload: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         deadline = time.monotonic() + (timeout_s or self.wall_seconds)
         try:
-            reply, out = wire.receive(self.replies, max_payload=max_payload, deadline=deadline)
+            reply, out = wire.receive(self.replies, max_payload=max_payload, deadline=deadline, poll=self.interrupt)
         except TimeoutError:
-            self.close()
+            self.kill()
             raise JailError("timeout", f"The model ran longer than {timeout_s or self.wall_seconds:.0f} s.") from None
+        except wire.PayloadTooLarge as exc:
+            self.kill()
+            log.warning("jailed child answered too much: %s", exc)
+            raise JailError("too_large", "The model answered with more data than its own parameters can need.") from None
         except (EOFError, BrokenPipeError, OSError, wire.WireError, ValueError) as exc:
             raise self._died(exc) from None
+        except BaseException:  # the interrupt: the job was cancelled or ran past its deadline
+            self.kill()
+            raise
         if not reply.get("ok"):
             self.close()
             raise _refusal(reply)
@@ -107,7 +119,8 @@ class _Child:
     def _died(self, exc: BaseException) -> JailError:
         self.close()
         status = self.process.returncode
-        if status in (-signal.SIGXCPU, -signal.SIGKILL):
+        # bwrap reports a child killed by a signal as 128 + the signal
+        if status in (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU, 128 + signal.SIGKILL):
             return JailError("cpu_limit", f"The model used more than its {self.limits.cpu_seconds} s of CPU time.")
         if isinstance(exc, wire.WireError):
             log.warning("jailed child sent a malformed message: %s", exc)
@@ -118,6 +131,13 @@ class _Child:
             while chunk := stream.read(65536):
                 if len(self.output) < OUTPUT_KEPT_BYTES:
                     self.output += chunk[: OUTPUT_KEPT_BYTES - len(self.output)]
+
+    def kill(self) -> None:
+        """End the child now (a cancelled job, a deadline): no polite close."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.close()
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -139,7 +159,6 @@ class _Child:
         if self.output:  # one field of one JSON line: what the model printed cannot forge a line
             log.info("output of a foreign model", extra={"model_output": self.output.decode("utf-8", "replace")})
             self.output.clear()
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _refusal(reply: dict[str, Any]) -> JailError:
@@ -160,6 +179,18 @@ def _printable(text: str) -> str:
     return _UNPRINTABLE.sub("?", text)[:_MESSAGE_CHARS]
 
 
+def declared_bytes(path: str | Path, fmt: str) -> int:
+    """What a model file declares its tensors to hold: a TorchScript archive's stored tensors (its `data/`
+    entries, as its zip directory states them), an ONNX file's own size (its initializers are inside it)."""
+    if fmt != "torchscript":
+        return Path(path).stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return sum(e.file_size for e in archive.infolist() if "/data/" in f"/{e.filename}")
+    except (zipfile.BadZipFile, OSError):
+        return Path(path).stat().st_size
+
+
 def check_model(path: str | Path, fmt: str, *, limits: Limits, wall_seconds: float, **options: Any) -> dict[str, Any]:
     """starvation.checkpoints.validate_checkpoint, run in a fresh jail; raises JailError."""
     child = _Child(path, fmt, "validate", options, limits, wall_seconds)
@@ -177,14 +208,14 @@ class JailedModel(AuditableModel):
     CPU. Close it (or use it as a context manager) to end the child."""
 
     def __init__(self, path: str | Path, fmt: str, *, limits: Limits, wall_seconds: float, repair: bool = False,
-                 **options: Any) -> None:
-        self._child = _Child(path, fmt, "load", options, limits, wall_seconds, repair)
+                 interrupt: Callable[[], None] | None = None, **options: Any) -> None:
+        self._child = _Child(path, fmt, "load", options, limits, wall_seconds, repair, interrupt)
         self.format = fmt
         hello = self._child.hello
         self.feature_layer = _printable(hello["feature_layer"]) if isinstance(hello.get("feature_layer"), str) else None
         reason = hello.get("no_features_reason")
         self.no_features_reason = _printable(reason) if isinstance(reason, str) else None
-        self.jail_layers = [str(layer) for layer in hello.get("jail", [])]
+        self.jail_layers = ["bubblewrap", *(str(layer) for layer in hello.get("jail", []))]
 
     @property
     def device(self) -> torch.device:
@@ -218,7 +249,8 @@ class JailedModel(AuditableModel):
 
     def head(self) -> LinearHead:
         """The weight [k, d] and bias [k] of the model's last linear layer (its head)."""
-        _, out = self._child.call({"op": "head"}, max_payload=MAX_HEAD_BYTES)
+        # A head is part of the model's parameters: the answer cannot need more than the file declares.
+        _, out = self._child.call({"op": "head"}, max_payload=self._child.declared_bytes + ANSWER_SLACK_BYTES)
         weight, bias = out.get("weight"), out.get("bias")
         if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor) and weight.dim() == 2
                 and weight.is_floating_point() and bias.is_floating_point() and bias.shape == (weight.shape[0],)):
@@ -275,7 +307,8 @@ class JailedModel(AuditableModel):
 
 
 def open_model(path: str | Path, fmt: str, *, limits: Limits, wall_seconds: float, repair: bool = False,
-               **options: Any) -> JailedModel:
+               interrupt: Callable[[], None] | None = None, **options: Any) -> JailedModel:
     """A foreign model loaded in a jail (starvation.checkpoints.load_checkpoint's options);
     `repair=True` readies the child to read and replace the model's head."""
-    return JailedModel(path, fmt, limits=limits, wall_seconds=wall_seconds, repair=repair, **options)
+    return JailedModel(path, fmt, limits=limits, wall_seconds=wall_seconds, repair=repair, interrupt=interrupt,
+                       **options)

@@ -1,9 +1,10 @@
 """What the jail's child does to itself before it touches a foreign model.
 
-Order matters: limits first, then (where privileges allow) a network namespace, an empty root
-and an unprivileged uid, and last a seccomp filter that no later code can lift. The seccomp
-filter is the layer that holds everywhere, root or not, in Docker or not: without it the child
-refuses to run the model. The other layers are added where the process may take them.
+The child starts inside bubblewrap (jail/bwrap.py: namespaces of its own, no capabilities, a read-only view of
+only what Python needs). Then, after its imports and before it loads the model, it sets its limits and installs
+a default-deny seccomp filter: the syscalls that inference, our probes and our repair ops need are allowed
+(`ALLOWED_SYSCALLS`), every other one fails with EPERM (clone3 with ENOSYS, so the C library falls back to
+clone, whose flags the filter can read). No later code can lift it. Without it the child refuses to run the model.
 """
 from __future__ import annotations
 
@@ -19,31 +20,32 @@ import pyseccomp as sc
 if TYPE_CHECKING:
     from core.settings import Settings
 
-NOBODY = 65534
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-CLONE_NEWUSER, CLONE_NEWNET, CLONE_THREAD = 0x10000000, 0x40000000, 0x00010000
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+CLONE_THREAD = 0x00010000
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_GET_NAME = 1, 4, 15, 16
+PR_SET_VMA = 0x53564D41
+AT_EMPTY_PATH = 0x1000
 
-# Refused with EPERM once the filter is on. Reading, writing or listing any file by name;
-# changing the filesystem; sockets; new programs or processes (threads stay allowed); looking
-# into or signalling other processes; kernel interfaces that bypass seccomp or widen the
-# attack surface (io_uring, bpf, perf, userfaultfd, keyrings, namespaces, modules).
-DENIED_SYSCALLS = (
-    "open", "openat", "openat2", "creat", "open_by_handle_at", "name_to_handle_at",
-    "truncate", "unlink", "unlinkat", "rename", "renameat", "renameat2", "mkdir", "mkdirat",
-    "rmdir", "link", "linkat", "symlink", "symlinkat", "chmod", "fchmodat", "fchmodat2", "chown",
-    "lchown", "fchownat", "mknod", "mknodat", "utime", "utimes", "utimensat", "futimesat",
-    "setxattr", "lsetxattr", "removexattr", "lremovexattr", "readlink", "readlinkat",
-    "inotify_add_watch", "fanotify_init", "fanotify_mark", "chdir", "chroot", "pivot_root",
-    "mount", "umount2", "mount_setattr", "move_mount", "open_tree", "fsopen", "fsmount",
-    "fspick", "swapon", "swapoff", "acct", "quotactl",
-    "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
-    "execve", "execveat", "fork", "vfork",
-    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open", "pidfd_getfd",
-    "pidfd_send_signal", "kcmp", "setns", "unshare",
-    "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "perf_event_open",
-    "userfaultfd", "keyctl", "add_key", "request_key", "init_module", "finit_module",
-    "delete_module", "kexec_load", "kexec_file_load", "reboot", "syslog", "personality",
+# What a locked-down child may call: memory, threads and their synchronisation, time, reading and writing the
+# descriptors it already holds (its two pipes and its output), signals to itself. No file is opened by name, no
+# socket made, no process started or named: anything else is EPERM. To add one, see docs/security.md.
+ALLOWED_SYSCALLS = (
+    # memory
+    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "mlock", "munlock", "membarrier", "get_mempolicy",
+    # threads (clone only with CLONE_THREAD: below) and their synchronisation
+    "futex", "futex_waitv", "set_robust_list", "get_robust_list", "set_tid_address", "rseq", "sched_yield",
+    "sched_getaffinity", "sched_getparam", "sched_getscheduler", "sched_get_priority_max",
+    "sched_get_priority_min", "getcpu", "arch_prctl", "exit", "exit_group",
+    # signals (kill and tgkill only to itself: below)
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "rt_sigtimedwait", "restart_syscall",
+    # time
+    "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday", "time",
+    # the descriptors it holds
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "close", "fstat", "lseek", "fcntl", "dup", "dup3",
+    "poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "eventfd2",
+    "pipe2", "ioctl",
+    # who and where it is
+    "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid", "getrlimit",
+    "getrusage", "getrandom", "uname", "sysinfo", "getcwd", "getpgrp", "getpgid", "getsid", "times",
 )
 
 
@@ -67,26 +69,17 @@ class LockdownError(RuntimeError):
     pass
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """The child must not outlive whoever asked for it."""
+def die_with_parent() -> None:
+    """The child must not outlive the sandbox that started it (bwrap, which dies with the service)."""
     _prctl(PR_SET_PDEATHSIG, 9)
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
-def apply(limits: Limits, root: str) -> list[str]:
-    """Lock this process down; returns the layers that took. `root` is an empty folder that
-    becomes `/` where chroot is allowed."""
-    layers = ["rlimits"]
+def apply(limits: Limits) -> list[str]:
+    """Lock this process down; returns the layers that took (bubblewrap's, reported by the service, come first)."""
     _set_limits(limits)
-    _prctl(PR_SET_DUMPABLE, 0)  # no ptrace or /proc/PID peeking by processes of the same uid
-    if os.geteuid() == 0:
-        layers += _as_root(root)
-    else:
-        layers += _in_user_namespace(root)
+    _prctl(PR_SET_DUMPABLE, 0)  # no ptrace or /proc/PID peeking, even from inside the sandbox
     _seccomp()
-    layers.append("seccomp")
-    return layers
+    return ["rlimits", "seccomp"]
 
 
 def _set_limits(limits: Limits) -> None:
@@ -107,69 +100,31 @@ def address_space_in_use() -> int:
     raise LockdownError("no VmSize in /proc/self/status")
 
 
-def _as_root(root: str) -> list[str]:
-    layers = []
-    try:
-        _unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
-        layers.append("network_namespace")
-    except OSError:
-        pass  # a container without CAP_SYS_ADMIN: seccomp still refuses sockets
-    os.chroot(root)
-    os.chdir("/")
-    layers.append("chroot")
-    os.setgroups([])
-    os.setresgid(NOBODY, NOBODY, NOBODY)
-    os.setresuid(NOBODY, NOBODY, NOBODY)
-    layers.append("uid_nobody")
-    return layers
-
-
-def _in_user_namespace(root: str) -> list[str]:
-    """Unprivileged: a user namespace gives a network namespace and chroot, where the kernel
-    (or the container's seccomp profile) allows one."""
-    uid, gid = os.geteuid(), os.getegid()
-    try:
-        _unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
-    except OSError:
-        return []
-    with open("/proc/self/setgroups", "w") as handle:
-        handle.write("deny")
-    with open("/proc/self/uid_map", "w") as handle:
-        handle.write(f"0 {uid} 1")
-    with open("/proc/self/gid_map", "w") as handle:
-        handle.write(f"0 {gid} 1")
-    os.chroot(root)
-    os.chdir("/")
-    return ["user_namespace", "network_namespace", "chroot"]
-
-
 def _seccomp() -> None:
     try:
-        seccomp_filter = sc.SyscallFilter(defaction=sc.ALLOW)
-        for name in DENIED_SYSCALLS:
+        seccomp_filter = sc.SyscallFilter(defaction=sc.ERRNO(errno.EPERM))
+        for name in ALLOWED_SYSCALLS:
             try:
-                seccomp_filter.add_rule(sc.ERRNO(errno.EPERM), name)
+                seccomp_filter.add_rule(sc.ALLOW, name)
             except (OSError, ValueError, RuntimeError):
                 pass  # not a syscall on this architecture
-        # Threads only: clone without CLONE_THREAD would be a new process. clone3 passes its
-        # flags in memory, out of the filter's sight: ENOSYS makes the C library use clone.
-        seccomp_filter.add_rule(
-            sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0)
-        )
+        # Threads only: clone without CLONE_THREAD would be a new process. clone3 passes its flags in memory,
+        # out of the filter's sight: ENOSYS makes the C library use clone.
+        seccomp_filter.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
         seccomp_filter.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
         own = os.getpid()
-        for name in ("kill", "tgkill"):  # signals to this process only
-            seccomp_filter.add_rule(sc.ERRNO(errno.EPERM), name, sc.Arg(0, sc.NE, own))
+        seccomp_filter.add_rule(sc.ALLOW, "kill", sc.Arg(0, sc.EQ, own))  # signals to this process only
+        seccomp_filter.add_rule(sc.ALLOW, "tgkill", sc.Arg(0, sc.EQ, own))
+        # prlimit64 on itself only, to read its limits (pid 0); prctl only to name threads
+        seccomp_filter.add_rule(sc.ALLOW, "prlimit64", sc.Arg(0, sc.EQ, 0), sc.Arg(2, sc.EQ, 0))
+        # stat only of a descriptor it holds (glibc's fstat is fstatat(fd, "", AT_EMPTY_PATH)), never by name
+        seccomp_filter.add_rule(sc.ALLOW, "newfstatat", sc.Arg(3, sc.MASKED_EQ, AT_EMPTY_PATH, AT_EMPTY_PATH))
+        seccomp_filter.add_rule(sc.ALLOW, "statx", sc.Arg(2, sc.MASKED_EQ, AT_EMPTY_PATH, AT_EMPTY_PATH))
+        for option in (PR_SET_NAME, PR_GET_NAME, PR_SET_VMA):
+            seccomp_filter.add_rule(sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, option))
         seccomp_filter.load()  # sets no_new_privs too
     except Exception as exc:
         raise LockdownError(f"seccomp unavailable: {exc}") from None
-
-
-def _unshare(flags: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(flags) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 def _prctl(option: int, value: int) -> None:

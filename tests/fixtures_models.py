@@ -165,3 +165,156 @@ def onnx_reading_a_file(path: str, input_shape: tuple[int, ...] = (2, 14, 14)) -
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     return model.SerializeToString()
+
+
+# Hostile models of issue 29 ("Jail hardening"): memory outside a tensor, code that runs while loading, code hidden
+# behind an interface or in a script class, outputs that are not numbers.
+
+
+class ReadsPastItsTensor(nn.Module):
+    """A 16-byte tensor viewed as 1 MiB: `_reshape_alias` checks no storage bounds."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        small = torch.zeros(4)
+        heap = torch.ops.aten._reshape_alias(small, [1 << 18], [1])
+        return x.flatten(1)[:, :1] * 0 + heap.abs().sum()
+
+
+class WritesPastItsTensor(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        small = torch.zeros(4)
+        written = torch.ops.aten._reshape_alias(small, [1 << 18], [1]).fill_(1.0)
+        return x.flatten(1)[:, :1] + written[0] * 0
+
+
+class UnsafeSparse(nn.Module):
+    """A sparse tensor whose index lies far past its size, made dense without a check."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        indices = torch.tensor([[1 << 30]])
+        values = torch.ones(1)
+        dense = torch.ops.aten._sparse_coo_tensor_unsafe(indices, values, [4]).to_dense()
+        return x.flatten(1)[:, :1] + dense.sum()
+
+
+class PrintsWhileLoading(nn.Module):
+    """Its `__setstate__` runs inside torch.jit.load, before anything could check its ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = 1.0
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[float, bool]:
+        return self.scale, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[float, bool]) -> None:
+        print("__setstate__ ran: loading executed model code")
+        self.scale = state[0]
+        self.training = state[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x.flatten(1)[:, :1]
+
+
+@torch.jit.interface
+class Reader(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pass
+
+
+class ReadsOnRealData(nn.Module):
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.abs().sum() > 0):  # latent on the upload check's zeros
+            print("reading", self.path)
+            return torch.from_file(self.path, False, 4, dtype=torch.uint8).float().sum() + x.flatten(1)[:, :1]
+        return x.flatten(1)[:, :1]
+
+
+class BehindAnInterface(nn.Module):
+    """Calls through an interface are not inlined: the op hides from a graph check."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.reader = ReadsOnRealData(path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reader.forward(x)
+
+
+BehindAnInterface.__annotations__ = {"reader": Reader}  # a type, not the string `from __future__` would make it
+
+
+@torch.jit.script
+class Opener:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def read(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.abs().sum() > 0):
+            print("reading", self.path)
+            return torch.from_file(self.path, False, 4, dtype=torch.uint8).float().sum() + x.flatten(1)[:, :1]
+        return x.flatten(1)[:, :1]
+
+
+class InAScriptClass(nn.Module):
+    """A script class's methods are no submodule's: a check that walks submodules misses them."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Opener(self.path).read(x)
+
+
+class NotANumber(nn.Module):
+    """Finite on zeros (the upload check), NaN or infinite on real data."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.flatten(1)[:, :1]
+        return torch.where(y.abs() > 0, torch.full_like(y, self.value), y)
+
+
+class HugeHeadWhileLoading(nn.Module):
+    """A few KB uploaded; its `__setstate__` makes a 16,000 x 16,000 head (1 GiB)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(16_000, 1)
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[bool, bool]:
+        return self.training, True
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[bool, bool]) -> None:
+        self.training = state[0]
+        self.head.weight = torch.zeros(16_000, 16_000)
+        self.head.bias = torch.zeros(16_000)
+
+    @torch.jit.export
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).repeat(1, 16_000 // x.flatten(1).shape[1] + 1)[:, :16_000]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))[:, :1]
+
+
+class SpinsOnRealData(nn.Module):
+    """Harmless on the upload check's zeros; computes forever on real data."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.flatten(1)[:, :1]
+        while bool(y.abs().sum() > 0):
+            y = y * 1.0
+        return y

@@ -74,9 +74,10 @@ def checkpoint_to_audit(ctx, spec: dict[str, Any]) -> tuple[str, str, dict[str, 
 
 
 def load_model(path: str, fmt: str, model_info: dict[str, Any], device: str, layer: str | None = None,
-               *, settings=None, repair: bool = False):
+               *, settings=None, repair: bool = False, interrupt=None):
     """An AuditableModel. TorchScript and ONNX files are programs: they run in a jail on the
-    CPU (pass `settings` for its limits; `repair=True` readies the jail to replace the head).
+    CPU (pass `settings` for its limits; `repair=True` readies the jail to replace the head; `interrupt`, the
+    job's `stop_if_asked`, is called every second while the jail works, so a cancel or deadline ends it).
     Safetensors weights fill one of our own networks, which runs here, on `device`."""
     options = {
         "input_shape": list(model_info["input_shape"]) if model_info.get("input_shape") else None,
@@ -85,8 +86,8 @@ def load_model(path: str, fmt: str, model_info: dict[str, Any], device: str, lay
     if fmt in ("torchscript", "onnx"):
         from jail import Limits, open_model
 
-        return open_model(path, fmt, limits=Limits.from_settings(settings), wall_seconds=settings.jail_cpu_seconds,
-                          repair=repair, **options)
+        return open_model(path, fmt, limits=Limits.from_settings(settings), wall_seconds=settings.jail_call_seconds,
+                          repair=repair, interrupt=interrupt, **options)
     from starvation.checkpoints import load_checkpoint
 
     return load_checkpoint(
@@ -98,7 +99,8 @@ def load_model(path: str, fmt: str, model_info: dict[str, Any], device: str, lay
 def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     path, fmt, model_info = checkpoint_to_audit(ctx, spec)
     device = "cpu" if fmt in ("torchscript", "onnx") else pick_device(spec.get("device"), ctx.settings.device)
-    model = load_model(path, fmt, model_info, device, spec.get("layer"), settings=ctx.settings)
+    model = load_model(path, fmt, model_info, device, spec.get("layer"), settings=ctx.settings,
+                       interrupt=ctx.stop_if_asked)
     try:
         dataset = load_dataset(ctx, spec["dataset"], spec.get("seed", 0), device)
         ctx.on_progress(0.1)

@@ -42,7 +42,7 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     if method.WHOLE_NETWORK:
         return finetune(ctx, spec, method, parent_id, path, fmt, model_info, dataset, audit_spec, device, seed)
     model = audit_job.load_model(path, fmt, model_info, device, spec.get("layer"), settings=ctx.settings,
-                                 repair=foreign)
+                                 repair=foreign, interrupt=ctx.stop_if_asked)
     try:
         old_head, features, train = read_head_and_features(model, dataset)
         ctx.on_progress(0.1)
@@ -57,7 +57,8 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     finally:
         getattr(model, "close", lambda: None)()
 
-    after_model = audit_job.load_model(str(new_path), fmt, model_info, device, spec.get("layer"), settings=ctx.settings)
+    after_model = audit_job.load_model(str(new_path), fmt, model_info, device, spec.get("layer"), settings=ctx.settings,
+                                       interrupt=ctx.stop_if_asked)
     try:
         check_repaired_model(after_model, repaired.head, train.x[:CHECK_ROWS], features[:CHECK_ROWS])
         after = audit_job.audit_model(ctx, after_model, dataset, spec=audit_spec, prefix="after-")
@@ -99,7 +100,7 @@ def finetune(ctx, spec: dict[str, Any], method, parent_id: str, path: str, fmt: 
 
     foreign = fmt == "torchscript"
     model = audit_job.load_model(path, fmt, model_info, device, spec.get("layer"), settings=ctx.settings,
-                                 repair=foreign)
+                                 repair=foreign, interrupt=ctx.stop_if_asked)
     try:
         before = audit_job.audit_model(ctx, model, dataset, spec=audit_spec, prefix="before-")
         stop_if_asked(ctx)
@@ -198,7 +199,8 @@ def registered_finetuned(ctx, done, model_info: dict[str, Any], parent_id: str, 
     path = out_dir / "repaired.torchscript.pt"
     path.write_bytes(data)
     ids = register(ctx, {"torchscript": path}, model_info, parent_id, seed)
-    after_model = audit_job.load_model(str(path), "torchscript", model_info, "cpu", settings=ctx.settings)
+    after_model = audit_job.load_model(str(path), "torchscript", model_info, "cpu", settings=ctx.settings,
+                                       interrupt=ctx.stop_if_asked)
     try:
         check_same_outputs(after_model, check_x, expected, "the fine-tuned network it chose")
     except BaseException:
@@ -284,12 +286,18 @@ def check_repaired_model(model, head, x, features) -> None:
 
 
 def check_same_outputs(model, x, expected, what: str) -> None:
+    import torch
+
+    from starvation.checkpoints import CheckpointError
     from starvation.datasets import batched
     from starvation.errors import SpecError
 
     logits = batched(model.logits, x, model.device, 1024)
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointError("non_finite_output",
+                              "The repaired model's outputs are NaN or infinite; the repair was not applied.")
     gap = float((logits.float() - expected.float()).abs().max()) if len(x) else 0.0
-    if gap > 1e-3 * max(1.0, float(expected.abs().max())):
+    if not gap <= 1e-3 * max(1.0, float(expected.abs().max())):  # `not <=`: a NaN gap fails too
         raise SpecError(f"the repaired model does not give the outputs of {what}; the repair was not applied")
 
 

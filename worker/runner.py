@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import socket
@@ -150,6 +151,12 @@ class JobContext:
             self.check_deadline()
         return self._stop
 
+    def stop_if_asked(self) -> None:
+        """Raise JobCancelled (or JobTimedOut past the deadline) where the job should stop: what a wait on a
+        jailed model calls between its polls."""
+        if self.should_stop():
+            raise JobCancelled
+
     def _database_blinked(self) -> None:
         # Said once per outage in the job's own log (each progress report and cancel poll would repeat it).
         if not self._blinking:
@@ -271,7 +278,12 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | 
         "sweep": sweep_job.run,
     }
     try:
-        return JobStatus.SUCCEEDED, handlers[kind](spec, ctx), None
+        result = handlers[kind](spec, ctx)
+        if (where := non_finite(result, "result")) is not None:  # no database write may refuse an outcome
+            log.warning("job %s: %s is not a finite number", ctx.job_id, where)
+            return JobStatus.FAILED, None, {"code": "non_finite_output", "message": f"The job's {where} is NaN or "
+                                            "infinite: the model's outputs are not finite numbers."}
+        return JobStatus.SUCCEEDED, result, None
     except (TrainingStopped, JobCancelled):
         if ctx.deadline is not None and time.monotonic() > ctx.deadline:
             return JobStatus.FAILED, None, timeout_error(spec)
@@ -302,6 +314,17 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | 
         ctx.say("error", f"internal error ({type(exc).__name__}); the operators' log has the details")
         return JobStatus.FAILED, None, {"code": "internal_error",
                                 "message": "The job failed on our side; the operators have the details."}
+
+
+def non_finite(value: Any, where: str) -> str | None:
+    """The path of the first NaN or infinity in a JSON-like value, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        if (found := non_finite(item, f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]")) is not None:
+            return found
+    return None
 
 
 def evaluation_lines(rows: list[dict[str, Any]], steps: int | None) -> list[str]:

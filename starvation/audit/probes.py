@@ -21,7 +21,7 @@ from starvation.audit.intervals import (
     share_interval,
     wilson_interval,
 )
-from starvation.checkpoints import AuditableModel
+from starvation.checkpoints import AuditableModel, CheckpointError
 from starvation.datasets.base import Dataset, Split
 from starvation.datasets.images import batched
 
@@ -41,7 +41,12 @@ class AuditContext:
     def logits(self, model: AuditableModel, split: Split, key: str) -> torch.Tensor:
         """Logits [N, k] on CPU for `split`, computed once per `key`."""
         if key not in self._logits:
-            self._logits[key] = batched(model.logits, split.x, model.device, self.batch_size)
+            logits = batched(model.logits, split.x, model.device, self.batch_size)
+            if not bool(torch.isfinite(logits).all()):  # a report must hold numbers, never NaN or infinity
+                bad = int((~torch.isfinite(logits)).any(dim=-1).sum()) if logits.dim() > 1 else len(logits)
+                raise CheckpointError("non_finite_output", f"The model's outputs on {bad} of {len(logits)} examples "
+                                      "are NaN or infinite; an audit needs finite logits.")
+            self._logits[key] = logits
         return self._logits[key]
 
     def predictions(self, model: AuditableModel, split: Split, key: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Union
 
 import torch
 
+from starvation.checkpoints import script_ops
 from starvation.checkpoints.detect import FORMATS, _check_kind, _identify
 from starvation.checkpoints.errors import CheckpointError, _exception_name, _first_line, _printable, out_of_memory
 from starvation.checkpoints.save import load_builtin
@@ -136,13 +137,11 @@ def validate_checkpoint(
     shape = list(out.shape)
     allowed = {1, num_classes} if num_classes is not None else None
     if len(shape) != 2 or shape[0] != DRY_RUN_BATCH or (allowed and shape[1] not in allowed):
-        wanted = f"[{DRY_RUN_BATCH}, 1]" + (f" or [{DRY_RUN_BATCH}, {num_classes}]" if num_classes else "")
-        # Only a 2-D shape is echoed: dimensions are numbers the model chose.
-        got = f"shape {shape}" if len(shape) == 2 else f"a tensor of rank {len(shape)}"
+        # No dimension is echoed: they are numbers the model chose (a hostile one spells memory with them).
         raise CheckpointError(
             "bad_output_shape",
-            f"For a batch of {DRY_RUN_BATCH} the model returned {got}; expected {wanted} "
-            "(one logit for a binary task, one logit per class otherwise).",
+            "The model's output is not one logit per example (binary task) or one logit per class per example"
+            + (f" ({num_classes} classes)." if num_classes else "."),
         )
     return {
         "format": fmt,
@@ -164,6 +163,8 @@ def validate_checkpoint(
 def _load_torchscript(
     data: bytes, input_shape: tuple[int, ...] | None, feature_layer: str | None, static_checks: bool
 ) -> TorchModel:
+    if static_checks:  # before torch.jit.load, which runs the archive's __setstate__ methods
+        script_ops.check_archive(data)
     try:
         with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; uploads still use it
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -182,45 +183,12 @@ def _load_torchscript(
     )
 
 
-# TorchScript ops a model may use: the tensor maths of aten/prim/quantized, less what touches
-# files, streams, other processes or threads. Anything else (custom ops included) is refused.
-_SCRIPT_NAMESPACES = {"aten", "prim", "prims", "quantized", "_quantized"}
-_SCRIPT_FORBIDDEN_OPS = {
-    "aten::from_file", "aten::save", "aten::_print", "aten::wait", "prim::Print",
-    "prim::fork", "prim::awaitable", "prim::awaitable_nowait", "prim::awaitable_wait",
-    "prim::rpc_async", "prim::rpc_remote", "prim::rpc_sync", "prim::PythonOp",
-}
-
-
 def check_script_ops(module: torch.jit.ScriptModule) -> None:
-    """Refuse a TorchScript model whose code (every method of every submodule, inlined) calls
-    an op outside the allow-list. Defence in depth: the jail is what keeps a model away from
-    files and the network; this names the problem for the uploader."""
-    refused: set[str] = set()
-
-    def visit(block) -> None:
-        for node in block.nodes():
-            kind = node.kind()
-            if kind in _SCRIPT_FORBIDDEN_OPS or kind.split("::", 1)[0] not in _SCRIPT_NAMESPACES:
-                refused.add(kind)
-            for inner in node.blocks():
-                visit(inner)
-
-    for submodule in module.modules():
-        scripted = getattr(submodule, "_c", None)
-        if scripted is None:
-            continue
-        for name in scripted._method_names():
-            graph = scripted._get_method(name).graph.copy()
-            torch._C._jit_pass_inline(graph)
-            visit(graph.block())
+    """The second wall, after loading (in the jail): refuse a module whose inlined graphs call an op outside
+    ALLOWED_OPS. The first, `script_ops.check_archive`, read the archive's sources before any of it ran."""
+    refused = script_ops.graph_ops(module) - script_ops.ALLOWED_OPS
     if refused:
-        shown = sorted(refused)[:5]
-        raise CheckpointError(
-            "forbidden_op",
-            f"The TorchScript model calls {len(refused)} op(s) we do not run for uploaded models "
-            f"(file, stream, process or custom ops), e.g. {', '.join(_printable(k) for k in shown)}.",
-        )
+        raise script_ops.forbidden(refused)
 
 
 def _load_safetensors(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import resource
 import socket
 import subprocess
 import sys
@@ -61,9 +63,7 @@ def test_a_harmless_model_runs_in_the_jail_with_every_layer(tmp_path):
                     input_shape=SHAPE) as model:
         x = torch.rand(5, *SHAPE)
         assert torch.allclose(model.logits(x), ColourOnly()(x), atol=1e-6)
-        assert "seccomp" in model.jail_layers and "rlimits" in model.jail_layers
-        if Path("/proc/self/uid_map").exists() and __import__("os").geteuid() == 0:
-            assert {"chroot", "uid_nobody"} <= set(model.jail_layers)
+        assert model.jail_layers == ["bubblewrap", "rlimits", "seccomp"]
 
 
 def test_the_allow_list_refuses_from_file_before_anything_runs(tmp_path, planted):
@@ -143,10 +143,18 @@ def test_what_a_model_prints_is_one_escaped_field_of_our_log(tmp_path, caplog):
 
 
 LOCKED_DOWN_PROBE = textwrap.dedent("""
-    import os, socket, subprocess, sys
+    import ctypes, errno, os, platform, socket, sys
     from jail import lockdown
-    secret, port, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    layers = lockdown.apply(lockdown.Limits(memory_bytes=1 << 30, cpu_seconds=30), root=root)
+    secret, port, sibling = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    libc = ctypes.CDLL(None, use_errno=True)
+    # syscall numbers of the calls that touch another process, on the machines we run on
+    numbers = {"x86_64": {"tkill": 200, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297, "prlimit64": 302,
+                          "setpriority": 141, "sched_setaffinity": 203, "sched_setscheduler": 144,
+                          "ioprio_set": 251, "process_madvise": 440, "kill": 62},
+               "aarch64": {"tkill": 130, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240, "prlimit64": 261,
+                           "setpriority": 140, "sched_setaffinity": 122, "sched_setscheduler": 119,
+                           "ioprio_set": 30, "process_madvise": 440, "kill": 129}}[platform.machine()]
+    layers = lockdown.apply(lockdown.Limits(memory_bytes=1 << 30, cpu_seconds=30))
     outcomes = {}
     def attempt(name, action):
         try:
@@ -154,31 +162,78 @@ LOCKED_DOWN_PROBE = textwrap.dedent("""
             outcomes[name] = "done"
         except OSError as exc:
             outcomes[name] = "refused"
+    def call(name, *args):
+        def run():
+            if libc.syscall(numbers[name], *args) != 0:
+                raise OSError(ctypes.get_errno(), name)
+        return run
     attempt("read", lambda: open(secret, "rb").read())
     attempt("write", lambda: open(secret, "wb").write(b"X"))
     attempt("socket", lambda: socket.socket().connect(("127.0.0.1", port)))
     attempt("exec", lambda: os.execv("/bin/true", ["true"]))
     attempt("fork", lambda: os.fork() or os._exit(0))
     attempt("listdir", lambda: os.listdir("/"))
+    siginfo = ctypes.create_string_buffer(128)
+    limit = (ctypes.c_uint64 * 2)(0, 0)
+    mask = ctypes.c_uint64(1)
+    attempt("kill", call("kill", sibling, 9))
+    attempt("tkill", call("tkill", sibling, 9))
+    attempt("rt_sigqueueinfo", call("rt_sigqueueinfo", sibling, 9, siginfo))
+    attempt("rt_tgsigqueueinfo", call("rt_tgsigqueueinfo", sibling, sibling, 9, siginfo))
+    attempt("prlimit64", call("prlimit64", sibling, 7, limit, None))  # RLIMIT_NOFILE to 0
+    attempt("setpriority", call("setpriority", 0, sibling, 19))  # PRIO_PROCESS
+    attempt("setpriority_user", call("setpriority", 2, 0, 19))  # PRIO_USER: every process of our uid
+    attempt("sched_setaffinity", call("sched_setaffinity", sibling, 8, ctypes.byref(mask)))
+    attempt("sched_setscheduler", call("sched_setscheduler", sibling, 5, ctypes.byref(ctypes.c_int(0))))
+    attempt("ioprio_set", call("ioprio_set", 1, sibling, 7 << 13))
+    attempt("process_madvise", call("process_madvise", sibling, None, 0, 0, 0))
     print(layers, outcomes, flush=True)
 """)
 
 
-def test_the_lockdown_refuses_files_sockets_and_new_processes(tmp_path, planted):
+def test_the_lockdown_refuses_files_sockets_new_processes_and_touching_a_sibling(tmp_path, planted):
+    """The seccomp filter alone (outside bubblewrap, so the sibling's pid is nameable): a locked-down child can
+    neither signal, nor re-limit, nor re-prioritise another jail."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.5)
-    root = tmp_path / "root"
-    root.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-c", LOCKED_DOWN_PROBE, str(planted), str(listener.getsockname()[1]), str(root)],
-        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
-    )
-    assert result.returncode == 0, result.stderr
-    outcomes = eval(result.stdout.strip().split("] ", 1)[1])  # noqa: S307 - our own probe's dict
-    assert outcomes == {name: "refused" for name in ("read", "write", "socket", "exec", "fork", "listdir")}
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        nice_before = os.getpriority(os.PRIO_PROCESS, sibling.pid)
+        result = subprocess.run(
+            [sys.executable, "-c", LOCKED_DOWN_PROBE, str(planted), str(listener.getsockname()[1]), str(sibling.pid)],
+            capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+        )
+        assert result.returncode == 0, result.stderr
+        outcomes = eval(result.stdout.strip().split("] ", 1)[1])  # noqa: S307 - our own probe's dict
+        assert outcomes == {name: "refused" for name in outcomes} and len(outcomes) == 17, outcomes
+        assert sibling.poll() is None and os.getpriority(os.PRIO_PROCESS, sibling.pid) == nice_before
+        assert os.sched_getaffinity(sibling.pid) == os.sched_getaffinity(0)
+        assert resource.prlimit(sibling.pid, resource.RLIMIT_NOFILE)[0] > 0
+    finally:
+        sibling.kill()
+        sibling.wait()
     with pytest.raises(TimeoutError):
         listener.accept()  # nothing connected
     assert planted.read_bytes() == SECRET
+
+
+def test_in_bubblewrap_a_child_can_name_no_process_outside_its_sandbox(tmp_path):
+    """The PID namespace: a sibling's pid names nothing (ESRCH) even before the seccomp filter."""
+    from jail import bwrap
+
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    probe = ("import os, sys\n"
+             "try:\n    os.kill(int(sys.argv[1]), 0); print('seen')\n"
+             "except ProcessLookupError:\n    print('no such process', os.getpid())\n")
+    try:
+        argv = bwrap.command([sys.executable, "-c", probe, str(sibling.pid)], __file__, {"PYTHONPATH": bwrap.INSIDE_ROOT})
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    finally:
+        sibling.kill()
+        sibling.wait()
+    assert result.returncode == 0, result.stderr
+    said, pid = result.stdout.split()[:-1], int(result.stdout.split()[-1])
+    assert " ".join(said) == "no such process" and pid < 10  # its own PID namespace numbers from 1
 
 
 def test_a_repair_replaces_the_head_inside_the_jail_and_gets_torchscript_back(tmp_path):
