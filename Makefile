@@ -14,9 +14,13 @@ GPU_IMAGE := torch==2.13.0 numpy==2.4.6 safetensors==0.8.0 httpx==0.28.1 matplot
 	scikit-learn==1.9.1 pytest==9.2.0
 GPU_VENV := .venv-gpu
 
-.PHONY: install browser serve demo test bench perf clean gpu-wheels gpu-dryrun
+.PHONY: install sandbox browser serve demo test bench perf clean gpu-wheels gpu-dryrun
 
-install: $(VENV)/.installed $(CODEGEN)/.installed
+install: sandbox $(VENV)/.installed $(CODEGEN)/.installed
+
+# bubblewrap, the jail's sandbox for foreign models, from Debian's packages (skipped when present).
+sandbox:
+	bash scripts/install_sandbox.sh
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +32,10 @@ $(CODEGEN)/.installed: Makefile
 	$(CODEGEN)/bin/python -m pip install --quiet '$(OPENAPI_PYTHON_CLIENT)'
 	touch $@
 
-serve: $(VENV)/.installed
+serve: sandbox $(VENV)/.installed
 	$(PY) scripts/serve.py
 
-demo: $(VENV)/.installed
+demo: sandbox $(VENV)/.installed
 	$(PY) scripts/demo.py
 
 # Headless Chromium for the dashboard test, from Debian's packages (skipped when present).

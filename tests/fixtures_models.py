@@ -274,23 +274,26 @@ class InAScriptClass(nn.Module):
 
 
 class NotANumber(nn.Module):
-    """Finite on zeros (the upload check), NaN or infinite on real data."""
+    """A plain features + head network whose head's bias is NaN or infinite: every logit is."""
 
     def __init__(self, value: float) -> None:
         super().__init__()
-        self.value = value
+        self.features = nn.Flatten()
+        self.head = nn.Linear(2 * 14 * 14, 1)
+        with torch.no_grad():
+            self.head.bias.fill_(value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.flatten(1)[:, :1]
-        return torch.where(y.abs() > 0, torch.full_like(y, self.value), y)
+        return self.head(self.features(x))
 
 
-class HugeHeadWhileLoading(nn.Module):
-    """A few KB uploaded; its `__setstate__` makes a 16,000 x 16,000 head (1 GiB)."""
+class GrowsWhileLoading(nn.Module):
+    """A linear layer stored as 1 x 1 whose `__setstate__` makes it 16,000 x 16,000 (1 GiB of floats)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.head = nn.Linear(16_000, 1)
+        self.register_buffer("weight", torch.zeros(1, 1))  # a buffer: __setstate__ may replace it
+        self.register_buffer("bias", torch.zeros(1))
 
     @torch.jit.export
     def __getstate__(self) -> tuple[bool, bool]:
@@ -299,15 +302,24 @@ class HugeHeadWhileLoading(nn.Module):
     @torch.jit.export
     def __setstate__(self, state: tuple[bool, bool]) -> None:
         self.training = state[0]
-        self.head.weight = torch.zeros(16_000, 16_000)
-        self.head.bias = torch.zeros(16_000)
-
-    @torch.jit.export
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1).repeat(1, 16_000 // x.flatten(1).shape[1] + 1)[:, :16_000]
+        self.weight = torch.zeros(16_000, 16_000)
+        self.bias = torch.zeros(16_000)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))[:, :1]
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class HugeHeadWhileLoading(nn.Module):
+    """A few KB uploaded; while loading, its head becomes 16,000 x 16,000 (1 GiB)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Flatten()
+        self.head = GrowsWhileLoading()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        return self.head(h.repeat(1, 16_000 // h.shape[1] + 1)[:, :16_000])[:, :1]
 
 
 class SpinsOnRealData(nn.Module):

@@ -47,3 +47,10 @@ def test_dockerfile_copies_every_package_the_services_import():
     dockerfile = (ROOT / "Dockerfile").read_text()
     for folder in ("core", "api", "worker", "models", "jail", "starvation", "migrations", "scripts", "cli"):
         assert f"COPY {folder} ./{folder}" in dockerfile
+
+
+def test_the_processes_that_run_jails_may_make_bubblewraps_namespaces():
+    services = load()["services"]
+    for name in ("api", "worker"):
+        assert {"seccomp=unconfined", "apparmor=unconfined"} <= set(services[name]["security_opt"]), name
+    assert "bubblewrap" in (ROOT / "Dockerfile").read_text()

@@ -228,15 +228,21 @@ def checkpoint_to_repair(ctx, spec: dict[str, Any]) -> tuple[str, str, str, dict
 def read_head_and_features(model, dataset):
     """The model's head and its penultimate features on the pooled training splits (never the
     test split), checked to be what turns those features into the model's logits."""
+    import torch
+
+    from starvation.checkpoints import CheckpointError
     from starvation.datasets import batched
     from starvation.repair import NoLinearHead, check_head_feeds_output, read_head
 
+    train = dataset.train_data()
+    logits = batched(model.logits, train.x[:CHECK_ROWS], model.device, 1024)
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointError("non_finite_output", "The model's outputs are NaN or infinite; a head cannot be refitted "
+                              "to match them.")
     if model.feature_layer is None:
         raise NoLinearHead(model.no_features_reason or "the model exposes no feature layer")
     old_head = model.head() if hasattr(model, "head") else read_head(model.module)
-    train = dataset.train_data()
     features = batched(model.features, train.x, model.device, 1024)
-    logits = batched(model.logits, train.x[:CHECK_ROWS], model.device, 1024)
     check_head_feeds_output(old_head, features[:CHECK_ROWS], logits)
     return old_head, features, train
 

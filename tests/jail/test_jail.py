@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -303,3 +304,74 @@ def test_a_model_without_a_linear_head_is_refused_by_the_jail(tmp_path):
         with pytest.raises(JailError) as refused:
             model.head()
     assert refused.value.code == "no_linear_head"
+
+
+NON_ROOT_PROBE = textwrap.dedent("""
+    import sys
+    from jail import Limits, check_model
+    info = check_model(sys.argv[1], "torchscript", limits=Limits(memory_bytes=1 << 30, cpu_seconds=60),
+                       wall_seconds=60, input_shape=[2, 14, 14], num_classes=2, max_bytes=1 << 20)
+    print(info["output_shape"])
+""")
+
+
+def test_a_service_that_is_not_root_gets_the_jail_too(tmp_path):
+    """A deployment that runs the service as an ordinary user: bubblewrap makes its namespaces without privileges,
+    so a model still runs jailed instead of a 503 `jail_unavailable`."""
+    import stat
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="gs-nonroot-"))
+    folder.chmod(0o755)
+    model = folder / "model.pt"
+    model.write_bytes(torchscript_bytes(ColourOnly()))
+    model.chmod(0o644)
+    command = [sys.executable, "-c", NON_ROOT_PROBE, str(model)]
+    opened: list[Path] = []  # folders on the interpreter's path that only root may enter, opened for the test
+    if os.geteuid() == 0:
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        for parent in Path(sys.executable).resolve().parents:
+            if not parent.stat().st_mode & stat.S_IXOTH:
+                parent.chmod(parent.stat().st_mode | stat.S_IXOTH)
+                opened.append(parent)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                                cwd=Path(__file__).resolve().parents[2], env={**os.environ, "HOME": str(folder)})
+    finally:
+        for parent in opened:
+            parent.chmod(parent.stat().st_mode & ~stat.S_IXOTH)
+        shutil.rmtree(folder, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[2, 1]"
+
+
+def test_a_head_bigger_than_the_file_declares_is_refused_before_it_is_read(tmp_path):
+    """A few KB uploaded, a 1 GiB head made while loading: the answer is bounded by the tensors the archive
+    declares, so the service refuses it from its length and never reads it."""
+    import resource as rusage
+
+    from tests.fixtures_models import HugeHeadWhileLoading
+
+    path = script(tmp_path, HugeHeadWhileLoading())
+    assert path.stat().st_size < 200_000
+    peak_before = rusage.getrusage(rusage.RUSAGE_SELF).ru_maxrss
+    with open_model(path, "torchscript", limits=Limits(memory_bytes=6 << 30, cpu_seconds=120), wall_seconds=120,
+                    input_shape=SHAPE, repair=True) as model:
+        with pytest.raises(JailError) as refused:
+            model.head()
+    assert refused.value.code == "too_large"
+    assert rusage.getrusage(rusage.RUSAGE_SELF).ru_maxrss - peak_before < 256 * 1024  # KiB: far below the 1 GiB
+
+
+def test_without_bubblewrap_no_foreign_model_runs(tmp_path, monkeypatch):
+    from jail import bwrap
+
+    monkeypatch.setattr(bwrap, "executable", lambda: None)
+    bwrap.check.cache_clear()
+    try:
+        with pytest.raises(JailError) as refused:
+            check_model(script(tmp_path, ColourOnly()), "torchscript", limits=LIMITS, wall_seconds=60,
+                        input_shape=SHAPE, num_classes=2, max_bytes=1 << 20)
+    finally:
+        bwrap.check.cache_clear()
+    assert refused.value.code == "jail_unavailable"
