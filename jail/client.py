@@ -32,6 +32,7 @@ log = logging.getLogger("gs.jail")
 START_TIMEOUT_S = 120.0
 OUTPUT_KEPT_BYTES = 4096
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+_EXCEPTION = re.compile(r"^[A-Z][A-Za-z0-9_]{0,39}$")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 _MESSAGE_CHARS = 400
 ANSWER_SLACK_BYTES = 1 << 20  # headers and small tensors on top of what a model's parameters can need
@@ -166,7 +167,9 @@ def _refusal(reply: dict[str, Any]) -> JailError:
     if reply.get("detail"):
         log.info("foreign model refused (%s): %s", code, _printable(str(reply["detail"])))
     if code == "model_failed":
-        return JailError(code, f"The model raised {_printable(str(reply.get('exception', 'an error')))[:60]} while running.")
+        # An exception's type name only, and only if it reads as one: a hijacked child could send any text.
+        name = str(reply.get("exception", ""))
+        return JailError(code, f"The model raised {name if _EXCEPTION.match(name) else 'an error'} while running.")
     if code == "memory_limit":
         return JailError(code, "The model needed more memory than a foreign model may use.")
     if code == "jail_unavailable":
