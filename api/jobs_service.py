@@ -266,8 +266,10 @@ def resolve_audit(session: Session, body: AuditJobCreate, owner_id: str) -> dict
     if (spec.checkpoint_id is None) == (spec.train_job_id is None):
         raise invalid_spec("Give exactly one of checkpoint_id and train_job_id.")
     if spec.checkpoint_id is not None:
-        if files_repo.get_checkpoint(session, spec.checkpoint_id, owner_id=owner_id) is None:
+        checkpoint = files_repo.get_checkpoint(session, spec.checkpoint_id, owner_id=owner_id)
+        if checkpoint is None:
             raise invalid_spec(f"No checkpoint with id {spec.checkpoint_id!r}.")
+        check_probes_for_format(spec.probes, checkpoint.format)
     else:
         train_job = jobs_repo.get(session, spec.train_job_id, owner_id=owner_id)
         if train_job is None or train_job.kind != "train":
@@ -280,6 +282,15 @@ def resolve_audit(session: Session, body: AuditJobCreate, owner_id: str) -> dict
     if unknown:
         raise invalid_spec(f"Unknown probes {unknown}; known: {sorted(PROBES)}.")
     return spec.model_dump()
+
+
+def check_probes_for_format(probes: list[str] | None, fmt: str) -> None:
+    """Probes that need a network's parameters (`ntk`) cannot run on a TorchScript or ONNX upload, which runs
+    sealed in the jail."""
+    if "ntk" in (probes or []) and fmt in ("torchscript", "onnx"):
+        raise invalid_spec(f"The probe 'ntk' needs the network's parameters, which a {fmt} upload does not expose "
+                           "to us (it runs in the jail); audit a train job's checkpoint or a safetensors upload.",
+                           {"field": "spec.probes"})
 
 
 QUOTA_RETRY_AFTER_S = 30
@@ -313,6 +324,7 @@ def resolve_repair(session: Session, body: RepairJobCreate, owner_id: str) -> di
             raise ApiError(422, "unsupported_format",
                            f"Checkpoint {spec.checkpoint_id} is {checkpoint.format}: a repair rewrites a TorchScript, "
                            "ONNX or safetensors model.", {"field": "spec.checkpoint_id"})
+        check_probes_for_format(spec.probes, checkpoint.format)
     else:
         train_job = jobs_repo.get(session, spec.train_job_id, owner_id=owner_id)
         if train_job is None or train_job.kind != "train":

@@ -390,6 +390,29 @@ class LinearProbe(BaseModel):
         None, description="the same probe on a randomly initialised copy of the network (or a reason it cannot run)")
 
 
+class NtkAlignment(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    label: float | None
+    attribute: float | None
+    core: float | None = Field(None, description="the core feature where the dataset has one (colored_mnist: the "
+                                                 "clean digit label)")
+
+
+class Ntk(BaseModel):
+    """The empirical neural tangent kernel of the logit (probe `ntk`), or the reason it could not be computed."""
+
+    model_config = ConfigDict(extra="allow")
+    sample: dict[str, Any] | None = Field(None, description="n, seed, split and indices of the group-balanced sample")
+    eigenvalues: list[float] | None = Field(None, description="largest first (at most 32)")
+    eigenvalue_trace_shares: list[float] | None = None
+    trace_share_top10: float | None = None
+    alignment: NtkAlignment | None = Field(None, description="centred kernel alignment (Cortes et al. 2012)")
+    top_eigenvector_mass: dict[str, Any] | None = Field(
+        None, description="each (label, attribute) group's share of the top-k eigenvectors' mass, beside its share "
+                          "of the sample")
+    reason: str | None = None
+
+
 class Report(BaseModel):
     """The reliance report of API.md; probes that did not run are null. Every `*_interval` is a 95%
     confidence interval, computed as `confidence` says."""
@@ -403,6 +426,7 @@ class Report(BaseModel):
     counterfactual: Counterfactual | None = None
     four_corners: FourCorners | None = None
     linear_probe: LinearProbe | None = None
+    ntk: Ntk | None = None
     plots: list[str] = Field(default_factory=list)
     per_seed: list[dict[str, Any]] | None = Field(None, description="train jobs: the report of every seed")
     pooled_summary: PooledReliance | None = Field(

@@ -29,7 +29,7 @@ def render_report_html(report: dict, plot_urls: dict[str, str], title: str) -> s
 def render_report_body(report: dict, plot_urls: dict[str, str]) -> str:
     """The report's sections, without a page around them (the dashboard puts them in its own)."""
     parts = [_summary(report), _groups(report), _counterfactual(report), _four_corners(report), _linear_probe(report),
-             _plots(report, plot_urls)]
+             _ntk(report), _plots(report, plot_urls)]
     return "\n".join(part for part in parts if part)
 
 
@@ -165,6 +165,29 @@ def _linear_probe(report: dict) -> str:
             + _table(["decodes", "this network", "randomly initialised copy"], rows))
 
 
+def _ntk(report: dict) -> str:
+    kernel = report.get("ntk")
+    if not kernel:
+        return ""
+    if kernel.get("reason"):
+        return "<h2>Neural tangent kernel</h2>" + _table(["", ""], [("not computed", kernel["reason"])], header=False)
+    alignment = kernel.get("alignment") or {}
+    rows = [(name, _number(value) if value is not None else "n/a")
+            for name, value in (("label", alignment.get("label")), ("spurious attribute", alignment.get("attribute")),
+                                ("core feature", alignment.get("core")))]
+    shares = kernel.get("top_eigenvector_mass") or {}
+    group_rows = [(group, _number(g["top_mass_share"]), _number(g["sample_share"]))
+                  for group, g in (shares.get("groups") or {}).items()]
+    sample = kernel.get("sample") or {}
+    note = (f"The empirical NTK of the logit on {_text(sample.get('n'))} examples of the {_text(sample.get('split'))} "
+            f"split, balanced over (label, attribute) groups (seed {_text(sample.get('seed'))}); the top 10 "
+            f"eigenvalues hold {_number(kernel.get('trace_share_top10') or 0.0)} of its trace. Centred alignment: 1 "
+            "when the kernel sees only that variable, near 0 when it ignores it.")
+    return (f'<h2>Neural tangent kernel</h2><p class="note">{note}</p>' + _table(["aligned with", "alignment"], rows)
+            + _table([f"group (top {_text(shares.get('k'))} eigenvectors)", "share of their mass", "share of the sample"],
+                     group_rows))
+
+
 def _plots(report: dict, plot_urls: dict[str, str]) -> str:
     images = [
         f'<figure><img src="{escape(plot_urls[name], quote=True)}" alt="{_text(plot_caption(name))}">'
@@ -247,7 +270,7 @@ def render_repair_body(before: dict, after: dict, repair: dict, plot_urls: dict[
 
     def column(name: str, report: dict) -> str:
         sections = [_summary(report), _groups(report), _counterfactual(report), _four_corners(report),
-                    _linear_probe(report), _plots(report, plot_urls)]
+                    _linear_probe(report), _ntk(report), _plots(report, plot_urls)]
         return f"<section><h2>{_text(name)}</h2>" + "\n".join(s for s in sections if s) + "</section>"
 
     parts = [

@@ -115,6 +115,7 @@ def associated_labels(dataset: Dataset) -> dict[int, int]:
 
 class Probe:
     name: ClassVar[str]
+    by_default: ClassVar[bool] = True  # run when a spec names no probes
 
     def supports(self, dataset: Dataset) -> bool:
         return True
@@ -373,3 +374,36 @@ def _decode(fit_x: np.ndarray, fit_y: np.ndarray, score_x: np.ndarray, score_y: 
 
 def _mean_or_none(values: torch.Tensor) -> float | None:
     return float(values.double().mean()) if len(values) else None
+
+
+@register
+class NtkProbe(Probe):
+    """The empirical NTK of the binary logit on a group-balanced sample of the pooled training data (starvation/audit/ntk.py):
+    spectrum, centred alignments with label, attribute and core feature, the groups' shares of the top
+    eigenvectors. Only for networks whose parameters we hold (not TorchScript or ONNX uploads); asked by name."""
+
+    name = "ntk"
+    by_default = False
+
+    def run(self, model: AuditableModel, dataset: Dataset, ctx: AuditContext) -> dict:
+        from starvation.audit import ntk
+
+        module = getattr(model, "module", None)
+        if not isinstance(module, torch.nn.Module) or isinstance(module, torch.jit.ScriptModule):
+            return {"ntk": {"reason": "the NTK needs the network's parameters: not available for TorchScript or "
+                                      "ONNX models"}}
+        # The training data: the kernel's alignment there is what decides what training learns first.
+        train = dataset.train_data()
+        indices = ntk.balanced_sample(train.y, train.attribute, seed=ctx.seed)
+        chosen = torch.from_numpy(indices)
+        x = train.x[chosen].to(model.device)
+        try:
+            gram = ntk.ntk_gram(module, x).cpu()
+        except ValueError as exc:  # more than one logit per class pair
+            return {"ntk": {"reason": str(exc)}}
+        core = train.core_label[chosen] if train.core_label is not None else None
+        return {"ntk": {
+            "sample": {"n": len(indices), "seed": ctx.seed, "split": "train (pooled)",
+                       "indices": [int(i) for i in indices]},
+            **ntk.kernel_report(gram, y=train.y[chosen], attribute=train.attribute[chosen], core=core),
+        }}

@@ -36,12 +36,14 @@ REPORT_KEYS = {
     "counterfactual": ["counterfactual"],
     "four_corners": ["four_corners", "four_corners_entropy"],
     "linear_probe": ["linear_probe"],
+    "ntk": ["ntk"],
 }
 
 
 def supported_probes(dataset: Dataset) -> list[str]:
-    """The probes that can run on `dataset`, in report order (the default for an audit spec)."""
-    return [name for name, probe in PROBES.items() if probe().supports(dataset)]
+    """The probes that run on `dataset` when a spec names none, in report order (the default for an audit spec;
+    the costly ones, such as `ntk`, run only when named)."""
+    return [name for name, probe in PROBES.items() if probe.by_default and probe().supports(dataset)]
 
 
 def resolve_probes(probes: list[str] | None, dataset: Dataset) -> list[str]:
@@ -55,7 +57,7 @@ def resolve_probes(probes: list[str] | None, dataset: Dataset) -> list[str]:
     if unsupported:
         raise SpecError(
             f"dataset {dataset.name!r} does not support probe(s) {', '.join(map(repr, unsupported))}; "
-            f"it supports: {', '.join(supported_probes(dataset))}"
+            f"it supports: {', '.join(n for n, p in PROBES.items() if p().supports(dataset))}"
         )
     return [name for name in PROBES if name in probes]
 
