@@ -81,3 +81,28 @@ def test_a_model_failing_on_real_data_leaves_only_our_words_in_the_job(stack):
     assert done["status"] == "failed" and done["error"]["code"] == "model_failed"
     assert "exfiltrated" not in done["error"]["message"] and "admin_token" not in done["error"]["message"]
     assert done["error"]["message"].startswith("The model raised")
+
+
+def test_an_ntk_audit_of_a_train_jobs_checkpoint_returns_the_kernel_and_a_torchscript_upload_is_refused(embedded_stack):
+    trained = embedded_stack.client.post("/v1/jobs", json={"kind": "train", "spec": {
+        "preset": "paper_cmnist_erm", "steps": 5, "seeds": [0], "audit": False}})
+    assert trained.status_code == 202, trained.text
+    assert embedded_stack.wait_for(trained.json()["id"], ("succeeded", "failed"), timeout_s=180)["status"] == "succeeded"
+    spec = {"train_job_id": trained.json()["id"], "dataset": {"name": "colored_mnist"}, "probes": ["groups", "ntk"]}
+    job = embedded_stack.client.post("/v1/jobs", json={"kind": "audit", "spec": spec})
+    assert job.status_code == 202, job.text
+    done = embedded_stack.wait_for(job.json()["id"], ("succeeded", "failed"), timeout_s=240)
+    assert done["status"] == "succeeded", done["error"]
+    report = embedded_stack.client.get(f"/v1/jobs/{done['id']}/report").json()
+    kernel = report["ntk"]
+    assert kernel["sample"]["n"] == len(kernel["sample"]["indices"]) == 1024
+    assert set(kernel["alignment"]) == {"label", "attribute", "core"} and kernel["eigenvalues"][0] > 0
+    validate_against_openapi(embedded_stack, report, "Report")
+    assert "Neural tangent kernel" in embedded_stack.client.get(f"/v1/jobs/{done['id']}/report.html").text
+
+    upload = embedded_stack.client.post("/v1/checkpoints", files={"file": ("m.pt", io.BytesIO(torchscript_bytes(
+        ColourOnly())))}, data={"format": "torchscript"})
+    refused = embedded_stack.client.post("/v1/jobs", json={"kind": "audit", "spec": {
+        "checkpoint_id": upload.json()["id"], "dataset": {"name": "colored_mnist"}, "probes": ["ntk"]}})
+    assert refused.status_code == 422 and refused.json()["error"]["details"] == {"field": "spec.probes"}
+    assert "'ntk'" in refused.json()["error"]["message"]
