@@ -43,9 +43,9 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = 2 << 30  # an .npz dataset once loaded (its arrays, x as float32); image folders stream
     max_dataset_compression_ratio: float = 100.0  # an .npz member over 16 MiB unpacking more than this: a bomb
     max_image_pixels: int = 50_000_000  # one image of an image-folder dataset, read from its header
-    # Image folders: checked in the background after registration (api/dataset_checks.py), in child processes, one
-    # tenant at a time; a check that has not finished dataset_check_stale_s after it began lost its API process
-    # and is taken up again (so it must exceed dataset_check_timeout_s).
+    # Image folders: checked in the background after registration (api/dataset_checks.py), in child processes, tenants
+    # taking turns; a check that has not finished dataset_check_stale_s after it began lost its API process and is
+    # taken up again (so it must exceed dataset_check_timeout_s).
     dataset_check_stale_s: float = 3600.0
     dataset_check_slots: int = Field(2, ge=1, description="image-folder checks one API process runs at once")
     dataset_check_slots_per_key: int = Field(1, ge=1, description="of those, checks of one key's folders")
