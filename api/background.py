@@ -1,5 +1,6 @@
-"""The API process's background loops: the dispatcher (the outbox), the reaper of lost jobs, webhooks, and the
-checks of registered image folders."""
+"""The API process's background loops: the dispatcher (the outbox), the reaper of lost jobs, webhooks (each round
+starts what is due and returns; deliveries run on in api/webhooks.py's slots), and the checks of registered image
+folders (GS_DATASET_CHECK_SLOTS loops, each checking one folder at a time)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +10,8 @@ from datetime import timedelta
 
 from fastapi.concurrency import run_in_threadpool
 
-from api import dataset_checks, dispatch, webhooks
+from api import dispatch, webhooks
+from api.dataset_checks import check_pending_datasets
 from api.deps import admin_token
 from core.settings import get_settings
 from models import jobs as jobs_repo
@@ -36,17 +38,6 @@ def dispatch_round() -> int:
         return dispatch.resend_lost(session, settings) + dispatch.dispatch(session, settings)
 
 
-def deliver_webhooks() -> int:
-    settings = get_settings()
-    return webhooks.deliver_due(
-        database(),
-        settings.webhook_secret or admin_token(),
-        timeout_s=settings.webhook_timeout_s,
-        max_attempts=settings.webhook_max_attempts,
-        allow=settings.outbound_allow,
-    )
-
-
 async def every(seconds: float, work: Callable[[], object]) -> None:
     while True:
         await asyncio.sleep(seconds)
@@ -58,7 +49,11 @@ async def every(seconds: float, work: Callable[[], object]) -> None:
 
 def start() -> list[asyncio.Task]:
     settings = get_settings()
-    return [asyncio.create_task(every(settings.sweep_every_s, reap_lost_jobs)),
-            asyncio.create_task(every(settings.dispatch_every_s, dispatch_round)),
-            asyncio.create_task(every(settings.sweep_every_s, deliver_webhooks)),
-            asyncio.create_task(every(settings.dispatch_every_s, dataset_checks.check_pending_datasets))]
+    webhook_deliveries = webhooks.Deliveries(
+        database(), settings.webhook_secret or admin_token(), timeout_s=settings.webhook_timeout_s,
+        max_attempts=settings.webhook_max_attempts, allow=settings.outbound_allow, slots=settings.webhook_slots,
+        per_key=settings.webhook_slots_per_key)
+    checks = [every(settings.dispatch_every_s, check_pending_datasets) for _ in range(settings.dataset_check_slots)]
+    return [asyncio.create_task(loop) for loop in (
+        every(settings.sweep_every_s, reap_lost_jobs), every(settings.dispatch_every_s, dispatch_round),
+        every(settings.sweep_every_s, webhook_deliveries.start_due), *checks)]

@@ -44,9 +44,14 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = 2 << 30  # an .npz dataset once loaded (its arrays, x as float32); image folders stream
     max_dataset_compression_ratio: float = 100.0  # an .npz member over 16 MiB unpacking more than this: a bomb
     max_image_pixels: int = 50_000_000  # one image of an image-folder dataset, read from its header
-    # Image folders: checked in the background after registration (api/background.py); a check that has not
-    # finished dataset_check_stale_s after it began lost its API process and is taken up again.
+    # Image folders: checked in the background after registration (api/dataset_checks.py), in child processes, tenants
+    # taking turns; a check that has not finished dataset_check_stale_s after it began lost its API process and is
+    # taken up again (so it must exceed dataset_check_timeout_s).
     dataset_check_stale_s: float = 3600.0
+    dataset_check_slots: int = Field(2, ge=1, description="image-folder checks one API process runs at once")
+    dataset_check_slots_per_key: int = Field(1, ge=1, description="of those, checks of one key's folders")
+    dataset_check_timeout_s: float = Field(600.0, gt=0, description="one check's wall-clock limit: past it, failed")
+    dataset_checks_per_key: int = Field(20, ge=1, description="folders one key may have waiting: past it, a 429")
     max_dataset_rows: int = 2_000_000  # images one image folder's CSV may list
     data_workers: int = Field(2, ge=0, description="DataLoader processes reading an image folder's batches")
     worker_memory_budget_bytes: int = 8 << 30  # a train job's estimated peak (starvation/budget.py), at submit
@@ -72,6 +77,10 @@ class Settings(BaseSettings):
     webhook_secret: str | None = None  # HMAC key for admin jobs' callbacks (a key's jobs: its own); default: admin token
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 6
+    # Webhooks go out in due order, webhook_slots at once per API process, at most webhook_slots_per_key of one
+    # key's jobs among them: a receiver that never answers holds its own key's slots only (api/webhooks.py).
+    webhook_slots: int = Field(8, ge=1)
+    webhook_slots_per_key: int = Field(2, ge=1)
     # MLflow export targets: a tracking URI whose scheme is not listed is refused (no file: by default,
     # so a user cannot make the worker write to its own disk).
     mlflow_allowed_schemes: str = "http,https"

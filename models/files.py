@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from models.tables import Artifact, Checkpoint, Job, UserDataset, utcnow
@@ -90,21 +90,39 @@ def list_datasets(session: Session, *, owner_id: str) -> Sequence[UserDataset]:
     ).all()
 
 
-def claim_dataset_check(session: Session, *, stale_after: timedelta) -> UserDataset | None:
+def claim_dataset_check(session: Session, *, stale_after: timedelta, per_key: int) -> UserDataset | None:
     """A pending dataset to check, marked as being checked (one API process gets it); a check begun more than
-    `stale_after` ago lost its process and is handed out again. Commits."""
+    `stale_after` ago lost its process and is handed out again. Tenants take turns, as jobs do (`jobs.fair_share`):
+    the owner with the fewest checks running (ties: the one waiting longest) gets its oldest, and an owner with
+    `per_key` running waits. Commits."""
     now = utcnow()
     free = or_(UserDataset.check_started_at.is_(None), UserDataset.check_started_at < now - stale_after)
-    candidates = session.scalars(select(UserDataset.id).where(UserDataset.status == "pending", free)
-                                 .order_by(UserDataset.created_at).limit(4)).all()
-    for dataset_id in candidates:
-        claimed = session.execute(update(UserDataset).where(UserDataset.id == dataset_id,
-                                                            UserDataset.status == "pending", free)
+    pending = UserDataset.status == "pending"
+    running = dict(session.execute(select(UserDataset.owner_id, func.count()).where(pending, ~free)
+                                   .group_by(UserDataset.owner_id)).all())
+    waiting = session.execute(select(UserDataset.owner_id, func.min(UserDataset.created_at)).where(pending, free)
+                              .group_by(UserDataset.owner_id)).all()
+    turns = sorted((running.get(owner, 0), oldest, owner) for owner, oldest in waiting
+                   if running.get(owner, 0) < per_key)
+    for _, _, owner in turns:
+        dataset_id = session.scalar(select(UserDataset.id).where(pending, free, UserDataset.owner_id == owner)
+                                    .order_by(UserDataset.created_at).limit(1)
+                                    .with_for_update(skip_locked=True))  # a row another claim holds: the next one
+        if dataset_id is None:
+            continue
+        claimed = session.execute(update(UserDataset).where(UserDataset.id == dataset_id, pending, free)
                                   .values(check_started_at=now))
         session.commit()
         if claimed.rowcount == 1:
             return session.get(UserDataset, dataset_id)
+    session.commit()
     return None
+
+
+def pending_checks(session: Session, owner_id: str) -> int:
+    """How many of this owner's image folders wait for their check (or are being checked)."""
+    return session.scalar(select(func.count()).select_from(UserDataset)
+                          .where(UserDataset.owner_id == owner_id, UserDataset.status == "pending")) or 0
 
 
 def finish_dataset_check(session: Session, dataset_id: str, *, info: dict[str, Any] | None = None,

@@ -44,7 +44,7 @@ def get_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep):
     201: TO_THE_DATASET,
     202: {"model": DatasetOut, "description": "an image folder, registered as `pending` and checked in the background",
           **TO_THE_DATASET},
-    **error_responses(*CREATE_ERRORS)})
+    **error_responses(*CREATE_ERRORS, 429)})
 async def register_dataset(
     session: SessionDep,
     principal: PrincipalDep,
@@ -119,6 +119,10 @@ def inside_data_dir(settings, relative: str | None, what: str) -> Path:
 
 def register_image_folder(session, principal, settings, name, folder, metadata, image_size) -> tuple[int, Any]:
     """202 at once: the folder and its CSV exist under GS_DATA_DIR; rows and images are checked in the background."""
+    if files_repo.pending_checks(session, principal.owner_id) >= settings.dataset_checks_per_key:
+        raise ApiError(429, "too_many_dataset_checks", f"This key has {settings.dataset_checks_per_key} image folders "
+                       "waiting for their check, the limit; register more when they are ready.",
+                       headers={"Retry-After": "10"})
     root = inside_data_dir(settings, folder, "folder")
     csv_path = inside_data_dir(settings, str(Path(folder or "") / metadata), "metadata")
     if not csv_path.is_file():

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
+import os
 import pathlib
+import stat
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -145,16 +149,19 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor | ImageF
 
 def index_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, *,
                        max_image_pixels: int = MAX_IMAGE_PIXELS, decoded_sample: int = DECODED_SAMPLE,
-                       max_rows: int = MAX_ROWS) -> ImageIndex:
-    """The CSV's rows checked: every path inside `root` (at most MAX_PATH_CHARS) and an image Pillow can open
-    within the pixel limit (its header read), `decoded_sample` images spread over the folder decoded in full,
-    labels and attributes class indices, split names short and plain, a binary attribute where there is a
-    `counterfactual` column, at most `max_rows` rows (read one at a time). Raises `DatasetError` naming the line."""
+                       max_rows: int = MAX_ROWS, time_limit_s: float | None = None) -> ImageIndex:
+    """The CSV's rows checked: every path inside `root` (at most MAX_PATH_CHARS) and a regular file Pillow can open
+    as an image within the pixel limit (its header read), `decoded_sample` images spread over the folder decoded in
+    full, labels and attributes class indices, split names short and plain, a binary attribute where there is a
+    `counterfactual` column, at most `max_rows` rows (read one at a time), all within `time_limit_s` seconds.
+    Raises `DatasetError` naming the line."""
     root = pathlib.Path(root).resolve()
     paths, labels, attributes, splits, counterfactuals, lines = [], [], [], [], [], []
     has_counterfactual = False
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     for number, row in _csv_rows(pathlib.Path(csv_path)):
         where = f"metadata CSV line {number}"
+        _within(deadline, time_limit_s, where)
         if len(paths) == max_rows:
             raise DatasetError(f"{where}: the CSV lists more than {max_rows:,} images, the limit", code="too_large")
         has_counterfactual = "counterfactual" in row
@@ -176,6 +183,7 @@ def index_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, *
     if not paths:
         raise DatasetError("the metadata CSV lists no images")
     for index in _spread(len(paths), decoded_sample):  # headers can be whole while the pixels are cut short
+        _within(deadline, time_limit_s, f"metadata CSV line {lines[index]}")
         _read_image(root / paths[index], (8, 8), max_image_pixels, f"metadata CSV line {lines[index]}", paths[index])
     return ImageIndex(paths=_strings(paths), labels=np.array(labels, dtype=np.int64),
                       attributes=np.array(attributes, dtype=np.int64), splits=np.array(splits),
@@ -188,6 +196,12 @@ def _path_of(root: pathlib.Path, relative: str, where: str, max_pixels: int) -> 
         raise DatasetError(f"{where}: a path of {len(relative)} characters; the limit is {MAX_PATH_CHARS}")
     _read_image(_inside(root, relative, where), None, max_pixels, where, relative)
     return relative
+
+
+def _within(deadline: float | None, time_limit_s: float | None, where: str) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DatasetError(f"{where}: the check ran past its limit of {time_limit_s:g} s; "
+                           "a folder this large needs a longer limit (or fewer images)", code="too_large")
 
 
 def _strings(values: list[str]) -> np.ndarray:
@@ -276,7 +290,7 @@ def _spread(count: int, sample: int) -> list[int]:
 def _csv_rows(csv_path: pathlib.Path) -> Iterator[tuple[int, dict[str, str]]]:
     """(line number, row) one at a time, values stripped; the header must name the columns."""
     try:
-        with csv_path.open(newline="", encoding="utf-8") as handle:
+        with io.TextIOWrapper(open_regular(csv_path, "the metadata CSV"), newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             missing = sorted(set(COLUMNS) - set(reader.fieldnames or []))
             if missing:
@@ -286,6 +300,20 @@ def _csv_rows(csv_path: pathlib.Path) -> Iterator[tuple[int, dict[str, str]]]:
                 yield reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise DatasetError(f"cannot read the metadata CSV ({error})") from None
+
+
+def open_regular(path: pathlib.Path, what: str) -> io.BufferedReader:
+    """`path` opened for reading if it is a regular file, checked on the open descriptor (so nothing swapped in after a
+    check gets through); O_NONBLOCK keeps the open of a FIFO from waiting for a writer that never comes."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise DatasetError(f"{what} is not a regular file (a FIFO, device, socket or folder is never read)")
+        os.set_blocking(descriptor, True)
+        return open(descriptor, "rb", closefd=True)
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 def _inside(root: pathlib.Path, relative: str, where: str) -> pathlib.Path:
@@ -307,7 +335,7 @@ def _read_image(path: pathlib.Path, size: tuple[int, int] | None, max_pixels: in
 
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own check agrees: a warning past it, an error past twice it
     try:
-        with Image.open(path) as image:  # reads the header only
+        with open_regular(path, f"{where}: image {relative!r}") as handle, Image.open(handle) as image:  # header only
             pixels = image.width * image.height
             if pixels > max_pixels:
                 raise DatasetError(f"{where}: image {relative!r} is {image.width}x{image.height} = {pixels} pixels; "

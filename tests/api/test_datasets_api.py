@@ -144,6 +144,8 @@ def test_a_pending_folder_cannot_be_used_and_a_ready_one_needs_minibatches(clien
         files_repo.get_dataset(session, dataset["id"], owner_id=None).check_started_at = utcnow()
     pending = client.post("/v1/jobs", json={"kind": "train", "spec": {**spec, "batch_size": 4}})
     assert pending.status_code == 409 and "pending" in pending.json()["error"]["message"], pending.text
+    with database().session() as session:  # the check "in progress" ends: the key's next folders would wait for it
+        files_repo.finish_dataset_check(session, dataset["id"])
 
 
 def test_someone_elses_dataset_is_a_404(client, tenant):

@@ -142,3 +142,35 @@ def test_a_csv_past_the_row_limit_is_refused_before_it_is_held(folder, tmp_path)
         datasets.index_image_folder(folder, csv_path, max_rows=10)
     assert error.value.code == "too_large"
     assert len(datasets.index_image_folder(folder, csv_path, max_rows=11).paths) == 11
+
+
+@pytest.mark.parametrize("special", ["fifo", "folder"])
+def test_a_row_naming_anything_but_a_regular_file_is_refused_without_waiting(folder, tmp_path, special) -> None:
+    import os
+    import shutil
+
+    shutil.copy(folder / "img" / "0.png", tmp_path / "0.png")
+    odd = tmp_path / "odd.png"
+    if special == "fifo":
+        os.mkfifo(odd)  # opened for reading the ordinary way, it would wait for a writer forever
+    else:
+        odd.mkdir()
+    csv_path = tmp_path / "odd.csv"
+    csv_path.write_text("path,label,attribute\n0.png,0,0\nodd.png,1,1\n")
+    with pytest.raises(datasets.DatasetError, match="line 3: image 'odd.png' is not a regular file"):
+        datasets.index_image_folder(tmp_path, csv_path)
+
+
+def test_a_metadata_csv_that_is_a_fifo_is_refused_without_waiting(folder, tmp_path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "metadata.csv")
+    with pytest.raises(datasets.DatasetError, match="the metadata CSV is not a regular file"):
+        datasets.index_image_folder(folder, tmp_path / "metadata.csv")
+
+
+def test_a_check_past_its_time_limit_fails_naming_where_it_stopped(folder) -> None:
+    with pytest.raises(datasets.DatasetError, match=r"line 2: the check ran past its limit of 0 s") as error:
+        datasets.index_image_folder(folder, folder / "metadata.csv", time_limit_s=0)
+    assert error.value.code == "too_large"
+    assert len(datasets.index_image_folder(folder, folder / "metadata.csv", time_limit_s=60).paths) == N_TRAIN + N_TEST
