@@ -19,7 +19,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, peak_memory_mib  # noqa: E402
 from starvation import datasets, networks, presets  # noqa: E402
-from starvation.audit import ntk, run_audit  # noqa: E402
+from starvation import ntk  # noqa: E402
+from starvation.audit import run_audit  # noqa: E402
 from starvation.checkpoints import wrap_module  # noqa: E402
 
 

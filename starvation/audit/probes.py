@@ -378,7 +378,7 @@ def _mean_or_none(values: torch.Tensor) -> float | None:
 
 @register
 class NtkProbe(Probe):
-    """The empirical NTK of the binary logit on a group-balanced sample of the pooled training data (starvation/audit/ntk.py):
+    """The empirical NTK of the binary logit on a group-balanced sample of the pooled training data (starvation/ntk.py):
     spectrum, centred alignments with label, attribute and core feature, the groups' shares of the top
     eigenvectors. Only for networks whose parameters we hold (not TorchScript or ONNX uploads); asked by name."""
 
@@ -386,7 +386,7 @@ class NtkProbe(Probe):
     by_default = False
 
     def run(self, model: AuditableModel, dataset: Dataset, ctx: AuditContext) -> dict:
-        from starvation.audit import ntk
+        from starvation import ntk
 
         module = getattr(model, "module", None)
         if not isinstance(module, torch.nn.Module) or isinstance(module, torch.jit.ScriptModule):

@@ -18,6 +18,7 @@ from starvation.datasets import Dataset, ImageFiles, batches_of
 from starvation.errors import SpecError
 from starvation.ensemble import StackedMLP, seed_losses, unsupported_reason
 from starvation.methods import Method, build_method, method_class
+from starvation.ntk import KernelSample
 from starvation.networks import Network, build_network, load_initial_weights, output_count
 from starvation.training.acceleration import GraphedUpdates, PhaseCompiled, forward_precision, tf32_matmuls
 from starvation.training.evaluation import (EVAL_CHUNK, _summarise, _to, as_logits, bias_conflicting, evaluate,
@@ -257,6 +258,7 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
         found["error_set"] = identification_errors(spec, data, seed, device, method.params[method.IDENTIFICATION_STEPS],
                                                    should_stop)
     groups = {name: tensor.to(device) for name, tensor in memberships(data, method.NEEDS, **found).items()}
+    kernel = kernel_sample(spec, data, seed)
     drawn_before: dict[int, dict] = {}  # the minibatch order as it was before the rows of a step to save at
 
     def rows_of_steps() -> Iterator[list[int]]:
@@ -290,6 +292,8 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
         if step % eval_every == 0 or step == steps:
             with clock.evaluating(), tf32_matmuls(False):
                 values = evaluate(model, splits, pooled, conflicting)
+                if kernel is not None and (step % spec["ntk_every"] == 0 or step == steps):
+                    values.update(kernel_alignments(kernel, model))
                 history.append(values)
                 report(step, steps, seed, values)
         if step == steps:
@@ -327,6 +331,7 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     masks = [bias_conflicting(d) for d in distinct]
     conflicting = None if any(m is None for m in masks) else torch.stack(masks).expand(len(seeds), -1).to(device)
     first = data[0]
+    kernels = [kernel_sample(spec, data[0 if shared_data else index], seed) for index, seed in enumerate(seeds)]
     del data  # the stacked copy is all that training needs
     train_split = splits["train"]
     networks = [_init_network(spec, first, seed, init_weights) for seed in seeds]
@@ -370,6 +375,10 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
         if step % eval_every == 0 or step == steps:
             with clock.evaluating(), tf32_matmuls(False):
                 per_seed = evaluate_stacked(model, splits, pooled, conflicting)
+                if kernels[0] is not None and (step % spec["ntk_every"] == 0 or step == steps):
+                    for index, (network, values) in enumerate(zip(networks, per_seed)):
+                        network.load_state_dict(model.network_state(index))
+                        values.update(kernel_alignments(kernels[index], network.to(device)))
                 for history, values in zip(histories, per_seed):
                     history.append(values)
                 report(step, dict(zip(keys, per_seed)), step / steps)
@@ -384,6 +393,21 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     for index, network in enumerate(networks):  # each seed back as an ordinary module, for its checkpoint
         network.load_state_dict(model.network_state(index))
     return networks, histories, clock
+
+
+def kernel_sample(spec: dict, data: Dataset, seed: int) -> KernelSample | None:
+    """The fixed sample a seed's NTK alignments follow (`ntk_every`), or None."""
+    if not spec.get("ntk_every"):
+        return None
+    train = data.train_data()
+    if isinstance(train.x, ImageFiles):
+        raise SpecError("ntk_every needs a dataset held in memory, not an image folder")
+    return KernelSample.of(train, seed=seed)
+
+
+def kernel_alignments(kernel: KernelSample, model: nn.Module) -> dict[tuple[str, str], float]:
+    with torch.enable_grad():
+        return {("train", f"ntk_alignment_{name}"): value for name, value in kernel.alignments(model).items()}
 
 
 def memberships(data: Dataset, needs: Sequence[str], *,

@@ -74,6 +74,10 @@ FIELDS: dict[str, P.Param] = {
                                 "steps, so that a run after a lost worker resumes there instead of at step 0 "
                                 "(sequential execution: one seed at a time); null: never",
                           P.optional(P.positive_int)),
+    "ntk_every": P.Param(None, "record the empirical NTK's centred alignments with the label, the attribute and the "
+                               "core feature (metrics ntk_alignment_label, _attribute, _core; split train) on a fixed "
+                               "group-balanced sample of 256 training examples, at every evaluation whose step is a "
+                               "multiple of this (and the last); null: never", P.optional(P.positive_int)),
     "holdout": P.Param(0.0, "fraction of each training split held out as a split named 'holdout' (evaluated, never "
                             "trained on; the same rows for every seed); a sweep's train_domain_validation chooses on "
                             "it", _holdout_fraction),

@@ -6,7 +6,7 @@ from torch import nn
 
 from starvation import datasets
 from starvation.audit import run_audit
-from starvation.audit.ntk import balanced_sample, centred_alignment, ntk_gram
+from starvation.ntk import balanced_sample, centred_alignment, ntk_gram
 from starvation.checkpoints import wrap_module
 
 
@@ -80,3 +80,20 @@ def test_the_sample_is_balanced_over_groups():
     chosen = balanced_sample(y, attribute, seed=0)
     groups = [(int(y[i]), int(attribute[i])) for i in chosen]
     assert sorted(set(groups)) == [(0, 0), (0, 1), (1, 0), (1, 1)] and all(groups.count(g) == 5 for g in set(groups))
+
+
+def test_ntk_every_follows_the_alignments_over_training_the_same_batched_or_one_seed_at_a_time(tmp_path):
+    from starvation.training import train
+
+    recorded = {}
+    for execution in ("sequential", "batched"):
+        rows = []
+        train({"preset": "paper_cmnist_sd", "steps": 20, "eval_every": 5, "ntk_every": 10, "seeds": [0, 1],
+               "execution": execution, "audit": False}, out_dir=tmp_path / execution, on_metrics=rows.extend)
+        recorded[execution] = {(m.step, m.seed, m.name, m.split): m.value for m in rows if m.name.startswith("ntk")}
+    sequential, batched = recorded["sequential"], recorded["batched"]
+    assert {step for step, *_ in sequential} == {0, 10, 20}  # evaluations at multiples of ntk_every only
+    assert {name for _, _, name, _ in sequential} == {"ntk_alignment_label", "ntk_alignment_attribute",
+                                                       "ntk_alignment_core"}
+    assert sequential.keys() == batched.keys()
+    assert max(abs(sequential[key] - batched[key]) for key in sequential) < 1e-5

@@ -39,7 +39,24 @@
     chart("chart-starved", "starved_fraction", ["train"], Object.assign({yMin: 0, yMax: 1}, x));
     chart("chart-conflicting", "conflicting_gradient_share", ["train"], Object.assign({yMin: 0, yMax: 1}, x));
     chart("chart-core-margin", "margin", ["core_only"], x);
+    kernelChart("chart-ntk", Object.assign({yMin: 0, yMax: 1}, x));
   });
+
+  /* One line per seed and target of the NTK alignment metrics (ntk_alignment_label, _attribute, _core). */
+  function kernelChart(id, options) {
+    var figure = document.getElementById(id);
+    if (!figure) return;
+    var series = [];
+    [["label", "6 3"], ["attribute", ""], ["core", "2 2"]].forEach(function (target) {
+      var bySeed = store.perSeed("ntk_alignment_" + target[0], "train");
+      Object.keys(bySeed).forEach(function (seed) {
+        series.push({label: "seed " + seed + " " + target[0], color: seedColor(Number(seed)), dash: target[1] !== "",
+                     points: bySeed[seed]});
+      });
+    });
+    figure.hidden = series.length === 0;
+    if (!figure.hidden) GS.lineChart(figure.querySelector(".plot"), series, options);
+  }
 
   function showStatus(job) {
     statusNode.textContent = job.status;

@@ -9,6 +9,8 @@ parameter tensors at a time so that the per-example gradients held at once stay 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -133,3 +135,34 @@ def kernel_report(gram: torch.Tensor, *, y: torch.Tensor, attribute: torch.Tenso
         },
         "top_eigenvector_mass": {"k": top, "groups": groups},
     }
+
+
+TRAINING_EXAMPLES = 256  # the sample a train job's `ntk_every` follows: small, since it is computed at many steps
+
+
+@dataclass(frozen=True)
+class KernelSample:
+    """A fixed group-balanced sample of the training data, and the variables the kernel is aligned with."""
+
+    x: torch.Tensor
+    targets: dict[str, torch.Tensor]  # label, attribute and (where the dataset has it) core
+
+    @classmethod
+    def of(cls, train, *, seed: int, max_examples: int = TRAINING_EXAMPLES) -> "KernelSample":
+        chosen = torch.from_numpy(balanced_sample(train.y, train.attribute, seed=seed, max_examples=max_examples))
+        targets = {"label": train.y[chosen], "attribute": train.attribute[chosen]}
+        if train.core_label is not None:
+            targets["core"] = train.core_label[chosen]
+        return cls(x=train.x[chosen], targets=targets)
+
+    def alignments(self, module: nn.Module) -> dict[str, float]:
+        """{target: centred alignment} of `module`'s kernel on the sample (a target whose alignment is undefined is
+        left out)."""
+        was_training = module.training
+        module.eval()
+        try:
+            gram = ntk_gram(module, self.x.to(next(module.parameters()).device)).cpu()
+        finally:
+            module.train(was_training)
+        found = {name: centred_alignment(gram, target) for name, target in self.targets.items()}
+        return {name: value for name, value in found.items() if value is not None}
