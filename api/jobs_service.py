@@ -541,9 +541,8 @@ def follow_logs(job_id: str, cursor: str | None, is_disconnected: Callable[[], A
 
 def cancel(session: Session, job: Job) -> None:
     """A queued job is cancelled at once, a running one asked to stop; a finished one is a 409."""
-    if job.status in TERMINAL:
+    if job.status in TERMINAL or not jobs_repo.request_cancel(session, job):
         raise ApiError(409, "job_finished", f"Job {job.id} is already {job.status}.")
-    jobs_repo.request_cancel(session, job)
 
 
 def follow(
