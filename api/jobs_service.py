@@ -8,9 +8,10 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ def job_out(job: Job) -> TrainJobOut | AuditJobOut | RepairJobOut | SweepJobOut:
     ))
 
 
+JOB_ID = re.compile(f"[0-9a-f]{{{ID_LENGTH}}}")  # a uuid4's hex digits (models/tables.py new_id)
 # A job id may be shortened to a unique prefix of this many hex digits or more (as `gs jobs` shows them).
 MIN_ID_PREFIX = 8
 
@@ -104,6 +106,11 @@ def encode_cursor(*parts: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(parts).encode()).decode()
 
 
+def invalid_cursor() -> ApiError:
+    # 400 as docs/api.md and the OpenAPI document promise: a cursor is an opaque token, and this one is not ours.
+    return ApiError(400, "invalid_cursor", "The cursor is not one this API returned.")
+
+
 def decode_cursor(cursor: str, size: int) -> list[Any]:
     try:
         parts = json.loads(base64.urlsafe_b64decode(cursor.encode()))
@@ -111,7 +118,7 @@ def decode_cursor(cursor: str, size: int) -> list[Any]:
             raise ValueError
         return parts
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ApiError(400, "invalid_cursor", "The cursor is not one this API returned.") from None
+        raise invalid_cursor() from None
 
 
 def invalid_spec(message: str, details: Any = None) -> ApiError:
@@ -482,13 +489,7 @@ def list_jobs(
     tags: dict[str, str] | None = None,
 ) -> tuple[list[Job], str | None]:
     """One page of the owner's jobs, newest first, and the cursor of the next page (None on the last)."""
-    after = None
-    if cursor:
-        created_at, job_id = decode_cursor(cursor, 2)
-        try:
-            after = (datetime.fromisoformat(created_at), str(job_id))
-        except (TypeError, ValueError):
-            raise ApiError(400, "invalid_cursor", "The cursor is not one this API returned.") from None
+    after = job_after(cursor) if cursor else None
     page = jobs_repo.list_page(
         session, owner_id=owner_id, limit=limit, after=after, kind=kind, status=status, tags=tags or {}
     )
@@ -496,13 +497,25 @@ def list_jobs(
     return items, encode_cursor(items[-1].created_at.isoformat(), items[-1].id) if more else None
 
 
+def job_after(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) a jobs cursor continues after: a UTC time and a job id, as `list_jobs` wrote them."""
+    created_at, job_id = decode_cursor(cursor, 2)
+    try:
+        after = datetime.fromisoformat(created_at)
+        if after.tzinfo is None or not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+            raise ValueError
+        return after.astimezone(UTC), job_id
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an offset that moves it past year 1 or 9999
+        raise invalid_cursor() from None
+
+
 def after_row(cursor: str | None) -> int | None:
     """The row a metrics or logs cursor continues after (None: from the start)."""
     if not cursor:
         return None
     (after_id,) = decode_cursor(cursor, 1)
-    if not isinstance(after_id, int) or not 0 <= after_id <= MAX_DB_INT:
-        raise ApiError(400, "invalid_cursor", "The cursor is not one this API returned.")
+    if type(after_id) is not int or not 0 <= after_id <= MAX_DB_INT:  # not isinstance: JSON's true is a bool
+        raise invalid_cursor()
     return after_id
 
 
