@@ -48,6 +48,12 @@ def get(session: Session, job_id: str, *, owner_id: str | None = None) -> Job | 
     return job
 
 
+def state(session: Session, job_id: str) -> tuple[str, float] | None:
+    """(status, progress) without loading the rest of the row: what a stream polls."""
+    row = session.execute(select(Job.status, Job.progress).where(Job.id == job_id)).first()
+    return (row.status, row.progress) if row is not None else None
+
+
 def list_page(
     session: Session,
     *,
