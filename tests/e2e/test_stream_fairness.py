@@ -164,3 +164,16 @@ def test_one_tenants_open_streams_do_not_slow_another_and_end_when_its_key_is_re
     print(f"B's GET /v1/jobs: quiet median {statistics.median(quiet):.1f} ms (before A's streams {before:.1f}, "
           f"after {after:.1f}), with A's {STREAMS} streams open {statistics.median(loaded):.1f} ms")
     assert statistics.median(loaded) <= 3 * statistics.median(quiet), (quiet, loaded)
+
+    # Streams whose clients went give their places back too (noticed at their next poll): B gets all 64 of its own.
+    reopened, deadline = [], time.monotonic() + 5
+    while len(reopened) < STREAMS and time.monotonic() < deadline:
+        stream = RawStream(stack.port, f"/v1/jobs/{b_job}/events", b_token)
+        if stream.status == 200:
+            reopened.append(stream)
+        else:
+            stream.sock.close()
+            time.sleep(0.2)
+    assert len(reopened) == STREAMS
+    for stream in reopened:
+        stream.sock.close()
