@@ -10,6 +10,7 @@ from fastapi_offline import FastAPIOffline
 
 from api import background, dashboard, errors
 from api.deps import admin_token
+from api.docs_security import DocsSecurityHeaders
 from api.hygiene import refuse_unstorable_text
 from api.limits import BodySizeLimit
 from core.settings import get_settings
@@ -47,6 +48,7 @@ def create_app() -> FastAPI:
     app.add_middleware(
         BodySizeLimit, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
     )
+    app.add_middleware(DocsSecurityHeaders)
     for module in (jobs, checkpoints, datasets, keys, ops):
         app.include_router(module.router)
     dashboard.install(app)

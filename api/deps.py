@@ -79,6 +79,11 @@ def current_principal(session: SessionDep, authorization: AuthorizationDep) -> P
     return Principal(owner_id=key.id, is_admin=key.is_admin)
 
 
+def still_valid(session: Session, principal: Principal) -> bool:
+    """Whether the principal's key is still unrevoked (the admin token always is): long streams ask on every poll."""
+    return principal.owner_id == ADMIN_OWNER or auth_repo.is_active(session, principal.owner_id)
+
+
 def admin_principal(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
     if not principal.is_admin:
         raise ApiError(403, "forbidden", "Only the admin token may do this.")

@@ -4,20 +4,21 @@ the token could not.
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
+import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
-from api.deps import Principal
+from api import streams
+from api.deps import Principal, still_valid
 from api.dispatch import dispatch
 from api.errors import ApiError, not_found, without_server_paths
 from api.hygiene import MAX_DB_INT, first_unstorable
@@ -82,6 +83,7 @@ def job_out(job: Job) -> TrainJobOut | AuditJobOut | RepairJobOut | SweepJobOut:
     ))
 
 
+JOB_ID = re.compile(f"[0-9a-f]{{{ID_LENGTH}}}")  # a uuid4's hex digits (models/tables.py new_id)
 # A job id may be shortened to a unique prefix of this many hex digits or more (as `gs jobs` shows them).
 MIN_ID_PREFIX = 8
 
@@ -104,6 +106,11 @@ def encode_cursor(*parts: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(parts).encode()).decode()
 
 
+def invalid_cursor() -> ApiError:
+    # 400 as docs/api.md and the OpenAPI document promise: a cursor is an opaque token, and this one is not ours.
+    return ApiError(400, "invalid_cursor", "The cursor is not one this API returned.")
+
+
 def decode_cursor(cursor: str, size: int) -> list[Any]:
     try:
         parts = json.loads(base64.urlsafe_b64decode(cursor.encode()))
@@ -111,7 +118,7 @@ def decode_cursor(cursor: str, size: int) -> list[Any]:
             raise ValueError
         return parts
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ApiError(400, "invalid_cursor", "The cursor is not one this API returned.") from None
+        raise invalid_cursor() from None
 
 
 def invalid_spec(message: str, details: Any = None) -> ApiError:
@@ -494,13 +501,7 @@ def list_jobs(
     tags: dict[str, str] | None = None,
 ) -> tuple[list[Job], str | None]:
     """One page of the owner's jobs, newest first, and the cursor of the next page (None on the last)."""
-    after = None
-    if cursor:
-        created_at, job_id = decode_cursor(cursor, 2)
-        try:
-            after = (datetime.fromisoformat(created_at), str(job_id))
-        except (TypeError, ValueError):
-            raise ApiError(400, "invalid_cursor", "The cursor is not one this API returned.") from None
+    after = job_after(cursor) if cursor else None
     page = jobs_repo.list_page(
         session, owner_id=owner_id, limit=limit, after=after, kind=kind, status=status, tags=tags or {}
     )
@@ -508,13 +509,25 @@ def list_jobs(
     return items, encode_cursor(items[-1].created_at.isoformat(), items[-1].id) if more else None
 
 
+def job_after(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) a jobs cursor continues after: a UTC time and a job id, as `list_jobs` wrote them."""
+    created_at, job_id = decode_cursor(cursor, 2)
+    try:
+        after = datetime.fromisoformat(created_at)
+        if after.tzinfo is None or not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+            raise ValueError
+        return after.astimezone(UTC), job_id
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an offset that moves it past year 1 or 9999
+        raise invalid_cursor() from None
+
+
 def after_row(cursor: str | None) -> int | None:
     """The row a metrics or logs cursor continues after (None: from the start)."""
     if not cursor:
         return None
     (after_id,) = decode_cursor(cursor, 1)
-    if not isinstance(after_id, int) or not 0 <= after_id <= MAX_DB_INT:
-        raise ApiError(400, "invalid_cursor", "The cursor is not one this API returned.")
+    if type(after_id) is not int or not 0 <= after_id <= MAX_DB_INT:  # not isinstance: JSON's true is a bool
+        raise invalid_cursor()
     return after_id
 
 
@@ -530,68 +543,71 @@ def logs_page(session: Session, job_id: str, *, cursor: str | None, limit: int) 
     return LogPage(items=[log_line(r) for r in items], next_cursor=encode_cursor(items[-1].id) if more else None)
 
 
-def follow_logs(job_id: str, cursor: str | None, is_disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
-    """The job's log as JSON lines, as they are written, until the job has finished and every line was sent.
-    The caller has checked the owner and the cursor."""
+def follow_logs(job_id: str, cursor: str | None, principal: Principal,
+                is_disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+    """The job's log as JSON lines, as they are written, until the job has finished and every line was sent
+    (or the key is revoked). The caller has checked the owner; the cursor is checked now."""
     after_id = after_row(cursor)
 
-    async def stream() -> AsyncIterator[str]:
+    def poll() -> tuple[str, bool]:
         nonlocal after_id
-        while not await is_disconnected():
-            with database().session() as session:  # a session per poll: a stream may stay open for hours
-                job = jobs_repo.get(session, job_id)
-                rows = logs_repo.query(session, job_id, after_id=after_id, limit=1000)
-                if rows:
-                    after_id = rows[-1].id
-                    yield "".join(json.dumps(log_line(r)) + "\n" for r in rows)
-                if job is None or (job.status in TERMINAL and not rows):
-                    return
-            await asyncio.sleep(0.5)
+        with database().session() as session:
+            if not still_valid(session, principal):
+                return "", True
+            state = jobs_repo.state(session, job_id)
+            rows = logs_repo.query(session, job_id, after_id=after_id, limit=1000)
+        if rows:
+            after_id = rows[-1].id
+        ended = state is None or (state[0] in TERMINAL and not rows)
+        return "".join(json.dumps(log_line(r)) + "\n" for r in rows), ended
 
-    return stream()
+    return streams.polled(poll, is_disconnected)
 
 
 def cancel(session: Session, job: Job) -> None:
     """A queued job is cancelled at once, a running one asked to stop; a finished one is a 409."""
-    if job.status in TERMINAL:
+    if job.status in TERMINAL or not jobs_repo.request_cancel(session, job):
         raise ApiError(409, "job_finished", f"Job {job.id} is already {job.status}.")
-    jobs_repo.request_cancel(session, job)
 
 
 def follow(
-    session: Session, job_id: str, owner_id: str, is_disconnected: Callable[[], Awaitable[bool]]
+    session: Session, job_id: str, principal: Principal, is_disconnected: Callable[[], Awaitable[bool]]
 ) -> AsyncIterator[str]:
     """The job's Server-Sent Events, once the owner is checked: `status` on every change of status or
-    progress, `metrics` and `logs` for new rows, `end` when it has finished and everything was sent."""
-    job_id = owned_job(session, job_id, owner_id).id  # the full id, when given a prefix
+    progress, `metrics` and `logs` for new rows, `end` when it has finished and everything was sent.
+    A revoked key's stream ends without `end`."""
+    job_id = owned_job(session, job_id, principal.owner_id).id  # the full id, when given a prefix
+    last_state, last_metric_id, last_log_id = None, None, None
 
-    async def stream() -> AsyncIterator[str]:
-        last_state, last_metric_id, last_log_id = None, None, None
-        # A session per poll, not the request's: a stream may stay open for hours.
-        while not await is_disconnected():
-            with database().session() as session:
-                job = jobs_repo.get(session, job_id)
-                if job is None:
-                    return
-                rows = metrics_repo.query(session, job_id, after_id=last_metric_id, limit=5000)
-                lines = logs_repo.query(session, job_id, after_id=last_log_id, limit=1000)
-                state = (job.status, round(job.progress, 4))
-                if state != last_state:
-                    last_state = state
-                    yield f"event: status\ndata: {json.dumps(job_out(job).model_dump(mode='json'))}\n\n"
-                if rows:
-                    last_metric_id = rows[-1].id
-                    payload = [MetricOut.model_validate(m, from_attributes=True).model_dump() for m in rows]
-                    yield f"event: metrics\ndata: {json.dumps(payload)}\n\n"
-                if lines:
-                    last_log_id = lines[-1].id
-                    yield f"event: logs\ndata: {json.dumps([log_line(r) for r in lines])}\n\n"
-                if job.status in TERMINAL and not rows and not lines:
-                    yield "event: end\ndata: {}\n\n"
-                    return
-            await asyncio.sleep(0.5)
+    def poll() -> tuple[str, bool]:
+        nonlocal last_state, last_metric_id, last_log_id
+        with database().session() as session:
+            if not still_valid(session, principal):
+                return "", True
+            state = jobs_repo.state(session, job_id)
+            if state is None:
+                return "", True
+            state = (state[0], round(state[1], 4))
+            job = jobs_repo.get(session, job_id) if state != last_state else None  # the whole row only when news
+            rows = metrics_repo.query(session, job_id, after_id=last_metric_id, limit=5000)
+            lines = logs_repo.query(session, job_id, after_id=last_log_id, limit=1000)
+        events = []
+        if job is not None:
+            last_state = (job.status, round(job.progress, 4))
+            events.append(f"event: status\ndata: {json.dumps(job_out(job).model_dump(mode='json'))}\n\n")
+        if rows:
+            last_metric_id = rows[-1].id
+            payload = [MetricOut.model_validate(m, from_attributes=True).model_dump() for m in rows]
+            events.append(f"event: metrics\ndata: {json.dumps(payload)}\n\n")
+        if lines:
+            last_log_id = lines[-1].id
+            events.append(f"event: logs\ndata: {json.dumps([log_line(r) for r in lines])}\n\n")
+        ended = state[0] in TERMINAL and not rows and not lines
+        if ended:
+            events.append("event: end\ndata: {}\n\n")
+        return "".join(events), ended
 
-    return stream()
+    return streams.polled(poll, is_disconnected)
 
 
 def delete(session: Session, job: Job, settings: Settings) -> None:

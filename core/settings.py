@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     # A job sent this long ago and still unclaimed was lost by the broker (a restart without persistence).
     resend_after_s: float = Field(600.0, gt=0)
     max_active_jobs_per_key: int = Field(1000, ge=1, description="queued + running jobs one key may have")
+    # Open streams (logs?follow=true, events; api/streams.py), counted in each API process: past a limit a 429.
+    streams_per_key: int = Field(16, ge=1, description="streams one key may hold open")
+    streams_total: int = Field(256, ge=1, description="streams open at once, all keys together")
+    stream_db_connections: int = Field(2, ge=1, description="database connections all open streams' polls share")
+    # Each process's connection pool (PostgreSQL): requests that find none free wait up to 10 s, then get a 503.
+    database_pool_size: int = Field(5, ge=1, description="connections kept open")
+    database_max_overflow: int = Field(10, ge=0, description="more opened under load, closed when returned")
     webhook_secret: str | None = None  # HMAC key for admin jobs' callbacks (a key's jobs: its own); default: admin token
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 6

@@ -33,6 +33,10 @@ def find_by_secret(session: Session, secret: str) -> ApiKey | None:
     )
 
 
+def is_active(session: Session, key_id: str) -> bool:
+    return session.scalar(select(ApiKey.id).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))) is not None
+
+
 def list_keys(session: Session, *, limit: int, after_id: str | None = None,
               only_id: str | None = None) -> Sequence[ApiKey]:
     """Keys by id (one more than `limit`, to tell whether a page follows), revoked ones included."""

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.settings import get_settings
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, **pool: int) -> Engine:
+    """`pool`: pool_size and max_overflow of a PostgreSQL engine (SQLAlchemy's defaults otherwise)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -30,15 +31,15 @@ def make_engine(url: str) -> Engine:
 
         return engine
     # A database that does not answer is an error in seconds (a 503 to the client), not a hung request.
-    return create_engine(url, pool_pre_ping=True, pool_timeout=10, connect_args={"connect_timeout": 5})
+    return create_engine(url, pool_pre_ping=True, pool_timeout=10, connect_args={"connect_timeout": 5}, **pool)
 
 
 class Database:
     """One engine and its sessions; created lazily in each process (never shared across fork)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, **pool: int) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, **pool)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -59,7 +60,9 @@ class Database:
 @lru_cache(maxsize=1)
 def database() -> Database:
     """This process's database (GS_DATABASE_URL), made on first use; the API and the worker share this one."""
-    return Database(get_settings().database_url)
+    settings = get_settings()
+    return Database(settings.database_url, pool_size=settings.database_pool_size,
+                    max_overflow=settings.database_max_overflow)
 
 
 def forget_database() -> None:

@@ -48,6 +48,12 @@ def get(session: Session, job_id: str, *, owner_id: str | None = None) -> Job | 
     return job
 
 
+def state(session: Session, job_id: str) -> tuple[str, float] | None:
+    """(status, progress) without loading the rest of the row: what a stream polls."""
+    row = session.execute(select(Job.status, Job.progress).where(Job.id == job_id)).first()
+    return (row.status, row.progress) if row is not None else None
+
+
 def list_page(
     session: Session,
     *,
@@ -93,12 +99,13 @@ def list_page(
 def claim(session: Session, job_id: str, worker_id: str) -> bool:
     """Move a queued job to running; False if another worker has it or it was cancelled.
 
-    A conditional update, so two deliveries of one message can never both run the job.
+    A conditional update, so two deliveries of one message can never both run the job; and its row lock orders
+    it against `request_cancel`: a cancel before it leaves nothing to claim, one after it sets the polled flag.
     """
     now = utcnow()
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False))
         .values(
             status=JobStatus.RUNNING, attempts=Job.attempts + 1, started_at=now, heartbeat_at=now,
             worker_id=worker_id, progress=0.0,
@@ -167,17 +174,20 @@ def finish(
     return outcome.rowcount == 1
 
 
-def request_cancel(session: Session, job: Job) -> None:
-    """A queued job is cancelled at once; a running one is asked to stop (its worker polls)."""
-    if job.status == JobStatus.QUEUED:
-        session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
-            .values(**terminal(JobStatus.CANCELLED, cancel_requested=True))
-        )
-    elif job.status == JobStatus.RUNNING:
-        session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+def request_cancel(session: Session, job: Job) -> bool:
+    """A queued job is cancelled at once; a running one is asked to stop (its worker polls). False when it had
+    already finished. One UPDATE that decides on the row as it is when locked, so a claim committed between
+    the caller's read and this write turns the cancel into a request to stop instead of losing it."""
+    queued = Job.status == JobStatus.QUEUED
+    cancelled_if_queued = {column: case((queued, value), else_=getattr(Job, column))
+                           for column, value in terminal(JobStatus.CANCELLED).items()}
+    outcome = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
+        .values(cancel_requested=True, **cancelled_if_queued)
+    )
     session.refresh(job)
+    return outcome.rowcount == 1
 
 
 def with_id_prefix(session: Session, prefix: str, *, owner_id: str, limit: int) -> Sequence[Job]:

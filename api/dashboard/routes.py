@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
@@ -25,6 +25,7 @@ from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
 from api.routes.keys import may_manage
 from api.schemas import RepairJobCreate, TrainJobCreate
+from api.streams import open_stream
 from models import auth as auth_repo
 from models import files as files_repo
 from models.status import TERMINAL, JobStatus
@@ -255,16 +256,13 @@ def cancel(job_id: str, request: Request, session: SessionDep, principal: browse
 
 
 @router.get("/jobs/{job_id}/events")
-async def job_events(job_id: str, request: Request) -> Response:
+def job_events(job_id: str, request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     """The API's event stream (status, progress, metrics), for a signed-in browser."""
-    from models.db import database
-
-    with database().session() as session:
-        principal = browser.require_principal(request, session)
-        events = jobs_service.follow(session, job_id, principal.owner_id, request.is_disconnected)
+    principal = browser.require_principal(request, session)
+    events = jobs_service.follow(session, job_id, principal, request.is_disconnected)
     # Proxies must pass events through as they come.
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return open_stream(principal.owner_id, settings, events, "text/event-stream",
+                       headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 @router.get("/jobs/{job_id}/report")

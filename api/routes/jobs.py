@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from api import jobs_service
 from api.deps import PrincipalDep, SessionDep, SettingsDep
@@ -31,12 +31,13 @@ from api.schemas import (
     links_to,
     media_response,
 )
+from api.streams import open_stream
 from models import files as files_repo
 from models import metrics as metrics_repo
-from models.db import database
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*KEYED_ERRORS))
 OF_A_JOB = error_responses(404, 409)  # every route under /v1/jobs/{job_id} (409: an id prefix two jobs share)
+TOO_MANY_STREAMS = error_responses(429)  # the key's or the service's open streams (api/streams.py)
 TO_THE_JOB = links_to("job_id", "get_job", "cancel_job", "delete_job", "list_job_metrics", "get_job_logs",
                       "stream_job_events", "get_report", "get_report_html", "list_artifacts")
 
@@ -143,31 +144,32 @@ def list_job_metrics(
     200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}},
           "description": "A page of the job's log lines; with `follow=true`, a stream of JSON lines (LogLine) "
                          "that ends when the job has finished."},
-    **error_responses(400, 404, 409),
+    **error_responses(400, 404, 409), **TOO_MANY_STREAMS,
 })
-async def get_job_logs(
+def get_job_logs(
     job_id: str,
     request: Request,
+    session: SessionDep,
     principal: PrincipalDep,
+    settings: SettingsDep,
     follow: bool = False,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ):
     """The job's own log: its start, each evaluation, warnings, and how it ended."""
-    with database().session() as session:
-        job_id = owned_job(session, job_id, principal.owner_id).id
-        if not follow:
-            return jobs_service.logs_page(session, job_id, cursor=cursor, limit=limit)
-    lines = jobs_service.follow_logs(job_id, cursor, request.is_disconnected)
-    return StreamingResponse(lines, media_type="application/x-ndjson")
+    job_id = owned_job(session, job_id, principal.owner_id).id
+    if not follow:
+        return jobs_service.logs_page(session, job_id, cursor=cursor, limit=limit)
+    lines = jobs_service.follow_logs(job_id, cursor, principal, request.is_disconnected)
+    return open_stream(principal.owner_id, settings, lines, "application/x-ndjson")
 
 
-@router.get("/{job_id}/events", response_class=Response, responses={**EVENT_STREAM, **OF_A_JOB})
-async def stream_job_events(job_id: str, request: Request, principal: PrincipalDep):
+@router.get("/{job_id}/events", response_class=Response, responses={**EVENT_STREAM, **OF_A_JOB, **TOO_MANY_STREAMS})
+def stream_job_events(job_id: str, request: Request, session: SessionDep, principal: PrincipalDep,
+                      settings: SettingsDep):
     """Server-Sent Events: `status` on every change of status or progress, `metrics` and `logs` for new rows."""
-    with database().session() as session:
-        events = jobs_service.follow(session, job_id, principal.owner_id, request.is_disconnected)
-    return StreamingResponse(events, media_type="text/event-stream")
+    events = jobs_service.follow(session, job_id, principal, request.is_disconnected)
+    return open_stream(principal.owner_id, settings, events, "text/event-stream")
 
 
 @router.get("/{job_id}/report", response_model=Report | RepairReport, responses=OF_A_JOB)

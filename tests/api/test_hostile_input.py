@@ -136,6 +136,21 @@ def test_cursors_that_decode_to_unstorable_values_are_400(stack, cursor_parts):
     assert_error(stack.client.get(path, params={"cursor": cursor}), 400, "invalid_cursor")
 
 
+@pytest.mark.parametrize("route, cursor_parts", [
+    ("jobs", ["0001-01-01", 1]),  # an ISO date, but naive, and an id that is a number
+    ("jobs", ["0001-01-01T00:00:00+05:00", "0" * 32]),  # in UTC, a time before year 1
+    ("jobs", ["2026-01-01T00:00:00+00:00", "not-a-job-id"]),
+    ("logs", [True]), ("metrics", [True]), ("logs", [1.5]), ("metrics", ["7"]),
+])
+def test_cursors_whose_parts_are_not_what_the_api_wrote_are_400_on_postgres(services_stack, route, cursor_parts):
+    stack = services_stack
+    cursor = base64.urlsafe_b64encode(json.dumps(cursor_parts).encode()).decode()
+    job = stack.client.post("/v1/jobs", json={"kind": "train", "spec": {"preset": "paper_moons_erm", "steps": 5}})
+    path = "/v1/jobs" if route == "jobs" else f"/v1/jobs/{job.json()['id']}/{route}"
+    assert_error(stack.client.get(path, params={"cursor": cursor}), 400, "invalid_cursor")
+    assert_still_serving(stack)
+
+
 @pytest.mark.parametrize("spec, where", [
     ({"preset": "paper_moons_erm", "seeds": [2**40]}, "seeds"),
     ({"preset": "paper_moons_erm", "timeout_s": 2**80}, "timeout_s"),

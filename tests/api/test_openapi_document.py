@@ -124,7 +124,8 @@ def test_each_operation_lists_the_errors_of_what_it_does(document):
     job_routes = {o for o, op in ops.items() if op["path"].startswith("/v1/jobs/{job_id}")}  # 409: a shared id prefix
     assert {o for o, codes in errors.items() if 409 in codes} == {
         "create_job", "upload_checkpoint", "register_dataset", "create_api_key"} | job_routes
-    assert {o for o, codes in errors.items() if 429 in codes} == {"create_job", "upload_checkpoint", "register_dataset"}
+    assert {o for o, codes in errors.items() if 429 in codes} == {"create_job", "upload_checkpoint", "register_dataset",
+                                                                  "get_job_logs", "stream_job_events"}  # streams
     assert {o for o, codes in errors.items() if 403 in codes} == {"create_api_key", "prometheus_metrics"}
     assert {o for o, codes in errors.items() if 400 in codes} == {  # a cursor or filter; a body that does not parse
         "list_jobs", "list_job_metrics", "get_job_logs", "create_job", "upload_checkpoint", "register_dataset",
@@ -134,7 +135,7 @@ def test_each_operation_lists_the_errors_of_what_it_does(document):
 
 def test_probes_and_repair_methods_are_enums_and_a_misspelt_one_is_a_422_naming_it(client, document, tenant):
     schemas = document["components"]["schemas"]
-    assert set(schemas["ProbeName"]["enum"]) == {"groups", "counterfactual", "four_corners", "linear_probe"}
+    assert set(schemas["ProbeName"]["enum"]) == {"groups", "counterfactual", "four_corners", "linear_probe", "ntk"}
     assert set(schemas["RepairMethodName"]["enum"]) == {"last_layer", "last_layer_sd", "finetune_sd"}
     audit = {"kind": "audit", "spec": {"checkpoint_id": "c" * 32, "probes": ["groups", "counterfactaul"]}}
     answer = client.post("/v1/jobs", json=audit, headers=tenant())
