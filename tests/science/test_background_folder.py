@@ -152,3 +152,21 @@ def test_cli_writes_a_folder(tmp_path, capsys) -> None:
     with (out / "metadata.csv").open(newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 12
     assert cli_main([str(out), "--train", "1", "--val", "0", "--test", "0"]) == 2  # not empty any more
+
+
+def test_the_balanced_upstream_variant_labels_digits_and_makes_the_background_independent(tmp_path) -> None:
+    import csv
+    from collections import Counter
+
+    counts = make_background_folder(tmp_path / "upstream", n_train=200, n_val=0, n_test=40, image_size=16, seed=0,
+                                    labels="digit")
+    with (tmp_path / "upstream" / "metadata.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    labels = {int(r["label"]) for r in rows}
+    assert labels == set(range(10))
+    per_label = Counter((int(r["label"]), int(r["attribute"])) for r in rows if r["split"] == "train")
+    for label in labels:  # half of each digit on either background family, in train too
+        assert abs(per_label[(label, 0)] - per_label[(label, 1)]) <= 1, per_label
+    assert abs(counts["train"]["agreement"] - 0.5) < 0.1
+    with pytest.raises(ValueError):
+        make_background_folder(tmp_path / "bad", n_train=2, n_val=0, n_test=0, labels="colour")
