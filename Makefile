@@ -20,7 +20,7 @@ install: sandbox $(VENV)/.installed $(CODEGEN)/.installed
 
 # bubblewrap, the jail's sandbox for foreign models, from Debian's packages (skipped when present).
 sandbox:
-	bash scripts/install_sandbox.sh
+	bash scripts/install_debian.sh bwrap bubblewrap
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,7 @@ demo: sandbox $(VENV)/.installed
 
 # Headless Chromium for the dashboard test, from Debian's packages (skipped when present).
 browser:
-	bash scripts/install_browser.sh
+	bash scripts/install_debian.sh chromium,chromedriver chromium chromium-driver
 
 test: install browser gpu-dryrun
 	$(PY) -m pytest -q

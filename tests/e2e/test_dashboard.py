@@ -1,6 +1,6 @@
 """The dashboard in a real headless Chromium against the real service (API + worker, embedded default).
 
-Needs Debian's `chromium` and `chromium-driver` (scripts/install_browser.sh). A missing browser is a
+Needs Debian's `chromium` and `chromium-driver` (`make browser`, scripts/install_debian.sh). A missing browser is a
 failure, never a skip: CI must not pass by testing less.
 
 Set GS_SCREENSHOT_DIR to keep the screenshots (the README's docs/img/compare.png comes from here).
@@ -35,7 +35,7 @@ def find(*names: str) -> str:
         path = shutil.which(name)
         if path:
             return path
-    pytest.fail(f"{' or '.join(names)} is not installed: run scripts/install_browser.sh (Debian's chromium and "
+    pytest.fail(f"{' or '.join(names)} is not installed: run `make browser` (Debian's chromium and "
                 "chromium-driver)")
 
 
