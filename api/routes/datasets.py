@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Header, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from api.deps import PrincipalDep, SessionDep, SettingsDep
+from api.deps import Principal, PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found, without_server_paths
 from api.idempotency import replay_or_create
 from api.schemas import (CREATE_ERRORS, KEYED_ERRORS, BinaryUpload, DatasetList, DatasetOut, error_responses,
@@ -52,7 +52,8 @@ async def register_dataset(
     name: Annotated[str, Form(min_length=1, max_length=200)],
     format: Annotated[Literal["npz", "image_folder"], Form()] = "npz",
     file: Annotated[BinaryUpload | None, File(description=".npz with arrays x, y, attribute (optional split)")] = None,
-    folder: Annotated[str | None, Form(description="image_folder: a folder under GS_DATA_DIR")] = None,
+    folder: Annotated[str | None, Form(description="image_folder: a folder in your data folder, GS_DATA_DIR/<your key "
+                                                        "id> (the admin token's: GS_DATA_DIR)")] = None,
     metadata: Annotated[str, Form(description="image_folder: the CSV (path,label,attribute,split), in the folder")]
     = "metadata.csv",
     image_size: Annotated[int, Form(ge=4, le=512)] = 64,
@@ -104,25 +105,35 @@ def dataset_refused(exc: Exception) -> ApiError:
     return ApiError(413 if code == "too_large" else 422, code, str(exc))
 
 
-def inside_data_dir(settings, relative: str | None, what: str) -> Path:
-    """`relative` resolved under GS_DATA_DIR; anything that leaves it (.., absolute, a link out) is refused."""
+def granted_folder(settings, principal: Principal) -> Path:
+    """Where the caller's image folders live: the whole GS_DATA_DIR for an admin, GS_DATA_DIR/<key id> for a key."""
+    root = Path(settings.data_dir).resolve()
+    return root if principal.is_admin else root / principal.owner_id
+
+
+def granted_image_folder(settings, principal: Principal, folder: str | None, metadata: str) -> tuple[Path, Path]:
+    """(the folder, its metadata CSV), both inside the caller's granted folder. One answer for a path that is
+    missing, leaves the grant (.., absolute, a link out) or is another key's: none of them tells what exists."""
     if settings.data_dir is None:
         raise ApiError(422, "invalid_request", "Image folders are read from GS_DATA_DIR, which is not set.")
-    if not relative:
-        raise ApiError(422, "invalid_request", f"{what} is required.")
-    root = Path(settings.data_dir).resolve()
-    path = (root / relative).resolve()
-    if Path(relative).is_absolute() or not path.is_relative_to(root):
-        raise ApiError(422, "invalid_path", f"{what} must be a path inside the data folder.")
-    return path
+    if not folder:
+        raise ApiError(422, "invalid_request", "folder is required.")
+    unusable = ApiError(422, "invalid_path", "No such image folder and metadata CSV in your data folder; paths are "
+                                             "relative to it (GS_DATA_DIR/<your key id>, given by the operator).")
+    grant = granted_folder(settings, principal)
+    try:
+        root, csv_path = (grant / folder).resolve(), (grant / folder / metadata).resolve()
+    except (OSError, ValueError):  # a loop of links, a NUL byte
+        raise unusable from None
+    if not (root.is_relative_to(grant) and csv_path.is_relative_to(grant) and root.is_dir() and csv_path.is_file()):
+        raise unusable
+    return root, csv_path
 
 
 def register_image_folder(session, principal, settings, name, folder, metadata, image_size) -> tuple[int, Any]:
-    """202 at once: the folder and its CSV exist under GS_DATA_DIR; rows and images are checked in the background."""
-    root = inside_data_dir(settings, folder, "folder")
-    csv_path = inside_data_dir(settings, str(Path(folder or "") / metadata), "metadata")
-    if not csv_path.is_file():
-        raise ApiError(422, "invalid_dataset", f"No metadata CSV {metadata!r} in {folder!r}.")
+    """202 at once: the folder and its CSV exist in the caller's data folder; rows and images are checked in the
+    background."""
+    root, csv_path = granted_image_folder(settings, principal, folder, metadata)
     info = {"metadata": str(csv_path), "image_size": image_size}
     row = files_repo.add_dataset(session, id=new_id(), owner_id=principal.owner_id, name=name, format="image_folder",
                                  path=str(root), info=info, status="pending")
