@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.deps import Principal, PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found, without_server_paths
+from api.files_service import check_storage_quota, delete_dataset as delete_stored_dataset
 from api.idempotency import replay_or_create
 from api.schemas import (CREATE_ERRORS, KEYED_ERRORS, BinaryUpload, DatasetList, DatasetOut, error_responses,
                          links_to)
@@ -20,7 +21,7 @@ from models import files as files_repo
 from models.tables import new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses(*KEYED_ERRORS))
-TO_THE_DATASET = links_to("dataset_id", "get_dataset")
+TO_THE_DATASET = links_to("dataset_id", "get_dataset", "delete_dataset")
 
 
 @router.get("", response_model=DatasetList)
@@ -40,11 +41,21 @@ def get_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep):
     return dataset_out(row)
 
 
+@router.delete("/{dataset_id}", status_code=204, responses=error_responses(404, 409))
+def delete_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep):
+    """Delete a dataset you registered, and the bytes the service stored for it (an .npz; an image folder's index,
+    never its images). 409 `dataset_in_use` while a queued or running job names it."""
+    row = files_repo.get_dataset(session, dataset_id, owner_id=principal.owner_id)
+    if row is None:
+        raise not_found("dataset", dataset_id)
+    delete_stored_dataset(session, row, settings)
+
+
 @router.post("", status_code=201, response_model=DatasetOut, responses={
     201: TO_THE_DATASET,
     202: {"model": DatasetOut, "description": "an image folder, registered as `pending` and checked in the background",
           **TO_THE_DATASET},
-    **error_responses(*CREATE_ERRORS)})
+    **error_responses(*CREATE_ERRORS, 429)})
 async def register_dataset(
     session: SessionDep,
     principal: PrincipalDep,
@@ -73,9 +84,10 @@ async def register_npz(session, principal, settings, name: str, file: UploadFile
     from starvation.errors import SpecError
 
     folder = settings.storage_dir / "datasets"
-    tmp_path, sha256, _ = await save_limited(file, folder, settings.max_upload_bytes)
+    tmp_path, sha256, size = await save_limited(file, folder, settings.max_upload_bytes)
 
     def create() -> tuple[int, Any]:
+        check_storage_quota(session, principal, settings, adding="datasets", adding_bytes=size)
         try:
             dataset = load_npz(tmp_path, name, max_bytes=settings.max_dataset_bytes,
                                max_compression_ratio=settings.max_dataset_compression_ratio)
@@ -87,7 +99,7 @@ async def register_npz(session, principal, settings, name: str, file: UploadFile
         final = folder / f"{dataset_id}.npz"
         tmp_path.rename(final)
         placed.append(final)
-        return 201, add_row(session, principal, dataset_id, name, "npz", final, dataset, {"sha256": sha256})
+        return 201, add_row(session, principal, dataset_id, name, "npz", final, dataset, {"sha256": sha256}, size)
 
     placed: list[Path] = []  # the file `create` moved into place, removed if a concurrent twin won
     try:
@@ -134,13 +146,14 @@ def register_image_folder(session, principal, settings, name, folder, metadata, 
     """202 at once: the folder and its CSV exist in the caller's data folder; rows and images are checked in the
     background."""
     root, csv_path = granted_image_folder(settings, principal, folder, metadata)
+    check_storage_quota(session, principal, settings, adding="datasets", adding_bytes=0)
     info = {"metadata": str(csv_path), "image_size": image_size}
     row = files_repo.add_dataset(session, id=new_id(), owner_id=principal.owner_id, name=name, format="image_folder",
                                  path=str(root), info=info, status="pending")
     return 202, dataset_out(row)
 
 
-def add_row(session, principal, dataset_id, name, fmt, path, dataset, extra) -> DatasetOut:
+def add_row(session, principal, dataset_id, name, fmt, path, dataset, extra, size_bytes: int) -> DatasetOut:
     info = {
         "splits": {k: len(v) for k, v in dataset.splits.items()},
         "input_shape": list(dataset.input_shape),
@@ -148,7 +161,8 @@ def add_row(session, principal, dataset_id, name, fmt, path, dataset, extra) -> 
         **extra,
     }
     row = files_repo.add_dataset(
-        session, id=dataset_id, owner_id=principal.owner_id, name=name, format=fmt, path=str(path), info=info
+        session, id=dataset_id, owner_id=principal.owner_id, name=name, format=fmt, path=str(path), info=info,
+        size_bytes=size_bytes,
     )
     return dataset_out(row)
 
