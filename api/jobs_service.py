@@ -171,8 +171,10 @@ def field_of(exc: Exception) -> dict[str, str] | None:
     return {"field": f"spec.{field}"} if field else None
 
 
-def check_memory_budget(session: Session, spec: dict[str, Any], settings: Settings, owner_id: str) -> None:
-    """A train job whose estimated peak memory (starvation/budget.py) is over the worker's budget is a 422."""
+def check_memory_budget(session: Session, spec: dict[str, Any], settings: Settings, owner_id: str,
+                        sweep_stack: int | None = None) -> None:
+    """A train job (or a sweep whose widest stack trains `sweep_stack` settings at once) whose estimated peak memory
+    (starvation/budget.py) is over the worker's budget is a 422."""
     from starvation import budget, datasets
     from starvation.errors import SpecError
 
@@ -190,7 +192,8 @@ def check_memory_budget(session: Session, spec: dict[str, Any], settings: Settin
         else:
             data = datasets.registered_size(info["splits"], info["input_shape"], info["num_classes"],
                                             streamed=streamed)
-        budget.check_train_budget(spec, settings.worker_memory_budget_bytes, data, shared_dataset=row is not None)
+        budget.check_train_budget(spec, settings.worker_memory_budget_bytes, data, shared_dataset=row is not None,
+                                  sweep_stack=sweep_stack)
     except budget.OverBudget as exc:
         details = {"field": f"spec.{exc.field}", "estimate_bytes": exc.estimate.total_bytes,
                    "budget_bytes": exc.budget_bytes, "parts": exc.estimate.parts}
@@ -434,9 +437,9 @@ def submit(
             given["selection"] = str(given["selection"])
         spec, resolved = resolve_sweep(given, settings, owned)
         spec |= service_fields
-        # One stack at a time holds the data once and one network per setting in it.
+        # The sweep saves and frees each stack as it ends: it holds the data once and one stack's networks at a time.
         widest = max(len(group) for group in stacks(resolved["settings"]))
-        check_memory_budget(session, {**spec, "seeds": list(range(widest))}, settings, principal.owner_id)
+        check_memory_budget(session, spec, settings, principal.owner_id, sweep_stack=widest)
     elif isinstance(body, RepairJobCreate):
         spec = resolve_repair(session, body, principal.owner_id)
     else:

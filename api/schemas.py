@@ -718,9 +718,11 @@ ERROR_MEANINGS = {
     403: "Only the admin token may do this.",
     404: "No such object, or one that belongs to another key.",
     409: "The object's state does not allow it, or a concurrent request with this Idempotency-Key failed.",
-    413: "The body or the upload is over the size limit.",
+    413: "The body or the upload is over the size limit, or would take the key past its stored bytes "
+         "(`storage_quota_exceeded`).",
     422: "Invalid input (the error names the field), or an Idempotency-Key reused with another body.",
-    429: "Over a limit of this key or of the service; retry after Retry-After seconds.",
+    429: "Over a limit of this key or of the service; retry after Retry-After seconds (a count of stored datasets "
+         "or checkpoints: after deleting some).",
     503: "The database (or the model checker) is unavailable; nothing was changed. Retry after Retry-After seconds.",
 }
 

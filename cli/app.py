@@ -474,7 +474,8 @@ def datasets(ctx: typer.Context, as_json: JsonOption = False) -> None:
 @app.command("register-folder")
 def register_folder(
     ctx: typer.Context,
-    folder: Annotated[str, typer.Argument(help="the image folder, a path inside the server's GS_DATA_DIR")],
+    folder: Annotated[str, typer.Argument(help="the image folder, a path inside your key's folder on the server, "
+                                               "GS_DATA_DIR/<key id>")],
     name: Annotated[str | None, typer.Option(help="the dataset's name (default: the folder's)")] = None,
     metadata: Annotated[str, typer.Option(help="the CSV in the folder: path,label,attribute[,split][,counterfactual]")]
     = "metadata.csv",

@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     upload_check_slots: int = 2  # upload checks running at once (each a jailed process)
     upload_check_queue: int = 8  # more may wait; past that an upload is a 429
     upload_checks_per_key: int = 2  # running or waiting, per key
+    # What one key may keep of its uploads (datasets, uploaded checkpoints; a job's files go with the job): past the
+    # bytes a 413, past a count a 429 (docs/security.md). The admin token has no quota.
+    max_stored_bytes_per_key: int = Field(10 << 30, ge=0)
+    max_datasets_per_key: int = Field(100, ge=0)
+    max_checkpoints_per_key: int = Field(200, ge=0)
     # Each foreign model runs in a jailed child (jail/, docs/security.md) with these limits.
     jail_memory_bytes: int = 4 << 30  # address space beyond what torch itself maps
     jail_cpu_seconds: int = 1800  # CPU time of one child: one upload check or one audit

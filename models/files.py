@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from models.status import TERMINAL
 from models.tables import Artifact, Checkpoint, Job, UserDataset, utcnow
 
 
@@ -145,3 +147,47 @@ def forget_outputs(session: Session, job_id: str) -> None:
     """Drop the checkpoint and artifact rows of a job (before it runs again)."""
     session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id))
     session.execute(delete(Artifact).where(Artifact.job_id == job_id))
+
+
+@dataclass(frozen=True)
+class StoredUploads:
+    """What one key keeps of its own uploads: the storage quota's count."""
+
+    bytes: int
+    datasets: int
+    checkpoints: int
+
+
+def stored_uploads(session: Session, owner_id: str) -> StoredUploads:
+    """The owner's datasets and uploaded checkpoints (those a job made go with the job), and their stored bytes (an
+    image folder's images are the operator's, not ours: 0)."""
+    datasets, dataset_bytes = session.execute(
+        select(func.count(), func.coalesce(func.sum(UserDataset.size_bytes), 0))
+        .where(UserDataset.owner_id == owner_id)).one()
+    checkpoints, checkpoint_bytes = session.execute(
+        select(func.count(), func.coalesce(func.sum(Checkpoint.size_bytes), 0))
+        .where(Checkpoint.owner_id == owner_id, Checkpoint.job_id.is_(None))).one()
+    return StoredUploads(bytes=int(dataset_bytes + checkpoint_bytes), datasets=datasets, checkpoints=checkpoints)
+
+
+def active_jobs_naming(session: Session, owner_id: str, *, dataset_id: str | None = None,
+                       checkpoint: Checkpoint | None = None) -> list[str]:
+    """Ids of the owner's queued or running jobs whose spec names the dataset, or the checkpoint (by id, as initial
+    weights, or as a seed of the train job that made it). Read in Python: one key has few active jobs."""
+    rows = session.execute(select(Job.id, Job.spec).where(Job.owner_id == owner_id, Job.status.not_in(TERMINAL)))
+    names: set[str] = set()
+    if dataset_id is not None:
+        names.add(dataset_id)
+    if checkpoint is not None:
+        names |= {checkpoint.id, checkpoint.job_id} - {None}
+    return sorted(job_id for job_id, spec in rows if names & {
+        (spec.get("dataset") or {}).get("name"), spec.get("checkpoint_id"), spec.get("init_checkpoint_id"),
+        spec.get("train_job_id")})
+
+
+def remove_checkpoint(session: Session, checkpoint: Checkpoint) -> None:
+    """The checkpoint's row, and the job artifact that is the same file (a job's checkpoints are also its files)."""
+    if checkpoint.job_id is not None:
+        session.execute(delete(Artifact).where(Artifact.job_id == checkpoint.job_id,
+                                               Artifact.path == checkpoint.path))
+    session.delete(checkpoint)

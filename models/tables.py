@@ -177,6 +177,8 @@ class UserDataset(Base):
     status: Mapped[str] = mapped_column(String(16), default="ready")
     error: Mapped[str | None] = mapped_column(Text, default=None)
     check_started_at: Mapped[datetime | None] = mapped_column(default=None)  # a check in progress, since
+    # bytes the service stores for it (an .npz upload; an image folder's images are the operator's): the quota counts
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class IdempotencyRecord(Base):

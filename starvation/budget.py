@@ -99,10 +99,23 @@ def estimate_train_memory(spec: dict, data: DataSize, *, shared_dataset: bool = 
     })
 
 
-def check_train_budget(spec: dict, budget_bytes: int, data: DataSize, *, shared_dataset: bool = False
-                       ) -> MemoryEstimate:
+def estimate_sweep_memory(spec: dict, stack: int, data: DataSize, *, shared_dataset: bool = False
+                          ) -> MemoryEstimate:
+    """A sweep trains its stacks one after another and saves and frees each stack's networks as it ends
+    (`training.sweep`): a train job of the widest stack's `stack` settings as its seeds, and `saving`, the two copies
+    of those networks' weights that saving makes (a deep copy, and its TorchScript)."""
+    one_stack = {**spec, "seeds": list(range(stack))}
+    estimate = estimate_train_memory(one_stack, data, shared_dataset=shared_dataset)
+    arch, params = spec["model"]["arch"], {k: v for k, v in spec["model"].items() if k != "arch"}
+    weights = parameter_count(arch, params, data.input_shape, output_count(data.num_classes)) * BYTES
+    return MemoryEstimate(parts={**estimate.parts, "saving": 2 * stack * weights})
+
+
+def check_train_budget(spec: dict, budget_bytes: int, data: DataSize, *, shared_dataset: bool = False,
+                       sweep_stack: int | None = None) -> MemoryEstimate:
     """The estimate of the resolved `spec` on `data` (`data_size`, or `datasets.registered_size` with
-    `shared_dataset`), or `OverBudget` naming the field that dominates.
+    `shared_dataset`), or `OverBudget` naming the field that dominates. `sweep_stack`: the spec is a sweep's whose
+    widest stack trains that many settings at once (`estimate_sweep_memory`); its size then comes from `grid`.
 
     The architecture is checked against its bounds for this dataset's input shape first (`check_arch_params`: a
     `ParamError` naming model.<param>).
@@ -110,15 +123,23 @@ def check_train_budget(spec: dict, budget_bytes: int, data: DataSize, *, shared_
     arch, params = spec["model"]["arch"], {k: v for k, v in spec["model"].items() if k != "arch"}
     check_arch_params(arch, params, input_shape=data.input_shape, num_outputs=output_count(data.num_classes),
                       field="model")
-    estimate = estimate_train_memory(spec, data, shared_dataset=shared_dataset)
+    if sweep_stack is None:
+        what, fewer, counted = "this train job", "seeds", spec
+        estimate = estimate_train_memory(spec, data, shared_dataset=shared_dataset)
+    else:
+        what, fewer = f"this sweep (its widest stack trains {sweep_stack} settings at once)", "grid values"
+        counted = {**spec, "seeds": list(range(sweep_stack))}
+        estimate = estimate_sweep_memory(spec, sweep_stack, data, shared_dataset=shared_dataset)
     if estimate.total_bytes <= budget_bytes:
         return estimate
-    field = dominant_field(spec, data, shared_dataset=shared_dataset)
-    raise OverBudget(f"this train job would need about {_gib(estimate.total_bytes)} of memory (parameters and "
+    field = dominant_field(counted, data, shared_dataset=shared_dataset)
+    if sweep_stack is not None and field == "seeds":
+        field = "grid"
+    raise OverBudget(f"{what} would need about {_gib(estimate.total_bytes)} of memory (parameters and "
                      f"optimizer {_gib(estimate.parts['parameters'])}, activations "
                      f"{_gib(estimate.parts['activations'])}, data {_gib(estimate.parts['dataset'])}); the worker's "
                      f"budget is {_gib(budget_bytes)}. Most of it comes from {field}: make it smaller "
-                     f"(or set batch_size, or use fewer seeds).", field, estimate, budget_bytes)
+                     f"(or set batch_size, or use fewer {fewer}).", field, estimate, budget_bytes)
 
 
 def dominant_field(spec: dict, data: DataSize, *, shared_dataset: bool = False) -> str:

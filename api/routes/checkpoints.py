@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found
+from api.files_service import check_storage_quota, delete_checkpoint as delete_stored_checkpoint
 from api.idempotency import replay_if_seen, replay_or_create
 from api.schemas import (CREATE_ERRORS, KEYED_ERRORS, BinaryUpload, CheckpointOut, CheckpointPage, error_responses,
                          links_to, media_response)
@@ -21,7 +22,7 @@ from models.tables import Checkpoint, new_id
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=error_responses(*KEYED_ERRORS))
 
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors"}
-TO_THE_CHECKPOINT = links_to("checkpoint_id", "get_checkpoint", "download_checkpoint")
+TO_THE_CHECKPOINT = links_to("checkpoint_id", "get_checkpoint", "download_checkpoint", "delete_checkpoint")
 
 
 def checkpoint_out(checkpoint: Checkpoint) -> CheckpointOut:
@@ -40,7 +41,8 @@ def parse_json_field(name: str, raw: str | None, kind: type) -> Any:
     return value
 
 
-# 200: the same bytes again (no second check); 429: too many model checks at once (api/sandbox.py).
+# 200: the same bytes again (no second check); 413: too large, or past the key's stored bytes; 429: too many model
+# checks at once (api/sandbox.py), or past the key's count of checkpoints.
 @router.post("", status_code=201, response_model=CheckpointOut, responses={
     **error_responses(*CREATE_ERRORS, 429),
     201: TO_THE_CHECKPOINT,
@@ -88,7 +90,10 @@ async def upload_checkpoint(
         twin = files_repo.uploaded_twin(
             session, owner_id=principal.owner_id, sha256=sha256, format=format, model_info=model_card,
         )
-        return None if twin is None else JSONResponse(checkpoint_out(twin).model_dump(mode="json"), 200)
+        if twin is not None:
+            return JSONResponse(checkpoint_out(twin).model_dump(mode="json"), 200)
+        check_storage_quota(session, principal, settings, adding="checkpoints", adding_bytes=size)  # before the jail
+        return None
 
     placed: list[Path] = []  # the file `create` moved into place, removed if a concurrent twin won
 
@@ -156,3 +161,13 @@ def download_checkpoint(checkpoint_id: str, session: SessionDep, principal: Prin
         raise not_found("checkpoint", checkpoint_id)
     filename = f"{checkpoint.id}{SUFFIX.get(checkpoint.format, '')}"
     return FileResponse(checkpoint.path, media_type="application/octet-stream", filename=filename)
+
+
+@router.delete("/{checkpoint_id}", status_code=204, responses=error_responses(404, 409))
+def delete_checkpoint(checkpoint_id: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep):
+    """Delete a checkpoint, uploaded or made by a job (then also that job's artifact of the same file), and its
+    file. 409 `checkpoint_in_use` while a queued or running job names it (or its train job's seeds)."""
+    checkpoint = files_repo.get_checkpoint(session, checkpoint_id, owner_id=principal.owner_id)
+    if checkpoint is None:
+        raise not_found("checkpoint", checkpoint_id)
+    delete_stored_checkpoint(session, checkpoint, settings)

@@ -10,8 +10,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Header, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from api.deps import PrincipalDep, SessionDep, SettingsDep
+from api.deps import Principal, PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found, without_server_paths
+from api.files_service import check_storage_quota, delete_dataset as delete_stored_dataset
 from api.idempotency import replay_or_create
 from api.schemas import (CREATE_ERRORS, KEYED_ERRORS, BinaryUpload, DatasetList, DatasetOut, error_responses,
                          links_to)
@@ -20,7 +21,7 @@ from models import files as files_repo
 from models.tables import new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses(*KEYED_ERRORS))
-TO_THE_DATASET = links_to("dataset_id", "get_dataset")
+TO_THE_DATASET = links_to("dataset_id", "get_dataset", "delete_dataset")
 
 
 @router.get("", response_model=DatasetList)
@@ -40,6 +41,16 @@ def get_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep):
     return dataset_out(row)
 
 
+@router.delete("/{dataset_id}", status_code=204, responses=error_responses(404, 409))
+def delete_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep):
+    """Delete a dataset you registered, and the bytes the service stored for it (an .npz; an image folder's index,
+    never its images). 409 `dataset_in_use` while a queued or running job names it."""
+    row = files_repo.get_dataset(session, dataset_id, owner_id=principal.owner_id)
+    if row is None:
+        raise not_found("dataset", dataset_id)
+    delete_stored_dataset(session, row, settings)
+
+
 @router.post("", status_code=201, response_model=DatasetOut, responses={
     201: TO_THE_DATASET,
     202: {"model": DatasetOut, "description": "an image folder, registered as `pending` and checked in the background",
@@ -52,7 +63,8 @@ async def register_dataset(
     name: Annotated[str, Form(min_length=1, max_length=200)],
     format: Annotated[Literal["npz", "image_folder"], Form()] = "npz",
     file: Annotated[BinaryUpload | None, File(description=".npz with arrays x, y, attribute (optional split)")] = None,
-    folder: Annotated[str | None, Form(description="image_folder: a folder under GS_DATA_DIR")] = None,
+    folder: Annotated[str | None, Form(description="image_folder: a folder in your data folder, GS_DATA_DIR/<your key "
+                                                        "id> (the admin token's: GS_DATA_DIR)")] = None,
     metadata: Annotated[str, Form(description="image_folder: the CSV (path,label,attribute,split), in the folder")]
     = "metadata.csv",
     image_size: Annotated[int, Form(ge=4, le=512)] = 64,
@@ -72,9 +84,10 @@ async def register_npz(session, principal, settings, name: str, file: UploadFile
     from starvation.errors import SpecError
 
     folder = settings.storage_dir / "datasets"
-    tmp_path, sha256, _ = await save_limited(file, folder, settings.max_upload_bytes)
+    tmp_path, sha256, size = await save_limited(file, folder, settings.max_upload_bytes)
 
     def create() -> tuple[int, Any]:
+        check_storage_quota(session, principal, settings, adding="datasets", adding_bytes=size)
         try:
             dataset = load_npz(tmp_path, name, max_bytes=settings.max_dataset_bytes,
                                max_compression_ratio=settings.max_dataset_compression_ratio)
@@ -86,7 +99,7 @@ async def register_npz(session, principal, settings, name: str, file: UploadFile
         final = folder / f"{dataset_id}.npz"
         tmp_path.rename(final)
         placed.append(final)
-        return 201, add_row(session, principal, dataset_id, name, "npz", final, dataset, {"sha256": sha256})
+        return 201, add_row(session, principal, dataset_id, name, "npz", final, dataset, {"sha256": sha256}, size)
 
     placed: list[Path] = []  # the file `create` moved into place, removed if a concurrent twin won
     try:
@@ -104,36 +117,47 @@ def dataset_refused(exc: Exception) -> ApiError:
     return ApiError(413 if code == "too_large" else 422, code, str(exc))
 
 
-def inside_data_dir(settings, relative: str | None, what: str) -> Path:
-    """`relative` resolved under GS_DATA_DIR; anything that leaves it (.., absolute, a link out) is refused."""
+def granted_folder(settings, principal: Principal) -> Path:
+    """Where the caller's image folders live: the whole GS_DATA_DIR for an admin, GS_DATA_DIR/<key id> for a key."""
+    root = Path(settings.data_dir).resolve()
+    return root if principal.is_admin else root / principal.owner_id
+
+
+def granted_image_folder(settings, principal: Principal, folder: str | None, metadata: str) -> tuple[Path, Path]:
+    """(the folder, its metadata CSV), both inside the caller's granted folder. One answer for a path that is
+    missing, leaves the grant (.., absolute, a link out) or is another key's: none of them tells what exists."""
     if settings.data_dir is None:
         raise ApiError(422, "invalid_request", "Image folders are read from GS_DATA_DIR, which is not set.")
-    if not relative:
-        raise ApiError(422, "invalid_request", f"{what} is required.")
-    root = Path(settings.data_dir).resolve()
-    path = (root / relative).resolve()
-    if Path(relative).is_absolute() or not path.is_relative_to(root):
-        raise ApiError(422, "invalid_path", f"{what} must be a path inside the data folder.")
-    return path
+    if not folder:
+        raise ApiError(422, "invalid_request", "folder is required.")
+    unusable = ApiError(422, "invalid_path", "No such image folder and metadata CSV in your data folder; paths are "
+                                             "relative to it (GS_DATA_DIR/<your key id>, given by the operator).")
+    grant = granted_folder(settings, principal)
+    try:
+        root, csv_path = (grant / folder).resolve(), (grant / folder / metadata).resolve()
+    except (OSError, ValueError):  # a loop of links, a NUL byte
+        raise unusable from None
+    if not (root.is_relative_to(grant) and csv_path.is_relative_to(grant) and root.is_dir() and csv_path.is_file()):
+        raise unusable
+    return root, csv_path
 
 
 def register_image_folder(session, principal, settings, name, folder, metadata, image_size) -> tuple[int, Any]:
-    """202 at once: the folder and its CSV exist under GS_DATA_DIR; rows and images are checked in the background."""
+    """202 at once: the folder and its CSV exist in the caller's data folder; rows and images are checked in the
+    background."""
     if files_repo.pending_checks(session, principal.owner_id) >= settings.dataset_checks_per_key:
         raise ApiError(429, "too_many_dataset_checks", f"This key has {settings.dataset_checks_per_key} image folders "
                        "waiting for their check, the limit; register more when they are ready.",
                        headers={"Retry-After": "10"})
-    root = inside_data_dir(settings, folder, "folder")
-    csv_path = inside_data_dir(settings, str(Path(folder or "") / metadata), "metadata")
-    if not csv_path.is_file():
-        raise ApiError(422, "invalid_dataset", f"No metadata CSV {metadata!r} in {folder!r}.")
+    root, csv_path = granted_image_folder(settings, principal, folder, metadata)
+    check_storage_quota(session, principal, settings, adding="datasets", adding_bytes=0)
     info = {"metadata": str(csv_path), "image_size": image_size}
     row = files_repo.add_dataset(session, id=new_id(), owner_id=principal.owner_id, name=name, format="image_folder",
                                  path=str(root), info=info, status="pending")
     return 202, dataset_out(row)
 
 
-def add_row(session, principal, dataset_id, name, fmt, path, dataset, extra) -> DatasetOut:
+def add_row(session, principal, dataset_id, name, fmt, path, dataset, extra, size_bytes: int) -> DatasetOut:
     info = {
         "splits": {k: len(v) for k, v in dataset.splits.items()},
         "input_shape": list(dataset.input_shape),
@@ -141,7 +165,8 @@ def add_row(session, principal, dataset_id, name, fmt, path, dataset, extra) -> 
         **extra,
     }
     row = files_repo.add_dataset(
-        session, id=dataset_id, owner_id=principal.owner_id, name=name, format=fmt, path=str(path), info=info
+        session, id=dataset_id, owner_id=principal.owner_id, name=name, format=fmt, path=str(path), info=info,
+        size_bytes=size_bytes,
     )
     return dataset_out(row)
 

@@ -92,8 +92,8 @@ class ImageFiles:
 
     def read(self, index: int) -> torch.Tensor:
         relative = str(self.paths[index])
-        path = _inside(self.root, relative, f"image {relative!r}")
-        rgb = _read_image(path, (self.size[1], self.size[0]), self.max_pixels, "reading the image folder", relative)
+        where = f"image {relative!r}"  # one the check passed: a job's owner learns which went missing since
+        rgb = _read_image(_inside(self.root, relative, where), (self.size[1], self.size[0]), self.max_pixels, where)
         return torch.from_numpy(np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0)
 
     def load(self) -> torch.Tensor:
@@ -171,9 +171,9 @@ def index_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, *
                                             max_image_pixels))
         label, attribute = _int(row["label"], f"{where}: label"), _int(row["attribute"], f"{where}: attribute")
         if label < 0 or attribute < 0:
-            raise DatasetError(f"{where}: label and attribute must be class indices 0..k-1, got {label}, {attribute}")
+            raise DatasetError(f"{where}: label and attribute must be class indices 0..k-1 (not negative)")
         if has_counterfactual and attribute > 1:
-            raise DatasetError(f"{where}: a counterfactual swaps a binary attribute (0/1), got attribute {attribute}")
+            raise DatasetError(f"{where}: a counterfactual swaps a binary attribute (0/1); this attribute is above 1")
         split = check_split_name(row.get("split") or ALL, f"{where}: ")
         paths.append(relative)
         labels.append(label)
@@ -184,7 +184,7 @@ def index_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, *
         raise DatasetError("the metadata CSV lists no images")
     for index in _spread(len(paths), decoded_sample):  # headers can be whole while the pixels are cut short
         _within(deadline, time_limit_s, f"metadata CSV line {lines[index]}")
-        _read_image(root / paths[index], (8, 8), max_image_pixels, f"metadata CSV line {lines[index]}", paths[index])
+        _read_image(root / paths[index], (8, 8), max_image_pixels, f"metadata CSV line {lines[index]}")
     return ImageIndex(paths=_strings(paths), labels=np.array(labels, dtype=np.int64),
                       attributes=np.array(attributes, dtype=np.int64), splits=np.array(splits),
                       counterfactuals=_strings(counterfactuals) if has_counterfactual else None)
@@ -194,7 +194,7 @@ def _path_of(root: pathlib.Path, relative: str, where: str, max_pixels: int) -> 
     """`relative` once it is short, stays inside `root` and names an image whose header is within the limits."""
     if len(relative) > MAX_PATH_CHARS:
         raise DatasetError(f"{where}: a path of {len(relative)} characters; the limit is {MAX_PATH_CHARS}")
-    _read_image(_inside(root, relative, where), None, max_pixels, where, relative)
+    _read_image(_inside(root, relative, where), None, max_pixels, where)
     return relative
 
 
@@ -318,35 +318,37 @@ def open_regular(path: pathlib.Path, what: str) -> io.BufferedReader:
 
 def _inside(root: pathlib.Path, relative: str, where: str) -> pathlib.Path:
     if not relative or pathlib.PurePath(relative).is_absolute():
-        raise DatasetError(f"{where}: path must be relative to the image folder, got {relative!r}")
+        raise DatasetError(f"{where}: the path must be relative to the image folder")
     try:
         path = (root / relative).resolve()
     except (ValueError, OSError) as error:  # a NUL byte, a loop of links: the row's fault, named as such
-        raise DatasetError(f"{where}: path {relative!r} is not a usable path ({error})") from None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise DatasetError(f"{where}: the path is not a usable path ({reason})") from None
     if not path.is_relative_to(root):
-        raise DatasetError(f"{where}: path {relative!r} leaves the image folder")
+        raise DatasetError(f"{where}: the path leaves the image folder")
     return path
 
 
-def _read_image(path: pathlib.Path, size: tuple[int, int] | None, max_pixels: int, where: str, relative: str):
+def _read_image(path: pathlib.Path, size: tuple[int, int] | None, max_pixels: int, where: str):
     """The image at `path` as RGB resized to `size` (width, height); its pixel count checked before decoding.
     `size` None: the header alone is read and checked (None returned). Any failure is a `DatasetError` at `where`."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own check agrees: a warning past it, an error past twice it
     try:
-        with open_regular(path, f"{where}: image {relative!r}") as handle, Image.open(handle) as image:  # header only
+        with open_regular(path, f"{where}: the image") as handle, Image.open(handle) as image:  # header only
             pixels = image.width * image.height
             if pixels > max_pixels:
-                raise DatasetError(f"{where}: image {relative!r} is {image.width}x{image.height} = {pixels} pixels; "
+                raise DatasetError(f"{where}: the image is {image.width}x{image.height} = {pixels} pixels; "
                                    f"the limit is {max_pixels} (a decompression bomb, or a photo to shrink first)",
                                    code="too_large")
             return None if size is None else image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
     except DatasetError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # Pillow's (warnings as errors)
-        raise DatasetError(f"{where}: image {relative!r} is refused as a decompression bomb ({error})",
+        raise DatasetError(f"{where}: the image is refused as a decompression bomb ({error})",
                            code="too_large") from None
     except Exception as error:  # noqa: BLE001 - a decoder fails on a hostile file in many ways, each the file's fault
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
-        raise DatasetError(f"{where}: cannot read image {relative!r} ({reason})") from None
+        # a decoder's own text may quote the file's path or bytes: the type says enough
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+        raise DatasetError(f"{where}: cannot read the image ({reason})") from None

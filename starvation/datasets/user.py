@@ -237,7 +237,7 @@ def _split_names(split: np.ndarray, n: int) -> np.ndarray:
 def check_split_name(value: str, where: str = "") -> str:
     """A split name of 1-64 plain characters (it names metrics and files), else a `DatasetError` at `where`."""
     if not SPLIT_NAME.match(value):
-        raise DatasetError(f"{where}split name {value[:80]!r} must be 1-64 letters, digits, '_', '-' or '.'")
+        raise DatasetError(f"{where}a split name must be 1-64 letters, digits, '_', '-' or '.'")
     return value
 
 
@@ -245,4 +245,4 @@ def _int(text: str, what: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise DatasetError(f"{what} must be an integer, got {text!r}") from None
+        raise DatasetError(f"{what} must be an integer") from None

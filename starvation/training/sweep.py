@@ -144,7 +144,8 @@ def sweep(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
           should_stop: Callable[[], bool] | None = None,
           dataset: Dataset | None = None, user_datasets: Collection[str] = ()) -> SweepOutcome:
     """Train every setting of the sweep `spec` (resolved here unless it is already) for every seed, score each
-    setting, choose one. Metrics name their split "s{setting}/{split}". Raises SpecError, TrainingStopped."""
+    setting, choose one. Metrics name their split "s{setting}/{split}". Each stack's networks are saved as the stack
+    ends and dropped, so memory holds one stack at a time. Raises SpecError, TrainingStopped."""
     started = time.perf_counter()
     if "settings" not in spec:
         spec = resolve_sweep_spec(spec, user_datasets=user_datasets)
@@ -153,7 +154,7 @@ def sweep(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
     out_dir = pathlib.Path(out_dir)
     seeds = base["seeds"]
     groups = stacks(settings)
-    networks: dict[tuple[int, int], nn.Module] = {}
+    saved: dict[tuple[int, int], CheckpointFile] = {}
     finals: dict[tuple[int, int], dict] = {}
     executions, clock, runs_done, runs = [], _Clock(torch_device), 0, len(groups) * len(seeds)
 
@@ -195,17 +196,17 @@ def sweep(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
                     trained.append(network)
                     histories.append(history)
             executions.append({"seed": seed, "settings": group, "used": execution, "why": why})
-            for index, network, history in zip(group, trained, histories):
-                networks[index, seed] = network
+            for index, network in zip(group, trained):
                 finals[index, seed] = scores(network, data, torch_device)
+                setting_spec = settings[index]["spec"]
+                saved[index, seed] = save_checkpoint(
+                    network, out_dir / f"setting{index}", seed=seed, arch=setting_spec["model"]["arch"],
+                    arch_params=_arch_params(setting_spec), input_shape=data.input_shape,
+                    num_outputs=output_count(data.num_classes))
+            del trained, network  # saved: one stack's networks in memory at a time, as the budget at submit counts
             runs_done += 1
 
-    first_data = dataset if dataset is not None else data
-    checkpoints = [[save_checkpoint(networks[index, seed], out_dir / f"setting{index}", seed=seed,
-                                    arch=setting["spec"]["model"]["arch"], arch_params=_arch_params(setting["spec"]),
-                                    input_shape=first_data.input_shape,
-                                    num_outputs=output_count(first_data.num_classes))
-                    for seed in seeds] for index, setting in enumerate(settings)]
+    checkpoints = [[saved[index, seed] for seed in seeds] for index in range(len(settings))]
     result = choose(spec, finals, seeds)
     result["execution"] = executions
     result["timing"] = {"train_s": clock.train_s, "eval_s": clock.eval_s, "total_s": time.perf_counter() - started}

@@ -82,7 +82,7 @@ def test_a_png_bomb_in_an_image_folder_fails_its_check_from_the_header(client, t
     (folder / "metadata.csv").write_text("path,label,attribute\nok.png,0,0\nbomb.png,1,1\n")
     monkeypatch.setattr(get_settings(), "data_dir", tmp_path)
     dataset = checked(client, {"name": "faces", "format": "image_folder", "folder": "faces", "image_size": "8"})
-    assert dataset["status"] == "failed" and "line 3: image 'bomb.png' is refused as a decompression bomb" in dataset["error"]
+    assert dataset["status"] == "failed" and "line 3: the image is refused as a decompression bomb" in dataset["error"]
 
 
 def test_a_corrupt_image_fails_its_check(client, tmp_path, monkeypatch) -> None:
@@ -94,7 +94,7 @@ def test_a_corrupt_image_fails_its_check(client, tmp_path, monkeypatch) -> None:
     (folder / "metadata.csv").write_text("path,label,attribute\ncut.png,0,0\n")
     monkeypatch.setattr(get_settings(), "data_dir", tmp_path)
     dataset = checked(client, {"name": "faces", "format": "image_folder", "folder": "faces"})
-    assert dataset["status"] == "failed" and "line 2: cannot read image 'cut.png'" in dataset["error"], dataset
+    assert dataset["status"] == "failed" and "line 2: cannot read the image" in dataset["error"], dataset
 
 
 def train(client, spec: dict, headers):
@@ -154,3 +154,17 @@ def test_a_registered_dataset_counts_at_its_recorded_size(client, tenant, monkey
     monkeypatch.setattr(get_settings(), "worker_memory_budget_bytes", 300 << 20)
     response = train(client, spec, headers)
     assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "spec.model.hidden"
+
+
+def test_a_sweep_whose_widest_stack_is_over_the_budget_is_a_422_naming_the_grid(client, tenant) -> None:
+    # SD's lambda and gamma ride in one stack: 64 networks of 4096 x 4096 trained at once, about 27 GiB.
+    spec = {"preset": "paper_moons_sd", "model": {"arch": "mlp", "hidden": [4096, 4096]}, "seeds": [0],
+            "grid": {"method.sd_lambda": [0.01 * (i + 1) for i in range(16)], "method.sd_gamma": [0.1, 0.2, 0.3, 0.4]}}
+    headers = tenant()
+    response = client.post("/v1/jobs", json={"kind": "sweep", "spec": spec}, headers=headers)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "over_budget" and error["details"]["field"] == "spec.grid", error
+    assert error["details"]["parts"]["saving"] > 0 and "64 settings at once" in error["message"]
+    small = {**spec, "grid": {"method.sd_lambda": [0.01, 0.02]}}
+    assert client.post("/v1/jobs", json={"kind": "sweep", "spec": small}, headers=headers).status_code == 202

@@ -25,8 +25,8 @@ def test_operation_ids_are_the_names_a_person_would_choose(document):
     ids = set(operations(document))
     assert {"create_job", "get_job", "list_jobs", "cancel_job", "delete_job", "list_job_metrics", "get_job_logs", "stream_job_events",
             "get_report", "get_report_html", "list_artifacts", "get_artifact", "upload_checkpoint", "list_checkpoints",
-            "get_checkpoint", "download_checkpoint", "list_datasets", "get_dataset", "register_dataset", "create_api_key",
-            "list_api_keys", "revoke_api_key", "healthz", "readyz", "prometheus_metrics"} == ids
+            "get_checkpoint", "download_checkpoint", "delete_checkpoint", "list_datasets", "get_dataset", "register_dataset",
+            "delete_dataset", "create_api_key", "list_api_keys", "revoke_api_key", "healthz", "readyz", "prometheus_metrics"} == ids
 
 
 def test_a_bearer_scheme_replaces_the_authorization_parameter(document):
@@ -97,10 +97,10 @@ def test_what_a_create_answers_links_to_the_routes_that_take_the_new_id(document
     one_job = {o for o, op in ops.items() if op["path"].startswith("/v1/jobs/{job_id}") and op["path"].count("{") == 1}
     assert followed == {
         ("create_job", "202"): one_job,
-        ("upload_checkpoint", "201"): {"get_checkpoint", "download_checkpoint"},
-        ("upload_checkpoint", "200"): {"get_checkpoint", "download_checkpoint"},  # the same bytes again
-        ("register_dataset", "201"): {"get_dataset"},
-        ("register_dataset", "202"): {"get_dataset"},  # an image folder, checked in the background
+        ("upload_checkpoint", "201"): {"get_checkpoint", "download_checkpoint", "delete_checkpoint"},
+        ("upload_checkpoint", "200"): {"get_checkpoint", "download_checkpoint", "delete_checkpoint"},  # the same bytes
+        ("register_dataset", "201"): {"get_dataset", "delete_dataset"},
+        ("register_dataset", "202"): {"get_dataset", "delete_dataset"},  # an image folder, checked in the background
         ("create_api_key", "201"): {"revoke_api_key"},
     }
     assert {"get_job", "cancel_job", "delete_job"} <= one_job
@@ -123,7 +123,8 @@ def test_each_operation_lists_the_errors_of_what_it_does(document):
         assert ({400, 413} <= errors[operation_id]) == ("requestBody" in op), operation_id  # unparsable, too large
     job_routes = {o for o, op in ops.items() if op["path"].startswith("/v1/jobs/{job_id}")}  # 409: a shared id prefix
     assert {o for o, codes in errors.items() if 409 in codes} == {
-        "create_job", "upload_checkpoint", "register_dataset", "create_api_key"} | job_routes
+        "create_job", "upload_checkpoint", "register_dataset", "create_api_key", "delete_checkpoint",
+        "delete_dataset"} | job_routes  # a delete: a job still uses it
     assert {o for o, codes in errors.items() if 429 in codes} == {"create_job", "upload_checkpoint", "register_dataset",
                                                                   "get_job_logs", "stream_job_events"}  # streams
     assert {o for o, codes in errors.items() if 403 in codes} == {"create_api_key", "prometheus_metrics"}

@@ -31,10 +31,13 @@ def loops_stack(tmp_path: Path, name: str, env: dict[str, str]) -> Stack:
                         "GS_DISPATCH_WINDOW": "1", **QUICK, **env}, tmp_path, serve_args=("--no-worker",))
 
 
-def new_key(stack: Stack, name: str) -> dict[str, str]:
+def new_key(stack: Stack, name: str) -> tuple[dict[str, str], Path]:
+    """A key's headers and its data folder (GS_DATA_DIR/<key id>: the folders it may register)."""
     response = stack.client.post("/v1/api-keys", json={"name": name})
     assert response.status_code == 201, response.text
-    return {"Authorization": f"Bearer {response.json()['key']}"}
+    folder = stack.var_dir / "data" / response.json()["id"]
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"Authorization": f"Bearer {response.json()['key']}"}, folder
 
 
 def folder_with_rows(data_dir: Path, name: str, rows: int) -> str:
@@ -76,8 +79,8 @@ def checks_stack(tmp_path_factory):
 
 
 def test_a_fifo_in_a_folder_fails_that_folder_alone(checks_stack):
-    stack, data = checks_stack, checks_stack.var_dir / "data"
-    key = new_key(stack, "fifo")
+    stack = checks_stack
+    key, data = new_key(stack, "fifo")
     folder_with_rows(data, "piped", 10)
     os.mkfifo(data / "piped" / "img" / "pipe.png")  # nobody ever writes to it
     with open(data / "piped" / "metadata.csv", "a") as csv_file:
@@ -86,15 +89,15 @@ def test_a_fifo_in_a_folder_fails_that_folder_alone(checks_stack):
     plain = register(stack, key, folder_with_rows(data, "plain", 10))
     failed = checked(stack, key, piped)
     assert failed["status"] == "failed"
-    assert failed["error"] == "metadata CSV line 12: image 'img/pipe.png' is not a regular file (a FIFO, device, " \
+    assert failed["error"] == "metadata CSV line 12: the image is not a regular file (a FIFO, device, " \
                               "socket or folder is never read)"
     assert checked(stack, key, plain)["status"] == "ready"
 
 
 def test_a_hundred_folders_of_one_tenant_do_not_hold_up_anothers(checks_stack):
-    stack, data = checks_stack, checks_stack.var_dir / "data"
-    a, b = new_key(stack, "a"), new_key(stack, "b")
-    small, big = folder_with_rows(data, "small", B_ROWS), folder_with_rows(data, "big", A_ROWS)
+    stack = checks_stack
+    (a, a_data), (b, b_data) = new_key(stack, "a"), new_key(stack, "b")
+    small, big = folder_with_rows(b_data, "small", B_ROWS), folder_with_rows(a_data, "big", A_ROWS)
     seconds_to_ready(stack, b, small)  # the first check starts the check processes' server (torch imported once)
     quiet = [seconds_to_ready(stack, b, small) for _ in range(TRIES)]
     backlog = [register(stack, a, big) for _ in range(A_FOLDERS)]
@@ -193,7 +196,7 @@ def test_forty_webhooks_to_a_silent_host_do_not_hold_up_another_tenants(tmp_path
     silent = Silent()
     stack = loops_stack(tmp_path, "hooks", {"GS_OUTBOUND_ALLOW": "127.0.0.1"}).start(probe="/healthz")
     try:
-        a, b = new_key(stack, "a"), new_key(stack, "b")
+        (a, _), (b, _) = new_key(stack, "a"), new_key(stack, "b")
         b_hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
         quiet = [seconds_to_webhook(stack, b, b_hook) for _ in range(TRIES)]
         for _ in range(40):

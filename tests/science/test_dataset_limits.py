@@ -141,7 +141,7 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path, monk
     decoded, convert = [], Image.Image.convert
     monkeypatch.setattr(Image.Image, "convert",
                         lambda self, *a, **k: decoded.append(self.size) or convert(self, *a, **k))
-    with pytest.raises(DatasetError, match="line 3: image 'bomb.png' .*144000000 pixels") as error:
+    with pytest.raises(DatasetError, match="line 3: the image .*144000000 pixels") as error:
         load_image_folder(tmp_path / "imgs", csv_path, "imgs", 8, max_image_pixels=50_000_000)
     assert error.value.code == "too_large" and decoded == []  # every header is read before any pixels: none decoded
 
@@ -164,7 +164,7 @@ def test_pillows_own_bomb_check_is_set_to_our_limit_and_becomes_a_dataset_error(
     monkeypatch.setattr(Image, "open", checked_open)
     with warnings.catch_warnings():
         warnings.simplefilter("error" if warnings_are_errors else "ignore")
-        with pytest.raises(DatasetError, match="a.png") as error:
+        with pytest.raises(DatasetError, match="line 2: the image") as error:
             load_image_folder(tmp_path / "imgs", csv_path, "imgs", 8, max_image_pixels=2_000)
     assert error.value.code == "too_large" and seen == [2_000]
 
@@ -175,7 +175,7 @@ def test_a_truncated_image_is_a_dataset_error_not_a_crash(tmp_path) -> None:
     buffer = io.BytesIO()
     Image.effect_noise((64, 64), 50).save(buffer, format="PNG")
     csv_path = image_folder(tmp_path / "imgs", {"cut.png": buffer.getvalue()[:200]})
-    with pytest.raises(DatasetError, match="line 2: cannot read image 'cut.png'") as error:
+    with pytest.raises(DatasetError, match="line 2: cannot read the image") as error:
         load_image_folder(tmp_path / "imgs", csv_path, "imgs", 8)
     assert error.value.code == "invalid_dataset"
 

@@ -292,7 +292,7 @@ def test_image_folder_loads_resized_chw_floats(tmp_path: pathlib.Path) -> None:
     ("/etc/passwd,1,0,train", "relative"),
     ("missing.png,1,0,train", "cannot read"),
     ("a.png,blond,0,train", "label must be an integer"),
-    ("notes.txt,1,0,train", "line 2: cannot read image 'notes.txt'"),
+    ("notes.txt,1,0,train", "line 2: cannot read the image"),
 ])
 def test_image_folder_refuses_bad_rows(tmp_path: pathlib.Path, row: str, message: str) -> None:
     (tmp_path / "outside.png").write_bytes(b"")

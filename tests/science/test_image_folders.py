@@ -125,8 +125,8 @@ def test_the_index_round_trips_without_pickle(folder, tmp_path) -> None:
 
 @pytest.mark.parametrize("line, message", [
     ("img/0.png" + "/." * 600 + ",1,0,train", "a path of 1209 characters; the limit is 1024"),
-    ("img/0.png,1,0," + "t" * 100_000, "split name 'tttt"),
-    ("img/\x000.png,1,0,train", r"path 'img/\\x000.png' is not a usable path \(embedded null byte\)"),
+    ("img/0.png,1,0," + "t" * 100_000, "a split name must be"),
+    ("img/\x000.png,1,0,train", r"the path is not a usable path \(embedded null byte\)"),
 ])
 def test_a_row_that_would_blow_up_the_index_is_refused_naming_its_line(folder, tmp_path, line, message) -> None:
     csv_path = tmp_path / "hostile.csv"
@@ -157,7 +157,7 @@ def test_a_row_naming_anything_but_a_regular_file_is_refused_without_waiting(fol
         odd.mkdir()
     csv_path = tmp_path / "odd.csv"
     csv_path.write_text("path,label,attribute\n0.png,0,0\nodd.png,1,1\n")
-    with pytest.raises(datasets.DatasetError, match="line 3: image 'odd.png' is not a regular file"):
+    with pytest.raises(datasets.DatasetError, match="line 3: the image is not a regular file"):
         datasets.index_image_folder(tmp_path, csv_path)
 
 
