@@ -438,8 +438,11 @@ def submit(
         spec, resolved = resolve_sweep(given, settings, owned)
         spec |= service_fields
         # The sweep saves and frees each stack as it ends: it holds the data once and one stack's networks at a time.
-        widest = max(len(group) for group in stacks(resolved["settings"]))
-        check_memory_budget(session, spec, settings, principal.owner_id, sweep_stack=widest)
+        # Stacks may differ in shape (a grid over model.*): each is checked with its own network.
+        for group in stacks(resolved["settings"]):
+            network = resolved["settings"][group[0]]["spec"]["model"]
+            check_memory_budget(session, {**spec, "model": network}, settings, principal.owner_id,
+                                sweep_stack=len(group))
     elif isinstance(body, RepairJobCreate):
         spec = resolve_repair(session, body, principal.owner_id)
     else:

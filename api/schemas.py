@@ -163,15 +163,17 @@ class RepairJobCreate(JobCreateFields):
 # ---- Sweep jobs (API.md, "Sweep spec") ----
 
 SelectionRule = StrEnum("SelectionRule", {name.upper(): name for name in SELECTIONS})
-GridValue = Annotated[float | list[float], Field(description="a number, or one per class (sd_gamma)")]
+GridValue = Annotated[int | float | list[int | float], Field(
+    description="a number, or a list: one per class (sd_gamma), or the network's widths (model.hidden)")]
 
 
 class SweepSpec(TrainSpec):
-    """A train spec and a grid over its method's and optimizer's parameters; every setting x every seed trains,
+    """A train spec and a grid over its method's, optimizer's and network's parameters; every setting x every seed trains,
     as one job. The spec's other fields apply to every setting."""
 
     grid: dict[str, Annotated[list[GridValue], Field(min_length=1, max_length=MAX_GRID_VALUES)]] = Field(
-        description="'method.<parameter>' or 'optimizer.lr' -> the values to try; the settings are every combination "
+        description="'method.<parameter>', 'optimizer.lr' or 'model.<parameter>' (the arch's: hidden, channels, ...) "
+                    "-> the values to try; the settings are every combination "
                     f"(at most {MAX_SETTINGS})", min_length=1)
     selection: SelectionRule = Field(SelectionRule.TRAIN_DOMAIN_VALIDATION, description="; ".join(
         f"{name}: {meaning}" for name, meaning in SELECTIONS.items()))

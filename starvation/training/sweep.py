@@ -1,11 +1,11 @@
-"""Sweeps: a grid of a train spec's method and optimizer parameters x its seeds, trained as one job, one setting
-chosen by a named rule.
+"""Sweeps: a grid of a train spec's method, optimizer and model parameters x its seeds, trained as one job, one
+setting chosen by a named rule.
 
 Settings that differ only in parameters the method's loss uses as plain numbers (`Method.TENSOR_PARAMS`: SD's
 lambda and gamma, weight decay) ride in one stacked model, one member per setting, each with its own values
 (`member_params`); one stack per seed, every member of it on that seed's data and minibatches. Settings that
-differ in anything else (the learning rate, a warm-up length: what changes the optimizer or the loss's branches)
-form stacks of their own. A setting's models are the models a train job of that setting would make: same init,
+differ in anything else (the learning rate, a warm-up length, the network's widths or depth: what changes the
+optimizer, the loss's branches or the network's shape) form stacks of their own, trained in turn. A setting's models are the models a train job of that setting would make: same init,
 data, minibatches and updates (tests/science/test_sweep.py checks it).
 
 Selection (DomainBed's practice): `train_domain_validation` scores each setting on a part of the training
@@ -33,7 +33,7 @@ from starvation.datasets import Dataset, Split, batched
 from starvation.errors import SpecError
 from starvation.params import ParamError
 from starvation.methods import method_class
-from starvation.networks import output_count
+from starvation.networks import ARCHS, output_count
 from starvation.training.evaluation import EVAL_CHUNK, as_logits, predictions
 from starvation.training.loop import (Metric, _arch_params, _Clock, _shape_of, _train_batched, _train_seed,
                                       choose_execution, per_seed_matmuls, update_rows)
@@ -90,6 +90,7 @@ def _check_grid(grid: Any, base: dict) -> dict[str, list]:
                         "{\"method.sd_lambda\": [0.5, 1.0]}", "grid")
     known = [f"method.{name}" for name in method_class(base["method"]["name"]).PARAMS]
     known += [f"optimizer.{name}" for name in OPTIMIZER_GRID]
+    known += [f"model.{name}" for name in ARCHS[base["model"]["arch"]].PARAMS]  # other shapes: stacks of their own
     count = 1
     for key, values in grid.items():
         if key not in known:

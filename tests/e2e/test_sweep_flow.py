@@ -58,3 +58,19 @@ def test_bad_grids_are_refused_naming_the_field(stack):
     assert refused({**SWEEP, "grid": {}})["code"] in ("invalid_request", "invalid_spec")
     assert refused({**SWEEP, "selection": "peek"})["code"] == "invalid_request"
     assert refused({**SWEEP, "holdout": 0})["details"] == {"field": "spec.holdout"}
+
+
+def test_a_sweep_over_the_networks_width_runs_every_setting_and_marks_the_chosen_one(embedded_stack):
+    spec = {"preset": "paper_moons_sd", "steps": 30, "eval_every": 15, "seeds": [0],
+            "grid": {"model.hidden": [[16], [64]]}}
+    response = embedded_stack.client.post("/v1/jobs", json={"kind": "sweep", "spec": spec})
+    assert response.status_code == 202, response.text
+    done = embedded_stack.wait_for(response.json()["id"], ("succeeded", "failed"), timeout_s=300)
+    assert done["status"] == "succeeded", done["error"]
+    result = done["result"]
+    assert [s["params"] for s in result["settings"]] == [{"model.hidden": [16]}, {"model.hidden": [64]}]
+    assert [run["settings"] for run in result["execution"]] == [[0], [1]]  # one shape a stack, in turn
+    scores = [s["validation"]["accuracy"]["mean"] for s in result["settings"]]
+    assert result["chosen"] == scores.index(max(scores))
+    checkpoint = embedded_stack.client.get(f"/v1/checkpoints/{result['settings'][1]['checkpoints'][0]['torchscript']}")
+    assert checkpoint.json()["model_info"]["arch_params"]["hidden"] == [64]

@@ -113,3 +113,19 @@ def test_validation_needs_a_hold_out():
         resolve_sweep_spec({**BASE, "grid": GRID, "holdout": 0})
     with pytest.raises(SpecError, match="selection"):
         resolve_sweep_spec({**BASE, "grid": GRID, "selection": "peek"})
+
+
+def test_a_grid_over_the_networks_shape_trains_each_shape_in_turn_as_its_train_job_would(tmp_path):
+    spec = {**BASE, "method": {"name": "sd", "sd_lambda": 1.0}, "seeds": [0], "selection": "oracle",
+            "grid": {"model.hidden": [[8], [32, 32]], "method.sd_lambda": [0.5, 2.0]}}
+    resolved = resolve_sweep_spec(spec)
+    assert sorted(len(group) for group in stacks(resolved["settings"])) == [2, 2]  # one stack per shape
+    outcome = sweep(spec, out_dir=tmp_path / "sweep")
+    settings = outcome.result["settings"]
+    assert [s["params"]["model.hidden"] for s in settings] == [[8], [8], [32, 32], [32, 32]]
+    assert outcome.checkpoints[2][0].arch_params["hidden"] == [32, 32]
+    twin = train({**BASE, "seeds": [0], "model": {"arch": "mlp", "hidden": [32, 32]},
+                  "method": {"name": "sd", "sd_lambda": 2.0}}, out_dir=tmp_path / "twin")
+    assert settings[3]["test"]["accuracy"]["mean"] == pytest.approx(
+        twin.result["splits"]["test"]["accuracy"]["mean"], abs=0.01)
+    assert 0 <= outcome.result["chosen"] < 4
