@@ -73,6 +73,7 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
         "selection": repaired.selection,
         "changed": repaired.changed,
         "feature_layer": model.feature_layer,
+        "head": model.head_description(),
         "head_shape": list(repaired.head.weight.shape),
     }
     if before["summary"].get("verdict") == "low":
