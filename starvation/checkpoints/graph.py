@@ -119,7 +119,8 @@ def read_script_graph(module: torch.jit.ScriptModule) -> ScriptGraph:
         _script_attribute(module, graph, bias_value, "bias")
     refusal = weight_why or bias_why or _script_shared(module, graph, weight, bias)
     outputs_count = _rows(module, weight, rows_are_outputs)
-    site = HeadSite(node=_script_node_name(kind, weight), features=_layer_name(features, node),
+    head_name = _script_node_name(kind, weight)
+    site = HeadSite(node=head_name, features=_layer_name(features, node, head_name),
                     output_form=output_form(outputs_count, activation), weight=weight, bias=bias,
                     weight_rows_are_outputs=rows_are_outputs, refusal=refusal)
     index = _value_index(graph)
@@ -259,20 +260,20 @@ def _script_cut(graph, index: int):
     return torch._C._create_function_from_graph("gs_cut", cut)
 
 
-def _layer_name(features, head) -> str:
+def _layer_name(features, head, head_name: str) -> str:
     """The submodule whose output the features are, below what it shares with the head (`features` beside `head`,
-    `head.drop` before `head.fc`); the graph's name for the tensor where a module's own code made it."""
+    `head.drop` before `head.fc`); where the model's own `forward` made them, 'input of' the head's op."""
     made_in, head_in = _module_path(features.node()), _module_path(head)
     shared = 0
     while shared < min(len(made_in), len(head_in)) and made_in[shared] == head_in[shared]:
         shared += 1
-    return ".".join(made_in[: shared + 1]) if len(made_in) > shared else features.debugName()
+    return ".".join(made_in[: shared + 1]) if len(made_in) > shared else f"input of {head_name}"
 
 
 def _module_path(node) -> list[str]:
     """The submodule names a node was inlined from: 'features(Sequential).2(ReLU)' is ['features', '2']."""
     names = re.findall(r"(\w+)\([^()]*\)", node.getModuleHierarchy() or "")
-    return [name for name in names if name != "UNKNOWN_INSTANCE"]
+    return [name for name in names if name not in ("UNKNOWN_INSTANCE", "SELF")]
 
 
 def _values(graph) -> list:
@@ -353,8 +354,12 @@ def read_onnx_graph(graph) -> OnnxGraph:
     tensor, activation, seen = graph.output[0].name, None, set()
     while True:
         node = producer.get(tensor)
-        if node is None or id(node) in seen:
+        if node is None:
             break
+        if set(node.output) & set(node.input):
+            raise NoHead(f"the ONNX graph's {_printable(node.op_type)} node feeds itself")
+        if id(node) in seen:
+            raise NoHead(f"the ONNX graph has a cycle through its {_printable(node.op_type)} node")
         seen.add(id(node))
         if node.op_type in _ONNX_PASS:
             tensor = node.input[0]
@@ -366,8 +371,6 @@ def read_onnx_graph(graph) -> OnnxGraph:
     node = producer.get(tensor)
     if node is None:
         raise NoHead("the ONNX graph's output is not made by any node (it is an input or a constant)")
-    if node.output[0] in node.input or id(node) in seen and node.op_type in _ONNX_PASS:
-        raise NoHead(f"the ONNX graph's {_printable(node.op_type)} node feeds itself")
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     alpha = beta = 1.0
     features_transposed = False
