@@ -158,14 +158,13 @@ class OnnxModel(AuditableModel):
         self._logit_name = proto.graph.output[0].name
         self.no_features_reason = None
         self.found: graph.OnnxGraph | None = None
-        if feature_layer is None:
-            try:
-                self.found = graph.read_onnx_graph(proto.graph)
-            except graph.NoHead as exc:
-                self.no_features_reason = f"{exc}; name an intermediate tensor (feature_layer) to probe it"
-            else:
-                feature_layer, self._logit_name = self.found.features_tensor, self.found.logits_tensor
-                self.head_site = self.found.site
+        try:
+            self.found = graph.read_onnx_graph(proto.graph)
+        except graph.NoHead as exc:
+            self.no_features_reason = f"{exc}; name an intermediate tensor (feature_layer) to probe it"
+        else:
+            self._logit_name, self.head_site = self.found.logits_tensor, self.found.site
+            feature_layer = feature_layer or self.found.features_tensor
         self.feature_layer = feature_layer
         extra = [name for name in (feature_layer, self._logit_name) if name is not None]
         if feature_layer is not None:
@@ -225,7 +224,8 @@ class OnnxModel(AuditableModel):
         if self.feature_layer is None:
             return None
         out = self._run(x, self.feature_layer)
-        return (out.T if self.found is not None and self.found.site.features_transposed else out).flatten(1)
+        transposed = self.found is not None and self.found.site.features_transposed
+        return (out.T if transposed and self.feature_layer == self.found.features_tensor else out).flatten(1)
 
     def _run(self, x: torch.Tensor, output: str) -> torch.Tensor:
         arr = x.detach().to("cpu").numpy().astype(self._dtype, copy=False)
@@ -337,19 +337,22 @@ def script_model(module: torch.jit.ScriptModule, feature_layer: str | None,
                  input_shape: tuple[int, ...] | None) -> TorchModel:
     """A TorchScript model as the audit sees it: its features and head read from its graph
     (`graph.read_script_graph`), or from the top-level submodule the caller named."""
-    if feature_layer is None:
-        try:
-            found = graph.read_script_graph(module)
-        except graph.NoHead as exc:
+    try:
+        found = graph.read_script_graph(module)
+    except graph.NoHead as exc:
+        if feature_layer is None:
             return TorchModel(module, fmt="torchscript", feature_fn=None, feature_layer=None,
                               no_features_reason=f"{exc}; name a top-level submodule (feature_layer) to probe it")
-        logits = found.logits_fn
+        found = None
+    logits = found.logits_fn if found is not None else None
+    logits_fn = None if logits is None else lambda m, x: logits(m._c, x)
+    head_site = found.site if found is not None else None
+    if feature_layer is None:
         return TorchModel(module, fmt="torchscript", feature_fn=lambda m, x: found.features_fn(m._c, x),
-                          feature_layer=found.site.features, head_site=found.site,
-                          logits_fn=None if logits is None else lambda m, x: logits(m._c, x))
+                          feature_layer=found.site.features, head_site=head_site, logits_fn=logits_fn)
     feature_fn, layer, reason = _script_feature_fn(module, feature_layer, input_shape)
     return TorchModel(module, fmt="torchscript", feature_fn=feature_fn, feature_layer=layer,
-                      no_features_reason=reason)
+                      no_features_reason=reason, head_site=head_site, logits_fn=logits_fn)
 
 
 def _as_logits(out) -> torch.Tensor:

@@ -220,3 +220,30 @@ def test_an_attribute_chain_into_another_modules_buffer_is_not_rewritten():
     assert model.head_site.weight == "stats.table"
     with pytest.raises(NoLinearHead, match=r"stats\.table.*tied"):
         read_model_head(model)
+
+
+def test_an_onnx_gemm_with_transposed_input_and_scales_is_read_and_written_in_its_convention():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from starvation.repair import LinearHead, replace_model_head
+
+    rng = np.random.default_rng(0)
+    arrays = {"w1": rng.normal(size=(4, 3)).astype(np.float32), "w": rng.normal(size=(1, 3)).astype(np.float32),
+              "c": np.array([0.5], np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["pre"]), helper.make_node("Relu", ["pre"], ["h"]),
+             helper.make_node("Transpose", ["h"], ["h_t"], perm=[1, 0]),
+             helper.make_node("Gemm", ["h_t", "w", "c"], ["y"], transA=1, transB=1, alpha=2.0, beta=0.5)]
+    graph = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+                              [numpy_helper.from_array(v, k) for k, v in arrays.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = load_checkpoint(proto.SerializeToString(), "onnx")
+    x = torch.rand(5, 4)
+    hidden = torch.relu(x @ torch.from_numpy(arrays["w1"]))
+    torch.testing.assert_close(model.features(x), hidden)
+    head = read_model_head(model)
+    torch.testing.assert_close(head.logits(hidden), model.logits(x), rtol=1e-5, atol=1e-5)
+    new = LinearHead(torch.randn(1, 3), torch.randn(1))
+    repaired = load_checkpoint(replace_model_head(model, new), "onnx")
+    torch.testing.assert_close(repaired.logits(x), new.logits(hidden), rtol=1e-5, atol=1e-5)
