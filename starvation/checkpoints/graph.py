@@ -22,7 +22,7 @@ MAX_GRAPH_NODES = 50_000  # far above any classifier we audit; a bigger graph is
 _SCRIPT_PASS = {  # one tensor in, the same values out (in another shape) at inference
     "aten::reshape", "aten::view", "aten::flatten", "aten::squeeze", "aten::unsqueeze", "aten::contiguous",
     "aten::dropout", "aten::feature_dropout", "aten::alpha_dropout", "aten::clone", "aten::detach",
-    "aten::to", "aten::float", "aten::type_as",
+    "aten::to", "aten::type_as",
 }
 _SCRIPT_ACTIVATIONS = {"aten::sigmoid": "sigmoid", "aten::softmax": "softmax", "aten::log_softmax": "softmax"}
 _SCRIPT_TRANSPOSES = {"aten::t", "aten::numpy_T", "aten::transpose", "aten::permute"}
@@ -124,8 +124,8 @@ def read_script_graph(module: torch.jit.ScriptModule) -> ScriptGraph:
                     output_form=output_form(outputs_count, activation), weight=weight, bias=bias,
                     weight_rows_are_outputs=rows_are_outputs, refusal=refusal)
     index = _value_index(graph)
-    return ScriptGraph(site, _script_cut(graph, index[features]),
-                       _script_cut(graph, index[logits_value]) if activation else None)
+    return ScriptGraph(site, _script_cut(graph, index[features.unique()]),
+                       _script_cut(graph, index[logits_value.unique()]) if activation else None)
 
 
 def script_weights(module: torch.nn.Module, site: HeadSite) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +186,7 @@ def _script_attribute(module, graph, value, what: str) -> tuple[str | None, str 
         names.append(node.s("name"))
         parent = node.inputsAt(0)
         if parent.node().kind() == "prim::Param":
-            if parent is not next(graph.inputs()):
+            if parent.unique() != next(graph.inputs()).unique():
                 break
             path = ".".join(reversed(names))
             tensor = _get_path(module, path)
@@ -229,18 +229,18 @@ def _getattr_path(graph, node) -> str | None:
         names.append(node.s("name"))
         parent = node.inputsAt(0)
         if parent.node().kind() == "prim::Param":
-            return ".".join(reversed(names)) if parent is next(graph.inputs()) else None
+            return ".".join(reversed(names)) if parent.unique() == next(graph.inputs()).unique() else None
         node = parent.node()
     return None
 
 
 def _reads_input(graph, value) -> bool:
     """Whether `value` depends on the model's input tensor (bounded by the graph's size)."""
-    inputs = list(graph.inputs())[1:]
+    inputs = {i.unique() for i in list(graph.inputs())[1:]}
     seen, todo = set(), [value]
     while todo:
         current = todo.pop()
-        if any(current is i for i in inputs):
+        if current.unique() in inputs:
             return True
         if current.unique() in seen:
             continue
@@ -281,7 +281,7 @@ def _values(graph) -> list:
 
 
 def _value_index(graph) -> dict:
-    return {v: i for i, v in enumerate(_values(graph))}
+    return {v.unique(): i for i, v in enumerate(_values(graph))}
 
 
 def _rows(module, weight: str | None, rows_are_outputs: bool) -> int | None:
