@@ -185,6 +185,19 @@ class TransposedParameter(nn.Module):
         return F.elu(self.encoder(x.flatten(1))) @ self.W.T + self.bias
 
 
+class VggStyle(nn.Module):
+    """`self.features` (convolutions), `torch.flatten`, then `self.classifier`, a Sequential ending in Linear, Dropout
+    between (torchvision's VGG/AlexNet layout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Linear(4 * 7 * 7, HIDDEN), nn.ReLU(), nn.Dropout(0.2), nn.Linear(HIDDEN, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
 # Refusals: a repair must not rewrite these heads.
 
 
@@ -235,6 +248,7 @@ ZOO: dict[str, ZooModel] = {
     "final_softmax": ZooModel(FinalSoftmax, "softmax", 13, "softmax probabilities of two-class logits"),
     "norm_and_dropout": ZooModel(NormAndDropout, "logit", 17, "one logit"),
     "transposed_parameter": ZooModel(TransposedParameter, "logits2", 13, "two-class logits"),
+    "vgg_classifier": ZooModel(VggStyle, "logits2", 17, "two-class logits"),
 }
 REFUSED: dict[str, ZooModel] = {
     "tied_weights": ZooModel(TiedWeights, "logits2", 17, "two-class logits"),

@@ -228,10 +228,11 @@ def read_head_and_features(model, dataset):
     """The model's head and its penultimate features on the pooled training splits (never the
     test split), checked to be what turns those features into the model's logits."""
     from starvation.datasets import batched
-    from starvation.repair import NoLinearHead, check_head_feeds_output, read_head
+    from starvation.repair import NoLinearHead, check_head_feeds_output, finetune_hint, read_head
 
     if model.feature_layer is None:
-        raise NoLinearHead(model.no_features_reason or "the model exposes no feature layer")
+        reason = model.no_features_reason or "the model exposes no feature layer"
+        raise NoLinearHead(f"{reason}{finetune_hint(model.format)}")
     old_head = model.head() if hasattr(model, "head") else read_head(model.module)
     train = dataset.train_data()
     features = batched(model.features, train.x, model.device, 1024)

@@ -317,7 +317,8 @@ def _constant(value):
 
 
 def _constant_none(value) -> bool:
-    return value.node().kind() == "prim::Constant" and isinstance(value.type(), torch._C.NoneType)
+    """No bias: none given to the op (`aten::matmul` alone), or a `None` constant (`F.linear(x, w)`)."""
+    return value is None or value.node().kind() == "prim::Constant" and isinstance(value.type(), torch._C.NoneType)
 
 
 # --------------------------------------------------------------------------------------------

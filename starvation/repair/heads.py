@@ -113,13 +113,18 @@ def replace_model_head(model, new: LinearHead) -> bytes:
     return torchscript_bytes(model.module)
 
 
+def finetune_hint(fmt: str) -> str:
+    """What to try where a head cannot be refitted: a TorchScript model can be fine-tuned whole in its jail."""
+    return "; finetune_sd retrains a TorchScript model's whole network instead" if fmt == "torchscript" else ""
+
+
 def _repairable_site(model) -> graph.HeadSite:
     site = getattr(model, "head_site", None)
+    instead = finetune_hint(model.format)
     if site is None:
-        raise NoLinearHead(getattr(model, "no_features_reason", None) or "no linear head was found in the model")
+        reason = getattr(model, "no_features_reason", None) or "no linear head was found in the model"
+        raise NoLinearHead(f"{reason}{instead}")
     if site.refusal is not None:
-        instead = "; finetune_sd retrains a TorchScript model's whole network instead" if model.format == "torchscript" \
-            else ""
         raise NoLinearHead(f"{site.refusal}: the head ({site.node}) cannot be rewritten{instead}")
     return site
 

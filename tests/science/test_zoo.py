@@ -140,6 +140,17 @@ def test_where_no_linear_map_makes_the_output_the_op_and_the_way_out_are_named()
         read_model_head(model)
 
 
+def test_a_head_without_a_bias_gives_its_features_and_is_not_rewritten():
+    from tests.fixtures_models import ColourBlind
+
+    model = load_checkpoint(zoo.torchscript_bytes(ColourBlind()), "torchscript", input_shape=INPUT_SHAPE)
+    assert model.head_site.node == "aten::matmul (readout)"
+    x = torch.rand(3, *INPUT_SHAPE)
+    torch.testing.assert_close(model.features(x), x.mean(dim=1).flatten(1))
+    with pytest.raises(NoLinearHead, match="no bias"):
+        read_model_head(model)
+
+
 # ---- hostile graphs ---------------------------------------------------------------------------
 
 
