@@ -9,6 +9,7 @@ that breaks this still gives the features (`HeadSite.refusal` says why it cannot
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -77,6 +78,11 @@ class ScriptGraph:
 def read_script_graph(module: torch.jit.ScriptModule) -> ScriptGraph:
     """The head of a TorchScript model and its features function; raises NoHead (or CheckpointError for a graph
     too large to walk)."""
+    with _unreadable_is_no_head():
+        return _read_script_graph(module)
+
+
+def _read_script_graph(module: torch.jit.ScriptModule) -> ScriptGraph:
     graph = module.forward.graph.copy()
     torch._C._jit_pass_inline(graph)
     nodes = list(graph.nodes())
@@ -337,6 +343,11 @@ class OnnxGraph:
 
 def read_onnx_graph(graph) -> OnnxGraph:
     """The head of an ONNX graph; raises NoHead (or CheckpointError for a graph too large to walk)."""
+    with _unreadable_is_no_head():
+        return _read_onnx_graph(graph)
+
+
+def _read_onnx_graph(graph) -> OnnxGraph:
     import onnx
 
     if len(graph.node) > MAX_GRAPH_NODES:
@@ -473,6 +484,18 @@ def _onnx_untranspose(name: str, producer) -> tuple[str, bool]:
 # --------------------------------------------------------------------------------------------
 # Shared
 # --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _unreadable_is_no_head():
+    """A graph this reading does not understand is a model without a known head, not a broken upload: it still
+    runs, and its audit says why there are no features."""
+    try:
+        yield
+    except (NoHead, CheckpointError):
+        raise
+    except Exception as exc:  # whatever a strange graph makes torch's or onnx's graph API raise
+        raise NoHead(f"its graph could not be read ({_printable(type(exc).__name__)})") from None
 
 
 def _shown(name: str | None) -> str | None:

@@ -259,3 +259,13 @@ def test_an_onnx_gemm_with_transposed_input_and_scales_is_read_and_written_in_it
     new = LinearHead(torch.randn(1, 3), torch.randn(1))
     repaired = load_checkpoint(replace_model_head(model, new), "onnx")
     torch.testing.assert_close(repaired.logits(x), new.logits(hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_a_graph_the_reading_does_not_understand_is_a_model_without_a_known_head():
+    from starvation.checkpoints.graph import NoHead, read_onnx_graph
+
+    class Strange:  # no `node` list: onnx's graph API would raise on such a graph
+        output = [type("Out", (), {"name": "y"})()]
+
+    with pytest.raises(NoHead, match=r"could not be read \(AttributeError\)"):
+        read_onnx_graph(Strange())
