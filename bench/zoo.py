@@ -43,7 +43,7 @@ def main() -> None:
         print(f"| {name} | {fmt} | `{head.node}` | `{head.features}` | {head.output_form} | "
               f"{flips:.3f} → {flips_after:.3f} | {flips - flips_after:.3f} | {accuracy:.3f} → {accuracy_after:.3f} |",
               flush=True)
-    print(f"\n{len(drops)} models; smallest drop {min(drops):.3f}; {time.perf_counter() - started:.0f} s")
+    print(f"\n{len(drops)} model files; smallest drop {min(drops):.3f}; {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":
