@@ -365,7 +365,21 @@ def resolve_repair(session: Session, body: RepairJobCreate, owner_id: str) -> di
         raise invalid_spec(str(exc), field_of(exc)) from None
     if method.WHOLE_NETWORK:
         check_trainable(session, spec, method, owner_id)
+    elif spec.checkpoint_id is not None:
+        check_head_rewritable(files_repo.get_checkpoint(session, spec.checkpoint_id, owner_id=owner_id))
     return {**spec.model_dump(), "method": method.resolved()}
+
+
+def check_head_rewritable(checkpoint) -> None:
+    """A head refit writes into the head its upload check found in the graph: none, a tied one or one computed at
+    run time is refused now, with the reason that check gave (uploads from before it recorded none are tried)."""
+    head = (checkpoint.model_info or {}).get("head")
+    if checkpoint.format in ("torchscript", "onnx") and isinstance(head, dict) and not head.get("repairable"):
+        instead = " Use finetune_sd, which retrains the whole network." if checkpoint.format == "torchscript" else ""
+        raise ApiError(422, "no_linear_head",
+                       f"Checkpoint {checkpoint.id} has no head that a refit can rewrite: "
+                       f"{head.get('not_repairable_because') or 'no linear map makes its output'}.{instead}",
+                       {"field": "spec.checkpoint_id"})
 
 
 def check_trainable(session: Session, spec, method, owner_id: str) -> None:

@@ -415,6 +415,19 @@ class Ntk(BaseModel):
     reason: str | None = None
 
 
+class ModelHead(BaseModel):
+    """The head found in a TorchScript or ONNX model's graph: the linear map that makes its logits."""
+
+    node: str | None = Field(None, description="the op that makes the logits, e.g. `aten::linear (fc)` or `Gemm`")
+    features: str | None = Field(None, description="the tensor the head reads: what the feature layer is")
+    output_form: str | None = Field(None, description="e.g. `one logit`, `two-class logits`, "
+                                                      "`sigmoid probability of one logit`")
+    weight: str | None = Field(None, description="the attribute path or initializer holding its weight")
+    bias: str | None = None
+    repairable: bool = Field(description="whether a head refit can write a new weight and bias there")
+    not_repairable_because: str | None = None
+
+
 class Report(BaseModel):
     """The reliance report of API.md; probes that did not run are null. Every `*_interval` is a 95%
     confidence interval, computed as `confidence` says."""
@@ -422,6 +435,7 @@ class Report(BaseModel):
     model_config = ConfigDict(extra="allow")
     spurious_attribute: str
     summary: RelianceSummary
+    head: ModelHead | None = Field(None, description="TorchScript and ONNX models: the head found in the graph")
     groups: list[GroupAccuracy] | None = None
     average_accuracy: float | None = None
     worst_group_accuracy: float | None = None
@@ -585,6 +599,7 @@ class RepairDetails(BaseModel):
     format: str
     changed: bool
     feature_layer: str | None = None
+    head: ModelHead | None = None
     head_shape: list[int] | None = Field(description="[outputs, features] of the last linear layer; null when a "
                                          "fine-tuned model has none")
     note: str | None = Field(None, description="e.g. that the audit before found nothing to repair")

@@ -208,6 +208,12 @@ def report_table(report: dict) -> Table:
                 continue
             random_copy = f" (random copy {number(baseline[key])})" if baseline.get(key) is not None else ""
             table.add_row(label, estimate(probe.get(key), probe.get(f"{key}_interval")) + random_copy)
+    head = report.get("head") or {}
+    if head.get("node"):  # a TorchScript or ONNX model: what its graph reading found
+        table.add_row("head (from the graph)", f"{head['node']} reads {head.get('features')}; outputs "
+                                               f"{head.get('output_form')}")
+        if not head.get("repairable"):
+            table.add_row("head refit", f"not possible: {head.get('not_repairable_because')}")
     return table
 
 

@@ -50,6 +50,7 @@ def main(requests: int, replies: int) -> None:
         del data
         wire.send(replies, {
             "ok": True, "feature_layer": model.feature_layer, "no_features_reason": model.no_features_reason,
+            "head": model.head_site.describe() if model.head_site is not None else None,
         })
         uploaded, tuning = None, None  # the weights as uploaded and the running fine-tuning, for finetune_sd
         while True:
@@ -59,18 +60,12 @@ def main(requests: int, replies: int) -> None:
                 x = tensors["x"]
                 y = model.logits(x) if op == "logits" else model.features(x)
                 wire.send(replies, {"ok": True}, {"y": y} if y is not None else None)
-            elif op == "head":  # the last linear layer's weights, for a repair
-                head = repair.read_onnx_head(model.proto) if model.format == "onnx" else repair.read_head(
-                    _module_of(model))
+            elif op == "head":  # the weights of the linear map the graph reading found, for a repair
+                head = repair.read_model_head(model)
                 wire.send(replies, {"ok": True}, {"weight": head.weight, "bias": head.bias})
-            elif op == "replace_head":  # new head weights in, the re-serialised model out
-                head = repair.LinearHead(tensors["weight"], tensors["bias"])
-                if model.format == "onnx":
-                    data = repair.replace_onnx_head(model.proto, head)
-                else:
-                    repair.replace_head(_module_of(model), head)
-                    data = repair.torchscript_bytes(_module_of(model))
-                _send_model(replies, data)
+            elif op == "replace_head":  # new head weights in, written where they were read; the model file out
+                _send_model(replies, repair.replace_model_head(model, repair.LinearHead(tensors["weight"],
+                                                                                        tensors["bias"])))
             elif op == "finetune":  # a finetune_sd candidate starts, from the weights the model was uploaded with
                 module = _module_of(model)
                 uploaded = uploaded or [t.detach().clone() for t in _weights(module)]

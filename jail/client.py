@@ -194,6 +194,16 @@ def declared_bytes(path: str | Path, fmt: str) -> int:
         return Path(path).stat().st_size
 
 
+def _head_description(said: Any) -> dict[str, Any] | None:
+    """The child's `HeadSite.describe()`, kept to its fields: short printable strings and one flag."""
+    if not isinstance(said, dict):
+        return None
+    described: dict[str, Any] = {"repairable": said.get("repairable") is True}
+    for key in ("node", "features", "output_form", "weight", "bias", "not_repairable_because"):
+        described[key] = _printable(said[key]) if isinstance(said.get(key), str) else None
+    return described
+
+
 def check_model(path: str | Path, fmt: str, *, limits: Limits, wall_seconds: float, **options: Any) -> dict[str, Any]:
     """starvation.checkpoints.validate_checkpoint, run in a fresh jail; raises JailError."""
     child = _Child(path, fmt, "validate", options, limits, wall_seconds)
@@ -201,7 +211,7 @@ def check_model(path: str | Path, fmt: str, *, limits: Limits, wall_seconds: flo
         info = child.hello.get("info")
         if not isinstance(info, dict):
             raise JailError("model_crashed", "The model crashed the process that ran it.")
-        return info
+        return {**info, "head": _head_description(info.get("head"))}
     finally:
         child.close()
 
@@ -218,7 +228,11 @@ class JailedModel(AuditableModel):
         self.feature_layer = _printable(hello["feature_layer"]) if isinstance(hello.get("feature_layer"), str) else None
         reason = hello.get("no_features_reason")
         self.no_features_reason = _printable(reason) if isinstance(reason, str) else None
+        self._head = _head_description(hello.get("head"))
         self.jail_layers = ["bubblewrap", *(str(layer) for layer in hello.get("jail", []))]
+
+    def head_description(self) -> dict | None:
+        return self._head
 
     @property
     def device(self) -> torch.device:
@@ -229,6 +243,7 @@ class JailedModel(AuditableModel):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         y = self._forward("logits", x)
+        y = y.unsqueeze(1) if y is not None and y.dim() == 1 else y  # one logit per example, as [N]
         if y is None or y.dim() != 2 or y.shape[0] != x.shape[0]:
             raise JailError("bad_output_shape", "The model's logits do not have one row per example.")
         return y.to(x.device)

@@ -51,6 +51,7 @@ def audit_model(ctx, model, dataset, *, spec: dict[str, Any], prefix: str = "") 
         seed=spec.get("seed", 0),
         out_dir=out_dir,
     )
+    report["head"] = model.head_description()
     report["plots"] = [add_artifact(ctx.db, ctx.job_id, out_dir / p, name=f"{prefix}{p}") for p in report["plots"]]
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report, indent=2))

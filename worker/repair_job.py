@@ -74,6 +74,7 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
         "selection": repaired.selection,
         "changed": repaired.changed,
         "feature_layer": model.feature_layer,
+        "head": model.head_description(),
         "head_shape": list(repaired.head.weight.shape),
     }
     if before["summary"].get("verdict") == "low":
@@ -232,7 +233,7 @@ def read_head_and_features(model, dataset):
 
     from starvation.checkpoints import CheckpointError
     from starvation.datasets import batched
-    from starvation.repair import NoLinearHead, check_head_feeds_output, read_head
+    from starvation.repair import NoLinearHead, check_head_feeds_output, finetune_hint, read_head
 
     train = dataset.train_data()
     logits = batched(model.logits, train.x[:CHECK_ROWS], model.device, 1024)
@@ -240,7 +241,8 @@ def read_head_and_features(model, dataset):
         raise CheckpointError("non_finite_output", "The model's outputs are NaN or infinite; a head cannot be refitted "
                               "to match them.")
     if model.feature_layer is None:
-        raise NoLinearHead(model.no_features_reason or "the model exposes no feature layer")
+        reason = model.no_features_reason or "the model exposes no feature layer"
+        raise NoLinearHead(f"{reason}{finetune_hint(model.format)}")
     old_head = model.head() if hasattr(model, "head") else read_head(model.module)
     features = batched(model.features, train.x, model.device, 1024)
     check_head_feeds_output(old_head, features[:CHECK_ROWS], logits)

@@ -104,7 +104,8 @@ async def upload_checkpoint(
         placed.append(final)
         checkpoint = files_repo.add_checkpoint(
             session, id=checkpoint_id, owner_id=principal.owner_id, format=format, path=str(final),
-            sha256=sha256, size_bytes=size, model_info={**model_card, "num_outputs": info.get("num_outputs")},
+            sha256=sha256, size_bytes=size, model_info={**model_card, "num_outputs": info.get("num_outputs"),
+                                                       "head": info.get("head")},
         )
         return 201, checkpoint_out(checkpoint)
 

@@ -16,7 +16,7 @@ from starvation.checkpoints import script_ops
 from starvation.checkpoints.detect import FORMATS, _check_kind, _identify
 from starvation.checkpoints.errors import CheckpointError, _exception_name, _first_line, _printable, out_of_memory
 from starvation.checkpoints.save import load_builtin
-from starvation.checkpoints.wrap import AuditableModel, OnnxModel, TorchModel, _script_feature_fn, wrap_module
+from starvation.checkpoints.wrap import AuditableModel, OnnxModel, TorchModel, script_model, wrap_module
 from starvation.networks import output_count
 
 DRY_RUN_BATCH = 2
@@ -84,7 +84,7 @@ def validate_checkpoint(
     """Check an upload before it is stored: size, format sniffed from the bytes, then a load
     and a dry forward pass on zeros of `input_shape` (batch 2) whose output must be [2, 1] or
     [2, num_classes]. Returns {format, sha256, size_bytes, input_shape, output_shape,
-    num_outputs, feature_layer} (plus arch and arch_params for safetensors, read from the
+    num_outputs, feature_layer, head (what `HeadSite.describe` says, or None)} (plus arch and arch_params for safetensors, read from the
     header's metadata where not given); raises CheckpointError otherwise.
     """
     data = _read(source)
@@ -151,6 +151,8 @@ def validate_checkpoint(
         "output_shape": shape,
         "num_outputs": shape[1],
         "feature_layer": model.feature_layer,
+        "head": model.head_description() or (None if fmt == "safetensors" else {
+            "repairable": False, "not_repairable_because": model.no_features_reason}),
         **({"arch": arch, "arch_params": arch_params or {}} if fmt == "safetensors" else {}),
     }
 
@@ -176,11 +178,7 @@ def _load_torchscript(
     if static_checks:
         check_script_ops(module)
     module.eval()
-    feature_fn, layer, reason = _script_feature_fn(module, feature_layer, input_shape)
-    return TorchModel(
-        module, fmt="torchscript", feature_fn=feature_fn, feature_layer=layer,
-        no_features_reason=reason,
-    )
+    return script_model(module, feature_layer, input_shape)
 
 
 def check_script_ops(module: torch.jit.ScriptModule) -> None:

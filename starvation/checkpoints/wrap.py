@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from starvation.checkpoints import graph
 from starvation.checkpoints.errors import CheckpointError, _first_line
 
 DEFAULT_FEATURE_LAYER = "features"  # the built-in networks' penultimate representation
@@ -28,15 +29,17 @@ _ONNX_INPUT_DTYPES = {
 class AuditableModel:
     """A trained classifier as the audit sees it.
 
-    `logits(x)` is [N, 1] for a binary model (one logit) and [N, k] for k classes.
-    `features(x)` is the penultimate representation flattened to [N, d], or None when no layer
-    is reachable; then `no_features_reason` says why. Inputs may live on any device; outputs
-    come back on the input's device.
+    `logits(x)` is [N, 1] for a binary model (one logit, also where the model returns [N]) and [N, k] for k
+    classes; read before a final sigmoid or softmax that the model's graph applies. `features(x)` is the
+    penultimate representation flattened to [N, d], or None when no layer is reachable; then
+    `no_features_reason` says why. `head_site` is the head a graph reading found (foreign models), else None.
+    Inputs may live on any device; outputs come back on the input's device.
     """
 
     format: str
     feature_layer: str | None
     no_features_reason: str | None
+    head_site: graph.HeadSite | None = None
 
     @property
     def device(self) -> torch.device:
@@ -50,6 +53,11 @@ class AuditableModel:
 
     def features(self, x: torch.Tensor) -> torch.Tensor | None:
         raise NotImplementedError
+
+    def head_description(self) -> dict | None:
+        """Which node is the head, which tensor the features, the output form (`HeadSite.describe`); None where no
+        graph was read."""
+        return self.head_site.describe() if self.head_site is not None else None
 
     def random_copy(self, seed: int) -> "AuditableModel | None":
         """The same network with fresh random weights (the linear probe's baseline), or None where
@@ -71,10 +79,14 @@ class TorchModel(AuditableModel):
         feature_fn: FeatureFn | None,
         feature_layer: str | None,
         no_features_reason: str | None = None,
+        logits_fn: FeatureFn | None = None,
+        head_site: graph.HeadSite | None = None,
     ) -> None:
         self.module = module.eval()
         self.format = fmt
         self._feature_fn = feature_fn
+        self._logits_fn = logits_fn  # None: the module's output are its logits
+        self.head_site = head_site
         self.feature_layer = feature_layer if feature_fn is not None else None
         self.no_features_reason = None if feature_fn is not None else no_features_reason
         self._device = _module_device(module)
@@ -90,7 +102,8 @@ class TorchModel(AuditableModel):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = self.module(x.to(self._device))
+            x = x.to(self._device)
+            out = self.module(x) if self._logits_fn is None else self._logits_fn(self.module, x)
         return _as_logits(out).to(x.device)
 
     def features(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -108,7 +121,8 @@ class TorchModel(AuditableModel):
             torch.manual_seed(seed)
             _reinitialise(module)
         copied = TorchModel(module, fmt=self.format, feature_fn=self._feature_fn, feature_layer=self.feature_layer,
-                            no_features_reason=self.no_features_reason)
+                            no_features_reason=self.no_features_reason, logits_fn=self._logits_fn,
+                            head_site=self.head_site)
         return copied if on_cpu else copied.to(self._device)
 
 
@@ -132,7 +146,7 @@ def _reinitialise(module: nn.Module) -> None:
 
 class OnnxModel(AuditableModel):
     """An ONNX model run by onnxruntime on CPU; the feature layer is an intermediate tensor: the one named, or by
-    default the input of the Gemm (linear layer) that makes the graph's output (`onnx_head`)."""
+    default the input of the linear map that makes the logits (`graph.read_onnx_graph`)."""
 
     format = "onnx"
 
@@ -143,12 +157,16 @@ class OnnxModel(AuditableModel):
         self.proto = proto  # as uploaded: what a repair rewrites
         self._logit_name = proto.graph.output[0].name
         self.no_features_reason = None
-        if feature_layer is None:
-            head, reason = onnx_head(proto.graph)
-            feature_layer = head.input[0] if head is not None else None
-            self.no_features_reason = None if head is not None else (
-                f"{reason}; name an intermediate tensor (feature_layer) to probe it")
+        self.found: graph.OnnxGraph | None = None
+        try:
+            self.found = graph.read_onnx_graph(proto.graph)
+        except graph.NoHead as exc:
+            self.no_features_reason = f"{exc}; name an intermediate tensor (feature_layer) to probe it"
+        else:
+            self._logit_name, self.head_site = self.found.logits_tensor, self.found.site
+            feature_layer = feature_layer or self.found.features_tensor
         self.feature_layer = feature_layer
+        extra = [name for name in (feature_layer, self._logit_name) if name is not None]
         if feature_layer is not None:
             produced = {out for node in proto.graph.node for out in node.output}
             if feature_layer not in produced:
@@ -156,9 +174,10 @@ class OnnxModel(AuditableModel):
                     "unknown_layer",
                     f"The ONNX graph has no tensor named {feature_layer!r}.",
                 )
-            if feature_layer not in {o.name for o in proto.graph.output}:
-                proto = _copy_proto(proto)
-                proto.graph.output.append(onnx.ValueInfoProto(name=feature_layer))
+        missing = [name for name in dict.fromkeys(extra) if name not in {o.name for o in proto.graph.output}]
+        if missing:  # graph surgery on a copy: the features (and the logits before a sigmoid) become outputs
+            proto = _copy_proto(proto)
+            proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing)
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -204,7 +223,9 @@ class OnnxModel(AuditableModel):
     def features(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.feature_layer is None:
             return None
-        return self._run(x, self.feature_layer).flatten(1)
+        out = self._run(x, self.feature_layer)
+        transposed = self.found is not None and self.found.site.features_transposed
+        return (out.T if transposed and self.feature_layer == self.found.features_tensor else out).flatten(1)
 
     def _run(self, x: torch.Tensor, output: str) -> torch.Tensor:
         arr = x.detach().to("cpu").numpy().astype(self._dtype, copy=False)
@@ -220,26 +241,6 @@ class OnnxModel(AuditableModel):
                 chunks.append(self._session.run([output], {self._input.name: chunk})[0][: size - pad])
             result = np.concatenate(chunks)
         return torch.from_numpy(np.asarray(result, dtype=np.float32)).to(x.device)
-
-
-def onnx_head(graph) -> tuple[object | None, str | None]:
-    """The node that makes an ONNX graph's output when it is a linear layer on an intermediate tensor: a Gemm
-    (Y = alpha * A B' + beta * C, A not transposed) whose B and C are constants of the graph. (node, None), or
-    (None, why not)."""
-    import onnx
-
-    output = graph.output[0].name
-    node = next((n for n in graph.node if output in n.output), None)
-    if node is None or node.op_type != "Gemm":
-        made_by = f" (it is made by a {node.op_type} node)" if node is not None else ""
-        return None, f"the ONNX graph's output is not made by a Gemm (linear layer) node{made_by}"
-    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    constants = {t.name for t in graph.initializer}
-    if attributes.get("transA", 0) or len(node.input) < 3 or not {node.input[1], node.input[2]} <= constants:
-        return None, "the ONNX graph's last Gemm does not hold its weight and bias as constants"
-    if node.input[0] in {i.name for i in graph.input}:
-        return None, "the ONNX graph's last Gemm reads the model's input: there is no hidden representation"
-    return node, None
 
 
 def wrap_module(module: nn.Module, *, feature_layer: str | None = None) -> TorchModel:
@@ -332,13 +333,35 @@ def _script_feature_fn(
     return features, layer, None
 
 
+def script_model(module: torch.jit.ScriptModule, feature_layer: str | None,
+                 input_shape: tuple[int, ...] | None) -> TorchModel:
+    """A TorchScript model as the audit sees it: its features and head read from its graph
+    (`graph.read_script_graph`), or from the top-level submodule the caller named."""
+    try:
+        found = graph.read_script_graph(module)
+    except graph.NoHead as exc:
+        if feature_layer is None:
+            return TorchModel(module, fmt="torchscript", feature_fn=None, feature_layer=None,
+                              no_features_reason=f"{exc}; name a top-level submodule (feature_layer) to probe it")
+        found = None
+    logits = found.logits_fn if found is not None else None
+    logits_fn = None if logits is None else lambda m, x: logits(m._c, x)
+    head_site = found.site if found is not None else None
+    if feature_layer is None:
+        return TorchModel(module, fmt="torchscript", feature_fn=lambda m, x: found.features_fn(m._c, x),
+                          feature_layer=found.site.features, head_site=head_site, logits_fn=logits_fn)
+    feature_fn, layer, reason = _script_feature_fn(module, feature_layer, input_shape)
+    return TorchModel(module, fmt="torchscript", feature_fn=feature_fn, feature_layer=layer,
+                      no_features_reason=reason, head_site=head_site, logits_fn=logits_fn)
+
+
 def _as_logits(out) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise CheckpointError(
             "bad_output_shape",
             f"The model returned {type(out).__name__}, not a tensor of logits.",
         )
-    return out.float()
+    return (out.unsqueeze(1) if out.dim() == 1 else out).float()  # one logit per example, as [N]
 
 
 def _hooked(layer: str) -> FeatureFn:

@@ -1,10 +1,10 @@
 """The head of a network: the last linear layer, whose input is the penultimate representation.
 
 A repair replaces only this layer's weight and bias, so the repaired model is the original
-network (TorchScript code or ONNX graph included) with new head weights. The head is found the
-same way the audit finds the feature layer (`starvation.checkpoints.wrap`): a top-level `head`
-beside the feature layer, or the last child of an `nn.Sequential`; in an ONNX graph, the Gemm
-node that makes the output.
+network (TorchScript code or ONNX graph included) with new head weights. Our own networks keep
+it at a top-level `head` (or as the last child of an `nn.Sequential`); in a foreign model it is
+the linear map the graph reading found (`starvation.checkpoints.graph`), written back into the
+same attributes or initializers.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import io
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
+from starvation.checkpoints import graph
 from starvation.errors import SpecError
 
 
@@ -87,54 +87,46 @@ def _check_new_head(old: LinearHead, new: LinearHead) -> None:
         raise SpecError("the new head has non-finite values")
 
 
-def read_onnx_head(proto) -> LinearHead:
-    """The head of an ONNX graph (`starvation.checkpoints.wrap.onnx_head`) as weight [k, d] and bias [k]."""
-    return _head_of(*_onnx_head(proto))
+def read_model_head(model) -> LinearHead:
+    """The head a graph reading found in a loaded TorchScript or ONNX model (`model.head_site`), as weight [k, d] and
+    bias [k]; raises NoLinearHead where there is none, or where it cannot be rewritten (tied, computed at run time)."""
+    site = _repairable_site(model)
+    if model.format == "onnx":
+        weight, bias, _ = graph.onnx_weights(model.proto, model.found)
+        head = LinearHead(torch.from_numpy(weight).float(), torch.from_numpy(bias.copy()).float())
+    else:
+        weight, bias = graph.script_weights(model.module, site)
+        head = LinearHead(weight.detach().clone().float(), bias.detach().clone().float().reshape(-1))
+    if head.weight.dim() != 2 or head.bias.shape != (head.weight.shape[0],):
+        raise NoLinearHead(f"the head ({site.node}) does not have one bias value per output")
+    return head
 
 
-def _head_of(node, alpha: float, beta: float, trans_b: bool, constants: dict) -> LinearHead:
-    from onnx import numpy_helper
-
-    b, c = (numpy_helper.to_array(constants[name]).astype(np.float64) for name in node.input[1:3])
-    weight = alpha * (b if trans_b else b.T)
-    if c.size not in (1, weight.shape[0]):
-        raise NoLinearHead(f"the ONNX graph's last Gemm adds a bias of shape {list(c.shape)} to {weight.shape[0]} "
-                           "outputs: not one value per output")
-    bias = beta * np.broadcast_to(c.reshape(-1), (weight.shape[0],))
-    return LinearHead(torch.from_numpy(weight).float(), torch.from_numpy(bias.copy()).float())
-
-
-def replace_onnx_head(proto, new: LinearHead) -> bytes:
-    """The ONNX graph with its head's constants replaced (nothing else), serialised; `proto` is changed too."""
-    from onnx import numpy_helper
-
-    node, alpha, beta, trans_b, constants = head = _onnx_head(proto)
-    _check_new_head(_head_of(*head), new)
-    weight, bias = new.weight.double().numpy() / alpha, new.bias.double().numpy() / beta
-    for name, value in ((node.input[1], weight if trans_b else weight.T), (node.input[2], bias)):
-        dtype = numpy_helper.to_array(constants[name]).dtype
-        constants[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype)), name))
-    return proto.SerializeToString()
+def replace_model_head(model, new: LinearHead) -> bytes:
+    """The model's file with its head's weight and bias written where they were read (same attributes or
+    initializers, same dtype, nothing else changed), serialised; the loaded model is changed too."""
+    _check_new_head(read_model_head(model), new)
+    if model.format == "onnx":
+        graph.write_onnx_weights(model.proto, model.found, new.weight.double().numpy(), new.bias.double().numpy())
+        return model.proto.SerializeToString()
+    graph.write_script_weights(model.module, model.head_site, new.weight, new.bias)
+    return torchscript_bytes(model.module)
 
 
-def _onnx_head(proto):
-    """(Gemm node, alpha, beta, transB, {name: initializer}) of the graph's head; its constants used by it alone."""
-    import onnx
+def finetune_hint(fmt: str) -> str:
+    """What to try where a head cannot be refitted: a TorchScript model can be fine-tuned whole in its jail."""
+    return "; finetune_sd retrains a TorchScript model's whole network instead" if fmt == "torchscript" else ""
 
-    from starvation.checkpoints.wrap import onnx_head
 
-    node, reason = onnx_head(proto.graph)
-    if node is None:
-        raise NoLinearHead(reason)
-    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    alpha, beta = float(attributes.get("alpha", 1.0)), float(attributes.get("beta", 1.0))
-    if alpha == 0 or beta == 0:
-        raise NoLinearHead("the ONNX graph's last Gemm multiplies its weight or its bias by 0")
-    uses = [name for n in proto.graph.node for name in n.input]
-    if uses.count(node.input[1]) > 1 or uses.count(node.input[2]) > 1:
-        raise NoLinearHead("the ONNX graph's head shares its weight or bias with another node")
-    constants = {t.name: t for t in proto.graph.initializer if t.name in node.input[1:3]}
-    return node, alpha, beta, bool(attributes.get("transB", 0)), constants
+def _repairable_site(model) -> graph.HeadSite:
+    site = getattr(model, "head_site", None)
+    instead = finetune_hint(model.format)
+    if site is None:
+        reason = getattr(model, "no_features_reason", None) or "no linear head was found in the model"
+        raise NoLinearHead(f"{reason}{instead}")
+    if site.refusal is not None:
+        raise NoLinearHead(f"{site.refusal}: the head ({site.node}) cannot be rewritten{instead}")
+    return site
 
 
 def torchscript_bytes(module: torch.jit.ScriptModule) -> bytes:

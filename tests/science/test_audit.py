@@ -155,7 +155,7 @@ def test_linear_probe_without_a_reachable_layer_says_so_instead_of_guessing(cmni
     probe = audit(load_checkpoint(onnx_path, "onnx"), cmnist, tmp_path, probes=["linear_probe"])
     assert probe["linear_probe"] == {"layer": None, "core_accuracy": None, "spurious_accuracy": None,
                                      "reason": probe["linear_probe"]["reason"]}
-    assert "not made by a Gemm" in probe["linear_probe"]["reason"]
+    assert "made by a Mul node, which is not a linear map" in probe["linear_probe"]["reason"]
     assert "name an intermediate tensor" in probe["linear_probe"]["reason"]
 
 

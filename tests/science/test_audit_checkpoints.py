@@ -89,7 +89,7 @@ def test_scripted_sequential_exposes_its_second_to_last_layer(files):
     assert model.features(torch.rand(4, *INPUT_SHAPE)).shape == (4, 8)
 
 
-def test_torchscript_without_a_known_layout_has_no_features_and_says_why(tmp_path):
+def test_torchscript_features_are_read_from_the_graph_whatever_the_names(tmp_path):
     class Plain(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -99,12 +99,29 @@ def test_torchscript_without_a_known_layout_has_no_features_and_says_why(tmp_pat
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.out(torch.relu(self.body(x.flatten(1))))
 
-    model = load_checkpoint(save_torchscript(Plain(), tmp_path / "plain.pt"), "torchscript", input_shape=INPUT_SHAPE)
+    plain = Plain().eval()
+    model = load_checkpoint(save_torchscript(plain, tmp_path / "plain.pt"), "torchscript", input_shape=INPUT_SHAPE)
+    x = torch.rand(2, *INPUT_SHAPE)
+    assert model.head_site.node == "aten::linear (out)" and model.head_site.weight == "out.weight"
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(x), torch.relu(plain.body(x.flatten(1))))
+
+
+def test_torchscript_whose_output_no_linear_map_makes_says_which_op_does(tmp_path):
+    class Clamped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = nn.Linear(392, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.out(x.flatten(1)))
+
+    model = load_checkpoint(save_torchscript(Clamped(), tmp_path / "c.pt"), "torchscript", input_shape=INPUT_SHAPE)
     assert model.feature_layer is None and model.features(torch.rand(2, *INPUT_SHAPE)) is None
-    assert "hook" in model.no_features_reason
+    assert "made by aten::relu, which is not a linear map" in model.no_features_reason
 
 
-def test_torchscript_features_that_do_not_feed_the_head_are_refused(tmp_path):
+def test_torchscript_features_are_what_the_head_reads(tmp_path):
     class Skips(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -115,8 +132,9 @@ def test_torchscript_features_that_do_not_feed_the_head_are_refused(tmp_path):
             return self.head(self.features(x * 2.0))  # features(x) alone is not what the head sees
 
     model = load_checkpoint(save_torchscript(Skips(), tmp_path / "skips.pt"), "torchscript", input_shape=INPUT_SHAPE)
-    assert model.feature_layer is None
-    assert "does not reproduce" in model.no_features_reason
+    x = torch.rand(2, *INPUT_SHAPE)
+    assert model.feature_layer == "features"
+    torch.testing.assert_close(model.features(x), (x * 2.0).flatten(1))
 
 
 def test_onnx_features_are_the_last_gemms_input_or_a_named_tensor(files):
