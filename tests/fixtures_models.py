@@ -317,9 +317,9 @@ class HugeHeadWhileLoading(nn.Module):
         self.features = nn.Flatten()
         self.head = GrowsWhileLoading()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # 16,000 logits: the head is the output's linear map
         h = self.features(x)
-        return self.head(h.repeat(1, 16_000 // h.shape[1] + 1)[:, :16_000])[:, :1]
+        return self.head(h.repeat(1, 16_000 // h.shape[1] + 1)[:, :16_000])
 
 
 class SpinsOnRealData(nn.Module):
