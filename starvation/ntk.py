@@ -144,6 +144,7 @@ TRAINING_EXAMPLES = 256  # the sample a train job's `ntk_every` follows: small, 
 class KernelSample:
     """A fixed group-balanced sample of the training data, and the variables the kernel is aligned with."""
 
+    indices: torch.Tensor  # rows of the training data, sorted
     x: torch.Tensor
     targets: dict[str, torch.Tensor]  # label, attribute and (where the dataset has it) core
 
@@ -153,7 +154,7 @@ class KernelSample:
         targets = {"label": train.y[chosen], "attribute": train.attribute[chosen]}
         if train.core_label is not None:
             targets["core"] = train.core_label[chosen]
-        return cls(x=train.x[chosen], targets=targets)
+        return cls(indices=chosen, x=train.x[chosen], targets=targets)
 
     def alignments(self, module: nn.Module) -> dict[str, float]:
         """{target: centred alignment} of `module`'s kernel on the sample (a target whose alignment is undefined is

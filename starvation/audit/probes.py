@@ -393,17 +393,14 @@ class NtkProbe(Probe):
             return {"ntk": {"reason": "the NTK needs the network's parameters: not available for TorchScript or "
                                       "ONNX models"}}
         # The training data: the kernel's alignment there is what decides what training learns first.
-        train = dataset.train_data()
-        indices = ntk.balanced_sample(train.y, train.attribute, seed=ctx.seed)
-        chosen = torch.from_numpy(indices)
-        x = train.x[chosen].to(model.device)
+        sample = ntk.KernelSample.of(dataset.train_data(), seed=ctx.seed, max_examples=ntk.MAX_EXAMPLES)
         try:
-            gram = ntk.ntk_gram(module, x).cpu()
-        except ValueError as exc:  # more than one logit per class pair
+            gram = ntk.ntk_gram(module, sample.x.to(model.device)).cpu()
+        except ValueError as exc:  # more than two logits: the probe reads one
             return {"ntk": {"reason": str(exc)}}
-        core = train.core_label[chosen] if train.core_label is not None else None
         return {"ntk": {
-            "sample": {"n": len(indices), "seed": ctx.seed, "split": "train (pooled)",
-                       "indices": [int(i) for i in indices]},
-            **ntk.kernel_report(gram, y=train.y[chosen], attribute=train.attribute[chosen], core=core),
+            "sample": {"n": len(sample.indices), "seed": ctx.seed, "split": "train (pooled)",
+                       "indices": sample.indices.tolist()},
+            **ntk.kernel_report(gram, y=sample.targets["label"], attribute=sample.targets["attribute"],
+                                core=sample.targets.get("core")),
         }}
