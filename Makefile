@@ -14,7 +14,7 @@ GPU_IMAGE := torch==2.13.0 numpy==2.4.6 safetensors==0.8.0 httpx==0.28.1 matplot
 	scikit-learn==1.9.1 pytest==9.2.0
 GPU_VENV := .venv-gpu
 
-.PHONY: install sandbox browser serve demo test bench perf clean gpu-wheels gpu-dryrun
+.PHONY: install sandbox browser serve demo test bench perf clean gpu-wheels gpu-dryrun lint
 
 install: sandbox $(VENV)/.installed $(CODEGEN)/.installed
 
@@ -42,8 +42,13 @@ demo: sandbox $(VENV)/.installed
 browser:
 	bash scripts/install_debian.sh chromium,chromedriver chromium chromium-driver
 
-test: install browser gpu-dryrun
+test: install browser gpu-dryrun lint
 	$(PY) -m pytest -q
+
+# Lint and format check of the service's packages (pyproject.toml's [tool.ruff]).
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 gpu-wheels: .whl/.downloaded
 

@@ -1,4 +1,5 @@
 """The FastAPI application: routers, the error shape, and the background loops (api/background.py)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,8 @@ from api.deps import admin_token
 from api.docs_security import DocsSecurityHeaders
 from api.hygiene import refuse_unstorable_text
 from api.limits import BodySizeLimit
-from core.settings import get_settings
 from api.routes import checkpoints, datasets, jobs, keys, ops
+from core.settings import get_settings
 
 
 @contextlib.asynccontextmanager

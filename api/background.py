@@ -1,6 +1,7 @@
 """The API process's background loops: the dispatcher (the outbox), the reaper of lost jobs, webhooks (each round
 starts what is due and returns; deliveries run on in api/webhooks.py's slots), and the checks of registered image
 folders (GS_DATASET_CHECK_SLOTS loops, each checking one folder at a time)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -50,10 +51,21 @@ async def every(seconds: float, work: Callable[[], object]) -> None:
 def start() -> list[asyncio.Task]:
     settings = get_settings()
     webhook_deliveries = webhooks.Deliveries(
-        database(), settings.webhook_secret or admin_token(), timeout_s=settings.webhook_timeout_s,
-        max_attempts=settings.webhook_max_attempts, allow=settings.outbound_allow, slots=settings.webhook_slots,
-        per_key=settings.webhook_slots_per_key)
+        database(),
+        settings.webhook_secret or admin_token(),
+        timeout_s=settings.webhook_timeout_s,
+        max_attempts=settings.webhook_max_attempts,
+        allow=settings.outbound_allow,
+        slots=settings.webhook_slots,
+        per_key=settings.webhook_slots_per_key,
+    )
     checks = [every(settings.dispatch_every_s, check_pending_datasets) for _ in range(settings.dataset_check_slots)]
-    return [asyncio.create_task(loop) for loop in (
-        every(settings.sweep_every_s, reap_lost_jobs), every(settings.dispatch_every_s, dispatch_round),
-        every(settings.sweep_every_s, webhook_deliveries.start_due), *checks)]
+    return [
+        asyncio.create_task(loop)
+        for loop in (
+            every(settings.sweep_every_s, reap_lost_jobs),
+            every(settings.dispatch_every_s, dispatch_round),
+            every(settings.sweep_every_s, webhook_deliveries.start_due),
+            *checks,
+        )
+    ]

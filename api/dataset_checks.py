@@ -9,6 +9,7 @@ one tenant's hundred folders wait behind another's one instead of in front of it
 backlog's checks run at a lower CPU priority, and a check past GS_DATASET_CHECK_TIMEOUT_S is killed and its dataset
 failed. A claim is committed before the check starts, so API processes sharing a database never check a folder twice;
 a check whose process died is taken up again after GS_DATASET_CHECK_STALE_S."""
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,11 @@ def check_pending_datasets() -> int:
     checked = 0
     while True:
         with CLAIMING, database().new_session() as session:
-            row = files_repo.claim_dataset_check(session, stale_after=timedelta(seconds=settings.dataset_check_stale_s),
-                                                 per_key=settings.dataset_check_slots_per_key)
+            row = files_repo.claim_dataset_check(
+                session,
+                stale_after=timedelta(seconds=settings.dataset_check_stale_s),
+                per_key=settings.dataset_check_slots_per_key,
+            )
             if row is None:
                 return checked
             dataset_id, root, info = row.id, row.path, dict(row.info)
@@ -54,12 +58,14 @@ def check_pending_datasets() -> int:
         checked += 1
 
 
-def check_in_child(settings: Settings, dataset_id: str, root: str, info: dict[str, Any],
-                   niceness: int = 0) -> dict[str, Any]:
+def check_in_child(
+    settings: Settings, dataset_id: str, root: str, info: dict[str, Any], niceness: int = 0
+) -> dict[str, Any]:
     """`check_image_folder` in a child process at `niceness`, killed if it outlives its time limit."""
     receiver, sender = CHILDREN.Pipe(duplex=False)
-    child = CHILDREN.Process(target=report_check, args=(sender, niceness, settings, dataset_id, root, info),
-                             daemon=True)
+    child = CHILDREN.Process(
+        target=report_check, args=(sender, niceness, settings, dataset_id, root, info), daemon=True
+    )
     child.start()
     sender.close()
     try:
@@ -75,8 +81,9 @@ def check_in_child(settings: Settings, dataset_id: str, root: str, info: dict[st
         receiver.close()
 
 
-def report_check(sender: Connection, niceness: int, settings: Settings, dataset_id: str, root: str,
-                 info: dict[str, Any]) -> None:
+def report_check(
+    sender: Connection, niceness: int, settings: Settings, dataset_id: str, root: str, info: dict[str, Any]
+) -> None:
     """The child's body: the check's outcome sent to the API process."""
     os.nice(niceness)
     sender.send(check_image_folder(settings, dataset_id, root, info))
@@ -89,11 +96,16 @@ def check_image_folder(settings: Settings, dataset_id: str, root: str, info: dic
     from starvation.errors import SpecError
 
     try:
-        index = index_image_folder(root, info["metadata"], max_image_pixels=settings.max_image_pixels,
-                                   max_rows=settings.max_dataset_rows, time_limit_s=settings.dataset_check_timeout_s)
+        index = index_image_folder(
+            root,
+            info["metadata"],
+            max_image_pixels=settings.max_image_pixels,
+            max_rows=settings.max_dataset_rows,
+            time_limit_s=settings.dataset_check_timeout_s,
+        )
     except SpecError as exc:
         return {"error": without_server_paths(str(exc))}
-    except Exception as exc:  # noqa: BLE001 - whatever the folder holds, the dataset fails, not the loop
+    except Exception as exc:
         log.exception("dataset %s: the check failed", dataset_id)
         return {"error": f"the check failed ({type(exc).__name__})"}
     path = dataset_index_path(settings, dataset_id)
@@ -103,7 +115,12 @@ def check_image_folder(settings: Settings, dataset_id: str, root: str, info: dic
     partial.replace(path)  # a worker never reads half an index
     opened = open_image_folder(root, index, dataset_id, info["image_size"])  # what a worker will see; reads no image
     summary = index.summary()
-    return {"info": {"splits": {name: split["n"] for name, split in summary.items()},
-                     "groups": {name: split["groups"] for name, split in summary.items()},
-                     "input_shape": list(opened.input_shape), "num_classes": opened.num_classes,
-                     "counterfactual": opened.can_intervene}}
+    return {
+        "info": {
+            "splits": {name: split["n"] for name, split in summary.items()},
+            "groups": {name: split["groups"] for name, split in summary.items()},
+            "input_shape": list(opened.input_shape),
+            "num_classes": opened.num_classes,
+            "counterfactual": opened.can_intervene,
+        }
+    }

@@ -1,4 +1,5 @@
 """Dependencies of route handlers: the database session and the caller's identity."""
+
 from __future__ import annotations
 
 import hmac

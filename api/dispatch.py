@@ -6,6 +6,7 @@ behind another key's one instead of in front of it. A job is reserved (marked se
 goes out, so dispatchers in several API processes never send one job twice; a job sent and still unclaimed after
 `GS_RESEND_AFTER_S` was lost by the broker and is sent again (the worker's claim keeps it from running twice).
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,10 @@ def send(session: Session, job: Job) -> bool | None:
 
 def resend_lost(session: Session, settings: Settings) -> int:
     """Send again the jobs the broker was given long ago and no worker ever claimed."""
-    lost = [(job.id, job.queue, job.spec.get("timeout_s"))
-            for job in jobs_repo.unclaimed(session, sent_before=timedelta(seconds=settings.resend_after_s))]
+    lost = [
+        (job.id, job.queue, job.spec.get("timeout_s"))
+        for job in jobs_repo.unclaimed(session, sent_before=timedelta(seconds=settings.resend_after_s))
+    ]
     resent = 0
     for job_id, queue_name, timeout_s in lost:
         if not queue.send(job_id, queue_name, timeout_s):

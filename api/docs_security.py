@@ -4,6 +4,7 @@ The pages come from fastapi-offline, which sets no headers; Swagger UI starts fr
 policy admits each inline script of the page by its hash (never 'unsafe-inline'), and ReDoc's search worker
 starts from a blob: URL.
 """
+
 from __future__ import annotations
 
 import base64
@@ -21,8 +22,10 @@ INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.S)
 
 def docs_headers(page: bytes) -> dict[str, str]:
     """The dashboard's headers, with the page's own inline scripts allowed by their sha256."""
-    hashes = "".join(f" 'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
-                     for script in INLINE_SCRIPT.findall(page))
+    hashes = "".join(
+        f" 'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+        for script in INLINE_SCRIPT.findall(page)
+    )
     policy = SECURITY_HEADERS["Content-Security-Policy"].replace("script-src 'self'", f"script-src 'self'{hashes}")
     return {**SECURITY_HEADERS, "Content-Security-Policy": f"{policy}; worker-src blob:"}
 

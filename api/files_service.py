@@ -1,5 +1,6 @@
 """What the dataset and checkpoint routes do beyond reading a row: the per-key storage quota, and deleting what a
 key stored (never while a queued or running job names it; never an image folder's own files)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,9 @@ from models import files as files_repo
 from models.tables import Checkpoint, UserDataset
 
 
-def check_storage_quota(session: Session, principal: Principal, settings: Settings, *, adding: str,
-                        adding_bytes: int) -> None:
+def check_storage_quota(
+    session: Session, principal: Principal, settings: Settings, *, adding: str, adding_bytes: int
+) -> None:
     """One more of `adding` ("datasets" or "checkpoints") of `adding_bytes` fits the key's quota: else a 429 for the
     count (GS_MAX_DATASETS_PER_KEY, GS_MAX_CHECKPOINTS_PER_KEY) or a 413 for the bytes (GS_MAX_STORED_BYTES_PER_KEY).
     DELETE frees both."""
@@ -24,29 +26,45 @@ def check_storage_quota(session: Session, principal: Principal, settings: Settin
     stored = files_repo.stored_uploads(session, principal.owner_id)
     count, limit = getattr(stored, adding), getattr(settings, f"max_{adding}_per_key")
     if count >= limit:
-        raise ApiError(429, f"too_many_{adding}", f"This key keeps {count} {adding}; the limit is {limit}. "
-                       f"Delete some (DELETE /v1/{adding}/{{id}}) first.", {"stored": count, "limit": limit})
+        raise ApiError(
+            429,
+            f"too_many_{adding}",
+            f"This key keeps {count} {adding}; the limit is {limit}. Delete some (DELETE /v1/{adding}/{{id}}) first.",
+            {"stored": count, "limit": limit},
+        )
     limit_bytes = settings.max_stored_bytes_per_key
     if stored.bytes + adding_bytes > limit_bytes:
-        raise ApiError(413, "storage_quota_exceeded",
-                       f"This key stores {stored.bytes} bytes of datasets and checkpoints; {adding_bytes} more would "
-                       f"pass its quota of {limit_bytes}. Delete some first.",
-                       {"stored_bytes": stored.bytes, "adding_bytes": adding_bytes, "limit_bytes": limit_bytes})
+        raise ApiError(
+            413,
+            "storage_quota_exceeded",
+            f"This key stores {stored.bytes} bytes of datasets and checkpoints; {adding_bytes} more would "
+            f"pass its quota of {limit_bytes}. Delete some first.",
+            {"stored_bytes": stored.bytes, "adding_bytes": adding_bytes, "limit_bytes": limit_bytes},
+        )
 
 
 def refuse_if_in_use(session: Session, owner_id: str, what: str, object_id: str, **named) -> None:
     jobs = files_repo.active_jobs_naming(session, owner_id, **named)
     if jobs:
-        raise ApiError(409, f"{what}_in_use", f"{len(jobs)} queued or running job(s) use {what} {object_id}; cancel "
-                       "them or wait for them to finish, then delete it.", {"jobs": jobs})
+        raise ApiError(
+            409,
+            f"{what}_in_use",
+            f"{len(jobs)} queued or running job(s) use {what} {object_id}; cancel "
+            "them or wait for them to finish, then delete it.",
+            {"jobs": jobs},
+        )
 
 
 def delete_dataset(session: Session, dataset: UserDataset, settings: Settings) -> None:
     """The row, then the stored .npz or an image folder's index (the folder itself is the operator's: kept)."""
     refuse_if_in_use(session, dataset.owner_id, "dataset", dataset.id, dataset_id=dataset.id)
     if dataset.status == "pending" and dataset.check_started_at is not None:
-        raise ApiError(409, "dataset_in_use", f"Dataset {dataset.id} is being checked; delete it when it is ready or "
-                       "failed.", {"jobs": []})
+        raise ApiError(
+            409,
+            "dataset_in_use",
+            f"Dataset {dataset.id} is being checked; delete it when it is ready or failed.",
+            {"jobs": []},
+        )
     ours = dataset_index_path(settings, dataset.id) if dataset.format == "image_folder" else Path(dataset.path)
     session.delete(dataset)
     session.commit()  # the row goes first: a file without a row is only space, a row without its file a broken job

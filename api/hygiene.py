@@ -8,6 +8,7 @@ parsed the body: uploads stream to disk as before, and a file's own bytes are ne
 Integers are bounded where they are declared (`ge`/`le` in api/schemas.py and the routes); a value the
 database still refuses is a 422 too (api/errors.py maps SQLAlchemy's DataError).
 """
+
 from __future__ import annotations
 
 from typing import Any

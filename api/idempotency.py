@@ -3,6 +3,7 @@
 Concurrent requests with one key race to insert the key's record in the same transaction as what they create: the
 database's primary key lets one win; the others roll their work back and replay the winner's response.
 """
+
 from __future__ import annotations
 
 import hashlib

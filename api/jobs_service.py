@@ -2,6 +2,7 @@
 cancel and follow jobs. The /v1 routes and the dashboard both call these, so a page can never do what
 the token could not.
 """
+
 from __future__ import annotations
 
 import base64
@@ -23,8 +24,20 @@ from api.dispatch import dispatch
 from api.errors import ApiError, not_found, without_server_paths
 from api.hygiene import MAX_DB_INT, first_unstorable
 from api.idempotency import body_hash, replay_or_create
-from api.schemas import (AuditJobCreate, AuditJobOut, LogLine, LogPage, MetricOut, RepairJobCreate, RepairJobOut,
-                         SweepJobCreate, SweepJobOut, TrainJobCreate, TrainJobOut, job_out_adapter)
+from api.schemas import (
+    AuditJobCreate,
+    AuditJobOut,
+    LogLine,
+    LogPage,
+    MetricOut,
+    RepairJobCreate,
+    RepairJobOut,
+    SweepJobCreate,
+    SweepJobOut,
+    TrainJobCreate,
+    TrainJobOut,
+    job_out_adapter,
+)
 from core import outbound
 from core.paths import job_dir
 from core.settings import Settings
@@ -46,41 +59,47 @@ def job_warnings(job: Job) -> list[str]:
     if mlflow.get("error"):
         warnings.append(f"MLflow export failed: {without_server_paths(str(mlflow['error']))}")
     elif mlflow.get("live_error"):
-        warnings.append(f"MLflow did not take the metrics while the job ran ("
-                        f"{without_server_paths(str(mlflow['live_error']))}); they were sent when it ended")
+        warnings.append(
+            f"MLflow did not take the metrics while the job ran ("
+            f"{without_server_paths(str(mlflow['live_error']))}); they were sent when it ended"
+        )
     return warnings
 
 
 def job_out(job: Job) -> TrainJobOut | AuditJobOut | RepairJobOut | SweepJobOut:
     """The job as the API shows it; its kind picks the shape of `result`."""
     base = f"/v1/jobs/{job.id}"
-    return job_out_adapter.validate_python(dict(
-        id=job.id,
-        kind=job.kind,
-        status=job.status,
-        progress=job.progress,
-        spec=job.spec,
-        tags=job.tags,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        attempts=job.attempts,
-        cancel_requested=job.cancel_requested,
-        worker_id=job.worker_id,
-        # The worker's messages are ours, but one may quote a file it could not read.
-        error={**job.error, "message": without_server_paths(str(job.error.get("message", "")))} if job.error else None,
-        result=job.result,
-        warnings=job_warnings(job),
-        links={
-            "self": base,
-            "metrics": f"{base}/metrics",
-            "events": f"{base}/events",
-            "report": f"{base}/report",
-            "report_html": f"{base}/report.html",
-            "artifacts": f"{base}/artifacts",
-            "logs": f"{base}/logs",
-        },
-    ))
+    return job_out_adapter.validate_python(
+        dict(
+            id=job.id,
+            kind=job.kind,
+            status=job.status,
+            progress=job.progress,
+            spec=job.spec,
+            tags=job.tags,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            attempts=job.attempts,
+            cancel_requested=job.cancel_requested,
+            worker_id=job.worker_id,
+            # The worker's messages are ours, but one may quote a file it could not read.
+            error={**job.error, "message": without_server_paths(str(job.error.get("message", "")))}
+            if job.error
+            else None,
+            result=job.result,
+            warnings=job_warnings(job),
+            links={
+                "self": base,
+                "metrics": f"{base}/metrics",
+                "events": f"{base}/events",
+                "report": f"{base}/report",
+                "report_html": f"{base}/report.html",
+                "artifacts": f"{base}/artifacts",
+                "logs": f"{base}/logs",
+            },
+        )
+    )
 
 
 JOB_ID = re.compile(f"[0-9a-f]{{{ID_LENGTH}}}")  # a uuid4's hex digits (models/tables.py new_id)
@@ -94,8 +113,9 @@ def owned_job(session: Session, job_id: str, owner_id: str) -> Job:
     if job is None and MIN_ID_PREFIX <= len(job_id) < ID_LENGTH:  # the repository takes hex digits only
         matches = jobs_repo.with_id_prefix(session, job_id, owner_id=owner_id, limit=2)
         if len(matches) > 1:
-            raise ApiError(409, "ambiguous_id", f"More than one of your jobs has an id starting {job_id!r}; "
-                                                "give more of it.")
+            raise ApiError(
+                409, "ambiguous_id", f"More than one of your jobs has an id starting {job_id!r}; give more of it."
+            )
         job = matches[0] if matches else None
     if job is None:
         raise not_found("job", job_id)
@@ -160,8 +180,11 @@ def resolve_sweep(spec: dict[str, Any], settings: Settings, user_datasets: list[
         raise invalid_spec(f"steps is {base['steps']}; the limit is {settings.max_steps}.", {"field": "spec.steps"})
     models = len(resolved["settings"]) * len(base["seeds"])
     if models > settings.max_sweep_models:
-        raise invalid_spec(f"the sweep trains {len(resolved['settings'])} settings x {len(base['seeds'])} seeds = "
-                           f"{models} models; the limit is {settings.max_sweep_models}.", {"field": "spec.grid"})
+        raise invalid_spec(
+            f"the sweep trains {len(resolved['settings'])} settings x {len(base['seeds'])} seeds = "
+            f"{models} models; the limit is {settings.max_sweep_models}.",
+            {"field": "spec.grid"},
+        )
     return {**base, "grid": resolved["grid"], "selection": resolved["selection"]}, resolved
 
 
@@ -171,8 +194,9 @@ def field_of(exc: Exception) -> dict[str, str] | None:
     return {"field": f"spec.{field}"} if field else None
 
 
-def check_memory_budget(session: Session, spec: dict[str, Any], settings: Settings, owner_id: str,
-                        sweep_stack: int | None = None) -> None:
+def check_memory_budget(
+    session: Session, spec: dict[str, Any], settings: Settings, owner_id: str, sweep_stack: int | None = None
+) -> None:
     """A train job (or a sweep whose widest stack trains `sweep_stack` settings at once) whose estimated peak memory
     (starvation/budget.py) is over the worker's budget is a 422."""
     from starvation import budget, datasets
@@ -184,19 +208,25 @@ def check_memory_budget(session: Session, spec: dict[str, Any], settings: Settin
     info = dict(row.info or {}) if row is not None else {}
     streamed = row is not None and row.format == "image_folder"
     if streamed and not spec.get("batch_size"):
-        raise invalid_spec(f"Dataset {name!r} is an image folder, read from disk in minibatches: set batch_size.",
-                           {"field": "spec.batch_size"})
+        raise invalid_spec(
+            f"Dataset {name!r} is an image folder, read from disk in minibatches: set batch_size.",
+            {"field": "spec.batch_size"},
+        )
     try:
         if row is None:
             data = budget.data_size(spec, str(settings.data_dir) if settings.data_dir else None)
         else:
-            data = datasets.registered_size(info["splits"], info["input_shape"], info["num_classes"],
-                                            streamed=streamed)
-        budget.check_train_budget(spec, settings.worker_memory_budget_bytes, data, shared_dataset=row is not None,
-                                  sweep_stack=sweep_stack)
+            data = datasets.registered_size(info["splits"], info["input_shape"], info["num_classes"], streamed=streamed)
+        budget.check_train_budget(
+            spec, settings.worker_memory_budget_bytes, data, shared_dataset=row is not None, sweep_stack=sweep_stack
+        )
     except budget.OverBudget as exc:
-        details = {"field": f"spec.{exc.field}", "estimate_bytes": exc.estimate.total_bytes,
-                   "budget_bytes": exc.budget_bytes, "parts": exc.estimate.parts}
+        details = {
+            "field": f"spec.{exc.field}",
+            "estimate_bytes": exc.estimate.total_bytes,
+            "budget_bytes": exc.budget_bytes,
+            "parts": exc.estimate.parts,
+        }
         raise ApiError(422, "over_budget", str(exc), details) from None
     except SpecError as exc:
         raise invalid_spec(str(exc), field_of(exc)) from None
@@ -210,12 +240,14 @@ def check_initial_weights(session: Session, spec: dict[str, Any], owner_id: str)
     if row is None:
         raise invalid_spec(f"No checkpoint {spec['init_checkpoint_id']!r} to start from.", field)
     if row.format != "safetensors":
-        raise invalid_spec(f"Initial weights come from a safetensors checkpoint (a state dict); this one is "
-                           f"{row.format}.", field)
+        raise invalid_spec(
+            f"Initial weights come from a safetensors checkpoint (a state dict); this one is {row.format}.", field
+        )
     arch = (row.model_info or {}).get("arch")
     if arch != spec["model"]["arch"]:
-        raise invalid_spec(f"The checkpoint holds weights of arch {arch!r}; the spec trains {spec['model']['arch']!r}.",
-                           field)
+        raise invalid_spec(
+            f"The checkpoint holds weights of arch {arch!r}; the spec trains {spec['model']['arch']!r}.", field
+        )
 
 
 def check_mlflow_uri(uri: str, settings: Settings) -> None:
@@ -246,11 +278,20 @@ def check_dataset(session: Session, name: str, owner_id: str) -> None:
         known = ", ".join(sorted(DATASETS))
         raise invalid_spec(f"Unknown dataset {name!r}: use a built-in ({known}) or a registered dataset id.")
     if row.status == "pending":
-        raise ApiError(409, "dataset_not_ready", f"Dataset {name!r} is still being checked (status pending); "
-                       "submit again when GET /v1/datasets/{id} says ready.", {"field": "spec.dataset.name"})
+        raise ApiError(
+            409,
+            "dataset_not_ready",
+            f"Dataset {name!r} is still being checked (status pending); "
+            "submit again when GET /v1/datasets/{id} says ready.",
+            {"field": "spec.dataset.name"},
+        )
     if row.status != "ready":
-        raise ApiError(409, "dataset_not_ready", f"Dataset {name!r} failed its check and cannot be used: {row.error}",
-                       {"field": "spec.dataset.name"})
+        raise ApiError(
+            409,
+            "dataset_not_ready",
+            f"Dataset {name!r} failed its check and cannot be used: {row.error}",
+            {"field": "spec.dataset.name"},
+        )
 
 
 def check_builtin_audit_data(name: str, params: dict[str, Any], spurious_attribute: str) -> None:
@@ -266,7 +307,9 @@ def check_builtin_audit_data(name: str, params: dict[str, Any], spurious_attribu
         raise invalid_spec(f"dataset.params: {exc}") from None
     declared = DATASETS[name].ATTRIBUTES
     if declared and spurious_attribute not in declared:
-        raise invalid_spec(f"Dataset {name!r} has spurious attribute(s) {sorted(declared)}, not {spurious_attribute!r}.")
+        raise invalid_spec(
+            f"Dataset {name!r} has spurious attribute(s) {sorted(declared)}, not {spurious_attribute!r}."
+        )
 
 
 def resolve_audit(session: Session, body: AuditJobCreate, owner_id: str) -> dict[str, Any]:
@@ -298,9 +341,11 @@ def check_probes_for_format(probes: list[str] | None, fmt: str) -> None:
     """Probes that need a network's parameters (`ntk`) cannot run on a TorchScript or ONNX upload, which runs
     sealed in the jail."""
     if "ntk" in (probes or []) and fmt in ("torchscript", "onnx"):
-        raise invalid_spec(f"The probe 'ntk' needs the network's parameters, which a {fmt} upload does not expose "
-                           "to us (it runs in the jail); audit a train job's checkpoint or a safetensors upload.",
-                           {"field": "spec.probes"})
+        raise invalid_spec(
+            f"The probe 'ntk' needs the network's parameters, which a {fmt} upload does not expose "
+            "to us (it runs in the jail); audit a train job's checkpoint or a safetensors upload.",
+            {"field": "spec.probes"},
+        )
 
 
 QUOTA_RETRY_AFTER_S = 30
@@ -310,9 +355,13 @@ def check_quota(session: Session, principal: Principal, settings: Settings) -> N
     """One key may have at most GS_MAX_ACTIVE_JOBS_PER_KEY jobs queued or running: past that a 429, not a backlog."""
     active = jobs_repo.active_count(session, principal.owner_id)
     if active >= settings.max_active_jobs_per_key:
-        raise ApiError(429, "too_many_jobs",
-                       f"This key has {active} jobs queued or running; the limit is {settings.max_active_jobs_per_key}. "
-                       "Submit more when some have finished.", headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)})
+        raise ApiError(
+            429,
+            "too_many_jobs",
+            f"This key has {active} jobs queued or running; the limit is {settings.max_active_jobs_per_key}. "
+            "Submit more when some have finished.",
+            headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)},
+        )
 
 
 def resolve_repair(session: Session, body: RepairJobCreate, owner_id: str) -> dict[str, Any]:
@@ -331,27 +380,39 @@ def resolve_repair(session: Session, body: RepairJobCreate, owner_id: str) -> di
         if checkpoint is None:
             raise invalid_spec(f"No checkpoint with id {spec.checkpoint_id!r}.", {"field": "spec.checkpoint_id"})
         if checkpoint.format not in ("torchscript", "safetensors", "onnx"):
-            raise ApiError(422, "unsupported_format",
-                           f"Checkpoint {spec.checkpoint_id} is {checkpoint.format}: a repair rewrites a TorchScript, "
-                           "ONNX or safetensors model.", {"field": "spec.checkpoint_id"})
+            raise ApiError(
+                422,
+                "unsupported_format",
+                f"Checkpoint {spec.checkpoint_id} is {checkpoint.format}: a repair rewrites a TorchScript, "
+                "ONNX or safetensors model.",
+                {"field": "spec.checkpoint_id"},
+            )
         check_probes_for_format(spec.probes, checkpoint.format)
     else:
         train_job = jobs_repo.get(session, spec.train_job_id, owner_id=owner_id)
         if train_job is None or train_job.kind != "train":
             raise invalid_spec(f"No train job with id {spec.train_job_id!r}.", {"field": "spec.train_job_id"})
         if train_job.status != JobStatus.SUCCEEDED:
-            raise invalid_spec(f"Train job {spec.train_job_id} is {train_job.status}, not succeeded.",
-                               {"field": "spec.train_job_id"})
+            raise invalid_spec(
+                f"Train job {spec.train_job_id} is {train_job.status}, not succeeded.", {"field": "spec.train_job_id"}
+            )
         seeds = [c.seed for c in files_repo.checkpoints_of_job(session, train_job.id) if c.format == "safetensors"]
         if spec.seed not in seeds:
-            raise invalid_spec(f"Train job {spec.train_job_id} has no checkpoint of seed {spec.seed} "
-                               f"(its seeds: {sorted(set(seeds))}).", {"field": "spec.seed"})
+            raise invalid_spec(
+                f"Train job {spec.train_job_id} has no checkpoint of seed {spec.seed} "
+                f"(its seeds: {sorted(set(seeds))}).",
+                {"field": "spec.seed"},
+            )
     name = spec.dataset.name
     check_dataset(session, name, owner_id)
     if name in DATASETS and not DATASETS[name].ATTRIBUTES:
-        raise ApiError(422, "no_attribute",
-                       f"Dataset {name!r} has no spurious attribute, so there is nothing to repair against: a "
-                       "repair needs the attribute to balance and to measure reliance.", {"field": "spec.dataset"})
+        raise ApiError(
+            422,
+            "no_attribute",
+            f"Dataset {name!r} has no spurious attribute, so there is nothing to repair against: a "
+            "repair needs the attribute to balance and to measure reliance.",
+            {"field": "spec.dataset"},
+        )
     check_builtin_audit_data(name, spec.dataset.params, spec.spurious_attribute)
     check_separate_test_split(session, name, owner_id)
     unknown = sorted(set(spec.probes or []) - set(PROBES))
@@ -376,10 +437,13 @@ def check_head_rewritable(checkpoint) -> None:
     head = (checkpoint.model_info or {}).get("head")
     if checkpoint.format in ("torchscript", "onnx") and isinstance(head, dict) and not head.get("repairable"):
         instead = " Use finetune_sd, which retrains the whole network." if checkpoint.format == "torchscript" else ""
-        raise ApiError(422, "no_linear_head",
-                       f"Checkpoint {checkpoint.id} has no head that a refit can rewrite: "
-                       f"{head.get('not_repairable_because') or 'no linear map makes its output'}.{instead}",
-                       {"field": "spec.checkpoint_id"})
+        raise ApiError(
+            422,
+            "no_linear_head",
+            f"Checkpoint {checkpoint.id} has no head that a refit can rewrite: "
+            f"{head.get('not_repairable_because') or 'no linear map makes its output'}.{instead}",
+            {"field": "spec.checkpoint_id"},
+        )
 
 
 def check_trainable(session: Session, spec, method, owner_id: str) -> None:
@@ -389,20 +453,28 @@ def check_trainable(session: Session, spec, method, owner_id: str) -> None:
     if spec.checkpoint_id is not None:
         checkpoint = files_repo.get_checkpoint(session, spec.checkpoint_id, owner_id=owner_id)
         if checkpoint.format == "onnx":
-            raise ApiError(422, "unsupported_format",
-                           f"{method.NAME} trains the whole network; checkpoint {spec.checkpoint_id} is an ONNX graph, "
-                           "which this service runs but does not train: use last_layer or last_layer_sd.",
-                           {"field": "spec.checkpoint_id"})
+            raise ApiError(
+                422,
+                "unsupported_format",
+                f"{method.NAME} trains the whole network; checkpoint {spec.checkpoint_id} is an ONNX graph, "
+                "which this service runs but does not train: use last_layer or last_layer_sd.",
+                {"field": "spec.checkpoint_id"},
+            )
     row = files_repo.get_dataset(session, spec.dataset.name, owner_id=owner_id)
     if row is not None and row.format == "image_folder":
         if checkpoint is not None and checkpoint.format == "torchscript":
-            raise ApiError(422, "unsupported_format",
-                           f"{method.NAME} trains a TorchScript model in its jail, which cannot read an image folder: "
-                           "use last_layer or last_layer_sd, or a checkpoint of our own networks.",
-                           {"field": "spec.checkpoint_id"})
+            raise ApiError(
+                422,
+                "unsupported_format",
+                f"{method.NAME} trains a TorchScript model in its jail, which cannot read an image folder: "
+                "use last_layer or last_layer_sd, or a checkpoint of our own networks.",
+                {"field": "spec.checkpoint_id"},
+            )
         if not method.params["batch_size"]:
-            raise invalid_spec(f"Dataset {spec.dataset.name!r} is an image folder, read in minibatches: set "
-                               "method.batch_size.", {"field": "spec.method.batch_size"})
+            raise invalid_spec(
+                f"Dataset {spec.dataset.name!r} is an image folder, read in minibatches: set method.batch_size.",
+                {"field": "spec.method.batch_size"},
+            )
 
 
 def check_separate_test_split(session: Session, name: str, owner_id: str) -> None:
@@ -416,22 +488,28 @@ def check_separate_test_split(session: Session, name: str, owner_id: str) -> Non
     if splits:
         train, test = train_and_test_splits(splits)
         if test in train:
-            raise ApiError(422, "no_test_split",
-                           f"Dataset {name!r} has no test split apart from its training data (splits: {splits}); "
-                           "a repair fits on splits named train* and audits on a separate 'test' split.",
-                           {"field": "spec.dataset"})
+            raise ApiError(
+                422,
+                "no_test_split",
+                f"Dataset {name!r} has no test split apart from its training data (splits: {splits}); "
+                "a repair fits on splits named train* and audits on a separate 'test' split.",
+                {"field": "spec.dataset"},
+            )
 
 
 def submit(
-    session: Session, body: TrainJobCreate | AuditJobCreate | RepairJobCreate | SweepJobCreate, principal: Principal,
+    session: Session,
+    body: TrainJobCreate | AuditJobCreate | RepairJobCreate | SweepJobCreate,
+    principal: Principal,
     settings: Settings,
 ) -> Job:
     check_quota(session, principal, settings)
     if isinstance(body, (TrainJobCreate, SweepJobCreate)):
         given = body.spec.model_dump(exclude_unset=True)  # not JSON mode: that would make a NaN null, i.e. a default
         # The service's business, not the engine's: kept beside the resolved spec.
-        service_fields = {k: given.pop(k) for k in ("timeout_s", "mlflow", "init_checkpoint_id")
-                          if given.get(k) is not None}
+        service_fields = {
+            k: given.pop(k) for k in ("timeout_s", "mlflow", "init_checkpoint_id") if given.get(k) is not None
+        }
         owned = [d.id for d in files_repo.list_datasets(session, owner_id=principal.owner_id)]
     if isinstance(body, TrainJobCreate):
         spec = resolve_train(given, settings, owned) | service_fields
@@ -442,11 +520,15 @@ def submit(
         from starvation.training.sweep import stacks
 
         if "mlflow" in service_fields:
-            raise invalid_spec("A sweep does not export to MLflow (yet); train its chosen setting with mlflow.",
-                               {"field": "spec.mlflow"})
+            raise invalid_spec(
+                "A sweep does not export to MLflow (yet); train its chosen setting with mlflow.",
+                {"field": "spec.mlflow"},
+            )
         if "init_checkpoint_id" in service_fields:
-            raise invalid_spec("A sweep starts from fresh weights (yet); train from init_checkpoint_id instead.",
-                               {"field": "spec.init_checkpoint_id"})
+            raise invalid_spec(
+                "A sweep starts from fresh weights (yet); train from init_checkpoint_id instead.",
+                {"field": "spec.init_checkpoint_id"},
+            )
         if "selection" in given:
             given["selection"] = str(given["selection"])
         spec, resolved = resolve_sweep(given, settings, owned)
@@ -455,8 +537,9 @@ def submit(
         # Stacks may differ in shape (a grid over model.*): each is checked with its own network.
         for group in stacks(resolved["settings"]):
             network = resolved["settings"][group[0]]["spec"]["model"]
-            check_memory_budget(session, {**spec, "model": network}, settings, principal.owner_id,
-                                sweep_stack=len(group))
+            check_memory_budget(
+                session, {**spec, "model": network}, settings, principal.owner_id, sweep_stack=len(group)
+            )
     elif isinstance(body, RepairJobCreate):
         spec = resolve_repair(session, body, principal.owner_id)
     else:
@@ -563,8 +646,9 @@ def logs_page(session: Session, job_id: str, *, cursor: str | None, limit: int) 
     return LogPage(items=[log_line(r) for r in items], next_cursor=encode_cursor(items[-1].id) if more else None)
 
 
-def follow_logs(job_id: str, cursor: str | None, principal: Principal,
-                is_disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+def follow_logs(
+    job_id: str, cursor: str | None, principal: Principal, is_disconnected: Callable[[], Awaitable[bool]]
+) -> AsyncIterator[str]:
     """The job's log as JSON lines, as they are written, until the job has finished and every line was sent
     (or the key is revoked). The caller has checked the owner; the cursor is checked now."""
     after_id = after_row(cursor)
@@ -652,9 +736,7 @@ def report_of(job: Job) -> dict[str, Any]:
     reports = result.get("audit", {}).get("reports") if job.kind in ("train", "sweep") else None
     if reports:
         return {**reports[0], "per_seed": reports, "pooled_summary": result["audit"].get("summary")}
-    raise ApiError(
-        404, "no_report", f"Job {job.id} has no report ({job.kind}, {job.status}; train with audit: true)."
-    )
+    raise ApiError(404, "no_report", f"Job {job.id} has no report ({job.kind}, {job.status}; train with audit: true).")
 
 
 def report_html(session: Session, job: Job) -> str:
@@ -670,10 +752,13 @@ def report_body(session: Session, job: Job) -> tuple[str, str]:
     report = report_of(job)
     if job.kind == "repair":
         plots = [*report["before"].get("plots", []), *report["after"].get("plots", [])]
-        return f"Repair report: job {job.id}", render_repair_body(report["before"], report["after"], report["repair"],
-                                                                  _plot_urls(session, job, plots))
-    return (f"Reliance report: {job.kind} job {job.id}",
-            render_report_body(report, _plot_urls(session, job, report.get("plots", []))))
+        return f"Repair report: job {job.id}", render_repair_body(
+            report["before"], report["after"], report["repair"], _plot_urls(session, job, plots)
+        )
+    return (
+        f"Reliance report: {job.kind} job {job.id}",
+        render_report_body(report, _plot_urls(session, job, report.get("plots", []))),
+    )
 
 
 def _plot_urls(session: Session, job: Job, names: list[str]) -> dict[str, str]:

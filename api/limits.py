@@ -1,4 +1,5 @@
 """Request body size limit: JSON bodies above max_body_bytes get a 413 before they are parsed."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,13 @@ class BodySizeLimit:
     @staticmethod
     async def reject(send: Send, limit: int) -> None:
         body = json.dumps(error_body("too_large", f"The request body is larger than {limit} bytes.")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

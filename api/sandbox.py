@@ -5,6 +5,7 @@ A check takes seconds, so they are bounded: `upload_check_slots` run at once, up
 waiting. Past that the upload is a 429 at once, so one tenant cannot hold up everyone's
 uploads, nor the API's threads or database connections (the caller holds none while it waits).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,11 +33,19 @@ class CheckGate:
                 self._slots = threading.Semaphore(settings.upload_check_slots)
             total = sum(self._waiting_or_running.values())
             if self._waiting_or_running[owner_id] >= settings.upload_checks_per_key:
-                raise ApiError(429, "too_many_checks", "This key already has model checks running; retry when they finish.",
-                               headers={"Retry-After": "5"})
+                raise ApiError(
+                    429,
+                    "too_many_checks",
+                    "This key already has model checks running; retry when they finish.",
+                    headers={"Retry-After": "5"},
+                )
             if total >= settings.upload_check_slots + settings.upload_check_queue:
-                raise ApiError(429, "too_many_checks", "Too many models are being checked; retry shortly.",
-                               headers={"Retry-After": "5"})
+                raise ApiError(
+                    429,
+                    "too_many_checks",
+                    "Too many models are being checked; retry shortly.",
+                    headers={"Retry-After": "5"},
+                )
             self._waiting_or_running[owner_id] += 1
             slots = self._slots
         try:
@@ -67,8 +76,12 @@ class SameUpload:
         key = (owner_id, request)
         lock, holders = self._turns.get(key) or (asyncio.Lock(), 0)
         if holders >= self.MAX_WAITING:
-            raise ApiError(429, "too_many_checks", "This upload is already being checked many times over; retry later.",
-                           headers={"Retry-After": "5"})
+            raise ApiError(
+                429,
+                "too_many_checks",
+                "This upload is already being checked many times over; retry later.",
+                headers={"Retry-After": "5"},
+            )
         self._turns[key] = (lock, holders + 1)  # one event loop: nothing runs between the read and this write
         try:
             async with lock:
@@ -92,8 +105,11 @@ def validate_checkpoint(owner_id: str, settings: Settings, path: Path, fmt: str,
     with gate.enter(owner_id, settings):
         try:
             return check_model(
-                path, fmt, limits=Limits.from_settings(settings),
-                wall_seconds=settings.upload_check_timeout_s, **options,
+                path,
+                fmt,
+                limits=Limits.from_settings(settings),
+                wall_seconds=settings.upload_check_timeout_s,
+                **options,
             )
         except JailError as exc:
             status = 503 if exc.code == "jail_unavailable" else 422

@@ -1,4 +1,5 @@
 """Request and response shapes of API.md, as pydantic models (they make the OpenAPI document)."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -41,8 +42,9 @@ class JobKind(StrEnum):
 # typo is a 422 naming the field and client generators offer the names).
 ProbeName = StrEnum("ProbeName", {name.upper(): name for name in PROBES})
 RepairMethodName = StrEnum("RepairMethodName", {name.upper(): name for name in [*REPAIR_METHODS, *NOT_YET_AVAILABLE]})
-Probes = Annotated[list[ProbeName] | None, Field(description="probes to run; default: every probe the dataset "
-                                                             "supports")]
+Probes = Annotated[
+    list[ProbeName] | None, Field(description="probes to run; default: every probe the dataset supports")
+]
 
 
 class DatasetRef(BaseModel):
@@ -64,9 +66,12 @@ class TrainServiceFields(BaseModel):
     timeout_s: TimeoutSeconds | None = Field(None, description="the job fails with `timeout` after this long")
     mlflow: MlflowSpec | None = Field(None, description="mirror params, metric history and report to MLflow")
     init_checkpoint_id: str | None = Field(
-        None, max_length=64, description="start every seed from this uploaded safetensors checkpoint of the same "
+        None,
+        max_length=64,
+        description="start every seed from this uploaded safetensors checkpoint of the same "
         "arch (torchvision's key names are taken for resnet18/50): the backbone strictly, the head where its shape "
-        "fits the task (else a fresh head: an ImageNet network fine-tuned to this dataset's classes)")
+        "fits the task (else a fresh head: an ImageNet network fine-tuned to this dataset's classes)",
+    )
 
 
 def _engine_field(schema: dict[str, Any]) -> tuple[Any, Any]:
@@ -87,7 +92,9 @@ def _engine_field(schema: dict[str, Any]) -> tuple[Any, Any]:
 
 # Fields given here override the preset's. Built from the engine's declarations (starvation/training/spec.py).
 TrainSpec = create_model(
-    "TrainSpec", __base__=TrainServiceFields, __doc__="A train spec: fields given here override the preset's.",
+    "TrainSpec",
+    __base__=TrainServiceFields,
+    __doc__="A train spec: fields given here override the preset's.",
     **{name: _engine_field(schema) for name, schema in train_spec_fields().items()},
 )
 
@@ -99,8 +106,9 @@ class AuditSpec(BaseModel):
     dataset: DatasetRef = Field(default_factory=lambda: DatasetRef(name="colored_mnist"))
     spurious_attribute: str = "color"
     probes: Probes = None
-    layer: str | None = Field(None, max_length=200, pattern=LAYER_PATTERN,
-                              description="penultimate layer for the linear probe, by name")
+    layer: str | None = Field(
+        None, max_length=200, pattern=LAYER_PATTERN, description="penultimate layer for the linear probe, by name"
+    )
     seed: Seed = 0
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     timeout_s: TimeoutSeconds | None = Field(None, description="the job fails with `timeout` after this long")
@@ -131,22 +139,29 @@ class RepairMethodSpec(BaseModel):
     """A repair method and its parameters (starvation.repair.REPAIR_METHODS declares them)."""
 
     model_config = ConfigDict(extra="allow")
-    name: RepairMethodName = Field(RepairMethodName.LAST_LAYER,
-                                   description="last_layer, last_layer_sd (head refits), finetune_sd (the whole "
-                                   "network; TorchScript and safetensors checkpoints, train jobs' seeds; not ONNX)")
+    name: RepairMethodName = Field(
+        RepairMethodName.LAST_LAYER,
+        description="last_layer, last_layer_sd (head refits), finetune_sd (the whole "
+        "network; TorchScript and safetensors checkpoints, train jobs' seeds; not ONNX)",
+    )
 
 
 class RepairSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     checkpoint_id: str | None = Field(None, max_length=64)
     train_job_id: str | None = Field(None, max_length=64)
-    seed: Seed = Field(0, description="which seed of the train job; also the seed of the data, the validation "
-                                      "part and the probes")
+    seed: Seed = Field(
+        0, description="which seed of the train job; also the seed of the data, the validation part and the probes"
+    )
     dataset: DatasetRef = Field(default_factory=lambda: DatasetRef(name="colored_mnist"))
     spurious_attribute: str = Field("color", min_length=1, max_length=200)
     method: RepairMethodSpec = Field(default_factory=RepairMethodSpec)
-    layer: str | None = Field(None, max_length=200, pattern=LAYER_PATTERN,
-                              description="the feature layer (the head's input), by name; default: found automatically")
+    layer: str | None = Field(
+        None,
+        max_length=200,
+        pattern=LAYER_PATTERN,
+        description="the feature layer (the head's input), by name; default: found automatically",
+    )
     probes: Probes = None  # of the audits before and after
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     timeout_s: TimeoutSeconds | None = Field(None, description="the job fails with `timeout` after this long")
@@ -163,8 +178,10 @@ class RepairJobCreate(JobCreateFields):
 # ---- Sweep jobs (API.md, "Sweep spec") ----
 
 SelectionRule = StrEnum("SelectionRule", {name.upper(): name for name in SELECTIONS})
-GridValue = Annotated[int | float | list[int | float], Field(
-    description="a number, or a list: one per class (sd_gamma), or the network's widths (model.hidden)")]
+GridValue = Annotated[
+    int | float | list[int | float],
+    Field(description="a number, or a list: one per class (sd_gamma), or the network's widths (model.hidden)"),
+]
 
 
 class SweepSpec(TrainSpec):
@@ -173,10 +190,14 @@ class SweepSpec(TrainSpec):
 
     grid: dict[str, Annotated[list[GridValue], Field(min_length=1, max_length=MAX_GRID_VALUES)]] = Field(
         description="'method.<parameter>', 'optimizer.lr' or 'model.<parameter>' (the arch's: hidden, channels, ...) "
-                    "-> the values to try; the settings are every combination "
-                    f"(at most {MAX_SETTINGS})", min_length=1)
-    selection: SelectionRule = Field(SelectionRule.TRAIN_DOMAIN_VALIDATION, description="; ".join(
-        f"{name}: {meaning}" for name, meaning in SELECTIONS.items()))
+        "-> the values to try; the settings are every combination "
+        f"(at most {MAX_SETTINGS})",
+        min_length=1,
+    )
+    selection: SelectionRule = Field(
+        SelectionRule.TRAIN_DOMAIN_VALIDATION,
+        description="; ".join(f"{name}: {meaning}" for name, meaning in SELECTIONS.items()),
+    )
 
 
 class SweepJobCreate(JobCreateFields):
@@ -276,8 +297,10 @@ class DatasetOut(BaseModel):
     description: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime | None = None
     status: Literal["pending", "ready", "failed"] = Field(
-        "ready", description="an image folder is `pending` while its rows and images are checked in the background, "
-        "then `ready` (usable by jobs) or `failed` (`error` names the CSV line at fault)")
+        "ready",
+        description="an image folder is `pending` while its rows and images are checked in the background, "
+        "then `ready` (usable by jobs) or `failed` (`error` names the CSV line at fault)",
+    )
     error: str | None = None
 
 
@@ -285,8 +308,12 @@ class DatasetList(BaseModel):
     items: list[DatasetOut]
 
 
-Interval = Annotated[list[float], Field(min_length=2, max_length=2,
-                                        description="95% confidence interval [low, high] (see the report's `confidence`)")]
+Interval = Annotated[
+    list[float],
+    Field(
+        min_length=2, max_length=2, description="95% confidence interval [low, high] (see the report's `confidence`)"
+    ),
+]
 Verdict = Literal["low", "partial", "high", "uncertain"]
 
 
@@ -295,17 +322,22 @@ class RelianceSummary(BaseModel):
     (e.g. two_moons: no attribute can be changed and no test example conflicts with it)."""
 
     reliance_score: float | None = Field(ge=0, le=1)
-    verdict: Verdict | None = Field(description="low / partial / high (API.md thresholds 0.1 and 0.5); `uncertain` "
-                                                "when the score's interval spans a threshold")
+    verdict: Verdict | None = Field(
+        description="low / partial / high (API.md thresholds 0.1 and 0.5); `uncertain` "
+        "when the score's interval spans a threshold"
+    )
     basis: Literal["counterfactual", "groups"]
     reason: str | None = None
     interval: Interval | None = None
     possible_verdicts: list[Literal["low", "partial", "high"]] | None = Field(
-        None, description="every verdict a score inside the interval would get; more than one means `uncertain`")
+        None, description="every verdict a score inside the interval would get; more than one means `uncertain`"
+    )
     measure: str | None = Field(None, description="what the score measures, in words")
     direction: Literal["towards", "against"] | None = Field(
-        None, description="counterfactual basis: whether the net flips follow the attribute's training association "
-                          "or go against it")
+        None,
+        description="counterfactual basis: whether the net flips follow the attribute's training association "
+        "or go against it",
+    )
 
 
 class SeedReliance(BaseModel):
@@ -345,18 +377,22 @@ class Counterfactual(BaseModel):
     accuracy_intervened: float
     flip_rate_interval: Interval | None = None
     flip_rate_towards: float | None = Field(
-        None, description="share of examples whose prediction flips to the label the new attribute value went with "
-                          "in training")
+        None,
+        description="share of examples whose prediction flips to the label the new attribute value went with "
+        "in training",
+    )
     flip_rate_towards_interval: Interval | None = None
     flip_rate_against: float | None = Field(None, description="share of examples whose prediction flips otherwise")
     flip_rate_against_interval: Interval | None = None
     flip_rate_net: float | None = Field(None, description="flip_rate_towards - flip_rate_against")
     flip_rate_net_interval: Interval | None = None
     mean_abs_logit_change: float | None = Field(
-        None, description="mean |change| of the originally predicted class's log-odds (the logit, for one logit)")
+        None, description="mean |change| of the originally predicted class's log-odds (the logit, for one logit)"
+    )
     mean_abs_logit_change_interval: Interval | None = None
     mean_abs_probability_change: float | None = Field(
-        None, description="mean |change| of the originally predicted class's probability")
+        None, description="mean |change| of the originally predicted class's probability"
+    )
     mean_abs_probability_change_interval: Interval | None = None
     accuracy_interval: Interval | None = None
     accuracy_intervened_interval: Interval | None = None
@@ -389,15 +425,17 @@ class LinearProbe(BaseModel):
     core_label: str | None = Field(None, description="which label core_accuracy decodes")
     data: str | None = Field(None, description="which examples fitted and scored the probe")
     random_network: dict[str, Any] | None = Field(
-        None, description="the same probe on a randomly initialised copy of the network (or a reason it cannot run)")
+        None, description="the same probe on a randomly initialised copy of the network (or a reason it cannot run)"
+    )
 
 
 class NtkAlignment(BaseModel):
     model_config = ConfigDict(extra="allow")
     label: float | None
     attribute: float | None
-    core: float | None = Field(None, description="the core feature where the dataset has one (colored_mnist: the "
-                                                 "clean digit label)")
+    core: float | None = Field(
+        None, description="the core feature where the dataset has one (colored_mnist: the clean digit label)"
+    )
 
 
 class Ntk(BaseModel):
@@ -410,8 +448,10 @@ class Ntk(BaseModel):
     trace_share_top10: float | None = None
     alignment: NtkAlignment | None = Field(None, description="centred kernel alignment (Cortes et al. 2012)")
     top_eigenvector_mass: dict[str, Any] | None = Field(
-        None, description="each (label, attribute) group's share of the top-k eigenvectors' mass, beside its share "
-                          "of the sample")
+        None,
+        description="each (label, attribute) group's share of the top-k eigenvectors' mass, beside its share "
+        "of the sample",
+    )
     reason: str | None = None
 
 
@@ -420,8 +460,9 @@ class ModelHead(BaseModel):
 
     node: str | None = Field(None, description="the op that makes the logits, e.g. `aten::linear (fc)` or `Gemm`")
     features: str | None = Field(None, description="the tensor the head reads: what the feature layer is")
-    output_form: str | None = Field(None, description="e.g. `one logit`, `two-class logits`, "
-                                                      "`sigmoid probability of one logit`")
+    output_form: str | None = Field(
+        None, description="e.g. `one logit`, `two-class logits`, `sigmoid probability of one logit`"
+    )
     weight: str | None = Field(None, description="the attribute path or initializer holding its weight")
     bias: str | None = None
     repairable: bool = Field(description="whether a head refit can write a new weight and bias there")
@@ -446,7 +487,8 @@ class Report(BaseModel):
     plots: list[str] = Field(default_factory=list)
     per_seed: list[dict[str, Any]] | None = Field(None, description="train jobs: the report of every seed")
     pooled_summary: PooledReliance | None = Field(
-        None, description="train jobs: reliance over all seeds, with each seed's verdict")
+        None, description="train jobs: reliance over all seeds, with each seed's verdict"
+    )
     confidence: dict[str, Any] | None = Field(None, description="how the intervals were computed")
     average_accuracy_interval: Interval | None = None
     worst_group_accuracy_interval: Interval | None = None
@@ -497,8 +539,11 @@ class MlflowOutcome(BaseModel):
     experiment: str
     run_id: str | None = None
     error: str | None = Field(None, description="why the export failed; the job itself succeeded")
-    live_error: str | None = Field(None, description="why sending the metrics while the job ran failed (they "
-                                                     "were sent again; `error` says if the end failed too)")
+    live_error: str | None = Field(
+        None,
+        description="why sending the metrics while the job ran failed (they "
+        "were sent again; `error` says if the end failed too)",
+    )
 
 
 class TrainExecution(BaseModel):
@@ -581,8 +626,7 @@ class RepairSelection(BaseModel):
     fitted_on: dict[str, Any] = Field(description="data, splits, n")
     chosen_on: dict[str, Any] = Field(description="data, splits, n, fraction, seed, stratified_by, criterion")
     test_split_used: Literal[False]
-    candidates: list[dict[str, Any]] = Field(description="each candidate's strength and its fit and validation "
-                                                         "scores")
+    candidates: list[dict[str, Any]] = Field(description="each candidate's strength and its fit and validation scores")
     chosen: dict[str, Any] = Field(description="the chosen candidate's strength")
     chosen_validation: RepairScores
     original_head: dict[str, Any] = Field(description="the old head's validation scores, for reference only")
@@ -600,8 +644,9 @@ class RepairDetails(BaseModel):
     changed: bool
     feature_layer: str | None = None
     head: ModelHead | None = None
-    head_shape: list[int] | None = Field(description="[outputs, features] of the last linear layer; null when a "
-                                         "fine-tuned model has none")
+    head_shape: list[int] | None = Field(
+        description="[outputs, features] of the last linear layer; null when a fine-tuned model has none"
+    )
     note: str | None = Field(None, description="e.g. that the audit before found nothing to repair")
 
 
@@ -632,8 +677,9 @@ class SweepScores(BaseModel):
 
 class SweepSetting(BaseModel):
     params: dict[str, Any] = Field(description="the grid's values of this setting")
-    validation: SweepScores | None = Field(description="on the held-out part of the training data; null when "
-                                                       "nothing was held out (oracle)")
+    validation: SweepScores | None = Field(
+        description="on the held-out part of the training data; null when nothing was held out (oracle)"
+    )
     test: SweepScores
     checkpoints: list[SeedCheckpoints] = Field(default_factory=list, description="one network per seed")
 
@@ -678,8 +724,10 @@ class JobOutFields(BaseModel):
     worker_id: str | None = Field(None, description="host:pid of the worker process running it")
     error: JobError | None
     warnings: list[str] = Field(
-        default_factory=list, description="what will likely not do what was meant (e.g. SD that never leaves its "
-        "warm-up) or went wrong without failing the job (an MLflow export); the job's log has them too")
+        default_factory=list,
+        description="what will likely not do what was meant (e.g. SD that never leaves its "
+        "warm-up) or went wrong without failing the job (an MLflow export); the job's log has them too",
+    )
     links: dict[str, str]
 
 
@@ -730,16 +778,16 @@ class ErrorResponse(BaseModel):
 # When each error status is answered; every error has the body of ErrorResponse, also on HTML and file routes.
 ERROR_MEANINGS = {
     400: "A body that cannot be parsed (JSON that is not UTF-8, broken multipart), or a cursor or filter this API "
-         "did not issue.",
+    "did not issue.",
     401: "No token, or one that is unknown or revoked.",
     403: "Only the admin token may do this.",
     404: "No such object, or one that belongs to another key.",
     409: "The object's state does not allow it, or a concurrent request with this Idempotency-Key failed.",
     413: "The body or the upload is over the size limit, or would take the key past its stored bytes "
-         "(`storage_quota_exceeded`).",
+    "(`storage_quota_exceeded`).",
     422: "Invalid input (the error names the field), or an Idempotency-Key reused with another body.",
     429: "Over a limit of this key or of the service; retry after Retry-After seconds (a count of stored datasets "
-         "or checkpoints: after deleting some).",
+    "or checkpoints: after deleting some).",
     503: "The database (or the model checker) is unavailable; nothing was changed. Retry after Retry-After seconds.",
 }
 
@@ -748,8 +796,11 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for our error shape, always JSON (also on HTML and file routes)."""
     schema = {"$ref": "#/components/schemas/ErrorResponse"}
     return {
-        code: {"model": ErrorResponse, "description": ERROR_MEANINGS[code],
-               "content": {"application/json": {"schema": schema}}}
+        code: {
+            "model": ErrorResponse,
+            "description": ERROR_MEANINGS[code],
+            "content": {"application/json": {"schema": schema}},
+        }
         for code in codes
     }
 
@@ -765,8 +816,12 @@ CREATE_ERRORS = (400, 409, 413)
 def links_to(parameter: str, *operation_ids: str) -> dict[str, Any]:
     """The `links` of a create's answer: the operations that take the new object's `id` as `parameter`. A client (and
     schemathesis's stateful phase, tests/api/test_fuzz_openapi.py) follows them from POST to GET/DELETE."""
-    return {"links": {operation_id: {"operationId": operation_id, "parameters": {parameter: "$response.body#/id"}}
-                      for operation_id in operation_ids}}
+    return {
+        "links": {
+            operation_id: {"operationId": operation_id, "parameters": {parameter: "$response.body#/id"}}
+            for operation_id in operation_ids
+        }
+    }
 
 
 def media_response(description: str, *media_types: str, binary: bool = False) -> dict[int | str, dict[str, Any]]:

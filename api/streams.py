@@ -7,6 +7,7 @@
   past either limit a 429 `too_many_streams` with Retry-After.
 - Every poll checks the key again: a revoked key's streams end at their next poll, within IDLE_POLL_S.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,10 @@ class StreamCount:
         with self._lock:
             total = sum(self.per_key.values())
             if self.per_key[owner_id] >= settings.streams_per_key:
-                refuse(f"This key has {self.per_key[owner_id]} streams open; the limit is "
-                       f"{settings.streams_per_key}. Close one, or read pages without follow.")
+                refuse(
+                    f"This key has {self.per_key[owner_id]} streams open; the limit is "
+                    f"{settings.streams_per_key}. Close one, or read pages without follow."
+                )
             if total >= settings.streams_total:
                 refuse(f"The service has {total} streams open, its limit; try again shortly.")
             self.per_key[owner_id] += 1
@@ -97,8 +100,9 @@ class CountedStream(StreamingResponse):
             open_streams.give_back(self.owner_id)
 
 
-def open_stream(owner_id: str, settings: Settings, body: AsyncIterator[str], media_type: str,
-                headers: dict[str, str] | None = None) -> StreamingResponse:
+def open_stream(
+    owner_id: str, settings: Settings, body: AsyncIterator[str], media_type: str, headers: dict[str, str] | None = None
+) -> StreamingResponse:
     """`body` as a response counted against the key's and the service's stream limits (a 429 past them)."""
     open_streams.take(owner_id, settings)
     return CountedStream(owner_id, body, media_type=media_type, headers=headers)

@@ -1,4 +1,5 @@
 """Receiving uploaded files: streamed to disk under a size limit, hashed on the way."""
+
 from __future__ import annotations
 
 import hashlib

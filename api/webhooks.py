@@ -7,6 +7,7 @@ Signature: hex HMAC-SHA256 over "<timestamp>.<body>" with the job's key's own we
 <unix seconds>`. Connections go only to checked public addresses (core/outbound.py), re-resolved
 at each delivery, and redirects are not followed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,8 +69,17 @@ class Deliveries:
     them, taken longest due first. A receiver that never answers holds its own key's slots for a try's timeout,
     while every other key's webhooks go out through the rest."""
 
-    def __init__(self, db: Database, default_secret: str, *, timeout_s: float, max_attempts: int, allow: str = "",
-                 slots: int = 8, per_key: int = 2) -> None:
+    def __init__(
+        self,
+        db: Database,
+        default_secret: str,
+        *,
+        timeout_s: float,
+        max_attempts: int,
+        allow: str = "",
+        slots: int = 8,
+        per_key: int = 2,
+    ) -> None:
         self.db, self.default_secret, self.max_attempts = db, default_secret, max_attempts
         self.slots, self.per_key = slots, per_key
         self.lease = timedelta(seconds=60 + 10 * timeout_s)  # ample for one try; then another process may take it
@@ -84,16 +94,23 @@ class Deliveries:
             busy = dict(self.in_flight)
         until = utcnow() + self.lease
         with self.db.session() as session:
-            taken = [job for job in webhooks_repo.due(session, room=self.slots - sum(busy.values()),
-                                                       per_key=self.per_key, busy=busy)
-                     if webhooks_repo.lease(session, job.id, until)]
+            taken = [
+                job
+                for job in webhooks_repo.due(
+                    session, room=self.slots - sum(busy.values()), per_key=self.per_key, busy=busy
+                )
+                if webhooks_repo.lease(session, job.id, until)
+            ]
             work = [(job.id, job.owner_id, job.callback_url, job.webhook_attempts, payload(job)) for job in taken]
             secrets = auth_repo.webhook_secrets(session, {owner_id for _, owner_id, *_ in work})
         with self.lock:
             self.in_flight.update(owner_id for _, owner_id, *_ in work)
-        return [self.pool.submit(self.deliver, job_id, owner_id, url, attempts, body,
-                                 secrets.get(owner_id) or self.default_secret)
-                for job_id, owner_id, url, attempts, body in work]
+        return [
+            self.pool.submit(
+                self.deliver, job_id, owner_id, url, attempts, body, secrets.get(owner_id) or self.default_secret
+            )
+            for job_id, owner_id, url, attempts, body in work
+        ]
 
     def deliver(self, job_id: str, owner_id: str, url: str, attempts: int, body: dict[str, Any], secret: str) -> bool:
         try:
@@ -118,13 +135,22 @@ class Deliveries:
         self.client.close()
 
 
-def deliver_due(db: Database, default_secret: str, *, timeout_s: float, max_attempts: int, allow: str = "",
-                slots: int = 8, per_key: int = 2) -> int:
+def deliver_due(
+    db: Database,
+    default_secret: str,
+    *,
+    timeout_s: float,
+    max_attempts: int,
+    allow: str = "",
+    slots: int = 8,
+    per_key: int = 2,
+) -> int:
     """Try the webhooks that are due once (as many as the slots allow) and wait for them; returns how many were
     delivered. A job is signed with its key's own secret; `default_secret` signs the admin's jobs (and those of
     keys made before keys had secrets). `allow` is the operator's allow-list (GS_OUTBOUND_ALLOW)."""
-    deliveries = Deliveries(db, default_secret, timeout_s=timeout_s, max_attempts=max_attempts, allow=allow,
-                            slots=slots, per_key=per_key)
+    deliveries = Deliveries(
+        db, default_secret, timeout_s=timeout_s, max_attempts=max_attempts, allow=allow, slots=slots, per_key=per_key
+    )
     try:
         return sum(future.result() for future in deliveries.start_due())
     finally:

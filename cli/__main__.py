@@ -1,4 +1,5 @@
 """`python -m cli ...` is `gs ...`."""
+
 from cli.app import main
 
 main()

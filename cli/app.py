@@ -3,6 +3,7 @@
 Exit codes: 0 the job (or command) succeeded; 1 the job failed; 2 bad usage; 3 the job was
 cancelled; 4 the API said no or could not be reached; 130 interrupted while waiting (the job runs on).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,12 +23,17 @@ from cli.watch import wait_with_progress
 
 EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_API, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
-HELP = ("Train, audit, list, report and compare jobs of a Gradient Starvation service.\n\n"
-        "Exit codes: 0 succeeded; 1 the job failed; 2 bad usage; 3 the job was cancelled; "
-        "4 the API said no or could not be reached; 130 interrupted while waiting (the job runs on).")
+HELP = (
+    "Train, audit, list, report and compare jobs of a Gradient Starvation service.\n\n"
+    "Exit codes: 0 succeeded; 1 the job failed; 2 bad usage; 3 the job was cancelled; "
+    "4 the API said no or could not be reached; 130 interrupted while waiting (the job runs on)."
+)
 
 app = typer.Typer(
-    help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help=HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -139,15 +145,18 @@ def finish(client: ApiClient, job: dict, wait: bool, as_json: bool) -> None:
         if as_json:
             typer.echo(json.dumps(job))
         else:
-            out().print(f"submitted {job['kind']} job [bold]{job['id']}[/bold] ({job['status']}); "
-                        f"follow it with: gs watch {job['id']}")
+            out().print(
+                f"submitted {job['kind']} job [bold]{job['id']}[/bold] ({job['status']}); "
+                f"follow it with: gs watch {job['id']}"
+            )
         return
     console = err() if as_json else out()
     try:
         final = wait_with_progress(client, job, console)
     except KeyboardInterrupt:
-        raise fail(f"stopped waiting; job {job['id']} goes on (gs watch {job['id']}, gs cancel {job['id']})",
-                   EXIT_INTERRUPTED) from None
+        raise fail(
+            f"stopped waiting; job {job['id']} goes on (gs watch {job['id']}, gs cancel {job['id']})", EXIT_INTERRUPTED
+        ) from None
     show_outcome(client, final, as_json)
 
 
@@ -187,8 +196,9 @@ def train(
     eval_every: Annotated[int | None, typer.Option(min=1)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="default: full batch")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
-    method: Annotated[str | None, typer.Option(
-        help="erm | sd | weight_decay | irm | group_dro (default: the preset's)")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="erm | sd | weight_decay | irm | group_dro (default: the preset's)")
+    ] = None,
     sd_lambda: Annotated[float | None, typer.Option(help="SD: strength of the logit penalty")] = None,
     sd_gamma: Annotated[str | None, typer.Option(help="SD: logit target, one value or one per class (0.5,2.5)")] = None,
     warmup_steps: Annotated[int | None, typer.Option(min=0, help="SD: steps before the penalty applies")] = None,
@@ -196,19 +206,34 @@ def train(
     lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
     optimizer: Annotated[str | None, typer.Option(help="adam | sgd")] = None,
     audit: Annotated[bool | None, typer.Option("--audit/--no-audit", help="audit each trained model")] = None,
-    spec_file: Annotated[Path | None, typer.Option("--spec", exists=True, dir_okay=False,
-                                                    help="a JSON train spec; the flags above override it")] = None,
+    spec_file: Annotated[
+        Path | None,
+        typer.Option("--spec", exists=True, dir_okay=False, help="a JSON train spec; the flags above override it"),
+    ] = None,
     tag: TagOption = [],  # noqa: B006
     wait: WaitOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Train one model per seed (with or without Spectral Decoupling) and optionally audit them."""
-    spec = spec_with(spec_file, preset=preset, steps=steps, eval_every=eval_every, batch_size=batch_size,
-                     device=device, audit=audit, seeds=parse_ints(seeds, "--seeds") if seeds else None)
+    spec = spec_with(
+        spec_file,
+        preset=preset,
+        steps=steps,
+        eval_every=eval_every,
+        batch_size=batch_size,
+        device=device,
+        audit=audit,
+        seeds=parse_ints(seeds, "--seeds") if seeds else None,
+    )
     gamma = None if sd_gamma is None else parse_floats(sd_gamma, "--sd-gamma")
     sections = {
-        "method": {"name": method, "sd_lambda": sd_lambda, "sd_gamma": gamma[0] if gamma and len(gamma) == 1 else gamma,
-                   "warmup_steps": warmup_steps, "weight_decay": weight_decay},
+        "method": {
+            "name": method,
+            "sd_lambda": sd_lambda,
+            "sd_gamma": gamma[0] if gamma and len(gamma) == 1 else gamma,
+            "warmup_steps": warmup_steps,
+            "weight_decay": weight_decay,
+        },
         "optimizer": {"name": optimizer, "lr": lr},
     }
     for section, fields in sections.items():  # merged into the preset's section by the server, name kept
@@ -257,7 +282,8 @@ def audit(
         fields["num_classes"] = str(num_classes)
     spec: dict[str, Any] = {
         "dataset": {"name": dataset, "params": parse_json(dataset_params, "--dataset-params", dict) or {}},
-        "spurious_attribute": attribute, "seed": seed,
+        "spurious_attribute": attribute,
+        "seed": seed,
     }
     if probe:
         spec["probes"] = probe
@@ -280,9 +306,13 @@ def audit(
 @app.command()
 def repair(
     ctx: typer.Context,
-    checkpoint_id: Annotated[str | None, typer.Argument(metavar="CHECKPOINT", help="the checkpoint id to repair")] = None,
+    checkpoint_id: Annotated[
+        str | None, typer.Argument(metavar="CHECKPOINT", help="the checkpoint id to repair")
+    ] = None,
     train_job: Annotated[str | None, typer.Option(help="repair a seed of a finished train job instead")] = None,
-    seed: Annotated[int, typer.Option(min=0, help="the train job's seed; also seeds the data and the validation part")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="the train job's seed; also seeds the data and the validation part")
+    ] = 0,
     dataset: Annotated[str, typer.Option(help="built-in name or registered dataset id")] = "colored_mnist",
     dataset_params: Annotated[str | None, typer.Option(help='JSON object, e.g. {"color_flip_test": 0.9}')] = None,
     attribute: Annotated[str, typer.Option(help="the spurious attribute")] = "color",
@@ -299,7 +329,8 @@ def repair(
         raise fail("give exactly one of CHECKPOINT and --train-job ID", EXIT_USAGE)
     spec: dict[str, Any] = {
         "dataset": {"name": dataset, "params": parse_json(dataset_params, "--dataset-params", dict) or {}},
-        "spurious_attribute": attribute, "seed": seed,
+        "spurious_attribute": attribute,
+        "seed": seed,
         "method": {**(parse_json(method_params, "--method-params", dict) or {}), "name": method},
     }
     spec.update({"checkpoint_id": checkpoint_id} if checkpoint_id else {"train_job_id": train_job})
@@ -318,33 +349,54 @@ def parse_grid(items: list[str]) -> dict[str, list]:
         key, sep, values = item.partition("=")
         if not sep or not key:
             raise fail(f"--grid {item!r}: give PARAMETER=VALUES, e.g. method.sd_lambda=0.5,1,2", EXIT_USAGE)
-        grid[key] = (parse_json(values, f"--grid {key}", list) if values.lstrip().startswith("[")
-                     else parse_floats(values, f"--grid {key}"))
+        grid[key] = (
+            parse_json(values, f"--grid {key}", list)
+            if values.lstrip().startswith("[")
+            else parse_floats(values, f"--grid {key}")
+        )
     return grid
 
 
 @app.command()
 def sweep(
     ctx: typer.Context,
-    grid: Annotated[list[str], typer.Option("--grid", help="PARAMETER=VALUES, repeatable: method.sd_lambda=0.5,1,2 "
-                                                         "or a JSON list (method.sd_gamma='[0, [1, 0.5]]')")],
-    preset: Annotated[str | None, typer.Option(help="the train spec the settings start from, e.g. paper_cmnist_sd")] = None,
+    grid: Annotated[
+        list[str],
+        typer.Option(
+            "--grid",
+            help="PARAMETER=VALUES, repeatable: method.sd_lambda=0.5,1,2 "
+            "or a JSON list (method.sd_gamma='[0, [1, 0.5]]')",
+        ),
+    ],
+    preset: Annotated[
+        str | None, typer.Option(help="the train spec the settings start from, e.g. paper_cmnist_sd")
+    ] = None,
     steps: Annotated[int | None, typer.Option(min=1)] = None,
     seeds: Annotated[str | None, typer.Option(help="comma-separated, e.g. 0,1")] = None,
     selection: Annotated[str, typer.Option(help="train_domain_validation | oracle (chooses on the test split)")] = (
-        "train_domain_validation"),
+        "train_domain_validation"
+    ),
     holdout: Annotated[float | None, typer.Option(help="fraction of the training data held out to choose on")] = None,
     audit: Annotated[bool | None, typer.Option("--audit/--no-audit", help="audit the chosen setting's models")] = None,
-    spec_file: Annotated[Path | None, typer.Option("--spec", exists=True, dir_okay=False,
-                                                    help="a JSON train spec; the options above override it")] = None,
+    spec_file: Annotated[
+        Path | None,
+        typer.Option("--spec", exists=True, dir_okay=False, help="a JSON train spec; the options above override it"),
+    ] = None,
     tag: TagOption = [],  # noqa: B006
     wait: WaitOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Train every setting of a grid x every seed as one job and choose one setting; prints the table."""
-    spec = spec_with(spec_file, preset=preset, steps=steps, holdout=holdout, audit=audit,
-                     seeds=parse_ints(seeds, "--seeds") if seeds else None, grid=parse_grid(grid),
-                     selection=selection)
+    spec = spec_with(
+        spec_file,
+        preset=preset,
+        steps=steps,
+        holdout=holdout,
+        audit=audit,
+        seeds=parse_ints(seeds, "--seeds") if seeds else None,
+        grid=parse_grid(grid),
+        selection=selection,
+    )
     tags = parse_tags(tag)
     run(ctx, lambda client: finish(client, client.submit_job("sweep", spec, tags), wait, as_json))
 
@@ -375,6 +427,7 @@ def report(
     as_json: JsonOption = False,
 ) -> None:
     """Show a job's outcome: final metrics and its reliance report."""
+
     def body(client: ApiClient) -> None:
         job = client.job(job_id)
         found = client.report(job_id) if job["status"] == JobStatus.SUCCEEDED else None
@@ -401,6 +454,7 @@ def compare(
     as_json: JsonOption = False,
 ) -> None:
     """Two jobs side by side, e.g. ERM against SD: accuracy, starvation and reliance."""
+
     def body(client: ApiClient) -> None:
         pairs = []
         for job_id in (job_a, job_b):
@@ -425,6 +479,7 @@ def watch(
 @app.command()
 def cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="JOB")]) -> None:
     """Cancel a queued or running job."""
+
     def body(client: ApiClient) -> None:
         job = client.cancel(job_id)
         out().print(f"job {job_id}: {job['status']}" + (" (stopping)" if job["status"] == JobStatus.RUNNING else ""))
@@ -440,6 +495,7 @@ def logs(
     as_json: JsonOption = False,
 ) -> None:
     """A job's own log: its start, each evaluation, warnings and how it ended."""
+
     def body(client: ApiClient) -> None:
         console = out()
         for line in client.follow_logs(job_id) if follow else client.logs(job_id):
@@ -456,6 +512,7 @@ def checkpoints(
     ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=500)] = 50, as_json: JsonOption = False
 ) -> None:
     """List your checkpoints: uploads, those train jobs made, repaired ones."""
+
     def body(client: ApiClient) -> None:
         show_list(client.checkpoints(limit=limit), as_json, render.checkpoints_table, "no checkpoints")
 
@@ -465,6 +522,7 @@ def checkpoints(
 @app.command()
 def datasets(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """List the built-in datasets and yours, with the status of each image folder's check."""
+
     def body(client: ApiClient) -> None:
         show_list(client.datasets(), as_json, render.datasets_table, "no datasets")
 
@@ -474,11 +532,14 @@ def datasets(ctx: typer.Context, as_json: JsonOption = False) -> None:
 @app.command("register-folder")
 def register_folder(
     ctx: typer.Context,
-    folder: Annotated[str, typer.Argument(help="the image folder, a path inside your key's folder on the server, "
-                                               "GS_DATA_DIR/<key id>")],
+    folder: Annotated[
+        str,
+        typer.Argument(help="the image folder, a path inside your key's folder on the server, GS_DATA_DIR/<key id>"),
+    ],
     name: Annotated[str | None, typer.Option(help="the dataset's name (default: the folder's)")] = None,
-    metadata: Annotated[str, typer.Option(help="the CSV in the folder: path,label,attribute[,split][,counterfactual]")]
-    = "metadata.csv",
+    metadata: Annotated[
+        str, typer.Option(help="the CSV in the folder: path,label,attribute[,split][,counterfactual]")
+    ] = "metadata.csv",
     image_size: Annotated[int, typer.Option(min=4, max=512, help="images are resized to this many pixels a side")] = 64,
     wait: Annotated[bool, typer.Option("--wait", help="wait for the background check and say how it ended")] = False,
     as_json: JsonOption = False,
@@ -487,9 +548,16 @@ def register_folder(
     import time
 
     def body(client: ApiClient) -> None:
-        dataset = client.create("/v1/datasets", data={"name": name or Path(folder).name, "format": "image_folder",
-                                                      "folder": folder, "metadata": metadata,
-                                                      "image_size": str(image_size)})
+        dataset = client.create(
+            "/v1/datasets",
+            data={
+                "name": name or Path(folder).name,
+                "format": "image_folder",
+                "folder": folder,
+                "metadata": metadata,
+                "image_size": str(image_size),
+            },
+        )
         while wait and dataset["status"] == "pending":
             time.sleep(1)
             dataset = client.get(f"/v1/datasets/{dataset['id']}")
@@ -508,9 +576,14 @@ def artifacts(
     ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="JOB")], as_json: JsonOption = False
 ) -> None:
     """List a job's files (plots, reports, checkpoints); fetch one with `gs download`."""
+
     def body(client: ApiClient) -> None:
-        show_list(client.artifacts(job_id), as_json, lambda items: render.artifacts_table(job_id, items),
-                  f"job {job_id} has no artifacts")
+        show_list(
+            client.artifacts(job_id),
+            as_json,
+            lambda items: render.artifacts_table(job_id, items),
+            f"job {job_id} has no artifacts",
+        )
 
     run(ctx, body)
 
@@ -539,6 +612,7 @@ app.add_typer(keys_app, name="keys")
 @keys_app.command("list")
 def keys_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Every key (admin) or your own; secrets are never listed."""
+
     def body(client: ApiClient) -> None:
         show_list(client.keys(), as_json, render.keys_table, "no keys")
 
@@ -550,13 +624,16 @@ def keys_create(
     ctx: typer.Context, name: Annotated[str, typer.Argument(help="who the key is for")], as_json: JsonOption = False
 ) -> None:
     """Issue a key (admin only). Its secret and webhook secret are shown this once."""
+
     def body(client: ApiClient) -> None:
         key = client.create_key(name)
         if as_json:
             typer.echo(json.dumps(key))
             return
-        out().print(f"key {key['id']} ({key['name']})\ntoken:          {key['key']}\n"
-                    f"webhook secret: {key['webhook_secret']}", soft_wrap=True)
+        out().print(
+            f"key {key['id']} ({key['name']})\ntoken:          {key['key']}\nwebhook secret: {key['webhook_secret']}",
+            soft_wrap=True,
+        )
         err().print("Store both now: they are not shown again.")
 
     run(ctx, body)

@@ -1,4 +1,5 @@
 """A small HTTP client for the v1 API: errors become ApiFailure with the API's own message."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ from typing import Any
 import httpx
 
 from cli.config import Connection
-
 
 
 class JobStatus(StrEnum):
@@ -40,12 +40,15 @@ class ApiFailure(Exception):
 
 
 class ApiClient:
-    def __init__(self, connection: Connection, *, transport: httpx.BaseTransport | None = None,
-                 timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, connection: Connection, *, transport: httpx.BaseTransport | None = None, timeout_s: float = 30.0
+    ) -> None:
         self.connection = connection
         self.http = httpx.Client(
-            base_url=connection.url, headers={"Authorization": f"Bearer {connection.token}"},
-            timeout=timeout_s, transport=transport,
+            base_url=connection.url,
+            headers={"Authorization": f"Bearer {connection.token}"},
+            timeout=timeout_s,
+            transport=transport,
         )
 
     def close(self) -> None:
@@ -166,8 +169,9 @@ class ApiClient:
     def follow_logs(self, job_id: str, *, read_timeout_s: float = 120.0) -> Iterator[dict]:
         """The job's log lines as they are written, until it has finished."""
         timeout = httpx.Timeout(30.0, read=read_timeout_s)
-        with self.stream(f"/v1/jobs/{job_id}/logs", f"log stream of job {job_id}", params={"follow": "true"},
-                         timeout=timeout) as response:
+        with self.stream(
+            f"/v1/jobs/{job_id}/logs", f"log stream of job {job_id}", params={"follow": "true"}, timeout=timeout
+        ) as response:
             for line in response.iter_lines():
                 if line:
                     yield json.loads(line)

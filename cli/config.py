@@ -1,4 +1,5 @@
 """Where the CLI finds the server and its token: flag, then environment, then the local token file."""
+
 from __future__ import annotations
 
 import os

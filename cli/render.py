@@ -1,4 +1,5 @@
 """Rich tables for jobs, results, reports and comparisons."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,13 @@ from rich.text import Text
 
 from cli.client import JobStatus
 
-STATUS_STYLE = {JobStatus.QUEUED: "cyan", JobStatus.RUNNING: "yellow", JobStatus.SUCCEEDED: "green",
-                JobStatus.FAILED: "red", JobStatus.CANCELLED: "magenta"}
+STATUS_STYLE = {
+    JobStatus.QUEUED: "cyan",
+    JobStatus.RUNNING: "yellow",
+    JobStatus.SUCCEEDED: "green",
+    JobStatus.FAILED: "red",
+    JobStatus.CANCELLED: "magenta",
+}
 VERDICT_STYLE = {"low": "green", "partial": "yellow", "high": "red", "uncertain": "magenta"}
 
 
@@ -70,8 +76,9 @@ def what(job: dict) -> str:
         for values in (spec.get("grid") or {}).values():
             settings *= len(values)
         size = f"{settings} settings x {len(spec.get('seeds') or [])} seeds" if job["kind"] == "sweep" else None
-        return " ".join(str(p) for p in (job["kind"], spec.get("preset") or method, size,
-                                         f"{spec.get('steps')} steps") if p)
+        return " ".join(
+            str(p) for p in (job["kind"], spec.get("preset") or method, size, f"{spec.get('steps')} steps") if p
+        )
     source = spec.get("checkpoint_id") and f"checkpoint {spec['checkpoint_id'][:12]}"
     source = source or (spec.get("train_job_id") and f"train job {spec['train_job_id'][:12]}")
     return f"{job['kind']} {source or '?'} on {(spec.get('dataset') or {}).get('name', '?')}"
@@ -96,8 +103,14 @@ def test_accuracy(job: dict) -> str:
 
 def jobs_table(jobs: list[dict]) -> Table:
     """Fits 80 columns: ids cut to 12 digits (every command takes them), the kind in `what`, no vertical rules."""
-    table = Table(title="Jobs (newest first)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                  padding=(0, 1), collapse_padding=True)
+    table = Table(
+        title="Jobs (newest first)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+    )
     for column in ("id", "status", "created", "what", "test", "reliance"):
         table.add_column(column, no_wrap=column != "what", min_width=18 if column == "what" else None)
     for job in jobs:
@@ -107,9 +120,12 @@ def jobs_table(jobs: list[dict]) -> Table:
         if job["status"] == JobStatus.RUNNING:
             status.append(f" {100 * (job.get('progress') or 0):.0f}%")
         table.add_row(
-            job["id"][:12], status, job["created_at"][5:16].replace("T", " "), what(job),
-            number(accuracy.get("mean")), Text.assemble(verdict_text(verdict), f" {score.split(' ')[0]}")
-            if verdict else Text("—"),
+            job["id"][:12],
+            status,
+            job["created_at"][5:16].replace("T", " "),
+            what(job),
+            number(accuracy.get("mean")),
+            Text.assemble(verdict_text(verdict), f" {score.split(' ')[0]}") if verdict else Text("—"),
         )
     return table
 
@@ -127,8 +143,10 @@ def job_table(job: dict) -> Table:
         table.add_row("tags", ", ".join(f"{k}={v}" for k, v in job["tags"].items()))
     starved = (job.get("result") or {}).get("starved_fraction")
     if starved:
-        table.add_row("starved fraction (train)", f"{number(starved.get('first'))} at step 0 → "
-                      f"{number(starved.get('last'))} at the end")
+        table.add_row(
+            "starved fraction (train)",
+            f"{number(starved.get('first'))} at step 0 → {number(starved.get('last'))} at the end",
+        )
     mlflow = (job.get("result") or {}).get("mlflow") or {}
     if mlflow.get("run_id"):
         table.add_row("MLflow run", f"{mlflow['run_id']} ({mlflow['tracking_uri']}, experiment {mlflow['experiment']})")
@@ -161,24 +179,36 @@ def sweep_table(job: dict) -> Table | None:
     metric = result["metric"]
     short = "wg acc" if metric == "worst_group_accuracy" else "acc"
     leak = " — oracle: chosen on the TEST split (leaks it)" if result.get("leaks_test") else ""
-    table = Table(title=f"Sweep: chosen by {result['selection']} ({metric} on {result['scored_on']}){leak}",
-                  title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(
+        title=f"Sweep: chosen by {result['selection']} ({metric} on {result['scored_on']}){leak}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
     for column in ("#", "setting", f"valid {short}", "test acc", "test wg acc", ""):
         table.add_column(column, no_wrap=column != "setting")
     for index, setting in enumerate(result["settings"]):
         params = " ".join(f"{key.split('.')[-1]}={json.dumps(value)}" for key, value in setting["params"].items())
         validation, test = setting.get("validation") or {}, setting.get("test") or {}
         chosen = index == result["chosen"]
-        table.add_row(str(index), params, mean_std(validation.get(metric)) if validation else "—",
-                      mean_std(test.get("accuracy")), mean_std(test.get("worst_group_accuracy")),
-                      Text("◀ chosen", style="bold green") if chosen else "", style="bold" if chosen else None)
+        table.add_row(
+            str(index),
+            params,
+            mean_std(validation.get(metric)) if validation else "—",
+            mean_std(test.get("accuracy")),
+            mean_std(test.get("worst_group_accuracy")),
+            Text("◀ chosen", style="bold green") if chosen else "",
+            style="bold" if chosen else None,
+        )
     return table
 
 
 def report_table(report: dict) -> Table:
     summary = report.get("summary") or {}
-    table = Table(title=f"Reliance on '{report.get('spurious_attribute')}' ([95% interval])", title_justify="left",
-                  show_header=False)
+    table = Table(
+        title=f"Reliance on '{report.get('spurious_attribute')}' ([95% interval])",
+        title_justify="left",
+        show_header=False,
+    )
     table.add_column("measure", style="bold")
     table.add_column("value")
     table.add_row("reliance score", estimate(summary.get("reliance_score"), summary.get("interval")))
@@ -187,31 +217,43 @@ def report_table(report: dict) -> Table:
     if summary.get("direction"):
         table.add_row("direction", f"{summary['direction']} the attribute's training association")
     table.add_row("average accuracy", estimate(report.get("average_accuracy"), report.get("average_accuracy_interval")))
-    table.add_row("worst-group accuracy",
-                  estimate(report.get("worst_group_accuracy"), report.get("worst_group_accuracy_interval")))
+    table.add_row(
+        "worst-group accuracy",
+        estimate(report.get("worst_group_accuracy"), report.get("worst_group_accuracy_interval")),
+    )
     counterfactual = report.get("counterfactual") or {}
     if counterfactual:
-        for label, key in (("flip rate", "flip_rate"), ("flips towards the training association", "flip_rate_towards"),
-                           ("flips against it", "flip_rate_against"), ("net flips", "flip_rate_net"),
-                           ("mean |Δ logit|", "mean_abs_logit_change"),
-                           ("mean |Δ probability|", "mean_abs_probability_change")):
+        for label, key in (
+            ("flip rate", "flip_rate"),
+            ("flips towards the training association", "flip_rate_towards"),
+            ("flips against it", "flip_rate_against"),
+            ("net flips", "flip_rate_net"),
+            ("mean |Δ logit|", "mean_abs_logit_change"),
+            ("mean |Δ probability|", "mean_abs_probability_change"),
+        ):
             if key in counterfactual:
                 table.add_row(label, estimate(counterfactual[key], counterfactual.get(f"{key}_interval")))
-        table.add_row("accuracy / with attribute swapped",
-                      f"{number(counterfactual.get('accuracy'))} / {number(counterfactual.get('accuracy_intervened'))}")
+        table.add_row(
+            "accuracy / with attribute swapped",
+            f"{number(counterfactual.get('accuracy'))} / {number(counterfactual.get('accuracy_intervened'))}",
+        )
     probe = report.get("linear_probe") or {}
     if probe:
         baseline = probe.get("random_network") or {}
-        for label, key in (("linear probe: core", "core_accuracy"), ("linear probe: label (noisy)", "label_accuracy"),
-                           ("linear probe: spurious", "spurious_accuracy")):
+        for label, key in (
+            ("linear probe: core", "core_accuracy"),
+            ("linear probe: label (noisy)", "label_accuracy"),
+            ("linear probe: spurious", "spurious_accuracy"),
+        ):
             if probe.get(key) is None and key != "core_accuracy":
                 continue
             random_copy = f" (random copy {number(baseline[key])})" if baseline.get(key) is not None else ""
             table.add_row(label, estimate(probe.get(key), probe.get(f"{key}_interval")) + random_copy)
     head = report.get("head") or {}
     if head.get("node"):  # a TorchScript or ONNX model: what its graph reading found
-        table.add_row("head (from the graph)", f"{head['node']} reads {head.get('features')}; outputs "
-                                               f"{head.get('output_form')}")
+        table.add_row(
+            "head (from the graph)", f"{head['node']} reads {head.get('features')}; outputs {head.get('output_form')}"
+        )
         if not head.get("repairable"):
             table.add_row("head refit", f"not possible: {head.get('not_repairable_because')}")
     return table
@@ -226,10 +268,16 @@ def seeds_table(report: dict) -> Table | None:
     for column in ("seed", "reliance score", "verdict"):
         table.add_column(column)
     for seed in pooled["per_seed"]:
-        table.add_row(str(seed.get("seed")), estimate(seed.get("reliance_score"), seed.get("interval")),
-                      verdict_text(seed.get("verdict"), seed.get("possible_verdicts")))
-    table.add_row("pooled", estimate((pooled.get("reliance_score") or {}).get("mean"), pooled.get("interval")),
-                  verdict_text(pooled.get("verdict"), pooled.get("possible_verdicts")))
+        table.add_row(
+            str(seed.get("seed")),
+            estimate(seed.get("reliance_score"), seed.get("interval")),
+            verdict_text(seed.get("verdict"), seed.get("possible_verdicts")),
+        )
+    table.add_row(
+        "pooled",
+        estimate((pooled.get("reliance_score") or {}).get("mean"), pooled.get("interval")),
+        verdict_text(pooled.get("verdict"), pooled.get("possible_verdicts")),
+    )
     return table
 
 
@@ -241,8 +289,12 @@ def groups_table(report: dict) -> Table | None:
     for column in ("label", "attribute", "n", "accuracy [95% interval]"):
         table.add_column(column, justify="right")
     for group in groups:
-        table.add_row(str(group.get("label")), str(group.get("attribute")), str(group.get("n")),
-                      estimate(group.get("accuracy"), group.get("accuracy_interval")))
+        table.add_row(
+            str(group.get("label")),
+            str(group.get("attribute")),
+            str(group.get("n")),
+            estimate(group.get("accuracy"), group.get("accuracy_interval")),
+        )
     return table
 
 
@@ -326,8 +378,13 @@ def checkpoints_table(items: list[dict]) -> Table:
     for column in ("id", "format", "size", "created UTC", "from"):
         table.add_column(column, no_wrap=True)
     for c in items:
-        origin = (f"repair of {c['parent_checkpoint_id'][:12]}" if c.get("parent_checkpoint_id")
-                  else f"job {c['job_id'][:12]} seed {c.get('seed')}" if c.get("job_id") else "upload")
+        origin = (
+            f"repair of {c['parent_checkpoint_id'][:12]}"
+            if c.get("parent_checkpoint_id")
+            else f"job {c['job_id'][:12]} seed {c.get('seed')}"
+            if c.get("job_id")
+            else "upload"
+        )
         table.add_row(c["id"], c["format"], size(c["size_bytes"]), c["created_at"][5:16].replace("T", " "), origin)
     return table
 
@@ -338,10 +395,20 @@ def datasets_table(items: list[dict]) -> Table:
         table.add_column(column, no_wrap=column != "note")
     for d in items:
         splits = (d.get("description") or {}).get("splits") or {}
-        status = Text(d.get("status", "ready"), style={"ready": "green", "pending": "yellow"}.get(d.get("status"), "red"))
-        table.add_row(d["name"] if d["builtin"] else f"{d['id']} {d['name']}", status,
-                      (" ".join(f"{name} {count}" for name, count in splits.items()) if isinstance(splits, dict)
-                       else " ".join(map(str, splits))) or "—", d.get("error") or "")
+        status = Text(
+            d.get("status", "ready"), style={"ready": "green", "pending": "yellow"}.get(d.get("status"), "red")
+        )
+        table.add_row(
+            d["name"] if d["builtin"] else f"{d['id']} {d['name']}",
+            status,
+            (
+                " ".join(f"{name} {count}" for name, count in splits.items())
+                if isinstance(splits, dict)
+                else " ".join(map(str, splits))
+            )
+            or "—",
+            d.get("error") or "",
+        )
     return table
 
 
@@ -360,8 +427,12 @@ def keys_table(items: list[dict]) -> Table:
         table.add_column(column, no_wrap=column != "name")
     for k in items:
         revoked = k.get("revoked_at")
-        table.add_row(k["id"], k["name"], k["created_at"][:16].replace("T", " "),
-                      Text(revoked[:16].replace("T", " "), style="red") if revoked else "—")
+        table.add_row(
+            k["id"],
+            k["name"],
+            k["created_at"][:16].replace("T", " "),
+            Text(revoked[:16].replace("T", " "), style="red") if revoked else "—",
+        )
     return table
 
 
@@ -369,5 +440,6 @@ LEVEL_STYLE = {"warning": "yellow", "error": "red"}
 
 
 def log_line(line: dict) -> Text:
-    return Text.assemble(line["at"][11:19] + " ", (f"{line['level']:<7}", LEVEL_STYLE.get(line["level"], "dim")),
-                         " " + line["message"])
+    return Text.assemble(
+        line["at"][11:19] + " ", (f"{line['level']:<7}", LEVEL_STYLE.get(line["level"], "dim")), " " + line["message"]
+    )

@@ -3,6 +3,7 @@
 The job's event stream (SSE) drives the bar; when the stream breaks, we reconnect (the server sends
 everything again, so rows are de-duplicated), and after repeated failures fall back to polling.
 """
+
 from __future__ import annotations
 
 import time
@@ -46,22 +47,28 @@ class LatestMetrics:
     def line(self) -> str:
         if self.step < 0:
             return ""
+
         def value(split: str | None, name: str) -> float | None:
             found = self.values.get((self.seed, split, name))
             return found[1] if found else None
 
         total = f"/{self.total_steps}" if self.total_steps else ""
         parts = [f"seed {self.seed}" if self.seed is not None else "", f"step {self.step}{total}"]
-        for label, split, name in (("loss", "train", "loss"), ("train acc", "train", "accuracy"),
-                                   ("test acc", "test", "accuracy"), ("starved", "train", "starved_fraction")):
+        for label, split, name in (
+            ("loss", "train", "loss"),
+            ("train acc", "train", "accuracy"),
+            ("test acc", "test", "accuracy"),
+            ("starved", "train", "starved_fraction"),
+        ):
             number = value(split, name)
             if number is not None:
                 parts.append(f"{label} {number:.3f}")
         return "  ".join(p for p in parts if p)
 
 
-def follow(client: ApiClient, job_id: str, on_status: Callable[[dict], None],
-           on_metrics: Callable[[list[dict]], None]) -> dict:
+def follow(
+    client: ApiClient, job_id: str, on_status: Callable[[dict], None], on_metrics: Callable[[list[dict]], None]
+) -> dict:
     """Call back on every status and batch of metrics until the job ends; return the final job."""
     failures = 0
     while failures < MAX_STREAM_FAILURES:
@@ -84,8 +91,9 @@ def follow(client: ApiClient, job_id: str, on_status: Callable[[dict], None],
     return poll(client, job_id, on_status, on_metrics)
 
 
-def poll(client: ApiClient, job_id: str, on_status: Callable[[dict], None],
-         on_metrics: Callable[[list[dict]], None]) -> dict:
+def poll(
+    client: ApiClient, job_id: str, on_status: Callable[[dict], None], on_metrics: Callable[[list[dict]], None]
+) -> dict:
     since_step: int | None = None
     while True:
         job = client.job(job_id)
@@ -103,16 +111,23 @@ def wait_with_progress(client: ApiClient, job: dict, console: Console) -> dict:
     """A bar with the status and percentage on one line, the latest metrics on the next: 80 columns hold both."""
     latest = LatestMetrics((job.get("spec") or {}).get("steps"))
     progress = Progress(
-        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(bar_width=BAR_WIDTH), TaskProgressColumn(),
-        TimeElapsedColumn(), console=console,
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(bar_width=BAR_WIDTH),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=console,
     )
     metrics = Text("", no_wrap=True, overflow="ellipsis")
     task = progress.add_task(f"{job['kind']} {job['id'][:12]} {job['status']}", total=1.0)
     with Live(Group(progress, metrics), console=console, refresh_per_second=8):
 
         def on_status(current: dict) -> None:
-            progress.update(task, completed=current.get("progress") or 0.0,
-                            description=f"{current['kind']} {current['id'][:12]} {current['status']}")
+            progress.update(
+                task,
+                completed=current.get("progress") or 0.0,
+                description=f"{current['kind']} {current['id'][:12]} {current['status']}",
+            )
 
         def on_metrics(rows: list[dict]) -> None:
             latest.add(rows)

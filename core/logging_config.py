@@ -5,6 +5,7 @@ both log through `JsonFormatter`. A job id comes from, in order: `extra={"job_id
 call, the job the current task runs (`job_context`, set for every Celery task by
 `connect_celery_job_context`), or the path of an access-log line (`/v1/jobs/<id>...`).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,11 @@ _JOB_PATH = re.compile(r"/(?:v1/jobs|dashboard/jobs)/([0-9A-Za-z_-]{8,64})")
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged too.
 # uvicorn's color_message repeats the message with terminal colours.
 _RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName", "color_message"}
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):

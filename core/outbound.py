@@ -9,6 +9,7 @@ Checking a name at submit time is not enough (DNS rebinding): the connection its
 address that passed the check. `CheckedBackend` (httpx/httpcore) and `guard_urllib3` (requests,
 which MLflow uses) resolve once, check, and connect to that checked address.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -24,9 +25,14 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 WEB_SCHEMES = ("http", "https")
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
-NON_PUBLIC = (("is_loopback", "a loopback address"), ("is_unspecified", "an unspecified address"),
-              ("is_link_local", "a link-local address"), ("is_multicast", "a multicast address"),
-              ("is_private", "a private address"), ("is_reserved", "a reserved address"))
+NON_PUBLIC = (
+    ("is_loopback", "a loopback address"),
+    ("is_unspecified", "an unspecified address"),
+    ("is_link_local", "a link-local address"),
+    ("is_multicast", "a multicast address"),
+    ("is_private", "a private address"),
+    ("is_reserved", "a reserved address"),
+)
 
 
 class OutboundRefused(ValueError):
@@ -173,8 +179,14 @@ class CheckedBackend:
         self.allow = as_allowlist(allow)
         self.inner = httpcore.SyncBackend()
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Any = None) -> Any:
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> Any:
         import httpcore
 
         def connect(address: str) -> Any:

@@ -1,4 +1,5 @@
 """Where the service keeps a job's files and a dataset's index on disk: the API and the worker agree here."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ The API sends through `broker()`, an app that knows no task bodies; the worker b
 from the same `make_celery` and adds its tasks (worker/celery_app.py). Importing this never
 imports the worker.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,8 +83,13 @@ def send(job_id: str, queue: str, timeout_s: float | None = None) -> bool:
             # Fail fast when the broker is down: the request must not wait on reconnects.
             connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=2)
             app.send_task(
-                RUN_JOB, args=[job_id], queue=queue, retry=False, headers={"job_id": job_id},
-                connection=connection, **limits,
+                RUN_JOB,
+                args=[job_id],
+                queue=queue,
+                retry=False,
+                headers={"job_id": job_id},
+                connection=connection,
+                **limits,
             )
         return True
     except Exception as exc:  # broker down: the job stays queued with enqueued_at = null

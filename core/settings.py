@@ -1,4 +1,5 @@
 """Every setting of the service, read from the environment (prefix GS_) in one place."""
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -86,7 +87,9 @@ class Settings(BaseSettings):
     # Each process's connection pool (PostgreSQL): requests that find none free wait up to 10 s, then get a 503.
     database_pool_size: int = Field(5, ge=1, description="connections kept open")
     database_max_overflow: int = Field(10, ge=0, description="more opened under load, closed when returned")
-    webhook_secret: str | None = None  # HMAC key for admin jobs' callbacks (a key's jobs: its own); default: admin token
+    webhook_secret: str | None = (
+        None  # HMAC key for admin jobs' callbacks (a key's jobs: its own); default: admin token
+    )
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 6
     # Webhooks go out in due order, webhook_slots at once per API process, at most webhook_slots_per_key of one

@@ -4,6 +4,7 @@
 gives the audit an `AuditableModel` whose forward passes run in one. What the jail guarantees
 is in docs/security.md; how the child locks itself down is jail/lockdown.py.
 """
+
 from jail.client import JailedModel, JailError, check_model, open_model
 from jail.lockdown import Limits
 

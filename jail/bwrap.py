@@ -7,6 +7,7 @@ packages) read-only, the one model file it runs, and an empty /tmp. In its PID n
 outside its own sandbox, so no jail can signal, throttle or inspect another, the worker or the API. Where bwrap is
 missing or cannot make its namespaces, no foreign model runs (`jail_unavailable`).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -33,8 +34,20 @@ def executable() -> str | None:
 
 def _system_paths() -> list[str]:
     """Read-only binds that start the interpreter: libraries, the interpreter's own prefix, its packages."""
-    paths = {"/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache", "/etc/ld.so.conf",
-             "/etc/ld.so.conf.d", "/etc/localtime", "/sys/devices/system/cpu", "/sys/fs/cgroup"}
+    paths = {
+        "/usr",
+        "/lib",
+        "/lib64",
+        "/lib32",
+        "/bin",
+        "/sbin",
+        "/etc/ld.so.cache",
+        "/etc/ld.so.conf",
+        "/etc/ld.so.conf.d",
+        "/etc/localtime",
+        "/sys/devices/system/cpu",
+        "/sys/fs/cgroup",
+    }
     for prefix in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix):
         paths.add(str(Path(prefix).resolve()))
         paths.add(prefix)
@@ -59,10 +72,32 @@ def command(argv: list[str], model_path: str | Path, env: dict[str, str]) -> lis
     bwrap = executable()
     if bwrap is None:
         raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
-    args = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup-try", "--uid", str(NOBODY), "--gid", str(NOBODY), "--die-with-parent",
-            "--new-session", "--cap-drop", "ALL", "--clearenv", "--proc", "/proc", "--dev", "/dev",
-            "--tmpfs", "/tmp", "--chdir", "/tmp"]
+    args = [
+        bwrap,
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--uid",
+        str(NOBODY),
+        "--gid",
+        str(NOBODY),
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--clearenv",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        "--chdir",
+        "/tmp",
+    ]
     for path in _system_paths():
         args += ["--ro-bind-try", path, path]
     for package in PACKAGES:
@@ -80,8 +115,9 @@ def check() -> None:
     if bwrap is None:
         raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
     try:
-        subprocess.run(command([sys.executable, "-c", "pass"], __file__, {}), check=True,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            command([sys.executable, "-c", "pass"], __file__, {}), check=True, capture_output=True, timeout=60
+        )
     except subprocess.CalledProcessError as exc:
         raise SandboxUnavailable(f"bwrap cannot make its namespaces here: {exc.stderr.decode()[-300:]}") from None
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -6,6 +6,7 @@ then loads the model and runs it. After the lockdown it cannot open any file or 
 hostile model finds nothing to read, write or call; what it prints goes to a pipe that the
 service logs escaped.
 """
+
 from __future__ import annotations
 
 import sys
@@ -16,11 +17,10 @@ if __name__ == "__main__":  # the lockdown forbids imports later: take everythin
     import torch
 
     from jail import lockdown, wire
-    from starvation import checkpoints
-    from starvation import repair
-    from starvation.repair import finetune
+    from starvation import checkpoints, repair
     from starvation.checkpoints import CheckpointError, load_checkpoint, validate_checkpoint
     from starvation.errors import SpecError
+    from starvation.repair import finetune
 
 MAX_INPUT_BYTES = 1 << 32
 
@@ -48,10 +48,15 @@ def main(requests: int, replies: int) -> None:
             return
         model = load_checkpoint(data, first["format"], **first["options"])
         del data
-        wire.send(replies, {
-            "ok": True, "feature_layer": model.feature_layer, "no_features_reason": model.no_features_reason,
-            "head": model.head_site.describe() if model.head_site is not None else None,
-        })
+        wire.send(
+            replies,
+            {
+                "ok": True,
+                "feature_layer": model.feature_layer,
+                "no_features_reason": model.no_features_reason,
+                "head": model.head_site.describe() if model.head_site is not None else None,
+            },
+        )
         uploaded, tuning = None, None  # the weights as uploaded and the running fine-tuning, for finetune_sd
         while True:
             request, tensors = wire.receive(requests, max_payload=MAX_INPUT_BYTES)
@@ -64,17 +69,24 @@ def main(requests: int, replies: int) -> None:
                 head = repair.read_model_head(model)
                 wire.send(replies, {"ok": True}, {"weight": head.weight, "bias": head.bias})
             elif op == "replace_head":  # new head weights in, written where they were read; the model file out
-                _send_model(replies, repair.replace_model_head(model, repair.LinearHead(tensors["weight"],
-                                                                                        tensors["bias"])))
+                _send_model(
+                    replies, repair.replace_model_head(model, repair.LinearHead(tensors["weight"], tensors["bias"]))
+                )
             elif op == "finetune":  # a finetune_sd candidate starts, from the weights the model was uploaded with
                 module = _module_of(model)
                 uploaded = uploaded or [t.detach().clone() for t in _weights(module)]
                 with torch.no_grad():
                     for tensor, value in zip(_weights(module), uploaded, strict=True):
                         tensor.copy_(value)
-                tuning = finetune.Finetuning(module, tensors["x"], tensors["y"], sd_lambda=float(request["sd_lambda"]),
-                                             lr=float(request["lr"]), batch_size=request["batch_size"],
-                                             seed=int(request["seed"]))
+                tuning = finetune.Finetuning(
+                    module,
+                    tensors["x"],
+                    tensors["y"],
+                    sd_lambda=float(request["sd_lambda"]),
+                    lr=float(request["lr"]),
+                    batch_size=request["batch_size"],
+                    seed=int(request["seed"]),
+                )
                 wire.send(replies, {"ok": True})
             elif op == "finetune_steps":
                 wire.send(replies, {"ok": True, "loss": tuning.run(int(request["steps"]))})
@@ -90,8 +102,7 @@ def main(requests: int, replies: int) -> None:
         wire.send(replies, {"ok": False, "code": "invalid_head", "message": str(exc)})
     except BaseException as exc:  # whatever the model did: a code and its type, never its words
         code = "memory_limit" if checkpoints.out_of_memory(exc) else "model_failed"
-        wire.send(replies, {"ok": False, "code": code, "exception": type(exc).__name__,
-                            "detail": str(exc)[:300]})
+        wire.send(replies, {"ok": False, "code": code, "exception": type(exc).__name__, "detail": str(exc)[:300]})
 
 
 def _module_of(model):
@@ -116,17 +127,16 @@ def _warm_up(repairs: bool = False) -> None:
     x = torch.rand(64, 64)
     (x @ x).relu().sum().item()
     torch.nn.functional.linear(x, x).softmax(1)
-    checkpoints.wrap_module(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))).logits(
-        torch.zeros(2, 4)
-    )
+    checkpoints.wrap_module(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))).logits(torch.zeros(2, 4))
     from safetensors.torch import load, save
 
     load(save({"x": x}))
     if repairs:  # TorchScript's writer; a fine-tuning's autograd, Adam and minibatch draw
         scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1)))
         repair.torchscript_bytes(scripted)
-        finetune.Finetuning(scripted, torch.rand(4, 4), torch.tensor([0, 1, 0, 1]), sd_lambda=1.0, lr=1e-3,
-                            batch_size=2, seed=0).run(3)
+        finetune.Finetuning(
+            scripted, torch.rand(4, 4), torch.tensor([0, 1, 0, 1]), sd_lambda=1.0, lr=1e-3, batch_size=2, seed=0
+        ).run(3)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Everything the child says is treated as untrusted: lengths are bounded (jail/wir
 codes and messages are checked and cut before they reach a user, and what the model prints
 is logged as one escaped field, never as a line of our own log.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,53 +51,86 @@ class JailError(Exception):
 class _Child:
     """One jailed process for one model. Never reused for another model or another tenant."""
 
-    def __init__(self, path: str | Path, fmt: str, op: str, options: dict[str, Any], limits: Limits,
-                 wall_seconds: float, repair: bool = False, interrupt: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        fmt: str,
+        op: str,
+        options: dict[str, Any],
+        limits: Limits,
+        wall_seconds: float,
+        repair: bool = False,
+        interrupt: Callable[[], None] | None = None,
+    ) -> None:
         self.limits, self.wall_seconds, self.interrupt = limits, wall_seconds, interrupt
         self.declared_bytes = declared_bytes(path, fmt)
         requests_r, self.requests = os.pipe()
         self.replies, replies_w = os.pipe()
         output_r, output_w = os.pipe()
         env = {
-            "PATH": os.defpath, "PYTHONPATH": bwrap.INSIDE_ROOT, "PYTHONDONTWRITEBYTECODE": "1",
-            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(limits.threads),
+            "PATH": os.defpath,
+            "PYTHONPATH": bwrap.INSIDE_ROOT,
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "CUDA_VISIBLE_DEVICES": "",
+            "OMP_NUM_THREADS": str(limits.threads),
             **{k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")},
         }
         try:
             bwrap.check()
             argv = bwrap.command([sys.executable, "-m", "jail.child", str(requests_r), str(replies_w)], path, env)
             self.process = subprocess.Popen(
-                argv, pass_fds=(requests_r, replies_w), stdin=subprocess.DEVNULL, stdout=output_w,
-                stderr=output_w, cwd="/", env={"PATH": os.defpath}, start_new_session=True,
+                argv,
+                pass_fds=(requests_r, replies_w),
+                stdin=subprocess.DEVNULL,
+                stdout=output_w,
+                stderr=output_w,
+                cwd="/",
+                env={"PATH": os.defpath},
+                start_new_session=True,
             )
         except (bwrap.SandboxUnavailable, OSError) as exc:
             for fd in (self.requests, self.replies, output_r):
                 os.close(fd)
             log.error("the jail could not start: %s", _printable(str(exc)))
-            raise JailError("jail_unavailable", "Foreign models cannot be run safely on this server right now.") from None
+            raise JailError(
+                "jail_unavailable", "Foreign models cannot be run safely on this server right now."
+            ) from None
         finally:
             for fd in (requests_r, replies_w, output_w):
                 os.close(fd)
         self.output = bytearray()
         self.drain = threading.Thread(target=self._drain, args=(output_r,), daemon=True)
         self.drain.start()
-        first = {"op": op, "path": bwrap.MODEL_PATH, "format": fmt, "options": options,
-                 "limits": asdict(limits), "repair": repair}
+        first = {
+            "op": op,
+            "path": bwrap.MODEL_PATH,
+            "format": fmt,
+            "options": options,
+            "limits": asdict(limits),
+            "repair": repair,
+        }
         # Starting (imports, lockdown) has its own allowance; the model's loading and checks get wall_seconds.
         started, _ = self.call(first, timeout_s=START_TIMEOUT_S)
         loaded, _ = self.reply(timeout_s=wall_seconds)
         self.hello = {**started, **loaded}
 
-    def call(self, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, *,
-             timeout_s: float | None = None, max_payload: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def call(
+        self,
+        header: dict[str, Any],
+        tensors: dict[str, torch.Tensor] | None = None,
+        *,
+        timeout_s: float | None = None,
+        max_payload: int = 0,
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         try:
             wire.send(self.requests, header, tensors)
         except (BrokenPipeError, OSError) as exc:
             raise self._died(exc) from None
         return self.reply(timeout_s=timeout_s, max_payload=max_payload)
 
-    def reply(self, *, timeout_s: float | None = None,
-              max_payload: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def reply(
+        self, *, timeout_s: float | None = None, max_payload: int = 0
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         deadline = time.monotonic() + (timeout_s or self.wall_seconds)
         try:
             reply, out = wire.receive(self.replies, max_payload=max_payload, deadline=deadline, poll=self.interrupt)
@@ -106,7 +140,9 @@ class _Child:
         except wire.PayloadTooLarge as exc:
             self.kill()
             log.warning("jailed child answered too much: %s", exc)
-            raise JailError("too_large", "The model answered with more data than its own parameters can need.") from None
+            raise JailError(
+                "too_large", "The model answered with more data than its own parameters can need."
+            ) from None
         except (EOFError, BrokenPipeError, OSError, wire.WireError, ValueError) as exc:
             raise self._died(exc) from None
         except BaseException:  # the interrupt: the job was cancelled or ran past its deadline
@@ -220,8 +256,17 @@ class JailedModel(AuditableModel):
     """An uploaded model as the audit sees it; its forward passes run in a jailed child on the
     CPU. Close it (or use it as a context manager) to end the child."""
 
-    def __init__(self, path: str | Path, fmt: str, *, limits: Limits, wall_seconds: float, repair: bool = False,
-                 interrupt: Callable[[], None] | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        fmt: str,
+        *,
+        limits: Limits,
+        wall_seconds: float,
+        repair: bool = False,
+        interrupt: Callable[[], None] | None = None,
+        **options: Any,
+    ) -> None:
         self._child = _Child(path, fmt, "load", options, limits, wall_seconds, repair, interrupt)
         self.format = fmt
         hello = self._child.hello
@@ -238,7 +283,7 @@ class JailedModel(AuditableModel):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def to(self, device: str | torch.device) -> "JailedModel":
+    def to(self, device: str | torch.device) -> JailedModel:
         return self  # foreign models run on the CPU, in the jail
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -270,8 +315,14 @@ class JailedModel(AuditableModel):
         # A head is part of the model's parameters: the answer cannot need more than the file declares.
         _, out = self._child.call({"op": "head"}, max_payload=self._child.declared_bytes + ANSWER_SLACK_BYTES)
         weight, bias = out.get("weight"), out.get("bias")
-        if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor) and weight.dim() == 2
-                and weight.is_floating_point() and bias.is_floating_point() and bias.shape == (weight.shape[0],)):
+        if not (
+            isinstance(weight, torch.Tensor)
+            and isinstance(bias, torch.Tensor)
+            and weight.dim() == 2
+            and weight.is_floating_point()
+            and bias.is_floating_point()
+            and bias.shape == (weight.shape[0],)
+        ):
             raise JailError("no_linear_head", "The model's last layer did not read back as a linear layer.")
         return LinearHead(weight.float(), bias.float())
 
@@ -279,15 +330,19 @@ class JailedModel(AuditableModel):
         """The model's file (TorchScript or ONNX, as uploaded) with its head replaced, made in the child (the
         model there keeps the new head)."""
         tensors = {"weight": head.weight.float().contiguous(), "bias": head.bias.float().contiguous()}
-        return self._model_bytes(self._child.call({"op": "replace_head"}, tensors, max_payload=max_bytes + (1 << 16)),
-                                 max_bytes)
+        return self._model_bytes(
+            self._child.call({"op": "replace_head"}, tensors, max_payload=max_bytes + (1 << 16)), max_bytes
+        )
 
-    def finetune(self, x: torch.Tensor, y: torch.Tensor, *, sd_lambda: float, lr: float, batch_size: int | None,
-                 seed: int) -> None:
+    def finetune(
+        self, x: torch.Tensor, y: torch.Tensor, *, sd_lambda: float, lr: float, batch_size: int | None, seed: int
+    ) -> None:
         """Start a TorchScript model's fine-tuning (`starvation.repair.finetune.Finetuning`) on (x, y), from the
         weights it was uploaded with; `finetune_steps` runs it."""
-        self._child.call({"op": "finetune", "sd_lambda": sd_lambda, "lr": lr, "batch_size": batch_size, "seed": seed},
-                         {"x": x.detach().to("cpu", torch.float32).contiguous(), "y": y.detach().cpu().contiguous()})
+        self._child.call(
+            {"op": "finetune", "sd_lambda": sd_lambda, "lr": lr, "batch_size": batch_size, "seed": seed},
+            {"x": x.detach().to("cpu", torch.float32).contiguous(), "y": y.detach().cpu().contiguous()},
+        )
 
     def finetune_steps(self, steps: int) -> float:
         """The fine-tuning's next `steps` updates; the last update's loss."""
@@ -317,16 +372,25 @@ class JailedModel(AuditableModel):
     def close(self) -> None:
         self._child.close()
 
-    def __enter__(self) -> "JailedModel":
+    def __enter__(self) -> JailedModel:
         return self
 
     def __exit__(self, *_: object) -> None:
         self.close()
 
 
-def open_model(path: str | Path, fmt: str, *, limits: Limits, wall_seconds: float, repair: bool = False,
-               interrupt: Callable[[], None] | None = None, **options: Any) -> JailedModel:
+def open_model(
+    path: str | Path,
+    fmt: str,
+    *,
+    limits: Limits,
+    wall_seconds: float,
+    repair: bool = False,
+    interrupt: Callable[[], None] | None = None,
+    **options: Any,
+) -> JailedModel:
     """A foreign model loaded in a jail (starvation.checkpoints.load_checkpoint's options);
     `repair=True` readies the child to read and replace the model's head."""
-    return JailedModel(path, fmt, limits=limits, wall_seconds=wall_seconds, repair=repair, interrupt=interrupt,
-                       **options)
+    return JailedModel(
+        path, fmt, limits=limits, wall_seconds=wall_seconds, repair=repair, interrupt=interrupt, **options
+    )

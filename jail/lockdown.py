@@ -6,6 +6,7 @@ a default-deny seccomp filter: the syscalls that inference, our probes and our r
 (`ALLOWED_SYSCALLS`), every other one fails with EPERM (clone3 with ENOSYS, so the C library falls back to
 clone, whose flags the filter can read). No later code can lift it. Without it the child refuses to run the model.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -30,22 +31,91 @@ AT_EMPTY_PATH = 0x1000
 # socket made, no process started or named: anything else is EPERM. To add one, see docs/security.md.
 ALLOWED_SYSCALLS = (
     # memory
-    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "mlock", "munlock", "membarrier", "get_mempolicy",
+    "brk",
+    "mmap",
+    "munmap",
+    "mremap",
+    "mprotect",
+    "madvise",
+    "mlock",
+    "munlock",
+    "membarrier",
+    "get_mempolicy",
     # threads (clone only with CLONE_THREAD: below) and their synchronisation
-    "futex", "futex_waitv", "set_robust_list", "get_robust_list", "set_tid_address", "rseq", "sched_yield",
-    "sched_getaffinity", "sched_getparam", "sched_getscheduler", "sched_get_priority_max",
-    "sched_get_priority_min", "getcpu", "arch_prctl", "exit", "exit_group",
+    "futex",
+    "futex_waitv",
+    "set_robust_list",
+    "get_robust_list",
+    "set_tid_address",
+    "rseq",
+    "sched_yield",
+    "sched_getaffinity",
+    "sched_getparam",
+    "sched_getscheduler",
+    "sched_get_priority_max",
+    "sched_get_priority_min",
+    "getcpu",
+    "arch_prctl",
+    "exit",
+    "exit_group",
     # signals (kill and tgkill only to itself: below)
-    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "rt_sigtimedwait", "restart_syscall",
+    "rt_sigaction",
+    "rt_sigprocmask",
+    "rt_sigreturn",
+    "sigaltstack",
+    "rt_sigtimedwait",
+    "restart_syscall",
     # time
-    "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday", "time",
+    "clock_gettime",
+    "clock_getres",
+    "clock_nanosleep",
+    "nanosleep",
+    "gettimeofday",
+    "time",
     # the descriptors it holds
-    "read", "write", "readv", "writev", "pread64", "pwrite64", "close", "fstat", "lseek", "fcntl", "dup", "dup3",
-    "poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "eventfd2",
-    "pipe2", "ioctl",
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "pread64",
+    "pwrite64",
+    "close",
+    "fstat",
+    "lseek",
+    "fcntl",
+    "dup",
+    "dup3",
+    "poll",
+    "ppoll",
+    "select",
+    "pselect6",
+    "epoll_create1",
+    "epoll_ctl",
+    "epoll_wait",
+    "epoll_pwait",
+    "eventfd2",
+    "pipe2",
+    "ioctl",
     # who and where it is
-    "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid", "getrlimit",
-    "getrusage", "getrandom", "uname", "sysinfo", "getcwd", "getpgrp", "getpgid", "getsid", "times",
+    "getpid",
+    "gettid",
+    "getppid",
+    "getuid",
+    "geteuid",
+    "getgid",
+    "getegid",
+    "getresuid",
+    "getresgid",
+    "getrlimit",
+    "getrusage",
+    "getrandom",
+    "uname",
+    "sysinfo",
+    "getcwd",
+    "getpgrp",
+    "getpgid",
+    "getsid",
+    "times",
 )
 
 
@@ -61,8 +131,11 @@ class Limits:
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
         """The operator's GS_JAIL_* limits (core/settings.py)."""
-        return cls(memory_bytes=settings.jail_memory_bytes, cpu_seconds=settings.jail_cpu_seconds,
-                   threads=settings.jail_threads)
+        return cls(
+            memory_bytes=settings.jail_memory_bytes,
+            cpu_seconds=settings.jail_cpu_seconds,
+            threads=settings.jail_threads,
+        )
 
 
 class LockdownError(RuntimeError):

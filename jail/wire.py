@@ -4,6 +4,7 @@ A message is a JSON header and, optionally, tensors serialised with safetensors 
 pickle): `<u32 header length><header><u64 payload length><payload>`. The service reads what
 the child sends as untrusted input: lengths are bounded before anything is read.
 """
+
 from __future__ import annotations
 
 import json

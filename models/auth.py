@@ -1,4 +1,5 @@
 """API keys (the secret stored as its sha256, the webhook secret as-is) and Idempotency-Key records."""
+
 from __future__ import annotations
 
 import hashlib
@@ -28,17 +29,16 @@ def issue_key(session: Session, *, name: str, is_admin: bool = False) -> tuple[A
 
 
 def find_by_secret(session: Session, secret: str) -> ApiKey | None:
-    return session.scalar(
-        select(ApiKey).where(ApiKey.key_hash == hash_secret(secret), ApiKey.revoked_at.is_(None))
-    )
+    return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_secret(secret), ApiKey.revoked_at.is_(None)))
 
 
 def is_active(session: Session, key_id: str) -> bool:
     return session.scalar(select(ApiKey.id).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))) is not None
 
 
-def list_keys(session: Session, *, limit: int, after_id: str | None = None,
-              only_id: str | None = None) -> Sequence[ApiKey]:
+def list_keys(
+    session: Session, *, limit: int, after_id: str | None = None, only_id: str | None = None
+) -> Sequence[ApiKey]:
     """Keys by id (one more than `limit`, to tell whether a page follows), revoked ones included."""
     stmt = select(ApiKey)
     if only_id is not None:

@@ -1,4 +1,5 @@
 """Engine and session factory for one database URL (SQLite file or PostgreSQL)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -61,8 +62,9 @@ class Database:
 def database() -> Database:
     """This process's database (GS_DATABASE_URL), made on first use; the API and the worker share this one."""
     settings = get_settings()
-    return Database(settings.database_url, pool_size=settings.database_pool_size,
-                    max_overflow=settings.database_max_overflow)
+    return Database(
+        settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow
+    )
 
 
 def forget_database() -> None:

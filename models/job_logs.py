@@ -1,4 +1,5 @@
 """A job's log lines: written in batches by the worker, read back in order by the owner."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence

@@ -1,4 +1,5 @@
 """Queries on jobs: the database row is the truth about a job's state."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -32,9 +33,7 @@ def create(
     queue: str,
     callback_url: str | None,
 ) -> Job:
-    job = Job(
-        owner_id=owner_id, kind=kind, spec=spec, tags=tags, queue=queue, callback_url=callback_url
-    )
+    job = Job(owner_id=owner_id, kind=kind, spec=spec, tags=tags, queue=queue, callback_url=callback_url)
     session.add(job)
     session.flush()
     return job
@@ -107,8 +106,12 @@ def claim(session: Session, job_id: str, worker_id: str) -> bool:
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False))
         .values(
-            status=JobStatus.RUNNING, attempts=Job.attempts + 1, started_at=now, heartbeat_at=now,
-            worker_id=worker_id, progress=0.0,
+            status=JobStatus.RUNNING,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            heartbeat_at=now,
+            worker_id=worker_id,
+            progress=0.0,
         )
     )
     return result.rowcount == 1
@@ -168,9 +171,7 @@ def finish(
         values["result"] = result
     if succeeded:
         values["progress"] = 1.0
-    outcome = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING).values(**values)
-    )
+    outcome = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING).values(**values))
     return outcome.rowcount == 1
 
 
@@ -179,8 +180,10 @@ def request_cancel(session: Session, job: Job) -> bool:
     already finished. One UPDATE that decides on the row as it is when locked, so a claim committed between
     the caller's read and this write turns the cancel into a request to stop instead of losing it."""
     queued = Job.status == JobStatus.QUEUED
-    cancelled_if_queued = {column: case((queued, value), else_=getattr(Job, column))
-                           for column, value in terminal(JobStatus.CANCELLED).items()}
+    cancelled_if_queued = {
+        column: case((queued, value), else_=getattr(Job, column))
+        for column, value in terminal(JobStatus.CANCELLED).items()
+    }
     outcome = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
@@ -194,8 +197,9 @@ def with_id_prefix(session: Session, prefix: str, *, owner_id: str, limit: int) 
     """The owner's jobs whose id starts with `prefix` (hex digits only: nothing LIKE would read as a pattern)."""
     if not all(c in "0123456789abcdef" for c in prefix):
         return []
-    return session.scalars(select(Job).where(Job.owner_id == owner_id, Job.id.startswith(prefix))
-                           .order_by(Job.id).limit(limit)).all()
+    return session.scalars(
+        select(Job).where(Job.owner_id == owner_id, Job.id.startswith(prefix)).order_by(Job.id).limit(limit)
+    ).all()
 
 
 def remove(session: Session, job: Job) -> None:
@@ -208,14 +212,23 @@ def mark_enqueued(session: Session, job_id: str) -> None:
 
 def active_count(session: Session, owner_id: str) -> int:
     """The owner's jobs that are queued or running (what the per-key limit counts)."""
-    return session.scalar(select(func.count()).select_from(Job).where(
-        Job.owner_id == owner_id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))) or 0
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.owner_id == owner_id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
+        )
+        or 0
+    )
 
 
 def in_flight(session: Session) -> dict[str, int]:
     """{queue: jobs sent to the broker and not yet claimed}."""
-    rows = session.execute(select(Job.queue, func.count()).where(
-        Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None)).group_by(Job.queue)).all()
+    rows = session.execute(
+        select(Job.queue, func.count())
+        .where(Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None))
+        .group_by(Job.queue)
+    ).all()
     return {queue: count for queue, count in rows}
 
 
@@ -226,16 +239,31 @@ def fair_share(session: Session, queue: str, room: int, *, older_than: timedelta
     if room <= 0:
         return []
     cutoff = utcnow() - older_than
-    waiting = session.scalars(select(Job).where(
-        Job.queue == queue, Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None), Job.created_at <= cutoff,
-    ).order_by(Job.created_at, Job.id)).all()
+    waiting = session.scalars(
+        select(Job)
+        .where(
+            Job.queue == queue,
+            Job.status == JobStatus.QUEUED,
+            Job.enqueued_at.is_(None),
+            Job.created_at <= cutoff,
+        )
+        .order_by(Job.created_at, Job.id)
+    ).all()
     heads: dict[str, list[Job]] = {}
     for job in waiting:
         heads.setdefault(job.owner_id, []).append(job)
-    busy = dict(session.execute(select(Job.owner_id, func.count()).where(
-        Job.queue == queue,
-        or_(Job.status == JobStatus.RUNNING, and_(Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None))),
-    ).group_by(Job.owner_id)).all())
+    busy = dict(
+        session.execute(
+            select(Job.owner_id, func.count())
+            .where(
+                Job.queue == queue,
+                or_(
+                    Job.status == JobStatus.RUNNING, and_(Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None))
+                ),
+            )
+            .group_by(Job.owner_id)
+        ).all()
+    )
     chosen: list[Job] = []
     while heads and len(chosen) < room:
         owner = min(heads, key=lambda o: (busy.get(o, 0), heads[o][0].created_at))
@@ -248,8 +276,11 @@ def fair_share(session: Session, queue: str, room: int, *, older_than: timedelta
 
 def reserve_sending(session: Session, job_id: str) -> bool:
     """Mark a queued, unsent job as sent; True for the one caller that should send it (dispatchers may race)."""
-    result = session.execute(update(Job).where(
-        Job.id == job_id, Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None)).values(enqueued_at=utcnow()))
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None))
+        .values(enqueued_at=utcnow())
+    )
     return result.rowcount == 1
 
 
@@ -261,5 +292,6 @@ def unreserve_sending(session: Session, job_id: str) -> None:
 def unclaimed(session: Session, *, sent_before: timedelta) -> Sequence[Job]:
     """Queued jobs sent longer than `sent_before` ago and never claimed: a broker that lost its data lost them."""
     cutoff = utcnow() - sent_before
-    return session.scalars(select(Job).where(
-        Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None), Job.enqueued_at < cutoff)).all()
+    return session.scalars(
+        select(Job).where(Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None), Job.enqueued_at < cutoff)
+    ).all()

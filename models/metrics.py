@@ -1,4 +1,5 @@
 """Per-step metrics: written in batches (one insert per evaluation), read back in step order."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence

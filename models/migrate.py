@@ -1,4 +1,5 @@
 """Apply Alembic migrations to a database URL (used by `make serve`, the demo and the tests)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """The states of a job, spelled once: the jobs table, the API's schema, the pages and the worker use these."""
+
 from __future__ import annotations
 
 from enum import StrEnum

@@ -1,4 +1,5 @@
 """Every table of the service. Alembic's revisions create exactly these."""
+
 from __future__ import annotations
 
 import uuid
@@ -131,9 +132,7 @@ class Checkpoint(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     owner_id: Mapped[str] = mapped_column(String(32), index=True)
-    job_id: Mapped[str | None] = mapped_column(
-        ForeignKey("jobs.id", ondelete="SET NULL"), default=None, index=True
-    )
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None, index=True)
     seed: Mapped[int | None] = mapped_column(Integer, default=None)
     format: Mapped[str] = mapped_column(String(16))
     path: Mapped[str] = mapped_column(Text)
@@ -145,7 +144,8 @@ class Checkpoint(Base):
     # Lineage: the checkpoint a repair job made this one from (its job is `job_id`).
     parent_checkpoint_id: Mapped[str | None] = mapped_column(
         ForeignKey("checkpoints.id", ondelete="SET NULL", name="fk_checkpoints_parent_checkpoint_id"),
-        default=None, index=True,
+        default=None,
+        index=True,
     )
 
 

@@ -1,4 +1,5 @@
 """The webhook outbox, kept on the jobs table: which deliveries are due, in what order, and who is sending each."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -24,8 +25,9 @@ def due(session: Session, *, room: int, per_key: int, busy: Mapping[str, int]) -
     due_at = func.coalesce(Job.webhook_next_at, Job.finished_at)
     rank = func.row_number().over(partition_by=Job.owner_id, order_by=(due_at, Job.id))
     ranked = select(Job.id, Job.owner_id, due_at.label("due_at"), rank.label("rank")).where(is_due(utcnow())).subquery()
-    heads = session.execute(select(ranked.c.id, ranked.c.owner_id).where(ranked.c.rank <= per_key)
-                            .order_by(ranked.c.due_at, ranked.c.id)).all()
+    heads = session.execute(
+        select(ranked.c.id, ranked.c.owner_id).where(ranked.c.rank <= per_key).order_by(ranked.c.due_at, ranked.c.id)
+    ).all()
     taken, chosen = Counter(busy), []
     for job_id, owner_id in heads:
         if len(chosen) == room:

@@ -16,6 +16,7 @@ It is an estimate from above: tests/science/test_budget.py checks it against the
 The field named when a spec is over budget is the one whose reset (to the arch's default widths, one seed,
 minibatches of SMALL_BATCH, SMALL_DATASET training examples) shrinks the estimate most.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,14 @@ from starvation.datasets import DataSize
 from starvation.datasets.images import IMAGE_BATCH
 from starvation.errors import SpecError
 from starvation.methods import method_class
-from starvation.networks import (activation_count, arch_class, check_arch_params, inference_count, output_count,
-                                 parameter_count)
+from starvation.networks import (
+    activation_count,
+    arch_class,
+    check_arch_params,
+    inference_count,
+    output_count,
+    parameter_count,
+)
 
 BYTES = 4  # float32
 LABEL_BYTES = 16  # y and attribute, int64 each
@@ -64,9 +71,12 @@ def data_size(spec: dict, data_dir: str | None) -> DataSize:
 def seeds_at_once(spec: dict) -> int:
     """How many seeds train side by side: all of them when batched (MLPs; `training.choose_execution`), else one."""
     seeds = len(spec["seeds"])
-    batched = (spec["model"]["arch"] == "mlp" and spec["execution"] != "sequential"
-               and method_class(spec["method"]["name"]).SEQUENTIAL_ONLY is None
-               and (seeds > 1 or spec["execution"] == "batched"))
+    batched = (
+        spec["model"]["arch"] == "mlp"
+        and spec["execution"] != "sequential"
+        and method_class(spec["method"]["name"]).SEQUENTIAL_ONLY is None
+        and (seeds > 1 or spec["execution"] == "batched")
+    )
     return seeds if batched else 1
 
 
@@ -87,20 +97,24 @@ def estimate_train_memory(spec: dict, data: DataSize, *, shared_dataset: bool = 
     input_values = math.prod(data.input_shape)
     rows = min(spec["batch_size"] or data.n_train, data.n_train)
     example_bytes = input_values * BYTES + LABEL_BYTES
-    return MemoryEstimate(parts={
-        "runtime": RUNTIME_BYTES,
-        "parameters": n_parameters * copies * seeds * BYTES,
-        # kept values, their gradients and a temporary (x3, measured); a minibatch's inputs are a gathered copy
-        "activations": rows * (3 * per_example + (input_values if rows < data.n_train else 0)) * at_once * BYTES,
-        "evaluation": min(IMAGE_BATCH if data.streamed else EVAL_CHUNK, data.n_examples)
-        * (evaluated + input_values) * at_once * BYTES,
-        "dataset": (2 * data.n_examples * LABEL_BYTES + STREAM_BATCHES * rows * input_values * BYTES) if data.streamed
-        else 2 * data.n_examples * example_bytes * (1 if shared_dataset else seeds),
-    })
+    return MemoryEstimate(
+        parts={
+            "runtime": RUNTIME_BYTES,
+            "parameters": n_parameters * copies * seeds * BYTES,
+            # kept values, their gradients and a temporary (x3, measured); a minibatch's inputs are a gathered copy
+            "activations": rows * (3 * per_example + (input_values if rows < data.n_train else 0)) * at_once * BYTES,
+            "evaluation": min(IMAGE_BATCH if data.streamed else EVAL_CHUNK, data.n_examples)
+            * (evaluated + input_values)
+            * at_once
+            * BYTES,
+            "dataset": (2 * data.n_examples * LABEL_BYTES + STREAM_BATCHES * rows * input_values * BYTES)
+            if data.streamed
+            else 2 * data.n_examples * example_bytes * (1 if shared_dataset else seeds),
+        }
+    )
 
 
-def estimate_sweep_memory(spec: dict, stack: int, data: DataSize, *, shared_dataset: bool = False
-                          ) -> MemoryEstimate:
+def estimate_sweep_memory(spec: dict, stack: int, data: DataSize, *, shared_dataset: bool = False) -> MemoryEstimate:
     """A sweep trains its stacks one after another and saves and frees each stack's networks as it ends
     (`training.sweep`): a train job of the widest stack's `stack` settings as its seeds, and `saving`, the two copies
     of those networks' weights that saving makes (a deep copy, and its TorchScript)."""
@@ -111,8 +125,9 @@ def estimate_sweep_memory(spec: dict, stack: int, data: DataSize, *, shared_data
     return MemoryEstimate(parts={**estimate.parts, "saving": 2 * stack * weights})
 
 
-def check_train_budget(spec: dict, budget_bytes: int, data: DataSize, *, shared_dataset: bool = False,
-                       sweep_stack: int | None = None) -> MemoryEstimate:
+def check_train_budget(
+    spec: dict, budget_bytes: int, data: DataSize, *, shared_dataset: bool = False, sweep_stack: int | None = None
+) -> MemoryEstimate:
     """The estimate of the resolved `spec` on `data` (`data_size`, or `datasets.registered_size` with
     `shared_dataset`), or `OverBudget` naming the field that dominates. `sweep_stack`: the spec is a sweep's whose
     widest stack trains that many settings at once (`estimate_sweep_memory`); its size then comes from `grid`.
@@ -121,8 +136,9 @@ def check_train_budget(spec: dict, budget_bytes: int, data: DataSize, *, shared_
     `ParamError` naming model.<param>).
     """
     arch, params = spec["model"]["arch"], {k: v for k, v in spec["model"].items() if k != "arch"}
-    check_arch_params(arch, params, input_shape=data.input_shape, num_outputs=output_count(data.num_classes),
-                      field="model")
+    check_arch_params(
+        arch, params, input_shape=data.input_shape, num_outputs=output_count(data.num_classes), field="model"
+    )
     if sweep_stack is None:
         what, fewer, counted = "this train job", "seeds", spec
         estimate = estimate_train_memory(spec, data, shared_dataset=shared_dataset)
@@ -135,30 +151,40 @@ def check_train_budget(spec: dict, budget_bytes: int, data: DataSize, *, shared_
     field = dominant_field(counted, data, shared_dataset=shared_dataset)
     if sweep_stack is not None and field == "seeds":
         field = "grid"
-    raise OverBudget(f"{what} would need about {_gib(estimate.total_bytes)} of memory (parameters and "
-                     f"optimizer {_gib(estimate.parts['parameters'])}, activations "
-                     f"{_gib(estimate.parts['activations'])}, data {_gib(estimate.parts['dataset'])}); the worker's "
-                     f"budget is {_gib(budget_bytes)}. Most of it comes from {field}: make it smaller "
-                     f"(or set batch_size, or use fewer {fewer}).", field, estimate, budget_bytes)
+    raise OverBudget(
+        f"{what} would need about {_gib(estimate.total_bytes)} of memory (parameters and "
+        f"optimizer {_gib(estimate.parts['parameters'])}, activations "
+        f"{_gib(estimate.parts['activations'])}, data {_gib(estimate.parts['dataset'])}); the worker's "
+        f"budget is {_gib(budget_bytes)}. Most of it comes from {field}: make it smaller "
+        f"(or set batch_size, or use fewer {fewer}).",
+        field,
+        estimate,
+        budget_bytes,
+    )
 
 
 def dominant_field(spec: dict, data: DataSize, *, shared_dataset: bool = False) -> str:
     """The spec field whose reset to a small value leaves the smallest estimate (ties: the first listed)."""
     cls = arch_class(spec["model"]["arch"])
     widths = cls.WIDTHS
-    size_param = datasets.DATASETS[spec["dataset"]["name"]].SIZE_PARAM if spec["dataset"]["name"] in datasets.DATASETS \
-        else None
-    small_data = dataclasses.replace(data, n_train=min(data.n_train, SMALL_DATASET),
-                                     n_examples=max(1, data.n_examples * min(data.n_train, SMALL_DATASET)
-                                                    // max(data.n_train, 1)))
+    size_param = (
+        datasets.DATASETS[spec["dataset"]["name"]].SIZE_PARAM if spec["dataset"]["name"] in datasets.DATASETS else None
+    )
+    small_data = dataclasses.replace(
+        data,
+        n_train=min(data.n_train, SMALL_DATASET),
+        n_examples=max(1, data.n_examples * min(data.n_train, SMALL_DATASET) // max(data.n_train, 1)),
+    )
     candidates = [
         (f"model.{widths}", {**spec, "model": {**spec["model"], widths: cls.PARAMS[widths].default}}, data),
         ("batch_size", {**spec, "batch_size": min(spec["batch_size"] or SMALL_BATCH, SMALL_BATCH)}, data),
         (f"dataset.params.{size_param}" if size_param else "dataset", spec, small_data),
         ("seeds", {**spec, "seeds": spec["seeds"][:1]}, data),
     ]
-    remaining = [(estimate_train_memory(s, d, shared_dataset=shared_dataset).total_bytes, index, field)
-                 for index, (field, s, d) in enumerate(candidates)]
+    remaining = [
+        (estimate_train_memory(s, d, shared_dataset=shared_dataset).total_bytes, index, field)
+        for index, (field, s, d) in enumerate(candidates)
+    ]
     return min(remaining)[2]
 
 

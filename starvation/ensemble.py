@@ -10,6 +10,7 @@ Why summing the seeds' losses trains each seed as if alone: seed s's loss depend
 so the gradient of the sum w.r.t. them is that seed's own gradient; Adam and SGD act elementwise, so one
 optimizer over the stacked tensors keeps S independent states (the step counter is shared, and equal).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -58,16 +59,24 @@ class StackedMLP(nn.Module):
         # ParameterList, not ParameterDict: parameter names hold dots. .detach() keeps the seeds' modules apart.
         self.stacked = nn.ParameterList(
             nn.Parameter(_pad(torch.stack([state[name].detach() for state in states]), padded[name]).contiguous())
-            for name in self.names)
+            for name in self.names
+        )
         # (kind, index of the weight in `stacked`, index of the bias); -1 for layers without parameters
-        self.plan = [(kind, self.names.index(f"{prefix}.weight") if kind == "linear" else -1,
-                      self.names.index(f"{prefix}.bias") if kind == "linear" else -1) for kind, prefix in layers]
+        self.plan = [
+            (
+                kind,
+                self.names.index(f"{prefix}.weight") if kind == "linear" else -1,
+                self.names.index(f"{prefix}.bias") if kind == "linear" else -1,
+            )
+            for kind, prefix in layers
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_seed_matmuls:
             seeds = [p.unbind(0) for p in self.stacked]  # unbind: its backward is one stack, not S scatters
-            return torch.stack([self._layers(x_s, [p[s] for p in seeds], stacked=False)
-                                for s, x_s in enumerate(x.unbind(0))])
+            return torch.stack(
+                [self._layers(x_s, [p[s] for p in seeds], stacked=False) for s, x_s in enumerate(x.unbind(0))]
+            )
         return self._layers(x, list(self.stacked), stacked=True)
 
     def _layers(self, h: torch.Tensor, parameters: list[torch.Tensor], *, stacked: bool) -> torch.Tensor:
@@ -86,8 +95,10 @@ class StackedMLP(nn.Module):
     @torch.no_grad()
     def network_state(self, seed_index: int) -> dict[str, torch.Tensor]:
         """Seed `seed_index`'s parameters under the `Network`'s names (copies, on the CPU; padding left out)."""
-        return {name: p[seed_index][tuple(slice(0, n) for n in shape)].detach().cpu().clone()
-                for name, p, shape in zip(self.names, self.stacked, self.shapes)}
+        return {
+            name: p[seed_index][tuple(slice(0, n) for n in shape)].detach().cpu().clone()
+            for name, p, shape in zip(self.names, self.stacked, self.shapes)
+        }
 
 
 def _padded_shapes(shapes: dict[str, tuple[int, ...]], linears: list[str], pad_to: int) -> dict[str, tuple[int, ...]]:
@@ -121,9 +132,15 @@ class _SeedParameters:
         return iter(self.seed_parameters)
 
 
-def seed_losses(method: Method, logits: torch.Tensor, y: torch.Tensor, step: int,
-                parameters: list[torch.Tensor], memberships: dict[str, torch.Tensor] | None = None,
-                member_params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def seed_losses(
+    method: Method,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    step: int,
+    parameters: list[torch.Tensor],
+    memberships: dict[str, torch.Tensor] | None = None,
+    member_params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Each seed's own loss under `method`: [S] from logits [S, B(, k)], labels [S, B] and the stacked parameters.
 
     `memberships`: what the method `NEEDS` of each row, stacked over the seeds ([S, B, ...]).
@@ -133,8 +150,14 @@ def seed_losses(method: Method, logits: torch.Tensor, y: torch.Tensor, step: int
     The method's `loss` runs under `torch.func.vmap`, so the meaning is the method's, with one kernel per op for
     all seeds; a method's loss must therefore batch under vmap (no data-dependent shapes, no reads to the host).
     """
-    def one_seed(seed_logits: torch.Tensor, seed_y: torch.Tensor, seed_params: list[torch.Tensor],
-                 seed_memberships: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> torch.Tensor:
+
+    def one_seed(
+        seed_logits: torch.Tensor,
+        seed_y: torch.Tensor,
+        seed_params: list[torch.Tensor],
+        seed_memberships: dict[str, torch.Tensor],
+        own: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
         member = method.with_params(own) if own else method
         return member.loss(seed_logits, seed_y, step, _SeedParameters(seed_params), **seed_memberships)
 

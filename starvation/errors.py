@@ -1,4 +1,5 @@
 """The one error the science package raises for a bad spec, path or upload."""
+
 from __future__ import annotations
 
 

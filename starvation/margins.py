@@ -1,4 +1,5 @@
 """How far a 2-D classifier's decision boundary stays from points (the two-moons margin of Figures 1-3)."""
+
 from __future__ import annotations
 
 import torch
@@ -6,8 +7,9 @@ from torch import nn
 
 
 @torch.no_grad()
-def boundary_distances(model: nn.Module, points: torch.Tensor, *, resolution: int = 400,
-                       padding: float = 0.5) -> torch.Tensor:
+def boundary_distances(
+    model: nn.Module, points: torch.Tensor, *, resolution: int = 400, padding: float = 0.5
+) -> torch.Tensor:
     """Per point, the distance to the nearest zero crossing of the logit on a grid around the points.
 
     The logit is evaluated on a resolution x resolution grid spanning the points' bounding box plus `padding`;

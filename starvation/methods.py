@@ -13,6 +13,7 @@ data-dependent shapes, no read back to the host, and it batches under `vmap`):
 - `error_set` [N]: 1 for the examples an identification model got wrong (JTT; the loop trains that model first,
   `Method.IDENTIFICATION_STEPS`), 0 for the others.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,8 +34,9 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y)
 
 
-def sd_penalty(logits: torch.Tensor, y: torch.Tensor, gamma: float | list[float] | torch.Tensor, *,
-               per_class_mean: bool) -> torch.Tensor:
+def sd_penalty(
+    logits: torch.Tensor, y: torch.Tensor, gamma: float | list[float] | torch.Tensor, *, per_class_mean: bool
+) -> torch.Tensor:
     """mean((logit - gamma_y)^2), the squared logit distance from its target (per example: squared L2 over logits).
 
     Binary: the one logit of an example of class c targets gamma[c] (a scalar targets every class).
@@ -112,8 +114,9 @@ class WeightDecay(Method):
     NAME: ClassVar[str] = "weight_decay"
     DESCRIPTION: ClassVar[str] = "cross-entropy + weight_decay * sum of squared weights (biases excluded)"
     PARAMS: ClassVar[dict[str, P.Param]] = {
-        "weight_decay": P.Param(1e-3, "coefficient of the squared L2 norm of the weight matrices/kernels",
-                                P.non_negative),
+        "weight_decay": P.Param(
+            1e-3, "coefficient of the squared L2 norm of the weight matrices/kernels", P.non_negative
+        ),
     }
     TENSOR_PARAMS: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
@@ -124,20 +127,28 @@ class WeightDecay(Method):
 
 class SpectralDecoupling(Method):
     NAME: ClassVar[str] = "sd"
-    DESCRIPTION: ClassVar[str] = ("Spectral Decoupling: cross-entropy + sd_lambda/2 * mean((logit - gamma_y)^2), "
-                                  "with an optional warm-up and post-warm-up loss scale")
+    DESCRIPTION: ClassVar[str] = (
+        "Spectral Decoupling: cross-entropy + sd_lambda/2 * mean((logit - gamma_y)^2), "
+        "with an optional warm-up and post-warm-up loss scale"
+    )
     PARAMS: ClassVar[dict[str, P.Param]] = {
-        "sd_lambda": P.Param(0.1, "coefficient lambda of lambda/2 * mean((logit - gamma_y)^2) after warm-up (a "
-                                  "coefficient c on the plain mean, as the paper's CelebA 0.1, is sd_lambda 2c)",
-                             P.non_negative),
-        "sd_gamma": P.Param(0.0, "logit target: a scalar for every class or one value per class",
-                            P.number_or_list),
-        "per_class_mean": P.Param(False, "average the penalty within each class, then sum over classes (CelebA)",
-                                  P.boolean),
+        "sd_lambda": P.Param(
+            0.1,
+            "coefficient lambda of lambda/2 * mean((logit - gamma_y)^2) after warm-up (a "
+            "coefficient c on the plain mean, as the paper's CelebA 0.1, is sd_lambda 2c)",
+            P.non_negative,
+        ),
+        "sd_gamma": P.Param(0.0, "logit target: a scalar for every class or one value per class", P.number_or_list),
+        "per_class_mean": P.Param(
+            False, "average the penalty within each class, then sum over classes (CelebA)", P.boolean
+        ),
         "warmup_steps": P.Param(0, "steps before sd_lambda and the loss scale apply", P.non_negative_int),
         "warmup_sd_lambda": P.Param(0.0, "lambda during warm-up", P.non_negative),
-        "post_warmup_loss_scale": P.Param(1.0, "factor on the whole loss after warm-up (the CMNIST recipe: 2e-5; "
-                                               "not a no-op with Adam's epsilon)", P.positive),
+        "post_warmup_loss_scale": P.Param(
+            1.0,
+            "factor on the whole loss after warm-up (the CMNIST recipe: 2e-5; not a no-op with Adam's epsilon)",
+            P.positive,
+        ),
     }
     # sd_gamma as a tensor is one target per class ([2] for one logit: gamma[y])
     TENSOR_PARAMS: ClassVar[tuple[str, ...]] = ("sd_lambda", "sd_gamma", "warmup_sd_lambda", "post_warmup_loss_scale")
@@ -200,7 +211,7 @@ def irm_penalty(logits: torch.Tensor, y: torch.Tensor, environment: torch.Tensor
     """IRMv1: the squared gradient of each environment's risk w.r.t. a scale on the logits at 1, averaged over
     the environments in the batch. Zero when scaling the logits cannot lower any environment's risk."""
     gradients, present = mean_within(irm_scale_gradient(logits, y), environment)
-    return (present * gradients ** 2).sum() / present.sum().clamp(min=1)
+    return (present * gradients**2).sum() / present.sum().clamp(min=1)
 
 
 class IRM(Method):
@@ -216,21 +227,29 @@ class IRM(Method):
     """
 
     NAME: ClassVar[str] = "irm"
-    DESCRIPTION: ClassVar[str] = ("Invariant Risk Minimization (IRMv1, Arjovsky et al. 2019): per-environment "
-                                  "cross-entropy + penalty_weight * squared gradient of each environment's risk "
-                                  "w.r.t. a scale on the logits, after penalty_anneal_steps (loss then divided by "
-                                  "penalty_weight); needs the training environments")
+    DESCRIPTION: ClassVar[str] = (
+        "Invariant Risk Minimization (IRMv1, Arjovsky et al. 2019): per-environment "
+        "cross-entropy + penalty_weight * squared gradient of each environment's risk "
+        "w.r.t. a scale on the logits, after penalty_anneal_steps (loss then divided by "
+        "penalty_weight); needs the training environments"
+    )
     PARAMS: ClassVar[dict[str, P.Param]] = {
-        "penalty_weight": P.Param(1e2, "weight of the IRMv1 penalty from penalty_anneal_steps on (1 before); "
-                                       "when above 1 the whole loss is divided by it", P.non_negative),
-        "penalty_anneal_steps": P.Param(500, "steps trained with penalty weight 1 before penalty_weight applies",
-                                        P.non_negative_int),
+        "penalty_weight": P.Param(
+            1e2,
+            "weight of the IRMv1 penalty from penalty_anneal_steps on (1 before); "
+            "when above 1 the whole loss is divided by it",
+            P.non_negative,
+        ),
+        "penalty_anneal_steps": P.Param(
+            500, "steps trained with penalty weight 1 before penalty_weight applies", P.non_negative_int
+        ),
         "l2_weight": P.Param(0.0, "coefficient of the sum of squared parameters, biases included", P.non_negative),
     }
     NEEDS: ClassVar[tuple[str, ...]] = ("environment",)
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module, *,
-             environment: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module, *, environment: torch.Tensor
+    ) -> torch.Tensor:
         p = self.params
         weight = p["penalty_weight"] if step >= p["penalty_anneal_steps"] else 1.0
         risks, present = mean_within(per_example_cross_entropy(logits, y), environment)
@@ -256,12 +275,15 @@ class GroupDRO(Method):
     """
 
     NAME: ClassVar[str] = "group_dro"
-    DESCRIPTION: ClassVar[str] = ("Group DRO (Sagawa et al. 2020): the loss of the worst (label, attribute) groups, "
-                                  "by weights that grow exponentially with each group's loss at rate step_size; "
-                                  "needs the attribute of every training example")
+    DESCRIPTION: ClassVar[str] = (
+        "Group DRO (Sagawa et al. 2020): the loss of the worst (label, attribute) groups, "
+        "by weights that grow exponentially with each group's loss at rate step_size; "
+        "needs the attribute of every training example"
+    )
     PARAMS: ClassVar[dict[str, P.Param]] = {
-        "step_size": P.Param(0.01, "eta: how fast a group's weight grows with its loss (q_g *= exp(eta * loss_g))",
-                             P.non_negative),
+        "step_size": P.Param(
+            0.01, "eta: how fast a group's weight grows with its loss (q_g *= exp(eta * loss_g))", P.non_negative
+        ),
     }
     NEEDS: ClassVar[tuple[str, ...]] = ("group",)
     SEQUENTIAL_ONLY: ClassVar[str | None] = "group_dro's group weights are state kept per model"
@@ -270,8 +292,9 @@ class GroupDRO(Method):
         super().__init__(params)
         self.group_weights: torch.Tensor | None = None  # q, made on the first update on the logits' device
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module, *,
-             group: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module, *, group: torch.Tensor
+    ) -> torch.Tensor:
         group_losses, _ = mean_within(per_example_cross_entropy(logits, y), group)
         if self.group_weights is None:
             self.group_weights = torch.full((group.shape[1],), 1 / group.shape[1], device=logits.device)
@@ -297,26 +320,27 @@ class JTT(Method):
     """
 
     NAME: ClassVar[str] = "jtt"
-    DESCRIPTION: ClassVar[str] = ("Just Train Twice (Liu et al. 2021): ERM for identification_steps finds the "
-                                  "training examples it gets wrong; a new model from the same initialisation "
-                                  "then trains with their cross-entropy weighted by upweight; no group labels")
+    DESCRIPTION: ClassVar[str] = (
+        "Just Train Twice (Liu et al. 2021): ERM for identification_steps finds the "
+        "training examples it gets wrong; a new model from the same initialisation "
+        "then trains with their cross-entropy weighted by upweight; no group labels"
+    )
     PARAMS: ClassVar[dict[str, P.Param]] = {
         "identification_steps": P.Param(100, "T: ERM steps of the identification model", P.positive_int),
-        "upweight": P.Param(6.0, "lambda_up: the weight of an error-set example's loss (1 for the others)",
-                            P.positive),
+        "upweight": P.Param(6.0, "lambda_up: the weight of an error-set example's loss (1 for the others)", P.positive),
     }
     NEEDS: ClassVar[tuple[str, ...]] = ("error_set",)
     SEQUENTIAL_ONLY: ClassVar[str | None] = "JTT trains an identification model per seed first"
     IDENTIFICATION_STEPS: ClassVar[str | None] = "identification_steps"
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module, *,
-             error_set: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module, *, error_set: torch.Tensor
+    ) -> torch.Tensor:
         weights = 1.0 + (self.params["upweight"] - 1.0) * error_set
         return (weights * per_example_cross_entropy(logits, y)).sum() / weights.sum()
 
 
-METHODS: dict[str, type[Method]] = {cls.NAME: cls for cls in (ERM, WeightDecay, SpectralDecoupling, IRM, GroupDRO,
-                                                              JTT)}
+METHODS: dict[str, type[Method]] = {cls.NAME: cls for cls in (ERM, WeightDecay, SpectralDecoupling, IRM, GroupDRO, JTT)}
 
 
 def method_class(name: str) -> type[Method]:
@@ -333,5 +357,6 @@ def build_method(spec: dict[str, Any]) -> Method:
 
 
 def describe_all() -> list[dict]:
-    return [{"name": cls.NAME, "description": cls.DESCRIPTION, "params": P.describe(cls.PARAMS)}
-            for cls in METHODS.values()]
+    return [
+        {"name": cls.NAME, "description": cls.DESCRIPTION, "params": P.describe(cls.PARAMS)} for cls in METHODS.values()
+    ]

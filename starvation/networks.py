@@ -1,4 +1,5 @@
 """Built-in architectures. Each is `head(features(x))`: the audit hooks `features`, the penultimate layer."""
+
 from __future__ import annotations
 
 import math
@@ -47,9 +48,12 @@ class MLP:
     NAME: ClassVar[str] = "mlp"
     DESCRIPTION: ClassVar[str] = "flatten, then Linear+ReLU per hidden width, then a Linear head"
     PARAMS: ClassVar[dict[str, P.Param]] = {
-        "hidden": P.Param([300, 300], f"hidden layer widths, each 1..{MAX_WIDTH}, at most {MAX_DEPTH} layers "
-                          "(the paper: [300, 300] Colored MNIST, [500] moons)",
-                          P.list_of(P.int_between(1, MAX_WIDTH), max_length=MAX_DEPTH)),
+        "hidden": P.Param(
+            [300, 300],
+            f"hidden layer widths, each 1..{MAX_WIDTH}, at most {MAX_DEPTH} layers "
+            "(the paper: [300, 300] Colored MNIST, [500] moons)",
+            P.list_of(P.int_between(1, MAX_WIDTH), max_length=MAX_DEPTH),
+        ),
     }
     WIDTHS: ClassVar[str] = "hidden"  # the parameter that sets the network's size
     BATCH_NORM: ClassVar[bool] = False  # normalises over the batch: an update needs 2 examples at least
@@ -81,9 +85,11 @@ class CNN:
     NAME: ClassVar[str] = "cnn"
     DESCRIPTION: ClassVar[str] = "3x3 Conv+ReLU blocks (max-pool between), global average pool, a Linear head"
     PARAMS: ClassVar[dict[str, P.Param]] = {
-        "channels": P.Param([32, 64], f"output channels of each 3x3 conv block, each 1..{MAX_CHANNELS}, at most "
-                            f"{MAX_DEPTH} blocks",
-                            P.list_of(P.int_between(1, MAX_CHANNELS), min_length=1, max_length=MAX_DEPTH)),
+        "channels": P.Param(
+            [32, 64],
+            f"output channels of each 3x3 conv block, each 1..{MAX_CHANNELS}, at most {MAX_DEPTH} blocks",
+            P.list_of(P.int_between(1, MAX_CHANNELS), min_length=1, max_length=MAX_DEPTH),
+        ),
     }
     WIDTHS: ClassVar[str] = "channels"
     BATCH_NORM: ClassVar[bool] = False
@@ -219,9 +225,13 @@ class _ResNet:
     BLOCK: ClassVar[type[BasicBlock] | type[Bottleneck]]
     LAYERS: ClassVar[tuple[int, int, int, int]]  # blocks per stage
     PARAMS: ClassVar[dict[str, P.Param]] = {
-        "width": P.Param(64, f"channels of the stem and of layer1's 3x3 convs, 1..{MAX_RESNET_WIDTH}; layer2..4 use "
-                         "2x, 4x and 8x as many (a Bottleneck puts out 4x its 3x3 channels). 64 is torchvision's, and "
-                         "what its ImageNet weights need", P.int_between(1, MAX_RESNET_WIDTH)),
+        "width": P.Param(
+            64,
+            f"channels of the stem and of layer1's 3x3 convs, 1..{MAX_RESNET_WIDTH}; layer2..4 use "
+            "2x, 4x and 8x as many (a Bottleneck puts out 4x its 3x3 channels). 64 is torchvision's, and "
+            "what its ImageNet weights need",
+            P.int_between(1, MAX_RESNET_WIDTH),
+        ),
     }
     WIDTHS: ClassVar[str] = "width"
     BATCH_NORM: ClassVar[bool] = True
@@ -231,8 +241,10 @@ class _ResNet:
     @classmethod
     def _image_shape(cls, input_shape: Sequence[int]) -> tuple[int, int, int]:
         if len(input_shape) != 3 or min(input_shape[1:]) < RESNET_MIN_SIZE:
-            raise SpecError(f"arch {cls.NAME!r} needs image inputs [channels, height, width] of at least "
-                            f"{RESNET_MIN_SIZE}x{RESNET_MIN_SIZE}, got shape {list(input_shape)}")
+            raise SpecError(
+                f"arch {cls.NAME!r} needs image inputs [channels, height, width] of at least "
+                f"{RESNET_MIN_SIZE}x{RESNET_MIN_SIZE}, got shape {list(input_shape)}"
+            )
         channels, height, width = (int(d) for d in input_shape)
         return channels, height, width
 
@@ -308,18 +320,26 @@ class _ResNet:
         base = params["width"]
         stages: dict[str, list[nn.Module]] = {f"layer{i}": [] for i in range(1, 5)}
         for stage, inplanes, planes, stride, downsample in cls._blocks(base):
-            shortcut = (nn.Sequential(_conv1x1(inplanes, planes * cls.BLOCK.expansion, stride),
-                                      nn.BatchNorm2d(planes * cls.BLOCK.expansion)) if downsample else None)
+            shortcut = (
+                nn.Sequential(
+                    _conv1x1(inplanes, planes * cls.BLOCK.expansion, stride),
+                    nn.BatchNorm2d(planes * cls.BLOCK.expansion),
+                )
+                if downsample
+                else None
+            )
             stages[stage].append(cls.BLOCK(inplanes, planes, stride, shortcut))
-        features = nn.Sequential(OrderedDict(
-            conv1=nn.Conv2d(channels, base, kernel_size=7, stride=2, padding=3, bias=False),
-            bn1=nn.BatchNorm2d(base),
-            relu=nn.ReLU(inplace=True),
-            maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-            **{name: nn.Sequential(*blocks) for name, blocks in stages.items()},
-            avgpool=nn.AdaptiveAvgPool2d((1, 1)),
-            flatten=nn.Flatten(),
-        ))
+        features = nn.Sequential(
+            OrderedDict(
+                conv1=nn.Conv2d(channels, base, kernel_size=7, stride=2, padding=3, bias=False),
+                bn1=nn.BatchNorm2d(base),
+                relu=nn.ReLU(inplace=True),
+                maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+                **{name: nn.Sequential(*blocks) for name, blocks in stages.items()},
+                avgpool=nn.AdaptiveAvgPool2d((1, 1)),
+                flatten=nn.Flatten(),
+            )
+        )
         network = Network(features, nn.Linear(8 * base * cls.BLOCK.expansion, num_outputs))
         for layer in features.modules():  # torchvision's initialisation; the head keeps nn.Linear's default
             if isinstance(layer, nn.Conv2d):
@@ -332,16 +352,20 @@ class _ResNet:
 
 class ResNet18(_ResNet):
     NAME: ClassVar[str] = "resnet18"
-    DESCRIPTION: ClassVar[str] = ("torchvision's ResNet-18: 7x7 stem, 4 stages of 2 BasicBlocks (BatchNorm), global "
-                                  "average pool, a Linear head; takes torchvision-named weights")
+    DESCRIPTION: ClassVar[str] = (
+        "torchvision's ResNet-18: 7x7 stem, 4 stages of 2 BasicBlocks (BatchNorm), global "
+        "average pool, a Linear head; takes torchvision-named weights"
+    )
     BLOCK = BasicBlock
     LAYERS = (2, 2, 2, 2)
 
 
 class ResNet50(_ResNet):
     NAME: ClassVar[str] = "resnet50"
-    DESCRIPTION: ClassVar[str] = ("torchvision's ResNet-50 (v1.5): 7x7 stem, 4 stages of 3, 4, 6, 3 Bottlenecks "
-                                  "(BatchNorm), global average pool, a Linear head; takes torchvision-named weights")
+    DESCRIPTION: ClassVar[str] = (
+        "torchvision's ResNet-50 (v1.5): 7x7 stem, 4 stages of 3, 4, 6, 3 Bottlenecks "
+        "(BatchNorm), global average pool, a Linear head; takes torchvision-named weights"
+    )
     BLOCK = Bottleneck
     LAYERS = (3, 4, 6, 3)
 
@@ -350,6 +374,7 @@ ARCHS: dict[str, type] = {cls.NAME: cls for cls in (MLP, CNN, ResNet18, ResNet50
 
 
 # ---- weights from elsewhere (torchvision's names) -------------------------------------------
+
 
 def torchvision_state_dict_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state_dict` under our `Network`'s names: torchvision's `fc.*` becomes `head.*`, every other key not already
@@ -361,7 +386,7 @@ def torchvision_state_dict_to_ours(state_dict: Mapping[str, torch.Tensor]) -> di
         if key.startswith(("features.", "head.")):
             ours = key
         elif key.startswith("fc."):
-            ours = "head." + key[len("fc."):]
+            ours = "head." + key[len("fc.") :]
         else:
             ours = "features." + key
         if ours in renamed:
@@ -396,18 +421,22 @@ def load_initial_weights(network: Network, state_dict: Mapping[str, torch.Tensor
                 continue
             raise SpecError(f"the weights lack {key!r} (torchvision: {key.removeprefix('features.')!r})")
         if tuple(backbone[key].shape) != tuple(tensor.shape):
-            raise SpecError(f"the weights' {given[key]!r} has shape {list(backbone[key].shape)}; the network's "
-                            f"{key!r} has {list(tensor.shape)}")
+            raise SpecError(
+                f"the weights' {given[key]!r} has shape {list(backbone[key].shape)}; the network's "
+                f"{key!r} has {list(tensor.shape)}"
+            )
     head_keys = [key for key in expected if key.startswith("head.")]
     head_fits = all(key in renamed and tuple(renamed[key].shape) == tuple(expected[key].shape) for key in head_keys)
     loaded = {**backbone, **({key: renamed[key] for key in head_keys} if head_fits else {})}
     with torch.no_grad():
         network.load_state_dict(loaded, strict=False)
     torchvision_named = any(not key.startswith(("features.", "head.")) for key in state_dict)
-    return {"names": "torchvision" if torchvision_named else "ours", "loaded": len(loaded),
-            "head": "loaded" if head_fits else "fresh",
-            "skipped": [given[key] for key in renamed if key not in loaded]}
-
+    return {
+        "names": "torchvision" if torchvision_named else "ours",
+        "loaded": len(loaded),
+        "head": "loaded" if head_fits else "fresh",
+        "skipped": [given[key] for key in renamed if key not in loaded],
+    }
 
 
 def arch_class(arch: str) -> type:
@@ -417,8 +446,14 @@ def arch_class(arch: str) -> type:
         raise SpecError(f"unknown arch {arch!r}; built-in architectures: {', '.join(sorted(ARCHS))}") from None
 
 
-def check_arch_params(arch: str, params: dict[str, Any] | None, *, input_shape: Sequence[int] | None = None,
-                      num_outputs: int = 1, field: str = "arch_params") -> dict[str, Any]:
+def check_arch_params(
+    arch: str,
+    params: dict[str, Any] | None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    num_outputs: int = 1,
+    field: str = "arch_params",
+) -> dict[str, Any]:
     """`params` of built-in `arch` within its bounds (widths, depth, channels, total size), defaults filled in.
 
     The one check for a train spec's `model` and for uploaded weights' `arch_params`: raises `ParamError` (a
@@ -430,9 +465,12 @@ def check_arch_params(arch: str, params: dict[str, Any] | None, *, input_shape: 
     shape = tuple(int(d) for d in input_shape) if input_shape is not None else cls.NOMINAL_SHAPE
     count = cls.parameter_count(resolved, shape, max(int(num_outputs), 1))
     if count > MAX_PARAMETERS:
-        raise P.ParamError(f"{field}.{cls.WIDTHS} gives arch {arch!r} {count:,} parameters"
-                           f"{f' for input {list(shape)}' if input_shape is not None else ''}; the limit is "
-                           f"{MAX_PARAMETERS:,}", f"{field}.{cls.WIDTHS}")
+        raise P.ParamError(
+            f"{field}.{cls.WIDTHS} gives arch {arch!r} {count:,} parameters"
+            f"{f' for input {list(shape)}' if input_shape is not None else ''}; the limit is "
+            f"{MAX_PARAMETERS:,}",
+            f"{field}.{cls.WIDTHS}",
+        )
     return resolved
 
 
@@ -479,4 +517,6 @@ def output_count(num_classes: int) -> int:
 
 
 def describe_all() -> list[dict]:
-    return [{"arch": cls.NAME, "description": cls.DESCRIPTION, "params": P.describe(cls.PARAMS)} for cls in ARCHS.values()]
+    return [
+        {"arch": cls.NAME, "description": cls.DESCRIPTION, "params": P.describe(cls.PARAMS)} for cls in ARCHS.values()
+    ]

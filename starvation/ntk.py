@@ -7,6 +7,7 @@ the rest. Here: K on a group-balanced sample, its spectrum, its centred alignmen
 (label, attribute) group carries. Gradients come from `torch.func` (per-example gradients, vmapped), a few
 parameter tensors at a time so that the per-example gradients held at once stay within `memory_bytes`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,7 +44,9 @@ def ntk_gram(module: nn.Module, x: torch.Tensor, *, memory_bytes: int = 256 << 2
     for group in _parameter_groups(params, n, memory_bytes):
         fixed = {name: p for name, p in params.items() if name not in group}
 
-        def logit(trainable: dict[str, torch.Tensor], example: torch.Tensor) -> torch.Tensor:
+        def logit(
+            trainable: dict[str, torch.Tensor], example: torch.Tensor, fixed: dict[str, torch.Tensor] = fixed
+        ) -> torch.Tensor:
             out = functional_call(module, ({**fixed, **trainable}, buffers), (example.unsqueeze(0),))
             return scalar_logit(out).squeeze(0)
 
@@ -56,7 +59,7 @@ def ntk_gram(module: nn.Module, x: torch.Tensor, *, memory_bytes: int = 256 << 2
             column = 0
             for name in group:
                 size = params[name].numel()
-                flat[start:start + len(chunk), column:column + size] = grads[name].reshape(len(chunk), -1)
+                flat[start : start + len(chunk), column : column + size] = grads[name].reshape(len(chunk), -1)
                 column += size
             start += len(chunk)
         gram += (flat @ flat.T).double()
@@ -94,8 +97,9 @@ def _centre(kernel: torch.Tensor) -> torch.Tensor:
     return kernel - kernel.mean(0, keepdim=True) - kernel.mean(1, keepdim=True) + kernel.mean()
 
 
-def balanced_sample(y: torch.Tensor, attribute: torch.Tensor, *, seed: int,
-                    max_examples: int = MAX_EXAMPLES) -> np.ndarray:
+def balanced_sample(
+    y: torch.Tensor, attribute: torch.Tensor, *, seed: int, max_examples: int = MAX_EXAMPLES
+) -> np.ndarray:
     """Indices of an equal number of examples from each (label, attribute) group present, at most
     `max_examples` in all, sorted."""
     y, attribute = y.numpy(), attribute.numpy()
@@ -106,8 +110,7 @@ def balanced_sample(y: torch.Tensor, attribute: torch.Tensor, *, seed: int,
     return np.sort(np.concatenate([rng.choice(m, size=per_group, replace=False) for m in members]))
 
 
-def kernel_report(gram: torch.Tensor, *, y: torch.Tensor, attribute: torch.Tensor,
-                  core: torch.Tensor | None) -> dict:
+def kernel_report(gram: torch.Tensor, *, y: torch.Tensor, attribute: torch.Tensor, core: torch.Tensor | None) -> dict:
     """Spectrum, alignments and the groups' shares of the top eigenvectors' mass."""
     eigenvalues, eigenvectors = torch.linalg.eigh(gram.double())
     eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0.0), eigenvectors.flip(1)
@@ -149,7 +152,7 @@ class KernelSample:
     targets: dict[str, torch.Tensor]  # label, attribute and (where the dataset has it) core
 
     @classmethod
-    def of(cls, train, *, seed: int, max_examples: int = TRAINING_EXAMPLES) -> "KernelSample":
+    def of(cls, train, *, seed: int, max_examples: int = TRAINING_EXAMPLES) -> KernelSample:
         chosen = torch.from_numpy(balanced_sample(train.y, train.attribute, seed=seed, max_examples=max_examples))
         targets = {"label": train.y[chosen], "attribute": train.attribute[chosen]}
         if train.core_label is not None:

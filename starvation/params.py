@@ -5,6 +5,7 @@ fills defaults, rejects unknown names and normalises values, raising `SpecError`
 carries the JSON Schema of what it accepts (`schema_of`), so the API's document is derived from the same
 declarations the engine validates with (`Param.json_schema`, `object_schema`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,6 +36,7 @@ def schema_of(check: Check) -> dict:
 
 def accepting(schema: dict) -> Callable[[Check], Check]:
     """Decorates a check with the JSON Schema of what it accepts."""
+
     def attach(check: Check) -> Check:
         check.json_schema = schema  # type: ignore[attr-defined]
         return check
@@ -42,12 +44,20 @@ def accepting(schema: dict) -> Callable[[Check], Check]:
     return attach
 
 
-def object_schema(title: str, declared: Mapping[str, Param], *, description: str | None = None,
-                  extra: Mapping[str, dict] | None = None) -> dict:
+def object_schema(
+    title: str,
+    declared: Mapping[str, Param],
+    *,
+    description: str | None = None,
+    extra: Mapping[str, dict] | None = None,
+) -> dict:
     """A closed JSON object of `declared` (each with its default and description), plus `extra` properties."""
-    schema: dict[str, Any] = {"title": title, "type": "object",
-                              "properties": {**(extra or {}), **{n: p.json_schema() for n, p in declared.items()}},
-                              "additionalProperties": False}
+    schema: dict[str, Any] = {
+        "title": title,
+        "type": "object",
+        "properties": {**(extra or {}), **{n: p.json_schema() for n, p in declared.items()}},
+        "additionalProperties": False,
+    }
     if description:
         schema["description"] = description
     return schema
@@ -61,8 +71,9 @@ class ParamError(SpecError):
         self.field = field
 
 
-def resolve(owner: str, declared: Mapping[str, Param], given: Mapping[str, Any] | None, *,
-            field: str | None = None) -> dict:
+def resolve(
+    owner: str, declared: Mapping[str, Param], given: Mapping[str, Any] | None, *, field: str | None = None
+) -> dict:
     """`given` checked against `declared`, with defaults filled in (a new dict).
 
     `field`: where these parameters sit in the spec or form ("model", "dataset.params"); messages then name
@@ -92,6 +103,7 @@ def describe(declared: Mapping[str, Param]) -> dict:
 
 
 # ---- checks -------------------------------------------------------------------------------
+
 
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -137,6 +149,7 @@ def positive_int(value: Any) -> int:
 
 def int_between(low: int, high: int) -> Check:
     """An integer in [low, high]: every size a user sets has an explicit upper bound."""
+
     def checked(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ValueError(f"must be an integer from {low} to {high}")

@@ -1,4 +1,5 @@
 """Audit jobs: load a checkpoint without unpickling it, run the probes, keep the report and plots."""
+
 from __future__ import annotations
 
 import json
@@ -27,15 +28,23 @@ def load_dataset(ctx, dataset_spec: dict[str, Any], seed: int, device: str = "cp
         path, label, fmt, info, status, error = row.path, row.name, row.format, dict(row.info), row.status, row.error
     settings = ctx.settings
     if status != "ready":
-        raise FileNotFoundError(f"dataset {name!r} is {status}" + (f": {error}" if error else
-                                                                  " (its images are still being checked)"))
+        raise FileNotFoundError(
+            f"dataset {name!r} is {status}" + (f": {error}" if error else " (its images are still being checked)")
+        )
     if fmt == "image_folder":
         index = datasets.load_index(dataset_index_path(settings, name))
-        return datasets.open_image_folder(path, index, label, info["image_size"],
-                                          max_image_pixels=settings.max_image_pixels, workers=settings.data_workers,
-                                          pin_memory=device.startswith("cuda"))
-    return datasets.load_npz(path, label, max_bytes=settings.max_dataset_bytes,
-                             max_compression_ratio=settings.max_dataset_compression_ratio)
+        return datasets.open_image_folder(
+            path,
+            index,
+            label,
+            info["image_size"],
+            max_image_pixels=settings.max_image_pixels,
+            workers=settings.data_workers,
+            pin_memory=device.startswith("cuda"),
+        )
+    return datasets.load_npz(
+        path, label, max_bytes=settings.max_dataset_bytes, max_compression_ratio=settings.max_dataset_compression_ratio
+    )
 
 
 def audit_model(ctx, model, dataset, *, spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -67,15 +76,26 @@ def checkpoint_to_audit(ctx, spec: dict[str, Any]) -> tuple[str, str, dict[str, 
             row = files_repo.get_checkpoint(session, spec["checkpoint_id"], owner_id=ctx.owner_id)
         else:
             job = jobs_repo.get(session, spec["train_job_id"], owner_id=ctx.owner_id)
-            rows = [c for c in files_repo.checkpoints_of_job(session, job.id) if c.format == "safetensors"] if job else []
+            rows = (
+                [c for c in files_repo.checkpoints_of_job(session, job.id) if c.format == "safetensors"] if job else []
+            )
             row = rows[0] if rows else None
         if row is None:
             raise FileNotFoundError("the checkpoint to audit no longer exists")
         return row.path, row.format, dict(row.model_info)
 
 
-def load_model(path: str, fmt: str, model_info: dict[str, Any], device: str, layer: str | None = None,
-               *, settings=None, repair: bool = False, interrupt=None):
+def load_model(
+    path: str,
+    fmt: str,
+    model_info: dict[str, Any],
+    device: str,
+    layer: str | None = None,
+    *,
+    settings=None,
+    repair: bool = False,
+    interrupt=None,
+):
     """An AuditableModel. TorchScript and ONNX files are programs: they run in a jail on the
     CPU (pass `settings` for its limits; `repair=True` readies the jail to replace the head; `interrupt`, the
     job's `stop_if_asked`, is called every second while the jail works, so a cancel or deadline ends it).
@@ -87,21 +107,33 @@ def load_model(path: str, fmt: str, model_info: dict[str, Any], device: str, lay
     if fmt in ("torchscript", "onnx"):
         from jail import Limits, open_model
 
-        return open_model(path, fmt, limits=Limits.from_settings(settings), wall_seconds=settings.jail_call_seconds,
-                          repair=repair, interrupt=interrupt, **options)
+        return open_model(
+            path,
+            fmt,
+            limits=Limits.from_settings(settings),
+            wall_seconds=settings.jail_call_seconds,
+            repair=repair,
+            interrupt=interrupt,
+            **options,
+        )
     from starvation.checkpoints import load_checkpoint
 
     return load_checkpoint(
-        path, fmt, arch=model_info.get("arch"), arch_params=model_info.get("arch_params"),
-        num_outputs=model_info.get("num_outputs"), **options,
+        path,
+        fmt,
+        arch=model_info.get("arch"),
+        arch_params=model_info.get("arch_params"),
+        num_outputs=model_info.get("num_outputs"),
+        **options,
     ).to(device)
 
 
 def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     path, fmt, model_info = checkpoint_to_audit(ctx, spec)
     device = "cpu" if fmt in ("torchscript", "onnx") else pick_device(spec.get("device"), ctx.settings.device)
-    model = load_model(path, fmt, model_info, device, spec.get("layer"), settings=ctx.settings,
-                       interrupt=ctx.stop_if_asked)
+    model = load_model(
+        path, fmt, model_info, device, spec.get("layer"), settings=ctx.settings, interrupt=ctx.stop_if_asked
+    )
     try:
         dataset = load_dataset(ctx, spec["dataset"], spec.get("seed", 0), device)
         ctx.on_progress(0.1)

@@ -1,4 +1,5 @@
 """The Celery application. Importing it never touches CUDA: workers initialise it in the child."""
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,12 @@ def address_space_limit(mapped_bytes: int, settings: Settings, cpus: int | None 
     (what `starvation.budget` lets a job use at submit), the headroom for libraries imported later, and per CPU
     what torch's threads map (measured: ~90 MiB each, an 8 MiB stack and a 64 MiB malloc arena)."""
     cpus = cpus if cpus is not None else (os.cpu_count() or 1)
-    return (mapped_bytes + settings.worker_memory_budget_bytes + settings.worker_address_space_headroom_bytes
-            + cpus * PER_CPU_ADDRESS_SPACE)
+    return (
+        mapped_bytes
+        + settings.worker_memory_budget_bytes
+        + settings.worker_address_space_headroom_bytes
+        + cpus * PER_CPU_ADDRESS_SPACE
+    )
 
 
 def limit_address_space(settings: Settings) -> int | None:

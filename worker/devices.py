@@ -1,4 +1,5 @@
 """Which device a job runs on: the spec's choice, else the worker's GS_DEVICE, else what exists."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Registering what a job wrote to disk: checkpoints and artifacts (plots, reports, weights)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,10 +28,15 @@ def add_artifact(db: Database, job_id: str, path: Path, name: str | None = None)
     name = name or path.name
     guessed = None if name.endswith(WEIGHTS) else mimetypes.guess_type(name)[0]
     media_type = guessed or "application/octet-stream"
+
     def write() -> None:
         with db.session() as session:
             files_repo.add_artifact(
-                session, job_id=job_id, name=name, path=str(path), media_type=media_type,
+                session,
+                job_id=job_id,
+                name=name,
+                path=str(path),
+                media_type=media_type,
                 size_bytes=path.stat().st_size,
             )
 
@@ -39,7 +45,14 @@ def add_artifact(db: Database, job_id: str, path: Path, name: str | None = None)
 
 
 def add_checkpoint(
-    db: Database, *, job_id: str, owner_id: str, seed: int, fmt: str, path: Path, model_info: dict[str, Any],
+    db: Database,
+    *,
+    job_id: str,
+    owner_id: str,
+    seed: int,
+    fmt: str,
+    path: Path,
+    model_info: dict[str, Any],
     parent_checkpoint_id: str | None = None,
 ) -> str:
     sha256 = sha256_of(path)
@@ -47,8 +60,15 @@ def add_checkpoint(
     def write() -> str:
         with db.session() as session:
             checkpoint = files_repo.add_checkpoint(
-                session, owner_id=owner_id, job_id=job_id, seed=seed, format=fmt, path=str(path),
-                sha256=sha256, size_bytes=path.stat().st_size, model_info=model_info,
+                session,
+                owner_id=owner_id,
+                job_id=job_id,
+                seed=seed,
+                format=fmt,
+                path=str(path),
+                sha256=sha256,
+                size_bytes=path.stat().st_size,
+                model_info=model_info,
                 parent_checkpoint_id=parent_checkpoint_id,
             )
             return checkpoint.id

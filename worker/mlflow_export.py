@@ -10,9 +10,11 @@ returns that run, so a retried job never makes a second one.
 The tracking URI is user input: it is checked again here (core/outbound.py), MLflow's connections go
 only to checked addresses, and the server's `artifact_uri` is followed only back to that server.
 """
+
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import queue
 import tempfile
@@ -56,8 +58,14 @@ def export_run(
     `allowed_schemes` and `outbound_allow`: GS_MLFLOW_ALLOWED_SCHEMES and GS_OUTBOUND_ALLOW.
     Raises OutboundRefused for a target (or an artifact location) this service must not write to.
     """
-    run = MlflowRun(tracking_uri=tracking_uri, experiment=experiment, job_id=job_id, spec=spec,
-                    allowed_schemes=allowed_schemes, outbound_allow=outbound_allow)
+    run = MlflowRun(
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        job_id=job_id,
+        spec=spec,
+        allowed_schemes=allowed_schemes,
+        outbound_allow=outbound_allow,
+    )
     return run.finish(metrics, result, reports)
 
 
@@ -75,10 +83,18 @@ class MlflowRun:
     """
 
     def __init__(
-        self, *, tracking_uri: str, experiment: str, job_id: str, spec: dict,
-        allowed_schemes: Sequence[str] = outbound.WEB_SCHEMES, outbound_allow: str = "",
-        flush_s: float = FLUSH_S, retry_s: float = RETRY_S,
-        on_trouble: Callable[[str, bool], None] | None = None, on_recovery: Callable[[], None] | None = None,
+        self,
+        *,
+        tracking_uri: str,
+        experiment: str,
+        job_id: str,
+        spec: dict,
+        allowed_schemes: Sequence[str] = outbound.WEB_SCHEMES,
+        outbound_allow: str = "",
+        flush_s: float = FLUSH_S,
+        retry_s: float = RETRY_S,
+        on_trouble: Callable[[str, bool], None] | None = None,
+        on_recovery: Callable[[], None] | None = None,
     ) -> None:
         self.tracking_uri, self.experiment, self.job_id, self.spec = tracking_uri, experiment, job_id, spec
         self.allowed_schemes, self.outbound_allow = allowed_schemes, outbound_allow
@@ -130,7 +146,7 @@ class MlflowRun:
                 return  # finish() sends what is pending
             if isinstance(item, str):  # abandon(item): the points that came, then the run's end
                 if self.run_id is not None and not self.finished_before:
-                    self._attempt(lambda: self._end(pending, item))
+                    self._attempt(functools.partial(self._end, pending, item))
                 return
             if item:
                 oldest = oldest if pending else time.monotonic()
@@ -139,7 +155,7 @@ class MlflowRun:
             due = self.run_id is None or len(pending) >= BATCH or (pending and now >= oldest + self.flush_s)
             if now < next_try or not due:
                 continue
-            if self._attempt(lambda: self._log_metrics(pending)):
+            if self._attempt(functools.partial(self._log_metrics, pending)):
                 pending, next_try = [], 0.0
             elif self._refused:
                 return
@@ -287,9 +303,7 @@ def result_tags(result: dict) -> dict[str, str]:
     return tags
 
 
-def log_artifacts(
-    artifact_uri: str, tracking_uri: str, documents: dict[str, dict], reports: Sequence[str]
-) -> None:
+def log_artifacts(artifact_uri: str, tracking_uri: str, documents: dict[str, dict], reports: Sequence[str]) -> None:
     """Write to the artifact location create_run answered, once checked (never asked for again)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
@@ -393,4 +407,4 @@ def final_step(metrics: Sequence[dict]) -> int:
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]

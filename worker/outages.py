@@ -1,4 +1,5 @@
 """A database that blinks (restarting, unreachable) while a job runs: what the worker waits out instead of failing."""
+
 from __future__ import annotations
 
 import logging

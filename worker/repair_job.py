@@ -5,6 +5,7 @@ A TorchScript or ONNX checkpoint is a program: its features are read, its head r
 `finetune_sd`, a TorchScript model trained) and the model re-serialised inside its jail; the new
 file is only ever loaded again in a jail. Our own safetensors networks are repaired here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,18 +32,31 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     if fmt not in ("torchscript", "safetensors", "onnx") or (method.WHOLE_NETWORK and fmt == "onnx"):
         raise CheckpointError("unsupported_format", f"{method.NAME} cannot repair a {fmt} model.")
     seed = spec.get("seed", 0)
-    audit_spec = {"probes": spec.get("probes"), "spurious_attribute": spec.get("spurious_attribute", "color"),
-                  "seed": seed}
+    audit_spec = {
+        "probes": spec.get("probes"),
+        "spurious_attribute": spec.get("spurious_attribute", "color"),
+        "seed": seed,
+    }
     foreign = fmt in ("torchscript", "onnx")
     device = "cpu" if foreign else pick_device(spec.get("device"), ctx.settings.device)
     dataset = audit_job.load_dataset(ctx, spec["dataset"], seed)
     if dataset.test_split in dataset.train_splits:
-        raise SpecError(f"dataset {dataset.name!r} has no test split apart from its training data; a repair fits "
-                        "and chooses on the training splits only, so it needs a separate 'test' split to audit on")
+        raise SpecError(
+            f"dataset {dataset.name!r} has no test split apart from its training data; a repair fits "
+            "and chooses on the training splits only, so it needs a separate 'test' split to audit on"
+        )
     if method.WHOLE_NETWORK:
         return finetune(ctx, spec, method, parent_id, path, fmt, model_info, dataset, audit_spec, device, seed)
-    model = audit_job.load_model(path, fmt, model_info, device, spec.get("layer"), settings=ctx.settings,
-                                 repair=foreign, interrupt=ctx.stop_if_asked)
+    model = audit_job.load_model(
+        path,
+        fmt,
+        model_info,
+        device,
+        spec.get("layer"),
+        settings=ctx.settings,
+        repair=foreign,
+        interrupt=ctx.stop_if_asked,
+    )
     try:
         old_head, features, train = read_head_and_features(model, dataset)
         ctx.on_progress(0.1)
@@ -57,8 +71,9 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     finally:
         getattr(model, "close", lambda: None)()
 
-    after_model = audit_job.load_model(str(new_path), fmt, model_info, device, spec.get("layer"), settings=ctx.settings,
-                                       interrupt=ctx.stop_if_asked)
+    after_model = audit_job.load_model(
+        str(new_path), fmt, model_info, device, spec.get("layer"), settings=ctx.settings, interrupt=ctx.stop_if_asked
+    )
     try:
         check_repaired_model(after_model, repaired.head, train.x[:CHECK_ROWS], features[:CHECK_ROWS])
         after = audit_job.audit_model(ctx, after_model, dataset, spec=audit_spec, prefix="after-")
@@ -78,8 +93,9 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
         "head_shape": list(repaired.head.weight.shape),
     }
     if before["summary"].get("verdict") == "low":
-        repair["note"] = ("the audit before the repair found low reliance on the spurious attribute: there was "
-                          "nothing to repair")
+        repair["note"] = (
+            "the audit before the repair found low reliance on the spurious attribute: there was nothing to repair"
+        )
     return {
         **{k: repair[k] for k in ("checkpoint_id", "parent_checkpoint_id", "method", "selection")},
         "before": summary_of(before),
@@ -90,8 +106,19 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     }
 
 
-def finetune(ctx, spec: dict[str, Any], method, parent_id: str, path: str, fmt: str, model_info: dict[str, Any],
-             dataset, audit_spec: dict[str, Any], device: str, seed: int) -> dict[str, Any]:
+def finetune(
+    ctx,
+    spec: dict[str, Any],
+    method,
+    parent_id: str,
+    path: str,
+    fmt: str,
+    model_info: dict[str, Any],
+    dataset,
+    audit_spec: dict[str, Any],
+    device: str,
+    seed: int,
+) -> dict[str, Any]:
     """A whole-network repair (`starvation.repair.finetune`): the audit before, the candidates' runs (our own network
     through `train`; a TorchScript program in its jail), the kept one registered with its parent and audited after."""
     from safetensors.torch import load_file
@@ -100,21 +127,42 @@ def finetune(ctx, spec: dict[str, Any], method, parent_id: str, path: str, fmt: 
     from starvation.repair.finetune import finetune_sd, train_candidates
 
     foreign = fmt == "torchscript"
-    model = audit_job.load_model(path, fmt, model_info, device, spec.get("layer"), settings=ctx.settings,
-                                 repair=foreign, interrupt=ctx.stop_if_asked)
+    model = audit_job.load_model(
+        path,
+        fmt,
+        model_info,
+        device,
+        spec.get("layer"),
+        settings=ctx.settings,
+        repair=foreign,
+        interrupt=ctx.stop_if_asked,
+    )
     try:
         before = audit_job.audit_model(ctx, model, dataset, spec=audit_spec, prefix="before-")
         stop_if_asked(ctx)
         if foreign:
             run = jailed_candidates(ctx, model, method, seed)
         else:
-            run = train_candidates(method, spec["dataset"], dataset, model_info, load_file(path), seed,
-                                   out_dir=ctx.work_dir / "repaired", device=device,
-                                   data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
-                                   registered=spec["dataset"]["name"] not in datasets.DATASETS,
-                                   should_stop=ctx.should_stop)
-        done = finetune_sd(method, dataset, run, original=model.logits,
-                           on_progress=lambda fraction: ctx.on_progress(0.2 + 0.6 * fraction))
+            run = train_candidates(
+                method,
+                spec["dataset"],
+                dataset,
+                model_info,
+                load_file(path),
+                seed,
+                out_dir=ctx.work_dir / "repaired",
+                device=device,
+                data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
+                registered=spec["dataset"]["name"] not in datasets.DATASETS,
+                should_stop=ctx.should_stop,
+            )
+        done = finetune_sd(
+            method,
+            dataset,
+            run,
+            original=model.logits,
+            on_progress=lambda fraction: ctx.on_progress(0.2 + 0.6 * fraction),
+        )
         feature_layer, head_shape = model.feature_layer, head_shape_of(model)
     finally:
         getattr(model, "close", lambda: None)()
@@ -122,8 +170,13 @@ def finetune(ctx, spec: dict[str, Any], method, parent_id: str, path: str, fmt: 
         after_model, ids = registered_finetuned(ctx, done, model_info, parent_id, seed)
     else:
         after_model, checkpoint = done.kept
-        ids = register(ctx, {"safetensors": checkpoint.safetensors_path, "torchscript": checkpoint.torchscript_path},
-                       model_info, parent_id, seed)
+        ids = register(
+            ctx,
+            {"safetensors": checkpoint.safetensors_path, "torchscript": checkpoint.torchscript_path},
+            model_info,
+            parent_id,
+            seed,
+        )
     try:
         after = audit_job.audit_model(ctx, after_model, dataset, spec=audit_spec, prefix="after-")
     finally:
@@ -131,25 +184,49 @@ def finetune(ctx, spec: dict[str, Any], method, parent_id: str, path: str, fmt: 
     ctx.on_progress(1.0)
     splits, held = list(dataset.train_splits), len(done.validation)
     selection = {
-        "fitted_on": {"data": "training splits less the validation part (the whole network, from the checkpoint)",
-                      "splits": splits, "n": sum(len(dataset.splits[s]) for s in splits) - held},
-        "chosen_on": {"data": "validation part held out of the training splits", "splits": splits, "n": held,
-                      "fraction": method.params["validation_fraction"], "seed": 0,
-                      "stratified_by": "none (rows drawn per training split)", "criterion": method.params["criterion"]},
+        "fitted_on": {
+            "data": "training splits less the validation part (the whole network, from the checkpoint)",
+            "splits": splits,
+            "n": sum(len(dataset.splits[s]) for s in splits) - held,
+        },
+        "chosen_on": {
+            "data": "validation part held out of the training splits",
+            "splits": splits,
+            "n": held,
+            "fraction": method.params["validation_fraction"],
+            "seed": 0,
+            "stratified_by": "none (rows drawn per training split)",
+            "criterion": method.params["criterion"],
+        },
         "test_split_used": False,
         "candidates": done.candidates,
         "chosen": {"sd_lambda": done.candidates[done.chosen]["sd_lambda"]},
         "chosen_validation": done.candidates[done.chosen]["validation"],
-        "original_head": {"validation": done.original_validation,
-                          "note": "the checkpoint as it was, for reference only: it was trained on these examples"},
+        "original_head": {
+            "validation": done.original_validation,
+            "note": "the checkpoint as it was, for reference only: it was trained on these examples",
+        },
         "changed": True,
     }
-    repair = {"checkpoint_id": ids[fmt], "checkpoint_ids": ids, "parent_checkpoint_id": parent_id, "format": fmt,
-              "method": method.resolved(), "selection": selection, "changed": True, "feature_layer": feature_layer,
-              "head_shape": head_shape}
-    return {**{k: repair[k] for k in ("checkpoint_id", "parent_checkpoint_id", "method", "selection")},
-            "before": summary_of(before), "after": summary_of(after), "repair": repair,
-            "reports": {"before": before, "after": after}, "device": device}
+    repair = {
+        "checkpoint_id": ids[fmt],
+        "checkpoint_ids": ids,
+        "parent_checkpoint_id": parent_id,
+        "format": fmt,
+        "method": method.resolved(),
+        "selection": selection,
+        "changed": True,
+        "feature_layer": feature_layer,
+        "head_shape": head_shape,
+    }
+    return {
+        **{k: repair[k] for k in ("checkpoint_id", "parent_checkpoint_id", "method", "selection")},
+        "before": summary_of(before),
+        "after": summary_of(after),
+        "repair": repair,
+        "reports": {"before": before, "after": after},
+        "device": device,
+    }
 
 
 def jailed_candidates(ctx, model, method, seed: int):
@@ -165,16 +242,25 @@ def jailed_candidates(ctx, model, method, seed: int):
         train = held.train_data()
         if not isinstance(train.x, torch.Tensor):
             raise SpecError("finetune_sd trains a TorchScript model in its jail, which cannot read an image folder")
-        model.finetune(train.x, train.y, sd_lambda=sd_lambda, lr=method.params["lr"],
-                       batch_size=method.params["batch_size"], seed=seed)
+        model.finetune(
+            train.x,
+            train.y,
+            sd_lambda=sd_lambda,
+            lr=method.params["lr"],
+            batch_size=method.params["batch_size"],
+            seed=seed,
+        )
         steps = method.params["steps"]
         for start in range(0, steps, FINETUNE_CHUNK):
             model.finetune_steps(min(FINETUNE_CHUNK, steps - start))
             progress(min(start + FINETUNE_CHUNK, steps) / steps)
             stop_if_asked(ctx)
         check_x = held.splits[datasets.HOLDOUT_SPLIT].x[:CHECK_ROWS]
-        return model.logits, (model.model_bytes(max_bytes=ctx.settings.max_upload_bytes), check_x,
-                              model.logits(check_x))
+        return model.logits, (
+            model.model_bytes(max_bytes=ctx.settings.max_upload_bytes),
+            check_x,
+            model.logits(check_x),
+        )
 
     return run
 
@@ -200,8 +286,9 @@ def registered_finetuned(ctx, done, model_info: dict[str, Any], parent_id: str, 
     path = out_dir / "repaired.torchscript.pt"
     path.write_bytes(data)
     ids = register(ctx, {"torchscript": path}, model_info, parent_id, seed)
-    after_model = audit_job.load_model(str(path), "torchscript", model_info, "cpu", settings=ctx.settings,
-                                       interrupt=ctx.stop_if_asked)
+    after_model = audit_job.load_model(
+        str(path), "torchscript", model_info, "cpu", settings=ctx.settings, interrupt=ctx.stop_if_asked
+    )
     try:
         check_same_outputs(after_model, check_x, expected, "the fine-tuned network it chose")
     except BaseException:
@@ -218,8 +305,15 @@ def checkpoint_to_repair(ctx, spec: dict[str, Any]) -> tuple[str, str, str, dict
             row = files_repo.get_checkpoint(session, spec["checkpoint_id"], owner_id=ctx.owner_id)
         else:
             job = jobs_repo.get(session, spec["train_job_id"], owner_id=ctx.owner_id)
-            rows = [c for c in files_repo.checkpoints_of_job(session, job.id)
-                    if c.format == "safetensors" and c.seed == spec.get("seed", 0)] if job else []
+            rows = (
+                [
+                    c
+                    for c in files_repo.checkpoints_of_job(session, job.id)
+                    if c.format == "safetensors" and c.seed == spec.get("seed", 0)
+                ]
+                if job
+                else []
+            )
             row = rows[0] if rows else None
         if row is None:
             raise FileNotFoundError("the checkpoint to repair no longer exists")
@@ -238,8 +332,9 @@ def read_head_and_features(model, dataset):
     train = dataset.train_data()
     logits = batched(model.logits, train.x[:CHECK_ROWS], model.device, 1024)
     if not bool(torch.isfinite(logits).all()):
-        raise CheckpointError("non_finite_output", "The model's outputs are NaN or infinite; a head cannot be refitted "
-                              "to match them.")
+        raise CheckpointError(
+            "non_finite_output", "The model's outputs are NaN or infinite; a head cannot be refitted to match them."
+        )
     if model.feature_layer is None:
         reason = model.no_features_reason or "the model exposes no feature layer"
         raise NoLinearHead(f"{reason}{finetune_hint(model.format)}")
@@ -270,9 +365,15 @@ def save_repaired(ctx, model, fmt: str, model_info: dict[str, Any], head, parent
     else:
         module = copy.deepcopy(model.module).cpu()
         replace_head(module, head)
-        saved = save_checkpoint(module, out_dir, seed=seed, arch=model_info["arch"],
-                                arch_params=model_info.get("arch_params") or {},
-                                input_shape=model_info["input_shape"], num_outputs=model_info["num_outputs"])
+        saved = save_checkpoint(
+            module,
+            out_dir,
+            seed=seed,
+            arch=model_info["arch"],
+            arch_params=model_info.get("arch_params") or {},
+            input_shape=model_info["input_shape"],
+            num_outputs=model_info["num_outputs"],
+        )
         files = {"safetensors": saved.safetensors_path, "torchscript": saved.torchscript_path}
     return register(ctx, files, model_info, parent_id, seed), files[fmt]
 
@@ -282,8 +383,16 @@ def register(ctx, files: dict[str, Any], model_info: dict[str, Any], parent_id: 
     {format: checkpoint id}."""
     ids = {}
     for file_format, path in files.items():
-        ids[file_format] = add_checkpoint(ctx.db, job_id=ctx.job_id, owner_id=ctx.owner_id, seed=seed, fmt=file_format,
-                                          path=path, model_info=model_info, parent_checkpoint_id=parent_id)
+        ids[file_format] = add_checkpoint(
+            ctx.db,
+            job_id=ctx.job_id,
+            owner_id=ctx.owner_id,
+            seed=seed,
+            fmt=file_format,
+            path=path,
+            model_info=model_info,
+            parent_checkpoint_id=parent_id,
+        )
         add_artifact(ctx.db, ctx.job_id, path)
     return ids
 
@@ -302,8 +411,9 @@ def check_same_outputs(model, x, expected, what: str) -> None:
 
     logits = batched(model.logits, x, model.device, 1024)
     if not bool(torch.isfinite(logits).all()):
-        raise CheckpointError("non_finite_output",
-                              "The repaired model's outputs are NaN or infinite; the repair was not applied.")
+        raise CheckpointError(
+            "non_finite_output", "The repaired model's outputs are NaN or infinite; the repair was not applied."
+        )
     gap = float((logits.float() - expected.float()).abs().max()) if len(x) else 0.0
     if not gap <= 1e-3 * max(1.0, float(expected.abs().max())):  # `not <=`: a NaN gap fails too
         raise SpecError(f"the repaired model does not give the outputs of {what}; the repair was not applied")

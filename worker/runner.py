@@ -1,4 +1,5 @@
 """Runs one job: claim it, call the science package, record metrics, files and the outcome."""
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,8 @@ from typing import Any
 from core.paths import job_dir, resume_dir
 from core.settings import Settings, get_settings
 from models import files as files_repo
-from models import jobs as jobs_repo
 from models import job_logs as logs_repo
+from models import jobs as jobs_repo
 from models import metrics as metrics_repo
 from models.db import Database, database
 from models.status import JobStatus
@@ -114,8 +115,7 @@ class JobContext:
         """Store the rows and return them as stored; `log_lines`: and say each evaluation's accuracies in the
         job's log."""
         rows = [
-            {"step": m.step, "name": m.name, "value": float(m.value), "seed": m.seed, "split": m.split}
-            for m in batch
+            {"step": m.step, "name": m.name, "value": float(m.value), "seed": m.seed, "split": m.split} for m in batch
         ]
         self.writer.put(rows)
         for line in evaluation_lines(rows, self.steps) if log_lines else ():
@@ -212,8 +212,12 @@ def run_job(job_id: str) -> None:
     timeout_s = spec.get("timeout_s")
     writer = JobWriter(db, job_id)
     ctx = JobContext(
-        db=db, job_id=job_id, owner_id=owner_id, settings=settings,
-        deadline=time.monotonic() + timeout_s if timeout_s else None, writer=writer,
+        db=db,
+        job_id=job_id,
+        owner_id=owner_id,
+        settings=settings,
+        deadline=time.monotonic() + timeout_s if timeout_s else None,
+        writer=writer,
         steps=spec.get("steps") if kind == "train" else None,
     )
     log.info("job %s started (%s, attempt %d)", job_id, kind, attempts)
@@ -260,7 +264,6 @@ def forget_earlier_attempt(db: Database, job_id: str, settings: Settings) -> dic
     return kept
 
 
-
 def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | None, dict | None]:
     from jail import JailError
     from starvation.checkpoints import CheckpointError, out_of_memory
@@ -268,7 +271,6 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | 
     from starvation.errors import SpecError
     from starvation.repair import NoLinearHead, UnsupportedMethod
     from starvation.training import TrainingStopped
-
     from worker import audit_job, repair_job, sweep_job, train_job
 
     handlers: dict[str, Callable[[dict, JobContext], dict]] = {
@@ -281,8 +283,14 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | 
         result = handlers[kind](spec, ctx)
         if (where := non_finite(result, "result")) is not None:  # no database write may refuse an outcome
             log.warning("job %s: %s is not a finite number", ctx.job_id, where)
-            return JobStatus.FAILED, None, {"code": "non_finite_output", "message": f"The job's {where} is NaN or "
-                                            "infinite: the model's outputs are not finite numbers."}
+            return (
+                JobStatus.FAILED,
+                None,
+                {
+                    "code": "non_finite_output",
+                    "message": f"The job's {where} is NaN or infinite: the model's outputs are not finite numbers.",
+                },
+            )
         return JobStatus.SUCCEEDED, result, None
     except (TrainingStopped, JobCancelled):
         if ctx.deadline is not None and time.monotonic() > ctx.deadline:
@@ -307,13 +315,19 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | 
     except Exception as exc:
         if out_of_memory(exc):  # past the worker child's RLIMIT_AS: the job's size, not a crash to retry
             log.error("job %s ran out of memory:\n%s", ctx.job_id, traceback.format_exc())
-            return JobStatus.FAILED, None, {"code": "memory_limit",
-                                    "message": "The job needed more memory than this worker may use."}
+            return (
+                JobStatus.FAILED,
+                None,
+                {"code": "memory_limit", "message": "The job needed more memory than this worker may use."},
+            )
         # our fault: the details go to our log only (the job's log names the kind of error), keep the worker alive
         log.error("job %s crashed:\n%s", ctx.job_id, traceback.format_exc())
         ctx.say("error", f"internal error ({type(exc).__name__}); the operators' log has the details")
-        return JobStatus.FAILED, None, {"code": "internal_error",
-                                "message": "The job failed on our side; the operators have the details."}
+        return (
+            JobStatus.FAILED,
+            None,
+            {"code": "internal_error", "message": "The job failed on our side; the operators have the details."},
+        )
 
 
 def non_finite(value: Any, where: str) -> str | None:
@@ -338,8 +352,10 @@ def evaluation_lines(rows: list[dict[str, Any]], steps: int | None) -> list[str]
         ordered = sorted(splits.items(), key=lambda item: (item[0] != "test", item[0]))  # test first
         parts = [f"{split} accuracy {sum(values) / len(values):.3f}" for split, values in ordered]
         seeds = max(len(values) for values in splits.values())
-        lines.append(f"step {step}{f'/{steps}' if steps else ''}: {', '.join(parts)}"
-                     + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
+        lines.append(
+            f"step {step}{f'/{steps}' if steps else ''}: {', '.join(parts)}"
+            + (f" (mean of {seeds} seeds)" if seeds > 1 else "")
+        )
     return lines
 
 

@@ -1,5 +1,6 @@
 """Sweep jobs: every setting of a grid x every seed trained in one job (starvation/training/sweep.py), each
 network registered as a checkpoint, the chosen setting's networks audited when asked."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,9 +33,13 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     for index, (setting, checkpoints) in enumerate(zip(result["settings"], outcome.checkpoints)):
         setting["checkpoints"] = register_checkpoints(ctx, checkpoints, prefix=f"setting{index}-")
     chosen = result["chosen"]
-    ctx.say("info", f"chose setting {chosen} {result['chosen_params']} by {result['selection']} "
-                    f"({result['metric']} on {result['scored_on']})")
+    ctx.say(
+        "info",
+        f"chose setting {chosen} {result['chosen_params']} by {result['selection']} "
+        f"({result['metric']} on {result['scored_on']})",
+    )
     if spec.get("audit"):
-        result["audit"] = audit_checkpoints(ctx, spec["dataset"], outcome.checkpoints[chosen], device,
-                                            prefix=f"setting{chosen}-")
+        result["audit"] = audit_checkpoints(
+            ctx, spec["dataset"], outcome.checkpoints[chosen], device, prefix=f"setting{chosen}-"
+        )
     return result

@@ -1,4 +1,5 @@
 """Celery task bodies: thin shells over worker.runner."""
+
 from __future__ import annotations
 
 from core.queue import RUN_JOB

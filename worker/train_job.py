@@ -1,4 +1,5 @@
 """Train jobs: call the training engine, register its checkpoints, audit them when asked."""
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,11 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
         )
         for seed, step in outcome.result.get("resumed", {}).items():
             ctx.say("info", f"seed {seed} resumed from its state saved at step {step}")
-        result: dict[str, Any] = {**outcome.result, "device": device,
-                                  "checkpoints": register_checkpoints(ctx, outcome.checkpoints)}
+        result: dict[str, Any] = {
+            **outcome.result,
+            "device": device,
+            "checkpoints": register_checkpoints(ctx, outcome.checkpoints),
+        }
         if spec.get("audit"):
             result["audit"] = audit_checkpoints(ctx, spec["dataset"], outcome.checkpoints, device)
     except BaseException as exc:
@@ -86,20 +90,32 @@ def register_checkpoints(ctx, checkpoints: list[Any], prefix: str = "") -> list[
     for ckpt in checkpoints:
         ids = {}
         for fmt, path in (("torchscript", ckpt.torchscript_path), ("safetensors", ckpt.safetensors_path)):
-            ids[fmt] = add_checkpoint(ctx.db, job_id=ctx.job_id, owner_id=ctx.owner_id, seed=ckpt.seed, fmt=fmt,
-                                      path=path, model_info=model_info(ckpt))
+            ids[fmt] = add_checkpoint(
+                ctx.db,
+                job_id=ctx.job_id,
+                owner_id=ctx.owner_id,
+                seed=ckpt.seed,
+                fmt=fmt,
+                path=path,
+                model_info=model_info(ckpt),
+            )
             add_artifact(ctx.db, ctx.job_id, path, f"{prefix}{path.name}")
         registered.append({"seed": ckpt.seed, **ids})
     return registered
 
 
 def model_info(ckpt: Any) -> dict[str, Any]:
-    return {"arch": ckpt.arch, "arch_params": ckpt.arch_params, "input_shape": list(ckpt.input_shape),
-            "num_outputs": ckpt.num_outputs}
+    return {
+        "arch": ckpt.arch,
+        "arch_params": ckpt.arch_params,
+        "input_shape": list(ckpt.input_shape),
+        "num_outputs": ckpt.num_outputs,
+    }
 
 
-def audit_checkpoints(ctx, dataset_ref: dict[str, Any], checkpoints: list[Any], device: str,
-                      prefix: str = "") -> dict[str, Any]:
+def audit_checkpoints(
+    ctx, dataset_ref: dict[str, Any], checkpoints: list[Any], device: str, prefix: str = ""
+) -> dict[str, Any]:
     """Each network audited on its seed's data: {"reports": [{"seed", ...}], "summary": pooled over seeds}."""
     from starvation.audit import pool_reliance
 
@@ -127,10 +143,15 @@ def start_mlflow(spec: dict[str, Any], ctx) -> Any:
         ctx.say("warning", f"MLflow live logging failed: {error}; the job goes on, {then}")
 
     run = MlflowRun(
-        tracking_uri=spec["mlflow"]["tracking_uri"], experiment=spec["mlflow"]["experiment"], job_id=ctx.job_id,
-        spec=spec, allowed_schemes=ctx.settings.mlflow_allowed_schemes.split(","),
-        outbound_allow=ctx.settings.outbound_allow, flush_s=ctx.settings.mlflow_flush_s,
-        on_trouble=trouble, on_recovery=lambda: ctx.say("info", "MLflow takes the live metrics again"),
+        tracking_uri=spec["mlflow"]["tracking_uri"],
+        experiment=spec["mlflow"]["experiment"],
+        job_id=ctx.job_id,
+        spec=spec,
+        allowed_schemes=ctx.settings.mlflow_allowed_schemes.split(","),
+        outbound_allow=ctx.settings.outbound_allow,
+        flush_s=ctx.settings.mlflow_flush_s,
+        on_trouble=trouble,
+        on_recovery=lambda: ctx.say("info", "MLflow takes the live metrics again"),
     )
     run.start()
     return run
@@ -147,8 +168,9 @@ def stored_metrics(ctx) -> list[dict[str, Any]]:
     try:
         with ctx.db.session() as session:
             while page := metrics_repo.query(session, ctx.job_id, after_id=after, limit=5000):
-                rows += [{"step": m.step, "name": m.name, "value": m.value, "seed": m.seed, "split": m.split}
-                         for m in page]
+                rows += [
+                    {"step": m.step, "name": m.name, "value": m.value, "seed": m.seed, "split": m.split} for m in page
+                ]
                 after = page[-1].id
     except Exception as exc:
         log.warning("job %s: its stored metrics not read for MLflow: %s", ctx.job_id, exc)
@@ -156,8 +178,9 @@ def stored_metrics(ctx) -> list[dict[str, Any]]:
     return rows
 
 
-def finish_mlflow(run: Any, spec: dict[str, Any], ctx, history: list[dict[str, Any]],
-                  result: dict[str, Any]) -> dict[str, Any]:
+def finish_mlflow(
+    run: Any, spec: dict[str, Any], ctx, history: list[dict[str, Any]], result: dict[str, Any]
+) -> dict[str, Any]:
     """Export the rest of the finished job; an unreachable MLflow is recorded, it does not fail the job."""
     target = dict(spec["mlflow"])
     reports = [str(path) for path in sorted(ctx.work_dir.glob("seed*-audit/report.json"))]

@@ -1,4 +1,5 @@
 """The web dashboard: server-rendered pages under /dashboard, live curves over SSE, no build step."""
+
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 

@@ -4,6 +4,7 @@ Handlers stay thin: who is signed in comes from `session.py`, what to show from 
 read or write goes through the same code as the /v1 API (so the dashboard can never do what the
 token could not).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,14 +49,19 @@ def refuse_cross_site_posts(request: Request) -> None:
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False, dependencies=[Depends(refuse_cross_site_posts)])
 
-STATIC = {"dashboard.css": "text/css", "charts.js": "text/javascript", "job.js": "text/javascript",
-          "jobs.js": "text/javascript", "compare.js": "text/javascript"}
+STATIC = {
+    "dashboard.css": "text/css",
+    "charts.js": "text/javascript",
+    "job.js": "text/javascript",
+    "jobs.js": "text/javascript",
+    "compare.js": "text/javascript",
+}
 KINDS = ("train", "audit", "repair", "sweep")
 SECURITY_HEADERS = {
     # Only our own scripts; inline style attributes (the sweep's heat maps); plots arrive as data: URIs.
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-                               "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
-                               "frame-ancestors 'none'; base-uri 'none'",
+    "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
@@ -64,8 +70,9 @@ JOB_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
 
 def page(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> HTMLResponse:
-    response = templates.TemplateResponse(request, name, {"csrf": browser.csrf_token(request), **context},
-                                          status_code=status_code)
+    response = templates.TemplateResponse(
+        request, name, {"csrf": browser.csrf_token(request), **context}, status_code=status_code
+    )
     response.headers.update(SECURITY_HEADERS)
     return response
 
@@ -79,8 +86,7 @@ def expired_form(request: Request) -> HTMLResponse:
 
 
 async def cross_site_page(request: Request, _: Exception) -> Response:
-    return page(request, "message.html", {"title": "Refused", "message": "This form was sent from another site."},
-                403)
+    return page(request, "message.html", {"title": "Refused", "message": "This form was sent from another site."}, 403)
 
 
 def owned_job(session: Session, job_id: str, owner_id: str) -> Job | None:
@@ -95,6 +101,7 @@ def owned_job(session: Session, job_id: str, owner_id: str) -> Job | None:
 
 # ---- sign-in -------------------------------------------------------------------------------
 
+
 @router.get("")
 def home() -> RedirectResponse:
     return RedirectResponse("/dashboard/jobs", status_code=303)
@@ -106,12 +113,17 @@ def login_form(request: Request, next: str | None = None) -> HTMLResponse:
 
 
 @router.post("/login")
-def login(request: Request, session: SessionDep, token: Annotated[str, Form(max_length=512)],
-          next: Annotated[str | None, Form()] = None) -> Response:
+def login(
+    request: Request,
+    session: SessionDep,
+    token: Annotated[str, Form(max_length=512)],
+    next: Annotated[str | None, Form()] = None,
+) -> Response:
     token = token.strip()
     if not token or browser.principal_for_token(session, token) is None:
-        return page(request, "login.html", {"next": browser.safe_next(next),
-                                            "error": "That token is unknown or revoked."}, 401)
+        return page(
+            request, "login.html", {"next": browser.safe_next(next), "error": "That token is unknown or revoked."}, 401
+        )
     response = RedirectResponse(browser.safe_next(next), status_code=303)
     browser.start(response, request, token)
     return response
@@ -128,34 +140,55 @@ def logout(request: Request, csrf: Annotated[str | None, Form()] = None) -> Resp
 
 # ---- jobs ----------------------------------------------------------------------------------
 
+
 @router.get("/jobs")
 def jobs_page(
-    request: Request, session: SessionDep, principal: browser.SignedInDep,
-    status: str | None = None, kind: str | None = None,
-    cursor: str | None = None, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    request: Request,
+    session: SessionDep,
+    principal: browser.SignedInDep,
+    status: str | None = None,
+    kind: str | None = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
     error: str | None = None,
 ) -> Response:
     status = JobStatus(status) if status in set(JobStatus) else None  # an unknown filter: every job, as before
     kind = kind if kind in KINDS else None
     try:
-        jobs, next_cursor = jobs_service.list_jobs(session, principal.owner_id, limit=limit, cursor=cursor or None,
-                                                   kind=kind, status=status)
+        jobs, next_cursor = jobs_service.list_jobs(
+            session, principal.owner_id, limit=limit, cursor=cursor or None, kind=kind, status=status
+        )
     except ApiError:
         return RedirectResponse("/dashboard/jobs", status_code=303)  # a stale cursor: start over
     rows = [views.job_row(job) for job in jobs]
     from starvation.presets import PRESETS
 
-    return page(request, "jobs.html", {
-        "rows": rows, "status": status, "kind": kind, "statuses": list(JobStatus), "kinds": KINDS,
-        "next_cursor": next_cursor, "limit": limit, "presets": sorted(PRESETS),
-        "any_active": any(r["active"] for r in rows), "form_key": secrets.token_hex(16),
-        "error": error if error and len(error) < 500 else None, "principal": principal,
-    })
+    return page(
+        request,
+        "jobs.html",
+        {
+            "rows": rows,
+            "status": status,
+            "kind": kind,
+            "statuses": list(JobStatus),
+            "kinds": KINDS,
+            "next_cursor": next_cursor,
+            "limit": limit,
+            "presets": sorted(PRESETS),
+            "any_active": any(r["active"] for r in rows),
+            "form_key": secrets.token_hex(16),
+            "error": error if error and len(error) < 500 else None,
+            "principal": principal,
+        },
+    )
 
 
 @router.post("/jobs")
 def submit_train_job(
-    request: Request, session: SessionDep, settings: SettingsDep, principal: browser.SignedInDep,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: browser.SignedInDep,
     preset: Annotated[str, Form(max_length=100)],
     steps: Annotated[int, Form(ge=1)],
     seeds: Annotated[str, Form(max_length=200)] = "0",
@@ -168,8 +201,17 @@ def submit_train_job(
         return expired_form(request)
     try:
         seed_list = [int(s) for s in seeds.replace(" ", "").split(",") if s]
-        body = TrainJobCreate(kind="train", tags={"source": "dashboard"}, spec={
-            "preset": preset, "steps": steps, "seeds": seed_list, "eval_every": eval_every, "audit": audit == "on"})
+        body = TrainJobCreate(
+            kind="train",
+            tags={"source": "dashboard"},
+            spec={
+                "preset": preset,
+                "steps": steps,
+                "seeds": seed_list,
+                "eval_every": eval_every,
+                "audit": audit == "on",
+            },
+        )
         # What POST /v1/jobs does: same validation, idempotency (the form's key) and enqueueing.
         created = jobs_service.submit_once(session, body, principal, settings, idempotency_key=form_key)
     except ValueError:  # pydantic's ValidationError too
@@ -194,33 +236,54 @@ def job_page(job_id: str, request: Request, session: SessionDep, principal: brow
     report = views.report_or_none(job)
     recent, _ = jobs_service.list_jobs(session, principal.owner_id, limit=50, kind="train")
     others = [views.job_row(j) for j in recent if j.id != job.id]
-    return page(request, "job.html", {
-        "job": job, "row": views.job_row(job), "report": report, "summary": views.summary_rows(job, report),
-        "sweep": views.sweep_view(job),
-        "spec_json": json.dumps(job.spec, indent=2), "others": others,
-        "downloads": views.downloads(session, job, principal.owner_id),
-        "warnings": jobs_service.job_warnings(job), "mlflow_run": ((job.result or {}).get("mlflow") or {}).get("run_id")
-        and job.result["mlflow"],
-        "page_data": {"id": job.id, "kind": job.kind, "status": job.status, "steps": (job.spec or {}).get("steps"),
-                      "seeds": (job.spec or {}).get("seeds") or [], "terminal": job.status in TERMINAL,
-                      "terminal_statuses": sorted(TERMINAL)},
-    })
+    return page(
+        request,
+        "job.html",
+        {
+            "job": job,
+            "row": views.job_row(job),
+            "report": report,
+            "summary": views.summary_rows(job, report),
+            "sweep": views.sweep_view(job),
+            "spec_json": json.dumps(job.spec, indent=2),
+            "others": others,
+            "downloads": views.downloads(session, job, principal.owner_id),
+            "warnings": jobs_service.job_warnings(job),
+            "mlflow_run": ((job.result or {}).get("mlflow") or {}).get("run_id") and job.result["mlflow"],
+            "page_data": {
+                "id": job.id,
+                "kind": job.kind,
+                "status": job.status,
+                "steps": (job.spec or {}).get("steps"),
+                "seeds": (job.spec or {}).get("seeds") or [],
+                "terminal": job.status in TERMINAL,
+                "terminal_statuses": sorted(TERMINAL),
+            },
+        },
+    )
 
 
 @router.post("/jobs/{job_id}/repair")
 def repair_audited_model(
-    job_id: str, request: Request, session: SessionDep, settings: SettingsDep, principal: browser.SignedInDep,
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: browser.SignedInDep,
     form_key: Annotated[str | None, Form(max_length=64)] = None,
     csrf: Annotated[str | None, Form()] = None,
 ) -> Response:
-    """"Repair" on an audit: the audited model, data, attribute and seed, default method."""
+    """ "Repair" on an audit: the audited model, data, attribute and seed, default method."""
     if not browser.csrf_ok(request, csrf):
         return expired_form(request)
     job = owned_job(session, job_id, principal.owner_id)
     if job is None or job.kind != "audit":
         return not_found_page(request, "audit job")
-    audited = {k: job.spec.get(k) for k in ("checkpoint_id", "train_job_id", "dataset", "spurious_attribute", "seed",
-                                             "probes", "layer") if job.spec.get(k) is not None}
+    audited = {
+        k: job.spec.get(k)
+        for k in ("checkpoint_id", "train_job_id", "dataset", "spurious_attribute", "seed", "probes", "layer")
+        if job.spec.get(k) is not None
+    }
     try:
         body = RepairJobCreate(kind="repair", tags={"source": "dashboard", "audit_job": job.id}, spec=audited)
         created = jobs_service.submit_once(session, body, principal, settings, idempotency_key=form_key)
@@ -232,8 +295,9 @@ def repair_audited_model(
 
 
 @router.get("/checkpoints/{checkpoint_id}/file")
-def download_checkpoint(checkpoint_id: str, request: Request, session: SessionDep,
-                        principal: browser.SignedInDep) -> Response:
+def download_checkpoint(
+    checkpoint_id: str, request: Request, session: SessionDep, principal: browser.SignedInDep
+) -> Response:
     """A checkpoint file for the signed-in browser (e.g. a repaired model from its job's page)."""
     checkpoint = files_repo.get_checkpoint(session, checkpoint_id, owner_id=principal.owner_id)
     if checkpoint is None or not Path(checkpoint.path).is_file():
@@ -243,8 +307,13 @@ def download_checkpoint(checkpoint_id: str, request: Request, session: SessionDe
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel(job_id: str, request: Request, session: SessionDep, principal: browser.SignedInDep,
-           csrf: Annotated[str | None, Form()] = None) -> Response:
+def cancel(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    principal: browser.SignedInDep,
+    csrf: Annotated[str | None, Form()] = None,
+) -> Response:
     if not browser.csrf_ok(request, csrf):
         return expired_form(request)
     job = owned_job(session, job_id, principal.owner_id)
@@ -261,8 +330,13 @@ def job_events(job_id: str, request: Request, session: SessionDep, settings: Set
     principal = browser.require_principal(request, session)
     events = jobs_service.follow(session, job_id, principal, request.is_disconnected)
     # Proxies must pass events through as they come.
-    return open_stream(principal.owner_id, settings, events, "text/event-stream",
-                       headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return open_stream(
+        principal.owner_id,
+        settings,
+        events,
+        "text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.get("/jobs/{job_id}/report")
@@ -275,13 +349,17 @@ def report_page(job_id: str, request: Request, session: SessionDep, principal: b
         title, body = jobs_service.report_body(session, job)
     except ApiError as exc:
         return page(request, "message.html", {"title": "No report", "message": exc.message}, exc.status)
-    return page(request, "report.html", {"job": job, "title": title, "body": body,
-                                         "downloads": views.downloads(session, job, principal.owner_id)})
+    return page(
+        request,
+        "report.html",
+        {"job": job, "title": title, "body": body, "downloads": views.downloads(session, job, principal.owner_id)},
+    )
 
 
 @router.get("/jobs/{job_id}/artifacts/{name}")
-def download_artifact(job_id: str, name: str, request: Request, session: SessionDep,
-                      principal: browser.SignedInDep) -> Response:
+def download_artifact(
+    job_id: str, name: str, request: Request, session: SessionDep, principal: browser.SignedInDep
+) -> Response:
     """One of the job's artifacts (a plot, a JSON report) for the signed-in browser."""
     job = owned_job(session, job_id, principal.owner_id)
     artifact = files_repo.get_artifact(session, job.id, name) if job is not None else None
@@ -293,8 +371,9 @@ def download_artifact(job_id: str, name: str, request: Request, session: Session
 
 
 @router.get("/compare")
-def compare_page(request: Request, session: SessionDep, principal: browser.SignedInDep,
-                 a: str | None = None, b: str | None = None) -> Response:
+def compare_page(
+    request: Request, session: SessionDep, principal: browser.SignedInDep, a: str | None = None, b: str | None = None
+) -> Response:
     recent, _ = jobs_service.list_jobs(session, principal.owner_id, limit=100)
     choices = [views.job_row(j) for j in recent]
     sides = []
@@ -304,20 +383,40 @@ def compare_page(request: Request, session: SessionDep, principal: browser.Signe
             return not_found_page(request, f"job {job_id!r}")
         if job is not None:
             report = views.report_or_none(job)
-            sides.append({"label": label, "job": job, "row": views.job_row(job), "report": report,
-                          "summary": views.summary_rows(job, report), "plots": views.plot_images(session, job, report)})
+            sides.append(
+                {
+                    "label": label,
+                    "job": job,
+                    "row": views.job_row(job),
+                    "report": report,
+                    "summary": views.summary_rows(job, report),
+                    "plots": views.plot_images(session, job, report),
+                }
+            )
     labels: list[str] = []
     for side in sides:
         labels += [label for label, _ in side["summary"] if label not in labels]
     table = [(label, [dict(side["summary"]).get(label) for side in sides]) for label in labels]
-    return page(request, "compare.html", {
-        "choices": choices, "a": a, "b": b, "sides": sides, "table": table,
-        "page_data": {"jobs": [{"id": s["job"].id, "label": s["label"], "steps": (s["job"].spec or {}).get("steps")}
-                               for s in sides]},
-    })
+    return page(
+        request,
+        "compare.html",
+        {
+            "choices": choices,
+            "a": a,
+            "b": b,
+            "sides": sides,
+            "table": table,
+            "page_data": {
+                "jobs": [
+                    {"id": s["job"].id, "label": s["label"], "steps": (s["job"].spec or {}).get("steps")} for s in sides
+                ]
+            },
+        },
+    )
 
 
 # ---- static files --------------------------------------------------------------------------
+
 
 @router.get("/keys")
 def keys_page(request: Request, session: SessionDep, principal: browser.SignedInDep) -> Response:
@@ -327,14 +426,21 @@ def keys_page(request: Request, session: SessionDep, principal: browser.SignedIn
 
 def render_keys(request: Request, session: Session, principal: Any, created: dict[str, Any] | None = None) -> Response:
     rows = auth_repo.list_keys(session, limit=500, only_id=None if principal.is_admin else principal.owner_id)
-    return page(request, "keys.html", {"keys": rows, "is_admin": principal.is_admin, "created": created,
-                                       "own_id": principal.owner_id})
+    return page(
+        request,
+        "keys.html",
+        {"keys": rows, "is_admin": principal.is_admin, "created": created, "own_id": principal.owner_id},
+    )
 
 
 @router.post("/keys")
-def create_key(request: Request, session: SessionDep, principal: browser.SignedInDep,
-               name: Annotated[str, Form(min_length=1, max_length=200)],
-               csrf: Annotated[str | None, Form()] = None) -> Response:
+def create_key(
+    request: Request,
+    session: SessionDep,
+    principal: browser.SignedInDep,
+    name: Annotated[str, Form(min_length=1, max_length=200)],
+    csrf: Annotated[str | None, Form()] = None,
+) -> Response:
     if not browser.csrf_ok(request, csrf):
         return expired_form(request)
     if not principal.is_admin:
@@ -342,13 +448,22 @@ def create_key(request: Request, session: SessionDep, principal: browser.SignedI
     key, secret = auth_repo.issue_key(session, name=name)
     session.commit()
     # The secrets are shown on this one response, never again (a reload re-posts nothing: no-store).
-    return render_keys(request, session, principal, created={"id": key.id, "name": key.name, "key": secret,
-                                                            "webhook_secret": key.webhook_secret})
+    return render_keys(
+        request,
+        session,
+        principal,
+        created={"id": key.id, "name": key.name, "key": secret, "webhook_secret": key.webhook_secret},
+    )
 
 
 @router.post("/keys/{key_id}/revoke")
-def revoke_key(key_id: str, request: Request, session: SessionDep, principal: browser.SignedInDep,
-               csrf: Annotated[str | None, Form()] = None) -> Response:
+def revoke_key(
+    key_id: str,
+    request: Request,
+    session: SessionDep,
+    principal: browser.SignedInDep,
+    csrf: Annotated[str | None, Form()] = None,
+) -> Response:
     if not browser.csrf_ok(request, csrf):
         return expired_form(request)
     if not may_manage(principal, key_id) or auth_repo.revoke(session, key_id) is None:

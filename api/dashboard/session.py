@@ -7,13 +7,13 @@
 - Forms that change something carry a CSRF token: an HMAC of the session under a server secret.
 - Every POST (sign-in too: no login CSRF) is refused when the browser says it comes from another origin.
 """
+
 from __future__ import annotations
 
 import hashlib
 import hmac
-from urllib.parse import quote, urlsplit
-
 from typing import Annotated
+from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, Request
 from fastapi.responses import RedirectResponse, Response
@@ -73,7 +73,12 @@ def require_principal(request: Request, session: Session) -> Principal:
 
 def start(response: Response, request: Request, token: str) -> None:
     response.set_cookie(
-        COOKIE, token, max_age=MAX_AGE_S, path=COOKIE_PATH, httponly=True, samesite="strict",
+        COOKIE,
+        token,
+        max_age=MAX_AGE_S,
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="strict",
         secure=is_https(request),
     )
 
@@ -109,8 +114,10 @@ def same_origin(request: Request) -> bool:
         return False  # "null" (sandboxed or privacy-stripped), file:, or garbage
     own_scheme = "https" if is_https(request) else request.url.scheme
     # Behind a proxy that rewrites Host, X-Forwarded-Host names us (a cross-site form cannot set it).
-    own_hosts = {_host_port(own_scheme, request.headers.get(name, "").split(",")[0].strip())
-                 for name in ("host", "x-forwarded-host")}
+    own_hosts = {
+        _host_port(own_scheme, request.headers.get(name, "").split(",")[0].strip())
+        for name in ("host", "x-forwarded-host")
+    }
     return parts.scheme == own_scheme and _host_port(parts.scheme, parts.netloc) in own_hosts - {""}
 
 

@@ -1,4 +1,5 @@
 """What the pages show, computed from jobs: a few words per job, summary numbers, report plots."""
+
 from __future__ import annotations
 
 import base64
@@ -24,8 +25,11 @@ def describe(job: Job) -> str:
         if job.kind == "sweep":
             return f"{name} sweep of {setting_count(spec)} settings, {spec.get('steps')} steps, {seeds}"
         return f"{name}, {spec.get('steps')} steps, {seeds}"
-    source = (f"checkpoint {spec['checkpoint_id'][:10]}…" if spec.get("checkpoint_id")
-              else f"train job {str(spec.get('train_job_id'))[:10]}…")
+    source = (
+        f"checkpoint {spec['checkpoint_id'][:10]}…"
+        if spec.get("checkpoint_id")
+        else f"train job {str(spec.get('train_job_id'))[:10]}…"
+    )
     return f"{source} on {(spec.get('dataset') or {}).get('name', '?')}"
 
 
@@ -49,8 +53,13 @@ def reliance(job: Job) -> dict[str, Any]:
     if not summary:
         return {"score": None, "std": None, "verdict": None, "interval": None, "per_seed": []}
     score = summary.get("reliance_score")
-    return {"score": mean_of(score), "std": std_of(score), "verdict": summary.get("verdict"),
-            "interval": summary.get("interval"), "per_seed": summary.get("per_seed") or []}
+    return {
+        "score": mean_of(score),
+        "std": std_of(score),
+        "verdict": summary.get("verdict"),
+        "interval": summary.get("interval"),
+        "per_seed": summary.get("per_seed") or [],
+    }
 
 
 def report_or_none(job: Job) -> dict[str, Any] | None:
@@ -73,7 +82,7 @@ def job_row(job: Job) -> dict[str, Any]:
         "progress": job.progress or 0.0,
         "created_at": job.created_at.strftime("%Y-%m-%d %H:%M:%S") if job.created_at else "",
         "describe": describe(job),
-        "test_accuracy": mean_of(((splits.get("test") or {}).get("accuracy"))),
+        "test_accuracy": mean_of((splits.get("test") or {}).get("accuracy")),
         "reliance": reliance(job),
         "active": job.status not in TERMINAL,
     }
@@ -94,18 +103,28 @@ def summary_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = [("kind", job.kind), ("status", job.status), ("what", describe(job))]
     if job.kind == "train":
         method, optimizer = spec.get("method") or {}, spec.get("optimizer") or {}
-        rows += [("method", method.get("name")), ("sd_lambda", method.get("sd_lambda")),
-                 ("optimizer", f"{optimizer.get('name')} lr {optimizer.get('lr')}")]
+        rows += [
+            ("method", method.get("name")),
+            ("sd_lambda", method.get("sd_lambda")),
+            ("optimizer", f"{optimizer.get('name')} lr {optimizer.get('lr')}"),
+        ]
         for split in splits:
             rows.append((f"{split} accuracy", splits[split].get("accuracy")))
-        rows.append(("starved fraction at step 0 → end",
-                     f"{fmt(starved.get('first'))} → {fmt(starved.get('last'))}" if starved else None))
+        rows.append(
+            (
+                "starved fraction at step 0 → end",
+                f"{fmt(starved.get('first'))} → {fmt(starved.get('last'))}" if starved else None,
+            )
+        )
     if job.kind == "repair":
         return rows + repair_rows(job)
     if job.kind == "sweep":
-        rows += [("selection", result.get("selection")), ("chosen setting", params_text(result.get("chosen_params"))),
-                 ("scored by", f"{result['metric']} on {result['scored_on']}" if result.get("metric") else None),
-                 ("held out to choose on", result.get("holdout"))]
+        rows += [
+            ("selection", result.get("selection")),
+            ("chosen setting", params_text(result.get("chosen_params"))),
+            ("scored by", f"{result['metric']} on {result['scored_on']}" if result.get("metric") else None),
+            ("held out to choose on", result.get("holdout")),
+        ]
     rel = reliance(job)
     rows += [
         ("reliance score", {"mean": rel["score"], "std": rel["std"]} if rel["std"] is not None else rel["score"]),
@@ -113,12 +132,18 @@ def summary_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
         ("verdict", rel["verdict"]),
         ("verdict per seed", ", ".join(f"{s.get('seed')}: {s.get('verdict')}" for s in rel["per_seed"]) or None),
         ("flip rate", counterfactual.get("flip_rate")),
-        ("flips towards / against the attribute's training label",
-         f"{fmt(counterfactual['flip_rate_towards'])} / {fmt(counterfactual['flip_rate_against'])}"
-         if counterfactual.get("flip_rate_towards") is not None else None),
-        ("mean |Δ logit| / |Δ probability| under the swap",
-         f"{fmt(counterfactual['mean_abs_logit_change'])} / {fmt(counterfactual['mean_abs_probability_change'])}"
-         if counterfactual.get("mean_abs_logit_change") is not None else None),
+        (
+            "flips towards / against the attribute's training label",
+            f"{fmt(counterfactual['flip_rate_towards'])} / {fmt(counterfactual['flip_rate_against'])}"
+            if counterfactual.get("flip_rate_towards") is not None
+            else None,
+        ),
+        (
+            "mean |Δ logit| / |Δ probability| under the swap",
+            f"{fmt(counterfactual['mean_abs_logit_change'])} / {fmt(counterfactual['mean_abs_probability_change'])}"
+            if counterfactual.get("mean_abs_logit_change") is not None
+            else None,
+        ),
         ("average accuracy", (report or {}).get("average_accuracy")),
         ("worst-group accuracy", (report or {}).get("worst_group_accuracy")),
         ("run time", f"{duration_s(job):.1f} s" if duration_s(job) is not None else None),
@@ -156,21 +181,38 @@ def sweep_view(job: Job) -> dict[str, Any] | None:
     if job.kind != "sweep" or not result.get("settings"):
         return None
     metric, chosen = result["metric"], result["chosen"]
-    rows = [{"index": index, "params": params_text(setting["params"]), "chosen": index == chosen,
-             "scores": [(setting.get(part) or {}).get(name)  # the table's columns; no validation under oracle
-                        for part in ("validation", "test") for name in ("accuracy", "worst_group_accuracy")],
-             "checkpoints": setting.get("checkpoints") or []}
-            for index, setting in enumerate(result["settings"])]
+    rows = [
+        {
+            "index": index,
+            "params": params_text(setting["params"]),
+            "chosen": index == chosen,
+            "scores": [
+                (setting.get(part) or {}).get(name)  # the table's columns; no validation under oracle
+                for part in ("validation", "test")
+                for name in ("accuracy", "worst_group_accuracy")
+            ],
+            "checkpoints": setting.get("checkpoints") or [],
+        }
+        for index, setting in enumerate(result["settings"])
+    ]
     heat = None
     if sorted(grid) == sorted(HEAT_AXES):
         (row_key, row_values), (column_key, column_values) = grid.items()
         row_symbol, column_symbol = HEAT_AXES[row_key], HEAT_AXES[column_key]
-        heat = {"row_labels": [f"{row_symbol} {value}" for value in row_values],
-                "column_labels": [f"{column_symbol} {value}" for value in column_values],
-                "axes": f"rows {row_symbol}, columns {column_symbol}", "maps": [
-                    {"title": f"{part} {metric}", "id": f"heat-{part}",
-                     "cells": _heat_cells(result["settings"], part, metric, len(column_values), chosen)}
-                    for part in ("validation", "test") if result["settings"][0].get(part)]}
+        heat = {
+            "row_labels": [f"{row_symbol} {value}" for value in row_values],
+            "column_labels": [f"{column_symbol} {value}" for value in column_values],
+            "axes": f"rows {row_symbol}, columns {column_symbol}",
+            "maps": [
+                {
+                    "title": f"{part} {metric}",
+                    "id": f"heat-{part}",
+                    "cells": _heat_cells(result["settings"], part, metric, len(column_values), chosen),
+                }
+                for part in ("validation", "test")
+                if result["settings"][0].get(part)
+            ],
+        }
     return {"rows": rows, "metric": metric, "leaks_test": result.get("leaks_test"), "heat": heat}
 
 
@@ -187,7 +229,7 @@ def _heat_cells(settings: list[dict], part: str, metric: str, columns: int, chos
             hue = 120 * (mean - low) / (high - low) if high > low else 60  # all alike: a neutral yellow
             style = f"background: hsl({hue:.0f}, 65%, 80%)"
         cells.append({"value": mean, "chosen": index == chosen, "style": style})
-    return [cells[start:start + columns] for start in range(0, len(cells), columns)]
+    return [cells[start : start + columns] for start in range(0, len(cells), columns)]
 
 
 def repair_rows(job: Job) -> list[tuple[str, Any]]:
@@ -195,8 +237,13 @@ def repair_rows(job: Job) -> list[tuple[str, Any]]:
     result = job.result or {}
     before, after = result.get("before") or {}, result.get("after") or {}
     rows: list[tuple[str, Any]] = []
-    for label, key in (("reliance score", "reliance_score"), ("verdict", "verdict"), ("flip rate", "flip_rate"),
-                       ("average accuracy", "average_accuracy"), ("worst-group accuracy", "worst_group_accuracy")):
+    for label, key in (
+        ("reliance score", "reliance_score"),
+        ("verdict", "verdict"),
+        ("flip rate", "flip_rate"),
+        ("average accuracy", "average_accuracy"),
+        ("worst-group accuracy", "worst_group_accuracy"),
+    ):
         if key in before or key in after:
             rows.append((f"{label} (before → after)", f"{fmt(before.get(key))} → {fmt(after.get(key))}"))
     selection = result.get("selection") or {}
@@ -243,16 +290,32 @@ def downloads(session: Session, job: Job, owner_id: str) -> dict[str, list[dict[
     """The job's files, as links for the signed-in browser: the checkpoints it made (each format) and the one it
     read (an audit's or a repair's input), and its other artifacts (plots, reports)."""
     made = list(files_repo.checkpoints_of_job(session, job.id))
-    read = files_repo.get_checkpoint(session, job.spec["checkpoint_id"], owner_id=owner_id) \
-        if isinstance((job.spec or {}).get("checkpoint_id"), str) else None
-    checkpoints = [{"id": c.id, "format": c.format, "size": size_text(c.size_bytes),
-                    "what": "input" if c is read else f"seed {c.seed}" if c.seed is not None else "made",
-                    "url": f"/dashboard/checkpoints/{c.id}/file"}
-                   for c in made + ([read] if read is not None and read not in made else [])]
+    read = (
+        files_repo.get_checkpoint(session, job.spec["checkpoint_id"], owner_id=owner_id)
+        if isinstance((job.spec or {}).get("checkpoint_id"), str)
+        else None
+    )
+    checkpoints = [
+        {
+            "id": c.id,
+            "format": c.format,
+            "size": size_text(c.size_bytes),
+            "what": "input" if c is read else f"seed {c.seed}" if c.seed is not None else "made",
+            "url": f"/dashboard/checkpoints/{c.id}/file",
+        }
+        for c in made + ([read] if read is not None and read not in made else [])
+    ]
     paths = {c.path for c in made}  # a checkpoint's file is an artifact too: listed once, as a checkpoint
-    artifacts = [{"name": a.name, "media_type": a.media_type, "size": size_text(a.size_bytes),
-                  "url": f"/dashboard/jobs/{job.id}/artifacts/{quote(a.name, safe='')}"}
-                 for a in files_repo.artifacts_of_job(session, job.id) if a.path not in paths]
+    artifacts = [
+        {
+            "name": a.name,
+            "media_type": a.media_type,
+            "size": size_text(a.size_bytes),
+            "url": f"/dashboard/jobs/{job.id}/artifacts/{quote(a.name, safe='')}",
+        }
+        for a in files_repo.artifacts_of_job(session, job.id)
+        if a.path not in paths
+    ]
     return {"checkpoints": checkpoints, "artifacts": artifacts}
 
 
@@ -260,6 +323,6 @@ def size_text(size_bytes: int) -> str:
     """1234567 as "1.2 MiB"."""
     if size_bytes < 1024:
         return f"{size_bytes} bytes"
-    if size_bytes < 1024 ** 2:
+    if size_bytes < 1024**2:
         return f"{size_bytes / 1024:.1f} KiB"
-    return f"{size_bytes / 1024 ** 2:.1f} MiB"
+    return f"{size_bytes / 1024**2:.1f} MiB"

@@ -1,4 +1,5 @@
 """Checkpoints: uploaded models (checked, never unpickled) and those train jobs produce."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,19 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found
-from api.files_service import check_storage_quota, delete_checkpoint as delete_stored_checkpoint
+from api.files_service import check_storage_quota
+from api.files_service import delete_checkpoint as delete_stored_checkpoint
 from api.idempotency import replay_if_seen, replay_or_create
-from api.schemas import (CREATE_ERRORS, KEYED_ERRORS, BinaryUpload, CheckpointOut, CheckpointPage, error_responses,
-                         links_to, media_response)
+from api.schemas import (
+    CREATE_ERRORS,
+    KEYED_ERRORS,
+    BinaryUpload,
+    CheckpointOut,
+    CheckpointPage,
+    error_responses,
+    links_to,
+    media_response,
+)
 from api.uploads import save_limited
 from models import files as files_repo
 from models.tables import Checkpoint, new_id
@@ -43,12 +53,21 @@ def parse_json_field(name: str, raw: str | None, kind: type) -> Any:
 
 # 200: the same bytes again (no second check); 413: too large, or past the key's stored bytes; 429: too many model
 # checks at once (api/sandbox.py), or past the key's count of checkpoints.
-@router.post("", status_code=201, response_model=CheckpointOut, responses={
-    **error_responses(*CREATE_ERRORS, 429),
-    201: TO_THE_CHECKPOINT,
-    200: {"model": CheckpointOut, "description": "The same bytes, format and model card were uploaded before: "
-                                                  "that checkpoint, not checked again.", **TO_THE_CHECKPOINT},
-})
+@router.post(
+    "",
+    status_code=201,
+    response_model=CheckpointOut,
+    responses={
+        **error_responses(*CREATE_ERRORS, 429),
+        201: TO_THE_CHECKPOINT,
+        200: {
+            "model": CheckpointOut,
+            "description": "The same bytes, format and model card were uploaded before: "
+            "that checkpoint, not checked again.",
+            **TO_THE_CHECKPOINT,
+        },
+    },
+)
 async def upload_checkpoint(
     session: SessionDep,
     principal: PrincipalDep,
@@ -57,7 +76,7 @@ async def upload_checkpoint(
     format: Annotated[Literal["torchscript", "onnx", "safetensors"], Form()],
     arch: Annotated[str | None, Form()] = None,
     arch_params: Annotated[str | None, Form(description="JSON object")] = None,
-    input_shape: Annotated[str | None, Form(description='JSON list, e.g. [2, 14, 14]')] = None,
+    input_shape: Annotated[str | None, Form(description="JSON list, e.g. [2, 14, 14]")] = None,
     num_classes: Annotated[int, Form(ge=2, le=100_000)] = 2,
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
@@ -88,7 +107,11 @@ async def upload_checkpoint(
         if (replayed := replay_if_seen(session, principal, idempotency_key, request_hash)) is not None:
             return replayed
         twin = files_repo.uploaded_twin(
-            session, owner_id=principal.owner_id, sha256=sha256, format=format, model_info=model_card,
+            session,
+            owner_id=principal.owner_id,
+            sha256=sha256,
+            format=format,
+            model_info=model_card,
         )
         if twin is not None:
             return JSONResponse(checkpoint_out(twin).model_dump(mode="json"), 200)
@@ -103,15 +126,26 @@ async def upload_checkpoint(
         tmp_path.rename(final)
         placed.append(final)
         checkpoint = files_repo.add_checkpoint(
-            session, id=checkpoint_id, owner_id=principal.owner_id, format=format, path=str(final),
-            sha256=sha256, size_bytes=size, model_info={**model_card, "num_outputs": info.get("num_outputs"),
-                                                       "head": info.get("head")},
+            session,
+            id=checkpoint_id,
+            owner_id=principal.owner_id,
+            format=format,
+            path=str(final),
+            sha256=sha256,
+            size_bytes=size,
+            model_info={**model_card, "num_outputs": info.get("num_outputs"), "head": info.get("head")},
         )
         return 201, checkpoint_out(checkpoint)
 
     def keep() -> JSONResponse:  # committed here, so a duplicate waiting for its turn finds it
-        response = replay_or_create(session, principal, idempotency_key, request_hash, create,
-                                    discard=lambda: [path.unlink(missing_ok=True) for path in placed])
+        response = replay_or_create(
+            session,
+            principal,
+            idempotency_key,
+            request_hash,
+            create,
+            discard=lambda: [path.unlink(missing_ok=True) for path in placed],
+        )
         session.commit()
         return response
 
@@ -121,8 +155,15 @@ async def upload_checkpoint(
                 return answer
             session.commit()  # no database connection is held while the model is checked
             info = await run_in_threadpool(
-                validate_checkpoint, principal.owner_id, settings, path=tmp_path, fmt=format, arch=arch,
-                arch_params=params, input_shape=list(shape), num_classes=num_classes,
+                validate_checkpoint,
+                principal.owner_id,
+                settings,
+                path=tmp_path,
+                fmt=format,
+                arch=arch,
+                arch_params=params,
+                input_shape=list(shape),
+                num_classes=num_classes,
                 max_bytes=settings.max_upload_bytes,
             )
             return await run_in_threadpool(keep)
@@ -153,9 +194,14 @@ def get_checkpoint(checkpoint_id: str, session: SessionDep, principal: Principal
     return checkpoint_out(checkpoint)
 
 
-@router.get("/{checkpoint_id}/file", response_class=Response,
-            responses={**media_response("The checkpoint's file.", "application/octet-stream", binary=True),
-                       **error_responses(404)})
+@router.get(
+    "/{checkpoint_id}/file",
+    response_class=Response,
+    responses={
+        **media_response("The checkpoint's file.", "application/octet-stream", binary=True),
+        **error_responses(404),
+    },
+)
 def download_checkpoint(checkpoint_id: str, session: SessionDep, principal: PrincipalDep):
     checkpoint = files_repo.get_checkpoint(session, checkpoint_id, owner_id=principal.owner_id)
     if checkpoint is None:

@@ -1,6 +1,7 @@
 """Datasets: the built-ins with their parameters, and datasets users register (.npz uploads, ready at once, or
 image folders with a metadata CSV under GS_DATA_DIR, answered at once and checked in the background:
 api/dataset_checks.py)."""
+
 from __future__ import annotations
 
 from functools import partial
@@ -12,10 +13,10 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.deps import Principal, PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found, without_server_paths
-from api.files_service import check_storage_quota, delete_dataset as delete_stored_dataset
+from api.files_service import check_storage_quota
+from api.files_service import delete_dataset as delete_stored_dataset
 from api.idempotency import replay_or_create
-from api.schemas import (CREATE_ERRORS, KEYED_ERRORS, BinaryUpload, DatasetList, DatasetOut, error_responses,
-                         links_to)
+from api.schemas import CREATE_ERRORS, KEYED_ERRORS, BinaryUpload, DatasetList, DatasetOut, error_responses, links_to
 from api.uploads import save_limited
 from models import files as files_repo
 from models.tables import new_id
@@ -51,11 +52,20 @@ def delete_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep
     delete_stored_dataset(session, row, settings)
 
 
-@router.post("", status_code=201, response_model=DatasetOut, responses={
-    201: TO_THE_DATASET,
-    202: {"model": DatasetOut, "description": "an image folder, registered as `pending` and checked in the background",
-          **TO_THE_DATASET},
-    **error_responses(*CREATE_ERRORS, 429)})
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    responses={
+        201: TO_THE_DATASET,
+        202: {
+            "model": DatasetOut,
+            "description": "an image folder, registered as `pending` and checked in the background",
+            **TO_THE_DATASET,
+        },
+        **error_responses(*CREATE_ERRORS, 429),
+    },
+)
 async def register_dataset(
     session: SessionDep,
     principal: PrincipalDep,
@@ -63,10 +73,16 @@ async def register_dataset(
     name: Annotated[str, Form(min_length=1, max_length=200)],
     format: Annotated[Literal["npz", "image_folder"], Form()] = "npz",
     file: Annotated[BinaryUpload | None, File(description=".npz with arrays x, y, attribute (optional split)")] = None,
-    folder: Annotated[str | None, Form(description="image_folder: a folder in your data folder, GS_DATA_DIR/<your key "
-                                                        "id> (the admin token's: GS_DATA_DIR)")] = None,
-    metadata: Annotated[str, Form(description="image_folder: the CSV (path,label,attribute,split), in the folder")]
-    = "metadata.csv",
+    folder: Annotated[
+        str | None,
+        Form(
+            description="image_folder: a folder in your data folder, GS_DATA_DIR/<your key "
+            "id> (the admin token's: GS_DATA_DIR)"
+        ),
+    ] = None,
+    metadata: Annotated[
+        str, Form(description="image_folder: the CSV (path,label,attribute,split), in the folder")
+    ] = "metadata.csv",
     image_size: Annotated[int, Form(ge=4, le=512)] = 64,
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
@@ -89,8 +105,12 @@ async def register_npz(session, principal, settings, name: str, file: UploadFile
     def create() -> tuple[int, Any]:
         check_storage_quota(session, principal, settings, adding="datasets", adding_bytes=size)
         try:
-            dataset = load_npz(tmp_path, name, max_bytes=settings.max_dataset_bytes,
-                               max_compression_ratio=settings.max_dataset_compression_ratio)
+            dataset = load_npz(
+                tmp_path,
+                name,
+                max_bytes=settings.max_dataset_bytes,
+                max_compression_ratio=settings.max_dataset_compression_ratio,
+            )
         except SpecError as exc:
             raise dataset_refused(exc) from None
         except Exception as exc:  # numpy refuses pickles and broken zips with assorted errors
@@ -104,7 +124,12 @@ async def register_npz(session, principal, settings, name: str, file: UploadFile
     placed: list[Path] = []  # the file `create` moved into place, removed if a concurrent twin won
     try:
         return await run_in_threadpool(
-            replay_or_create, session, principal, idempotency_key, f"{sha256}:{name}", create,
+            replay_or_create,
+            session,
+            principal,
+            idempotency_key,
+            f"{sha256}:{name}",
+            create,
             discard=lambda: [path.unlink(missing_ok=True) for path in placed],
         )
     finally:
@@ -130,8 +155,12 @@ def granted_image_folder(settings, principal: Principal, folder: str | None, met
         raise ApiError(422, "invalid_request", "Image folders are read from GS_DATA_DIR, which is not set.")
     if not folder:
         raise ApiError(422, "invalid_request", "folder is required.")
-    unusable = ApiError(422, "invalid_path", "No such image folder and metadata CSV in your data folder; paths are "
-                                             "relative to it (GS_DATA_DIR/<your key id>, given by the operator).")
+    unusable = ApiError(
+        422,
+        "invalid_path",
+        "No such image folder and metadata CSV in your data folder; paths are "
+        "relative to it (GS_DATA_DIR/<your key id>, given by the operator).",
+    )
     grant = granted_folder(settings, principal)
     try:
         root, csv_path = (grant / folder).resolve(), (grant / folder / metadata).resolve()
@@ -146,14 +175,26 @@ def register_image_folder(session, principal, settings, name, folder, metadata, 
     """202 at once: the folder and its CSV exist in the caller's data folder; rows and images are checked in the
     background."""
     if files_repo.pending_checks(session, principal.owner_id) >= settings.dataset_checks_per_key:
-        raise ApiError(429, "too_many_dataset_checks", f"This key has {settings.dataset_checks_per_key} image folders "
-                       "waiting for their check, the limit; register more when they are ready.",
-                       headers={"Retry-After": "10"})
+        raise ApiError(
+            429,
+            "too_many_dataset_checks",
+            f"This key has {settings.dataset_checks_per_key} image folders "
+            "waiting for their check, the limit; register more when they are ready.",
+            headers={"Retry-After": "10"},
+        )
     root, csv_path = granted_image_folder(settings, principal, folder, metadata)
     check_storage_quota(session, principal, settings, adding="datasets", adding_bytes=0)
     info = {"metadata": str(csv_path), "image_size": image_size}
-    row = files_repo.add_dataset(session, id=new_id(), owner_id=principal.owner_id, name=name, format="image_folder",
-                                 path=str(root), info=info, status="pending")
+    row = files_repo.add_dataset(
+        session,
+        id=new_id(),
+        owner_id=principal.owner_id,
+        name=name,
+        format="image_folder",
+        path=str(root),
+        info=info,
+        status="pending",
+    )
     return 202, dataset_out(row)
 
 
@@ -165,15 +206,28 @@ def add_row(session, principal, dataset_id, name, fmt, path, dataset, extra, siz
         **extra,
     }
     row = files_repo.add_dataset(
-        session, id=dataset_id, owner_id=principal.owner_id, name=name, format=fmt, path=str(path), info=info,
+        session,
+        id=dataset_id,
+        owner_id=principal.owner_id,
+        name=name,
+        format=fmt,
+        path=str(path),
+        info=info,
         size_bytes=size_bytes,
     )
     return dataset_out(row)
 
 
 def dataset_out(row) -> DatasetOut:
-    return DatasetOut(id=row.id, name=row.name, builtin=False, description=public_info(row.info),
-                      created_at=row.created_at, status=row.status, error=row.error)
+    return DatasetOut(
+        id=row.id,
+        name=row.name,
+        builtin=False,
+        description=public_info(row.info),
+        created_at=row.created_at,
+        status=row.status,
+        error=row.error,
+    )
 
 
 def public_info(info: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """Jobs: create, read, list, cancel, delete, metrics, events, report and artifacts."""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -38,40 +39,60 @@ from models import metrics as metrics_repo
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*KEYED_ERRORS))
 OF_A_JOB = error_responses(404, 409)  # every route under /v1/jobs/{job_id} (409: an id prefix two jobs share)
 TOO_MANY_STREAMS = error_responses(429)  # the key's or the service's open streams (api/streams.py)
-TO_THE_JOB = links_to("job_id", "get_job", "cancel_job", "delete_job", "list_job_metrics", "get_job_logs",
-                      "stream_job_events", "get_report", "get_report_html", "list_artifacts")
+TO_THE_JOB = links_to(
+    "job_id",
+    "get_job",
+    "cancel_job",
+    "delete_job",
+    "list_job_metrics",
+    "get_job_logs",
+    "stream_job_events",
+    "get_report",
+    "get_report_html",
+    "list_artifacts",
+)
 
 MAX_LIMIT = 500
-EVENT_STREAM = media_response("`event: status` (the job), `event: metrics` and `event: logs` (new rows), `event: end`.",
-                              "text/event-stream")
+EVENT_STREAM = media_response(
+    "`event: status` (the job), `event: metrics` and `event: logs` (new rows), `event: end`.", "text/event-stream"
+)
 # Checkpoints, plots and JSON reports, each with its own media type (the artifact list says which).
-ARTIFACT_FILE = media_response("The artifact's bytes.", "application/octet-stream", "image/png", "application/json",
-                               binary=True)
+ARTIFACT_FILE = media_response(
+    "The artifact's bytes.", "application/octet-stream", "image/png", "application/json", binary=True
+)
 REPORT_PAGE = media_response("The report as one self-contained page with its plots.", "text/html")
 # report.html is one self-contained page: inline <style>, plots as data: URIs, no script at all.
 REPORT_HTML_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-                               "form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
+    "form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
 # Bodies that are accepted as they are: Swagger's "Try it out" starts from them, and the fuzzer's stateful phase
 # mixes them in so that its jobs get created and their links followed (tests/api/test_fuzz_openapi.py).
 JOB_EXAMPLES = {
-    "train_preset": {"summary": "A recipe of the paper: SD on two moons",
-                     "value": {"kind": "train", "spec": {"preset": "paper_moons_sd"}}},
-    "train": {"summary": "SD on Colored MNIST, 500 steps, tagged",
-              "value": {"kind": "train", "tags": {"team": "vision"},
-                        "spec": {"dataset": {"name": "colored_mnist"}, "method": {"name": "sd", "sd_lambda": 2.0},
-                                 "steps": 500}}},
-    "sweep": {"summary": "Two SD strengths on two moons",
-              "value": {"kind": "sweep", "spec": {"preset": "paper_moons_sd",
-                                                  "grid": {"method.sd_lambda": [0.1, 1.0]}}}},
+    "train_preset": {
+        "summary": "A recipe of the paper: SD on two moons",
+        "value": {"kind": "train", "spec": {"preset": "paper_moons_sd"}},
+    },
+    "train": {
+        "summary": "SD on Colored MNIST, 500 steps, tagged",
+        "value": {
+            "kind": "train",
+            "tags": {"team": "vision"},
+            "spec": {"dataset": {"name": "colored_mnist"}, "method": {"name": "sd", "sd_lambda": 2.0}, "steps": 500},
+        },
+    },
+    "sweep": {
+        "summary": "Two SD strengths on two moons",
+        "value": {"kind": "sweep", "spec": {"preset": "paper_moons_sd", "grid": {"method.sd_lambda": [0.1, 1.0]}}},
+    },
 }
 
 
-@router.post("", status_code=202, response_model=JobOut,
-             responses={202: TO_THE_JOB, **error_responses(*CREATE_ERRORS, 429)})
+@router.post(
+    "", status_code=202, response_model=JobOut, responses={202: TO_THE_JOB, **error_responses(*CREATE_ERRORS, 429)}
+)
 def create_job(
     body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)],
     session: SessionDep,
@@ -130,8 +151,14 @@ def list_job_metrics(
 ):
     job_id = owned_job(session, job_id, principal.owner_id).id  # the full id, when given a prefix
     rows = metrics_repo.query(
-        session, job_id, name=name, seed=seed, split=split, since_step=since_step,
-        after_id=jobs_service.after_row(cursor), limit=limit + 1,
+        session,
+        job_id,
+        name=name,
+        seed=seed,
+        split=split,
+        since_step=since_step,
+        after_id=jobs_service.after_row(cursor),
+        limit=limit + 1,
     )
     items, more = rows[:limit], len(rows) > limit
     return MetricPage(
@@ -140,12 +167,19 @@ def list_job_metrics(
     )
 
 
-@router.get("/{job_id}/logs", response_model=LogPage, responses={
-    200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}},
-          "description": "A page of the job's log lines; with `follow=true`, a stream of JSON lines (LogLine) "
-                         "that ends when the job has finished."},
-    **error_responses(400, 404, 409), **TOO_MANY_STREAMS,
-})
+@router.get(
+    "/{job_id}/logs",
+    response_model=LogPage,
+    responses={
+        200: {
+            "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+            "description": "A page of the job's log lines; with `follow=true`, a stream of JSON lines (LogLine) "
+            "that ends when the job has finished.",
+        },
+        **error_responses(400, 404, 409),
+        **TOO_MANY_STREAMS,
+    },
+)
 def get_job_logs(
     job_id: str,
     request: Request,
@@ -165,8 +199,9 @@ def get_job_logs(
 
 
 @router.get("/{job_id}/events", response_class=Response, responses={**EVENT_STREAM, **OF_A_JOB, **TOO_MANY_STREAMS})
-def stream_job_events(job_id: str, request: Request, session: SessionDep, principal: PrincipalDep,
-                      settings: SettingsDep):
+def stream_job_events(
+    job_id: str, request: Request, session: SessionDep, principal: PrincipalDep, settings: SettingsDep
+):
     """Server-Sent Events: `status` on every change of status or progress, `metrics` and `logs` for new rows."""
     events = jobs_service.follow(session, job_id, principal, request.is_disconnected)
     return open_stream(principal.owner_id, settings, events, "text/event-stream")

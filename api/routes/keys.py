@@ -1,4 +1,5 @@
 """API keys: issued by the admin, each a tenant of its own; listed and revoked through the API."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any
@@ -8,15 +9,27 @@ from fastapi import APIRouter, Header, Query
 from api.deps import AdminDep, Principal, PrincipalDep, SessionDep
 from api.errors import not_found
 from api.idempotency import body_hash, replay_or_create
-from api.schemas import (CREATE_ERRORS, KEYED_ERRORS, ApiKeyCreate, ApiKeyOut, ApiKeyPage, ApiKeySummary,
-                         error_responses, links_to)
+from api.schemas import (
+    CREATE_ERRORS,
+    KEYED_ERRORS,
+    ApiKeyCreate,
+    ApiKeyOut,
+    ApiKeyPage,
+    ApiKeySummary,
+    error_responses,
+    links_to,
+)
 from models import auth as auth_repo
 
 router = APIRouter(prefix="/v1/api-keys", tags=["auth"], responses=error_responses(*KEYED_ERRORS))
 
 
-@router.post("", status_code=201, response_model=ApiKeyOut,
-             responses={201: links_to("key_id", "revoke_api_key"), **error_responses(*CREATE_ERRORS, 403)})
+@router.post(
+    "",
+    status_code=201,
+    response_model=ApiKeyOut,
+    responses={201: links_to("key_id", "revoke_api_key"), **error_responses(*CREATE_ERRORS, 403)},
+)
 def create_api_key(
     body: ApiKeyCreate,
     session: SessionDep,
@@ -31,8 +44,14 @@ def create_api_key(
 
     # A replay names the key made the first time but not its secrets: they are shown once and
     # never stored in the clear (the key is kept only as a hash).
-    return replay_or_create(session, admin, idempotency_key, body_hash(body), create,
-                            stored=lambda first: {**first, "key": None, "webhook_secret": None})
+    return replay_or_create(
+        session,
+        admin,
+        idempotency_key,
+        body_hash(body),
+        create,
+        stored=lambda first: {**first, "key": None, "webhook_secret": None},
+    )
 
 
 def summary(key) -> ApiKeySummary:

@@ -1,4 +1,5 @@
 """Operations: liveness, readiness and Prometheus metrics."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,9 +27,14 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Readiness,
-            responses={503: {"model": Readiness, "description": "The database or the broker is unreachable."},
-                       **error_responses(422)})
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={
+        503: {"model": Readiness, "description": "The database or the broker is unreachable."},
+        **error_responses(422),
+    },
+)
 def readyz() -> JSONResponse:
     checks = {}
     try:
@@ -76,19 +82,28 @@ def job_metric_families(session: Session, now: datetime) -> list[Metric]:
     ).one()
     # Only while a job runs: with none running there is no heartbeat to be late.
     if newest is not None:
-        families.append(GaugeMetricFamily(
-            "gs_worker_heartbeat_age_seconds", "Seconds since the newest heartbeat of any running job.",
-            value=max(0.0, (now - newest).total_seconds()),
-        ))
-        families.append(GaugeMetricFamily(
-            "gs_running_job_heartbeat_max_age_seconds", "Seconds since the heartbeat of the most silent running job.",
-            value=max(0.0, (now - oldest).total_seconds()),
-        ))
+        families.append(
+            GaugeMetricFamily(
+                "gs_worker_heartbeat_age_seconds",
+                "Seconds since the newest heartbeat of any running job.",
+                value=max(0.0, (now - newest).total_seconds()),
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "gs_running_job_heartbeat_max_age_seconds",
+                "Seconds since the heartbeat of the most silent running job.",
+                value=max(0.0, (now - oldest).total_seconds()),
+            )
+        )
     oldest_queued = session.scalar(select(func.min(Job.created_at)).where(Job.status == JobStatus.QUEUED))
-    families.append(GaugeMetricFamily(
-        "gs_oldest_queued_job_age_seconds", "Seconds the oldest queued job has waited (0 when none).",
-        value=max(0.0, (now - oldest_queued).total_seconds()) if oldest_queued is not None else 0.0,
-    ))
+    families.append(
+        GaugeMetricFamily(
+            "gs_oldest_queued_job_age_seconds",
+            "Seconds the oldest queued job has waited (0 when none).",
+            value=max(0.0, (now - oldest_queued).total_seconds()) if oldest_queued is not None else 0.0,
+        )
+    )
     return families
 
 
@@ -96,8 +111,9 @@ def duration_histogram(session: Session) -> HistogramMetricFamily:
     """Run time (started_at to finished_at) of finished jobs, by kind and final status."""
     durations: dict[tuple[str, str], list[float]] = {}
     rows = session.execute(
-        select(Job.kind, Job.status, Job.started_at, Job.finished_at)
-        .where(Job.started_at.is_not(None), Job.finished_at.is_not(None))
+        select(Job.kind, Job.status, Job.started_at, Job.finished_at).where(
+            Job.started_at.is_not(None), Job.finished_at.is_not(None)
+        )
     )
     for kind, status, started_at, finished_at in rows:
         durations.setdefault((kind, status), []).append(max(0.0, (finished_at - started_at).total_seconds()))
@@ -126,8 +142,12 @@ def metrics_reader(session: SessionDep, settings: SettingsDep, authorization: Au
         admin_principal(current_principal(session, authorization))
 
 
-@router.get("/metrics", response_class=Response, dependencies=[Depends(metrics_reader)],
-            responses={**media_response("Prometheus text format.", "text/plain"), **error_responses(401, 403, 422, 503)})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    dependencies=[Depends(metrics_reader)],
+    responses={**media_response("Prometheus text format.", "text/plain"), **error_responses(401, 403, 422, 503)},
+)
 def prometheus_metrics() -> Response:
     with database().session() as session:
         families = job_metric_families(session, utcnow())

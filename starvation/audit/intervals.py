@@ -8,6 +8,7 @@ pseudo-count per category (a Bayesian bootstrap with the Jeffreys prior): a plai
 bootstrap collapses to zero width when a category is empty (every example flips: [1, 1]). A mean
 of a continuous quantity gets a plain percentile bootstrap.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,9 @@ def percentile_interval(draws: np.ndarray, confidence: float = CONFIDENCE) -> In
 JEFFREYS = 0.5  # pseudo-count per outcome category
 
 
-def net_share_interval(towards: int, against: int, n: int, *, seed: int,
-                       confidence: float = CONFIDENCE, draws: int = BOOTSTRAP_DRAWS) -> Interval | None:
+def net_share_interval(
+    towards: int, against: int, n: int, *, seed: int, confidence: float = CONFIDENCE, draws: int = BOOTSTRAP_DRAWS
+) -> Interval | None:
     """Bootstrap interval of (towards - against) / n, each example being towards, against or neither."""
     if n <= 0:
         return None
@@ -64,8 +66,16 @@ def net_share_interval(towards: int, against: int, n: int, *, seed: int,
     return _including(percentile_interval(shares[:, 0] - shares[:, 1], confidence), (towards - against) / n)
 
 
-def difference_of_shares_interval(successes_a: int, n_a: int, successes_b: int, n_b: int, *, seed: int,
-                                  confidence: float = CONFIDENCE, draws: int = BOOTSTRAP_DRAWS) -> Interval | None:
+def difference_of_shares_interval(
+    successes_a: int,
+    n_a: int,
+    successes_b: int,
+    n_b: int,
+    *,
+    seed: int,
+    confidence: float = CONFIDENCE,
+    draws: int = BOOTSTRAP_DRAWS,
+) -> Interval | None:
     """Bootstrap interval of successes_a / n_a - successes_b / n_b, each group drawn on its own."""
     if n_a <= 0 or n_b <= 0:
         return None
@@ -80,8 +90,9 @@ def _including(interval: Interval, estimate: float) -> Interval:
     return [min(interval[0], estimate), max(interval[1], estimate)]
 
 
-def mean_interval(values: torch.Tensor, *, seed: int, confidence: float = CONFIDENCE,
-                  draws: int = BOOTSTRAP_DRAWS) -> Interval | None:
+def mean_interval(
+    values: torch.Tensor, *, seed: int, confidence: float = CONFIDENCE, draws: int = BOOTSTRAP_DRAWS
+) -> Interval | None:
     """Percentile bootstrap interval of the mean of `values`, resampling examples."""
     values = values.detach().double().cpu().numpy().ravel()
     if len(values) == 0:
@@ -108,8 +119,9 @@ def clip_interval(interval: Interval, low: float = 0.0, high: float = 1.0) -> In
     return [min(max(interval[0], low), high), min(max(interval[1], low), high)]
 
 
-def pooled_mean_interval(scores: list[float], intervals: list[Interval | None],
-                         confidence: float = CONFIDENCE) -> Interval:
+def pooled_mean_interval(
+    scores: list[float], intervals: list[Interval | None], confidence: float = CONFIDENCE
+) -> Interval:
     """Interval of the mean of per-seed scores: the wider of two readings.
 
     Between seeds: Student's t with k - 1 degrees of freedom on the seeds' standard deviation / sqrt(k)

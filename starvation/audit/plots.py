@@ -1,4 +1,5 @@
 """The audit's PNG plots, drawn headless (matplotlib's Agg canvas, no pyplot global state)."""
+
 from __future__ import annotations
 
 import pathlib
@@ -8,9 +9,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from starvation.datasets.images import batched
 from starvation.checkpoints import AuditableModel
 from starvation.datasets.base import Dataset
+from starvation.datasets.images import batched
 
 GROUP_ACCURACY = "group_accuracy.png"
 FOUR_CORNERS = "four_corners.png"
@@ -19,13 +20,13 @@ DECISION_BOUNDARY = "decision_boundary.png"
 ALIGNED_COLOUR, CONFLICTING_COLOUR = "#1f77b4", "#ff7f0e"
 CAPTIONS = {
     GROUP_ACCURACY: "Test accuracy of each group (label × spurious attribute). Blue: bias-aligned groups, where the "
-                    "attribute goes with the label as it did in training; orange: bias-conflicting groups; dashed: "
-                    "the average. A model that leans on the attribute scores high on blue and low on orange.",
+    "attribute goes with the label as it did in training; orange: bias-conflicting groups; dashed: "
+    "the average. A model that leans on the attribute scores high on blue and low on orange.",
     FOUR_CORNERS: "Accuracy (left) and mean predictive entropy (right) on the test split with the core feature "
-                  "and/or the spurious attribute removed. Leaning on the attribute: accuracy falls when it is "
-                  "removed, and the model stays confident with only the attribute left.",
+    "and/or the spurious attribute removed. Leaning on the attribute: accuracy falls when it is "
+    "removed, and the model stays confident with only the attribute left.",
     DECISION_BOUNDARY: "The predicted probability of class 1 over the input plane (the black line is 0.5), with the "
-                       "training points (circles) and the test points (crosses) coloured by label.",
+    "training points (circles) and the test points (crosses) coloured by label.",
 }
 _DPI = 100
 _GRID = 200  # decision boundary: points per axis
@@ -56,11 +57,21 @@ def group_accuracy(report: dict) -> Figure:
     colours = [ALIGNED_COLOUR if g.get("aligned") else CONFLICTING_COLOUR for g in groups]
     bars = ax.bar(range(len(groups)), [g["accuracy"] for g in groups], color=colours)
     for bar, g in zip(bars, groups):
-        ax.annotate(f"{g['accuracy']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            f"{g['accuracy']:.2f}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     if report.get("average_accuracy") is not None:
-        ax.axhline(report["average_accuracy"], color="grey", linestyle="--", linewidth=1,
-                   label=f"average {report['average_accuracy']:.2f}")
+        ax.axhline(
+            report["average_accuracy"],
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label=f"average {report['average_accuracy']:.2f}",
+        )
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xticks(range(len(groups)), labels, fontsize=8)
     ax.set_ylim(0, 1.08)
@@ -81,16 +92,24 @@ def four_corners(report: dict) -> Figure:
     layout = [["core_and_spurious", "core_only"], ["spurious_only", "neither"]]
     entropy_max = (report.get("four_corners_entropy") or {}).get("max") or np.log(2)
     fig = Figure(figsize=(8, 3.6), dpi=_DPI)
-    for index, (key, vmax, title) in enumerate((
-        ("accuracy", 1.0, "accuracy"),
-        ("entropy", entropy_max, "mean predictive entropy (nats)"),
-    )):
+    for index, (key, vmax, title) in enumerate(
+        (
+            ("accuracy", 1.0, "accuracy"),
+            ("entropy", entropy_max, "mean predictive entropy (nats)"),
+        )
+    ):
         ax = fig.add_subplot(1, 2, index + 1)
         values = np.array([[_value(corners.get(c), key) for c in row] for row in layout], dtype=float)
         ax.imshow(values, vmin=0.0, vmax=vmax, cmap="viridis")
         for (r, c), v in np.ndenumerate(values):
-            ax.text(c, r, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
-                    color="white" if np.isnan(v) or v < 0.6 * vmax else "black")
+            ax.text(
+                c,
+                r,
+                "n/a" if np.isnan(v) else f"{v:.2f}",
+                ha="center",
+                va="center",
+                color="white" if np.isnan(v) or v < 0.6 * vmax else "black",
+            )
         ax.set_xticks([0, 1], ["spurious present", "spurious removed"], fontsize=8)
         ax.set_yticks([0, 1], ["core present", "core removed"], fontsize=8)
         ax.set_title(title, fontsize=9)
@@ -120,8 +139,17 @@ def decision_boundary(model: AuditableModel, dataset: Dataset) -> Figure:
         ax.contourf(grid_x, grid_y, classes, levels=np.arange(logits.shape[1] + 1) - 0.5, cmap="RdBu_r", alpha=0.5)
     for name, marker in ((dataset.train_splits[0], "o"), (dataset.test_split, "x")):
         split = dataset.splits[name]
-        ax.scatter(split.x[:, 0].numpy(), split.x[:, 1].numpy(), c=split.y.numpy(), cmap="RdBu_r", marker=marker,
-                   s=12, linewidths=0.8, edgecolors="black" if marker == "o" else None, label=name)
+        ax.scatter(
+            split.x[:, 0].numpy(),
+            split.x[:, 1].numpy(),
+            c=split.y.numpy(),
+            cmap="RdBu_r",
+            marker=marker,
+            s=12,
+            linewidths=0.8,
+            edgecolors="black" if marker == "o" else None,
+            label=name,
+        )
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title("Decision boundary (predicted class 1 probability)", fontsize=9)
     fig.tight_layout()

@@ -4,6 +4,7 @@ A probe asks `supports(dataset)` and `run(model, dataset, ctx)`; `run` returns t
 to the report (API.md, "Report (JSON)"). Predictions are shared through `AuditContext`, so the
 test split goes through the model once however many probes read it.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,11 @@ class AuditContext:
             logits = batched(model.logits, split.x, model.device, self.batch_size)
             if not bool(torch.isfinite(logits).all()):  # a report must hold numbers, never NaN or infinity
                 bad = int((~torch.isfinite(logits)).any(dim=-1).sum()) if logits.dim() > 1 else len(logits)
-                raise CheckpointError("non_finite_output", f"The model's outputs on {bad} of {len(logits)} examples "
-                                      "are NaN or infinite; an audit needs finite logits.")
+                raise CheckpointError(
+                    "non_finite_output",
+                    f"The model's outputs on {bad} of {len(logits)} examples "
+                    "are NaN or infinite; an audit needs finite logits.",
+                )
             self._logits[key] = logits
         return self._logits[key]
 
@@ -150,14 +154,16 @@ class GroupsProbe(Probe):
         for label in torch.unique(test.y).tolist():
             for attribute in torch.unique(test.attribute[test.y == label]).tolist():
                 in_group = (test.y == label) & (test.attribute == attribute)
-                groups.append({
-                    "label": int(label),
-                    "attribute": int(attribute),
-                    "n": int(in_group.sum()),
-                    "accuracy": float(correct[in_group].double().mean()),
-                    "accuracy_interval": share_interval(correct[in_group]),
-                    "aligned": aligned.get(int(label)) == int(attribute),
-                })
+                groups.append(
+                    {
+                        "label": int(label),
+                        "attribute": int(attribute),
+                        "n": int(in_group.sum()),
+                        "accuracy": float(correct[in_group].double().mean()),
+                        "accuracy_interval": share_interval(correct[in_group]),
+                        "aligned": aligned.get(int(label)) == int(attribute),
+                    }
+                )
         known = torch.zeros_like(test.y, dtype=torch.bool)  # labels never seen in training are neither
         is_aligned = torch.zeros_like(test.y, dtype=torch.bool)
         for label, value in aligned.items():
@@ -177,8 +183,12 @@ class GroupsProbe(Probe):
             "bias_conflicting_accuracy": _mean_or_none(conflicting_correct),
             "bias_conflicting_accuracy_interval": share_interval(conflicting_correct),
             "accuracy_gap_interval": difference_of_shares_interval(
-                int(aligned_correct.sum()), len(aligned_correct), int(conflicting_correct.sum()),
-                len(conflicting_correct), seed=ctx.seed),
+                int(aligned_correct.sum()),
+                len(aligned_correct),
+                int(conflicting_correct.sum()),
+                len(conflicting_correct),
+                seed=ctx.seed,
+            ),
         }
 
 
@@ -210,30 +220,35 @@ class CounterfactualProbe(Probe):
         towards = flipped & known & (pred_intervened == label_pointed_to)
         against = flipped & known & ~towards
         # how far: the change of the originally predicted class's log-odds and probability
-        logit_change = (predicted_class_log_odds(logits_intervened, pred) - predicted_class_log_odds(logits, pred)).abs()
-        probability_change = (predicted_class_probability(logits_intervened, pred)
-                              - predicted_class_probability(logits, pred)).abs()
+        logit_change = (
+            predicted_class_log_odds(logits_intervened, pred) - predicted_class_log_odds(logits, pred)
+        ).abs()
+        probability_change = (
+            predicted_class_probability(logits_intervened, pred) - predicted_class_probability(logits, pred)
+        ).abs()
         correct, correct_intervened = pred == test.y, pred_intervened == intervened.y
         n = len(test)
-        return {"counterfactual": {
-            "flip_rate": _mean_or_none(flipped),
-            "flip_rate_interval": share_interval(flipped),
-            "flip_rate_towards": _mean_or_none(towards),
-            "flip_rate_towards_interval": share_interval(towards),
-            "flip_rate_against": _mean_or_none(against),
-            "flip_rate_against_interval": share_interval(against),
-            "flip_rate_net": (int(towards.sum()) - int(against.sum())) / n if n else None,
-            "flip_rate_net_interval": net_share_interval(int(towards.sum()), int(against.sum()), n, seed=ctx.seed),
-            "mean_abs_logit_change": _mean_or_none(logit_change),
-            "mean_abs_logit_change_interval": mean_interval(logit_change, seed=ctx.seed),
-            "mean_abs_probability_change": _mean_or_none(probability_change),
-            "mean_abs_probability_change_interval": mean_interval(probability_change, seed=ctx.seed),
-            "accuracy": _mean_or_none(correct),
-            "accuracy_interval": share_interval(correct),
-            "accuracy_intervened": _mean_or_none(correct_intervened),
-            "accuracy_intervened_interval": share_interval(correct_intervened),
-            "n": n,
-        }}
+        return {
+            "counterfactual": {
+                "flip_rate": _mean_or_none(flipped),
+                "flip_rate_interval": share_interval(flipped),
+                "flip_rate_towards": _mean_or_none(towards),
+                "flip_rate_towards_interval": share_interval(towards),
+                "flip_rate_against": _mean_or_none(against),
+                "flip_rate_against_interval": share_interval(against),
+                "flip_rate_net": (int(towards.sum()) - int(against.sum())) / n if n else None,
+                "flip_rate_net_interval": net_share_interval(int(towards.sum()), int(against.sum()), n, seed=ctx.seed),
+                "mean_abs_logit_change": _mean_or_none(logit_change),
+                "mean_abs_logit_change_interval": mean_interval(logit_change, seed=ctx.seed),
+                "mean_abs_probability_change": _mean_or_none(probability_change),
+                "mean_abs_probability_change_interval": mean_interval(probability_change, seed=ctx.seed),
+                "accuracy": _mean_or_none(correct),
+                "accuracy_interval": share_interval(correct),
+                "accuracy_intervened": _mean_or_none(correct_intervened),
+                "accuracy_intervened_interval": share_interval(correct_intervened),
+                "n": n,
+            }
+        }
 
 
 @register
@@ -326,24 +341,28 @@ class LinearProbe(Probe):
             return result
 
         random_model = model.random_copy(ctx.seed)
-        return {"linear_probe": {
-            "layer": model.feature_layer,
-            "data": f"{dataset.test_split} split only (held out from training)",
-            "core_label": "clean (before label noise)" if clean else "label",
-            **decode_all(model.features),
-            "random_network": decode_all(random_model.features) if random_model is not None else {
-                "reason": "the weights of this model format cannot be re-initialised here"},
-            "n_fit": int(len(halves["core"][0])),
-            "n_score": int(len(halves["core"][1])),
-        }}
+        return {
+            "linear_probe": {
+                "layer": model.feature_layer,
+                "data": f"{dataset.test_split} split only (held out from training)",
+                "core_label": "clean (before label noise)" if clean else "label",
+                **decode_all(model.features),
+                "random_network": decode_all(random_model.features)
+                if random_model is not None
+                else {"reason": "the weights of this model format cannot be re-initialised here"},
+                "n_fit": int(len(halves["core"][0])),
+                "n_score": int(len(halves["core"][1])),
+            }
+        }
 
     @staticmethod
     def _unavailable(reason: str, layer: str | None = None) -> dict:
         return {"linear_probe": {"layer": layer, "core_accuracy": None, "spurious_accuracy": None, "reason": reason}}
 
 
-def _balanced_halves(target: np.ndarray, other: np.ndarray,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+def _balanced_halves(
+    target: np.ndarray, other: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(fit, score) indices: the same number from every (target, other) group, split in half; None
     when some group is too small."""
     members = [np.flatnonzero((target == t) & (other == o)) for t in np.unique(target) for o in np.unique(other)]
@@ -354,7 +373,7 @@ def _balanced_halves(target: np.ndarray, other: np.ndarray,
     for m in members:
         picked = rng.choice(m, size=per_group, replace=False)
         fit.append(picked[: per_group // 2])
-        score.append(picked[per_group // 2:])
+        score.append(picked[per_group // 2 :])
     return np.concatenate(fit), np.concatenate(score)
 
 
@@ -390,17 +409,30 @@ class NtkProbe(Probe):
 
         module = getattr(model, "module", None)
         if not isinstance(module, torch.nn.Module) or isinstance(module, torch.jit.ScriptModule):
-            return {"ntk": {"reason": "the NTK needs the network's parameters: not available for TorchScript or "
-                                      "ONNX models"}}
+            return {
+                "ntk": {
+                    "reason": "the NTK needs the network's parameters: not available for TorchScript or ONNX models"
+                }
+            }
         # The training data: the kernel's alignment there is what decides what training learns first.
         sample = ntk.KernelSample.of(dataset.train_data(), seed=ctx.seed, max_examples=ntk.MAX_EXAMPLES)
         try:
             gram = ntk.ntk_gram(module, sample.x.to(model.device)).cpu()
         except ValueError as exc:  # more than two logits: the probe reads one
             return {"ntk": {"reason": str(exc)}}
-        return {"ntk": {
-            "sample": {"n": len(sample.indices), "seed": ctx.seed, "split": "train (pooled)",
-                       "indices": sample.indices.tolist()},
-            **ntk.kernel_report(gram, y=sample.targets["label"], attribute=sample.targets["attribute"],
-                                core=sample.targets.get("core")),
-        }}
+        return {
+            "ntk": {
+                "sample": {
+                    "n": len(sample.indices),
+                    "seed": ctx.seed,
+                    "split": "train (pooled)",
+                    "indices": sample.indices.tolist(),
+                },
+                **ntk.kernel_report(
+                    gram,
+                    y=sample.targets["label"],
+                    attribute=sample.targets["attribute"],
+                    core=sample.targets.get("core"),
+                ),
+            }
+        }

@@ -1,4 +1,5 @@
 """`run_audit`: the probes a spec asks for, the reliance summary, the plots; one JSON-able report."""
+
 from __future__ import annotations
 
 import pathlib
@@ -30,9 +31,18 @@ SCORE_MEASURES = {
 
 # Keys each probe fills; present as null when the probe did not run, so the shape never changes.
 REPORT_KEYS = {
-    "groups": ["groups", "average_accuracy", "average_accuracy_interval", "worst_group_accuracy",
-               "worst_group_accuracy_interval", "bias_aligned_accuracy", "bias_aligned_accuracy_interval",
-               "bias_conflicting_accuracy", "bias_conflicting_accuracy_interval", "accuracy_gap_interval"],
+    "groups": [
+        "groups",
+        "average_accuracy",
+        "average_accuracy_interval",
+        "worst_group_accuracy",
+        "worst_group_accuracy_interval",
+        "bias_aligned_accuracy",
+        "bias_aligned_accuracy_interval",
+        "bias_conflicting_accuracy",
+        "bias_conflicting_accuracy_interval",
+        "accuracy_gap_interval",
+    ],
     "counterfactual": ["counterfactual"],
     "four_corners": ["four_corners", "four_corners_entropy"],
     "linear_probe": ["linear_probe"],
@@ -122,10 +132,13 @@ def run_audit(
 
 def confidence_note(seed: int) -> dict:
     """How the report's `*_interval` fields were computed."""
-    return {"level": CONFIDENCE, "shares": "Wilson score interval",
-            "scores": f"bootstrap of the outcome shares (Dirichlet, half a pseudo-count each), {BOOTSTRAP_DRAWS} "
-                      f"draws, seed {seed}",
-            "means": f"percentile bootstrap over test examples, {BOOTSTRAP_DRAWS} draws, seed {seed}"}
+    return {
+        "level": CONFIDENCE,
+        "shares": "Wilson score interval",
+        "scores": f"bootstrap of the outcome shares (Dirichlet, half a pseudo-count each), {BOOTSTRAP_DRAWS} "
+        f"draws, seed {seed}",
+        "means": f"percentile bootstrap over test examples, {BOOTSTRAP_DRAWS} draws, seed {seed}",
+    }
 
 
 def reliance_summary(report: dict, basis: str) -> dict:
@@ -146,12 +159,22 @@ def reliance_summary(report: dict, basis: str) -> dict:
         aligned, conflicting = report["bias_aligned_accuracy"], report["bias_conflicting_accuracy"]
         if aligned is None or conflicting is None:
             which = "bias-aligned" if aligned is None else "bias-conflicting"
-            return {"reliance_score": None, "verdict": None, "basis": basis,
-                    "reason": f"the test split has no {which} examples, so reliance cannot be measured"}
+            return {
+                "reliance_score": None,
+                "verdict": None,
+                "basis": basis,
+                "reason": f"the test split has no {which} examples, so reliance cannot be measured",
+            }
         score = min(max(aligned - conflicting, 0.0), 1.0)
         interval, direction = clip_interval(report["accuracy_gap_interval"]), None
-    return {"reliance_score": score, "interval": interval, **verdicts(score, interval), "basis": basis,
-            "measure": SCORE_MEASURES[basis], "direction": direction}
+    return {
+        "reliance_score": score,
+        "interval": interval,
+        **verdicts(score, interval),
+        "basis": basis,
+        "measure": SCORE_MEASURES[basis],
+        "direction": direction,
+    }
 
 
 def verdict(reliance_score: float) -> str:
@@ -169,7 +192,7 @@ def verdicts(reliance_score: float, interval: list[float] | None) -> dict:
     if interval is None:
         return {"verdict": verdict(reliance_score), "possible_verdicts": [verdict(reliance_score)]}
     ends = {VERDICTS.index(verdict(interval[0])), VERDICTS.index(verdict(interval[1]))}
-    possible = list(VERDICTS[min(ends): max(ends) + 1])
+    possible = list(VERDICTS[min(ends) : max(ends) + 1])
     return {"verdict": possible[0] if len(possible) == 1 else UNCERTAIN, "possible_verdicts": possible}
 
 
@@ -177,13 +200,22 @@ def pool_reliance(reports: list[dict]) -> dict:
     """Reliance over seeds: each seed's score, interval and verdict, and the pooled mean with its
     interval (`pooled_mean_interval`) and verdict."""
     summaries = [r["summary"] for r in reports]
-    per_seed = [{"seed": r.get("seed"), **{k: r["summary"].get(k) for k in
-                                           ("reliance_score", "interval", "verdict", "possible_verdicts")}}
-                for r in reports]
+    per_seed = [
+        {
+            "seed": r.get("seed"),
+            **{k: r["summary"].get(k) for k in ("reliance_score", "interval", "verdict", "possible_verdicts")},
+        }
+        for r in reports
+    ]
     scored = [s for s in summaries if s["reliance_score"] is not None]
     if not scored:
-        return {"reliance_score": None, "verdict": None, "basis": summaries[0]["basis"],
-                "reason": summaries[0].get("reason"), "per_seed": per_seed}
+        return {
+            "reliance_score": None,
+            "verdict": None,
+            "basis": summaries[0]["basis"],
+            "reason": summaries[0].get("reason"),
+            "per_seed": per_seed,
+        }
     scores = [s["reliance_score"] for s in scored]
     mean = sum(scores) / len(scores)
     interval = pooled_mean_interval(scores, [s.get("interval") for s in scored])

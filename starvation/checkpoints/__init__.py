@@ -17,15 +17,37 @@ Error codes (`CheckpointError.code`):
 - `unknown_layer`: the caller named a feature layer the model does not have.
 - `missing_arch`: safetensors weights without the built-in architecture they belong to.
 """
+
 from starvation.checkpoints.detect import FORMATS
 from starvation.checkpoints.errors import CheckpointError, out_of_memory
 from starvation.checkpoints.load import DRY_RUN_BATCH, Source, check_script_ops, load_checkpoint, validate_checkpoint
 from starvation.checkpoints.save import CheckpointFile, load_builtin, load_torchscript, save_checkpoint
-from starvation.checkpoints.wrap import (DEFAULT_FEATURE_LAYER, AuditableModel, FeatureFn, OnnxModel, TorchModel,
-                                         wrap_module)
+from starvation.checkpoints.wrap import (
+    DEFAULT_FEATURE_LAYER,
+    AuditableModel,
+    FeatureFn,
+    OnnxModel,
+    TorchModel,
+    wrap_module,
+)
 
 __all__ = [
-    "DEFAULT_FEATURE_LAYER", "DRY_RUN_BATCH", "FORMATS", "AuditableModel", "CheckpointError", "CheckpointFile",
-    "FeatureFn", "OnnxModel", "Source", "TorchModel", "check_script_ops", "load_builtin", "load_checkpoint",
-    "load_torchscript", "out_of_memory", "save_checkpoint", "validate_checkpoint", "wrap_module",
+    "DEFAULT_FEATURE_LAYER",
+    "DRY_RUN_BATCH",
+    "FORMATS",
+    "AuditableModel",
+    "CheckpointError",
+    "CheckpointFile",
+    "FeatureFn",
+    "OnnxModel",
+    "Source",
+    "TorchModel",
+    "check_script_ops",
+    "load_builtin",
+    "load_checkpoint",
+    "load_torchscript",
+    "out_of_memory",
+    "save_checkpoint",
+    "validate_checkpoint",
+    "wrap_module",
 ]

@@ -1,4 +1,5 @@
 """Sniffing a model file from its bytes: which of our formats it is, or why it is refused."""
+
 from __future__ import annotations
 
 import io
@@ -93,13 +94,7 @@ def _check_kind(kind: str, fmt: str) -> None:
     if kind == fmt:
         return
     if kind in FORMATS:
-        raise CheckpointError(
-            "format_mismatch", f"The file was declared {fmt} but is a {kind} file."
-        )
+        raise CheckpointError("format_mismatch", f"The file was declared {fmt} but is a {kind} file.")
     if kind == "damaged_zip" and fmt == "torchscript":
-        raise CheckpointError(
-            "load_failed", "The TorchScript archive is truncated or damaged; upload it again."
-        )
-    raise CheckpointError(
-        "bad_format", f"The file is {_KIND_EXPLAINED[kind]}.{_HOW_TO_EXPORT}"
-    )
+        raise CheckpointError("load_failed", "The TorchScript archive is truncated or damaged; upload it again.")
+    raise CheckpointError("bad_format", f"The file is {_KIND_EXPLAINED[kind]}.{_HOW_TO_EXPORT}")

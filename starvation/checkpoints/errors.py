@@ -1,4 +1,5 @@
 """What a refused upload raises, and how a model's own exceptions are reported without quoting them."""
+
 from __future__ import annotations
 
 _MESSAGE_CHARS = 300

@@ -7,6 +7,7 @@ most one final sigmoid or softmax, to the linear map that makes the logits: `ate
 be one module attribute (a `GetAttr` chain from the model) or one initializer, read by that map alone. A head
 that breaks this still gives the features (`HeadSite.refusal` says why it cannot be rewritten).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,9 +22,19 @@ from starvation.checkpoints.errors import CheckpointError, _printable
 MAX_GRAPH_NODES = 50_000  # far above any classifier we audit; a bigger graph is refused before it is walked
 
 _SCRIPT_PASS = {  # one tensor in, the same values out (in another shape) at inference
-    "aten::reshape", "aten::view", "aten::flatten", "aten::squeeze", "aten::unsqueeze", "aten::contiguous",
-    "aten::dropout", "aten::feature_dropout", "aten::alpha_dropout", "aten::clone", "aten::detach",
-    "aten::to", "aten::type_as",
+    "aten::reshape",
+    "aten::view",
+    "aten::flatten",
+    "aten::squeeze",
+    "aten::unsqueeze",
+    "aten::contiguous",
+    "aten::dropout",
+    "aten::feature_dropout",
+    "aten::alpha_dropout",
+    "aten::clone",
+    "aten::detach",
+    "aten::to",
+    "aten::type_as",
 }
 _SCRIPT_ACTIVATIONS = {"aten::sigmoid": "sigmoid", "aten::softmax": "softmax", "aten::log_softmax": "softmax"}
 _SCRIPT_TRANSPOSES = {"aten::t", "aten::numpy_T", "aten::transpose", "aten::permute"}
@@ -51,9 +62,15 @@ class HeadSite:
 
     def describe(self) -> dict:
         """What a report shows of the head (names as printable text)."""
-        return {"node": _shown(self.node), "features": _shown(self.features), "output_form": self.output_form,
-                "weight": _shown(self.weight), "bias": _shown(self.bias), "repairable": self.refusal is None,
-                "not_repairable_because": self.refusal}
+        return {
+            "node": _shown(self.node),
+            "features": _shown(self.features),
+            "output_form": self.output_form,
+            "weight": _shown(self.weight),
+            "bias": _shown(self.bias),
+            "repairable": self.refusal is None,
+            "not_repairable_because": self.refusal,
+        }
 
 
 class NoHead(Exception):
@@ -87,8 +104,9 @@ def _read_script_graph(module: torch.jit.ScriptModule) -> ScriptGraph:
     torch._C._jit_pass_inline(graph)
     nodes = list(graph.nodes())
     if len(nodes) > MAX_GRAPH_NODES:
-        raise CheckpointError("graph_too_large", f"The model's forward graph has {len(nodes)} nodes; the limit "
-                                                 f"is {MAX_GRAPH_NODES}.")
+        raise CheckpointError(
+            "graph_too_large", f"The model's forward graph has {len(nodes)} nodes; the limit is {MAX_GRAPH_NODES}."
+        )
     outputs = list(graph.outputs())
     if len(outputs) != 1 or not _is_tensor(outputs[0]):
         raise NoHead("the model's forward does not return one tensor")
@@ -115,23 +133,39 @@ def _read_script_graph(module: torch.jit.ScriptModule) -> ScriptGraph:
         features = node.inputsAt(0)
         weight_value, rows_are_outputs = _script_untranspose(node.inputsAt(1))
     else:
-        raise NoHead(f"the output is made by {_printable(kind)}, which is not a linear map (aten::linear, "
-                     "aten::addmm, or aten::matmul/aten::mm plus aten::add of a bias)")
+        raise NoHead(
+            f"the output is made by {_printable(kind)}, which is not a linear map (aten::linear, "
+            "aten::addmm, or aten::matmul/aten::mm plus aten::add of a bias)"
+        )
     if features.node().kind() == "prim::Param":
-        raise NoHead(f"the output's {_printable(kind)} reads the model's input directly: there is no hidden "
-                     "representation to call features")
+        raise NoHead(
+            f"the output's {_printable(kind)} reads the model's input directly: there is no hidden "
+            "representation to call features"
+        )
     weight, weight_why = _script_attribute(module, graph, weight_value, "weight")
-    bias, bias_why = (None, "the head has no bias for a repair to write") if _constant_none(bias_value) else \
-        _script_attribute(module, graph, bias_value, "bias")
+    bias, bias_why = (
+        (None, "the head has no bias for a repair to write")
+        if _constant_none(bias_value)
+        else _script_attribute(module, graph, bias_value, "bias")
+    )
     refusal = weight_why or bias_why or _script_shared(module, graph, weight, bias)
     outputs_count = _rows(module, weight, rows_are_outputs)
     head_name = _script_node_name(kind, weight)
-    site = HeadSite(node=head_name, features=_layer_name(features, node, head_name),
-                    output_form=output_form(outputs_count, activation), weight=weight, bias=bias,
-                    weight_rows_are_outputs=rows_are_outputs, refusal=refusal)
+    site = HeadSite(
+        node=head_name,
+        features=_layer_name(features, node, head_name),
+        output_form=output_form(outputs_count, activation),
+        weight=weight,
+        bias=bias,
+        weight_rows_are_outputs=rows_are_outputs,
+        refusal=refusal,
+    )
     index = _value_index(graph)
-    return ScriptGraph(site, _script_cut(graph, index[features.unique()]),
-                       _script_cut(graph, index[logits_value.unique()]) if activation else None)
+    return ScriptGraph(
+        site,
+        _script_cut(graph, index[features.unique()]),
+        _script_cut(graph, index[logits_value.unique()]) if activation else None,
+    )
 
 
 def script_weights(module: torch.nn.Module, site: HeadSite) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,8 +256,13 @@ def _script_shared(module, graph, weight: str | None, bias: str | None) -> str |
         if reads.get(path, 0) > 1:
             return f"the head's {what} ({_shown(path)}) is read by another node of the graph too (tied)"
         tensor = _get_path(module, path)
-        twins = [name for name, other in tensors.items() if name != path and other.numel()
-                 and other.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()]
+        twins = [
+            name
+            for name, other in tensors.items()
+            if name != path
+            and other.numel()
+            and other.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+        ]
         if twins:
             return f"the head's {what} ({_shown(path)}) shares its storage with {_shown(twins[0])} (tied)"
     return None
@@ -351,8 +390,9 @@ def _read_onnx_graph(graph) -> OnnxGraph:
     import onnx
 
     if len(graph.node) > MAX_GRAPH_NODES:
-        raise CheckpointError("graph_too_large", f"The ONNX graph has {len(graph.node)} nodes; the limit is "
-                                                 f"{MAX_GRAPH_NODES}.")
+        raise CheckpointError(
+            "graph_too_large", f"The ONNX graph has {len(graph.node)} nodes; the limit is {MAX_GRAPH_NODES}."
+        )
     producer = {}
     for node in graph.node:
         for out in node.output:
@@ -402,11 +442,15 @@ def _read_onnx_graph(graph) -> OnnxGraph:
         features, bias_name = node.input[0], None
         weight_name, rows_are_outputs = _onnx_untranspose(node.input[1], producer)
     else:
-        raise NoHead(f"the ONNX graph's output is made by a {_printable(node.op_type)} node, which is not a linear "
-                     "map (Gemm, or MatMul plus Add of a bias)")
+        raise NoHead(
+            f"the ONNX graph's output is made by a {_printable(node.op_type)} node, which is not a linear "
+            "map (Gemm, or MatMul plus Add of a bias)"
+        )
     if features in inputs:
-        raise NoHead(f"the ONNX graph's {_printable(node.op_type)} reads the model's input directly: there is no "
-                     "hidden representation to call features")
+        raise NoHead(
+            f"the ONNX graph's {_printable(node.op_type)} reads the model's input directly: there is no "
+            "hidden representation to call features"
+        )
     refusal = None
     if alpha == 0 or beta == 0:
         refusal = "the head's Gemm multiplies its weight or its bias by 0"
@@ -416,8 +460,9 @@ def _read_onnx_graph(graph) -> OnnxGraph:
             refusal = refusal or "the head has no bias for a repair to write"
         elif name not in initializers:
             made_by = producer[name].op_type if name in producer else "a graph input"
-            refusal = refusal or (f"the head's {what} is computed at run time (by {_printable(made_by)}), not read "
-                                  "from one initializer")
+            refusal = refusal or (
+                f"the head's {what} is computed at run time (by {_printable(made_by)}), not read from one initializer"
+            )
         elif uses.count(name) > 1:
             refusal = refusal or f"the head's {what} ({_shown(name)}) is read by another node too (tied)"
     weight = initializers.get(weight_name)
@@ -428,11 +473,18 @@ def _read_onnx_graph(graph) -> OnnxGraph:
     if refusal is None and (rows is None or int(np.prod(bias.dims, dtype=np.int64)) != rows):
         refusal = "the head's weight is not a matrix with one bias value per output"
     kinds = "MatMul + Add" if node.op_type == "Add" else node.op_type
-    site = HeadSite(node=f"{kinds} ({node.name})" if node.name else kinds,
-                    features=features, output_form=output_form(rows, activation),
-                    weight=weight_name, bias=bias_name,
-                    weight_rows_are_outputs=rows_are_outputs, alpha=alpha, beta=beta,
-                    features_transposed=features_transposed, refusal=refusal)
+    site = HeadSite(
+        node=f"{kinds} ({node.name})" if node.name else kinds,
+        features=features,
+        output_form=output_form(rows, activation),
+        weight=weight_name,
+        bias=bias_name,
+        weight_rows_are_outputs=rows_are_outputs,
+        alpha=alpha,
+        beta=beta,
+        features_transposed=features_transposed,
+        refusal=refusal,
+    )
     return OnnxGraph(site, features, logits_tensor)
 
 

@@ -1,4 +1,5 @@
 """Loading and validating an upload: the per-format loaders, the TorchScript op allow-list, the ONNX checks."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,6 @@ import math
 import struct
 import warnings
 from pathlib import Path
-from typing import Union
 
 import torch
 
@@ -25,7 +25,7 @@ _MAX_INPUT_NUMEL = 1 << 24  # per example; keeps a dry run from allocating absur
 _MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors' own limit
 
 # A model file by path, or its bytes (the jail reads the file before it locks itself down).
-Source = Union[str, Path, bytes]
+Source = str | Path | bytes
 
 
 def _read(source: Source) -> bytes:
@@ -93,9 +93,7 @@ def validate_checkpoint(
     if size == 0:
         raise CheckpointError("empty_file", "The uploaded file is empty.")
     if size > max_bytes:
-        raise CheckpointError(
-            "too_large", f"The file is {size} bytes; the limit is {max_bytes} bytes."
-        )
+        raise CheckpointError("too_large", f"The file is {size} bytes; the limit is {max_bytes} bytes.")
     kind, parsed = _identify(data, max_unpacked_bytes=max_bytes)
     _check_kind(kind, fmt)
 
@@ -115,8 +113,13 @@ def validate_checkpoint(
         )
     input_shape = _check_input_shape(input_shape)
     model = load_checkpoint(
-        data, fmt, arch=arch, arch_params=arch_params, input_shape=input_shape,
-        num_outputs=num_outputs, static_checks=static_checks,
+        data,
+        fmt,
+        arch=arch,
+        arch_params=arch_params,
+        input_shape=input_shape,
+        num_outputs=num_outputs,
+        static_checks=static_checks,
     )
     if isinstance(model, OnnxModel):
         _check_onnx_input(model, input_shape)
@@ -151,8 +154,10 @@ def validate_checkpoint(
         "output_shape": shape,
         "num_outputs": shape[1],
         "feature_layer": model.feature_layer,
-        "head": model.head_description() or (None if fmt == "safetensors" else {
-            "repairable": False, "not_repairable_because": model.no_features_reason}),
+        "head": model.head_description()
+        or (
+            None if fmt == "safetensors" else {"repairable": False, "not_repairable_because": model.no_features_reason}
+        ),
         **({"arch": arch, "arch_params": arch_params or {}} if fmt == "safetensors" else {}),
     }
 
@@ -217,7 +222,8 @@ def _load_safetensors(
         module = load_builtin(data, arch, arch_params or {}, tuple(input_shape), num_outputs)
     except Exception as exc:  # unknown arch, missing or mis-shaped tensors
         raise CheckpointError(
-            "load_failed", f"The weights do not fit the {_printable(str(arch))!r} network.",
+            "load_failed",
+            f"The weights do not fit the {_printable(str(arch))!r} network.",
             detail=_first_line(exc),
         ) from None
     model = wrap_module(module, feature_layer=feature_layer)
@@ -238,9 +244,7 @@ def _safetensors_metadata(data: bytes) -> dict:
         if not isinstance(raw, dict):
             raise ValueError("__metadata__ is not an object")
     except Exception as exc:
-        raise CheckpointError(
-            "load_failed", "The safetensors header is malformed.", detail=_first_line(exc)
-        ) from None
+        raise CheckpointError("load_failed", "The safetensors header is malformed.", detail=_first_line(exc)) from None
     declared: dict = {}
     try:
         if isinstance(raw.get("arch"), str):
@@ -265,8 +269,7 @@ def _check_onnx_proto(proto, static_checks: bool = True) -> None:
     ):
         raise CheckpointError(
             "bad_format",
-            "The ONNX model refers to external data files; export it with every tensor inside "
-            "the one file.",
+            "The ONNX model refers to external data files; export it with every tensor inside the one file.",
         )
     try:
         onnx.checker.check_model(proto)
@@ -337,9 +340,7 @@ def _static_onnx_input_shape(proto) -> tuple[int, ...] | None:
 
 def _check_fmt(fmt: str) -> None:
     if fmt not in FORMATS:
-        raise CheckpointError(
-            "bad_format", f"Unknown format {fmt!r}; use one of {', '.join(FORMATS)}."
-        )
+        raise CheckpointError("bad_format", f"Unknown format {fmt!r}; use one of {', '.join(FORMATS)}.")
 
 
 def _check_input_shape(shape) -> tuple[int, ...]:

@@ -1,4 +1,5 @@
 """Trained models to files and back: safetensors weights (plus a built-in arch) and self-contained TorchScript."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,24 +33,47 @@ class CheckpointFile:
     num_outputs: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "safetensors_path": str(self.safetensors_path),
-                "torchscript_path": str(self.torchscript_path)}
+        return {
+            **asdict(self),
+            "safetensors_path": str(self.safetensors_path),
+            "torchscript_path": str(self.torchscript_path),
+        }
 
 
-def save_checkpoint(model: nn.Module, out_dir: pathlib.Path, *, seed: int, arch: str, arch_params: dict,
-                    input_shape: Sequence[int], num_outputs: int) -> CheckpointFile:
+def save_checkpoint(
+    model: nn.Module,
+    out_dir: pathlib.Path,
+    *,
+    seed: int,
+    arch: str,
+    arch_params: dict,
+    input_shape: Sequence[int],
+    num_outputs: int,
+) -> CheckpointFile:
     """`seed{S}.safetensors` and `seed{S}.torchscript.pt` under out_dir."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = CheckpointFile(seed=seed, safetensors_path=out_dir / f"seed{seed}.safetensors",
-                                torchscript_path=out_dir / f"seed{seed}.torchscript.pt", arch=arch,
-                                arch_params=dict(arch_params), input_shape=[int(d) for d in input_shape],
-                                num_outputs=int(num_outputs))
+    checkpoint = CheckpointFile(
+        seed=seed,
+        safetensors_path=out_dir / f"seed{seed}.safetensors",
+        torchscript_path=out_dir / f"seed{seed}.torchscript.pt",
+        arch=arch,
+        arch_params=dict(arch_params),
+        input_shape=[int(d) for d in input_shape],
+        num_outputs=int(num_outputs),
+    )
     cpu_model = copy.deepcopy(model).cpu().eval()
-    metadata = {"arch": arch, "arch_params": json.dumps(checkpoint.arch_params),
-                "input_shape": json.dumps(checkpoint.input_shape), "num_outputs": str(num_outputs)}
-    save_file({k: v.contiguous() for k, v in cpu_model.state_dict().items()}, str(checkpoint.safetensors_path),
-              metadata=metadata)
+    metadata = {
+        "arch": arch,
+        "arch_params": json.dumps(checkpoint.arch_params),
+        "input_shape": json.dumps(checkpoint.input_shape),
+        "num_outputs": str(num_outputs),
+    }
+    save_file(
+        {k: v.contiguous() for k, v in cpu_model.state_dict().items()},
+        str(checkpoint.safetensors_path),
+        metadata=metadata,
+    )
     with _quiet_jit():
         torch.jit.save(_script(cpu_model, checkpoint.input_shape), str(checkpoint.torchscript_path))
     return checkpoint
@@ -66,12 +90,17 @@ def _quiet_jit() -> Iterator[None]:
 def _script(model: nn.Module, input_shape: list[int]) -> torch.jit.ScriptModule:
     try:
         return torch.jit.script(model)
-    except Exception:  # noqa: BLE001 - an architecture TorchScript cannot compile is still traceable
+    except Exception:
         return torch.jit.trace(model, torch.zeros(1, *input_shape))
 
 
-def load_builtin(path_safetensors: str | pathlib.Path | bytes, arch: str, arch_params: dict | None,
-                 input_shape: Sequence[int], num_outputs: int) -> nn.Module:
+def load_builtin(
+    path_safetensors: str | pathlib.Path | bytes,
+    arch: str,
+    arch_params: dict | None,
+    input_shape: Sequence[int],
+    num_outputs: int,
+) -> nn.Module:
     """A built-in network with weights from a safetensors file (or its bytes), in eval mode on the CPU.
 
     Every tensor must be there with its shape, the head's included. For archs that take torchvision's names
@@ -92,8 +121,10 @@ def load_builtin(path_safetensors: str | pathlib.Path | bytes, arch: str, arch_p
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         first = str(error).strip().splitlines()
-        raise SpecError(f"the weights do not fit arch {arch!r} with {arch_params} for input {list(input_shape)} and "
-                        f"{num_outputs} output(s): {' '.join(line.strip() for line in first[:3])}") from None
+        raise SpecError(
+            f"the weights do not fit arch {arch!r} with {arch_params} for input {list(input_shape)} and "
+            f"{num_outputs} output(s): {' '.join(line.strip() for line in first[:3])}"
+        ) from None
     return model.eval()
 
 

@@ -8,6 +8,7 @@ and the pickles (`data.pkl`, `constants.pkl`) with `pickletools` (never unpickle
 `ALLOWED_OPS` (allowed_ops.txt, beside this file) does not name. In serialised TorchScript `torch.NAME` is the
 op `aten::NAME` and `ops.NS.NAME` the op `NS::NAME`; bare names are Python builtins the compiler maps to ops.
 """
+
 from __future__ import annotations
 
 import ast
@@ -27,17 +28,71 @@ ALLOWED_OPS: frozenset[str] = frozenset(
 # Builtins the TorchScript compiler resolves by bare name, with the op each becomes. `print` (prim::Print) and
 # `fork`/`awaitable` are not here: they are refused by name.
 BUILTINS: dict[str, str] = {
-    "annotate": "prim::annotate", "unchecked_cast": "prim::unchecked_cast", "uninitialized": "prim::Uninitialized",
-    "isinstance": "prim::isinstance", "getattr": "prim::GetAttr", "hasattr": "prim::HasAttr",
-    "len": "aten::len", "int": "aten::Int", "float": "aten::Float", "bool": "aten::Bool", "str": "aten::str",
-    "range": "prim::range", "enumerate": "prim::enumerate", "zip": "prim::zip", "min": "prim::min",
-    "max": "prim::max", "abs": "prim::abs", "round": "aten::round", "list": "aten::list", "tuple": "prim::tuple",
-    "divmod": "aten::divmod", "all": "aten::all", "any": "aten::any", "sum": "aten::sum", "pow": "aten::pow",
+    "annotate": "prim::annotate",
+    "unchecked_cast": "prim::unchecked_cast",
+    "uninitialized": "prim::Uninitialized",
+    "isinstance": "prim::isinstance",
+    "getattr": "prim::GetAttr",
+    "hasattr": "prim::HasAttr",
+    "len": "aten::len",
+    "int": "aten::Int",
+    "float": "aten::Float",
+    "bool": "aten::Bool",
+    "str": "aten::str",
+    "range": "prim::range",
+    "enumerate": "prim::enumerate",
+    "zip": "prim::zip",
+    "min": "prim::min",
+    "max": "prim::max",
+    "abs": "prim::abs",
+    "round": "aten::round",
+    "list": "aten::list",
+    "tuple": "prim::tuple",
+    "divmod": "aten::divmod",
+    "all": "aten::all",
+    "any": "aten::any",
+    "sum": "aten::sum",
+    "pow": "aten::pow",
 }
-NAMES = {"CONSTANTS", "__annotations__", "inf", "nan", "infj", "nanj", "None", "True", "False", "Exception", "NotImplementedError"}
-TYPE_NAMES = {"Tensor", "List", "Dict", "Optional", "Tuple", "Union", "Final", "NoneType", "Any", "Future",
-              "Module", "Interface", "NamedTuple", "Enum", "Device", "Stream", "number", "Await",
-              "int", "float", "bool", "str", "complex", "NOT_ALLOWED"}
+NAMES = {
+    "CONSTANTS",
+    "__annotations__",
+    "inf",
+    "nan",
+    "infj",
+    "nanj",
+    "None",
+    "True",
+    "False",
+    "Exception",
+    "NotImplementedError",
+}
+TYPE_NAMES = {
+    "Tensor",
+    "List",
+    "Dict",
+    "Optional",
+    "Tuple",
+    "Union",
+    "Final",
+    "NoneType",
+    "Any",
+    "Future",
+    "Module",
+    "Interface",
+    "NamedTuple",
+    "Enum",
+    "Device",
+    "Stream",
+    "number",
+    "Await",
+    "int",
+    "float",
+    "bool",
+    "str",
+    "complex",
+    "NOT_ALLOWED",
+}
 
 MAX_CODE_BYTES = 16 << 20  # every source file of the archive together
 MAX_ENTRIES = 100_000
@@ -45,15 +100,38 @@ MAX_PICKLE_BYTES = 64 << 20
 # The pickles may name these globals only: TorchScript's own unpickler resolves nothing else but the archive's
 # classes (`__torch__.*`, whose `__setstate__` is in the checked sources).
 PICKLE_GLOBALS = {
-    "torch._utils _rebuild_tensor", "torch._utils _rebuild_tensor_v2", "torch._utils _rebuild_parameter",
-    "torch._utils _rebuild_qtensor", "torch._utils _rebuild_sparse_tensor", "collections OrderedDict",
-    "torch.jit._pickle build_intlist", "torch.jit._pickle build_floatlist", "torch.jit._pickle build_boollist",
-    "torch.jit._pickle build_tensorlist", "torch.jit._pickle build_doublelist", "torch.jit._pickle restore_type_tag",
-    "torch.jit._pickle build_tensor_from_id", "torch device",
+    "torch._utils _rebuild_tensor",
+    "torch._utils _rebuild_tensor_v2",
+    "torch._utils _rebuild_parameter",
+    "torch._utils _rebuild_qtensor",
+    "torch._utils _rebuild_sparse_tensor",
+    "collections OrderedDict",
+    "torch.jit._pickle build_intlist",
+    "torch.jit._pickle build_floatlist",
+    "torch.jit._pickle build_boollist",
+    "torch.jit._pickle build_tensorlist",
+    "torch.jit._pickle build_doublelist",
+    "torch.jit._pickle restore_type_tag",
+    "torch.jit._pickle build_tensor_from_id",
+    "torch device",
 }
-_STORAGES = {f"torch {kind}Storage" for kind in (
-    "Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool", "ComplexFloat",
-    "ComplexDouble")}
+_STORAGES = {
+    f"torch {kind}Storage"
+    for kind in (
+        "Float",
+        "Double",
+        "Half",
+        "BFloat16",
+        "Long",
+        "Int",
+        "Short",
+        "Char",
+        "Byte",
+        "Bool",
+        "ComplexFloat",
+        "ComplexDouble",
+    )
+}
 
 
 def archive_sources(data: bytes) -> dict[str, str]:
@@ -62,8 +140,9 @@ def archive_sources(data: bytes) -> dict[str, str]:
         archive = zipfile.ZipFile(io.BytesIO(data))
         entries = archive.infolist()
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError("load_failed", "The TorchScript archive is not a readable zip file.",
-                              detail=str(exc)[:200]) from None
+        raise CheckpointError(
+            "load_failed", "The TorchScript archive is not a readable zip file.", detail=str(exc)[:200]
+        ) from None
     if len(entries) > MAX_ENTRIES:
         raise CheckpointError("load_failed", f"The TorchScript archive holds more than {MAX_ENTRIES} files.")
     code = [e for e in entries if e.filename.endswith(".py") and "/code/" in f"/{e.filename}"]
@@ -76,8 +155,9 @@ def archive_sources(data: bytes) -> dict[str, str]:
         try:
             sources[entry.filename] = _read_member(archive, entry, entry.file_size).decode("utf-8")
         except (UnicodeDecodeError, zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise CheckpointError("load_failed", "The TorchScript archive's code cannot be read.",
-                                  detail=str(exc)[:200]) from None
+            raise CheckpointError(
+                "load_failed", "The TorchScript archive's code cannot be read.", detail=str(exc)[:200]
+            ) from None
     for entry in entries:  # the pickles: which globals they would make
         if entry.filename.endswith(".pkl") and not entry.filename.endswith(".debug_pkl"):
             _check_pickle(_read_member(archive, entry, MAX_PICKLE_BYTES), entry.filename)
@@ -106,13 +186,17 @@ def _check_pickle(data: bytes, name: str) -> None:
             elif opcode.name == "STACK_GLOBAL":
                 _check_global(f"{strings[-2]} {strings[-1]}" if len(strings) >= 2 else "?", name)
             elif opcode.name in ("INST", "OBJ", "REDUCE_EX"):
-                raise CheckpointError("forbidden_op", f"The TorchScript archive's {_printable(name)} builds objects "
-                                      "in a way TorchScript archives do not.")
+                raise CheckpointError(
+                    "forbidden_op",
+                    f"The TorchScript archive's {_printable(name)} builds objects "
+                    "in a way TorchScript archives do not.",
+                )
     except CheckpointError:
         raise
     except Exception as exc:  # pickletools raises ValueError and friends on damaged streams
-        raise CheckpointError("load_failed", "The TorchScript archive's pickles are damaged.",
-                              detail=str(exc)[:200]) from None
+        raise CheckpointError(
+            "load_failed", "The TorchScript archive's pickles are damaged.", detail=str(exc)[:200]
+        ) from None
 
 
 def _check_global(qualified: str, name: str) -> None:
@@ -121,8 +205,11 @@ def _check_global(qualified: str, name: str) -> None:
         return
     if module.startswith("__torch__") and ".torch.classes" not in f".{module}" and "classes" != module.split(".")[-1]:
         return  # a class of the archive's own code, checked with it
-    raise CheckpointError("forbidden_op", f"The TorchScript archive's {_printable(name)} refers to "
-                          f"{_printable(qualified)[:80]!r}, which uploaded models may not use.")
+    raise CheckpointError(
+        "forbidden_op",
+        f"The TorchScript archive's {_printable(name)} refers to "
+        f"{_printable(qualified)[:80]!r}, which uploaded models may not use.",
+    )
 
 
 def check_archive(data: bytes) -> set[str]:

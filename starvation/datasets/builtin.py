@@ -1,10 +1,11 @@
 """What a built-in dataset adds to `Dataset`: declared params, a seeded constructor, a description."""
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
 from starvation import params as P
-from starvation.datasets.base import DataSize, Dataset
+from starvation.datasets.base import Dataset, DataSize
 
 
 class BuiltinDataset(Dataset):
@@ -22,7 +23,7 @@ class BuiltinDataset(Dataset):
     SIZE_PARAM: ClassVar[str | None] = None  # the parameter that sets how many examples there are
 
     @classmethod
-    def create(cls, params: dict[str, Any], *, seed: int, data_dir: str | None) -> "BuiltinDataset":
+    def create(cls, params: dict[str, Any], *, seed: int, data_dir: str | None) -> BuiltinDataset:
         """Build the splits from already-resolved params; same params and seed give the same tensors."""
         raise NotImplementedError
 

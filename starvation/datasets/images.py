@@ -11,6 +11,7 @@ folder, so it does not grow with the number of images.
 A `counterfactual` column names, per row, the same image with only the attribute changed (Waterbirds with its bird
 pasted on the other background, say); with it, the dataset can intervene (the audit's counterfactual probe).
 """
+
 from __future__ import annotations
 
 import csv
@@ -52,8 +53,13 @@ class ImageIndex:
         for split in dict.fromkeys(self.splits.tolist()):
             rows = self.splits == split
             pairs, counts = np.unique(np.stack([self.labels[rows], self.attributes[rows]]), axis=1, return_counts=True)
-            out[split] = {"n": int(rows.sum()), "groups": [{"label": int(label), "attribute": int(attribute),
-                                                           "n": int(n)} for (label, attribute), n in zip(pairs.T, counts)]}
+            out[split] = {
+                "n": int(rows.sum()),
+                "groups": [
+                    {"label": int(label), "attribute": int(attribute), "n": int(n)}
+                    for (label, attribute), n in zip(pairs.T, counts)
+                ],
+            }
         return out
 
 
@@ -102,16 +108,24 @@ class ImageFiles:
 
     def loader(self, batch_rows: Iterable[Sequence[int]]) -> torch.utils.data.DataLoader:
         """(images [B, 3, H, W], rows [B]) for each list of rows `batch_rows` yields, in its order."""
-        return torch.utils.data.DataLoader(_Reader(self), batch_sampler=batch_rows, num_workers=self.workers,
-                                           pin_memory=self.pin_memory, persistent_workers=False)
+        return torch.utils.data.DataLoader(
+            _Reader(self),
+            batch_sampler=batch_rows,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
 
     @staticmethod
     def cat(parts: Sequence[ImageFiles]) -> ImageFiles:
         first = parts[0]
         if any((p.root, p.size) != (first.root, first.size) for p in parts):
             raise ValueError("only image files of one folder and one size are pooled")
-        swapped = None if any(p.counterfactuals is None for p in parts) else np.concatenate(
-            [p.counterfactuals for p in parts])
+        swapped = (
+            None
+            if any(p.counterfactuals is None for p in parts)
+            else np.concatenate([p.counterfactuals for p in parts])
+        )
         return dataclasses.replace(first, paths=np.concatenate([p.paths for p in parts]), counterfactuals=swapped)
 
 
@@ -135,11 +149,15 @@ def batches_of(x: torch.Tensor | ImageFiles, batch_size: int) -> Iterator[torch.
             yield images
         return
     for i in range(0, len(x), batch_size):
-        yield x[i:i + batch_size]
+        yield x[i : i + batch_size]
 
 
-def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor | ImageFiles, device: torch.device | str,
-            batch_size: int) -> torch.Tensor:
+def batched(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor | ImageFiles,
+    device: torch.device | str,
+    batch_size: int,
+) -> torch.Tensor:
     """`fn` over `x` in batches on `device`; the results concatenated on the CPU."""
     outs = [fn(batch.to(device)).cpu() for batch in batches_of(x, batch_size)]
     return torch.cat(outs) if outs else torch.empty(0)
@@ -147,9 +165,16 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor | ImageF
 
 # ---- registration: the CSV checked into an index ----------------------------------------------------------------
 
-def index_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, *,
-                       max_image_pixels: int = MAX_IMAGE_PIXELS, decoded_sample: int = DECODED_SAMPLE,
-                       max_rows: int = MAX_ROWS, time_limit_s: float | None = None) -> ImageIndex:
+
+def index_image_folder(
+    root: str | pathlib.Path,
+    csv_path: str | pathlib.Path,
+    *,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    decoded_sample: int = DECODED_SAMPLE,
+    max_rows: int = MAX_ROWS,
+    time_limit_s: float | None = None,
+) -> ImageIndex:
     """The CSV's rows checked: every path inside `root` (at most MAX_PATH_CHARS) and a regular file Pillow can open
     as an image within the pixel limit (its header read), `decoded_sample` images spread over the folder decoded in
     full, labels and attributes class indices, split names short and plain, a binary attribute where there is a
@@ -167,8 +192,9 @@ def index_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, *
         has_counterfactual = "counterfactual" in row
         relative = _path_of(root, row["path"], where, max_image_pixels)
         if has_counterfactual:
-            counterfactuals.append(_path_of(root, row.get("counterfactual", ""), f"{where}: counterfactual",
-                                            max_image_pixels))
+            counterfactuals.append(
+                _path_of(root, row.get("counterfactual", ""), f"{where}: counterfactual", max_image_pixels)
+            )
         label, attribute = _int(row["label"], f"{where}: label"), _int(row["attribute"], f"{where}: attribute")
         if label < 0 or attribute < 0:
             raise DatasetError(f"{where}: label and attribute must be class indices 0..k-1 (not negative)")
@@ -185,9 +211,13 @@ def index_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, *
     for index in _spread(len(paths), decoded_sample):  # headers can be whole while the pixels are cut short
         _within(deadline, time_limit_s, f"metadata CSV line {lines[index]}")
         _read_image(root / paths[index], (8, 8), max_image_pixels, f"metadata CSV line {lines[index]}")
-    return ImageIndex(paths=_strings(paths), labels=np.array(labels, dtype=np.int64),
-                      attributes=np.array(attributes, dtype=np.int64), splits=np.array(splits),
-                      counterfactuals=_strings(counterfactuals) if has_counterfactual else None)
+    return ImageIndex(
+        paths=_strings(paths),
+        labels=np.array(labels, dtype=np.int64),
+        attributes=np.array(attributes, dtype=np.int64),
+        splits=np.array(splits),
+        counterfactuals=_strings(counterfactuals) if has_counterfactual else None,
+    )
 
 
 def _path_of(root: pathlib.Path, relative: str, where: str, max_pixels: int) -> str:
@@ -200,8 +230,11 @@ def _path_of(root: pathlib.Path, relative: str, where: str, max_pixels: int) -> 
 
 def _within(deadline: float | None, time_limit_s: float | None, where: str) -> None:
     if deadline is not None and time.monotonic() > deadline:
-        raise DatasetError(f"{where}: the check ran past its limit of {time_limit_s:g} s; "
-                           "a folder this large needs a longer limit (or fewer images)", code="too_large")
+        raise DatasetError(
+            f"{where}: the check ran past its limit of {time_limit_s:g} s; "
+            "a folder this large needs a longer limit (or fewer images)",
+            code="too_large",
+        )
 
 
 def _strings(values: list[str]) -> np.ndarray:
@@ -235,28 +268,57 @@ def load_index(path: str | pathlib.Path) -> ImageIndex:
     return ImageIndex(**fields)
 
 
-def open_image_folder(root: str | pathlib.Path, index: ImageIndex, name: str, image_size: int | tuple[int, int], *,
-                      max_image_pixels: int = MAX_IMAGE_PIXELS, workers: int = 0,
-                      pin_memory: bool = False) -> ImageFolderDataset:
+def open_image_folder(
+    root: str | pathlib.Path,
+    index: ImageIndex,
+    name: str,
+    image_size: int | tuple[int, int],
+    *,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> ImageFolderDataset:
     """A streaming `Dataset` over a checked index: splits named as in the CSV ("train*" pooled for training)."""
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if height <= 0 or width <= 0:
         raise DatasetError(f"image_size must be positive, got {image_size!r}")
-    files = ImageFiles(root=pathlib.Path(root).resolve(), paths=index.paths, size=(height, width),
-                       max_pixels=max_image_pixels, workers=workers, pin_memory=pin_memory,
-                       counterfactuals=index.counterfactuals)
+    files = ImageFiles(
+        root=pathlib.Path(root).resolve(),
+        paths=index.paths,
+        size=(height, width),
+        max_pixels=max_image_pixels,
+        workers=workers,
+        pin_memory=pin_memory,
+        counterfactuals=index.counterfactuals,
+    )
     names = list(dict.fromkeys(index.splits.tolist()))
     splits = {}
     for split_name in names:
         rows = np.flatnonzero(index.splits == split_name)
-        splits[split_name] = Split(name=split_name, x=files[rows], y=torch.from_numpy(index.labels[rows]),
-                                   attribute=torch.from_numpy(index.attributes[rows]))
+        splits[split_name] = Split(
+            name=split_name,
+            x=files[rows],
+            y=torch.from_numpy(index.labels[rows]),
+            attribute=torch.from_numpy(index.attributes[rows]),
+        )
     train, test = _train_and_test(names)
-    info = {"source": "image_folder", "image_size": [height, width], "n_examples": len(index.paths),
-            "splits": {s: len(splits[s]) for s in names}, "counterfactual": index.counterfactuals is not None}
-    return ImageFolderDataset(name=name, splits=splits, train_splits=train, test_split=test,
-                              num_classes=max(2, int(index.labels.max()) + 1), input_shape=(3, height, width),
-                              attribute_name="attribute", info=info)
+    info = {
+        "source": "image_folder",
+        "image_size": [height, width],
+        "n_examples": len(index.paths),
+        "splits": {s: len(splits[s]) for s in names},
+        "counterfactual": index.counterfactuals is not None,
+    }
+    return ImageFolderDataset(
+        name=name,
+        splits=splits,
+        train_splits=train,
+        test_split=test,
+        num_classes=max(2, int(index.labels.max()) + 1),
+        input_shape=(3, height, width),
+        attribute_name="attribute",
+        info=info,
+    )
 
 
 @dataclass
@@ -268,13 +330,20 @@ class ImageFolderDataset(Dataset):
         return self.splits[self.test_split].x.counterfactuals is not None
 
     def intervene(self, split: Split) -> Split:
-        return Split(name=f"{split.name}_intervened", x=split.x.swapped(), y=split.y.clone(),
-                     attribute=1 - split.attribute)
+        return Split(
+            name=f"{split.name}_intervened", x=split.x.swapped(), y=split.y.clone(), attribute=1 - split.attribute
+        )
 
 
-def load_image_folder(root: str | pathlib.Path, csv_path: str | pathlib.Path, name: str,
-                      image_size: int | tuple[int, int], *, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                      workers: int = 0) -> ImageFolderDataset:
+def load_image_folder(
+    root: str | pathlib.Path,
+    csv_path: str | pathlib.Path,
+    name: str,
+    image_size: int | tuple[int, int],
+    *,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    workers: int = 0,
+) -> ImageFolderDataset:
     """`index_image_folder` then `open_image_folder`: a folder checked and opened in one call (notebooks, tests)."""
     index = index_image_folder(root, csv_path, max_image_pixels=max_image_pixels)
     return open_image_folder(root, index, name, image_size, max_image_pixels=max_image_pixels, workers=workers)
@@ -294,8 +363,10 @@ def _csv_rows(csv_path: pathlib.Path) -> Iterator[tuple[int, dict[str, str]]]:
             reader = csv.DictReader(handle)
             missing = sorted(set(COLUMNS) - set(reader.fieldnames or []))
             if missing:
-                raise DatasetError(f"metadata CSV lacks column(s) {', '.join(missing)}; "
-                                   "needs path, label, attribute and optionally split and counterfactual")
+                raise DatasetError(
+                    f"metadata CSV lacks column(s) {', '.join(missing)}; "
+                    "needs path, label, attribute and optionally split and counterfactual"
+                )
             for row in reader:
                 yield reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}
     except (OSError, UnicodeDecodeError, csv.Error) as error:
@@ -339,16 +410,19 @@ def _read_image(path: pathlib.Path, size: tuple[int, int] | None, max_pixels: in
         with open_regular(path, f"{where}: the image") as handle, Image.open(handle) as image:  # header only
             pixels = image.width * image.height
             if pixels > max_pixels:
-                raise DatasetError(f"{where}: the image is {image.width}x{image.height} = {pixels} pixels; "
-                                   f"the limit is {max_pixels} (a decompression bomb, or a photo to shrink first)",
-                                   code="too_large")
+                raise DatasetError(
+                    f"{where}: the image is {image.width}x{image.height} = {pixels} pixels; "
+                    f"the limit is {max_pixels} (a decompression bomb, or a photo to shrink first)",
+                    code="too_large",
+                )
             return None if size is None else image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
     except DatasetError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # Pillow's (warnings as errors)
-        raise DatasetError(f"{where}: the image is refused as a decompression bomb ({error})",
-                           code="too_large") from None
-    except Exception as error:  # noqa: BLE001 - a decoder fails on a hostile file in many ways, each the file's fault
+        raise DatasetError(
+            f"{where}: the image is refused as a decompression bomb ({error})", code="too_large"
+        ) from None
+    except Exception as error:
         # a decoder's own text may quote the file's path or bytes: the type says enough
         reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
         raise DatasetError(f"{where}: cannot read the image ({reason})") from None

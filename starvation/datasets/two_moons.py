@@ -1,4 +1,5 @@
 """The paper's two moons (Figures 1-3): linearly separable with margin `delta`, curved class shapes."""
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -37,8 +38,9 @@ class TwoMoons(BuiltinDataset):
     )
     PARAMS: ClassVar[dict[str, P.Param]] = {
         "delta": P.Param(0.1, "margin: > 0 separates the classes by 2*delta, < 0 overlaps them", P.number),
-        "n_samples": P.Param(300, f"points per draw (train and test each), 1..{MAX_SAMPLES}",
-                             P.int_between(1, MAX_SAMPLES)),
+        "n_samples": P.Param(
+            300, f"points per draw (train and test each), 1..{MAX_SAMPLES}", P.int_between(1, MAX_SAMPLES)
+        ),
         "noise": P.Param(0.1, "standard deviation of make_moons' Gaussian noise", P.non_negative),
     }
     ATTRIBUTES: ClassVar[dict[str, str]] = {}
@@ -55,13 +57,19 @@ class TwoMoons(BuiltinDataset):
         return DataSize(n_train=n, n_examples=2 * n, input_shape=cls.INPUT_SHAPE, num_classes=cls.NUM_CLASSES)
 
     @classmethod
-    def create(cls, params: dict[str, Any], *, seed: int, data_dir: str | None) -> "TwoMoons":
+    def create(cls, params: dict[str, Any], *, seed: int, data_dir: str | None) -> TwoMoons:
         splits = {}
         for name, random_state in (("train", seed), ("test", seed + TEST_SEED_OFFSET)):
             points, sign = moons(params["n_samples"], params["noise"], params["delta"], random_state)
             labels = torch.from_numpy((sign > 0).astype(np.int64))  # class index: -1 -> 0, +1 -> 1
             splits[name] = Split(name=name, x=torch.from_numpy(points), y=labels, attribute=torch.zeros_like(labels))
-        return cls(name=cls.NAME, splits=splits, train_splits=list(cls.TRAIN_SPLITS), test_split=cls.TEST_SPLIT,
-                   num_classes=cls.NUM_CLASSES, input_shape=cls.INPUT_SHAPE, attribute_name=None,
-                   info={"source": "sklearn.make_moons", "n_train": params["n_samples"],
-                         "n_test": params["n_samples"]})
+        return cls(
+            name=cls.NAME,
+            splits=splits,
+            train_splits=list(cls.TRAIN_SPLITS),
+            test_split=cls.TEST_SPLIT,
+            num_classes=cls.NUM_CLASSES,
+            input_shape=cls.INPUT_SHAPE,
+            attribute_name=None,
+            info={"source": "sklearn.make_moons", "n_train": params["n_samples"], "n_test": params["n_samples"]},
+        )

@@ -4,6 +4,7 @@ Every check raises `DatasetError` (a `SpecError`) with a message for the person 
 is unpickled, and nothing is decompressed before its size is known and within limits: an .npz's zip directory and
 .npy headers are read first (`check_npz`).
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from starvation.datasets.base import DataSize, Dataset, Split
+from starvation.datasets.base import Dataset, DataSize, Split
 from starvation.errors import SpecError
 
 NPZ_ARRAYS = {"x", "y", "attribute", "split"}
@@ -40,8 +41,12 @@ class DatasetError(SpecError):
         self.code = code
 
 
-def check_npz(path: str | pathlib.Path, *, max_bytes: int = MAX_DATASET_BYTES,
-              max_compression_ratio: float = MAX_COMPRESSION_RATIO) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+def check_npz(
+    path: str | pathlib.Path,
+    *,
+    max_bytes: int = MAX_DATASET_BYTES,
+    max_compression_ratio: float = MAX_COMPRESSION_RATIO,
+) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     """Each array's (dtype, shape), from the zip directory and the .npy headers alone: no array is materialised.
 
     Refuses (`DatasetError`, code "too_large") a member that unpacks past `max_bytes` or, above
@@ -63,12 +68,15 @@ def check_npz(path: str | pathlib.Path, *, max_bytes: int = MAX_DATASET_BYTES,
         keys = {name.removesuffix(".npy") for name in names}
         unexpected = sorted(name for name in names if not (name.endswith(".npy") and name[:-4] in NPZ_ARRAYS))
         if unexpected or len(keys) != len(names):
-            raise DatasetError(f"the .npz has unexpected member(s) {', '.join(unexpected) or '(an array twice)'}; "
-                               "allowed: x.npy, y.npy, attribute.npy, split.npy")
+            raise DatasetError(
+                f"the .npz has unexpected member(s) {', '.join(unexpected) or '(an array twice)'}; "
+                "allowed: x.npy, y.npy, attribute.npy, split.npy"
+            )
         missing = sorted({"x", "y", "attribute"} - keys)
         if missing:
-            raise DatasetError(f"the .npz lacks array(s) {', '.join(missing)}; it needs x, y and attribute "
-                               "(split optional)")
+            raise DatasetError(
+                f"the .npz lacks array(s) {', '.join(missing)}; it needs x, y and attribute (split optional)"
+            )
         arrays, loaded_bytes = {}, 0
         for info in infos:
             key = info.filename.removesuffix(".npy")
@@ -79,16 +87,23 @@ def check_npz(path: str | pathlib.Path, *, max_bytes: int = MAX_DATASET_BYTES,
             except (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as error:
                 raise DatasetError(f"array {key!r} of the .npz has no readable .npy header ({error})") from None
             if dtype.hasobject or dtype.kind not in ARRAY_KINDS[key]:
-                raise DatasetError(f"array {key!r} has dtype {dtype}; it must be "
-                                   f"{'strings' if key == 'split' else 'numeric'} (nothing that needs pickle)")
+                raise DatasetError(
+                    f"array {key!r} has dtype {dtype}; it must be "
+                    f"{'strings' if key == 'split' else 'numeric'} (nothing that needs pickle)"
+                )
             count = math.prod(shape)
             loaded_bytes += count * dtype.itemsize + (count * 4 if key == "x" else 0)  # x is also kept as float32
             if loaded_bytes > max_bytes:
-                raise DatasetError(f"array {key!r} (shape {list(shape)}, {dtype}) takes the dataset past "
-                                   f"{_size(max_bytes)} in memory, the limit", code="too_large")
+                raise DatasetError(
+                    f"array {key!r} (shape {list(shape)}, {dtype}) takes the dataset past "
+                    f"{_size(max_bytes)} in memory, the limit",
+                    code="too_large",
+                )
             if count * dtype.itemsize != info.file_size - data_start:
-                raise DatasetError(f"array {key!r} declares shape {list(shape)} of {dtype} ({count * dtype.itemsize} "
-                                   f"bytes) but holds {info.file_size - data_start} bytes")
+                raise DatasetError(
+                    f"array {key!r} declares shape {list(shape)} of {dtype} ({count * dtype.itemsize} "
+                    f"bytes) but holds {info.file_size - data_start} bytes"
+                )
             arrays[key] = (dtype, tuple(shape))
     return arrays
 
@@ -102,17 +117,23 @@ def _check_directory_size(path: str | pathlib.Path) -> None:
         raise zipfile.BadZipFile("File is not a zip file")
     entries, directory_bytes = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
     if entries > len(NPZ_ARRAYS) or directory_bytes > MAX_DIRECTORY_BYTES:
-        raise DatasetError(f"the .npz lists {entries} members in {directory_bytes} bytes; it may hold only x, y, "
-                           "attribute and split", code="too_large")
+        raise DatasetError(
+            f"the .npz lists {entries} members in {directory_bytes} bytes; it may hold only x, y, attribute and split",
+            code="too_large",
+        )
 
 
 def _check_member_size(key: str, info: zipfile.ZipInfo, max_bytes: int, max_ratio: float) -> None:
     if info.file_size > max_bytes:
-        raise DatasetError(f"array {key!r} unpacks to {_size(info.file_size)}; the limit is {_size(max_bytes)}",
-                           code="too_large")
+        raise DatasetError(
+            f"array {key!r} unpacks to {_size(info.file_size)}; the limit is {_size(max_bytes)}", code="too_large"
+        )
     if info.file_size > RATIO_CHECKED_ABOVE and info.file_size > max_ratio * max(info.compress_size, 1):
-        raise DatasetError(f"array {key!r} unpacks to {_size(info.file_size)} from {_size(info.compress_size)} "
-                           f"(more than {max_ratio:g}:1): refused as a compression bomb", code="too_large")
+        raise DatasetError(
+            f"array {key!r} unpacks to {_size(info.file_size)} from {_size(info.compress_size)} "
+            f"(more than {max_ratio:g}:1): refused as a compression bomb",
+            code="too_large",
+        )
 
 
 def _npy_header(member) -> tuple[np.dtype, tuple[int, ...], int]:
@@ -133,8 +154,13 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
-def load_npz(path: str | pathlib.Path, name: str, *, max_bytes: int = MAX_DATASET_BYTES,
-             max_compression_ratio: float = MAX_COMPRESSION_RATIO) -> Dataset:
+def load_npz(
+    path: str | pathlib.Path,
+    name: str,
+    *,
+    max_bytes: int = MAX_DATASET_BYTES,
+    max_compression_ratio: float = MAX_COMPRESSION_RATIO,
+) -> Dataset:
     """A dataset from an .npz with arrays x [N, ...], y [N] class indices, attribute [N] ints, optional split [N] str.
 
     uint8 inputs are divided by 255. Splits whose name starts with "train" are pooled for training; the test
@@ -152,20 +178,27 @@ def load_npz(path: str | pathlib.Path, name: str, *, max_bytes: int = MAX_DATASE
         try:
             arrays = {key: archive[key] for key in archive.files}
         except ValueError as error:  # object arrays need pickle, which we refuse
-            raise DatasetError(f"the .npz holds an array that needs pickle to load ({error}); save plain numeric and "
-                            "string arrays") from None
+            raise DatasetError(
+                f"the .npz holds an array that needs pickle to load ({error}); save plain numeric and string arrays"
+            ) from None
     x = _inputs(arrays["x"])
     split = _split_names(arrays["split"], len(x)) if "split" in arrays else None
     return from_arrays(name, x, arrays["y"], arrays["attribute"], split, info={"source": "npz"})
 
 
-def registered_size(splits: dict[str, int], input_shape: Sequence[int], num_classes: int, *,
-                    streamed: bool = False) -> DataSize:
+def registered_size(
+    splits: dict[str, int], input_shape: Sequence[int], num_classes: int, *, streamed: bool = False
+) -> DataSize:
     """A registered dataset's size from what registration recorded (split sizes), for the memory budget
     (`streamed`: an image folder)."""
     train, _ = _train_and_test(list(splits))
-    return DataSize(n_train=sum(splits[s] for s in train), n_examples=sum(splits.values()),
-                    input_shape=tuple(int(d) for d in input_shape), num_classes=int(num_classes), streamed=streamed)
+    return DataSize(
+        n_train=sum(splits[s] for s in train),
+        n_examples=sum(splits.values()),
+        input_shape=tuple(int(d) for d in input_shape),
+        num_classes=int(num_classes),
+        streamed=streamed,
+    )
 
 
 def train_and_test_splits(names: list[str]) -> tuple[list[str], str]:
@@ -180,8 +213,9 @@ def _train_and_test(names: list[str]) -> tuple[list[str], str]:
     return train or [tests[0]], tests[0]
 
 
-def from_arrays(name: str, x: np.ndarray, y: np.ndarray, attribute: np.ndarray, split: np.ndarray | None,
-                *, info: dict) -> Dataset:
+def from_arrays(
+    name: str, x: np.ndarray, y: np.ndarray, attribute: np.ndarray, split: np.ndarray | None, *, info: dict
+) -> Dataset:
     """Validated arrays to a `Dataset` (x already float32)."""
     n = len(x)
     y = _class_indices(y, n, "y")
@@ -191,12 +225,23 @@ def from_arrays(name: str, x: np.ndarray, y: np.ndarray, attribute: np.ndarray, 
     tensors = {}
     for split_name in names:
         rows = np.flatnonzero(split == split_name)
-        tensors[split_name] = Split(name=split_name, x=torch.from_numpy(np.ascontiguousarray(x[rows])),
-                                    y=torch.from_numpy(y[rows]), attribute=torch.from_numpy(attribute[rows]))
+        tensors[split_name] = Split(
+            name=split_name,
+            x=torch.from_numpy(np.ascontiguousarray(x[rows])),
+            y=torch.from_numpy(y[rows]),
+            attribute=torch.from_numpy(attribute[rows]),
+        )
     train, test = _train_and_test(names)
-    return Dataset(name=name, splits=tensors, train_splits=train, test_split=test,
-                   num_classes=max(2, int(y.max()) + 1), input_shape=tuple(int(d) for d in x.shape[1:]),
-                   attribute_name="attribute", info={**info, "n_examples": n, "splits": {s: len(tensors[s]) for s in names}})
+    return Dataset(
+        name=name,
+        splits=tensors,
+        train_splits=train,
+        test_split=test,
+        num_classes=max(2, int(y.max()) + 1),
+        input_shape=tuple(int(d) for d in x.shape[1:]),
+        attribute_name="attribute",
+        info={**info, "n_examples": n, "splits": {s: len(tensors[s]) for s in names}},
+    )
 
 
 def _inputs(x: np.ndarray) -> np.ndarray:
@@ -227,8 +272,9 @@ def _split_names(split: np.ndarray, n: int) -> np.ndarray:
     if split.dtype.kind == "S":
         split = np.char.decode(split, "ascii", errors="replace")
     if split.dtype.kind != "U" or split.ndim != 1 or len(split) != n:
-        raise DatasetError(f"split must be {n} strings such as 'train' and 'test', got dtype {split.dtype}, "
-                        f"shape {list(split.shape)}")
+        raise DatasetError(
+            f"split must be {n} strings such as 'train' and 'test', got dtype {split.dtype}, shape {list(split.shape)}"
+        )
     for value in np.unique(split):
         check_split_name(value)
     return split

@@ -5,6 +5,7 @@ bench/repair.py measures, from one place.
 Our own networks train through `train` (a train spec per candidate: metrics, devices, image folders). A TorchScript
 program trains in its jail with `Finetuning`: the same loss, optimizer and minibatch order, on the same rows.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -25,8 +26,9 @@ from starvation.training.loop import Batches, train_step
 Kept = TypeVar("Kept")
 # One candidate's run: (the training data less the held-out rows, sd_lambda, progress in [0, 1]) ->
 # (the trained network's logits function, what to keep of it should it be chosen).
-CandidateRun = Callable[[datasets.Dataset, float, Callable[[float], None]],
-                        tuple[Callable[[torch.Tensor], torch.Tensor], Kept]]
+CandidateRun = Callable[
+    [datasets.Dataset, float, Callable[[float], None]], tuple[Callable[[torch.Tensor], torch.Tensor], Kept]
+]
 
 
 @dataclass
@@ -38,9 +40,14 @@ class Finetuned(Generic[Kept]):
     original_validation: dict[str, float | None]  # the network as it was, scored there (reference only)
 
 
-def finetune_sd(method: FinetuneSD, dataset: datasets.Dataset, run: CandidateRun, *,
-                original: Callable[[torch.Tensor], torch.Tensor],
-                on_progress: Callable[[float], None] | None = None) -> Finetuned:
+def finetune_sd(
+    method: FinetuneSD,
+    dataset: datasets.Dataset,
+    run: CandidateRun,
+    *,
+    original: Callable[[torch.Tensor], torch.Tensor],
+    on_progress: Callable[[float], None] | None = None,
+) -> Finetuned:
     """Each candidate run on `dataset` less its held-out rows (`datasets.hold_out`: the rows `train`'s `holdout`
     holds out), scored there right after its run; the best by the method's criterion (then accuracy) kept.
     `original`: the logits of the network as it was, scored there first, for reference."""
@@ -50,6 +57,7 @@ def finetune_sd(method: FinetuneSD, dataset: datasets.Dataset, run: CandidateRun
     lambdas, criterion = method.params["sd_lambdas"], method.params["criterion"]
     candidates, best = [], None  # best: (key, index, kept)
     for index, sd_lambda in enumerate(lambdas):
+
         def progress(fraction: float, index: int = index) -> None:
             if on_progress is not None:
                 on_progress((index + fraction) / len(lambdas))
@@ -61,14 +69,25 @@ def finetune_sd(method: FinetuneSD, dataset: datasets.Dataset, run: CandidateRun
         if best is None or key > best[0]:  # ties go to the first
             best = (key, index, kept)
     _, chosen, kept = best
-    return Finetuned(kept=kept, candidates=candidates, chosen=chosen, validation=holdout,
-                     original_validation=original_validation)
+    return Finetuned(
+        kept=kept, candidates=candidates, chosen=chosen, validation=holdout, original_validation=original_validation
+    )
 
 
-def train_candidates(method: FinetuneSD, dataset_spec: dict[str, Any], dataset: datasets.Dataset,
-                     model_info: dict[str, Any], weights: Mapping[str, torch.Tensor], seed: int, *,
-                     out_dir: pathlib.Path, device: str = "cpu", data_dir: str | None = None, registered: bool,
-                     should_stop: Callable[[], bool] | None = None) -> CandidateRun:
+def train_candidates(
+    method: FinetuneSD,
+    dataset_spec: dict[str, Any],
+    dataset: datasets.Dataset,
+    model_info: dict[str, Any],
+    weights: Mapping[str, torch.Tensor],
+    seed: int,
+    *,
+    out_dir: pathlib.Path,
+    device: str = "cpu",
+    data_dir: str | None = None,
+    registered: bool,
+    should_stop: Callable[[], bool] | None = None,
+) -> CandidateRun:
     """Candidate runs of one of our own networks: a `train` run from `weights` per candidate, keeping (network,
     checkpoint files). `registered`: `dataset` is a user's, passed to `train` as it is (a built-in is drawn again by
     its seed); `train`'s `holdout` holds out the very rows `finetune_sd` scores on, so the run ignores `held`."""
@@ -76,12 +95,19 @@ def train_candidates(method: FinetuneSD, dataset_spec: dict[str, Any], dataset: 
 
     runs = iter(range(len(method.params["sd_lambdas"])))
 
-    def run(held: datasets.Dataset, sd_lambda: float,
-            progress: Callable[[float], None]) -> tuple[Callable, tuple[AuditableModel, CheckpointFile]]:
-        trained = train(method.train_spec(dataset_spec, model_info, sd_lambda, seed),
-                        out_dir=out_dir / f"sd_lambda{next(runs)}", device=device, data_dir=data_dir,
-                        on_progress=progress, should_stop=should_stop,
-                        dataset=dataset if registered else None, init_weights=weights)
+    def run(
+        held: datasets.Dataset, sd_lambda: float, progress: Callable[[float], None]
+    ) -> tuple[Callable, tuple[AuditableModel, CheckpointFile]]:
+        trained = train(
+            method.train_spec(dataset_spec, model_info, sd_lambda, seed),
+            out_dir=out_dir / f"sd_lambda{next(runs)}",
+            device=device,
+            data_dir=data_dir,
+            on_progress=progress,
+            should_stop=should_stop,
+            dataset=dataset if registered else None,
+            init_weights=weights,
+        )
         checkpoint = trained.checkpoints[0]
         model = load_checkpoint(checkpoint.safetensors_path, "safetensors").to(device)
         return model.logits, (model, checkpoint)
@@ -94,8 +120,17 @@ class Finetuning:
     the updates of a `train` run of `FinetuneSD.train_spec` (`train_step` with the `sd` method's loss, Adam with
     the engine's defaults, minibatches drawn by `Batches` with the seed), `steps` at a time."""
 
-    def __init__(self, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, sd_lambda: float, lr: float,
-                 batch_size: int | None, seed: int) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        sd_lambda: float,
+        lr: float,
+        batch_size: int | None,
+        seed: int,
+    ) -> None:
         trainable = [p for p in module.parameters() if p.requires_grad]
         if not trainable:
             raise SpecError("the model has no trainable parameters: there is nothing to fine-tune")
@@ -124,5 +159,3 @@ def scored(logits: Callable[[torch.Tensor], torch.Tensor], split: datasets.Split
 
     with torch.no_grad():
         return split_scores(logits, split, torch.device("cpu"), with_groups=True)
-
-

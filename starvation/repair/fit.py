@@ -2,6 +2,7 @@
 validation part carved from the same training data. Nothing here sees the test split: the
 caller hands over the training splits' features only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,12 +33,14 @@ class TrainingFeatures:
         if not torch.isfinite(self.features).all():
             raise SpecError("the model's feature layer gave non-finite values on the training data")
 
-    def subset(self, index: np.ndarray) -> "TrainingFeatures":
+    def subset(self, index: np.ndarray) -> TrainingFeatures:
         rows = torch.from_numpy(index)
         return TrainingFeatures(self.features[rows], self.y[rows], self.attribute[rows], self.splits)
 
 
-def carve_validation(y: torch.Tensor, attribute: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def carve_validation(
+    y: torch.Tensor, attribute: torch.Tensor, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(fit rows, validation rows): `fraction` of every (label, attribute) group, drawn with
     `seed`, so that each group the training data has is in both parts where it has 2+ members."""
     rng = np.random.default_rng(seed)
@@ -64,8 +67,14 @@ def score(head: LinearHead, data: TrainingFeatures) -> dict[str, Any]:
     for label in torch.unique(data.y).tolist():
         for value in torch.unique(data.attribute[data.y == label]).tolist():
             members = (data.y == label) & (data.attribute == value)
-            groups.append({"label": int(label), "attribute": int(value), "n": int(members.sum()),
-                           "accuracy": float(correct[members].double().mean())})
+            groups.append(
+                {
+                    "label": int(label),
+                    "attribute": int(value),
+                    "n": int(members.sum()),
+                    "accuracy": float(correct[members].double().mean()),
+                }
+            )
     return {
         "accuracy": float(correct.double().mean()) if len(correct) else None,
         "worst_group_accuracy": min((g["accuracy"] for g in groups), default=None),
@@ -109,8 +118,10 @@ def check_labels(data: TrainingFeatures, num_outputs: int) -> list[int]:
     if labels[0] < 0 or labels[-1] >= num_classes:
         raise SpecError(f"labels {labels} do not fit a model with {num_outputs} output(s)")
     if num_outputs > 2 and len(labels) != num_outputs:
-        raise SpecError(f"the training data hold {len(labels)} of the model's {num_outputs} classes; a refitted "
-                        "head needs examples of every class")
+        raise SpecError(
+            f"the training data hold {len(labels)} of the model's {num_outputs} classes; a refitted "
+            "head needs examples of every class"
+        )
     return labels
 
 
@@ -123,8 +134,9 @@ def group_balanced_weights(y: torch.Tensor, attribute: torch.Tensor) -> np.ndarr
     return weights * (len(weights) / weights.sum())
 
 
-def fit_logistic(data: TrainingFeatures, num_outputs: int, inverse_strength: float, *, balanced: bool,
-                 max_iter: int = 200) -> LinearHead:
+def fit_logistic(
+    data: TrainingFeatures, num_outputs: int, inverse_strength: float, *, balanced: bool, max_iter: int = 200
+) -> LinearHead:
     """(Group-balanced) L2 logistic regression on standardised features, folded to a raw head.
 
     `inverse_strength` is C as scikit-learn means it: minimise C * sum_i w_i * loss_i + ||W||^2 / 2,
@@ -145,8 +157,15 @@ def fit_sd(data: TrainingFeatures, num_outputs: int, sd_lambda: float, *, max_it
     return _fit_linear(data, num_outputs, weights=None, l2=0.0, sd_lambda=sd_lambda, max_iter=max_iter)
 
 
-def _fit_linear(data: TrainingFeatures, num_outputs: int, *, weights: torch.Tensor | None, l2: float,
-                sd_lambda: float, max_iter: int) -> LinearHead:
+def _fit_linear(
+    data: TrainingFeatures,
+    num_outputs: int,
+    *,
+    weights: torch.Tensor | None,
+    l2: float,
+    sd_lambda: float,
+    max_iter: int,
+) -> LinearHead:
     """Full-batch L-BFGS in float64 of: weighted mean cross-entropy + l2/2 * ||W||^2 +
     sd_lambda/2 * mean(squared logits), on standardised features (bias unpenalised by l2)."""
     from starvation.methods import cross_entropy
@@ -155,8 +174,14 @@ def _fit_linear(data: TrainingFeatures, num_outputs: int, *, weights: torch.Tens
     x, y = scale(data.features), data.y
     weight = torch.zeros(num_outputs, x.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(num_outputs, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, tolerance_grad=1e-9,
-                                  tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        max_iter=max_iter,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def objective() -> torch.Tensor:
         optimizer.zero_grad()
@@ -164,11 +189,13 @@ def _fit_linear(data: TrainingFeatures, num_outputs: int, *, weights: torch.Tens
         if weights is None:
             data_term = cross_entropy(logits[:, 0] if num_outputs == 1 else logits, y)
         elif num_outputs == 1:
-            data_term = (torch.nn.functional.binary_cross_entropy_with_logits(
-                logits[:, 0], y.double(), reduction="none") * weights).mean()
+            data_term = (
+                torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y.double(), reduction="none")
+                * weights
+            ).mean()
         else:
             data_term = (torch.nn.functional.cross_entropy(logits, y, reduction="none") * weights).mean()
-        loss = data_term + l2 / 2 * (weight ** 2).sum() + sd_lambda / 2 * (logits ** 2).sum(dim=1).mean()
+        loss = data_term + l2 / 2 * (weight**2).sum() + sd_lambda / 2 * (logits**2).sum(dim=1).mean()
         loss.backward()
         return loss
 

@@ -6,6 +6,7 @@ it at a top-level `head` (or as the last child of an `nn.Sequential`); in a fore
 the linear map the graph reading found (`starvation.checkpoints.graph`), written back into the
 same attributes or initializers.
 """
+
 from __future__ import annotations
 
 import io
@@ -41,7 +42,7 @@ class LinearHead:
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return features.to(self.weight.dtype) @ self.weight.T + self.bias
 
-    def to_dtype(self, dtype: torch.dtype) -> "LinearHead":
+    def to_dtype(self, dtype: torch.dtype) -> LinearHead:
         return LinearHead(self.weight.to(dtype), self.bias.to(dtype))
 
 
@@ -55,8 +56,7 @@ def find_linear_head(module: nn.Module) -> nn.Module:
         candidate = list(children.values())[-1]
     if candidate is None:
         raise NoLinearHead(
-            "the model has no top-level 'head' and is not an nn.Sequential, so its last linear layer "
-            "cannot be found"
+            "the model has no top-level 'head' and is not an nn.Sequential, so its last linear layer cannot be found"
         )
     weight, bias = getattr(candidate, "weight", None), getattr(candidate, "bias", None)
     if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point()):

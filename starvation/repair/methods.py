@@ -5,6 +5,7 @@ The original head is scored on the validation part too, but only for reference: 
 trained on those very examples, so its head's score there is biased upwards (a model that
 memorised its training set scores near 1) and cannot be compared with heads that never saw them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,16 +39,16 @@ class RepairMethod:
     PARAMS: ClassVar[dict[str, P.Param]] = {}
     COMMON: ClassVar[dict[str, P.Param]] = {
         "validation_fraction": P.Param(
-            0.2, "share of every (label, attribute) group of the training data held out to choose on",
-            P.probability),
+            0.2, "share of every (label, attribute) group of the training data held out to choose on", P.probability
+        ),
     }
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params = P.resolve(f"repair method {self.NAME!r}", {**self.COMMON, **self.PARAMS}, params,
-                                field="method")
+        self.params = P.resolve(f"repair method {self.NAME!r}", {**self.COMMON, **self.PARAMS}, params, field="method")
         if not 0 < self.params["validation_fraction"] < 1:
-            raise P.ParamError("method.validation_fraction must be between 0 and 1 (exclusive)",
-                               field="method.validation_fraction")
+            raise P.ParamError(
+                "method.validation_fraction must be between 0 and 1 (exclusive)", field="method.validation_fraction"
+            )
 
     def resolved(self) -> dict[str, Any]:
         return {"name": self.NAME, **self.params}
@@ -74,16 +75,30 @@ class RepairMethod:
         for strength in self.params[self.STRENGTH]:
             head = self.fit(fit_part, old_head.num_outputs, strength)
             heads.append(head)
-            candidates.append({self.CANDIDATE: strength, "fit": _brief(score(head, fit_part)),
-                               "validation": _brief(score(head, validation))})
+            candidates.append(
+                {
+                    self.CANDIDATE: strength,
+                    "fit": _brief(score(head, fit_part)),
+                    "validation": _brief(score(head, validation)),
+                }
+            )
         best = max(range(len(heads)), key=lambda i: key(candidates[i]["validation"]))
         chosen = candidates[best]
         selection = {
-            "fitted_on": {"data": "training splits less the validation part", "splits": data.splits,
-                          "n": int(len(fit_rows))},
-            "chosen_on": {"data": "validation part carved from the training splits", "splits": data.splits,
-                          "n": int(len(val_rows)), "fraction": self.params["validation_fraction"], "seed": seed,
-                          "stratified_by": "label x attribute", "criterion": criterion},
+            "fitted_on": {
+                "data": "training splits less the validation part",
+                "splits": data.splits,
+                "n": int(len(fit_rows)),
+            },
+            "chosen_on": {
+                "data": "validation part carved from the training splits",
+                "splits": data.splits,
+                "n": int(len(val_rows)),
+                "fraction": self.params["validation_fraction"],
+                "seed": seed,
+                "stratified_by": "label x attribute",
+                "criterion": criterion,
+            },
             "test_split_used": False,
             "candidates": candidates,
             "chosen": {k: v for k, v in chosen.items() if k not in ("fit", "validation")},
@@ -101,36 +116,46 @@ class LastLayer(RepairMethod):
     NAME: ClassVar[str] = "last_layer"
     DESCRIPTION: ClassVar[str] = (
         "group-balanced L2 logistic regression refit of the last linear layer on the penultimate features "
-        "(Kirichenko et al. 2023, DFR); its strength chosen by worst-group accuracy on the validation part")
+        "(Kirichenko et al. 2023, DFR); its strength chosen by worst-group accuracy on the validation part"
+    )
     STRENGTH: ClassVar[str] = "inverse_strengths"
     CANDIDATE: ClassVar[str] = "inverse_strength"
     PARAMS: ClassVar[dict[str, P.Param]] = {
         "inverse_strengths": P.Param(
             [0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
             "candidate C (inverse L2 strength) of the logistic regression on standardised features",
-            P.list_of(P.positive, min_length=1, max_length=20)),
+            P.list_of(P.positive, min_length=1, max_length=20),
+        ),
         "group_balanced": P.Param(True, "weight the (label, attribute) groups equally in the fit", P.boolean),
         "max_iter": P.Param(200, "L-BFGS iterations per candidate", P.int_between(1, 10_000)),
     }
 
     def fit(self, data: TrainingFeatures, num_outputs: int, strength: float) -> LinearHead:
-        return fit_logistic(data, num_outputs, strength, balanced=self.params["group_balanced"],
-                            max_iter=self.params["max_iter"])
+        return fit_logistic(
+            data, num_outputs, strength, balanced=self.params["group_balanced"], max_iter=self.params["max_iter"]
+        )
 
 
 class LastLayerSD(RepairMethod):
     NAME: ClassVar[str] = "last_layer_sd"
     DESCRIPTION: ClassVar[str] = (
         "refit of the last linear layer with cross-entropy + sd_lambda/2 * mean(squared logits) (Spectral "
-        "Decoupling), no group labels in the fit; sd_lambda chosen on the validation part")
+        "Decoupling), no group labels in the fit; sd_lambda chosen on the validation part"
+    )
     STRENGTH: ClassVar[str] = "sd_lambdas"
     CANDIDATE: ClassVar[str] = "sd_lambda"
     PARAMS: ClassVar[dict[str, P.Param]] = {
-        "sd_lambdas": P.Param([0.01, 0.1, 1.0, 10.0], "candidate SD coefficients lambda",
-                              P.list_of(P.positive, min_length=1, max_length=20)),
+        "sd_lambdas": P.Param(
+            [0.01, 0.1, 1.0, 10.0],
+            "candidate SD coefficients lambda",
+            P.list_of(P.positive, min_length=1, max_length=20),
+        ),
         "max_iter": P.Param(200, "L-BFGS iterations per candidate", P.int_between(1, 10_000)),
-        "criterion": P.Param("worst_group_accuracy", "what the validation part chooses by: worst_group_accuracy "
-                             "(needs the attribute) or accuracy", P.one_of(*CRITERIA)),
+        "criterion": P.Param(
+            "worst_group_accuracy",
+            "what the validation part chooses by: worst_group_accuracy (needs the attribute) or accuracy",
+            P.one_of(*CRITERIA),
+        ),
     }
 
     def criterion(self, data: TrainingFeatures) -> str:
@@ -152,34 +177,55 @@ class FinetuneSD(RepairMethod):
     DESCRIPTION: ClassVar[str] = (
         "the whole network fine-tuned from the checkpoint with cross-entropy + sd_lambda/2 * mean(squared logits) "
         "(Spectral Decoupling) on the training splits less a validation part, one run per candidate sd_lambda, "
-        "chosen on the validation part; TorchScript and safetensors checkpoints (not ONNX)")
+        "chosen on the validation part; TorchScript and safetensors checkpoints (not ONNX)"
+    )
     WHOLE_NETWORK: ClassVar[bool] = True
     STRENGTH: ClassVar[str] = "sd_lambdas"
     CANDIDATE: ClassVar[str] = "sd_lambda"
     PARAMS: ClassVar[dict[str, P.Param]] = {
-        "sd_lambdas": P.Param([1.0], "candidate SD coefficients lambda (one fine-tuning run each)",
-                              P.list_of(P.positive, min_length=1, max_length=8)),
+        "sd_lambdas": P.Param(
+            [1.0],
+            "candidate SD coefficients lambda (one fine-tuning run each)",
+            P.list_of(P.positive, min_length=1, max_length=8),
+        ),
         "steps": P.Param(500, "updates of each fine-tuning run", P.int_between(1, 100_000)),
         "lr": P.Param(1e-4, "Adam's learning rate", P.positive),
-        "batch_size": P.Param(None, "examples per update; null: every training example (full batch; an image "
-                              "folder needs a number)", P.optional(P.positive_int)),
-        "criterion": P.Param("worst_group_accuracy", "what the validation part chooses by: worst_group_accuracy "
-                             "or accuracy", P.one_of(*CRITERIA)),
+        "batch_size": P.Param(
+            None,
+            "examples per update; null: every training example (full batch; an image folder needs a number)",
+            P.optional(P.positive_int),
+        ),
+        "criterion": P.Param(
+            "worst_group_accuracy",
+            "what the validation part chooses by: worst_group_accuracy or accuracy",
+            P.one_of(*CRITERIA),
+        ),
     }
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         super().__init__(params)
         if self.params["validation_fraction"] > 0.5:
-            raise P.ParamError("method.validation_fraction is held out of the training splits by the fine-tuning "
-                               "runs: at most 0.5", field="method.validation_fraction")
+            raise P.ParamError(
+                "method.validation_fraction is held out of the training splits by the fine-tuning runs: at most 0.5",
+                field="method.validation_fraction",
+            )
 
-    def train_spec(self, dataset: dict[str, Any], model_info: dict[str, Any], sd_lambda: float,
-                   seed: int) -> dict[str, Any]:
+    def train_spec(
+        self, dataset: dict[str, Any], model_info: dict[str, Any], sd_lambda: float, seed: int
+    ) -> dict[str, Any]:
         """The train spec of one candidate's run: the checkpoint's arch, SD, the validation part held out."""
-        return {"dataset": dataset, "model": {"arch": model_info["arch"], **(model_info.get("arch_params") or {})},
-                "method": {"name": "sd", "sd_lambda": sd_lambda}, "optimizer": {"name": "adam", "lr": self.params["lr"]},
-                "steps": self.params["steps"], "batch_size": self.params["batch_size"], "eval_every": self.params["steps"],
-                "seeds": [seed], "holdout": self.params["validation_fraction"], "audit": False}
+        return {
+            "dataset": dataset,
+            "model": {"arch": model_info["arch"], **(model_info.get("arch_params") or {})},
+            "method": {"name": "sd", "sd_lambda": sd_lambda},
+            "optimizer": {"name": "adam", "lr": self.params["lr"]},
+            "steps": self.params["steps"],
+            "batch_size": self.params["batch_size"],
+            "eval_every": self.params["steps"],
+            "seeds": [seed],
+            "holdout": self.params["validation_fraction"],
+            "audit": False,
+        }
 
 
 REPAIR_METHODS: dict[str, type[RepairMethod]] = {cls.NAME: cls for cls in (LastLayer, LastLayerSD, FinetuneSD)}
@@ -198,14 +244,17 @@ def build_repair_method(spec: dict[str, Any] | None) -> RepairMethod:
     if name in NOT_YET_AVAILABLE:
         raise UnsupportedMethod(f"method {name!r}: {NOT_YET_AVAILABLE[name]}")
     if name not in REPAIR_METHODS:
-        raise P.ParamError(f"unknown repair method {name!r}; methods: {', '.join(sorted(REPAIR_METHODS))}",
-                           field="method.name")
+        raise P.ParamError(
+            f"unknown repair method {name!r}; methods: {', '.join(sorted(REPAIR_METHODS))}", field="method.name"
+        )
     return REPAIR_METHODS[name](spec)
 
 
 def describe_all() -> list[dict]:
-    return [{"name": cls.NAME, "description": cls.DESCRIPTION,
-             "params": P.describe({**cls.COMMON, **cls.PARAMS})} for cls in REPAIR_METHODS.values()]
+    return [
+        {"name": cls.NAME, "description": cls.DESCRIPTION, "params": P.describe({**cls.COMMON, **cls.PARAMS})}
+        for cls in REPAIR_METHODS.values()
+    ]
 
 
 def _brief(scores: dict[str, Any]) -> dict[str, Any]:

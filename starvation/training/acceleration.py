@@ -1,5 +1,6 @@
 """How an update runs fast on a GPU: replayed from CUDA graphs, compiled per phase, with TF32 matmuls or a
 bfloat16 forward pass."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from starvation.methods import Method
+
 
 class GraphedUpdates:
     """A loop's update, `update(rows, step)`, replayed from CUDA graphs: one launch a step instead of dozens.
@@ -25,8 +27,9 @@ class GraphedUpdates:
 
     WARMUP = 3
 
-    def __init__(self, update: Callable[[torch.Tensor | None, int], None], method: Method,
-                 device: torch.device) -> None:
+    def __init__(
+        self, update: Callable[[torch.Tensor | None, int], None], method: Method, device: torch.device
+    ) -> None:
         self.update, self.method, self.device = update, method, device
         self.stream = torch.cuda.Stream(device=device)
         self.pool = torch.cuda.graph_pool_handle()
@@ -76,8 +79,10 @@ class PhaseOrder:
         phase = self.method.phase(step)
         if self.started and phase != self.current:
             if phase in self.left:
-                raise AssertionError(f"method {self.method.NAME!r} went back to phase {phase!r} at step {step}: "
-                                     "a graphed or compiled update assumes phases only move forward")
+                raise AssertionError(
+                    f"method {self.method.NAME!r} went back to phase {phase!r} at step {step}: "
+                    "a graphed or compiled update assumes phases only move forward"
+                )
             self.left.add(self.current)
         self.current, self.started = phase, True
         return phase
@@ -124,6 +129,7 @@ class PhaseCompiled:
 
 
 # ---- precision -----------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def tf32_matmuls(enabled: bool) -> Iterator[None]:

@@ -1,6 +1,7 @@
 """Evaluation: each split's loss, accuracy, mean |logit|; starvation on the way (the training split's starved
 fraction and the share of its gradient that bias-conflicting examples carry, the core-only corner's margin); the
 summary over seeds."""
+
 from __future__ import annotations
 
 import functools
@@ -32,6 +33,7 @@ def stacked_logits(output: torch.Tensor) -> torch.Tensor:
 
 
 # ---- evaluation ----------------------------------------------------------------------------
+
 
 def evaluation_splits(data: Dataset) -> dict[str, Split]:
     """'train' (the training splits pooled), every named split (a split named 'train' is the pooled one), and
@@ -98,11 +100,17 @@ def stacked_splits(data: Sequence[Dataset], device: torch.device, *, shared: boo
     def stack(split_of: Callable[[Dataset], Split], name: str) -> Split:
         if shared:
             one = _to(split_of(first), device)
-            return Split(name=name, **{k: getattr(one, k).unsqueeze(0).expand(count, *getattr(one, k).shape)
-                                       for k in ("x", "y", "attribute")})
+            return Split(
+                name=name,
+                **{
+                    k: getattr(one, k).unsqueeze(0).expand(count, *getattr(one, k).shape)
+                    for k in ("x", "y", "attribute")
+                },
+            )
         parts = [split_of(d) for d in data]
-        return Split(name=name, **{k: torch.stack([getattr(p, k) for p in parts]).to(device)
-                                   for k in ("x", "y", "attribute")})
+        return Split(
+            name=name, **{k: torch.stack([getattr(p, k) for p in parts]).to(device) for k in ("x", "y", "attribute")}
+        )
 
     pooled = stack(Dataset.train_data, "train")
     splits = {"train": pooled}
@@ -118,8 +126,9 @@ def stacked_splits(data: Sequence[Dataset], device: torch.device, *, shared: boo
     return {name: splits[name] for name in names}
 
 
-def split_metrics(logits: torch.Tensor, y: torch.Tensor, conflicting: torch.Tensor | None = None, *,
-                  split: str) -> torch.Tensor:
+def split_metrics(
+    logits: torch.Tensor, y: torch.Tensor, conflicting: torch.Tensor | None = None, *, split: str
+) -> torch.Tensor:
     """One split's `_metric_names`, as one tensor (no sync). `conflicting`: the training split's bias-conflicting
     examples (`bias_conflicting`), where the dataset has an attribute."""
     values = [cross_entropy(logits, y), (predictions(logits) == y).float().mean(), logits.abs().mean()]
@@ -145,8 +154,12 @@ def _metric_names(split: str, conflicting: bool = False) -> list[tuple[str, str]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, splits: dict[str, Split], pooled: dict[str, slice] | None = None,
-             conflicting: torch.Tensor | None = None) -> dict[tuple[str, str], float]:
+def evaluate(
+    model: nn.Module,
+    splits: dict[str, Split],
+    pooled: dict[str, slice] | None = None,
+    conflicting: torch.Tensor | None = None,
+) -> dict[tuple[str, str], float]:
     """{(split, metric): value}: each split's `_metric_names`.
 
     `pooled` (`pooled_slices`): the splits whose logits are sliced from 'train''s, which comes first.
@@ -158,18 +171,27 @@ def evaluate(model: nn.Module, splits: dict[str, Split], pooled: dict[str, slice
         if pooled and name in pooled:
             logits = computed["train"][pooled[name]]
         else:
-            logits = torch.cat([as_logits(model(batch.to(split.y.device, non_blocking=True)))
-                                for batch in batches_of(split.x, EVAL_CHUNK)])
+            logits = torch.cat(
+                [
+                    as_logits(model(batch.to(split.y.device, non_blocking=True)))
+                    for batch in batches_of(split.x, EVAL_CHUNK)
+                ]
+            )
         computed[name] = logits
         given = conflicting if name == "train" else None
-        values.update(zip(_metric_names(name, given is not None),
-                          split_metrics(logits, split.y, given, split=name).tolist()))
+        values.update(
+            zip(_metric_names(name, given is not None), split_metrics(logits, split.y, given, split=name).tolist())
+        )
     return values
 
 
 @torch.no_grad()
-def evaluate_stacked(model: StackedMLP, splits: dict[str, Split], pooled: dict[str, slice] | None = None,
-                     conflicting: torch.Tensor | None = None) -> list[dict[tuple[str, str], float]]:
+def evaluate_stacked(
+    model: StackedMLP,
+    splits: dict[str, Split],
+    pooled: dict[str, slice] | None = None,
+    conflicting: torch.Tensor | None = None,
+) -> list[dict[tuple[str, str], float]]:
     """`evaluate` for every seed of a stacked model on stacked splits (`conflicting` [S, N]): one dict per seed,
     one host sync in all."""
     model.eval()
@@ -178,8 +200,10 @@ def evaluate_stacked(model: StackedMLP, splits: dict[str, Split], pooled: dict[s
         if pooled and name in pooled:
             logits = computed["train"][:, pooled[name]]
         else:
-            logits = torch.cat([stacked_logits(model(split.x[:, i:i + EVAL_CHUNK]))
-                                for i in range(0, split.x.shape[1], EVAL_CHUNK)], dim=1)
+            logits = torch.cat(
+                [stacked_logits(model(split.x[:, i : i + EVAL_CHUNK])) for i in range(0, split.x.shape[1], EVAL_CHUNK)],
+                dim=1,
+            )
         computed[name] = logits
         given = (conflicting,) if name == "train" and conflicting is not None else ()
         columns.append(vmap(functools.partial(split_metrics, split=name))(logits, split.y, *given))

@@ -1,4 +1,5 @@
 """The training loops: `train`, each seed on its own (`_train_seed`) or all stacked (`_train_batched`), one update."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,17 +16,33 @@ from torch import nn
 from starvation import datasets
 from starvation.checkpoints.save import CheckpointFile, save_checkpoint
 from starvation.datasets import Dataset, ImageFiles, batches_of
-from starvation.errors import SpecError
 from starvation.ensemble import StackedMLP, seed_losses, unsupported_reason
+from starvation.errors import SpecError
 from starvation.methods import Method, build_method, method_class
-from starvation.ntk import KernelSample
 from starvation.networks import Network, build_network, load_initial_weights, output_count
+from starvation.ntk import KernelSample
 from starvation.training.acceleration import GraphedUpdates, PhaseCompiled, forward_precision, tf32_matmuls
-from starvation.training.evaluation import (EVAL_CHUNK, _summarise, _to, as_logits, bias_conflicting, evaluate,
-                                            evaluate_stacked, evaluation_splits, pooled_slices, predictions,
-                                            stacked_logits, stacked_splits)
-from starvation.training.spec import (ResolvedTrainSpec, _check_gamma, build_optimizer, resolve_device,
-                                      resolve_train_spec)
+from starvation.training.evaluation import (
+    EVAL_CHUNK,
+    _summarise,
+    _to,
+    as_logits,
+    bias_conflicting,
+    evaluate,
+    evaluate_stacked,
+    evaluation_splits,
+    pooled_slices,
+    predictions,
+    stacked_logits,
+    stacked_splits,
+)
+from starvation.training.spec import (
+    ResolvedTrainSpec,
+    _check_gamma,
+    build_optimizer,
+    resolve_device,
+    resolve_train_spec,
+)
 
 # Above this many multiply-adds per seed and update, a batched job on the CPU runs each seed's matmuls on its own
 # (`per_seed_matmuls`). On a 2-core CPU (docs/performance.md) one batched matmul over 10 seeds is 1.4x slower than
@@ -62,12 +79,19 @@ class TrainOutcome:
 ProgressCallback = Callable[[int, dict[int, dict[tuple[str, str], float]], float], None]
 
 
-def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: str | None = None,
-          on_metrics: Callable[[list[Metric]], None] | None = None,
-          on_progress: Callable[[float], None] | None = None,
-          should_stop: Callable[[], bool] | None = None,
-          dataset: Dataset | None = None, resume_dir: pathlib.Path | None = None,
-          init_weights: Mapping[str, torch.Tensor] | None = None) -> TrainOutcome:
+def train(
+    spec: dict,
+    *,
+    out_dir: pathlib.Path,
+    device: str = "cpu",
+    data_dir: str | None = None,
+    on_metrics: Callable[[list[Metric]], None] | None = None,
+    on_progress: Callable[[float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    dataset: Dataset | None = None,
+    resume_dir: pathlib.Path | None = None,
+    init_weights: Mapping[str, torch.Tensor] | None = None,
+) -> TrainOutcome:
     """Train one model per seed of `spec` and save each under `out_dir`.
 
     `spec`: a `ResolvedTrainSpec` runs as it is; anything else is resolved here first (`resolve_train_spec`).
@@ -88,21 +112,29 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
     section = spec.get("dataset") if isinstance(spec, dict) else None
     named = section.get("name") if isinstance(section, dict) else None
     if not isinstance(spec, ResolvedTrainSpec):
-        spec = resolve_train_spec(spec, user_datasets=(named,) if dataset is not None and isinstance(named, str) else ())
+        spec = resolve_train_spec(
+            spec, user_datasets=(named,) if dataset is not None and isinstance(named, str) else ()
+        )
     torch_device = resolve_device(device)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = spec["seeds"]
 
     def load(seed: int) -> Dataset:
-        data = dataset if dataset is not None else datasets.build(
-            spec["dataset"]["name"], spec["dataset"]["params"], seed=seed, data_dir=data_dir)
+        data = (
+            dataset
+            if dataset is not None
+            else datasets.build(spec["dataset"]["name"], spec["dataset"]["params"], seed=seed, data_dir=data_dir)
+        )
         _check_gamma(spec["method"], data.num_classes)
         return datasets.hold_out(data, spec["holdout"])
 
     def report(step: int, values_by_seed: dict[int, dict[tuple[str, str], float]], done: float) -> None:
-        rows = [Metric(step=step, name=name, value=value, seed=seed, split=split)
-                for seed, values in values_by_seed.items() for (split, name), value in values.items()]
+        rows = [
+            Metric(step=step, name=name, value=value, seed=seed, split=split)
+            for seed, values in values_by_seed.items()
+            for (split, name), value in values.items()
+        ]
         if on_metrics is not None and rows:  # one batch per evaluation, every seed in it; none for progress alone
             on_metrics(rows)
         if on_progress is not None:
@@ -115,8 +147,10 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
     streamed = isinstance(first.splits[first.train_splits[0]].x, ImageFiles)
     if streamed:
         if not spec["batch_size"]:
-            raise SpecError(f"dataset {spec['dataset']['name']!r} is an image folder, read from disk in minibatches: "
-                            "set batch_size (full-batch training would hold every image in memory)")
+            raise SpecError(
+                f"dataset {spec['dataset']['name']!r} is an image folder, read from disk in minibatches: "
+                "set batch_size (full-batch training would hold every image in memory)"
+            )
         execution, why = "sequential", "an image folder streams from disk, one seed at a time"
     per_seed = execution == "batched" and per_seed_matmuls(shape, rows, torch_device)
     graphs = spec["cuda_graphs"] and torch_device.type == "cuda" and not streamed
@@ -126,27 +160,51 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
     resumed: dict[int, int] = {}
     with tf32_matmuls(spec["precision"] == "tf32"):  # evaluation switches it off again: metrics in float32
         if execution == "batched":
-            networks, histories, clock = _train_batched(spec, [first] + [load(seed) for seed in seeds[1:]],
-                                                        torch_device, report, should_stop,
-                                                        shared_data=dataset is not None,
-                                                        matmuls_per_seed=per_seed, graphs=graphs,
-                                                        compiled=compiled, init_weights=init_weights)
+            networks, histories, clock = _train_batched(
+                spec,
+                [first] + [load(seed) for seed in seeds[1:]],
+                torch_device,
+                report,
+                should_stop,
+                shared_data=dataset is not None,
+                matmuls_per_seed=per_seed,
+                graphs=graphs,
+                compiled=compiled,
+                init_weights=init_weights,
+            )
         else:
             networks, histories, clock = [], [], _Clock(torch_device)
             saved = Resume(pathlib.Path(resume_dir), spec["save_every"]) if resume_dir is not None else None
             for index, seed in enumerate(seeds):
                 data = first if index == 0 else load(seed)
-                network, history = _train_seed(spec, data, seed, torch_device, clock, should_stop,
-                                               functools.partial(_report_seed, report, index, len(seeds)),
-                                               graphs=graphs, resume=saved, init_weights=init_weights)
+                network, history = _train_seed(
+                    spec,
+                    data,
+                    seed,
+                    torch_device,
+                    clock,
+                    should_stop,
+                    functools.partial(_report_seed, report, index, len(seeds)),
+                    graphs=graphs,
+                    resume=saved,
+                    init_weights=init_weights,
+                )
                 networks.append(network)
                 histories.append(history)
             resumed = saved.resumed if saved is not None else {}
 
-    checkpoints = [save_checkpoint(network, out_dir, seed=seed, arch=spec["model"]["arch"],
-                                   arch_params=_arch_params(spec), input_shape=first.input_shape,
-                                   num_outputs=output_count(first.num_classes))
-                   for seed, network in zip(seeds, networks)]
+    checkpoints = [
+        save_checkpoint(
+            network,
+            out_dir,
+            seed=seed,
+            arch=spec["model"]["arch"],
+            arch_params=_arch_params(spec),
+            input_shape=first.input_shape,
+            num_outputs=output_count(first.num_classes),
+        )
+        for seed, network in zip(seeds, networks)
+    ]
     finals = {seed: history[-1] for seed, history in zip(seeds, histories)}
     result = {
         "splits": _summarise(finals),
@@ -154,9 +212,17 @@ def train(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
         "dataset": dict(first.info),
         "starved_fraction": {
             "first": float(np.mean([h[0][("train", "starved_fraction")] for h in histories])),
-            "last": float(np.mean([h[-1][("train", "starved_fraction")] for h in histories]))},
-        "execution": {"requested": spec["execution"], "used": execution, "why": why, "precision": spec["precision"],
-                      "per_seed_matmuls": per_seed, "cuda_graphs": graphs, "compile": compiled},
+            "last": float(np.mean([h[-1][("train", "starved_fraction")] for h in histories])),
+        },
+        "execution": {
+            "requested": spec["execution"],
+            "used": execution,
+            "why": why,
+            "precision": spec["precision"],
+            "per_seed_matmuls": per_seed,
+            "cuda_graphs": graphs,
+            "compile": compiled,
+        },
         "timing": clock.summary(spec["steps"], total_s=time.perf_counter() - started),
     }
     if resumed:
@@ -199,34 +265,52 @@ def per_seed_matmuls(network: Network, rows: int, device: torch.device) -> bool:
 def _shape_of(spec: dict, data: Dataset) -> Network:
     """The spec's network for `data`, without weights (built on the meta device: no RNG drawn, no memory)."""
     with torch.device("meta"):
-        return build_network(spec["model"]["arch"], _arch_params(spec), data.input_shape,
-                             output_count(data.num_classes))
+        return build_network(
+            spec["model"]["arch"], _arch_params(spec), data.input_shape, output_count(data.num_classes)
+        )
 
 
-def _init_network(spec: dict, data: Dataset, seed: int,
-                  init_weights: Mapping[str, torch.Tensor] | None = None) -> Network:
+def _init_network(
+    spec: dict, data: Dataset, seed: int, init_weights: Mapping[str, torch.Tensor] | None = None
+) -> Network:
     """Seed `seed`'s initial network (filled from `init_weights` where given); the caller's global RNG is left as
     it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        network = build_network(spec["model"]["arch"], _arch_params(spec), data.input_shape,
-                                output_count(data.num_classes))
+        network = build_network(
+            spec["model"]["arch"], _arch_params(spec), data.input_shape, output_count(data.num_classes)
+        )
     if init_weights is not None:
         load_initial_weights(network, init_weights)
     return network
 
 
-def _report_seed(report: ProgressCallback, index: int, count: int, step: int, steps: int, seed: int,
-                 values: dict[tuple[str, str], float]) -> None:
+def _report_seed(
+    report: ProgressCallback,
+    index: int,
+    count: int,
+    step: int,
+    steps: int,
+    seed: int,
+    values: dict[tuple[str, str], float],
+) -> None:
     """Sequential progress: seed `index` of `count` is at `step` of `steps`."""
     report(step, {seed: values}, (index * steps + step) / (count * steps))
 
 
-def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, clock: _Clock,
-                should_stop: Callable[[], bool] | None,
-                report: Callable[[int, int, int, dict[tuple[str, str], float]], None], *, graphs: bool,
-                resume: Resume | None = None, init_weights: Mapping[str, torch.Tensor] | None = None
-                ) -> tuple[nn.Module, list[dict[tuple[str, str], float]]]:
+def _train_seed(
+    spec: dict,
+    data: Dataset,
+    seed: int,
+    device: torch.device,
+    clock: _Clock,
+    should_stop: Callable[[], bool] | None,
+    report: Callable[[int, int, int, dict[tuple[str, str], float]], None],
+    *,
+    graphs: bool,
+    resume: Resume | None = None,
+    init_weights: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[nn.Module, list[dict[tuple[str, str], float]]]:
     """One model: init under `seed`, full-batch or minibatch updates, evaluation on schedule.
 
     `resume`: the seed goes on from the state an earlier run saved there (or is taken as it finished), and saves
@@ -241,8 +325,9 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
     optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
     steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
     streamed = isinstance(train_split.x, ImageFiles)
-    batches = Batches(len(train_split), spec["batch_size"], seeds=[seed],
-                      device=torch.device("cpu") if streamed else device)
+    batches = Batches(
+        len(train_split), spec["batch_size"], seeds=[seed], device=torch.device("cpu") if streamed else device
+    )
     start, history = 0, []
     state = resume.load(seed) if resume is not None else None
     if state is not None:
@@ -255,8 +340,9 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
         start = resume.resumed[seed] = state["step"]
     found = {}
     if method.IDENTIFICATION_STEPS is not None:  # JTT: its identification model first (not for a finished seed)
-        found["error_set"] = identification_errors(spec, data, seed, device, method.params[method.IDENTIFICATION_STEPS],
-                                                   should_stop)
+        found["error_set"] = identification_errors(
+            spec, data, seed, device, method.params[method.IDENTIFICATION_STEPS], should_stop
+        )
     groups = {name: tensor.to(device) for name, tensor in memberships(data, method.NEEDS, **found).items()}
     kernel = kernel_sample(spec, data, seed)
     drawn_before: dict[int, dict] = {}  # the minibatch order as it was before the rows of a step to save at
@@ -266,6 +352,7 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
             if resume is not None and resume.due(step):
                 drawn_before[step] = batches.state()
             yield batches.next()[0].tolist()
+
     if streamed:  # the same rows in the same order as in memory, read from disk (ahead) by the loader's workers
         stream = iter(train_split.x.loader(rows_of_steps()))
     train_x = None if streamed else update_inputs(train_split.x, precision)
@@ -281,14 +368,21 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
             x, y = train_x[rows[0]], train_split.y[rows[0]]
             given = {name: tensor[rows[0]] for name, tensor in groups.items()}
         train_step(model, optimizer, method, x, y, step, precision=precision, memberships=given)
+
     if graphs:
         update = GraphedUpdates(update, method, device)
 
     clock.start()
     for step in range(start, steps + 1):
         if resume is not None and step > start and resume.due(step):  # before this step's evaluation is reported
-            resume.save(seed, step=step, model=model, optimizer=optimizer, history=history,
-                        batches=drawn_before.pop(step, None) or batches.state())
+            resume.save(
+                seed,
+                step=step,
+                model=model,
+                optimizer=optimizer,
+                history=history,
+                batches=drawn_before.pop(step, None) or batches.state(),
+            )
         if step % eval_every == 0 or step == steps:
             with clock.evaluating(), tf32_matmuls(False):
                 values = evaluate(model, splits, pooled, conflicting)
@@ -306,12 +400,21 @@ def _train_seed(spec: dict, data: Dataset, seed: int, device: torch.device, cloc
     return model, history
 
 
-def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report: ProgressCallback,
-                   should_stop: Callable[[], bool] | None, *, shared_data: bool, matmuls_per_seed: bool,
-                   graphs: bool, compiled: bool, seeds: Sequence[int] | None = None,
-                   member_params: dict[str, torch.Tensor] | None = None,
-                   init_weights: Mapping[str, torch.Tensor] | None = None
-                   ) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], _Clock]:
+def _train_batched(
+    spec: dict,
+    data: list[Dataset],
+    device: torch.device,
+    report: ProgressCallback,
+    should_stop: Callable[[], bool] | None,
+    *,
+    shared_data: bool,
+    matmuls_per_seed: bool,
+    graphs: bool,
+    compiled: bool,
+    seeds: Sequence[int] | None = None,
+    member_params: dict[str, torch.Tensor] | None = None,
+    init_weights: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], _Clock]:
     """Every seed at once as a StackedMLP: per seed the same init, data, minibatches and updates as `_train_seed`.
 
     `seeds`: one per member of the stack (default the spec's); a sweep repeats a seed, one member per setting,
@@ -324,10 +427,12 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     splits = stacked_splits(data, device, shared=shared_data)
     pooled = pooled_slices(data[0])
     method = build_method(spec["method"])
-    distinct = data[:1 if shared_data else len(data)]  # a registered dataset serves every seed
+    distinct = data[: 1 if shared_data else len(data)]  # a registered dataset serves every seed
     per_seed_groups = [memberships(d, method.NEEDS) for d in distinct]
-    groups = {name: torch.stack([g[name] for g in per_seed_groups]).expand(len(seeds), -1, -1).to(device)
-              for name in method.NEEDS}
+    groups = {
+        name: torch.stack([g[name] for g in per_seed_groups]).expand(len(seeds), -1, -1).to(device)
+        for name in method.NEEDS
+    }
     masks = [bias_conflicting(d) for d in distinct]
     conflicting = None if any(m is None for m in masks) else torch.stack(masks).expand(len(seeds), -1).to(device)
     first = data[0]
@@ -335,11 +440,11 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     del data  # the stacked copy is all that training needs
     train_split = splits["train"]
     networks = [_init_network(spec, first, seed, init_weights) for seed in seeds]
-    model = StackedMLP(networks, per_seed_matmuls=matmuls_per_seed,
-                       pad_to=GPU_WIDTH_MULTIPLE if device.type == "cuda" else 1).to(device)
+    model = StackedMLP(
+        networks, per_seed_matmuls=matmuls_per_seed, pad_to=GPU_WIDTH_MULTIPLE if device.type == "cuda" else 1
+    ).to(device)
     optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
-    stacked = functools.partial(stacked_losses, model, method, precision=spec["precision"],
-                                member_params=member_params)
+    stacked = functools.partial(stacked_losses, model, method, precision=spec["precision"], member_params=member_params)
     batches = Batches(train_split.x.shape[1], spec["batch_size"], seeds=seeds, device=device)
     seed_rows = torch.arange(len(seeds), device=device).unsqueeze(1)
     steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
@@ -349,20 +454,28 @@ def _train_batched(spec: dict, data: list[Dataset], device: torch.device, report
     def inputs(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         if rows is None:
             return train_x, train_split.y, groups
-        return (train_x[seed_rows, rows], train_split.y[seed_rows, rows],
-                {name: tensor[seed_rows, rows] for name, tensor in groups.items()})
+        return (
+            train_x[seed_rows, rows],
+            train_split.y[seed_rows, rows],
+            {name: tensor[seed_rows, rows] for name, tensor in groups.items()},
+        )
 
     losses = None
     if compiled:
         losses = PhaseCompiled(stacked, method)
-        shaped = None if batches.full else torch.arange(batches.batch_size, device=device).expand(
-            len(seeds), batches.batch_size)  # rows of a minibatch's shape: what the compiled loss will be given
+        shaped = (
+            None
+            if batches.full
+            else torch.arange(batches.batch_size, device=device).expand(len(seeds), batches.batch_size)
+        )  # rows of a minibatch's shape: what the compiled loss will be given
         clock.compile_s = losses.prepare(steps, list(model.parameters()), *inputs(shaped))
 
     def update(rows: torch.Tensor | None, step: int) -> None:
         x, y, given = inputs(rows)
-        stacked_train_step(model, optimizer, method, x, y, step, precision=precision, memberships=given,
-                           losses=losses or stacked)
+        stacked_train_step(
+            model, optimizer, method, x, y, step, precision=precision, memberships=given, losses=losses or stacked
+        )
+
     if graphs:
         update = GraphedUpdates(update, method, device)
     # Progress between evaluations too, about as often as the sequential path reports it, but at most ~100 times
@@ -410,8 +523,9 @@ def kernel_alignments(kernel: KernelSample, model: nn.Module) -> dict[tuple[str,
         return {("train", f"ntk_alignment_{name}"): value for name, value in kernel.alignments(model).items()}
 
 
-def memberships(data: Dataset, needs: Sequence[str], *,
-                error_set: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def memberships(
+    data: Dataset, needs: Sequence[str], *, error_set: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """What a method's loss needs of each pooled training example besides its label (`Method.NEEDS`), in the
     order of `Dataset.train_data()`, one-hot float: `environment` [N, training splits] (the split it came from);
     `group` [N, classes x attribute values] (its (label, attribute) pair, at label * attribute values + attribute);
@@ -434,8 +548,9 @@ def memberships(data: Dataset, needs: Sequence[str], *,
     return given
 
 
-def identification_errors(spec: dict, data: Dataset, seed: int, device: torch.device, steps: int,
-                          should_stop: Callable[[], bool] | None) -> torch.Tensor:
+def identification_errors(
+    spec: dict, data: Dataset, seed: int, device: torch.device, steps: int, should_stop: Callable[[], bool] | None
+) -> torch.Tensor:
     """JTT's error set: an ERM model trained for `steps` from the seed's initialisation (the spec's model, optimizer,
     batch size and precision), then which pooled training examples it gets wrong, [N] float (1: wrong)."""
     identify = ResolvedTrainSpec({**spec, "method": {"name": "erm"}, "steps": steps, "eval_every": steps})
@@ -451,9 +566,17 @@ def _arch_params(spec: dict) -> dict:
     return {k: v for k, v in spec["model"].items() if k != "arch"}
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, method: Method, x: torch.Tensor,
-               y: torch.Tensor, step: int, *, precision: str = "fp32",
-               memberships: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: Method,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    step: int,
+    *,
+    precision: str = "fp32",
+    memberships: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """One optimizer update on (x, y) with the method's loss at `step`; returns that loss (detached, no sync).
 
     `memberships`: what the method `NEEDS` of these rows (`memberships(data, method.NEEDS)`, rows selected).
@@ -468,21 +591,38 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, method: Metho
     return loss.detach()
 
 
-def stacked_losses(model: StackedMLP, method: Method, x: torch.Tensor, y: torch.Tensor,
-                   memberships: dict[str, torch.Tensor] | None = None, *, step: int,
-                   precision: str = "fp32", member_params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def stacked_losses(
+    model: StackedMLP,
+    method: Method,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    memberships: dict[str, torch.Tensor] | None = None,
+    *,
+    step: int,
+    precision: str = "fp32",
+    member_params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Every seed's loss [S] on its own rows x [S, B, ...], y [S, B]: the forward pass and the method's loss
     (`member_params`: as `seed_losses` takes them)."""
     with forward_precision(precision, x.device):
         output = model(x)
-    return seed_losses(method, stacked_logits(output).float(), y, step, list(model.parameters()), memberships,
-                       member_params)
+    return seed_losses(
+        method, stacked_logits(output).float(), y, step, list(model.parameters()), memberships, member_params
+    )
 
 
-def stacked_train_step(model: StackedMLP, optimizer: torch.optim.Optimizer, method: Method, x: torch.Tensor,
-                       y: torch.Tensor, step: int, *, precision: str = "fp32",
-                       memberships: dict[str, torch.Tensor] | None = None,
-                       losses: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+def stacked_train_step(
+    model: StackedMLP,
+    optimizer: torch.optim.Optimizer,
+    method: Method,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    step: int,
+    *,
+    precision: str = "fp32",
+    memberships: dict[str, torch.Tensor] | None = None,
+    losses: Callable[..., torch.Tensor] | None = None,
+) -> torch.Tensor:
     """One update of every seed on its own rows x [S, B, ...], y [S, B]; returns the seeds' losses [S] (no sync).
 
     The sum of the seeds' losses is minimised: each seed's gradient is its own (`starvation.ensemble`).
@@ -529,8 +669,11 @@ class Batches:
 
     def state(self) -> dict:
         """Where the epochs stand: restored with `restore`, the rows that follow are the same."""
-        return {"order": self.order.cpu().clone(), "position": self.position,
-                "generators": [generator.get_state() for generator in self.generators]}
+        return {
+            "order": self.order.cpu().clone(),
+            "position": self.position,
+            "generators": [generator.get_state() for generator in self.generators],
+        }
 
     def restore(self, state: dict) -> None:
         self.order, self.position = _to_device(state["order"], self.device), int(state["position"])
@@ -543,7 +686,7 @@ class Batches:
         if self.position + self.batch_size > self.order.shape[1]:
             order = torch.stack([torch.randperm(self.n, generator=generator) for generator in self.generators])
             self.order, self.position = _to_device(order, self.device), 0
-        rows = self.order[:, self.position:self.position + self.batch_size]
+        rows = self.order[:, self.position : self.position + self.batch_size]
         self.position += self.batch_size
         return rows
 
@@ -568,12 +711,25 @@ class Resume:
         path = self.path(seed)
         return torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
 
-    def save(self, seed: int, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-             history: list[dict[tuple[str, str], float]], batches: dict | None) -> None:
+    def save(
+        self,
+        seed: int,
+        *,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        history: list[dict[tuple[str, str], float]],
+        batches: dict | None,
+    ) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        state = {"step": step, "finished": optimizer is None, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict() if optimizer is not None else None, "batches": batches,
-                 "history": [[[split, name, value] for (split, name), value in values.items()] for values in history]}
+        state = {
+            "step": step,
+            "finished": optimizer is None,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "batches": batches,
+            "history": [[[split, name, value] for (split, name), value in values.items()] for values in history],
+        }
         partial = self.path(seed).with_suffix(".partial")
         torch.save(state, partial)
         partial.replace(self.path(seed))  # a worker killed mid-save leaves the last whole state
@@ -624,5 +780,10 @@ class _Clock:
 
     def summary(self, steps: int, *, total_s: float) -> dict[str, float]:
         """step_ms: wall time to move every seed of the job one update (batched: one stacked update)."""
-        return {"step_ms": 1000 * self.train_s / steps, "train_s": self.train_s, "eval_s": self.eval_s,
-                "compile_s": self.compile_s, "total_s": total_s}
+        return {
+            "step_ms": 1000 * self.train_s / steps,
+            "train_s": self.train_s,
+            "eval_s": self.eval_s,
+            "compile_s": self.compile_s,
+            "total_s": total_s,
+        }

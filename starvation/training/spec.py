@@ -1,4 +1,5 @@
 """The train spec: defaults < preset < the caller's spec, validated; devices by name; the optimizer it names."""
+
 from __future__ import annotations
 
 import re
@@ -38,8 +39,14 @@ def _device_name(value: Any) -> str:
     return value
 
 
-@P.accepting({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": MAX_SEED}, "minItems": 1,
-               "uniqueItems": True})
+@P.accepting(
+    {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+        "minItems": 1,
+        "uniqueItems": True,
+    }
+)
 def _seed_list(value: Any) -> list[int]:
     if not isinstance(value, list) or not value:
         raise ValueError("must be a non-empty list of integers")
@@ -63,28 +70,45 @@ FIELDS: dict[str, P.Param] = {
     "seeds": P.Param([0], "one model per seed; each seed also redraws a built-in dataset's noise", _seed_list),
     "eval_every": P.Param(50, "evaluate (metrics) every this many steps", P.positive_int),
     "execution": P.Param("auto", "; ".join(f"{k}: {v}" for k, v in EXECUTIONS.items()), P.one_of(*EXECUTIONS)),
-    "precision": P.Param("fp32", "of the training updates; " + "; ".join(f"{k}: {v}" for k, v in PRECISIONS.items()),
-                         P.one_of(*PRECISIONS)),
-    "cuda_graphs": P.Param(False, "on a CUDA device, replay each update from a CUDA graph (fewer launches; ignored "
-                                  "on a CPU)", P.boolean),
-    "compile": P.Param(False, "batched execution: the stacked update's forward pass and loss, and their backward, "
-                              "under torch.compile, compiled once per phase of the loss before training starts "
-                              "(timing.compile_s); sequential execution ignores it", P.boolean),
-    "save_every": P.Param(None, "save a resumable state (weights, optimizer, step, minibatch order) every this many "
-                                "steps, so that a run after a lost worker resumes there instead of at step 0 "
-                                "(sequential execution: one seed at a time); null: never",
-                          P.optional(P.positive_int)),
-    "ntk_every": P.Param(None, "record the empirical NTK's centred alignments with the label, the attribute and the "
-                               "core feature (metrics ntk_alignment_label, _attribute, _core; split train) on a fixed "
-                               "group-balanced sample of 256 training examples, at every evaluation whose step is a "
-                               "multiple of this (and the last); null: never", P.optional(P.positive_int)),
-    "holdout": P.Param(0.0, "fraction of each training split held out as a split named 'holdout' (evaluated, never "
-                            "trained on; the same rows for every seed); a sweep's train_domain_validation chooses on "
-                            "it", _holdout_fraction),
-    "device": P.Param("auto", "where the worker trains: auto (CUDA when present), cpu, cuda or cuda:N",
-                      _device_name),
-    "audit": P.Param(True, "audit each trained checkpoint for reliance on the dataset's spurious attribute",
-                     P.boolean),
+    "precision": P.Param(
+        "fp32",
+        "of the training updates; " + "; ".join(f"{k}: {v}" for k, v in PRECISIONS.items()),
+        P.one_of(*PRECISIONS),
+    ),
+    "cuda_graphs": P.Param(
+        False, "on a CUDA device, replay each update from a CUDA graph (fewer launches; ignored on a CPU)", P.boolean
+    ),
+    "compile": P.Param(
+        False,
+        "batched execution: the stacked update's forward pass and loss, and their backward, "
+        "under torch.compile, compiled once per phase of the loss before training starts "
+        "(timing.compile_s); sequential execution ignores it",
+        P.boolean,
+    ),
+    "save_every": P.Param(
+        None,
+        "save a resumable state (weights, optimizer, step, minibatch order) every this many "
+        "steps, so that a run after a lost worker resumes there instead of at step 0 "
+        "(sequential execution: one seed at a time); null: never",
+        P.optional(P.positive_int),
+    ),
+    "ntk_every": P.Param(
+        None,
+        "record the empirical NTK's centred alignments with the label, the attribute and the "
+        "core feature (metrics ntk_alignment_label, _attribute, _core; split train) on a fixed "
+        "group-balanced sample of 256 training examples, at every evaluation whose step is a "
+        "multiple of this (and the last); null: never",
+        P.optional(P.positive_int),
+    ),
+    "holdout": P.Param(
+        0.0,
+        "fraction of each training split held out as a split named 'holdout' (evaluated, never "
+        "trained on; the same rows for every seed); a sweep's train_domain_validation chooses on "
+        "it",
+        _holdout_fraction,
+    ),
+    "device": P.Param("auto", "where the worker trains: auto (CUDA when present), cpu, cuda or cuda:N", _device_name),
+    "audit": P.Param(True, "audit each trained checkpoint for reliance on the dataset's spurious attribute", P.boolean),
 }
 SECTIONS = {"dataset": "name", "model": "arch", "method": "name", "optimizer": "name"}  # section: what it names
 DEFAULTS: dict[str, Any] = {
@@ -111,6 +135,7 @@ OPTIMIZERS: dict[str, dict[str, P.Param]] = {
 
 
 # ---- the spec ------------------------------------------------------------------------------
+
 
 class ResolvedTrainSpec(dict):
     """A train spec that `resolve_train_spec` made: complete and checked. `train` runs it as it is.
@@ -139,21 +164,24 @@ def resolve_train_spec(spec: dict, *, user_datasets: Collection[str] = ()) -> Re
     merged = _merge_spec(merged, spec)
     fields = {name: _field(name, param.check, merged[name]) for name, param in FIELDS.items()}
     if merged["dataset"] is None:
-        raise SpecError("the train spec needs a dataset, e.g. {\"name\": \"colored_mnist\"}, or a preset")
+        raise SpecError('the train spec needs a dataset, e.g. {"name": "colored_mnist"}, or a preset')
     dataset = _resolve_dataset(merged["dataset"], user_datasets)
     num_classes = datasets.DATASETS[dataset["name"]].NUM_CLASSES if dataset["name"] in datasets.DATASETS else None
     model = _resolve_model(merged["model"])
     if fields["batch_size"] == 1 and arch_class(model["arch"]).BATCH_NORM:
-        raise P.ParamError(f"arch {model['arch']!r} normalises over the batch (BatchNorm): batch_size must be at "
-                           "least 2", "batch_size")
-    return ResolvedTrainSpec({
-        "preset": preset_name,
-        "dataset": dataset,
-        "model": model,
-        "method": _resolve_method(merged["method"], num_classes),
-        "optimizer": _resolve_optimizer(merged["optimizer"]),
-        **fields,
-    })
+        raise P.ParamError(
+            f"arch {model['arch']!r} normalises over the batch (BatchNorm): batch_size must be at least 2", "batch_size"
+        )
+    return ResolvedTrainSpec(
+        {
+            "preset": preset_name,
+            "dataset": dataset,
+            "model": model,
+            "method": _resolve_method(merged["method"], num_classes),
+            "optimizer": _resolve_optimizer(merged["optimizer"]),
+            **fields,
+        }
+    )
 
 
 def spec_warnings(spec: dict) -> list[str]:
@@ -163,12 +191,16 @@ def spec_warnings(spec: dict) -> list[str]:
     for name in ("warmup_steps", "penalty_anneal_steps"):  # SD's, IRM's: steps before the method's terms apply
         warmup = spec["method"].get(name) or 0
         if warmup and steps <= warmup:
-            warnings.append(f"steps ({steps}) do not pass method.{name} ({warmup}): the run ends inside the "
-                            f"warm-up, so {spec['method']['name']}'s own terms never apply")
+            warnings.append(
+                f"steps ({steps}) do not pass method.{name} ({warmup}): the run ends inside the "
+                f"warm-up, so {spec['method']['name']}'s own terms never apply"
+            )
     if spec.get("save_every") and spec["execution"] != "sequential" and len(spec["seeds"]) > 1:
-        warnings.append("save_every saves seeds trained one at a time; if these seeds train batched (an MLP, "
-                        "execution auto), a run after a lost worker starts again at step 0 (set execution: "
-                        "sequential to resume)")
+        warnings.append(
+            "save_every saves seeds trained one at a time; if these seeds train batched (an MLP, "
+            "execution auto), a run after a lost worker starts again at step 0 (set execution: "
+            "sequential to resume)"
+        )
     return warnings
 
 
@@ -178,9 +210,14 @@ def _merge_spec(base: dict, override: dict) -> dict:
     for key, value in override.items():
         old = merged.get(key)
         identity = SECTIONS.get(key)
-        same_kind = identity is None or (isinstance(value, dict) and isinstance(old, dict)
-                                         and value.get(identity, old.get(identity)) == old.get(identity))
-        merged[key] = _deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) and same_kind else value
+        same_kind = identity is None or (
+            isinstance(value, dict)
+            and isinstance(old, dict)
+            and value.get(identity, old.get(identity)) == old.get(identity)
+        )
+        merged[key] = (
+            _deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) and same_kind else value
+        )
     return merged
 
 
@@ -241,8 +278,10 @@ def _resolve_method(section: Any, num_classes: int | None) -> dict:
 def _check_gamma(method: dict, num_classes: int | None) -> None:
     gamma = method.get("sd_gamma")
     if isinstance(gamma, list) and num_classes is not None and len(gamma) != num_classes:
-        raise SpecError(f"method.sd_gamma has {len(gamma)} values; the dataset has {num_classes} classes "
-                        "(give one per class, or a scalar)")
+        raise SpecError(
+            f"method.sd_gamma has {len(gamma)} values; the dataset has {num_classes} classes "
+            "(give one per class, or a scalar)"
+        )
 
 
 def _resolve_optimizer(section: Any) -> dict:
@@ -273,23 +312,32 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_optimizer(section: dict, parameters: Iterable[nn.Parameter], *,
-                    capturable: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    section: dict, parameters: Iterable[nn.Parameter], *, capturable: bool = False
+) -> torch.optim.Optimizer:
     """`capturable`: the optimizer's step may be captured in a CUDA graph (Adam keeps its step count on the GPU)."""
     parameters = list(parameters)
     if section["name"] == "adam":
         # On a GPU the fused Adam: one kernel per step for every tensor, the same update (its default there is a
         # multi-tensor loop of several kernels); on the CPU the default, so CPU results stay as they were.
         fused = bool(parameters) and parameters[0].is_cuda
-        return torch.optim.Adam(parameters, lr=section["lr"], betas=tuple(section["betas"]), eps=section["eps"],
-                                fused=fused, capturable=capturable)
+        return torch.optim.Adam(
+            parameters,
+            lr=section["lr"],
+            betas=tuple(section["betas"]),
+            eps=section["eps"],
+            fused=fused,
+            capturable=capturable,
+        )
     return torch.optim.SGD(parameters, lr=section["lr"], momentum=section["momentum"])
 
 
 # ---- the spec's JSON Schema (the API's document is made from it) --------------------------------
 
-ADAM_MOMENTUM = {"const": 0, "description": "accepted and dropped (API.md's example shows it for either optimizer); "
-                                           "Adam's momentum is betas[0]"}
+ADAM_MOMENTUM = {
+    "const": 0,
+    "description": "accepted and dropped (API.md's example shows it for either optimizer); Adam's momentum is betas[0]",
+}
 
 
 def section_schemas() -> dict[str, dict]:
@@ -300,28 +348,61 @@ def section_schemas() -> dict[str, dict]:
     from starvation.methods import METHODS
     from starvation.networks import ARCHS
 
-    def variants(identity: str, things: dict[str, tuple[str, dict[str, P.Param]]], kind: str,
-                 extra: dict[str, dict[str, dict]] | None = None) -> dict:
-        return {"anyOf": [P.object_schema(f"{name} ({kind})", declared, description=description,
-                                          extra={identity: {"const": name}, **(extra or {}).get(name, {})})
-                          for name, (description, declared) in things.items()]}
+    def variants(
+        identity: str,
+        things: dict[str, tuple[str, dict[str, P.Param]]],
+        kind: str,
+        extra: dict[str, dict[str, dict]] | None = None,
+    ) -> dict:
+        return {
+            "anyOf": [
+                P.object_schema(
+                    f"{name} ({kind})",
+                    declared,
+                    description=description,
+                    extra={identity: {"const": name}, **(extra or {}).get(name, {})},
+                )
+                for name, (description, declared) in things.items()
+            ]
+        }
 
     builtin = {name: (cls.DESCRIPTION, cls.PARAMS) for name, cls in datasets.DATASETS.items()}
-    dataset = {"anyOf": [
-        {"title": f"{name} (dataset)", "type": "object", "description": description, "required": ["name"],
-         "properties": {"name": {"const": name}, "params": P.object_schema(f"{name} params", declared)},
-         "additionalProperties": False}
-        for name, (description, declared) in builtin.items()
-    ] + [{"title": "registered dataset", "type": "object", "required": ["name"], "additionalProperties": False,
-          "description": "a dataset you registered (POST /v1/datasets), by id; it takes no params",
-          "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 200},
-                         "params": {"type": "object", "maxProperties": 0}}}]}
+    dataset = {
+        "anyOf": [
+            {
+                "title": f"{name} (dataset)",
+                "type": "object",
+                "description": description,
+                "required": ["name"],
+                "properties": {"name": {"const": name}, "params": P.object_schema(f"{name} params", declared)},
+                "additionalProperties": False,
+            }
+            for name, (description, declared) in builtin.items()
+        ]
+        + [
+            {
+                "title": "registered dataset",
+                "type": "object",
+                "required": ["name"],
+                "additionalProperties": False,
+                "description": "a dataset you registered (POST /v1/datasets), by id; it takes no params",
+                "properties": {
+                    "name": {"type": "string", "minLength": 1, "maxLength": 200},
+                    "params": {"type": "object", "maxProperties": 0},
+                },
+            }
+        ]
+    }
     return {
         "dataset": dataset,
         "model": variants("arch", {n: (c.DESCRIPTION, c.PARAMS) for n, c in ARCHS.items()}, "model"),
         "method": variants("name", {n: (c.DESCRIPTION, c.PARAMS) for n, c in METHODS.items()}, "method"),
-        "optimizer": variants("name", {n: (OPTIMIZER_DESCRIPTIONS[n], d) for n, d in OPTIMIZERS.items()}, "optimizer",
-                              extra={"adam": {"momentum": ADAM_MOMENTUM}}),
+        "optimizer": variants(
+            "name",
+            {n: (OPTIMIZER_DESCRIPTIONS[n], d) for n, d in OPTIMIZERS.items()},
+            "optimizer",
+            extra={"adam": {"momentum": ADAM_MOMENTUM}},
+        ),
     }
 
 
@@ -331,6 +412,9 @@ def field_schemas() -> dict[str, dict]:
     for section in SECTIONS:
         if DEFAULTS[section] is not None:
             sections[section]["default"] = DEFAULTS[section]
-    preset = {"anyOf": [{"enum": sorted(PRESETS)}, {"type": "null"}], "default": None,
-              "description": "one of the paper's recipes (GET /v1/presets); the fields given here override it"}
+    preset = {
+        "anyOf": [{"enum": sorted(PRESETS)}, {"type": "null"}],
+        "default": None,
+        "description": "one of the paper's recipes (GET /v1/presets); the fields given here override it",
+    }
     return {"preset": preset, **sections, **{name: param.json_schema() for name, param in FIELDS.items()}}

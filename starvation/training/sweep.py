@@ -13,6 +13,7 @@ environments held out from training (the spec's `holdout`, a split of its own), 
 dataset has an attribute, else accuracy; the test split is never read to choose. `oracle` scores on the test
 split and is marked as leaking it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -31,17 +32,26 @@ from starvation import datasets
 from starvation.checkpoints.save import CheckpointFile, save_checkpoint
 from starvation.datasets import Dataset, Split, batched
 from starvation.errors import SpecError
-from starvation.params import ParamError
 from starvation.methods import method_class
 from starvation.networks import ARCHS, output_count
+from starvation.params import ParamError
 from starvation.training.evaluation import EVAL_CHUNK, as_logits, predictions
-from starvation.training.loop import (Metric, _arch_params, _Clock, _shape_of, _train_batched, _train_seed,
-                                      choose_execution, per_seed_matmuls, update_rows)
+from starvation.training.loop import (
+    Metric,
+    _arch_params,
+    _Clock,
+    _shape_of,
+    _train_batched,
+    _train_seed,
+    choose_execution,
+    per_seed_matmuls,
+    update_rows,
+)
 from starvation.training.spec import ResolvedTrainSpec, resolve_device, resolve_train_spec
 
 SELECTIONS = {
     "train_domain_validation": "a part of the training environments held out from training (holdout); "
-                               "worst-group accuracy on it where the dataset has an attribute, else accuracy",
+    "worst-group accuracy on it where the dataset has an attribute, else accuracy",
     "oracle": "the test split (leaks the test set into the choice: for comparison only)",
 }
 DEFAULT_HOLDOUT = 0.2  # train_domain_validation's hold-out when the spec does not set one
@@ -69,8 +79,9 @@ def resolve_sweep_spec(spec: dict, *, user_datasets: Collection[str] = ()) -> di
         if "holdout" not in rest:
             rest["holdout"] = DEFAULT_HOLDOUT
         elif rest["holdout"] == 0:
-            raise ParamError("train_domain_validation chooses on held-out training data: holdout must be above 0",
-                             "holdout")
+            raise ParamError(
+                "train_domain_validation chooses on held-out training data: holdout must be above 0", "holdout"
+            )
     base = resolve_train_spec(rest, user_datasets=user_datasets)
     grid = _check_grid(spec.get("grid"), base)
     settings = []
@@ -86,16 +97,21 @@ def resolve_sweep_spec(spec: dict, *, user_datasets: Collection[str] = ()) -> di
 
 def _check_grid(grid: Any, base: dict) -> dict[str, list]:
     if not isinstance(grid, dict) or not grid:
-        raise ParamError("grid must be a non-empty object of parameter -> list of values, e.g. "
-                        "{\"method.sd_lambda\": [0.5, 1.0]}", "grid")
+        raise ParamError(
+            'grid must be a non-empty object of parameter -> list of values, e.g. {"method.sd_lambda": [0.5, 1.0]}',
+            "grid",
+        )
     known = [f"method.{name}" for name in method_class(base["method"]["name"]).PARAMS]
     known += [f"optimizer.{name}" for name in OPTIMIZER_GRID]
     known += [f"model.{name}" for name in ARCHS[base["model"]["arch"]].PARAMS]  # other shapes: stacks of their own
     count = 1
     for key, values in grid.items():
         if key not in known:
-            raise ParamError(f"grid parameter {key!r} is not one a sweep of method {base['method']['name']!r} can "
-                            f"vary; it can vary: {', '.join(known)}", f"grid.{key}")
+            raise ParamError(
+                f"grid parameter {key!r} is not one a sweep of method {base['method']['name']!r} can "
+                f"vary; it can vary: {', '.join(known)}",
+                f"grid.{key}",
+            )
         if not isinstance(values, list) or not values or len(values) > MAX_VALUES:
             raise ParamError(f"grid.{key} must be a list of 1 to {MAX_VALUES} values", f"grid.{key}")
         count *= len(values)
@@ -139,11 +155,18 @@ def member_params(specs: list[dict], num_classes: int) -> dict[str, torch.Tensor
     return varying
 
 
-def sweep(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: str | None = None,
-          on_metrics: Callable[[list[Metric]], None] | None = None,
-          on_progress: Callable[[float], None] | None = None,
-          should_stop: Callable[[], bool] | None = None,
-          dataset: Dataset | None = None, user_datasets: Collection[str] = ()) -> SweepOutcome:
+def sweep(
+    spec: dict,
+    *,
+    out_dir: pathlib.Path,
+    device: str = "cpu",
+    data_dir: str | None = None,
+    on_metrics: Callable[[list[Metric]], None] | None = None,
+    on_progress: Callable[[float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    dataset: Dataset | None = None,
+    user_datasets: Collection[str] = (),
+) -> SweepOutcome:
     """Train every setting of the sweep `spec` (resolved here unless it is already) for every seed, score each
     setting, choose one. Metrics name their split "s{setting}/{split}". Each stack's networks are saved as the stack
     ends and dropped, so memory holds one stack at a time. Raises SpecError, TrainingStopped."""
@@ -160,17 +183,29 @@ def sweep(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
     executions, clock, runs_done, runs = [], _Clock(torch_device), 0, len(groups) * len(seeds)
 
     for seed in seeds:
-        data = dataset if dataset is not None else datasets.build(
-            base["dataset"]["name"], base["dataset"]["params"], seed=seed, data_dir=data_dir)
+        data = (
+            dataset
+            if dataset is not None
+            else datasets.build(base["dataset"]["name"], base["dataset"]["params"], seed=seed, data_dir=data_dir)
+        )
         data = datasets.hold_out(data, base["holdout"])
         for group in groups:
             specs = [settings[i]["spec"] for i in group]
             lead = ResolvedTrainSpec({**specs[0], "seeds": [seed]})
 
-            def report(step: int, values: dict[int, dict], done: float, group: list[int] = group,
-                       seed: int = seed) -> None:
-                rows = [Metric(step=step, name=name, value=value, seed=seed, split=f"s{group[member]}/{split}")
-                        for member, by_name in values.items() for (split, name), value in by_name.items()]
+            def report(
+                step: int,
+                values: dict[int, dict],
+                done: float,
+                group: list[int] = group,
+                seed: int = seed,
+                runs_done: int = runs_done,
+            ) -> None:
+                rows = [
+                    Metric(step=step, name=name, value=value, seed=seed, split=f"s{group[member]}/{split}")
+                    for member, by_name in values.items()
+                    for (split, name), value in by_name.items()
+                ]
                 if on_metrics is not None and rows:
                     on_metrics(rows)
                 if on_progress is not None:
@@ -180,20 +215,35 @@ def sweep(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
             execution, why = choose_execution({**lead, "seeds": [seed] * len(group)}, shape)
             if execution == "batched":
                 trained, histories, run_clock = _train_batched(
-                    lead, [data] * len(group), torch_device, report, should_stop, shared_data=True,
+                    lead,
+                    [data] * len(group),
+                    torch_device,
+                    report,
+                    should_stop,
+                    shared_data=True,
                     matmuls_per_seed=per_seed_matmuls(shape, update_rows(lead, data), torch_device),
-                    graphs=graphs, compiled=lead["compile"],
-                    seeds=[seed] * len(group), member_params=member_params(specs, data.num_classes))
+                    graphs=graphs,
+                    compiled=lead["compile"],
+                    seeds=[seed] * len(group),
+                    member_params=member_params(specs, data.num_classes),
+                )
                 clock.train_s += run_clock.train_s
                 clock.eval_s += run_clock.eval_s
             else:
                 trained, histories = [], []
                 for member, setting_spec in enumerate(specs):
                     network, history = _train_seed(
-                        setting_spec, data, seed, torch_device, clock, should_stop,
-                        lambda step, steps, _seed, values, member=member: report(
-                            step, {member: values}, (member * steps + step) / (len(specs) * steps)),
-                        graphs=graphs)
+                        setting_spec,
+                        data,
+                        seed,
+                        torch_device,
+                        clock,
+                        should_stop,
+                        lambda step, steps, _seed, values, member=member, specs=specs: report(
+                            step, {member: values}, (member * steps + step) / (len(specs) * steps)
+                        ),
+                        graphs=graphs,
+                    )
                     trained.append(network)
                     histories.append(history)
             executions.append({"seed": seed, "settings": group, "used": execution, "why": why})
@@ -201,9 +251,14 @@ def sweep(spec: dict, *, out_dir: pathlib.Path, device: str = "cpu", data_dir: s
                 finals[index, seed] = scores(network, data, torch_device)
                 setting_spec = settings[index]["spec"]
                 saved[index, seed] = save_checkpoint(
-                    network, out_dir / f"setting{index}", seed=seed, arch=setting_spec["model"]["arch"],
-                    arch_params=_arch_params(setting_spec), input_shape=data.input_shape,
-                    num_outputs=output_count(data.num_classes))
+                    network,
+                    out_dir / f"setting{index}",
+                    seed=seed,
+                    arch=setting_spec["model"]["arch"],
+                    arch_params=_arch_params(setting_spec),
+                    input_shape=data.input_shape,
+                    num_outputs=output_count(data.num_classes),
+                )
             del trained, network  # saved: one stack's networks in memory at a time, as the budget at submit counts
             runs_done += 1
 
@@ -222,12 +277,15 @@ def scores(network: nn.Module, data: Dataset, device: torch.device) -> dict[str,
     named = {"test": data.splits[data.test_split]}
     if datasets.HOLDOUT_SPLIT in data.splits:
         named["holdout"] = data.splits[datasets.HOLDOUT_SPLIT]
-    return {name: split_scores(network, split, device, with_groups=data.attribute_name is not None)
-            for name, split in named.items()}
+    return {
+        name: split_scores(network, split, device, with_groups=data.attribute_name is not None)
+        for name, split in named.items()
+    }
 
 
-def split_scores(network: nn.Module, split: Split, device: torch.device, *,
-                 with_groups: bool) -> dict[str, float | None]:
+def split_scores(
+    network: nn.Module, split: Split, device: torch.device, *, with_groups: bool
+) -> dict[str, float | None]:
     predicted = predictions(as_logits(batched(network, split.x, device, EVAL_CHUNK)))
     correct = (predicted == split.y).float()
     worst = None
@@ -246,17 +304,30 @@ def choose(spec: dict, finals: dict[tuple[int, int], dict], seeds: list[int]) ->
         summary = {"params": setting["params"]}
         for part, name in (("holdout", "validation"), ("test", "test")):
             per_seed = [finals[index, seed].get(part) for seed in seeds]
-            summary[name] = None if per_seed[0] is None else {
-                metric: _mean_std([values[metric] for values in per_seed])
-                for metric in ("accuracy", "worst_group_accuracy")}
+            summary[name] = (
+                None
+                if per_seed[0] is None
+                else {
+                    metric: _mean_std([values[metric] for values in per_seed])
+                    for metric in ("accuracy", "worst_group_accuracy")
+                }
+            )
         summaries.append(summary)
     section = "validation" if scored == "holdout" else "test"
     metric = "worst_group_accuracy" if summaries[0][section]["worst_group_accuracy"] is not None else "accuracy"
     values = [s[section][metric]["mean"] for s in summaries]
     chosen = int(np.argmax([-math.inf if v is None else v for v in values]))  # ties: the first setting
-    return {"selection": selection, "scored_on": section, "metric": metric, "leaks_test": selection == "oracle",
-            "chosen": chosen, "chosen_params": settings[chosen]["params"], "seeds": list(seeds),
-            "holdout": spec["base"]["holdout"], "settings": summaries}
+    return {
+        "selection": selection,
+        "scored_on": section,
+        "metric": metric,
+        "leaks_test": selection == "oracle",
+        "chosen": chosen,
+        "chosen_params": settings[chosen]["params"],
+        "seeds": list(seeds),
+        "holdout": spec["base"]["holdout"],
+        "settings": summaries,
+    }
 
 
 def _mean_std(values: list[float | None]) -> dict[str, float | None] | None:
@@ -265,5 +336,15 @@ def _mean_std(values: list[float | None]) -> dict[str, float | None] | None:
     return {"mean": float(np.mean(values)), "std": float(np.std(values))}
 
 
-__all__ = ["DEFAULT_HOLDOUT", "MAX_SETTINGS", "SELECTIONS", "SweepOutcome", "choose", "member_params",
-           "resolve_sweep_spec", "scores", "stacks", "sweep"]
+__all__ = [
+    "DEFAULT_HOLDOUT",
+    "MAX_SETTINGS",
+    "SELECTIONS",
+    "SweepOutcome",
+    "choose",
+    "member_params",
+    "resolve_sweep_spec",
+    "scores",
+    "stacks",
+    "sweep",
+]
