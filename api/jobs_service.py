@@ -9,10 +9,8 @@ import base64
 import binascii
 import json
 import re
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -22,6 +20,7 @@ from api import streams
 from api.deps import Principal, still_valid
 from api.dispatch import dispatch
 from api.errors import ApiError, not_found, without_server_paths
+from api.files_service import stored_bytes
 from api.hygiene import MAX_DB_INT, first_unstorable
 from api.idempotency import body_hash, replay_or_create
 from api.schemas import (
@@ -39,8 +38,8 @@ from api.schemas import (
     job_out_adapter,
 )
 from core import outbound
-from core.paths import job_dir
 from core.settings import Settings
+from core.storage import job_key, store
 from models import files as files_repo
 from models import job_logs as logs_repo
 from models import jobs as jobs_repo
@@ -718,7 +717,7 @@ def delete(session: Session, job: Job, settings: Settings) -> None:
     """A finished job, its files and checkpoints; one still queued or running is a 409."""
     if job.status not in TERMINAL:
         raise ApiError(409, "job_active", f"Job {job.id} is {job.status}; cancel it first.")
-    shutil.rmtree(job_dir(settings, job.id), ignore_errors=True)
+    store(settings).delete_prefix(job_key(job.id))
     for checkpoint in files_repo.checkpoints_of_job(session, job.id):
         session.delete(checkpoint)
     jobs_repo.remove(session, job)
@@ -767,6 +766,9 @@ def _plot_urls(session: Session, job: Job, names: list[str]) -> dict[str, str]:
     for name in names:
         artifact = files_repo.get_artifact(session, job.id, name)
         if artifact is not None:
-            data = base64.b64encode(Path(artifact.path).read_bytes()).decode()
+            try:
+                data = base64.b64encode(stored_bytes(artifact.path)).decode()
+            except FileNotFoundError:
+                continue
             urls[name] = f"data:{artifact.media_type};base64,{data}"
     return urls

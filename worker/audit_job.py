@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from core.paths import dataset_index_path
+from core.storage import dataset_index_key, local_copy, store
 from models import files as files_repo
 from models import jobs as jobs_repo
 from worker.devices import pick_device
@@ -32,7 +32,7 @@ def load_dataset(ctx, dataset_spec: dict[str, Any], seed: int, device: str = "cp
             f"dataset {name!r} is {status}" + (f": {error}" if error else " (its images are still being checked)")
         )
     if fmt == "image_folder":
-        index = datasets.load_index(dataset_index_path(settings, name))
+        index = datasets.load_index(store(settings).fetch(dataset_index_key(name)))
         return datasets.open_image_folder(
             path,
             index,
@@ -43,7 +43,10 @@ def load_dataset(ctx, dataset_spec: dict[str, Any], seed: int, device: str = "cp
             pin_memory=device.startswith("cuda"),
         )
     return datasets.load_npz(
-        path, label, max_bytes=settings.max_dataset_bytes, max_compression_ratio=settings.max_dataset_compression_ratio
+        local_copy(settings, path),
+        label,
+        max_bytes=settings.max_dataset_bytes,
+        max_compression_ratio=settings.max_dataset_compression_ratio,
     )
 
 
@@ -82,7 +85,7 @@ def checkpoint_to_audit(ctx, spec: dict[str, Any]) -> tuple[str, str, dict[str, 
             row = rows[0] if rows else None
         if row is None:
             raise FileNotFoundError("the checkpoint to audit no longer exists")
-        return row.path, row.format, dict(row.model_info)
+        return str(local_copy(ctx.settings, row.path)), row.format, dict(row.model_info)
 
 
 def load_model(

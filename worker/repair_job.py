@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from core.storage import local_copy
 from models import files as files_repo
 from models import jobs as jobs_repo
 from worker import audit_job
@@ -317,7 +318,7 @@ def checkpoint_to_repair(ctx, spec: dict[str, Any]) -> tuple[str, str, str, dict
             row = rows[0] if rows else None
         if row is None:
             raise FileNotFoundError("the checkpoint to repair no longer exists")
-        return row.id, row.path, row.format, dict(row.model_info)
+        return row.id, str(local_copy(ctx.settings, row.path)), row.format, dict(row.model_info)
 
 
 def read_head_and_features(model, dataset):

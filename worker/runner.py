@@ -17,6 +17,7 @@ from typing import Any
 
 from core.paths import job_dir, resume_dir
 from core.settings import Settings, get_settings
+from core.storage import StoreUnavailable, job_key, store
 from models import files as files_repo
 from models import job_logs as logs_repo
 from models import jobs as jobs_repo
@@ -24,6 +25,7 @@ from models import metrics as metrics_repo
 from models.db import Database, database
 from models.status import JobStatus
 from models.tables import utcnow
+from worker.files import patiently_stored, restore_resume
 from worker.outages import DATABASE_BLINKS, OUTAGE_PATIENCE_S, patiently
 
 log = logging.getLogger("gs.worker")
@@ -254,10 +256,12 @@ def forget_earlier_attempt(db: Database, job_id: str, settings: Settings) -> dic
     from starvation.training import Resume
 
     folder = job_dir(settings, job_id)
-    kept = Resume.reported(resume_dir(folder)) if resume_dir(folder).is_dir() else {}
+    saved = restore_resume(settings, job_id)  # from the store: the lost worker may have been another host
+    kept = Resume.reported(saved) if saved.is_dir() else {}
     with db.session() as session:
         files_repo.forget_outputs(session, job_id)
         metrics_repo.forget(session, job_id, kept_before=kept)
+    patiently_stored(lambda: store(settings).delete_prefix(job_key(job_id), keep=job_key(job_id, "resume")), job_id)
     for path in folder.iterdir() if folder.is_dir() else ():
         if path != resume_dir(folder):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -308,6 +312,13 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | 
         return JobStatus.FAILED, None, {"code": "unsupported_method", "message": str(exc)}
     except SpecError as exc:
         return JobStatus.FAILED, None, {"code": "invalid_spec", "message": str(exc)}
+    except StoreUnavailable as exc:  # past the writes' patience (worker/files.py)
+        log.error("job %s: the object store stayed unavailable: %s", ctx.job_id, exc)
+        return (
+            JobStatus.FAILED,
+            None,
+            {"code": "store_unavailable", "message": "The object store stayed unavailable; run the job again later."},
+        )
     except FileNotFoundError as exc:
         # Ours name what is missing; the operating system's would name a path on this server.
         message = str(exc) if exc.filename is None else "A file this job needs is missing."
