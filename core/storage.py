@@ -12,6 +12,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,6 +29,10 @@ KEY = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 
 class StoreUnavailable(Exception):
     """The store did not answer (down, too slow, refusing or failing the request): try again later."""
+
+
+class ObjectChanged(StoreUnavailable):
+    """An object replaced between reading its ETag and its bytes."""
 
 
 class StoredFileMissing(FileNotFoundError):
@@ -187,6 +192,8 @@ class S3Store:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if error.get("Code") in ("404", "NoSuchKey", "NotFound") or status == 404:
                 raise StoredFileMissing(key) from None
+            if status == 412:
+                raise ObjectChanged(f"{key} changed while it was read") from None
             raise StoreUnavailable(f"the object store answered {status} {error.get('Code')}") from None
         except BotoCoreError as exc:  # unreachable, timed out, a broken connection
             raise StoreUnavailable(f"the object store did not answer: {type(exc).__name__}") from None
@@ -200,20 +207,43 @@ class S3Store:
     def stat(self, key: str) -> Stat:
         with self.answering(key):
             head = self.client.head_object(Bucket=self.bucket, Key=self.name(key))
-        return Stat(int(head["ContentLength"]), str(head.get("VersionId") or head["ETag"]).strip('"'))
+        return Stat(int(head["ContentLength"]), str(head["ETag"]).strip('"'))
 
     def fetch(self, key: str) -> Path:
         """A local copy of the object as it is now: from the cache when its ETag still matches."""
+        for _ in range(2):
+            try:
+                return self.fetch_once(key)
+            except ObjectChanged:
+                continue  # replaced mid-read: read the new one
+        return self.fetch_once(key)
+
+    def fetch_once(self, key: str) -> Path:
         stat = self.stat(key)
 
         def download(partial: Path) -> None:
-            with self.answering(key):  # IfMatch: an object replaced since `stat` is a 412, never a mixed copy
-                self.client.download_file(
-                    self.bucket, self.name(key), str(partial), ExtraArgs={"IfMatch": quoted(stat.etag)},
-                    Config=self.transfer,
-                )  # fmt: skip
+            # Ranged reads in parallel, each with If-Match on the ETag just read: an object replaced meanwhile is a
+            # 412 (StoreUnavailable: read again later), never a copy mixing two versions.
+            ranges = [
+                (start, min(start + self.MULTIPART_BYTES, stat.size))
+                for start in range(0, stat.size, self.MULTIPART_BYTES)
+            ]
+            with partial.open("wb") as handle:
+                handle.truncate(stat.size)
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                list(pool.map(lambda span: self.read_into(partial, key, stat.etag, *span), ranges))
 
         return self.cache.get(f"{key}\n{stat.etag}", Path(key).suffix, download)
+
+    def read_into(self, path: Path, key: str, etag: str, start: int, end: int) -> None:
+        with self.answering(key):
+            body = self.client.get_object(
+                Bucket=self.bucket, Key=self.name(key), Range=f"bytes={start}-{end - 1}", IfMatch=quoted(etag)
+            )["Body"]
+            with path.open("r+b") as handle:
+                handle.seek(start)
+                for chunk in body.iter_chunks(CHUNK):
+                    handle.write(chunk)
 
     def chunks(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         extra = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
