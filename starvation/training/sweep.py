@@ -20,7 +20,7 @@ import itertools
 import math
 import pathlib
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,10 +166,12 @@ def sweep(
     should_stop: Callable[[], bool] | None = None,
     dataset: Dataset | None = None,
     user_datasets: Collection[str] = (),
+    init_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> SweepOutcome:
     """Train every setting of the sweep `spec` (resolved here unless it is already) for every seed, score each
     setting, choose one. Metrics name their split "s{setting}/{split}". Each stack's networks are saved as the stack
-    ends and dropped, so memory holds one stack at a time. Raises SpecError, TrainingStopped."""
+    ends and dropped, so memory holds one stack at a time. `init_weights`: a state dict every network starts from,
+    as in `train`. Raises SpecError, TrainingStopped."""
     started = time.perf_counter()
     if "settings" not in spec:
         spec = resolve_sweep_spec(spec, user_datasets=user_datasets)
@@ -226,6 +228,7 @@ def sweep(
                     compiled=lead["compile"],
                     seeds=[seed] * len(group),
                     member_params=member_params(specs, data.num_classes),
+                    init_weights=init_weights,
                 )
                 clock.train_s += run_clock.train_s
                 clock.eval_s += run_clock.eval_s
@@ -243,6 +246,7 @@ def sweep(
                             step, {member: values}, (member * steps + step) / (len(specs) * steps)
                         ),
                         graphs=graphs,
+                        init_weights=init_weights,
                     )
                     trained.append(network)
                     histories.append(history)
