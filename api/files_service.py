@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from api.deps import Principal
 from api.errors import ApiError
 from core.settings import Settings, get_settings
-from core.storage import dataset_index_key, key_of, local_copy, store
+from core.storage import dataset_index_key, key_of, store
 from models import files as files_repo
 from models.tables import Checkpoint, UserDataset
 
@@ -96,6 +96,14 @@ def stored_file(settings: Settings, recorded: str, *, media_type: str, filename:
     return StreamingResponse(kept.chunks(key), media_type=media_type, headers=headers)
 
 
+INLINED_BYTES = 16 << 20  # a plot a page inlines; anything larger is not ours to paste into HTML
+
+
 def stored_bytes(recorded: str) -> bytes:
-    """A small stored file (a plot) whole, for a page that inlines it."""
-    return local_copy(get_settings(), recorded).read_bytes()
+    """A small stored file (a plot) whole, for a page that inlines it; a missing or oversized one is left out
+    (FileNotFoundError)."""
+    settings = get_settings()
+    kept, key = store(settings), key_of(settings, recorded)
+    if kept.stat(key).size > INLINED_BYTES:
+        raise FileNotFoundError(f"{key} is too large to inline")
+    return kept.fetch(key).read_bytes()

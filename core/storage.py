@@ -43,6 +43,10 @@ class StoredFileMissing(FileNotFoundError):
         self.key = key
 
 
+class StoredFileTooLarge(Exception):
+    """A stored input larger than the service would ever have stored: not read."""
+
+
 def checkpoint_key(checkpoint_id: str, suffix: str) -> str:
     return f"checkpoints/{checkpoint_id}{suffix}"
 
@@ -159,6 +163,7 @@ class S3Store:
 
     local = False
     MULTIPART_BYTES = 16 << 20
+    TIMEOUT_S = 10.0  # a store slower than this to connect or to send the next bytes is unavailable (tried twice)
 
     def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None, cache: Cache) -> None:
         import boto3
@@ -171,7 +176,10 @@ class S3Store:
             "s3",
             endpoint_url=endpoint_url,
             config=Config(
-                connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"}, tcp_keepalive=True
+                connect_timeout=self.TIMEOUT_S,
+                read_timeout=self.TIMEOUT_S,
+                retries={"max_attempts": 2, "mode": "standard"},
+                tcp_keepalive=True,
             ),
         )
         self.transfer = TransferConfig(
@@ -339,5 +347,10 @@ def _store(url: str | None, endpoint_url: str | None, var_dir: Path, cache_bytes
 
 
 def local_copy(settings: Settings, recorded: str) -> Path:
-    """A readable file on this host holding what a row recorded (a key, or an older row's path)."""
-    return store(settings).fetch(key_of(settings, recorded))
+    """A readable file on this host holding what a row recorded (a key, or an older row's path), refused before it
+    is read when it is larger than anything the service stores (an object replaced behind our back)."""
+    kept, key = store(settings), key_of(settings, recorded)
+    limit = max(settings.max_upload_bytes, settings.max_dataset_bytes)
+    if (size := kept.stat(key).size) > limit:
+        raise StoredFileTooLarge(f"The stored file {key} holds {size} bytes, more than the {limit} the service stores.")
+    return kept.fetch(key)

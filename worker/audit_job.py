@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from core.storage import dataset_index_key, local_copy, store
+from core.storage import dataset_index_key, local_copy
 from models import files as files_repo
 from models import jobs as jobs_repo
 from worker.devices import pick_device
@@ -32,7 +32,7 @@ def load_dataset(ctx, dataset_spec: dict[str, Any], seed: int, device: str = "cp
             f"dataset {name!r} is {status}" + (f": {error}" if error else " (its images are still being checked)")
         )
     if fmt == "image_folder":
-        index = datasets.load_index(store(settings).fetch(dataset_index_key(name)))
+        index = datasets.load_index(local_copy(settings, dataset_index_key(name)))
         return datasets.open_image_folder(
             path,
             index,

@@ -17,7 +17,7 @@ from typing import Any
 
 from core.paths import job_dir, resume_dir
 from core.settings import Settings, get_settings
-from core.storage import StoreUnavailable, job_key, store
+from core.storage import StoredFileTooLarge, StoreUnavailable, job_key, store
 from models import files as files_repo
 from models import job_logs as logs_repo
 from models import jobs as jobs_repo
@@ -319,6 +319,8 @@ def run_kind(kind: str, spec: dict, ctx: JobContext) -> tuple[JobStatus, dict | 
             None,
             {"code": "store_unavailable", "message": "The object store stayed unavailable; run the job again later."},
         )
+    except StoredFileTooLarge as exc:
+        return JobStatus.FAILED, None, {"code": "input_too_large", "message": str(exc)}
     except FileNotFoundError as exc:
         # Ours name what is missing; the operating system's would name a path on this server.
         message = str(exc) if exc.filename is None else "A file this job needs is missing."
