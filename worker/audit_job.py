@@ -64,10 +64,13 @@ def audit_model(ctx, model, dataset, *, spec: dict[str, Any], prefix: str = "") 
         out_dir=out_dir,
     )
     report["head"] = model.head_description()
-    report["plots"] = [add_artifact(ctx.db, ctx.job_id, out_dir / p, name=f"{prefix}{p}") for p in report["plots"]]
+    report["plots"] = [
+        add_artifact(ctx.db, ctx.job_id, out_dir / p, name=f"{prefix}{p}", settings=ctx.settings)
+        for p in report["plots"]
+    ]
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report, indent=2))
-    add_artifact(ctx.db, ctx.job_id, report_path, name=f"{prefix}report.json")
+    add_artifact(ctx.db, ctx.job_id, report_path, name=f"{prefix}report.json", settings=ctx.settings)
     return report
 
 

@@ -42,7 +42,9 @@ WEIGHTS = (".pt", ".safetensors", ".onnx")
 def store_output(job_id: str, path: Path, settings: Settings | None = None) -> str:
     """Put a file the job wrote in its folder into the store (patiently); returns its key."""
     settings = settings or get_settings()
-    key = job_key(job_id, path.resolve().relative_to(job_dir(settings, job_id).resolve()).as_posix())
+    parts = path.parts  # .../jobs/<job id>/<relative>: where the job's folder lies on this host (core.paths.job_dir)
+    at = max(i for i in range(len(parts) - 2) if parts[i : i + 2] == ("jobs", job_id))
+    key = job_key(job_id, "/".join(parts[at + 2 :]))
     patiently_stored(lambda: store(settings).put(key, path), f"file {path.name} of job {job_id}")
     return key
 
@@ -63,9 +65,11 @@ def patiently_stored(write: Callable[[], T], what: str) -> T:
             time.sleep(1.0)
 
 
-def add_artifact(db: Database, job_id: str, path: Path, name: str | None = None) -> str:
+def add_artifact(
+    db: Database, job_id: str, path: Path, name: str | None = None, *, settings: Settings | None = None
+) -> str:
     name = name or path.name
-    key = store_output(job_id, path)
+    key = store_output(job_id, path, settings)
     guessed = None if name.endswith(WEIGHTS) else mimetypes.guess_type(name)[0]
     media_type = guessed or "application/octet-stream"
 
@@ -94,9 +98,10 @@ def add_checkpoint(
     path: Path,
     model_info: dict[str, Any],
     parent_checkpoint_id: str | None = None,
+    settings: Settings | None = None,
 ) -> str:
     sha256 = sha256_of(path)
-    key = store_output(job_id, path)
+    key = store_output(job_id, path, settings)
 
     def write() -> str:
         with db.session() as session:

@@ -393,8 +393,9 @@ def register(ctx, files: dict[str, Any], model_info: dict[str, Any], parent_id: 
             path=path,
             model_info=model_info,
             parent_checkpoint_id=parent_id,
+            settings=ctx.settings,
         )
-        add_artifact(ctx.db, ctx.job_id, path)
+        add_artifact(ctx.db, ctx.job_id, path, settings=ctx.settings)
     return ids
 
 

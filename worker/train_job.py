@@ -100,8 +100,9 @@ def register_checkpoints(ctx, checkpoints: list[Any], prefix: str = "") -> list[
                 fmt=fmt,
                 path=path,
                 model_info=model_info(ckpt),
+                settings=ctx.settings,
             )
-            add_artifact(ctx.db, ctx.job_id, path, f"{prefix}{path.name}")
+            add_artifact(ctx.db, ctx.job_id, path, f"{prefix}{path.name}", settings=ctx.settings)
         registered.append({"seed": ckpt.seed, **ids})
     return registered
 
