@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import queue
+import shutil
 import socket
 import threading
 import time
@@ -238,6 +239,8 @@ def run_job(job_id: str) -> None:
     finally:
         heartbeat.stop()
         writer.close()
+        if not store(settings).local:  # all it kept is in the store: this host's copy was scratch
+            shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
     patiently(lambda: record_outcome(db, job_id, status, result, error), f"outcome of job {job_id}")
     log.info("job %s %s", job_id, status)
 
@@ -251,8 +254,6 @@ def forget_earlier_attempt(db: Database, job_id: str, settings: Settings) -> dic
     """A re-run starts clean: what a lost worker half-wrote would otherwise be counted twice. Except what a train
     job saved to resume from (`resume_dir`): that folder stays, and so do the metrics of the steps before each
     seed's saved step, which the resumed run does not report again. Returns those steps per seed."""
-    import shutil
-
     from starvation.training import Resume
 
     folder = job_dir(settings, job_id)

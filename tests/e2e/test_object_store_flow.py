@@ -175,6 +175,8 @@ def test_every_job_kind_runs_on_workers_that_share_only_the_store(cluster):
 
     # The API's folder holds no job files: only its log.
     assert [p.name for p in api.var_dir.rglob("*") if p.is_file()] == ["serve.log"]
+    for worker in workers:  # and a worker keeps a job's files only while it runs: the store has them
+        assert not [p for p in (worker.var_dir / "scratch" / "jobs").rglob("*") if p.is_file()], worker.name
 
 
 def test_a_lost_worker_host_costs_only_the_steps_since_its_last_saved_state(cluster):
