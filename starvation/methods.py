@@ -354,9 +354,3 @@ def build_method(spec: dict[str, Any]) -> Method:
     """A method from its spec section {"name": ..., **params}."""
     params = {k: v for k, v in spec.items() if k != "name"}
     return method_class(spec.get("name"))(params)
-
-
-def describe_all() -> list[dict]:
-    return [
-        {"name": cls.NAME, "description": cls.DESCRIPTION, "params": P.describe(cls.PARAMS)} for cls in METHODS.values()
-    ]

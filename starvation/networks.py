@@ -514,9 +514,3 @@ def build_network(arch: str, params: dict[str, Any] | None, input_shape: Sequenc
 def output_count(num_classes: int) -> int:
     """One logit for a binary task, one per class otherwise."""
     return 1 if num_classes == 2 else num_classes
-
-
-def describe_all() -> list[dict]:
-    return [
-        {"arch": cls.NAME, "description": cls.DESCRIPTION, "params": P.describe(cls.PARAMS)} for cls in ARCHS.values()
-    ]

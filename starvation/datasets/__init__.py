@@ -44,11 +44,6 @@ def build(name: str, params: dict[str, Any] | None, *, seed: int, data_dir: str 
     return cls.create(cls.resolve_params(params), seed=seed, data_dir=data_dir)
 
 
-def describe_all() -> list[dict]:
-    """What GET /v1/datasets lists for the built-ins."""
-    return [cls.describe() for cls in DATASETS.values()]
-
-
 def size(name: str, params: dict[str, Any] | None, *, data_dir: str | None) -> DataSize:
     """How big built-in dataset `name` with `params` will be where `data_dir` is the data directory, unbuilt."""
     cls = dataset_class(name)
@@ -72,7 +67,6 @@ __all__ = [
     "build",
     "check_npz",
     "dataset_class",
-    "describe_all",
     "hold_out",
     "index_image_folder",
     "load_image_folder",

@@ -19,7 +19,6 @@ from starvation.training.evaluation import (
     split_metrics,
     stacked_logits,
     stacked_splits,
-    starved,
 )
 from starvation.training.loop import (
     CPU_PER_SEED_MATMUL_MACS,
@@ -81,7 +80,6 @@ __all__ = [
     "stacked_logits",
     "stacked_splits",
     "stacked_train_step",
-    "starved",
     "tf32_matmuls",
     "train",
     "train_step",

@@ -215,11 +215,6 @@ def predictions(logits: torch.Tensor) -> torch.Tensor:
     return (logits > 0).long() if logits.ndim == 1 else logits.argmax(dim=1)
 
 
-def starved(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per example: the cross-entropy's gradient w.r.t. the logit(s) is below STARVED_GRADIENT in magnitude."""
-    return logit_gradient(logits, y) < STARVED_GRADIENT
-
-
 def logit_gradient(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per example: the magnitude of the cross-entropy's gradient w.r.t. its logit(s), |sigmoid(f) - y| or
     ||softmax(f) - onehot(y)||: how much the example still teaches the network."""

@@ -11,7 +11,7 @@ import torch
 from starvation import SpecError
 from starvation.datasets import build, load_npz
 from starvation.ensemble import StackedMLP, seed_losses
-from starvation.export import load_builtin
+from starvation.checkpoints.save import load_builtin
 from starvation.methods import build_method
 from starvation.networks import build_network
 from starvation.training import (Metric, TrainingStopped, build_optimizer, choose_execution, evaluate,

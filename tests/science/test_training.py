@@ -11,7 +11,7 @@ import torch
 
 from starvation import SpecError
 from starvation.datasets import load_npz
-from starvation.export import load_builtin, load_torchscript
+from starvation.checkpoints.save import load_builtin, load_torchscript
 from starvation.presets import PRESETS
 from starvation.training import Metric, TrainingStopped, resolve_device, resolve_train_spec, train
 
