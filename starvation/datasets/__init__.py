@@ -7,12 +7,10 @@ from typing import Any
 from starvation.datasets.base import HOLDOUT_SPLIT, Dataset, DataSize, Split, hold_out
 from starvation.datasets.builtin import BuiltinDataset
 from starvation.datasets.colored_mnist import ColoredMNIST
+from starvation.datasets.files import DatasetError, ImageFiles, batched, batches_of
 from starvation.datasets.images import (
-    ImageFiles,
     ImageFolderDataset,
     ImageIndex,
-    batched,
-    batches_of,
     index_image_folder,
     load_image_folder,
     load_index,
@@ -20,7 +18,7 @@ from starvation.datasets.images import (
     save_index,
 )
 from starvation.datasets.two_moons import TwoMoons
-from starvation.datasets.user import DatasetError, check_npz, load_npz, registered_size
+from starvation.datasets.user import check_npz, load_npz, registered_size
 from starvation.errors import SpecError
 
 DATASETS: dict[str, type[BuiltinDataset]] = {cls.NAME: cls for cls in (ColoredMNIST, TwoMoons)}
