@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from starvation import datasets
 from starvation.datasets import DataSize
-from starvation.datasets.images import IMAGE_BATCH
+from starvation.datasets.files import IMAGE_BATCH
 from starvation.errors import SpecError
 from starvation.methods import method_class
 from starvation.networks import (

@@ -22,7 +22,7 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     device = pick_device(spec.get("device"), ctx.settings.device)
     registered = spec["dataset"]["name"] not in DATASETS
     # Resolved and checked when the job was submitted (api/jobs_service.py): run as it is.
-    engine_spec = ResolvedTrainSpec({k: v for k, v in spec.items() if k not in SERVICE_FIELDS})
+    engine_spec = ResolvedTrainSpec.of(spec)  # the train spec's fields: SERVICE_FIELDS are the service's
     for warning in spec_warnings(engine_spec):
         ctx.say("warning", warning)
     mlflow = start_mlflow(spec, ctx) if spec.get("mlflow") else None

@@ -25,7 +25,6 @@ from starvation.repair.methods import (
     RepairMethod,
     UnsupportedMethod,
     build_repair_method,
-    describe_all,
 )
 
 __all__ = [
@@ -40,7 +39,6 @@ __all__ = [
     "build_repair_method",
     "carve_validation",
     "check_head_feeds_output",
-    "describe_all",
     "find_linear_head",
     "finetune_hint",
     "read_head",

@@ -250,12 +250,5 @@ def build_repair_method(spec: dict[str, Any] | None) -> RepairMethod:
     return REPAIR_METHODS[name](spec)
 
 
-def describe_all() -> list[dict]:
-    return [
-        {"name": cls.NAME, "description": cls.DESCRIPTION, "params": P.describe({**cls.COMMON, **cls.PARAMS})}
-        for cls in REPAIR_METHODS.values()
-    ]
-
-
 def _brief(scores: dict[str, Any]) -> dict[str, Any]:
     return {"accuracy": scores["accuracy"], "worst_group_accuracy": scores["worst_group_accuracy"]}
