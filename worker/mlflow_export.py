@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from core import outbound
+from models.kinds import JobKind
 
 JOB_ID_TAG = "gs.job_id"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
@@ -278,7 +279,7 @@ class MlflowRun:
 
 
 def run_tags(job_id: str, spec: dict) -> dict[str, str]:
-    tags = {JOB_ID_TAG: job_id, "gs.kind": "train", "mlflow.source.name": "gradient-starvation-service"}
+    tags = {JOB_ID_TAG: job_id, "gs.kind": str(JobKind.TRAIN), "mlflow.source.name": "gradient-starvation-service"}
     method = (spec.get("method") or {}).get("name")
     if method:
         tags["gs.method"] = str(method)

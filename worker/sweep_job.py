@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from results.sweep import SweepResult
 from worker import audit_job
+from worker.context import JobContext
 from worker.devices import pick_device
 from worker.train_job import SERVICE_FIELDS, audit_checkpoints, register_checkpoints
 
+Result = SweepResult  # what run() returns (worker/kinds.py checks it before it is recorded)
 
-def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
+
+def run(spec: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     from starvation.datasets import DATASETS
     from starvation.training.sweep import sweep
 

@@ -24,8 +24,9 @@ from api.dashboard import session as browser
 from api.dashboard import views
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
+from api.kinds.repair import RepairJobCreate
+from api.kinds.train import TrainJobCreate
 from api.routes.keys import may_manage
-from api.schemas import RepairJobCreate, TrainJobCreate
 from api.streams import open_stream
 from models import auth as auth_repo
 from models import files as files_repo

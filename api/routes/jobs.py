@@ -11,6 +11,7 @@ from api import jobs_service
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import not_found
 from api.hygiene import MAX_DB_INT
+from api.job_bodies import JobCreate, JobOut, JobPage
 from api.jobs_service import job_out, owned_job
 from api.schemas import (
     CREATE_ERRORS,
@@ -18,15 +19,10 @@ from api.schemas import (
     MAX_SEED,
     ArtifactList,
     ArtifactOut,
-    JobCreate,
-    JobOut,
-    JobPage,
     KindFilter,
     LogPage,
     MetricOut,
     MetricPage,
-    RepairReport,
-    Report,
     StatusFilter,
     error_responses,
     links_to,
@@ -35,6 +31,8 @@ from api.schemas import (
 from api.streams import open_stream
 from models import files as files_repo
 from models import metrics as metrics_repo
+from results.repair import RepairReport
+from results.report import Report
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*KEYED_ERRORS))
 OF_A_JOB = error_responses(404, 409)  # every route under /v1/jobs/{job_id} (409: an id prefix two jobs share)

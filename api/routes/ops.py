@@ -13,9 +13,10 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from api.deps import AuthorizationDep, SessionDep, SettingsDep, admin_principal, current_principal
-from api.schemas import JobKind, Readiness, error_responses, media_response
+from api.schemas import Readiness, error_responses, media_response
 from core.queue import QUEUES, check_broker
 from models.db import database
+from models.kinds import JobKind
 from models.status import JobStatus
 from models.tables import Job, utcnow
 

@@ -36,9 +36,7 @@ ARRAY_KINDS = {"x": "biuf", "y": "biuf", "attribute": "biuf", "split": "SU"}  # 
 class DatasetError(SpecError):
     """A user's dataset is refused: `code` is "invalid_dataset", or "too_large" for a size limit."""
 
-    def __init__(self, message: str, code: str = "invalid_dataset") -> None:
-        super().__init__(message)
-        self.code = code
+    code = "invalid_dataset"
 
 
 def check_npz(
