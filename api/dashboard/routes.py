@@ -24,12 +24,14 @@ from api.dashboard import session as browser
 from api.dashboard import views
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
+from api.kinds import KINDS, repair
 from api.kinds.repair import RepairJobCreate
 from api.kinds.train import TrainJobCreate
 from api.routes.keys import may_manage
 from api.streams import open_stream
 from models import auth as auth_repo
 from models import files as files_repo
+from models.kinds import JobKind
 from models.status import TERMINAL, JobStatus
 from models.tables import Job
 
@@ -57,7 +59,6 @@ STATIC = {
     "jobs.js": "text/javascript",
     "compare.js": "text/javascript",
 }
-KINDS = ("train", "audit", "repair", "sweep")
 SECURITY_HEADERS = {
     # Only our own scripts; inline style attributes (the sweep's heat maps); plots arrive as data: URIs.
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -172,7 +173,7 @@ def jobs_page(
             "status": status,
             "kind": kind,
             "statuses": list(JobStatus),
-            "kinds": KINDS,
+            "kinds": list(KINDS),
             "next_cursor": next_cursor,
             "limit": limit,
             "presets": sorted(PRESETS),
@@ -235,7 +236,7 @@ def job_page(job_id: str, request: Request, session: SessionDep, principal: brow
     if job is None:
         return not_found_page(request, "job")
     report = views.report_or_none(job)
-    recent, _ = jobs_service.list_jobs(session, principal.owner_id, limit=50, kind="train")
+    recent, _ = jobs_service.list_jobs(session, principal.owner_id, limit=50, kind=JobKind.TRAIN)
     others = [views.job_row(j) for j in recent if j.id != job.id]
     return page(
         request,
@@ -245,7 +246,7 @@ def job_page(job_id: str, request: Request, session: SessionDep, principal: brow
             "row": views.job_row(job),
             "report": report,
             "summary": views.summary_rows(job, report),
-            "sweep": views.sweep_view(job),
+            "sweep": views.sweep_view(job),  # a finished sweep's settings (templates/kinds/sweep.html)
             "spec_json": json.dumps(job.spec, indent=2),
             "others": others,
             "downloads": views.downloads(session, job, principal.owner_id),
@@ -278,13 +279,8 @@ def repair_audited_model(
     if not browser.csrf_ok(request, csrf):
         return expired_form(request)
     job = owned_job(session, job_id, principal.owner_id)
-    if job is None or job.kind != "audit":
+    if job is None or (audited := repair.of_audit(job)) is None:
         return not_found_page(request, "audit job")
-    audited = {
-        k: job.spec.get(k)
-        for k in ("checkpoint_id", "train_job_id", "dataset", "spurious_attribute", "seed", "probes", "layer")
-        if job.spec.get(k) is not None
-    }
     try:
         body = RepairJobCreate(kind="repair", tags={"source": "dashboard", "audit_job": job.id}, spec=audited)
         created = jobs_service.submit_once(session, body, principal, settings, idempotency_key=form_key)

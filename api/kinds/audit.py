@@ -86,21 +86,26 @@ def resolve_audit(session: Session, body: AuditJobCreate, owner_id: str) -> dict
 
 
 def model_source(spec: dict[str, Any]) -> str:
-    """The model an audit or a repair reads: `checkpoint <id>` or `train job <id> seed <n>`."""
+    """The model an audit or a repair reads, and the data: `checkpoint <id> on <dataset>`."""
     if spec.get("checkpoint_id"):
-        return f"checkpoint {spec['checkpoint_id']}"
-    return f"train job {spec.get('train_job_id')} seed {spec.get('seed', 0)}"
+        source = f"checkpoint {spec['checkpoint_id']}"
+    else:
+        source = f"train job {spec.get('train_job_id')} seed {spec.get('seed', 0)}"
+    return f"{source} on {(spec.get('dataset') or {}).get('name', '?')}"
 
 
 def summary(job: Job) -> JobSummary:
     spec, result = job.spec or {}, job.result or {}
-    reliance = result.get("summary") or {}
     return JobSummary(
-        what=f"audit of {model_source(spec)}",
+        what=model_source(spec),
         on=(spec.get("dataset") or {}).get("name"),
         numbers=reliance_numbers(result),
-        verdict=reliance.get("verdict"),
+        verdict=(reliance(job) or {}).get("verdict"),
     )
+
+
+def reliance(job: Job) -> dict[str, Any] | None:
+    return (job.result or {}).get("summary")
 
 
 def reliance_numbers(report: dict[str, Any]) -> dict[str, float]:

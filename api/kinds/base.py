@@ -47,6 +47,10 @@ class KindModule(Protocol):
         """What ran, on what, its headline numbers and verdict."""
         ...
 
+    def reliance(self, job: Job) -> dict[str, Any] | None:
+        """The reliance summary the job measured (reliance_score, verdict, interval, ...), or None."""
+        ...
+
     def report(self, job: Job) -> dict[str, Any] | None:
         """GET /report's body, or None when the job has none."""
         ...

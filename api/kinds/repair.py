@@ -216,7 +216,7 @@ def summary(job: Job) -> JobSummary:
     before, after = result.get("before") or {}, result.get("after") or {}
     method = (result.get("method") or spec.get("method") or {}).get("name")
     return JobSummary(
-        what=f"repair ({method}) of {model_source(spec)}",
+        what=f"{model_source(spec)}, {method}",
         on=(spec.get("dataset") or {}).get("name"),
         numbers=numbers(
             reliance_score=after.get("reliance_score"),
@@ -226,6 +226,11 @@ def summary(job: Job) -> JobSummary:
         ),
         verdict=after.get("verdict"),
     )
+
+
+def reliance(job: Job) -> dict[str, Any] | None:
+    """The repaired model's."""
+    return (job.result or {}).get("after")
 
 
 def report(job: Job) -> dict[str, Any] | None:
@@ -244,3 +249,12 @@ def report_body(job: Job, report: dict[str, Any], plot_urls: PlotUrls) -> tuple[
     plots = [*report["before"].get("plots", []), *report["after"].get("plots", [])]
     body = render_repair_body(report["before"], report["after"], report["repair"], plot_urls(plots))
     return f"Repair report: job {job.id}", body
+
+
+def of_audit(job: Job) -> dict[str, Any] | None:
+    """The spec of a repair of what an audit job audited (its model, data, attribute, seed; the default method):
+    the dashboard's "Repair" button. None for a job that is not an audit."""
+    if job.kind != JobKind.AUDIT:
+        return None
+    keys = ("checkpoint_id", "train_job_id", "dataset", "spurious_attribute", "seed", "probes", "layer")
+    return {key: job.spec.get(key) for key in keys if job.spec.get(key) is not None}

@@ -109,7 +109,7 @@ def summary(job: Job) -> JobSummary:
     result = job.result or {}
     settings = result.get("settings") or []
     chosen = settings[result["chosen"]] if settings else {}
-    size = f"{setting_count(job.spec or {})} settings"
+    size = f"sweep of {setting_count(job.spec or {})} settings"
     return train.training_summary(job, {"splits": {"test": chosen.get("test") or {}}}, size=size)
 
 
@@ -120,7 +120,7 @@ def setting_count(spec: dict[str, Any]) -> int:
     return prod(len(values) for values in (spec.get("grid") or {}).values())
 
 
-report = train.report
+report, reliance = train.report, train.reliance
 
 
 def warnings(job: Job) -> list[str]:

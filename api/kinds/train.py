@@ -140,20 +140,24 @@ def summary(job: Job) -> JobSummary:
 
 
 def training_summary(job: Job, result: dict[str, Any], size: str | None = None) -> JobSummary:
-    """A train job's (or a sweep's, with the chosen setting's `result`) summary: method, length, seeds, test
-    accuracy, and the reliance its audit measured."""
+    """A train job's (or, with `size` and the chosen setting's `result`, a sweep's) summary: the preset or method,
+    the length and seeds, the test accuracy and the reliance its audit measured."""
     spec = job.spec or {}
     name = spec.get("preset") or (spec.get("method") or {}).get("name") or job.kind
-    seeds = spec.get("seeds") or []
-    parts = [f"{job.kind} {name}", size, f"{spec.get('steps')} steps", f"seeds {', '.join(map(str, seeds))}"]
+    seeds = ", ".join(map(str, spec.get("seeds") or []))
     test = ((result.get("splits") or {}).get("test") or {}).get("accuracy")
-    reliance = ((job.result or {}).get("audit") or {}).get("summary") or {}
+    measured = reliance(job) or {}
     return JobSummary(
-        what=", ".join(p for p in parts if p),
+        what=f"{name}{f' {size}' if size else ''}, {spec.get('steps')} steps, seeds {seeds}",
         on=(spec.get("dataset") or {}).get("name"),
-        numbers=numbers(test_accuracy=test, reliance_score=reliance.get("reliance_score")),
-        verdict=reliance.get("verdict"),
+        numbers=numbers(test_accuracy=test, reliance_score=measured.get("reliance_score")),
+        verdict=measured.get("verdict"),
     )
+
+
+def reliance(job: Job) -> dict[str, Any] | None:
+    """The reliance pooled over seeds, when the job was audited (`audit: true`)."""
+    return ((job.result or {}).get("audit") or {}).get("summary")
 
 
 def numbers(**values: Any) -> dict[str, float]:
