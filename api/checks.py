@@ -3,6 +3,7 @@ refusal is a 4xx naming the field; a kind's own checks live in its module (api/k
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -114,7 +115,7 @@ def check_builtin_audit_data(name: str, params: dict[str, Any], spurious_attribu
         )
 
 
-def check_probes_for_format(probes: list[str] | None, fmt: str) -> None:
+def check_probes_for_format(probes: Sequence[str] | None, fmt: str) -> None:
     """Probes that need a network's parameters (`ntk`) cannot run on a TorchScript or ONNX upload, which runs
     sealed in the jail."""
     if "ntk" in (probes or []) and fmt in ("torchscript", "onnx"):

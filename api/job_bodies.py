@@ -16,5 +16,5 @@ job_out_adapter: TypeAdapter[JobOutFields] = TypeAdapter(JobOut)
 
 
 class JobPage(BaseModel):
-    items: list[JobOut]  # type: ignore[valid-type]
+    items: list[JobOut]
     next_cursor: str | None

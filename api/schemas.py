@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, WithJsonSchema
@@ -29,7 +29,7 @@ BinaryUpload = Annotated[
 
 # The audit's probes and the repair methods by name, from the engine's registries (an enum in the document, so a
 # typo is a 422 naming the field and client generators offer the names).
-ProbeName = StrEnum("ProbeName", {name.upper(): name for name in PROBES})
+ProbeName = StrEnum("ProbeName", {name.upper(): name for name in PROBES})  # type: ignore[misc]  # names from a registry
 Probes = Annotated[
     list[ProbeName] | None, Field(description="probes to run; default: every probe the dataset supports")
 ]
@@ -45,6 +45,8 @@ class JobCreateFields(BaseModel):
     """What every kind of job takes besides its kind and spec."""
 
     model_config = ConfigDict(extra="forbid")
+    if TYPE_CHECKING:  # each kind's body declares its own `kind: Literal[...]`
+        kind: str
     tags: dict[str, str] = Field(default_factory=dict)
     callback_url: HttpUrl | None = None
 

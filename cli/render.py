@@ -12,7 +12,7 @@ from rich.text import Text
 
 from cli.client import JobStatus
 
-STATUS_STYLE = {
+STATUS_STYLE: dict[str, str] = {
     JobStatus.QUEUED: "cyan",
     JobStatus.RUNNING: "yellow",
     JobStatus.SUCCEEDED: "green",
@@ -351,7 +351,7 @@ def compare_table(left: tuple[dict, dict | None], right: tuple[dict, dict | None
     return table
 
 
-def size(n: int) -> str:
+def size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -382,7 +382,7 @@ def datasets_table(items: list[dict]) -> Table:
     for d in items:
         splits = (d.get("description") or {}).get("splits") or {}
         status = Text(
-            d.get("status", "ready"), style={"ready": "green", "pending": "yellow"}.get(d.get("status"), "red")
+            d.get("status", "ready"), style={"ready": "green", "pending": "yellow"}.get(d.get("status", "ready"), "red")
         )
         table.add_row(
             d["name"] if d["builtin"] else f"{d['id']} {d['name']}",

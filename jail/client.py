@@ -211,7 +211,7 @@ def _refusal(reply: dict[str, Any]) -> JailError:
     if code == "jail_unavailable":
         log.error("the jail could not lock down: %s", _printable(str(reply.get("detail"))))
         return JailError(code, "Foreign models cannot be run safely on this server right now.")
-    return JailError(code, _printable(str(reply.get("message") or "The model was refused.")))
+    return JailError(str(code), _printable(str(reply.get("message") or "The model was refused.")))
 
 
 def _printable(text: str) -> str:

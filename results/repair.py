@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from results.report import ModelHead, RelianceSummary, Report
 from starvation.repair.methods import REPAIR_METHODS
 
-RepairMethodName = StrEnum("RepairMethodName", {name.upper(): name for name in REPAIR_METHODS})
+RepairMethodName = StrEnum("RepairMethodName", {name.upper(): name for name in REPAIR_METHODS})  # type: ignore[misc]  # names from a registry
 
 
 class RepairSummary(RelianceSummary):

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from results.report import MeanStd, SeedCheckpoints, TrainAudit
 from starvation.training.sweep import SELECTIONS
 
-SelectionRule = StrEnum("SelectionRule", {name.upper(): name for name in SELECTIONS})
+SelectionRule = StrEnum("SelectionRule", {name.upper(): name for name in SELECTIONS})  # type: ignore[misc]  # names from a registry
 
 
 class SweepScores(BaseModel):

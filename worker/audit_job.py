@@ -104,7 +104,7 @@ def load_model(
     CPU (pass `settings` for its limits; `repair=True` readies the jail to replace the head; `interrupt`, the
     job's `stop_if_asked`, is called every second while the jail works, so a cancel or deadline ends it).
     Safetensors weights fill one of our own networks, which runs here, on `device`."""
-    options = {
+    options: dict[str, Any] = {
         "input_shape": list(model_info["input_shape"]) if model_info.get("input_shape") else None,
         "feature_layer": layer,
     }

@@ -13,7 +13,10 @@ from worker.context import JobContext
 
 
 class JobModule(Protocol):
-    Result: type[BaseModel]  # what `run` returns, checked before it is recorded
+    @property
+    def Result(self) -> type[BaseModel]:
+        """What `run` returns, checked before it is recorded."""
+        ...
 
     def run(self, spec: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
         """Run the job as its spec (resolved at submission) says; its result, or raise to fail it."""

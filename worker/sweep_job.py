@@ -19,6 +19,11 @@ def run(spec: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     from starvation.training.sweep import sweep
 
     device = pick_device(spec.get("device"), ctx.settings.device)
+
+    def store_metrics(batch: list[Any]) -> None:
+        # Every setting's splits at every evaluation: stored, but too many for a log line (the log says the choice).
+        ctx.on_metrics(batch, log_lines=False)
+
     name = spec["dataset"]["name"]
     registered = name not in DATASETS
     outcome = sweep(
@@ -26,8 +31,7 @@ def run(spec: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
         out_dir=ctx.work_dir,
         device=device,
         data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
-        # Every setting's splits at every evaluation: stored, but too many for a log line (the log says the choice).
-        on_metrics=lambda batch: ctx.on_metrics(batch, log_lines=False),
+        on_metrics=store_metrics,
         on_progress=lambda fraction: ctx.on_progress(0.9 * fraction if spec.get("audit") else fraction),
         should_stop=ctx.should_stop,
         dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0, device=device) if registered else None,

@@ -251,7 +251,7 @@ def job_page(job_id: str, request: Request, session: SessionDep, principal: brow
             "others": others,
             "downloads": views.downloads(session, job, principal.owner_id),
             "warnings": jobs_service.job_warnings(job),
-            "mlflow_run": ((job.result or {}).get("mlflow") or {}).get("run_id") and job.result["mlflow"],
+            "mlflow_run": ((job.result or {}).get("mlflow") or {}).get("run_id") and (job.result or {})["mlflow"],
             "page_data": {
                 "id": job.id,
                 "kind": job.kind,
@@ -373,7 +373,7 @@ def compare_page(
 ) -> Response:
     recent, _ = jobs_service.list_jobs(session, principal.owner_id, limit=100)
     choices = [views.job_row(j) for j in recent]
-    sides = []
+    sides: list[dict[str, Any]] = []
     for label, job_id in (("A", a), ("B", b)):
         job = owned_job(session, job_id, principal.owner_id) if job_id else None
         if job_id and job is None:

@@ -36,8 +36,15 @@ class Submission:
 class KindModule(Protocol):
     """The module of one kind (a module satisfies this protocol with module-level names)."""
 
-    Create: type[JobCreateFields]  # POST /v1/jobs's body for this kind (`kind: Literal[...]`, `spec`)
-    Out: type[JobOutFields]  # the job as GET shows it (`kind`, `result: <the kind's result> | None`)
+    @property
+    def Create(self) -> type[JobCreateFields]:
+        """POST /v1/jobs's body for this kind (`kind: Literal[...]`, `spec`)."""
+        ...
+
+    @property
+    def Out(self) -> type[JobOutFields]:
+        """The job as GET shows it (`kind`, `result: <the kind's result> | None`)."""
+        ...
 
     def resolve(self, submission: Submission) -> dict[str, Any]:
         """The spec to store, checked against everything knowable at submission (a 4xx ApiError otherwise)."""

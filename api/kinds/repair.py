@@ -29,7 +29,7 @@ from models.kinds import JobKind
 from models.status import JobStatus
 from models.tables import Checkpoint, Job, UserDataset
 from results.repair import RepairMethodName, RepairResult
-from starvation.audit import PROBES, render_repair_body
+from starvation.audit import render_repair_body
 from starvation.datasets import DATASETS
 from starvation.datasets.user import train_and_test_splits
 from starvation.errors import SpecError
@@ -42,7 +42,7 @@ class RepairMethodSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: RepairMethodName = Field(
-        RepairMethodName.LAST_LAYER,
+        RepairMethodName("last_layer"),
         description="last_layer, last_layer_sd (head refits), finetune_sd (the whole "
         "network; TorchScript and safetensors checkpoints, train jobs' seeds; not ONNX)",
     )
@@ -117,9 +117,6 @@ def resolve(submission: Submission) -> dict[str, Any]:
         )
     check_builtin_audit_data(name, spec.dataset.params, spec.spurious_attribute)
     check_separate_test_split(name, row)
-    unknown = sorted(set(spec.probes or []) - set(PROBES))
-    if unknown:
-        raise invalid_spec(f"Unknown probes {unknown}; known: {sorted(PROBES)}.", {"field": "spec.probes"})
     try:
         method = build_repair_method(spec.method.model_dump())
     except SpecError as exc:
@@ -140,7 +137,8 @@ def check_train_job_seed(session: Session, spec: RepairSpec, owner_id: str) -> N
         raise invalid_spec(
             f"Train job {spec.train_job_id} is {train_job.status}, not succeeded.", {"field": "spec.train_job_id"}
         )
-    seeds = [c.seed for c in files_repo.checkpoints_of_job(session, train_job.id) if c.format == "safetensors"]
+    checkpoints = files_repo.checkpoints_of_job(session, train_job.id)
+    seeds = [c.seed for c in checkpoints if c.format == "safetensors" and c.seed is not None]
     if spec.seed not in seeds:
         raise invalid_spec(
             f"Train job {spec.train_job_id} has no checkpoint of seed {spec.seed} (its seeds: {sorted(set(seeds))}).",

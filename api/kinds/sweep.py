@@ -39,7 +39,7 @@ class SweepSpec(TrainSpec):
         min_length=1,
     )
     selection: SelectionRule = Field(
-        SelectionRule.TRAIN_DOMAIN_VALIDATION,
+        SelectionRule("train_domain_validation"),
         description="; ".join(f"{name}: {meaning}" for name, meaning in SELECTIONS.items()),
     )
 

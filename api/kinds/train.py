@@ -63,11 +63,12 @@ def _engine_field(schema: dict[str, Any]) -> tuple[Any, Any]:
 
 
 # Fields given here override the preset's. Built from the engine's declarations (starvation/training/spec.py).
+ENGINE_FIELDS: dict[str, Any] = {name: _engine_field(schema) for name, schema in train_spec_fields().items()}
 TrainSpec = create_model(
     "TrainSpec",
     __base__=TrainServiceFields,
     __doc__="A train spec: fields given here override the preset's.",
-    **{name: _engine_field(schema) for name, schema in train_spec_fields().items()},
+    **ENGINE_FIELDS,
 )
 
 
