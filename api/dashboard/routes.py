@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
-from api import jobs_service
+from api import job_streams, jobs_service, paging
 from api.dashboard import session as browser
 from api.dashboard import views
 from api.deps import SessionDep, SettingsDep
@@ -157,7 +157,7 @@ def jobs_page(
     status = JobStatus(status) if status in set(JobStatus) else None  # an unknown filter: every job, as before
     kind = kind if kind in KINDS else None
     try:
-        jobs, next_cursor = jobs_service.list_jobs(
+        jobs, next_cursor = paging.list_jobs(
             session, principal.owner_id, limit=limit, cursor=cursor or None, kind=kind, status=status
         )
     except ApiError:
@@ -236,7 +236,7 @@ def job_page(job_id: str, request: Request, session: SessionDep, principal: brow
     if job is None:
         return not_found_page(request, "job")
     report = views.report_or_none(job)
-    recent, _ = jobs_service.list_jobs(session, principal.owner_id, limit=50, kind=JobKind.TRAIN)
+    recent, _ = paging.list_jobs(session, principal.owner_id, limit=50, kind=JobKind.TRAIN)
     others = [views.job_row(j) for j in recent if j.id != job.id]
     return page(
         request,
@@ -325,7 +325,7 @@ def cancel(
 def job_events(job_id: str, request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     """The API's event stream (status, progress, metrics), for a signed-in browser."""
     principal = browser.require_principal(request, session)
-    events = jobs_service.follow(session, job_id, principal, request.is_disconnected)
+    events = job_streams.follow(session, job_id, principal, request.is_disconnected)
     # Proxies must pass events through as they come.
     return open_stream(
         principal.owner_id,
@@ -371,7 +371,7 @@ def download_artifact(
 def compare_page(
     request: Request, session: SessionDep, principal: browser.SignedInDep, a: str | None = None, b: str | None = None
 ) -> Response:
-    recent, _ = jobs_service.list_jobs(session, principal.owner_id, limit=100)
+    recent, _ = paging.list_jobs(session, principal.owner_id, limit=100)
     choices = [views.job_row(j) for j in recent]
     sides: list[dict[str, Any]] = []
     for label, job_id in (("A", a), ("B", b)):

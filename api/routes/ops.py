@@ -13,7 +13,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from api.deps import AuthorizationDep, SessionDep, SettingsDep, admin_principal, current_principal
-from api.schemas import Readiness, error_responses, media_response
+from api.responses import error_responses, media_response
+from api.schemas import Readiness
 from core.queue import QUEUES, check_broker
 from models.db import database
 from models.kinds import JobKind
