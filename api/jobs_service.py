@@ -28,6 +28,7 @@ from models import files as files_repo
 from models import jobs as jobs_repo
 from models.status import TERMINAL
 from models.tables import ID_LENGTH, Job
+from starvation.audit import standalone_page
 
 
 def job_warnings(job: Job) -> list[str]:
@@ -171,8 +172,6 @@ def report_of(job: Job) -> dict[str, Any]:
 
 
 def report_html(session: Session, job: Job) -> str:
-    from starvation.audit import standalone_page
-
     return standalone_page(*report_body(session, job))
 
 

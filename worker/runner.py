@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ from models.db import Database, database
 from models.status import JobStatus
 from starvation.checkpoints import out_of_memory
 from starvation.errors import CodedError
-from starvation.training import TrainingStopped
+from starvation.training import Resume, TrainingStopped
 from worker.context import JobCancelled, JobContext, JobTimedOut, JobWriter
 from worker.kinds import KINDS
 from worker.outages import patiently
@@ -106,10 +107,6 @@ def forget_earlier_attempt(db: Database, job_id: str, settings: Settings) -> dic
     """A re-run starts clean: what a lost worker half-wrote would otherwise be counted twice. Except what a train
     job saved to resume from (`resume_dir`): that folder stays, and so do the metrics of the steps before each
     seed's saved step, which the resumed run does not report again. Returns those steps per seed."""
-    import shutil
-
-    from starvation.training import Resume
-
     folder = job_dir(settings, job_id)
     kept = Resume.reported(resume_dir(folder)) if resume_dir(folder).is_dir() else {}
     with db.session() as session:

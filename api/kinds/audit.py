@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from api.checks import check_builtin_audit_data, check_probes_for_format, invalid_spec, usable_dataset
 from api.kinds.base import Submission, reliance_report_body
+from api.kinds.train import numbers
 from api.schemas import (
     LAYER_PATTERN,
     DatasetRef,
@@ -105,8 +106,6 @@ def reliance(job: Job) -> dict[str, Any] | None:
 
 
 def reliance_numbers(report: dict[str, Any]) -> dict[str, float]:
-    from api.kinds.train import numbers
-
     return numbers(
         reliance_score=(report.get("summary") or {}).get("reliance_score"),
         average_accuracy=report.get("average_accuracy"),

@@ -13,6 +13,7 @@ from api.checks import check_builtin_audit_data, check_probes_for_format, invali
 from api.errors import ApiError, coded_error
 from api.kinds.audit import model_source
 from api.kinds.base import PlotUrls, Submission
+from api.kinds.train import numbers
 from api.schemas import (
     LAYER_PATTERN,
     DatasetRef,
@@ -208,8 +209,6 @@ def check_separate_test_split(name: str, row: UserDataset | None) -> None:
 
 def summary(job: Job) -> JobSummary:
     """The repaired model's numbers (`after`), with the reliance score before for comparison."""
-    from api.kinds.train import numbers
-
     spec, result = job.spec or {}, job.result or {}
     before, after = result.get("before") or {}, result.get("after") or {}
     method = (result.get("method") or spec.get("method") or {}).get("name")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from math import prod
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -115,8 +116,6 @@ def summary(job: Job) -> JobSummary:
 
 def setting_count(spec: dict[str, Any]) -> int:
     """How many settings a sweep spec's grid makes (known before the result is)."""
-    from math import prod
-
     return prod(len(values) for values in (spec.get("grid") or {}).values())
 
 
