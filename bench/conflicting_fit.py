@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from starvation.datasets import build  # noqa: E402
-from starvation.export import load_builtin  # noqa: E402
+from starvation.checkpoints.save import load_builtin  # noqa: E402
 from starvation.training import train  # noqa: E402
 from bench.common import mean_std  # noqa: E402
 from starvation.training.evaluation import bias_conflicting, logit_gradient, predictions  # noqa: E402

@@ -191,7 +191,7 @@ def profile(args: argparse.Namespace, folder: pathlib.Path) -> None:
     from starvation.networks import build_network
     from starvation.presets import PRESETS
     from starvation.training import build_optimizer, resolve_train_spec, stacked_train_step
-    from starvation.training.loop import update_inputs
+    from starvation.training.update import update_inputs
 
     device = torch.device(args.device)
     spec = resolve_train_spec({"preset": "paper_cmnist_sd"})

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from starvation.datasets import build  # noqa: E402
 from starvation.datasets.colored_mnist import load_digits  # noqa: E402
-from starvation.export import load_builtin  # noqa: E402
+from starvation.checkpoints.save import load_builtin  # noqa: E402
 from starvation.margins import boundary_distances  # noqa: E402
 from starvation.training import Metric, train  # noqa: E402
 

@@ -60,16 +60,16 @@ def curves_from_train(preset: str, seeds: list[int], steps: int, every: int) -> 
 
 
 def fresh_adam_curve(seed: int, steps: int, every: int) -> list[tuple[int, float]]:
-    """paper_cmnist_sd with a new Adam at the switch; otherwise `_train_seed`'s init, data and updates."""
+    """paper_cmnist_sd with a new Adam at the switch; otherwise `train_seed`'s init, data and updates."""
     from starvation import datasets
     from starvation.methods import build_method
     from starvation.training import build_optimizer, evaluate, evaluation_splits, resolve_train_spec, train_step
-    from starvation.training.loop import _init_network
+    from starvation.training.execution import init_network
 
     spec = resolve_train_spec({"preset": "paper_cmnist_sd", "seeds": [seed], "steps": steps})
     data = datasets.build("colored_mnist", spec["dataset"]["params"], seed=seed, data_dir=None)
     splits = evaluation_splits(data)
-    model = _init_network(spec, data, seed)
+    model = init_network(spec, data, seed)
     method = build_method(spec["method"])
     optimizer = build_optimizer(spec["optimizer"], model.parameters())
     switch, train_split, curve = spec["method"]["warmup_steps"], splits["train"], []

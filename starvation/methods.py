@@ -10,14 +10,14 @@ data-dependent shapes, no read back to the host, and it batches under `vmap`):
 - `environment` [N, environments]: which training split each example came from (Colored MNIST: train1, train2);
 - `group` [N, classes x attribute values]: each example's (label, spurious attribute) pair, at
   label * attribute values + attribute;
-- `error_set` [N]: 1 for the examples an identification model got wrong (JTT; the loop trains that model first,
-  `Method.IDENTIFICATION_STEPS`), 0 for the others.
+- anything the method computes itself before its run (`Method.prepare`): JTT's `error_set` [N], 1 for the
+  examples an identification model got wrong, 0 for the others.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,21 @@ def sd_penalty(
     return (sums / counts.clamp(min=1)).sum()  # an absent class: 0 / 1 (a mask would sync and not vmap)
 
 
+class Preparation(Protocol):
+    """What the training loop offers `Method.prepare` for one seed (`training.loop.SeedPreparation`)."""
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """[N]: the pooled training examples' labels, in the order of `Dataset.train_data()`."""
+        ...
+
+    def train_predictions(self, method: dict[str, Any], steps: int) -> torch.Tensor:
+        """[N]: the class each pooled training example gets from a model of the resolved `method` section
+        ({"name": ..., **params}) trained `steps` updates from the seed's initialisation (the spec's model,
+        optimizer, batch size and precision)."""
+        ...
+
+
 class Method:
     """A named training objective with declared hyper-parameters."""
 
@@ -71,9 +86,6 @@ class Method:
     PARAMS: ClassVar[dict[str, P.Param]] = {}
     NEEDS: ClassVar[tuple[str, ...]] = ()  # per-example facts `loss` takes as keywords (see the module docstring)
     SEQUENTIAL_ONLY: ClassVar[str | None] = None  # why seeds cannot train stacked (None: they can)
-    # The param holding the steps of an ERM identification run the loop trains per seed before this method's run
-    # (its errors are the `error_set`); None: no such run.
-    IDENTIFICATION_STEPS: ClassVar[str | None] = None
     # Parameters that `loss` uses only as numbers in tensor arithmetic (no branch, no shape, no `phase`): a sweep
     # may give each member of one stacked model its own value of these (`with_params`, as 0-d or [k] tensors).
     TENSOR_PARAMS: ClassVar[tuple[str, ...]] = ()
@@ -83,6 +95,11 @@ class Method:
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module) -> torch.Tensor:
         raise NotImplementedError
+
+    def prepare(self, offered: Preparation) -> dict[str, torch.Tensor]:
+        """Per-example inputs of `loss` that this method computes for a seed before its run, by name (each also in
+        `NEEDS`), in the order of `Dataset.train_data()`; `offered`: what the loop can run for it. None here."""
+        return {}
 
     def with_params(self, values: dict[str, Any]) -> Method:
         """This method with some `TENSOR_PARAMS` replaced by tensors (one member's values inside `vmap`);
@@ -331,7 +348,11 @@ class JTT(Method):
     }
     NEEDS: ClassVar[tuple[str, ...]] = ("error_set",)
     SEQUENTIAL_ONLY: ClassVar[str | None] = "JTT trains an identification model per seed first"
-    IDENTIFICATION_STEPS: ClassVar[str | None] = "identification_steps"
+
+    def prepare(self, offered: Preparation) -> dict[str, torch.Tensor]:
+        """The error set: what ERM, trained identification_steps from the seed's initialisation, gets wrong."""
+        wrong = offered.train_predictions({"name": "erm"}, self.params["identification_steps"]) != offered.labels
+        return {"error_set": wrong.float()}
 
     def loss(
         self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module, *, error_set: torch.Tensor
@@ -354,9 +375,3 @@ def build_method(spec: dict[str, Any]) -> Method:
     """A method from its spec section {"name": ..., **params}."""
     params = {k: v for k, v in spec.items() if k != "name"}
     return method_class(spec.get("name"))(params)
-
-
-def describe_all() -> list[dict]:
-    return [
-        {"name": cls.NAME, "description": cls.DESCRIPTION, "params": P.describe(cls.PARAMS)} for cls in METHODS.values()
-    ]

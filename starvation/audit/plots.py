@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from starvation.checkpoints import AuditableModel
 from starvation.datasets.base import Dataset
-from starvation.datasets.images import batched
+from starvation.datasets.files import batched
 
 GROUP_ACCURACY = "group_accuracy.png"
 FOUR_CORNERS = "four_corners.png"

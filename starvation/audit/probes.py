@@ -24,7 +24,7 @@ from starvation.audit.intervals import (
 )
 from starvation.checkpoints import AuditableModel, CheckpointError
 from starvation.datasets.base import Dataset, Split
-from starvation.datasets.images import batched
+from starvation.datasets.files import batched
 
 CORNERS = ("core_and_spurious", "core_only", "spurious_only", "neither")
 PROBE_EXAMPLES_PER_GROUP = 1_000  # linear probe: at most this many per (target, other) group

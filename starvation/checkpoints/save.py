@@ -17,7 +17,8 @@ from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from starvation.errors import SpecError
-from starvation.networks import arch_class, build_network, torchvision_state_dict_to_ours
+from starvation.networks import arch_class, build_network
+from starvation.weights import torchvision_state_dict_to_ours
 
 
 @dataclass

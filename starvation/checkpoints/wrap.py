@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from starvation.checkpoints import graph
+from starvation.checkpoints import graph, onnx_graph
 from starvation.checkpoints.errors import CheckpointError, _first_line
 
 DEFAULT_FEATURE_LAYER = "features"  # the built-in networks' penultimate representation
@@ -153,7 +153,7 @@ def _reinitialise(module: nn.Module) -> None:
 
 class OnnxModel(AuditableModel):
     """An ONNX model run by onnxruntime on CPU; the feature layer is an intermediate tensor: the one named, or by
-    default the input of the linear map that makes the logits (`graph.read_onnx_graph`)."""
+    default the input of the linear map that makes the logits (`onnx_graph.read_onnx_graph`)."""
 
     format = "onnx"
 
@@ -164,9 +164,9 @@ class OnnxModel(AuditableModel):
         self.proto = proto  # as uploaded: what a repair rewrites
         self._logit_name = proto.graph.output[0].name
         self.no_features_reason = None
-        self.found: graph.OnnxGraph | None = None
+        self.found: onnx_graph.OnnxGraph | None = None
         try:
-            self.found = graph.read_onnx_graph(proto.graph)
+            self.found = onnx_graph.read_onnx_graph(proto.graph)
         except graph.NoHead as exc:
             self.no_features_reason = f"{exc}; name an intermediate tensor (feature_layer) to probe it"
         else:

@@ -7,12 +7,10 @@ from typing import Any
 from starvation.datasets.base import HOLDOUT_SPLIT, Dataset, DataSize, Split, hold_out
 from starvation.datasets.builtin import BuiltinDataset
 from starvation.datasets.colored_mnist import ColoredMNIST
+from starvation.datasets.files import DatasetError, ImageFiles, batched, batches_of
 from starvation.datasets.images import (
-    ImageFiles,
     ImageFolderDataset,
     ImageIndex,
-    batched,
-    batches_of,
     index_image_folder,
     load_image_folder,
     load_index,
@@ -20,7 +18,7 @@ from starvation.datasets.images import (
     save_index,
 )
 from starvation.datasets.two_moons import TwoMoons
-from starvation.datasets.user import DatasetError, check_npz, load_npz, registered_size
+from starvation.datasets.user import check_npz, load_npz, registered_size
 from starvation.errors import SpecError
 
 DATASETS: dict[str, type[BuiltinDataset]] = {cls.NAME: cls for cls in (ColoredMNIST, TwoMoons)}
@@ -42,11 +40,6 @@ def build(name: str, params: dict[str, Any] | None, *, seed: int, data_dir: str 
     """Built-in dataset `name` with `params`; the same name, params and seed give identical tensors."""
     cls = dataset_class(name)
     return cls.create(cls.resolve_params(params), seed=seed, data_dir=data_dir)
-
-
-def describe_all() -> list[dict]:
-    """What GET /v1/datasets lists for the built-ins."""
-    return [cls.describe() for cls in DATASETS.values()]
 
 
 def size(name: str, params: dict[str, Any] | None, *, data_dir: str | None) -> DataSize:
@@ -72,7 +65,6 @@ __all__ = [
     "build",
     "check_npz",
     "dataset_class",
-    "describe_all",
     "hold_out",
     "index_image_folder",
     "load_image_folder",

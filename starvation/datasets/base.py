@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
-if TYPE_CHECKING:
-    from starvation.datasets.images import ImageFiles
+from starvation.datasets.files import ImageFiles
+from starvation.errors import SpecError
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,6 @@ def hold_out(data: Dataset, fraction: float) -> Dataset:
     never trained on): validation data drawn from the training environments, as DomainBed's training-domain
     validation. The rows are drawn by a generator seeded 0, so every seed of a registered dataset holds out the same
     rows, and a train job and a sweep with the same `holdout` hold out the same rows. 0: `data` as it is."""
-    from starvation.errors import SpecError
-
     if not fraction:
         return data
     if HOLDOUT_SPLIT in data.splits:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from starvation.datasets.base import Dataset, DataSize, Split
-from starvation.errors import SpecError
+from starvation.datasets.files import DatasetError
 
 NPZ_ARRAYS = {"x", "y", "attribute", "split"}
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -28,17 +28,8 @@ TEST_NAMES = ("test", "val", "valid", "validation")
 MAX_DATASET_BYTES = 2 << 30  # a loaded dataset: its arrays, x as float32
 MAX_COMPRESSION_RATIO = 100  # an .npz member unpacking to more than this many times its packed size is a bomb...
 RATIO_CHECKED_ABOVE = 16 << 20  # ...when it unpacks to more than this (an all-zero `attribute` packs 1000:1)
-MAX_IMAGE_PIXELS = 50_000_000  # one image (150 MB as RGB); below Pillow's own 89M warning, so ours decides
 MAX_DIRECTORY_BYTES = 64 << 10  # the zip's central directory: four entries need well under 1 KiB
 ARRAY_KINDS = {"x": "biuf", "y": "biuf", "attribute": "biuf", "split": "SU"}  # numpy dtype kinds; never "O"
-
-
-class DatasetError(SpecError):
-    """A user's dataset is refused: `code` is "invalid_dataset", or "too_large" for a size limit."""
-
-    def __init__(self, message: str, code: str = "invalid_dataset") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def check_npz(
@@ -191,7 +182,7 @@ def registered_size(
 ) -> DataSize:
     """A registered dataset's size from what registration recorded (split sizes), for the memory budget
     (`streamed`: an image folder)."""
-    train, _ = _train_and_test(list(splits))
+    train, _ = train_and_test_splits(list(splits))
     return DataSize(
         n_train=sum(splits[s] for s in train),
         n_examples=sum(splits.values()),
@@ -202,12 +193,7 @@ def registered_size(
 
 
 def train_and_test_splits(names: list[str]) -> tuple[list[str], str]:
-    """(training splits, test split) a registered dataset with these split names gets."""
-    return _train_and_test(names)
-
-
-def _train_and_test(names: list[str]) -> tuple[list[str], str]:
-    """Splits named "train*" are pooled for training; the test split is test/val/..., else another, else train."""
+    """(training splits, test split) a registered dataset with these split names gets: splits named "train*" are pooled for training; the test split is test/val/..., else another, else train."""
     train = [s for s in names if s.startswith("train")]
     tests = [s for s in TEST_NAMES if s in names] or [s for s in names if s not in train] or train
     return train or [tests[0]], tests[0]
@@ -231,7 +217,7 @@ def from_arrays(
             y=torch.from_numpy(y[rows]),
             attribute=torch.from_numpy(attribute[rows]),
         )
-    train, test = _train_and_test(names)
+    train, test = train_and_test_splits(names)
     return Dataset(
         name=name,
         splits=tensors,
@@ -285,10 +271,3 @@ def check_split_name(value: str, where: str = "") -> str:
     if not SPLIT_NAME.match(value):
         raise DatasetError(f"{where}a split name must be 1-64 letters, digits, '_', '-' or '.'")
     return value
-
-
-def _int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise DatasetError(f"{what} must be an integer") from None

@@ -19,28 +19,22 @@ from starvation.repair.heads import (
     torchscript_bytes,
 )
 from starvation.repair.methods import (
-    NOT_YET_AVAILABLE,
     REPAIR_METHODS,
     HeadRepair,
     RepairMethod,
-    UnsupportedMethod,
     build_repair_method,
-    describe_all,
 )
 
 __all__ = [
-    "NOT_YET_AVAILABLE",
     "REPAIR_METHODS",
     "HeadRepair",
     "LinearHead",
     "NoLinearHead",
     "RepairMethod",
     "TrainingFeatures",
-    "UnsupportedMethod",
     "build_repair_method",
     "carve_validation",
     "check_head_feeds_output",
-    "describe_all",
     "find_linear_head",
     "finetune_hint",
     "read_head",

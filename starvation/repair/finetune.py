@@ -21,7 +21,8 @@ from starvation.checkpoints.save import CheckpointFile
 from starvation.errors import SpecError
 from starvation.methods import build_method
 from starvation.repair.methods import FinetuneSD
-from starvation.training.loop import Batches, train_step
+from starvation.training.state import Batches
+from starvation.training.update import train_step
 
 Kept = TypeVar("Kept")
 # One candidate's run: (the training data less the held-out rows, sd_lambda, progress in [0, 1]) ->

@@ -16,12 +16,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from starvation.checkpoints import graph
+from starvation.checkpoints import graph, onnx_graph
 from starvation.errors import SpecError
 
 
 class NoLinearHead(SpecError):
     """The model has no last linear layer that a repair could replace."""
+
+    code = "no_linear_head"
+
+    @property
+    def message(self) -> str:
+        return f"The model cannot be repaired: {self}."
 
 
 @dataclass
@@ -92,7 +98,7 @@ def read_model_head(model) -> LinearHead:
     bias [k]; raises NoLinearHead where there is none, or where it cannot be rewritten (tied, computed at run time)."""
     site = _repairable_site(model)
     if model.format == "onnx":
-        weight, bias, _ = graph.onnx_weights(model.proto, model.found)
+        weight, bias, _ = onnx_graph.onnx_weights(model.proto, model.found)
         head = LinearHead(torch.from_numpy(weight).float(), torch.from_numpy(bias.copy()).float())
     else:
         weight, bias = graph.script_weights(model.module, site)
@@ -107,7 +113,7 @@ def replace_model_head(model, new: LinearHead) -> bytes:
     initializers, same dtype, nothing else changed), serialised; the loaded model is changed too."""
     _check_new_head(read_model_head(model), new)
     if model.format == "onnx":
-        graph.write_onnx_weights(model.proto, model.found, new.weight.double().numpy(), new.bias.double().numpy())
+        onnx_graph.write_onnx_weights(model.proto, model.found, new.weight.double().numpy(), new.bias.double().numpy())
         return model.proto.SerializeToString()
     graph.write_script_weights(model.module, model.head_site, new.weight, new.bias)
     return torchscript_bytes(model.module)

@@ -1,7 +1,7 @@
 """Train classifiers from a plain spec: one model per seed, metrics through a callback, checkpoints to a folder.
 
 Two ways to run a job's seeds, chosen by the spec's `execution`, with the same metrics and checkpoints:
-sequential (`_train_seed`, one seed after another; the reference) and batched (`_train_batched`, every seed as
+sequential (`train_seed`, one seed after another; the reference) and batched (`train_batched`, every seed as
 one stacked model, `starvation.ensemble`). Each loop reads top to bottom; one optimizer update is `train_step`
 or `stacked_train_step`. Step `t` in the metrics is the model after `t` updates: evaluated at 0, every
 `eval_every`, and at `steps` (the saved model). Between evaluations the loops never wait on the device.
@@ -19,34 +19,22 @@ from starvation.training.evaluation import (
     split_metrics,
     stacked_logits,
     stacked_splits,
-    starved,
 )
-from starvation.training.loop import (
-    CPU_PER_SEED_MATMUL_MACS,
-    Batches,
-    Metric,
-    ProgressCallback,
-    Resume,
-    TrainingStopped,
-    TrainOutcome,
-    choose_execution,
-    per_seed_matmuls,
-    stacked_train_step,
-    train,
-    train_step,
-)
+from starvation.training.execution import CPU_PER_SEED_MATMUL_MACS, choose_execution, per_seed_matmuls
+from starvation.training.loop import Metric, ProgressCallback, TrainingStopped, TrainOutcome, train
+from starvation.training.resolved import ResolvedTrainSpec, spec_warnings
 from starvation.training.spec import (
     DEFAULTS,
     EXECUTIONS,
     MAX_SEED,
     OPTIMIZERS,
     PRECISIONS,
-    ResolvedTrainSpec,
     build_optimizer,
     resolve_device,
     resolve_train_spec,
-    spec_warnings,
 )
+from starvation.training.state import Batches, Resume
+from starvation.training.update import stacked_train_step, train_step
 
 __all__ = [
     "CPU_PER_SEED_MATMUL_MACS",
@@ -81,7 +69,6 @@ __all__ = [
     "stacked_logits",
     "stacked_splits",
     "stacked_train_step",
-    "starved",
     "tf32_matmuls",
     "train",
     "train_step",

@@ -13,9 +13,11 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from starvation.datasets import Dataset, Split, batches_of
+from starvation.datasets import Dataset, ImageFiles, Split, batches_of
 from starvation.ensemble import StackedMLP
+from starvation.errors import SpecError
 from starvation.methods import cross_entropy
+from starvation.ntk import KernelSample
 
 STARVED_GRADIENT = 1e-3  # an example is "starved" when its loss gradient w.r.t. the logit is below this
 CORE_ONLY = "core_only"  # the test split's core-only corner, evaluated with the splits where a dataset builds it
@@ -83,7 +85,7 @@ def pooled_slices(data: Dataset) -> dict[str, slice]:
     return slices
 
 
-def _to(split: Split, device: torch.device) -> Split:
+def split_to(split: Split, device: torch.device) -> Split:
     """`split` on `device` (an image folder's files stay files: batches go to the device as they are read)."""
     x = split.x.to(device) if isinstance(split.x, torch.Tensor) else split.x
     return Split(name=split.name, x=x, y=split.y.to(device), attribute=split.attribute.to(device))
@@ -99,7 +101,7 @@ def stacked_splits(data: Sequence[Dataset], device: torch.device, *, shared: boo
 
     def stack(split_of: Callable[[Dataset], Split], name: str) -> Split:
         if shared:
-            one = _to(split_of(first), device)
+            one = split_to(split_of(first), device)
             return Split(
                 name=name,
                 **{
@@ -215,11 +217,6 @@ def predictions(logits: torch.Tensor) -> torch.Tensor:
     return (logits > 0).long() if logits.ndim == 1 else logits.argmax(dim=1)
 
 
-def starved(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per example: the cross-entropy's gradient w.r.t. the logit(s) is below STARVED_GRADIENT in magnitude."""
-    return logit_gradient(logits, y) < STARVED_GRADIENT
-
-
 def logit_gradient(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per example: the magnitude of the cross-entropy's gradient w.r.t. its logit(s), |sigmoid(f) - y| or
     ||softmax(f) - onehot(y)||: how much the example still teaches the network."""
@@ -239,7 +236,7 @@ def signed_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return right - others
 
 
-def _summarise(finals: dict[int, dict[tuple[str, str], float]]) -> dict:
+def summarise_seeds(finals: dict[int, dict[tuple[str, str], float]]) -> dict:
     """Mean and (population) std over seeds of the final accuracy and loss per split."""
     splits = sorted({split for values in finals.values() for split, _ in values}, key=_split_order)
     summary = {}
@@ -257,3 +254,19 @@ def _split_order(split: str) -> tuple[int, str]:
 
 def _json_float(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
+
+
+def kernel_sample(ntk_every: int | None, data: Dataset, seed: int) -> KernelSample | None:
+    """The fixed sample a seed's NTK alignments follow (the spec's `ntk_every`), or None."""
+    if not ntk_every:
+        return None
+    train = data.train_data()
+    if isinstance(train.x, ImageFiles):
+        raise SpecError("ntk_every needs a dataset held in memory, not an image folder")
+    return KernelSample.of(train, seed=seed)
+
+
+def kernel_alignments(kernel: KernelSample, model: nn.Module) -> dict[tuple[str, str], float]:
+    """The metrics ntk_alignment_label, _attribute, _core of `model` on the sample (split train)."""
+    with torch.enable_grad():
+        return {("train", f"ntk_alignment_{name}"): value for name, value in kernel.alignments(model).items()}

@@ -1,13 +1,13 @@
-"""The training loops: `train`, each seed on its own (`_train_seed`) or all stacked (`_train_batched`), one update."""
+"""The training loops: `train`, each seed on its own (`train_seed`) or all stacked (`train_batched`), one update."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import pathlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,38 +16,44 @@ from torch import nn
 from starvation import datasets
 from starvation.checkpoints.save import CheckpointFile, save_checkpoint
 from starvation.datasets import Dataset, ImageFiles, batches_of
-from starvation.ensemble import StackedMLP, seed_losses, unsupported_reason
+from starvation.ensemble import StackedMLP
 from starvation.errors import SpecError
-from starvation.methods import Method, build_method, method_class
-from starvation.networks import Network, build_network, load_initial_weights, output_count
-from starvation.ntk import KernelSample
-from starvation.training.acceleration import GraphedUpdates, PhaseCompiled, forward_precision, tf32_matmuls
+from starvation.methods import build_method
+from starvation.networks import output_count
+from starvation.training.acceleration import GraphedUpdates, PhaseCompiled, tf32_matmuls
 from starvation.training.evaluation import (
     EVAL_CHUNK,
-    _summarise,
-    _to,
     as_logits,
     bias_conflicting,
     evaluate,
     evaluate_stacked,
     evaluation_splits,
+    kernel_alignments,
+    kernel_sample,
     pooled_slices,
     predictions,
-    stacked_logits,
+    split_to,
     stacked_splits,
+    summarise_seeds,
 )
+from starvation.training.execution import (
+    choose_execution,
+    init_network,
+    network_shape,
+    per_seed_matmuls,
+    update_rows,
+)
+from starvation.training.resolved import ResolvedTrainSpec
 from starvation.training.spec import (
-    ResolvedTrainSpec,
-    _check_gamma,
     build_optimizer,
+    check_gamma,
     resolve_device,
     resolve_train_spec,
 )
+from starvation.training.state import Batches, Clock, Resume
+from starvation.training.update import memberships, stacked_losses, stacked_train_step, train_step, update_inputs
+from starvation.weights import load_initial_weights
 
-# Above this many multiply-adds per seed and update, a batched job on the CPU runs each seed's matmuls on its own
-# (`per_seed_matmuls`). On a 2-core CPU (docs/performance.md) one batched matmul over 10 seeds is 1.4x slower than
-# 10 separate ones at 830M (CMNIST, full batch), even at 53M (CMNIST, batches of 256), faster at 0.45M (two moons).
-CPU_PER_SEED_MATMUL_MACS = 50_000_000
 # On a GPU, a batched job's hidden widths are padded to a multiple of this with units that stay zero
 # (`StackedMLP`'s pad_to): 16-byte rows for bf16 and float32 alike, so cuBLAS can use its fastest kernels.
 GPU_WIDTH_MULTIPLE = 8
@@ -80,7 +86,7 @@ ProgressCallback = Callable[[int, dict[int, dict[tuple[str, str], float]], float
 
 
 def train(
-    spec: dict,
+    spec: ResolvedTrainSpec | dict[str, Any],
     *,
     out_dir: pathlib.Path,
     device: str = "cpu",
@@ -105,29 +111,28 @@ def train(
     folder of an earlier run that stopped goes on from its last saved step, and skips the seeds it finished. The
     result's `resumed` says, per seed, the step it went on from.
 
-    `init_weights`: a state dict every seed starts from (`networks.load_initial_weights`: torchvision's names or
+    `init_weights`: a state dict every seed starts from (`weights.load_initial_weights`: torchvision's names or
     ours; the backbone strictly, the head where it fits); the result's `init` says what was loaded.
     """
     started = time.perf_counter()
-    section = spec.get("dataset") if isinstance(spec, dict) else None
-    named = section.get("name") if isinstance(section, dict) else None
     if not isinstance(spec, ResolvedTrainSpec):
-        spec = resolve_train_spec(
-            spec, user_datasets=(named,) if dataset is not None and isinstance(named, str) else ()
-        )
+        section = spec.get("dataset") if isinstance(spec, dict) else None
+        named = section.get("name") if isinstance(section, dict) else None
+        registered = (named,) if dataset is not None and isinstance(named, str) else ()
+        spec = ResolvedTrainSpec.of(resolve_train_spec(spec, user_datasets=registered))
     torch_device = resolve_device(device)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    seeds = spec["seeds"]
+    seeds = spec.seeds
 
     def load(seed: int) -> Dataset:
         data = (
             dataset
             if dataset is not None
-            else datasets.build(spec["dataset"]["name"], spec["dataset"]["params"], seed=seed, data_dir=data_dir)
+            else datasets.build(spec.dataset.name, dict(spec.dataset.params), seed=seed, data_dir=data_dir)
         )
-        _check_gamma(spec["method"], data.num_classes)
-        return datasets.hold_out(data, spec["holdout"])
+        check_gamma(spec.method.params, data.num_classes)
+        return datasets.hold_out(data, spec.holdout)
 
     def report(step: int, values_by_seed: dict[int, dict[tuple[str, str], float]], done: float) -> None:
         rows = [
@@ -142,25 +147,25 @@ def train(
 
     first = load(seeds[0])
     rows = update_rows(spec, first)
-    shape = _shape_of(spec, first)
+    shape = network_shape(spec, first)
     execution, why = choose_execution(spec, shape)
     streamed = isinstance(first.splits[first.train_splits[0]].x, ImageFiles)
     if streamed:
-        if not spec["batch_size"]:
+        if not spec.batch_size:
             raise SpecError(
-                f"dataset {spec['dataset']['name']!r} is an image folder, read from disk in minibatches: "
+                f"dataset {spec.dataset.name!r} is an image folder, read from disk in minibatches: "
                 "set batch_size (full-batch training would hold every image in memory)"
             )
         execution, why = "sequential", "an image folder streams from disk, one seed at a time"
     per_seed = execution == "batched" and per_seed_matmuls(shape, rows, torch_device)
-    graphs = spec["cuda_graphs"] and torch_device.type == "cuda" and not streamed
-    compiled = spec["compile"] and execution == "batched"
+    graphs = spec.cuda_graphs and torch_device.type == "cuda" and not streamed
+    compiled = spec.compile and execution == "batched"
     # what the initial weights fill (checked here, before any training: a wrong shape is a SpecError naming the key)
-    init = load_initial_weights(_init_network(spec, first, seeds[0]), init_weights) if init_weights else None
+    init = load_initial_weights(init_network(spec, first, seeds[0]), init_weights) if init_weights else None
     resumed: dict[int, int] = {}
-    with tf32_matmuls(spec["precision"] == "tf32"):  # evaluation switches it off again: metrics in float32
+    with tf32_matmuls(spec.precision == "tf32"):  # evaluation switches it off again: metrics in float32
         if execution == "batched":
-            networks, histories, clock = _train_batched(
+            networks, histories, clock = train_batched(
                 spec,
                 [first] + [load(seed) for seed in seeds[1:]],
                 torch_device,
@@ -173,11 +178,11 @@ def train(
                 init_weights=init_weights,
             )
         else:
-            networks, histories, clock = [], [], _Clock(torch_device)
-            saved = Resume(pathlib.Path(resume_dir), spec["save_every"]) if resume_dir is not None else None
+            networks, histories, clock = [], [], Clock(torch_device)
+            saved = Resume(pathlib.Path(resume_dir), spec.save_every) if resume_dir is not None else None
             for index, seed in enumerate(seeds):
                 data = first if index == 0 else load(seed)
-                network, history = _train_seed(
+                network, history = train_seed(
                     spec,
                     data,
                     seed,
@@ -198,8 +203,8 @@ def train(
             network,
             out_dir,
             seed=seed,
-            arch=spec["model"]["arch"],
-            arch_params=_arch_params(spec),
+            arch=spec.model.arch,
+            arch_params=dict(spec.model.params),
             input_shape=first.input_shape,
             num_outputs=output_count(first.num_classes),
         )
@@ -207,7 +212,7 @@ def train(
     ]
     finals = {seed: history[-1] for seed, history in zip(seeds, histories)}
     result = {
-        "splits": _summarise(finals),
+        "splits": summarise_seeds(finals),
         "seeds": list(seeds),
         "dataset": dict(first.info),
         "starved_fraction": {
@@ -215,74 +220,21 @@ def train(
             "last": float(np.mean([h[-1][("train", "starved_fraction")] for h in histories])),
         },
         "execution": {
-            "requested": spec["execution"],
+            "requested": spec.execution,
             "used": execution,
             "why": why,
-            "precision": spec["precision"],
+            "precision": spec.precision,
             "per_seed_matmuls": per_seed,
             "cuda_graphs": graphs,
             "compile": compiled,
         },
-        "timing": clock.summary(spec["steps"], total_s=time.perf_counter() - started),
+        "timing": clock.summary(spec.steps, total_s=time.perf_counter() - started),
     }
     if resumed:
         result["resumed"] = {str(seed): step for seed, step in resumed.items()}
     if init is not None:
         result["init"] = init
     return TrainOutcome(result=result, checkpoints=checkpoints, dataset_info=dict(first.info))
-
-
-def choose_execution(spec: dict, network: Network) -> tuple[str, str]:
-    """("batched" | "sequential", why) for the resolved `spec`; `network` shows the architecture (no weights)."""
-    requested = spec["execution"]
-    if requested == "sequential":
-        return "sequential", "requested"
-    reason = unsupported_reason(network) or method_class(spec["method"]["name"]).SEQUENTIAL_ONLY
-    if reason is not None:
-        return "sequential", f"cannot batch: {reason}"
-    if requested == "batched":
-        return "batched", "requested"
-    if len(spec["seeds"]) == 1:
-        return "sequential", "auto: one seed"
-    return "batched", "auto: several seeds"
-
-
-def update_rows(spec: dict, data: Dataset) -> int:
-    """Examples per update: the spec's batch size, or every pooled training example (full batch)."""
-    n_train = sum(len(data.splits[name]) for name in data.train_splits)
-    return min(spec["batch_size"] or n_train, n_train)
-
-
-def per_seed_matmuls(network: Network, rows: int, device: torch.device) -> bool:
-    """Whether a batched job runs each seed's matmuls on its own (`StackedMLP`): on the CPU, for large updates.
-
-    `rows`: examples per update (the batch, or all). On a GPU one batched matmul always pays (one launch, not S).
-    """
-    macs = rows * sum(p.numel() for p in network.parameters() if p.ndim > 1)
-    return device.type == "cpu" and macs > CPU_PER_SEED_MATMUL_MACS
-
-
-def _shape_of(spec: dict, data: Dataset) -> Network:
-    """The spec's network for `data`, without weights (built on the meta device: no RNG drawn, no memory)."""
-    with torch.device("meta"):
-        return build_network(
-            spec["model"]["arch"], _arch_params(spec), data.input_shape, output_count(data.num_classes)
-        )
-
-
-def _init_network(
-    spec: dict, data: Dataset, seed: int, init_weights: Mapping[str, torch.Tensor] | None = None
-) -> Network:
-    """Seed `seed`'s initial network (filled from `init_weights` where given); the caller's global RNG is left as
-    it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        network = build_network(
-            spec["model"]["arch"], _arch_params(spec), data.input_shape, output_count(data.num_classes)
-        )
-    if init_weights is not None:
-        load_initial_weights(network, init_weights)
-    return network
 
 
 def _report_seed(
@@ -298,12 +250,12 @@ def _report_seed(
     report(step, {seed: values}, (index * steps + step) / (count * steps))
 
 
-def _train_seed(
-    spec: dict,
+def train_seed(
+    spec: ResolvedTrainSpec,
     data: Dataset,
     seed: int,
     device: torch.device,
-    clock: _Clock,
+    clock: Clock,
     should_stop: Callable[[], bool] | None,
     report: Callable[[int, int, int, dict[tuple[str, str], float]], None],
     *,
@@ -315,18 +267,18 @@ def _train_seed(
 
     `resume`: the seed goes on from the state an earlier run saved there (or is taken as it finished), and saves
     its own every `resume.every` steps."""
-    splits = {name: _to(split, device) for name, split in evaluation_splits(data).items()}
+    splits = {name: split_to(split, device) for name, split in evaluation_splits(data).items()}
     pooled = pooled_slices(data)
     train_split = splits["train"]
     conflicting = bias_conflicting(data)
     conflicting = conflicting.to(device) if conflicting is not None else None
-    model = _init_network(spec, data, seed, init_weights).to(device)
-    method = build_method(spec["method"])
-    optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
-    steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
+    model = init_network(spec, data, seed, init_weights).to(device)
+    method = build_method(spec.method.to_dict())
+    optimizer = build_optimizer(spec.optimizer.to_dict(), model.parameters(), capturable=graphs)
+    steps, eval_every, precision = spec.steps, spec.eval_every, spec.precision
     streamed = isinstance(train_split.x, ImageFiles)
     batches = Batches(
-        len(train_split), spec["batch_size"], seeds=[seed], device=torch.device("cpu") if streamed else device
+        len(train_split), spec.batch_size, seeds=[seed], device=torch.device("cpu") if streamed else device
     )
     start, history = 0, []
     state = resume.load(seed) if resume is not None else None
@@ -338,13 +290,9 @@ def _train_seed(
         optimizer.load_state_dict(state["optimizer"])
         batches.restore(state["batches"])
         start = resume.resumed[seed] = state["step"]
-    found = {}
-    if method.IDENTIFICATION_STEPS is not None:  # JTT: its identification model first (not for a finished seed)
-        found["error_set"] = identification_errors(
-            spec, data, seed, device, method.params[method.IDENTIFICATION_STEPS], should_stop
-        )
-    groups = {name: tensor.to(device) for name, tensor in memberships(data, method.NEEDS, **found).items()}
-    kernel = kernel_sample(spec, data, seed)
+    prepared = method.prepare(SeedPreparation(spec, data, seed, device, should_stop))  # not for a finished seed
+    groups = {name: tensor.to(device) for name, tensor in memberships(data, method.NEEDS, prepared).items()}
+    kernel = kernel_sample(spec.ntk_every, data, seed)
     drawn_before: dict[int, dict] = {}  # the minibatch order as it was before the rows of a step to save at
 
     def rows_of_steps() -> Iterator[list[int]]:
@@ -386,7 +334,7 @@ def _train_seed(
         if step % eval_every == 0 or step == steps:
             with clock.evaluating(), tf32_matmuls(False):
                 values = evaluate(model, splits, pooled, conflicting)
-                if kernel is not None and (step % spec["ntk_every"] == 0 or step == steps):
+                if kernel is not None and (step % spec.ntk_every == 0 or step == steps):
                     values.update(kernel_alignments(kernel, model))
                 history.append(values)
                 report(step, steps, seed, values)
@@ -400,8 +348,8 @@ def _train_seed(
     return model, history
 
 
-def _train_batched(
-    spec: dict,
+def train_batched(
+    spec: ResolvedTrainSpec,
     data: list[Dataset],
     device: torch.device,
     report: ProgressCallback,
@@ -414,19 +362,19 @@ def _train_batched(
     seeds: Sequence[int] | None = None,
     member_params: dict[str, torch.Tensor] | None = None,
     init_weights: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], _Clock]:
-    """Every seed at once as a StackedMLP: per seed the same init, data, minibatches and updates as `_train_seed`.
+) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], Clock]:
+    """Every seed at once as a StackedMLP: per seed the same init, data, minibatches and updates as `train_seed`.
 
     `seeds`: one per member of the stack (default the spec's); a sweep repeats a seed, one member per setting,
     and gives each member its own values of the method's `TENSOR_PARAMS` in `member_params` ([members, ...]).
     `report` then gets each evaluation keyed by member index, not by seed.
     """
-    keys = list(range(len(seeds))) if seeds is not None else spec["seeds"]
-    seeds = list(seeds) if seeds is not None else spec["seeds"]
+    keys = list(range(len(seeds))) if seeds is not None else spec.seeds
+    seeds = list(seeds) if seeds is not None else spec.seeds
     member_params = {name: value.to(device) for name, value in (member_params or {}).items()}
     splits = stacked_splits(data, device, shared=shared_data)
     pooled = pooled_slices(data[0])
-    method = build_method(spec["method"])
+    method = build_method(spec.method.to_dict())
     distinct = data[: 1 if shared_data else len(data)]  # a registered dataset serves every seed
     per_seed_groups = [memberships(d, method.NEEDS) for d in distinct]
     groups = {
@@ -436,20 +384,22 @@ def _train_batched(
     masks = [bias_conflicting(d) for d in distinct]
     conflicting = None if any(m is None for m in masks) else torch.stack(masks).expand(len(seeds), -1).to(device)
     first = data[0]
-    kernels = [kernel_sample(spec, data[0 if shared_data else index], seed) for index, seed in enumerate(seeds)]
+    kernels = [
+        kernel_sample(spec.ntk_every, data[0 if shared_data else index], seed) for index, seed in enumerate(seeds)
+    ]
     del data  # the stacked copy is all that training needs
     train_split = splits["train"]
-    networks = [_init_network(spec, first, seed, init_weights) for seed in seeds]
+    networks = [init_network(spec, first, seed, init_weights) for seed in seeds]
     model = StackedMLP(
         networks, per_seed_matmuls=matmuls_per_seed, pad_to=GPU_WIDTH_MULTIPLE if device.type == "cuda" else 1
     ).to(device)
-    optimizer = build_optimizer(spec["optimizer"], model.parameters(), capturable=graphs)
-    stacked = functools.partial(stacked_losses, model, method, precision=spec["precision"], member_params=member_params)
-    batches = Batches(train_split.x.shape[1], spec["batch_size"], seeds=seeds, device=device)
+    optimizer = build_optimizer(spec.optimizer.to_dict(), model.parameters(), capturable=graphs)
+    stacked = functools.partial(stacked_losses, model, method, precision=spec.precision, member_params=member_params)
+    batches = Batches(train_split.x.shape[1], spec.batch_size, seeds=seeds, device=device)
     seed_rows = torch.arange(len(seeds), device=device).unsqueeze(1)
-    steps, eval_every, precision = spec["steps"], spec["eval_every"], spec["precision"]
+    steps, eval_every, precision = spec.steps, spec.eval_every, spec.precision
     train_x = update_inputs(train_split.x, precision)
-    clock = _Clock(device)
+    clock = Clock(device)
 
     def inputs(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         if rows is None:
@@ -488,7 +438,7 @@ def _train_batched(
         if step % eval_every == 0 or step == steps:
             with clock.evaluating(), tf32_matmuls(False):
                 per_seed = evaluate_stacked(model, splits, pooled, conflicting)
-                if kernels[0] is not None and (step % spec["ntk_every"] == 0 or step == steps):
+                if kernels[0] is not None and (step % spec.ntk_every == 0 or step == steps):
                     for index, (network, values) in enumerate(zip(networks, per_seed)):
                         network.load_state_dict(model.network_state(index))
                         values.update(kernel_alignments(kernels[index], network.to(device)))
@@ -508,282 +458,32 @@ def _train_batched(
     return networks, histories, clock
 
 
-def kernel_sample(spec: dict, data: Dataset, seed: int) -> KernelSample | None:
-    """The fixed sample a seed's NTK alignments follow (`ntk_every`), or None."""
-    if not spec.get("ntk_every"):
-        return None
-    train = data.train_data()
-    if isinstance(train.x, ImageFiles):
-        raise SpecError("ntk_every needs a dataset held in memory, not an image folder")
-    return KernelSample.of(train, seed=seed)
+@dataclass
+class SeedPreparation:
+    """What `train_seed` offers a method before the method's own run (`Method.prepare`, `methods.Preparation`):
+    runs of other methods from the seed's initialisation, on its data, with the spec's model, optimizer, batch size
+    and precision."""
 
-
-def kernel_alignments(kernel: KernelSample, model: nn.Module) -> dict[tuple[str, str], float]:
-    with torch.enable_grad():
-        return {("train", f"ntk_alignment_{name}"): value for name, value in kernel.alignments(model).items()}
-
-
-def memberships(
-    data: Dataset, needs: Sequence[str], *, error_set: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
-    """What a method's loss needs of each pooled training example besides its label (`Method.NEEDS`), in the
-    order of `Dataset.train_data()`, one-hot float: `environment` [N, training splits] (the split it came from);
-    `group` [N, classes x attribute values] (its (label, attribute) pair, at label * attribute values + attribute);
-    `error_set` [N] as given (`identification_errors`).
-    """
-    known = {"environment", "group"} | ({"error_set"} if error_set is not None else set())
-    unknown = sorted(set(needs) - known)
-    if unknown:
-        raise ValueError(f"a method needs {', '.join(unknown)}; the training loop supplies {', '.join(sorted(known))}")
-    given = {"error_set": error_set.float()} if "error_set" in needs else {}
-    if "environment" in needs:
-        sizes = torch.tensor([len(data.splits[name]) for name in data.train_splits])
-        environment = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
-        given["environment"] = torch.nn.functional.one_hot(environment, len(sizes)).float()
-    if "group" in needs:
-        y, attribute = data.train_labels()
-        values = int(attribute.max()) + 1
-        group = y * values + attribute
-        given["group"] = torch.nn.functional.one_hot(group, data.num_classes * values).float()
-    return given
-
-
-def identification_errors(
-    spec: dict, data: Dataset, seed: int, device: torch.device, steps: int, should_stop: Callable[[], bool] | None
-) -> torch.Tensor:
-    """JTT's error set: an ERM model trained for `steps` from the seed's initialisation (the spec's model, optimizer,
-    batch size and precision), then which pooled training examples it gets wrong, [N] float (1: wrong)."""
-    identify = ResolvedTrainSpec({**spec, "method": {"name": "erm"}, "steps": steps, "eval_every": steps})
-    model, _ = _train_seed(identify, data, seed, device, _Clock(device), should_stop, lambda *_: None, graphs=False)
-    model.eval()
-    train = data.train_data()
-    with torch.no_grad():
-        logits = torch.cat([as_logits(model(batch.to(device))) for batch in batches_of(train.x, EVAL_CHUNK)])
-    return (predictions(logits).cpu() != train.y).float()
-
-
-def _arch_params(spec: dict) -> dict:
-    return {k: v for k, v in spec["model"].items() if k != "arch"}
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    method: Method,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    step: int,
-    *,
-    precision: str = "fp32",
-    memberships: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """One optimizer update on (x, y) with the method's loss at `step`; returns that loss (detached, no sync).
-
-    `memberships`: what the method `NEEDS` of these rows (`memberships(data, method.NEEDS)`, rows selected).
-    """
-    model.train()
-    with forward_precision(precision, x.device):
-        output = model(x)
-    loss = method.loss(as_logits(output).float(), y, step, model, **(memberships or {}))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-def stacked_losses(
-    model: StackedMLP,
-    method: Method,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    memberships: dict[str, torch.Tensor] | None = None,
-    *,
-    step: int,
-    precision: str = "fp32",
-    member_params: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Every seed's loss [S] on its own rows x [S, B, ...], y [S, B]: the forward pass and the method's loss
-    (`member_params`: as `seed_losses` takes them)."""
-    with forward_precision(precision, x.device):
-        output = model(x)
-    return seed_losses(
-        method, stacked_logits(output).float(), y, step, list(model.parameters()), memberships, member_params
-    )
-
-
-def stacked_train_step(
-    model: StackedMLP,
-    optimizer: torch.optim.Optimizer,
-    method: Method,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    step: int,
-    *,
-    precision: str = "fp32",
-    memberships: dict[str, torch.Tensor] | None = None,
-    losses: Callable[..., torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """One update of every seed on its own rows x [S, B, ...], y [S, B]; returns the seeds' losses [S] (no sync).
-
-    The sum of the seeds' losses is minimised: each seed's gradient is its own (`starvation.ensemble`).
-    `losses`: what computes them, called as `stacked_losses` is without its first two arguments (a
-    `PhaseCompiled` of it); default `stacked_losses` itself.
-    """
-    model.train()
-    if losses is None:
-        losses = functools.partial(stacked_losses, model, method, precision=precision)
-    per_seed = losses(x, y, memberships, step=step)
-    optimizer.zero_grad(set_to_none=True)
-    per_seed.sum().backward()
-    optimizer.step()
-    return per_seed.detach()
-
-
-def update_inputs(x: torch.Tensor, precision: str) -> torch.Tensor:
-    """The training inputs the updates read: under bf16, a bfloat16 copy made once (autocast would otherwise cast
-    the inputs again at every update; it casts the float32 master weights each time, which are far smaller).
-    A registered dataset's inputs, expanded over the seeds (stride 0), stay one copy, expanded again."""
-    if precision != "bf16":
-        return x
-    if x.ndim > 1 and x.stride(0) == 0:
-        return x[0].to(torch.bfloat16).unsqueeze(0).expand_as(x)
-    return x.to(torch.bfloat16)
-
-
-class Batches:
-    """Each seed's minibatch rows: a fresh permutation per epoch from the seed's own generator; None: full batch.
-
-    `next()` gives [seeds, batch_size] indices on the device; an epoch's order is copied there once, not per step.
-    """
-
-    def __init__(self, n: int, batch_size: int | None, *, seeds: Sequence[int], device: torch.device) -> None:
-        self.n, self.batch_size, self.device = n, batch_size, device
-        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        self.order = torch.empty(len(seeds), 0, dtype=torch.long)
-        self.position = 0
+    spec: ResolvedTrainSpec
+    data: Dataset
+    seed: int
+    device: torch.device
+    should_stop: Callable[[], bool] | None
 
     @property
-    def full(self) -> bool:
-        """Every update sees all n examples (no batch size, or one at least n): `next()` gives None."""
-        return self.batch_size is None or self.batch_size >= self.n
+    def labels(self) -> torch.Tensor:
+        return self.data.train_data().y
 
-    def state(self) -> dict:
-        """Where the epochs stand: restored with `restore`, the rows that follow are the same."""
-        return {
-            "order": self.order.cpu().clone(),
-            "position": self.position,
-            "generators": [generator.get_state() for generator in self.generators],
-        }
-
-    def restore(self, state: dict) -> None:
-        self.order, self.position = _to_device(state["order"], self.device), int(state["position"])
-        for generator, saved in zip(self.generators, state["generators"], strict=True):
-            generator.set_state(saved)
-
-    def next(self) -> torch.Tensor | None:
-        if self.full:
-            return None
-        if self.position + self.batch_size > self.order.shape[1]:
-            order = torch.stack([torch.randperm(self.n, generator=generator) for generator in self.generators])
-            self.order, self.position = _to_device(order, self.device), 0
-        rows = self.order[:, self.position : self.position + self.batch_size]
-        self.position += self.batch_size
-        return rows
-
-
-class Resume:
-    """A sequential run's resumable states, one file per seed in `folder`: the weights, the optimizer, the step and
-    the minibatch order every `every` steps, and the weights and history once the seed is finished. Saved with
-    plain tensors and numbers only, and read back with `torch.load(weights_only=True)`. `resumed`: the seeds this
-    run went on with, and the step each went on from."""
-
-    def __init__(self, folder: pathlib.Path, every: int | None) -> None:
-        self.folder, self.every = folder, every
-        self.resumed: dict[int, int] = {}
-
-    def due(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0
-
-    def path(self, seed: int) -> pathlib.Path:
-        return self.folder / f"seed{seed}.pt"
-
-    def load(self, seed: int) -> dict | None:
-        path = self.path(seed)
-        return torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
-
-    def save(
-        self,
-        seed: int,
-        *,
-        step: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer | None,
-        history: list[dict[tuple[str, str], float]],
-        batches: dict | None,
-    ) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        state = {
-            "step": step,
-            "finished": optimizer is None,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "batches": batches,
-            "history": [[[split, name, value] for (split, name), value in values.items()] for values in history],
-        }
-        partial = self.path(seed).with_suffix(".partial")
-        torch.save(state, partial)
-        partial.replace(self.path(seed))  # a worker killed mid-save leaves the last whole state
-
-    @staticmethod
-    def reported(folder: pathlib.Path) -> dict[int, int | None]:
-        """Per seed with a saved state, the step before which its metrics stand (None: finished, all of them):
-        what a run resuming from `folder` will not report again."""
-        reported = {}
-        for path in sorted(folder.glob("seed*.pt")):
-            state = torch.load(path, weights_only=True, map_location="cpu")
-            reported[int(path.stem.removeprefix("seed"))] = None if state["finished"] else state["step"]
-        return reported
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; to a GPU from pinned memory, without making the host wait."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-class _Clock:
-    """Wall time of the updates and of the evaluations, split at evaluations (where the device is synced anyway).
-
-    Update time includes what runs between evaluations (should_stop, progress reports); evaluation time includes
-    reporting its metrics.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.train_s = self.eval_s = 0.0
-        self.compile_s = 0.0  # torch.compile before training (`PhaseCompiled.prepare`), outside train_s
-        self.mark = time.perf_counter()
-
-    def start(self) -> None:
-        self.mark = time.perf_counter()
-
-    @contextlib.contextmanager
-    def evaluating(self) -> Iterator[None]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        began = time.perf_counter()
-        self.train_s += began - self.mark
-        yield
-        self.mark = time.perf_counter()
-        self.eval_s += self.mark - began
-
-    def summary(self, steps: int, *, total_s: float) -> dict[str, float]:
-        """step_ms: wall time to move every seed of the job one update (batched: one stacked update)."""
-        return {
-            "step_ms": 1000 * self.train_s / steps,
-            "train_s": self.train_s,
-            "eval_s": self.eval_s,
-            "compile_s": self.compile_s,
-            "total_s": total_s,
-        }
+    def train_predictions(self, method: dict[str, Any], steps: int) -> torch.Tensor:
+        """The class each pooled training example gets from a model of `method` trained `steps` updates, [N]."""
+        spec = self.spec.replace(method=method, steps=steps, eval_every=steps)
+        device = self.device
+        model, _ = train_seed(
+            spec, self.data, self.seed, device, Clock(device), self.should_stop, lambda *_: None, graphs=False
+        )
+        model.eval()
+        with torch.no_grad():
+            logits = torch.cat(
+                [as_logits(model(batch.to(device))) for batch in batches_of(self.data.train_data().x, EVAL_CHUNK)]
+            )
+        return predictions(logits).cpu()

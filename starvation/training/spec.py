@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -137,15 +137,9 @@ OPTIMIZERS: dict[str, dict[str, P.Param]] = {
 # ---- the spec ------------------------------------------------------------------------------
 
 
-class ResolvedTrainSpec(dict):
-    """A train spec that `resolve_train_spec` made: complete and checked. `train` runs it as it is.
-
-    The worker wraps the spec resolved at submission (`ResolvedTrainSpec(job.spec)`): it is resolved once.
-    """
-
-
-def resolve_train_spec(spec: dict, *, user_datasets: Collection[str] = ()) -> ResolvedTrainSpec:
-    """The complete, validated train spec: defaults < preset < `spec`. Raises SpecError for a person.
+def resolve_train_spec(spec: dict, *, user_datasets: Collection[str] = ()) -> dict[str, Any]:
+    """The complete, validated train spec in its JSON form (what a job stores; `ResolvedTrainSpec.of` reads it):
+    defaults < preset < `spec`. Raises SpecError for a person.
 
     `user_datasets`: names besides the built-ins that `dataset.name` may take (registered datasets, no params).
     Nothing in `spec` or the presets is changed: every merge and check builds new dicts and lists.
@@ -172,36 +166,14 @@ def resolve_train_spec(spec: dict, *, user_datasets: Collection[str] = ()) -> Re
         raise P.ParamError(
             f"arch {model['arch']!r} normalises over the batch (BatchNorm): batch_size must be at least 2", "batch_size"
         )
-    return ResolvedTrainSpec(
-        {
-            "preset": preset_name,
-            "dataset": dataset,
-            "model": model,
-            "method": _resolve_method(merged["method"], num_classes),
-            "optimizer": _resolve_optimizer(merged["optimizer"]),
-            **fields,
-        }
-    )
-
-
-def spec_warnings(spec: dict) -> list[str]:
-    """What in a valid, resolved spec will likely not do what its author meant; said, not refused."""
-    warnings = []
-    steps = spec["steps"]
-    for name in ("warmup_steps", "penalty_anneal_steps"):  # SD's, IRM's: steps before the method's terms apply
-        warmup = spec["method"].get(name) or 0
-        if warmup and steps <= warmup:
-            warnings.append(
-                f"steps ({steps}) do not pass method.{name} ({warmup}): the run ends inside the "
-                f"warm-up, so {spec['method']['name']}'s own terms never apply"
-            )
-    if spec.get("save_every") and spec["execution"] != "sequential" and len(spec["seeds"]) > 1:
-        warnings.append(
-            "save_every saves seeds trained one at a time; if these seeds train batched (an MLP, "
-            "execution auto), a run after a lost worker starts again at step 0 (set execution: "
-            "sequential to resume)"
-        )
-    return warnings
+    return {
+        "preset": preset_name,
+        "dataset": dataset,
+        "model": model,
+        "method": _resolve_method(merged["method"], num_classes),
+        "optimizer": _resolve_optimizer(merged["optimizer"]),
+        **fields,
+    }
 
 
 def _merge_spec(base: dict, override: dict) -> dict:
@@ -271,11 +243,12 @@ def _resolve_model(section: Any) -> dict:
 def _resolve_method(section: Any, num_classes: int | None) -> dict:
     name, params = _section("method", section, "name")
     resolved = {"name": name, **method_class(name)(params).params}
-    _check_gamma(resolved, num_classes)
+    check_gamma(resolved, num_classes)
     return resolved
 
 
-def _check_gamma(method: dict, num_classes: int | None) -> None:
+def check_gamma(method: Mapping[str, Any], num_classes: int | None) -> None:
+    """A per-class sd_gamma of the `method` section (or its params) has one value per class of the dataset."""
     gamma = method.get("sd_gamma")
     if isinstance(gamma, list) and num_classes is not None and len(gamma) != num_classes:
         raise SpecError(

@@ -20,7 +20,7 @@ import itertools
 import math
 import pathlib
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,18 +36,11 @@ from starvation.methods import method_class
 from starvation.networks import ARCHS, output_count
 from starvation.params import ParamError
 from starvation.training.evaluation import EVAL_CHUNK, as_logits, predictions
-from starvation.training.loop import (
-    Metric,
-    _arch_params,
-    _Clock,
-    _shape_of,
-    _train_batched,
-    _train_seed,
-    choose_execution,
-    per_seed_matmuls,
-    update_rows,
-)
-from starvation.training.spec import ResolvedTrainSpec, resolve_device, resolve_train_spec
+from starvation.training.execution import choose_execution, network_shape, per_seed_matmuls, update_rows
+from starvation.training.loop import Metric, train_batched, train_seed
+from starvation.training.resolved import ResolvedTrainSpec
+from starvation.training.spec import resolve_device, resolve_train_spec
+from starvation.training.state import Clock
 
 SELECTIONS = {
     "train_domain_validation": "a part of the training environments held out from training (holdout); "
@@ -141,12 +134,11 @@ def stacks(settings: list[dict]) -> list[list[int]]:
     return list(groups.values())
 
 
-def member_params(specs: list[dict], num_classes: int) -> dict[str, torch.Tensor]:
+def member_params(specs: Sequence[ResolvedTrainSpec], num_classes: int) -> dict[str, torch.Tensor]:
     """The method's `TENSOR_PARAMS` that differ between `specs`, one row per member ([M] or [M, classes])."""
-    method = specs[0]["method"]
     varying = {}
-    for name in method_class(method["name"]).TENSOR_PARAMS:
-        values = [spec["method"][name] for spec in specs]
+    for name in method_class(specs[0].method.name).TENSOR_PARAMS:
+        values = [spec.method.params[name] for spec in specs]
         if any(value != values[0] for value in values):
             if name == "sd_gamma":  # a scalar is the same target for every class
                 classes = max(num_classes, 2)
@@ -175,25 +167,26 @@ def sweep(
     started = time.perf_counter()
     if "settings" not in spec:
         spec = resolve_sweep_spec(spec, user_datasets=user_datasets)
-    settings, base = spec["settings"], spec["base"]
+    settings = [ResolvedTrainSpec.of(setting["spec"]) for setting in spec["settings"]]
+    base = ResolvedTrainSpec.of(spec["base"])
     torch_device = resolve_device(device)
     out_dir = pathlib.Path(out_dir)
-    seeds = base["seeds"]
-    groups = stacks(settings)
+    seeds = list(base.seeds)
+    groups = stacks(spec["settings"])
     saved: dict[tuple[int, int], CheckpointFile] = {}
     finals: dict[tuple[int, int], dict] = {}
-    executions, clock, runs_done, runs = [], _Clock(torch_device), 0, len(groups) * len(seeds)
+    executions, clock, runs_done, runs = [], Clock(torch_device), 0, len(groups) * len(seeds)
 
     for seed in seeds:
         data = (
             dataset
             if dataset is not None
-            else datasets.build(base["dataset"]["name"], base["dataset"]["params"], seed=seed, data_dir=data_dir)
+            else datasets.build(base.dataset.name, dict(base.dataset.params), seed=seed, data_dir=data_dir)
         )
-        data = datasets.hold_out(data, base["holdout"])
+        data = datasets.hold_out(data, base.holdout)
         for group in groups:
-            specs = [settings[i]["spec"] for i in group]
-            lead = ResolvedTrainSpec({**specs[0], "seeds": [seed]})
+            specs = [settings[i] for i in group]
+            lead = specs[0].replace(seeds=[seed])
 
             def report(
                 step: int,
@@ -213,10 +206,10 @@ def sweep(
                 if on_progress is not None:
                     on_progress((runs_done + done) / runs)
 
-            shape, graphs = _shape_of(lead, data), lead["cuda_graphs"] and torch_device.type == "cuda"
-            execution, why = choose_execution({**lead, "seeds": [seed] * len(group)}, shape)
+            shape, graphs = network_shape(lead, data), lead.cuda_graphs and torch_device.type == "cuda"
+            execution, why = choose_execution(lead.replace(seeds=[seed] * len(group)), shape)
             if execution == "batched":
-                trained, histories, run_clock = _train_batched(
+                trained, histories, run_clock = train_batched(
                     lead,
                     [data] * len(group),
                     torch_device,
@@ -225,7 +218,7 @@ def sweep(
                     shared_data=True,
                     matmuls_per_seed=per_seed_matmuls(shape, update_rows(lead, data), torch_device),
                     graphs=graphs,
-                    compiled=lead["compile"],
+                    compiled=lead.compile,
                     seeds=[seed] * len(group),
                     member_params=member_params(specs, data.num_classes),
                     init_weights=init_weights,
@@ -235,7 +228,7 @@ def sweep(
             else:
                 trained, histories = [], []
                 for member, setting_spec in enumerate(specs):
-                    network, history = _train_seed(
+                    network, history = train_seed(
                         setting_spec,
                         data,
                         seed,
@@ -253,13 +246,13 @@ def sweep(
             executions.append({"seed": seed, "settings": group, "used": execution, "why": why})
             for index, network in zip(group, trained):
                 finals[index, seed] = scores(network, data, torch_device)
-                setting_spec = settings[index]["spec"]
+                setting_spec = settings[index]
                 saved[index, seed] = save_checkpoint(
                     network,
                     out_dir / f"setting{index}",
                     seed=seed,
-                    arch=setting_spec["model"]["arch"],
-                    arch_params=_arch_params(setting_spec),
+                    arch=setting_spec.model.arch,
+                    arch_params=dict(setting_spec.model.params),
                     input_shape=data.input_shape,
                     num_outputs=output_count(data.num_classes),
                 )

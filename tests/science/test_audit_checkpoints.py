@@ -190,7 +190,7 @@ def test_safetensors_weights_of_a_builtin_mlp_load_with_features(tmp_path):
 
 
 def test_safetensors_from_our_export_need_no_arch_it_is_in_the_header(tmp_path):
-    from starvation.export import save_checkpoint
+    from starvation.checkpoints.save import save_checkpoint
     from starvation.networks import build_network
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 from starvation import SpecError
 from starvation.datasets import build, load_npz
 from starvation.ensemble import StackedMLP, seed_losses
-from starvation.export import load_builtin
+from starvation.checkpoints.save import load_builtin
 from starvation.methods import build_method
 from starvation.networks import build_network
 from starvation.training import (Metric, TrainingStopped, build_optimizer, choose_execution, evaluate,
@@ -19,8 +19,9 @@ from starvation.training import (Metric, TrainingStopped, build_optimizer, choos
                                  stacked_splits, stacked_train_step, train, train_step)
 from starvation.training.acceleration import PhaseOrder
 from starvation.training.evaluation import pooled_slices
-from starvation.training.loop import update_inputs
-from starvation.training import loop
+from starvation.training.resolved import ResolvedTrainSpec
+from starvation.training.update import update_inputs
+from starvation.training import execution, loop
 
 # A small Colored MNIST run: 400 training digits, a narrow MLP, three seeds.
 SMALL = {
@@ -233,15 +234,15 @@ def test_the_result_reports_how_the_seeds_ran_and_the_step_time(tmp_path: pathli
 
 
 def test_auto_batches_several_seeds_of_an_mlp_and_large_cpu_updates_use_per_seed_matmuls() -> None:
-    cmnist = resolve_train_spec({"preset": "paper_cmnist_sd", "seeds": [0, 1]})
+    cmnist = ResolvedTrainSpec.of(resolve_train_spec({"preset": "paper_cmnist_sd", "seeds": [0, 1]}))
     with torch.device("meta"):
         mlp = build_network("mlp", {"hidden": [300, 300]}, (2, 14, 14), 1)
         cnn = build_network("cnn", {"channels": [8]}, (2, 14, 14), 1)
     assert choose_execution(cmnist, mlp) == ("batched", "auto: several seeds")
-    assert choose_execution({**cmnist, "seeds": [0]}, mlp) == ("sequential", "auto: one seed")
+    assert choose_execution(cmnist.replace(seeds=[0]), mlp) == ("sequential", "auto: one seed")
     assert choose_execution(cmnist, cnn)[0] == "sequential"
-    assert choose_execution({**cmnist, "execution": "batched"}, mlp) == ("batched", "requested")
-    assert choose_execution({**cmnist, "execution": "sequential"}, mlp) == ("sequential", "requested")
+    assert choose_execution(cmnist.replace(execution="batched"), mlp) == ("batched", "requested")
+    assert choose_execution(cmnist.replace(execution="sequential"), mlp) == ("sequential", "requested")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert per_seed_matmuls(mlp, 4000, cpu)  # 830M multiply-adds per seed and step
     assert not per_seed_matmuls(mlp, 64, cpu)
@@ -249,7 +250,7 @@ def test_auto_batches_several_seeds_of_an_mlp_and_large_cpu_updates_use_per_seed
 
 
 def test_per_seed_matmuls_train_as_one_after_another(tmp_path: pathlib.Path, monkeypatch) -> None:
-    monkeypatch.setattr(loop, "CPU_PER_SEED_MATMUL_MACS", 0)  # where per_seed_matmuls reads it
+    monkeypatch.setattr(execution, "CPU_PER_SEED_MATMUL_MACS", 0)  # where per_seed_matmuls reads it
     spec = {**SMALL, "method": SD_WITH_WARMUP}
     sequential, _ = run(spec, tmp_path, "sequential")
     batched, outcome = run(spec, tmp_path, "batched")

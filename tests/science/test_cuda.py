@@ -15,7 +15,7 @@ import torch
 
 from starvation import training
 from starvation.datasets import build
-from starvation.export import load_builtin
+from starvation.checkpoints.save import load_builtin
 from starvation.methods import cross_entropy
 from starvation.training import loop
 from tests.science.test_batched import IRM_WITH_ANNEAL, SD_WITH_WARMUP, SMALL, assert_same_training, by_key, run

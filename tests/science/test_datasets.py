@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from starvation import SpecError
-from starvation.datasets import DATASETS, build, describe_all, load_image_folder, load_npz
+from starvation.datasets import DATASETS, build, load_image_folder, load_npz
 from starvation.datasets.colored_mnist import load_digits
 
 
@@ -21,7 +21,7 @@ def cmnist():
 
 def test_registry_lists_the_two_builtins_with_json_descriptions() -> None:
     assert set(DATASETS) == {"colored_mnist", "two_moons"}
-    described = {d["name"]: d for d in json.loads(json.dumps(describe_all()))}
+    described = {d["name"]: d for d in json.loads(json.dumps([cls.describe() for cls in DATASETS.values()]))}
     cm = described["colored_mnist"]
     assert cm["params"]["label_noise"]["default"] == 0.25
     assert cm["params"]["color_flip_train"]["default"] == [0.2, 0.1]

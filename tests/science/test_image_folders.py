@@ -105,7 +105,7 @@ def test_a_folder_without_counterfactuals_cannot_intervene(folder, tmp_path) -> 
 
 def test_reading_a_split_holds_one_batch_at_a_time(folder, monkeypatch) -> None:
     streamed = datasets.load_image_folder(folder, folder / "metadata.csv", "coloured", 8)
-    monkeypatch.setattr(datasets.images, "IMAGE_BATCH", 10)
+    monkeypatch.setattr(datasets.files, "IMAGE_BATCH", 10)
     reads, seen = [], []
     read = datasets.ImageFiles.read
     monkeypatch.setattr(datasets.ImageFiles, "read", lambda self, i: reads.append(i) or read(self, i))

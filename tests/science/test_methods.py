@@ -238,7 +238,8 @@ def test_jtts_error_set_is_what_erm_from_the_same_start_gets_wrong_and_its_secon
     from starvation import datasets
     from starvation.checkpoints import load_checkpoint
     from starvation.training import train
-    from starvation.training.loop import identification_errors
+    from starvation.training.loop import SeedPreparation
+    from starvation.training.resolved import ResolvedTrainSpec
     from starvation.training.spec import resolve_train_spec
 
     spec = {"dataset": {"name": "colored_mnist", "params": {"n_train": 400}}, "model": {"arch": "mlp", "hidden": [16]},
@@ -248,8 +249,9 @@ def test_jtts_error_set_is_what_erm_from_the_same_start_gets_wrong_and_its_secon
     rows = data.train_data()
     with torch.no_grad():
         wrong = ((load_checkpoint(erm.safetensors_path, "safetensors").logits(rows.x)[:, 0] > 0).long() != rows.y)
-    found = identification_errors(resolve_train_spec({**spec, "method": {"name": "jtt", "identification_steps": 5}}),
-                                  data, 3, torch.device("cpu"), 5, None)
+    resolved = ResolvedTrainSpec.of(resolve_train_spec({**spec, "method": {"name": "jtt", "identification_steps": 5}}))
+    offered = SeedPreparation(resolved, data, 3, torch.device("cpu"), None)
+    found = build_method(resolved.method.to_dict()).prepare(offered)["error_set"]  # the error set, through the hook
     assert torch.equal(found, wrong.float()) and 0 < int(found.sum()) < len(rows)
 
     # With upweight 1 the second model is plain ERM from the seed's initialisation: the same run, step for step (up

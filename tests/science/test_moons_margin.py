@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from starvation.datasets import build
-from starvation.export import load_builtin
+from starvation.checkpoints.save import load_builtin
 from starvation.margins import boundary_distances
 from starvation.networks import build_network
 from starvation.training import train

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from starvation import SpecError
-from starvation.export import load_builtin, load_torchscript, save_checkpoint
+from starvation.checkpoints.save import load_builtin, load_torchscript, save_checkpoint
 from starvation.networks import ARCHS, build_network
 
 

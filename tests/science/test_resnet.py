@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from starvation import budget, networks
+from starvation import budget, networks, weights
 from starvation.checkpoints import load_builtin, load_checkpoint
 from starvation.ensemble import unsupported_reason
 from starvation.errors import SpecError
@@ -217,7 +217,7 @@ def test_torchvision_named_weights_load_and_give_the_same_logits() -> None:
     source = trained_looking("resnet18", SHAPE, 5, seed=0)
     state = to_torchvision(source.state_dict())
     target = networks.build_network("resnet18", NARROW, SHAPE, 5)
-    report = networks.load_initial_weights(target, state)
+    report = weights.load_initial_weights(target, state)
     assert report == {"names": "torchvision", "loaded": 122, "head": "loaded", "skipped": []}
     target.eval()
     x = torch.rand(3, *SHAPE)
@@ -226,7 +226,7 @@ def test_torchvision_named_weights_load_and_give_the_same_logits() -> None:
     assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.state_dict().values()))
     # our own names load the same way
     again = networks.build_network("resnet18", NARROW, SHAPE, 5)
-    assert networks.load_initial_weights(again, source.state_dict())["names"] == "ours"
+    assert weights.load_initial_weights(again, source.state_dict())["names"] == "ours"
     with torch.no_grad():
         assert torch.equal(again.eval()(x), source(x))
 
@@ -237,7 +237,7 @@ def test_an_imagenet_head_is_left_out_and_the_backbone_loaded() -> None:
     torch.manual_seed(5)
     target = networks.build_network("resnet18", NARROW, SHAPE, 1)
     fresh_head = {k: v.clone() for k, v in target.head.state_dict().items()}
-    report = networks.load_initial_weights(target, state)
+    report = weights.load_initial_weights(target, state)
     assert report["head"] == "fresh" and report["skipped"] == ["fc.weight", "fc.bias"]
     assert report["loaded"] == 122 - 2 - 20  # the head, and 20 num_batches_tracked (not in the file)
     assert all(torch.equal(v, fresh_head[k]) for k, v in target.head.state_dict().items())
@@ -257,7 +257,7 @@ def test_weights_that_do_not_fit_the_backbone_are_refused_naming_the_key(change,
     state = to_torchvision(meta_network("resnet18", 1000, SHAPE).state_dict())
     change(state)
     with pytest.raises(SpecError, match=message):
-        networks.load_initial_weights(meta_network("resnet18", 1, SHAPE), state)
+        weights.load_initial_weights(meta_network("resnet18", 1, SHAPE), state)
 
 
 def test_safetensors_upload_with_torchvision_names_loads_as_the_arch() -> None:
@@ -277,7 +277,8 @@ def test_safetensors_upload_with_torchvision_names_loads_as_the_arch() -> None:
 
 def test_training_starts_every_seed_from_torchvision_named_weights_with_a_fresh_head(tmp_path) -> None:
     from starvation.training import train
-    from starvation.training.loop import _init_network
+    from starvation.training.execution import init_network
+    from starvation.training.resolved import ResolvedTrainSpec
 
     source = networks.build_network("resnet18", {"width": 8}, (2, 14, 14), 1000)  # an "ImageNet" head: 1000 classes
     given = {("fc." + k[len("head."):] if k.startswith("head.") else k[len("features."):]): v.clone()
@@ -287,9 +288,9 @@ def test_training_starts_every_seed_from_torchvision_named_weights_with_a_fresh_
     outcome = train(spec, out_dir=tmp_path, init_weights=given)
     assert outcome.result["init"] == {"names": "torchvision", "loaded": 120, "head": "fresh",
                                       "skipped": ["fc.weight", "fc.bias"]}
-    resolved = resolve_train_spec(spec)
+    resolved = ResolvedTrainSpec.of(resolve_train_spec(spec))
     data = type("Data", (), {"input_shape": (2, 14, 14), "num_classes": 2})()
-    first, second = (_init_network(resolved, data, seed, given) for seed in (0, 1))
+    first, second = (init_network(resolved, data, seed, given) for seed in (0, 1))
     assert torch.equal(first.features.layer3[1].conv2.weight, given["layer3.1.conv2.weight"])
     assert torch.equal(second.features.bn1.running_var, given["bn1.running_var"])
     assert first.head.weight.shape == (1, 64) and not torch.equal(first.head.weight, second.head.weight)

@@ -10,6 +10,7 @@ import torch
 from starvation import datasets
 from starvation.errors import SpecError
 from starvation.training import train
+from starvation.training.resolved import ResolvedTrainSpec
 from starvation.training.sweep import member_params, resolve_sweep_spec, stacks, sweep
 
 # SD without the CMNIST recipe's loss scale, on 800 digits: settings that differ visibly within a few seconds.
@@ -71,10 +72,10 @@ def test_settings_stack_unless_they_change_the_optimizer_or_a_branch():
     assert sorted(len(g) for g in groups) == [2, 2, 2, 2]  # lambda rides in a stack; lr and warm-up do not
     for group in groups:
         assert len({spec["settings"][i]["params"]["method.sd_lambda"] for i in group}) == 2
-    values = member_params([spec["settings"][i]["spec"] for i in groups[0]], num_classes=2)
+    values = member_params([ResolvedTrainSpec.of(spec["settings"][i]["spec"]) for i in groups[0]], num_classes=2)
     assert set(values) == {"sd_lambda"} and values["sd_lambda"].tolist() == pytest.approx([0.1, 1.0])
-    gammas = member_params([resolve_sweep_spec({**BASE, "grid": {"method.sd_gamma": [0.5, [1.0, 2.0]]}})
-                            ["settings"][i]["spec"] for i in (0, 1)], num_classes=2)
+    gammas = member_params([ResolvedTrainSpec.of(resolve_sweep_spec({**BASE, "grid": {"method.sd_gamma": [0.5, [1.0, 2.0]]}})
+                            ["settings"][i]["spec"]) for i in (0, 1)], num_classes=2)
     assert gammas["sd_gamma"].tolist() == [[0.5, 0.5], [1.0, 2.0]]
 
 

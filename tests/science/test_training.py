@@ -11,7 +11,7 @@ import torch
 
 from starvation import SpecError
 from starvation.datasets import load_npz
-from starvation.export import load_builtin, load_torchscript
+from starvation.checkpoints.save import load_builtin, load_torchscript
 from starvation.presets import PRESETS
 from starvation.training import Metric, TrainingStopped, resolve_device, resolve_train_spec, train
 
@@ -264,7 +264,7 @@ def test_multiclass_tasks_train_with_one_logit_per_class(tmp_path: pathlib.Path)
 
 def test_a_method_is_told_which_training_environment_each_example_came_from() -> None:
     from starvation.datasets import build
-    from starvation.training.loop import memberships
+    from starvation.training.update import memberships
 
     data = build("colored_mnist", {"n_train": 10}, seed=0, data_dir=None)
     environment = memberships(data, ("environment",))["environment"]
@@ -287,7 +287,7 @@ def test_the_irm_preset_is_the_authors_recipe() -> None:
 def test_group_dro_is_told_each_examples_label_and_attribute_and_trains_seeds_one_after_another(
         tmp_path: pathlib.Path) -> None:
     from starvation.datasets import build
-    from starvation.training.loop import memberships
+    from starvation.training.update import memberships
 
     data = build("colored_mnist", {"n_train": 40}, seed=0, data_dir=None)
     group = memberships(data, ("group",))["group"]

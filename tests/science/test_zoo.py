@@ -183,7 +183,8 @@ def test_an_onnx_cycle_and_an_output_that_feeds_itself_get_a_code(tmp_path):
         with pytest.raises(CheckpointError) as loaded:
             load_checkpoint(data, "onnx", static_checks=False)
         assert loaded.value.code == "load_failed"  # onnxruntime will not build it either
-    from starvation.checkpoints.graph import NoHead, read_onnx_graph
+    from starvation.checkpoints.graph import NoHead
+    from starvation.checkpoints.onnx_graph import read_onnx_graph
 
     for hostile, why in ((cycle, "cycle through its"), (feeds_itself, "Add node feeds itself")):
         with pytest.raises(NoHead, match=why):
@@ -262,7 +263,8 @@ def test_an_onnx_gemm_with_transposed_input_and_scales_is_read_and_written_in_it
 
 
 def test_a_graph_the_reading_does_not_understand_is_a_model_without_a_known_head():
-    from starvation.checkpoints.graph import NoHead, read_onnx_graph
+    from starvation.checkpoints.graph import NoHead
+    from starvation.checkpoints.onnx_graph import read_onnx_graph
 
     class Strange:  # no `node` list: onnx's graph API would raise on such a graph
         output = [type("Out", (), {"name": "y"})()]
