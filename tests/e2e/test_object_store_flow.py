@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 )
 BUCKET, PREFIX = "gs-e2e", "service"
 FAST_REAPER = {"GS_HEARTBEAT_S": "0.5", "GS_HEARTBEAT_TIMEOUT_S": "4", "GS_SWEEP_EVERY_S": "1"}
-RESUMABLE = {"preset": "paper_cmnist_erm", "steps": 400, "eval_every": 100, "save_every": 10, "seeds": [0],
+RESUMABLE = {"preset": "paper_cmnist_erm", "steps": 200, "eval_every": 50, "save_every": 10, "seeds": [0],
              "audit": False}  # fmt: skip
 
 
@@ -182,7 +182,7 @@ def test_every_job_kind_runs_on_workers_that_share_only_the_store(cluster):
 def test_a_lost_worker_host_costs_only_the_steps_since_its_last_saved_state(cluster):
     api, workers, s3 = cluster
     job_id = submit(api, "train", RESUMABLE)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # 2 cores shared with other test stacks: steps can be slow
     while (job := api.client.get(f"/v1/jobs/{job_id}").json())["progress"] < 0.4:  # past 35 %
         assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
         time.sleep(0.1)
@@ -193,5 +193,5 @@ def test_a_lost_worker_host_costs_only_the_steps_since_its_last_saved_state(clus
     assert done["status"] == "succeeded", done["error"]
     assert done["attempts"] == 2 and int(done["result"]["resumed"]["0"]) > 0, done["result"].get("resumed")
     metrics = api.client.get(f"/v1/jobs/{job_id}/metrics", params={"name": "loss", "split": "train"}).json()
-    assert [m["step"] for m in metrics["items"]] == [0, 100, 200, 300, 400]  # each evaluation once
+    assert [m["step"] for m in metrics["items"]] == [0, 50, 100, 150, 200]  # each evaluation once
     assert not list(api.var_dir.rglob("jobs"))
