@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    print(machine())
+    print(machine(torch.device("cpu")))
     with tempfile.TemporaryDirectory() as scratch, s3_server() as server:
         server.make_bucket("bench")
         base = {"GS_MAX_UPLOAD_BYTES": str(4 << 30)}
