@@ -81,6 +81,12 @@ def delete_checkpoint(session: Session, checkpoint: Checkpoint, settings: Settin
     store(settings).delete(key)
 
 
+def discard_stored(settings: Settings, keys: list[str]) -> None:
+    """Delete what an upload stored when a concurrent twin won (api/idempotency.py `discard`)."""
+    for key in keys:
+        store(settings).delete(key)
+
+
 def stored_file(settings: Settings, recorded: str, *, media_type: str, filename: str) -> Response:
     """The file a row recorded: from the shared folder as it is, or streamed from the object store (never whole in
     memory). A missing one is a 404 `file_missing`, a store that does not answer a 503 (api/errors.py)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Header, Query
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found
-from api.files_service import check_storage_quota, stored_file
+from api.files_service import check_storage_quota, discard_stored, stored_file
 from api.files_service import delete_checkpoint as delete_stored_checkpoint
 from api.idempotency import replay_if_seen, replay_or_create
 from api.responses import CREATE_ERRORS, KEYED_ERRORS, error_responses, links_to, media_response
@@ -79,9 +80,9 @@ async def upload_checkpoint(
     shape = parse_json_field("input_shape", input_shape, list) or [2, 14, 14]
     if not all(isinstance(d, int) and 0 < d <= 4096 for d in shape) or not 1 <= len(shape) <= 4:
         raise ApiError(422, "invalid_request", "input_shape must list 1 to 4 positive sizes (no batch axis).")
-    if format == "safetensors" and not arch:
-        raise ApiError(422, "invalid_request", "A safetensors upload needs `arch` (a built-in architecture).")
     if format == "safetensors":  # bounded like a train spec's model, before anything is built
+        if not arch:
+            raise ApiError(422, "invalid_request", "A safetensors upload needs `arch` (a built-in architecture).")
         from starvation.errors import SpecError
         from starvation.networks import check_arch_params
 
@@ -137,7 +138,7 @@ async def upload_checkpoint(
             idempotency_key,
             request_hash,
             create,
-            discard=lambda: [store(settings).delete(key) for key in placed],
+            discard=partial(discard_stored, settings, placed),
         )
         session.commit()
         return response

@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.deps import Principal, PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found, without_server_paths
-from api.files_service import check_storage_quota
+from api.files_service import check_storage_quota, discard_stored
 from api.files_service import delete_dataset as delete_stored_dataset
 from api.idempotency import replay_or_create
 from api.responses import CREATE_ERRORS, KEYED_ERRORS, error_responses, links_to
@@ -133,7 +133,7 @@ async def register_npz(session, principal, settings, name: str, file: UploadFile
             idempotency_key,
             f"{sha256}:{name}",
             create,
-            discard=lambda: [store(settings).delete(key) for key in placed],
+            discard=partial(discard_stored, settings, placed),
         )
     finally:
         tmp_path.unlink(missing_ok=True)
