@@ -36,11 +36,12 @@ from starvation.methods import method_class
 from starvation.networks import ARCHS, output_count
 from starvation.params import ParamError
 from starvation.training.evaluation import EVAL_CHUNK, as_logits, predictions
-from starvation.training.execution import choose_execution, network_shape, per_seed_matmuls, update_rows
+from starvation.training.execution import choose_execution, init_network, network_shape, per_seed_matmuls, update_rows
 from starvation.training.loop import Metric, train_batched, train_seed
 from starvation.training.resolved import ResolvedTrainSpec
 from starvation.training.spec import resolve_device, resolve_train_spec
 from starvation.training.state import Clock
+from starvation.weights import load_initial_weights
 
 SELECTIONS = {
     "train_domain_validation": "a part of the training environments held out from training (holdout); "
@@ -176,6 +177,7 @@ def sweep(
     saved: dict[tuple[int, int], CheckpointFile] = {}
     finals: dict[tuple[int, int], dict] = {}
     executions, clock, runs_done, runs = [], Clock(torch_device), 0, len(groups) * len(seeds)
+    init: dict[str, Any] | None = None
 
     for seed in seeds:
         data = (
@@ -184,6 +186,8 @@ def sweep(
             else datasets.build(base.dataset.name, dict(base.dataset.params), seed=seed, data_dir=data_dir)
         )
         data = datasets.hold_out(data, base.holdout)
+        if init_weights is not None and init is None:  # what the weights fill, checked before any training
+            init = load_initial_weights(init_network(settings[0], data, seed), init_weights)
         for group in groups:
             specs = [settings[i] for i in group]
             lead = specs[0].replace(seeds=[seed])
@@ -262,6 +266,8 @@ def sweep(
     checkpoints = [[saved[index, seed] for seed in seeds] for index in range(len(settings))]
     result = choose(spec, finals, seeds)
     result["execution"] = executions
+    if init is not None:
+        result["init"] = init
     result["timing"] = {"train_s": clock.train_s, "eval_s": clock.eval_s, "total_s": time.perf_counter() - started}
     return SweepOutcome(result=result, checkpoints=checkpoints)
 
