@@ -14,6 +14,8 @@ from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from starvation.errors import CodedError
+
 log = logging.getLogger("gs.api")
 
 
@@ -24,6 +26,14 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details
         self.headers = headers
+
+
+def coded_error(exc: CodedError) -> ApiError:
+    """The one mapping from the science package's errors to the API's: a 422 with the error's code and message,
+    and the field it names (or the details it carries)."""
+    details = getattr(exc, "details", None)
+    field = getattr(exc, "field", None)
+    return ApiError(422, exc.code, exc.message, details or ({"field": f"spec.{field}"} if field else None))
 
 
 def not_found(what: str, ident: str) -> ApiError:

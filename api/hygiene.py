@@ -11,6 +11,7 @@ database still refuses is a 422 too (api/errors.py maps SQLAlchemy's DataError).
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -50,7 +51,7 @@ def refused(loc: list[Any]) -> ApiError:
     return ApiError(422, "invalid_request", message, details)
 
 
-def check_url(scope: dict[str, Any]) -> None:
+def check_url(scope: MutableMapping[str, Any]) -> None:
     raw_path = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
     if _decoded(raw_path.split(b"?", 1)[0]) is None:
         raise refused(["path"])

@@ -101,7 +101,7 @@ class Deliveries:
                 )
                 if webhooks_repo.lease(session, job.id, until)
             ]
-            work = [(job.id, job.owner_id, job.callback_url, job.webhook_attempts, payload(job)) for job in taken]
+            work = [(job.id, job.owner_id, job.callback_url or "", job.webhook_attempts, payload(job)) for job in taken]
             secrets = auth_repo.webhook_secrets(session, {owner_id for _, owner_id, *_ in work})
         with self.lock:
             self.in_flight.update(owner_id for _, owner_id, *_ in work)

@@ -226,7 +226,7 @@ def train(
         seeds=parse_ints(seeds, "--seeds") if seeds else None,
     )
     gamma = None if sd_gamma is None else parse_floats(sd_gamma, "--sd-gamma")
-    sections = {
+    sections: dict[str, dict[str, Any]] = {
         "method": {
             "name": method,
             "sd_lambda": sd_lambda,
@@ -333,7 +333,7 @@ def repair(
         "seed": seed,
         "method": {**(parse_json(method_params, "--method-params", dict) or {}), "name": method},
     }
-    spec.update({"checkpoint_id": checkpoint_id} if checkpoint_id else {"train_job_id": train_job})
+    spec["checkpoint_id" if checkpoint_id else "train_job_id"] = checkpoint_id or train_job
     if layer:
         spec["layer"] = layer
     if probe:

@@ -180,7 +180,7 @@ class ApiClient:
         """Server-Sent Events of GET /v1/jobs/{id}/events as (event, parsed data), until the stream ends."""
         timeout = httpx.Timeout(30.0, read=read_timeout_s)
         with self.stream(f"/v1/jobs/{job_id}/events", f"event stream of job {job_id}", timeout=timeout) as response:
-            event, data = "message", []
+            event, data = "message", list[str]()
             for line in response.iter_lines():
                 if line == "":
                     if data:

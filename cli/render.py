@@ -12,7 +12,7 @@ from rich.text import Text
 
 from cli.client import JobStatus
 
-STATUS_STYLE = {
+STATUS_STYLE: dict[str, str] = {
     JobStatus.QUEUED: "cyan",
     JobStatus.RUNNING: "yellow",
     JobStatus.SUCCEEDED: "green",
@@ -68,32 +68,18 @@ def duration(job: dict) -> str:
 
 
 def what(job: dict) -> str:
-    """A job in a few words: its kind, then its preset or method for training, its model and data otherwise."""
-    spec = job.get("spec") or {}
-    if job["kind"] in ("train", "sweep"):
-        method = (spec.get("method") or {}).get("name")
-        settings = 1
-        for values in (spec.get("grid") or {}).values():
-            settings *= len(values)
-        size = f"{settings} settings x {len(spec.get('seeds') or [])} seeds" if job["kind"] == "sweep" else None
-        return " ".join(
-            str(p) for p in (job["kind"], spec.get("preset") or method, size, f"{spec.get('steps')} steps") if p
-        )
-    source = spec.get("checkpoint_id") and f"checkpoint {spec['checkpoint_id'][:12]}"
-    source = source or (spec.get("train_job_id") and f"train job {spec['train_job_id'][:12]}")
-    return f"{job['kind']} {source or '?'} on {(spec.get('dataset') or {}).get('name', '?')}"
+    """A job in a few words: its kind, then what the server's summary says ran (any kind: the CLI knows none)."""
+    summary = job.get("summary") or {}
+    return " ".join(p for p in (job["kind"], summary.get("what")) if p)
 
 
 def reliance(job: dict) -> tuple[str, str | None]:
-    """(score, verdict) from a train job's audit summary or an audit job's report."""
-    result = job.get("result") or {}
-    summary = (result.get("audit") or {}).get("summary") if job["kind"] in ("train", "sweep") else result.get("summary")
-    if job["kind"] == "repair":
-        summary = result.get("after")  # the repaired model's
-    if not summary:
+    """(score, verdict) of the reliance the job measured, from the server's summary."""
+    summary = job.get("summary") or {}
+    score = (summary.get("numbers") or {}).get("reliance_score")
+    if score is None and summary.get("verdict") is None:
         return "—", None
-    score = summary.get("reliance_score")
-    return (mean_std(score) if isinstance(score, dict) else number(score)), summary.get("verdict")
+    return number(score), summary.get("verdict")
 
 
 def test_accuracy(job: dict) -> str:
@@ -115,7 +101,7 @@ def jobs_table(jobs: list[dict]) -> Table:
         table.add_column(column, no_wrap=column != "what", min_width=18 if column == "what" else None)
     for job in jobs:
         score, verdict = reliance(job)
-        accuracy = ((job.get("result") or {}).get("splits") or {}).get("test", {}).get("accuracy") or {}
+        numbers = (job.get("summary") or {}).get("numbers") or {}
         status = status_text(job["status"])
         if job["status"] == JobStatus.RUNNING:
             status.append(f" {100 * (job.get('progress') or 0):.0f}%")
@@ -124,7 +110,7 @@ def jobs_table(jobs: list[dict]) -> Table:
             status,
             job["created_at"][5:16].replace("T", " "),
             what(job),
-            number(accuracy.get("mean")),
+            number(numbers.get("test_accuracy")),
             Text.assemble(verdict_text(verdict), f" {score.split(' ')[0]}") if verdict else Text("—"),
         )
     return table
@@ -160,7 +146,7 @@ def job_table(job: dict) -> Table:
 def train_result_table(job: dict) -> Table | None:
     result = job.get("result") or {}
     splits = result.get("splits")
-    if job["kind"] != "train" or not splits:
+    if not splits:  # a result with final metrics per split (a train job's)
         return None
     seeds = result.get("seeds") or []
     table = Table(title=f"Final metrics over {len(seeds)} seed(s) (mean ± std)", title_justify="left")
@@ -174,7 +160,7 @@ def train_result_table(job: dict) -> Table | None:
 def sweep_table(job: dict) -> Table | None:
     """A sweep: every setting's validation and test scores (mean ± std over seeds), the chosen one marked."""
     result = job.get("result") or {}
-    if job["kind"] != "sweep" or not result.get("settings"):
+    if not result.get("settings"):  # a result with settings to choose from (a sweep's)
         return None
     metric = result["metric"]
     short = "wg acc" if metric == "worst_group_accuracy" else "acc"
@@ -301,7 +287,7 @@ def groups_table(report: dict) -> Table | None:
 def outcome(job: dict, report: dict | None) -> list[Table]:
     """Everything worth showing about a job, in reading order."""
     tables = [job_table(job), train_result_table(job), sweep_table(job)]
-    if report and job["kind"] == "repair":
+    if report and "repair" in report:  # a report before and after a repair
         tables += [repair_table(report)]
     elif report:
         tables += [report_table(report), seeds_table(report), groups_table(report)]
@@ -365,7 +351,7 @@ def compare_table(left: tuple[dict, dict | None], right: tuple[dict, dict | None
     return table
 
 
-def size(n: int) -> str:
+def size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -396,7 +382,7 @@ def datasets_table(items: list[dict]) -> Table:
     for d in items:
         splits = (d.get("description") or {}).get("splits") or {}
         status = Text(
-            d.get("status", "ready"), style={"ready": "green", "pending": "yellow"}.get(d.get("status"), "red")
+            d.get("status", "ready"), style={"ready": "green", "pending": "yellow"}.get(d.get("status", "ready"), "red")
         )
         table.add_row(
             d["name"] if d["builtin"] else f"{d['id']} {d['name']}",

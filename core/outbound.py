@@ -18,8 +18,11 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import httpcore
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -211,7 +214,8 @@ def checked_http_client(allow: Allowlist | str | None, timeout_s: float) -> Any:
 
     transport = httpx.HTTPTransport(trust_env=False)
     transport._pool = httpcore.ConnectionPool(  # the pool httpx would build, with our backend
-        ssl_context=httpx.create_ssl_context(trust_env=False), network_backend=CheckedBackend(allow)
+        ssl_context=httpx.create_ssl_context(trust_env=False),
+        network_backend=cast("httpcore.NetworkBackend", CheckedBackend(allow)),  # duck-typed
     )
     return httpx.Client(transport=transport, timeout=timeout_s, follow_redirects=False, trust_env=False)
 

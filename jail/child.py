@@ -89,6 +89,8 @@ def main(requests: int, replies: int) -> None:
                 )
                 wire.send(replies, {"ok": True})
             elif op == "finetune_steps":
+                if tuning is None:
+                    raise CheckpointError("invalid_request", "finetune_steps came before finetune.")
                 wire.send(replies, {"ok": True, "loss": tuning.run(int(request["steps"]))})
             elif op == "model":  # the (fine-tuned) model, serialised
                 _send_model(replies, repair.torchscript_bytes(_module_of(model)))

@@ -26,6 +26,7 @@ import torch
 from jail import bwrap, wire
 from jail.lockdown import Limits
 from starvation.checkpoints import AuditableModel
+from starvation.errors import CodedError
 from starvation.repair import LinearHead
 
 log = logging.getLogger("gs.jail")
@@ -39,13 +40,12 @@ _MESSAGE_CHARS = 400
 ANSWER_SLACK_BYTES = 1 << 20  # headers and small tensors on top of what a model's parameters can need
 
 
-class JailError(Exception):
+class JailError(CodedError):
     """A foreign model that failed, was refused, or broke a limit; `code` and `message` are
     safe to show to the model's owner."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+        super().__init__(message, code=code)
 
 
 class _Child:
@@ -211,7 +211,7 @@ def _refusal(reply: dict[str, Any]) -> JailError:
     if code == "jail_unavailable":
         log.error("the jail could not lock down: %s", _printable(str(reply.get("detail"))))
         return JailError(code, "Foreign models cannot be run safely on this server right now.")
-    return JailError(code, _printable(str(reply.get("message") or "The model was refused.")))
+    return JailError(str(code), _printable(str(reply.get("message") or "The model was refused.")))
 
 
 def _printable(text: str) -> str:

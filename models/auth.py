@@ -64,7 +64,7 @@ def webhook_secrets(session: Session, owner_ids: set[str]) -> dict[str, str]:
     rows = session.execute(
         select(ApiKey.id, ApiKey.webhook_secret).where(ApiKey.id.in_(owner_ids), ApiKey.webhook_secret.is_not(None))
     )
-    return {key_id: secret for key_id, secret in rows}
+    return {key_id: secret for key_id, secret in rows if secret is not None}
 
 
 def get_idempotent(session: Session, owner_id: str, key: str) -> IdempotencyRecord | None:

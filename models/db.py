@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import get_settings
@@ -70,3 +71,8 @@ def database() -> Database:
 def forget_database() -> None:
     """In a forked worker child: the next `database()` opens connections of its own, never the parent's."""
     database.cache_clear()
+
+
+def one_row_changed(result: Result[Any]) -> bool:
+    """Whether an UPDATE changed exactly one row: the conditional updates that let one writer win."""
+    return cast(CursorResult[Any], result).rowcount == 1

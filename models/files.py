@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from models.db import one_row_changed
 from models.status import TERMINAL
 from models.tables import Artifact, Checkpoint, Job, UserDataset, utcnow
 
@@ -128,7 +129,7 @@ def claim_dataset_check(session: Session, *, stale_after: timedelta, per_key: in
             update(UserDataset).where(UserDataset.id == dataset_id, pending, free).values(check_started_at=now)
         )
         session.commit()
-        if claimed.rowcount == 1:
+        if one_row_changed(claimed):
             return session.get(UserDataset, dataset_id)
     session.commit()
     return None
@@ -197,12 +198,14 @@ def active_jobs_naming(
 ) -> list[str]:
     """Ids of the owner's queued or running jobs whose spec names the dataset, or the checkpoint (by id, as initial
     weights, or as a seed of the train job that made it). Read in Python: one key has few active jobs."""
-    rows = session.execute(select(Job.id, Job.spec).where(Job.owner_id == owner_id, Job.status.not_in(TERMINAL)))
+    rows = session.execute(
+        select(Job.id, Job.spec).where(Job.owner_id == owner_id, Job.status.not_in(TERMINAL))
+    ).tuples()
     names: set[str] = set()
     if dataset_id is not None:
         names.add(dataset_id)
     if checkpoint is not None:
-        names |= {checkpoint.id, checkpoint.job_id} - {None}
+        names |= {name for name in (checkpoint.id, checkpoint.job_id) if name is not None}
     return sorted(
         job_id
         for job_id, spec in rows

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from models.db import one_row_changed
 from models.status import JobStatus
 from models.tables import Job, utcnow
 
@@ -114,7 +115,7 @@ def claim(session: Session, job_id: str, worker_id: str) -> bool:
             progress=0.0,
         )
     )
-    return result.rowcount == 1
+    return one_row_changed(result)
 
 
 def reap_stale(session: Session, *, stale_after: timedelta, max_attempts: int) -> dict[str, str]:
@@ -132,7 +133,7 @@ def reap_stale(session: Session, *, stale_after: timedelta, max_attempts: int) -
             values = terminal(JobStatus.FAILED, error={"code": "worker_lost", "message": message})
         else:
             values = {"status": JobStatus.QUEUED, "enqueued_at": None, "worker_id": None}
-        if session.execute(update(Job).where(*still_stale).values(**values)).rowcount == 1:
+        if one_row_changed(session.execute(update(Job).where(*still_stale).values(**values))):
             actions[job.id] = values["status"]
     return actions
 
@@ -164,15 +165,16 @@ def finish(
     flag (the result is kept): a 202 to a cancel is never followed by `succeeded`.
     """
     succeeded = status == JobStatus.SUCCEEDED
+    ending: Any = status
     if succeeded:
-        status = case((Job.cancel_requested.is_(True), JobStatus.CANCELLED.value), else_=JobStatus.SUCCEEDED.value)
-    values = terminal(status, error=error)
+        ending = case((Job.cancel_requested.is_(True), JobStatus.CANCELLED.value), else_=JobStatus.SUCCEEDED.value)
+    values = terminal(ending, error=error)
     if result is not None:
         values["result"] = result
     if succeeded:
         values["progress"] = 1.0
     outcome = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING).values(**values))
-    return outcome.rowcount == 1
+    return one_row_changed(outcome)
 
 
 def request_cancel(session: Session, job: Job) -> bool:
@@ -190,7 +192,7 @@ def request_cancel(session: Session, job: Job) -> bool:
         .values(cancel_requested=True, **cancelled_if_queued)
     )
     session.refresh(job)
-    return outcome.rowcount == 1
+    return one_row_changed(outcome)
 
 
 def with_id_prefix(session: Session, prefix: str, *, owner_id: str, limit: int) -> Sequence[Job]:
@@ -281,7 +283,7 @@ def reserve_sending(session: Session, job_id: str) -> bool:
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None))
         .values(enqueued_at=utcnow())
     )
-    return result.rowcount == 1
+    return one_row_changed(result)
 
 
 def unreserve_sending(session: Session, job_id: str) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from models.db import one_row_changed
 from models.tables import Job, utcnow
 
 
@@ -25,10 +26,17 @@ def due(session: Session, *, room: int, per_key: int, busy: Mapping[str, int]) -
     due_at = func.coalesce(Job.webhook_next_at, Job.finished_at)
     rank = func.row_number().over(partition_by=Job.owner_id, order_by=(due_at, Job.id))
     ranked = select(Job.id, Job.owner_id, due_at.label("due_at"), rank.label("rank")).where(is_due(utcnow())).subquery()
-    heads = session.execute(
-        select(ranked.c.id, ranked.c.owner_id).where(ranked.c.rank <= per_key).order_by(ranked.c.due_at, ranked.c.id)
-    ).all()
-    taken, chosen = Counter(busy), []
+    heads = (
+        session.execute(
+            select(ranked.c.id, ranked.c.owner_id)
+            .where(ranked.c.rank <= per_key)
+            .order_by(ranked.c.due_at, ranked.c.id)
+        )
+        .tuples()
+        .all()
+    )
+    taken: Counter[str] = Counter(busy)
+    chosen: list[str] = []
     for job_id, owner_id in heads:
         if len(chosen) == room:
             break
@@ -42,7 +50,7 @@ def due(session: Session, *, room: int, per_key: int, busy: Mapping[str, int]) -
 def lease(session: Session, job_id: str, until: datetime) -> bool:
     """Take a due delivery until `until` (it is not due before then): True for the one API process that gets it."""
     taken = session.execute(update(Job).where(Job.id == job_id, is_due(utcnow())).values(webhook_next_at=until))
-    return taken.rowcount == 1
+    return one_row_changed(taken)
 
 
 def record(session: Session, job_id: str, **values: Any) -> None:

@@ -58,9 +58,21 @@ class MemoryEstimate:
 class OverBudget(SpecError):
     """The spec's estimate is over the budget; `field` is the spec field that contributes most."""
 
+    code = "over_budget"
+
     def __init__(self, message: str, field: str, estimate: MemoryEstimate, budget_bytes: int) -> None:
         super().__init__(message)
         self.field, self.estimate, self.budget_bytes = field, estimate, budget_bytes
+
+    @property
+    def details(self) -> dict[str, object]:
+        """What a 422 `over_budget` shows: the field to change, the estimate and its parts, the budget."""
+        return {
+            "field": f"spec.{self.field}",
+            "estimate_bytes": self.estimate.total_bytes,
+            "budget_bytes": self.budget_bytes,
+            "parts": self.estimate.parts,
+        }
 
 
 def data_size(spec: dict, data_dir: str | None) -> DataSize:

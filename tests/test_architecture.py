@@ -6,15 +6,20 @@ TYPE_CHECKING count too: a lazy import is still a dependency.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
-OURS = {"core", "api", "worker", "models", "jail", "starvation", "cli", "scripts", "migrations", "bench"}
+OURS = {"core", "api", "worker", "models", "results", "jail", "starvation", "cli", "scripts", "migrations", "bench"}
 
 FORBIDDEN: dict[str, set[str]] = {
     "core": OURS - {"core"},  # the ground floor: nothing of ours above it
     "models": OURS - {"models", "core"},
+    # The shapes of results, which the API serves and the worker checks: pydantic and the science's registries.
+    "results": OURS - {"results", "starvation"},
     "api": {"worker", "cli", "scripts", "bench"},
     "worker": {"api", "cli", "scripts", "bench"},
     "jail": OURS - {"jail", "core", "starvation"},
@@ -63,6 +68,7 @@ def test_the_check_finds_a_forbidden_import(tmp_path):
         "worker/runner.py": "def later():\n    import api.settings\n",
         "core/queue.py": "from models.db import database\n",
         "models/db.py": "from cli import config\n",
+        "results/train.py": "from models.db import database\n",
         "jail/child.py": "import worker\n",
         "starvation/training.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import sqlalchemy\n",
     }
@@ -72,3 +78,51 @@ def test_the_check_finds_a_forbidden_import(tmp_path):
     (tmp_path / "api" / "fine.py").write_text("from core.settings import get_settings\nfrom . import routes\n")
     found = forbidden_imports(tmp_path)
     assert sorted(line.split(":")[0] for line in found) == sorted(crossings)
+
+
+# A comparison of a job's kind with a kind's name: `job.kind == "train"`, `job["kind"] in ("train", "sweep")`,
+# `kind != JobKind.AUDIT`, `"repair" == kind`, in Python or in a template.
+KIND_BRANCH = re.compile(
+    r"""kind["']?\]?\s*(==|!=|\bnot\s+in\b|\bin\b)\s*[("'\[{]|kind["']?\]?\s*(==|!=)\s*JobKind\."""
+    r"""|["'][a-z_]+["']\s*(==|!=)\s*[\w.\[\]"']*kind\b|JobKind\.\w+\s*(==|!=)"""
+)
+# A kind's own modules may say what they are; everything else goes through the registries (api/kinds, worker/kinds).
+KIND_MODULES = ("api/kinds/", "results/", "api/dashboard/templates/kinds/")
+
+
+def kind_branches(root: Path) -> list[str]:
+    """path:line of every comparison with a kind's name outside the kind modules."""
+    found = []
+    for room in ("core", "models", "api", "worker", "jail", "cli"):
+        for path in sorted((root / room).rglob("*")):
+            relative = path.relative_to(root).as_posix()
+            if path.suffix not in (".py", ".html") or relative.startswith(KIND_MODULES):
+                continue
+            if relative.startswith("worker/") and path.name.endswith("_job.py"):  # the worker's kind modules
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if KIND_BRANCH.search(line):
+                    found.append(f"{relative}:{number}: {line.strip()}")
+    return found
+
+
+def test_nothing_outside_the_kind_modules_branches_on_a_kind():
+    assert kind_branches(ROOT) == []
+
+
+@pytest.mark.parametrize("line", [
+    'if job.kind == "train":',
+    "    summary = x if job['kind'] in ('train', 'sweep') else y",
+    '{% if job.kind == "audit" and report %}',
+    "if kind != JobKind.AUDIT:",
+    'if "repair" == job.kind:',
+    "steps = spec.get('steps') if kind == 'train' else None",
+])
+def test_the_kind_check_finds_a_branch(tmp_path, line):
+    (tmp_path / "api" / "dashboard" / "templates" / "kinds").mkdir(parents=True)
+    (tmp_path / "api" / "service.py").write_text(f"{line}\n")
+    (tmp_path / "api" / "kinds").mkdir()
+    (tmp_path / "api" / "kinds" / "audit.py").write_text(f"{line}\n")  # allowed: the kind's own module
+    (tmp_path / "worker").mkdir()
+    (tmp_path / "worker" / "audit_job.py").write_text(f"{line}\n")  # allowed too
+    assert kind_branches(tmp_path) == [f"api/service.py:1: {line.strip()}"]

@@ -8,11 +8,15 @@ from typing import Any
 from core.paths import dataset_index_path
 from models import files as files_repo
 from models import jobs as jobs_repo
+from results.audit import AuditResult
+from worker.context import JobContext
 from worker.devices import pick_device
 from worker.files import add_artifact
 
+Result = AuditResult  # what run() returns (worker/kinds.py checks it before it is recorded)
 
-def load_dataset(ctx, dataset_spec: dict[str, Any], seed: int, device: str = "cpu"):
+
+def load_dataset(ctx: JobContext, dataset_spec: dict[str, Any], seed: int, device: str = "cpu"):
     """A built-in dataset by name, or a dataset the job's owner registered, by id (an image folder streams from
     its checked index, read by GS_DATA_WORKERS processes, pinned for a GPU `device`)."""
     from starvation import datasets
@@ -47,7 +51,7 @@ def load_dataset(ctx, dataset_spec: dict[str, Any], seed: int, device: str = "cp
     )
 
 
-def audit_model(ctx, model, dataset, *, spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def audit_model(ctx: JobContext, model, dataset, *, spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Run the probes, register the plots and the JSON report as artifacts, return the report."""
     from starvation.audit import run_audit
 
@@ -68,7 +72,7 @@ def audit_model(ctx, model, dataset, *, spec: dict[str, Any], prefix: str = "") 
     return report
 
 
-def checkpoint_to_audit(ctx, spec: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+def checkpoint_to_audit(ctx: JobContext, spec: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     """(path, format, model_info) of the named checkpoint, or the first seed of a train job
     (its safetensors weights: our own network, which needs no jail)."""
     with ctx.db.session() as session:
@@ -100,7 +104,7 @@ def load_model(
     CPU (pass `settings` for its limits; `repair=True` readies the jail to replace the head; `interrupt`, the
     job's `stop_if_asked`, is called every second while the jail works, so a cancel or deadline ends it).
     Safetensors weights fill one of our own networks, which runs here, on `device`."""
-    options = {
+    options: dict[str, Any] = {
         "input_shape": list(model_info["input_shape"]) if model_info.get("input_shape") else None,
         "feature_layer": layer,
     }
@@ -128,7 +132,7 @@ def load_model(
     ).to(device)
 
 
-def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
+def run(spec: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     path, fmt, model_info = checkpoint_to_audit(ctx, spec)
     device = "cpu" if fmt in ("torchscript", "onnx") else pick_device(spec.get("device"), ctx.settings.device)
     model = load_model(

@@ -32,7 +32,7 @@ def _may_start_data_loaders(**_: object) -> None:
     # DataLoader needs them (GS_DATA_WORKERS). Its workers watch this process and exit when it does.
     import multiprocessing
 
-    multiprocessing.current_process()._config["daemon"] = False
+    multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]  # no public setter
 
 
 @worker_process_init.connect

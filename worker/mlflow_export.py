@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from core import outbound
+from models.kinds import JobKind
 
 JOB_ID_TAG = "gs.job_id"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
@@ -138,6 +139,7 @@ class MlflowRun:
             next_try = time.monotonic() + self.retry_s
         while True:
             wake = max(oldest + self.flush_s, next_try) if pending else next_try if self.run_id is None else None
+            item: tuple[int, list[dict]] | tuple[()] | str | None
             try:
                 item = self._items.get(timeout=None if wake is None else max(0.0, wake - time.monotonic()))
             except queue.Empty:
@@ -278,7 +280,7 @@ class MlflowRun:
 
 
 def run_tags(job_id: str, spec: dict) -> dict[str, str]:
-    tags = {JOB_ID_TAG: job_id, "gs.kind": "train", "mlflow.source.name": "gradient-starvation-service"}
+    tags = {JOB_ID_TAG: job_id, "gs.kind": str(JobKind.TRAIN), "mlflow.source.name": "gradient-starvation-service"}
     method = (spec.get("method") or {}).get("name")
     if method:
         tags["gs.method"] = str(method)
@@ -315,9 +317,9 @@ def log_artifacts(artifact_uri: str, tracking_uri: str, documents: dict[str, dic
             path.write_text(json.dumps(document, indent=2))
             repository.log_artifact(str(path))
     for report in reports:  # each seed's report and its plots, beside it in the seed's audit folder
-        folder = Path(report).parent
-        for file in [Path(report), *sorted(folder.glob("*.png"))]:
-            repository.log_artifact(str(file), f"report/{folder.name}")
+        seed_folder = Path(report).parent
+        for file in [Path(report), *sorted(seed_folder.glob("*.png"))]:
+            repository.log_artifact(str(file), f"report/{seed_folder.name}")
 
 
 def check_artifact_uri(artifact_uri: str, tracking_uri: str) -> None:

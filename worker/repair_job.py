@@ -13,16 +13,19 @@ from typing import Any
 
 from models import files as files_repo
 from models import jobs as jobs_repo
+from results.repair import RepairResult
 from worker import audit_job
+from worker.context import JobCancelled, JobContext
 from worker.devices import pick_device
 from worker.files import add_artifact, add_checkpoint
-from worker.runner import JobCancelled
 
 CHECK_ROWS = 256  # examples on which the repaired model, written and read again, must give the logits it was made with
 FINETUNE_CHUNK = 50  # a jailed fine-tuning's updates per call: progress and cancellation between them
 
+Result = RepairResult  # what run() returns (worker/kinds.py checks it before it is recorded)
 
-def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
+
+def run(spec: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     from starvation.checkpoints import CheckpointError
     from starvation.errors import SpecError
     from starvation.repair import build_repair_method
@@ -107,7 +110,7 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
 
 
 def finetune(
-    ctx,
+    ctx: JobContext,
     spec: dict[str, Any],
     method,
     parent_id: str,
@@ -229,7 +232,7 @@ def finetune(
     }
 
 
-def jailed_candidates(ctx, model, method, seed: int):
+def jailed_candidates(ctx: JobContext, model, method, seed: int):
     """`finetune_sd`'s candidate runs of a TorchScript model, in its jail, `FINETUNE_CHUNK` updates per call (progress
     and cancellation between them); each keeps (its file's bytes, its logits on the first `CHECK_ROWS` held-out
     rows)."""
@@ -277,7 +280,7 @@ def head_shape_of(model) -> list[int] | None:
     return list(head.weight.shape)
 
 
-def registered_finetuned(ctx, done, model_info: dict[str, Any], parent_id: str, seed: int):
+def registered_finetuned(ctx: JobContext, done, model_info: dict[str, Any], parent_id: str, seed: int):
     """The kept TorchScript candidate written, registered with its parent and opened in a new jail, checked to give
     the logits it was chosen with."""
     data, check_x, expected = done.kept
@@ -297,7 +300,7 @@ def registered_finetuned(ctx, done, model_info: dict[str, Any], parent_id: str, 
     return after_model, ids
 
 
-def checkpoint_to_repair(ctx, spec: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
+def checkpoint_to_repair(ctx: JobContext, spec: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
     """(id, path, format, model_info) of the named checkpoint, or of the train job's seed (its
     safetensors weights: our own network)."""
     with ctx.db.session() as session:
@@ -350,7 +353,7 @@ def training_features(features, train, dataset):
     return TrainingFeatures(features=features, y=train.y, attribute=train.attribute, splits=list(dataset.train_splits))
 
 
-def save_repaired(ctx, model, fmt: str, model_info: dict[str, Any], head, parent_id: str, seed: int):
+def save_repaired(ctx: JobContext, model, fmt: str, model_info: dict[str, Any], head, parent_id: str, seed: int):
     """Write the repaired model in the input's format family and register it with its parent.
     Returns ({format: checkpoint id}, path of the file in the input's format)."""
     from starvation.checkpoints import save_checkpoint
@@ -378,7 +381,9 @@ def save_repaired(ctx, model, fmt: str, model_info: dict[str, Any], head, parent
     return register(ctx, files, model_info, parent_id, seed), files[fmt]
 
 
-def register(ctx, files: dict[str, Any], model_info: dict[str, Any], parent_id: str, seed: int) -> dict[str, str]:
+def register(
+    ctx: JobContext, files: dict[str, Any], model_info: dict[str, Any], parent_id: str, seed: int
+) -> dict[str, str]:
     """The repaired model's files ({format: path}) as checkpoints with their parent, and as the job's artifacts;
     {format: checkpoint id}."""
     ids = {}
@@ -433,6 +438,6 @@ def summary_of(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def stop_if_asked(ctx) -> None:
+def stop_if_asked(ctx: JobContext) -> None:
     if ctx.should_stop():
         raise JobCancelled

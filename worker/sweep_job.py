@@ -5,16 +5,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from results.sweep import SweepResult
 from worker import audit_job
+from worker.context import JobContext
 from worker.devices import pick_device
 from worker.train_job import SERVICE_FIELDS, audit_checkpoints, register_checkpoints
 
+Result = SweepResult  # what run() returns (worker/kinds.py checks it before it is recorded)
 
-def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
+
+def run(spec: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     from starvation.datasets import DATASETS
     from starvation.training.sweep import sweep
 
     device = pick_device(spec.get("device"), ctx.settings.device)
+
+    def store_metrics(batch: list[Any]) -> None:
+        # Every setting's splits at every evaluation: stored, but too many for a log line (the log says the choice).
+        ctx.on_metrics(batch, log_lines=False)
+
     name = spec["dataset"]["name"]
     registered = name not in DATASETS
     outcome = sweep(
@@ -22,8 +31,7 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
         out_dir=ctx.work_dir,
         device=device,
         data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
-        # Every setting's splits at every evaluation: stored, but too many for a log line (the log says the choice).
-        on_metrics=lambda batch: ctx.on_metrics(batch, log_lines=False),
+        on_metrics=store_metrics,
         on_progress=lambda fraction: ctx.on_progress(0.9 * fraction if spec.get("audit") else fraction),
         should_stop=ctx.should_stop,
         dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0, device=device) if registered else None,

@@ -6,7 +6,9 @@ import logging
 from typing import Any
 
 from core.paths import resume_dir
+from results.train import TrainResult
 from worker import audit_job
+from worker.context import JobContext
 from worker.devices import pick_device
 from worker.files import add_artifact, add_checkpoint
 
@@ -14,8 +16,10 @@ log = logging.getLogger("gs.worker")
 
 SERVICE_FIELDS = ("timeout_s", "mlflow", "init_checkpoint_id")  # spec fields the service acts on, not the engine
 
+Result = TrainResult  # what run() returns (worker/kinds.py checks it before it is recorded)
 
-def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
+
+def run(spec: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     from starvation.datasets import DATASETS
     from starvation.training import ResolvedTrainSpec, TrainingStopped, spec_warnings, train
 
@@ -67,7 +71,7 @@ def run(spec: dict[str, Any], ctx) -> dict[str, Any]:
     return result
 
 
-def initial_weights(ctx, checkpoint_id: str | None) -> dict[str, Any] | None:
+def initial_weights(ctx: JobContext, checkpoint_id: str | None) -> dict[str, Any] | None:
     """The state dict of the owner's safetensors checkpoint to start from (safetensors: nothing is unpickled)."""
     if checkpoint_id is None:
         return None
@@ -83,7 +87,7 @@ def initial_weights(ctx, checkpoint_id: str | None) -> dict[str, Any] | None:
     return load_file(path)
 
 
-def register_checkpoints(ctx, checkpoints: list[Any], prefix: str = "") -> list[dict[str, Any]]:
+def register_checkpoints(ctx: JobContext, checkpoints: list[Any], prefix: str = "") -> list[dict[str, Any]]:
     """Each trained network as two checkpoints (TorchScript, safetensors) and artifacts of the job, named
     `prefix` + the file's name: [{"seed", "torchscript": id, "safetensors": id}]."""
     registered = []
@@ -129,7 +133,7 @@ def audit_checkpoints(
     return {"reports": reports, "summary": pool_reliance(reports)}
 
 
-def start_mlflow(spec: dict[str, Any], ctx) -> Any:
+def start_mlflow(spec: dict[str, Any], ctx: JobContext) -> Any:
     """The job's MLflow run, logging its metrics from now on; its troubles are warnings in the job's log."""
     import os
 
@@ -157,7 +161,7 @@ def start_mlflow(spec: dict[str, Any], ctx) -> Any:
     return run
 
 
-def stored_metrics(ctx) -> list[dict[str, Any]]:
+def stored_metrics(ctx: JobContext) -> list[dict[str, Any]]:
     """The job's metrics stored already: what an earlier attempt kept for this one, which resumes after them (a
     resumed seed does not report its earlier steps again). None when the database cannot say: MLflow is no
     reason to fail the job."""

@@ -19,16 +19,19 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
-from api import jobs_service
+from api import job_streams, jobs_service, paging
 from api.dashboard import session as browser
 from api.dashboard import views
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
+from api.kinds import KINDS, repair
+from api.kinds.repair import RepairJobCreate
+from api.kinds.train import TrainJobCreate
 from api.routes.keys import may_manage
-from api.schemas import RepairJobCreate, TrainJobCreate
 from api.streams import open_stream
 from models import auth as auth_repo
 from models import files as files_repo
+from models.kinds import JobKind
 from models.status import TERMINAL, JobStatus
 from models.tables import Job
 
@@ -56,7 +59,6 @@ STATIC = {
     "jobs.js": "text/javascript",
     "compare.js": "text/javascript",
 }
-KINDS = ("train", "audit", "repair", "sweep")
 SECURITY_HEADERS = {
     # Only our own scripts; inline style attributes (the sweep's heat maps); plots arrive as data: URIs.
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -155,7 +157,7 @@ def jobs_page(
     status = JobStatus(status) if status in set(JobStatus) else None  # an unknown filter: every job, as before
     kind = kind if kind in KINDS else None
     try:
-        jobs, next_cursor = jobs_service.list_jobs(
+        jobs, next_cursor = paging.list_jobs(
             session, principal.owner_id, limit=limit, cursor=cursor or None, kind=kind, status=status
         )
     except ApiError:
@@ -171,7 +173,7 @@ def jobs_page(
             "status": status,
             "kind": kind,
             "statuses": list(JobStatus),
-            "kinds": KINDS,
+            "kinds": list(KINDS),
             "next_cursor": next_cursor,
             "limit": limit,
             "presets": sorted(PRESETS),
@@ -234,7 +236,7 @@ def job_page(job_id: str, request: Request, session: SessionDep, principal: brow
     if job is None:
         return not_found_page(request, "job")
     report = views.report_or_none(job)
-    recent, _ = jobs_service.list_jobs(session, principal.owner_id, limit=50, kind="train")
+    recent, _ = paging.list_jobs(session, principal.owner_id, limit=50, kind=JobKind.TRAIN)
     others = [views.job_row(j) for j in recent if j.id != job.id]
     return page(
         request,
@@ -244,12 +246,12 @@ def job_page(job_id: str, request: Request, session: SessionDep, principal: brow
             "row": views.job_row(job),
             "report": report,
             "summary": views.summary_rows(job, report),
-            "sweep": views.sweep_view(job),
+            "sweep": views.sweep_view(job),  # a finished sweep's settings (templates/kinds/sweep.html)
             "spec_json": json.dumps(job.spec, indent=2),
             "others": others,
             "downloads": views.downloads(session, job, principal.owner_id),
             "warnings": jobs_service.job_warnings(job),
-            "mlflow_run": ((job.result or {}).get("mlflow") or {}).get("run_id") and job.result["mlflow"],
+            "mlflow_run": ((job.result or {}).get("mlflow") or {}).get("run_id") and (job.result or {})["mlflow"],
             "page_data": {
                 "id": job.id,
                 "kind": job.kind,
@@ -277,13 +279,8 @@ def repair_audited_model(
     if not browser.csrf_ok(request, csrf):
         return expired_form(request)
     job = owned_job(session, job_id, principal.owner_id)
-    if job is None or job.kind != "audit":
+    if job is None or (audited := repair.of_audit(job)) is None:
         return not_found_page(request, "audit job")
-    audited = {
-        k: job.spec.get(k)
-        for k in ("checkpoint_id", "train_job_id", "dataset", "spurious_attribute", "seed", "probes", "layer")
-        if job.spec.get(k) is not None
-    }
     try:
         body = RepairJobCreate(kind="repair", tags={"source": "dashboard", "audit_job": job.id}, spec=audited)
         created = jobs_service.submit_once(session, body, principal, settings, idempotency_key=form_key)
@@ -328,7 +325,7 @@ def cancel(
 def job_events(job_id: str, request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     """The API's event stream (status, progress, metrics), for a signed-in browser."""
     principal = browser.require_principal(request, session)
-    events = jobs_service.follow(session, job_id, principal, request.is_disconnected)
+    events = job_streams.follow(session, job_id, principal, request.is_disconnected)
     # Proxies must pass events through as they come.
     return open_stream(
         principal.owner_id,
@@ -374,9 +371,9 @@ def download_artifact(
 def compare_page(
     request: Request, session: SessionDep, principal: browser.SignedInDep, a: str | None = None, b: str | None = None
 ) -> Response:
-    recent, _ = jobs_service.list_jobs(session, principal.owner_id, limit=100)
+    recent, _ = paging.list_jobs(session, principal.owner_id, limit=100)
     choices = [views.job_row(j) for j in recent]
-    sides = []
+    sides: list[dict[str, Any]] = []
     for label, job_id in (("A", a), ("B", b)):
         job = owned_job(session, job_id, principal.owner_id) if job_id else None
         if job_id and job is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -11,26 +12,15 @@ from sqlalchemy.orm import Session
 
 from api import jobs_service
 from api.errors import ApiError
+from api.kinds import KINDS
 from models import files as files_repo
+from models.kinds import JobKind
 from models.status import TERMINAL, JobStatus
 from models.tables import Job
 
 
 def describe(job: Job) -> str:
-    spec = job.spec or {}
-    if job.kind in ("train", "sweep"):
-        method = (spec.get("method") or {}).get("name")
-        name = spec.get("preset") or method or "train"
-        seeds = f"seeds {', '.join(map(str, spec.get('seeds') or []))}"
-        if job.kind == "sweep":
-            return f"{name} sweep of {setting_count(spec)} settings, {spec.get('steps')} steps, {seeds}"
-        return f"{name}, {spec.get('steps')} steps, {seeds}"
-    source = (
-        f"checkpoint {spec['checkpoint_id'][:10]}…"
-        if spec.get("checkpoint_id")
-        else f"train job {str(spec.get('train_job_id'))[:10]}…"
-    )
-    return f"{source} on {(spec.get('dataset') or {}).get('name', '?')}"
+    return KINDS[job.kind].summary(job).what
 
 
 def mean_of(stats: Any) -> float | None:
@@ -44,12 +34,9 @@ def std_of(stats: Any) -> float | None:
 
 
 def reliance(job: Job) -> dict[str, Any]:
-    """{"score", "std", "verdict", "interval", "per_seed"} of a train job's audit summary (pooled over
-    seeds) or an audit job's report."""
-    result = job.result or {}
-    summary = (result.get("audit") or {}).get("summary") if job.kind in ("train", "sweep") else result.get("summary")
-    if job.kind == "repair":
-        summary = result.get("after")  # the repaired model's
+    """{"score", "std", "verdict", "interval", "per_seed"} of the reliance the job measured (its kind's `reliance`:
+    a train job's pooled over seeds, an audit's, a repaired model's)."""
+    summary = KINDS[job.kind].reliance(job)
     if not summary:
         return {"score": None, "std": None, "verdict": None, "interval": None, "per_seed": []}
     score = summary.get("reliance_score")
@@ -72,17 +59,15 @@ def report_or_none(job: Job) -> dict[str, Any] | None:
 
 
 def job_row(job: Job) -> dict[str, Any]:
-    splits = (job.result or {}).get("splits") or {}
-    if job.kind == "sweep":  # a sweep has no splits of its own: the chosen setting's stand for it
-        splits = {"test": (chosen_setting(job) or {}).get("test") or {}}
+    summary = KINDS[job.kind].summary(job)
     return {
         "id": job.id,
         "kind": job.kind,
         "status": job.status,
         "progress": job.progress or 0.0,
         "created_at": job.created_at.strftime("%Y-%m-%d %H:%M:%S") if job.created_at else "",
-        "describe": describe(job),
-        "test_accuracy": mean_of((splits.get("test") or {}).get("accuracy")),
+        "describe": summary.what,
+        "test_accuracy": summary.numbers.get("test_accuracy"),
         "reliance": reliance(job),
         "active": job.status not in TERMINAL,
     }
@@ -96,37 +81,16 @@ def duration_s(job: Job) -> float | None:
 
 def summary_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
     """(label, value) pairs for the job page and for one column of the comparison."""
-    spec, result = job.spec or {}, job.result or {}
-    splits = result.get("splits") or {}
-    counterfactual = (report or {}).get("counterfactual") or {}
-    starved = result.get("starved_fraction") or {}
     rows: list[tuple[str, Any]] = [("kind", job.kind), ("status", job.status), ("what", describe(job))]
-    if job.kind == "train":
-        method, optimizer = spec.get("method") or {}, spec.get("optimizer") or {}
-        rows += [
-            ("method", method.get("name")),
-            ("sd_lambda", method.get("sd_lambda")),
-            ("optimizer", f"{optimizer.get('name')} lr {optimizer.get('lr')}"),
-        ]
-        for split in splits:
-            rows.append((f"{split} accuracy", splits[split].get("accuracy")))
-        rows.append(
-            (
-                "starved fraction at step 0 → end",
-                f"{fmt(starved.get('first'))} → {fmt(starved.get('last'))}" if starved else None,
-            )
-        )
-    if job.kind == "repair":
-        return rows + repair_rows(job)
-    if job.kind == "sweep":
-        rows += [
-            ("selection", result.get("selection")),
-            ("chosen setting", params_text(result.get("chosen_params"))),
-            ("scored by", f"{result['metric']} on {result['scored_on']}" if result.get("metric") else None),
-            ("held out to choose on", result.get("holdout")),
-        ]
+    kind_rows = KIND_ROWS.get(job.kind)  # optional: a kind without rows of its own shows the reliance rows only
+    return rows + (kind_rows(job, report) if kind_rows else reliance_rows(job, report))
+
+
+def reliance_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
+    """The reliance the job measured, its report's counterfactual and group accuracies, and its run time."""
+    counterfactual = (report or {}).get("counterfactual") or {}
     rel = reliance(job)
-    rows += [
+    return [
         ("reliance score", {"mean": rel["score"], "std": rel["std"]} if rel["std"] is not None else rel["score"]),
         ("reliance score, 95% interval", rel["interval"]),
         ("verdict", rel["verdict"]),
@@ -148,21 +112,40 @@ def summary_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
         ("worst-group accuracy", (report or {}).get("worst_group_accuracy")),
         ("run time", f"{duration_s(job):.1f} s" if duration_s(job) is not None else None),
     ]
-    return rows
 
 
-def setting_count(spec: dict[str, Any]) -> int:
-    """How many settings a sweep spec's grid makes (known before the result is)."""
-    from math import prod
+def train_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
+    """A train job's method, optimizer, final accuracy per split and starved fraction, then its reliance."""
+    spec, result = job.spec or {}, job.result or {}
+    splits = result.get("splits") or {}
+    starved = result.get("starved_fraction") or {}
+    method, optimizer = spec.get("method") or {}, spec.get("optimizer") or {}
+    rows: list[tuple[str, Any]] = [
+        ("method", method.get("name")),
+        ("sd_lambda", method.get("sd_lambda")),
+        ("optimizer", f"{optimizer.get('name')} lr {optimizer.get('lr')}"),
+    ]
+    for split in splits:
+        rows.append((f"{split} accuracy", splits[split].get("accuracy")))
+    rows.append(
+        (
+            "starved fraction at step 0 → end",
+            f"{fmt(starved.get('first'))} → {fmt(starved.get('last'))}" if starved else None,
+        )
+    )
+    return rows + reliance_rows(job, report)
 
-    return prod(len(values) for values in (spec.get("grid") or {}).values())
 
-
-def chosen_setting(job: Job) -> dict[str, Any] | None:
-    """A finished sweep's chosen setting (its params, scores and checkpoints); None before it finishes."""
+def sweep_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
+    """A sweep's rule and choice, then the chosen setting's reliance."""
     result = job.result or {}
-    settings = result.get("settings") or []
-    return settings[result["chosen"]] if job.kind == "sweep" and settings else None
+    rows: list[tuple[str, Any]] = [
+        ("selection", result.get("selection")),
+        ("chosen setting", params_text(result.get("chosen_params"))),
+        ("scored by", f"{result['metric']} on {result['scored_on']}" if result.get("metric") else None),
+        ("held out to choose on", result.get("holdout")),
+    ]
+    return rows + reliance_rows(job, report)
 
 
 def params_text(params: dict[str, Any] | None) -> str | None:
@@ -178,7 +161,7 @@ def sweep_view(job: Job) -> dict[str, Any] | None:
     grid is exactly λ and γ (either order), heat maps of the chosen metric on validation and test: rows are the
     grid's first key and columns its last, as the engine's settings run (the last key varying fastest)."""
     result, grid = job.result or {}, (job.spec or {}).get("grid") or {}
-    if job.kind != "sweep" or not result.get("settings"):
+    if not result.get("settings"):
         return None
     metric, chosen = result["metric"], result["chosen"]
     rows = [
@@ -232,7 +215,7 @@ def _heat_cells(settings: list[dict], part: str, metric: str, columns: int, chos
     return [cells[start : start + columns] for start in range(0, len(cells), columns)]
 
 
-def repair_rows(job: Job) -> list[tuple[str, Any]]:
+def repair_rows(job: Job, report: dict | None) -> list[tuple[str, Any]]:
     """A repair job's outcome: each number before → after, and what the repair chose."""
     result = job.result or {}
     before, after = result.get("before") or {}, result.get("after") or {}
@@ -326,3 +309,12 @@ def size_text(size_bytes: int) -> str:
     if size_bytes < 1024**2:
         return f"{size_bytes / 1024:.1f} KiB"
     return f"{size_bytes / 1024**2:.1f} MiB"
+
+
+# A page's rows of a kind's own, beyond the reliance rows every kind shows (optional, as its template is:
+# templates/kinds/<kind>.html).
+KIND_ROWS: dict[str, Callable[[Job, dict | None], list[tuple[str, Any]]]] = {
+    JobKind.TRAIN: train_rows,
+    JobKind.SWEEP: sweep_rows,
+    JobKind.REPAIR: repair_rows,
+}

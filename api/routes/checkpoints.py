@@ -15,16 +15,8 @@ from api.errors import ApiError, not_found
 from api.files_service import check_storage_quota
 from api.files_service import delete_checkpoint as delete_stored_checkpoint
 from api.idempotency import replay_if_seen, replay_or_create
-from api.schemas import (
-    CREATE_ERRORS,
-    KEYED_ERRORS,
-    BinaryUpload,
-    CheckpointOut,
-    CheckpointPage,
-    error_responses,
-    links_to,
-    media_response,
-)
+from api.responses import CREATE_ERRORS, KEYED_ERRORS, error_responses, links_to, media_response
+from api.schemas import BinaryUpload, CheckpointOut, CheckpointPage
 from api.uploads import save_limited
 from models import files as files_repo
 from models.tables import Checkpoint, new_id

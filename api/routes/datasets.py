@@ -16,7 +16,8 @@ from api.errors import ApiError, not_found, without_server_paths
 from api.files_service import check_storage_quota
 from api.files_service import delete_dataset as delete_stored_dataset
 from api.idempotency import replay_or_create
-from api.schemas import CREATE_ERRORS, KEYED_ERRORS, BinaryUpload, DatasetList, DatasetOut, error_responses, links_to
+from api.responses import CREATE_ERRORS, KEYED_ERRORS, error_responses, links_to
+from api.schemas import BinaryUpload, DatasetList, DatasetOut
 from api.uploads import save_limited
 from models import files as files_repo
 from models.tables import new_id

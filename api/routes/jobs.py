@@ -7,34 +7,19 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
-from api import jobs_service
+from api import job_streams, jobs_service, paging
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import not_found
 from api.hygiene import MAX_DB_INT
+from api.job_bodies import JobCreate, JobOut, JobPage
 from api.jobs_service import job_out, owned_job
-from api.schemas import (
-    CREATE_ERRORS,
-    KEYED_ERRORS,
-    MAX_SEED,
-    ArtifactList,
-    ArtifactOut,
-    JobCreate,
-    JobOut,
-    JobPage,
-    KindFilter,
-    LogPage,
-    MetricOut,
-    MetricPage,
-    RepairReport,
-    Report,
-    StatusFilter,
-    error_responses,
-    links_to,
-    media_response,
-)
+from api.responses import CREATE_ERRORS, KEYED_ERRORS, error_responses, links_to, media_response
+from api.schemas import MAX_SEED, ArtifactList, ArtifactOut, KindFilter, LogPage, MetricOut, MetricPage, StatusFilter
 from api.streams import open_stream
 from models import files as files_repo
 from models import metrics as metrics_repo
+from results.repair import RepairReport
+from results.report import Report
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(*KEYED_ERRORS))
 OF_A_JOB = error_responses(404, 409)  # every route under /v1/jobs/{job_id} (409: an id prefix two jobs share)
@@ -113,8 +98,8 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: str | None = None,
 ):
-    tags = jobs_service.tag_filters(tag)
-    items, next_cursor = jobs_service.list_jobs(
+    tags = paging.tag_filters(tag)
+    items, next_cursor = paging.list_jobs(
         session, principal.owner_id, limit=limit, cursor=cursor, kind=kind, status=status, tags=tags
     )
     return JobPage(items=[job_out(j) for j in items], next_cursor=next_cursor)
@@ -157,13 +142,13 @@ def list_job_metrics(
         seed=seed,
         split=split,
         since_step=since_step,
-        after_id=jobs_service.after_row(cursor),
+        after_id=paging.after_row(cursor),
         limit=limit + 1,
     )
     items, more = rows[:limit], len(rows) > limit
     return MetricPage(
         items=[MetricOut(step=m.step, name=m.name, value=m.value, seed=m.seed, split=m.split) for m in items],
-        next_cursor=jobs_service.encode_cursor(items[-1].id) if more else None,
+        next_cursor=paging.encode_cursor(items[-1].id) if more else None,
     )
 
 
@@ -193,8 +178,8 @@ def get_job_logs(
     """The job's own log: its start, each evaluation, warnings, and how it ended."""
     job_id = owned_job(session, job_id, principal.owner_id).id
     if not follow:
-        return jobs_service.logs_page(session, job_id, cursor=cursor, limit=limit)
-    lines = jobs_service.follow_logs(job_id, cursor, principal, request.is_disconnected)
+        return job_streams.logs_page(session, job_id, cursor=cursor, limit=limit)
+    lines = job_streams.follow_logs(job_id, cursor, principal, request.is_disconnected)
     return open_stream(principal.owner_id, settings, lines, "application/x-ndjson")
 
 
@@ -203,7 +188,7 @@ def stream_job_events(
     job_id: str, request: Request, session: SessionDep, principal: PrincipalDep, settings: SettingsDep
 ):
     """Server-Sent Events: `status` on every change of status or progress, `metrics` and `logs` for new rows."""
-    events = jobs_service.follow(session, job_id, principal, request.is_disconnected)
+    events = job_streams.follow(session, job_id, principal, request.is_disconnected)
     return open_stream(principal.owner_id, settings, events, "text/event-stream")
 
 

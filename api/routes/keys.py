@@ -9,16 +9,8 @@ from fastapi import APIRouter, Header, Query
 from api.deps import AdminDep, Principal, PrincipalDep, SessionDep
 from api.errors import not_found
 from api.idempotency import body_hash, replay_or_create
-from api.schemas import (
-    CREATE_ERRORS,
-    KEYED_ERRORS,
-    ApiKeyCreate,
-    ApiKeyOut,
-    ApiKeyPage,
-    ApiKeySummary,
-    error_responses,
-    links_to,
-)
+from api.responses import CREATE_ERRORS, KEYED_ERRORS, error_responses, links_to
+from api.schemas import ApiKeyCreate, ApiKeyOut, ApiKeyPage, ApiKeySummary
 from models import auth as auth_repo
 
 router = APIRouter(prefix="/v1/api-keys", tags=["auth"], responses=error_responses(*KEYED_ERRORS))

@@ -13,9 +13,11 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from api.deps import AuthorizationDep, SessionDep, SettingsDep, admin_principal, current_principal
-from api.schemas import JobKind, Readiness, error_responses, media_response
+from api.responses import error_responses, media_response
+from api.schemas import Readiness
 from core.queue import QUEUES, check_broker
 from models.db import database
+from models.kinds import JobKind
 from models.status import JobStatus
 from models.tables import Job, utcnow
 
@@ -58,7 +60,9 @@ DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 12 
 
 def job_metric_families(session: Session, now: datetime) -> list[Metric]:
     """The service's state as Prometheus families, read from the jobs table (the truth)."""
-    counts = {(kind.value, status): 0 for kind in JobKind for status in JobStatus}  # zeros too: every series exists
+    counts: dict[tuple[str, str], int] = {
+        (kind.value, status): 0 for kind in JobKind for status in JobStatus
+    }  # zeros too: every series exists
     for kind, status, count in session.execute(
         select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
     ):
@@ -81,7 +85,7 @@ def job_metric_families(session: Session, now: datetime) -> list[Metric]:
         select(func.max(Job.heartbeat_at), func.min(Job.heartbeat_at)).where(Job.status == JobStatus.RUNNING)
     ).one()
     # Only while a job runs: with none running there is no heartbeat to be late.
-    if newest is not None:
+    if newest is not None and oldest is not None:
         families.append(
             GaugeMetricFamily(
                 "gs_worker_heartbeat_age_seconds",
@@ -116,6 +120,8 @@ def duration_histogram(session: Session) -> HistogramMetricFamily:
         )
     )
     for kind, status, started_at, finished_at in rows:
+        if started_at is None or finished_at is None:  # (the query leaves none out: for the type checker)
+            continue
         durations.setdefault((kind, status), []).append(max(0.0, (finished_at - started_at).total_seconds()))
     family = HistogramMetricFamily(
         "gs_job_duration_seconds", "Run time of finished jobs, from start to finish.", labels=["kind", "status"]

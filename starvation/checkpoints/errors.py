@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from starvation.errors import CodedError
+
 _MESSAGE_CHARS = 300
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CodedError, ValueError):
     """An uploaded model we will not use, with a snake_case `code` and a message for a person.
 
     The message is ours: it never quotes what a model computed or raised. What a loader or the
@@ -13,9 +15,7 @@ class CheckpointError(ValueError):
     """
 
     def __init__(self, code: str, message: str, *, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code)
         self.detail = detail
 
 

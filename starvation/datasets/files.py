@@ -23,9 +23,7 @@ MAX_IMAGE_PIXELS = 50_000_000  # one image (150 MB as RGB); below Pillow's own 8
 class DatasetError(SpecError):
     """A user's dataset is refused: `code` is "invalid_dataset", or "too_large" for a size limit."""
 
-    def __init__(self, message: str, code: str = "invalid_dataset") -> None:
-        super().__init__(message)
-        self.code = code
+    code = "invalid_dataset"
 
 
 @dataclass(frozen=True, eq=False)

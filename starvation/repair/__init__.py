@@ -19,23 +19,19 @@ from starvation.repair.heads import (
     torchscript_bytes,
 )
 from starvation.repair.methods import (
-    NOT_YET_AVAILABLE,
     REPAIR_METHODS,
     HeadRepair,
     RepairMethod,
-    UnsupportedMethod,
     build_repair_method,
 )
 
 __all__ = [
-    "NOT_YET_AVAILABLE",
     "REPAIR_METHODS",
     "HeadRepair",
     "LinearHead",
     "NoLinearHead",
     "RepairMethod",
     "TrainingFeatures",
-    "UnsupportedMethod",
     "build_repair_method",
     "carve_validation",
     "check_head_feeds_output",

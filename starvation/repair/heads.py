@@ -23,6 +23,12 @@ from starvation.errors import SpecError
 class NoLinearHead(SpecError):
     """The model has no last linear layer that a repair could replace."""
 
+    code = "no_linear_head"
+
+    @property
+    def message(self) -> str:
+        return f"The model cannot be repaired: {self}."
+
 
 @dataclass
 class LinearHead:

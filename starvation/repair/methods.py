@@ -229,20 +229,12 @@ class FinetuneSD(RepairMethod):
 
 
 REPAIR_METHODS: dict[str, type[RepairMethod]] = {cls.NAME: cls for cls in (LastLayer, LastLayerSD, FinetuneSD)}
-# Named in the API but not offered yet: a clear refusal, not "unknown method".
-NOT_YET_AVAILABLE: dict[str, str] = {}
-
-
-class UnsupportedMethod(SpecError):
-    """A method the API names but this service does not run (yet)."""
 
 
 def build_repair_method(spec: dict[str, Any] | None) -> RepairMethod:
     """A repair method from its spec section {"name": ..., **params}; default last_layer."""
     spec = dict(spec or {})
     name = spec.pop("name", None) or "last_layer"
-    if name in NOT_YET_AVAILABLE:
-        raise UnsupportedMethod(f"method {name!r}: {NOT_YET_AVAILABLE[name]}")
     if name not in REPAIR_METHODS:
         raise P.ParamError(
             f"unknown repair method {name!r}; methods: {', '.join(sorted(REPAIR_METHODS))}", field="method.name"

@@ -21,7 +21,7 @@ import itertools
 import math
 import pathlib
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,10 +159,12 @@ def sweep(
     should_stop: Callable[[], bool] | None = None,
     dataset: Dataset | None = None,
     user_datasets: Collection[str] = (),
+    init_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> SweepOutcome:
     """Train every setting of the sweep `spec` (resolved here unless it is already) for every seed, score each
     setting, choose one. Metrics name their split "s{setting}/{split}". Each stack's networks are saved as the stack
-    ends and dropped, so memory holds one stack at a time. Raises SpecError, TrainingStopped."""
+    ends and dropped, so memory holds one stack at a time. `init_weights`: a state dict every network starts from,
+    as in `train`. Raises SpecError, TrainingStopped."""
     started = time.perf_counter()
     if "settings" not in spec:
         spec = resolve_sweep_spec(spec, user_datasets=user_datasets)
@@ -220,6 +222,7 @@ def sweep(
                     compiled=lead.compile,
                     seeds=[seed] * len(group),
                     member_params=member_params(specs, data.num_classes),
+                    init_weights=init_weights,
                 )
                 clock.train_s += run_clock.train_s
                 clock.eval_s += run_clock.eval_s
@@ -235,6 +238,7 @@ def sweep(
                         should_stop,
                         functools.partial(_report_member, report, member, len(specs)),
                         graphs=graphs,
+                        init_weights=init_weights,
                     )
                     trained.append(network)
                     histories.append(history)

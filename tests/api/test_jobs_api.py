@@ -140,7 +140,7 @@ def test_log_lines_never_show_where_the_server_keeps_its_files():
     from datetime import UTC, datetime
     from types import SimpleNamespace
 
-    from api.jobs_service import log_line
+    from api.job_streams import log_line
     from core.settings import get_settings
 
     path = get_settings().var_dir.absolute() / "storage" / "x.npz"

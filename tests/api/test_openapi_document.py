@@ -167,8 +167,9 @@ def test_train_and_repair_results_are_typed_where_their_shape_is_stable(document
 
 def test_a_train_job_whose_pooled_verdict_is_uncertain_is_shown(document):
     """pool_reliance says `uncertain` when the interval over seeds spans a threshold; the job's shape must
-    allow every verdict the engine gives (it was a 500 on GET /v1/jobs/{id} once)."""
-    from api.schemas import job_out_adapter
+    allow every verdict the engine gives (it was a 500 on GET /v1/jobs/{id} once; the worker now checks a result
+    against this model before recording it)."""
+    from results.train import TrainResult
     from starvation.audit import pool_reliance
 
     summary = {"basis": "counterfactual", "verdict": "partial", "measure": "flip rate"}
@@ -178,9 +179,6 @@ def test_a_train_job_whose_pooled_verdict_is_uncertain_is_shown(document):
     assert pooled["verdict"] == "uncertain"
     result = {"splits": {}, "seeds": [0, 1, 2], "checkpoints": [], "device": "cpu",
               "audit": {"reports": [], "summary": pooled}}
-    job = {"id": "a" * 32, "kind": "train", "status": "succeeded", "progress": 1.0, "spec": {}, "tags": {},
-           "created_at": "2026-11-28T00:00:00Z", "started_at": None, "finished_at": None, "attempts": 1,
-           "cancel_requested": False, "error": None, "result": result, "links": {}}
-    assert job_out_adapter.validate_python(job).result.audit.summary.verdict == "uncertain"
+    assert TrainResult.model_validate(result).audit.summary.verdict == "uncertain"
     assert "uncertain" in document["components"]["schemas"]["PooledReliance"]["properties"]["verdict"]["anyOf"][0][
         "enum"]

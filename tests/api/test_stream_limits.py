@@ -11,7 +11,7 @@ import pytest
 
 from api.deps import Principal
 from api.errors import ApiError
-from api.jobs_service import follow_logs
+from api.job_streams import follow_logs
 from api.streams import IDLE_POLL_S, StreamCount
 from core.settings import Settings
 from models import job_logs as logs_repo

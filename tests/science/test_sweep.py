@@ -130,3 +130,31 @@ def test_a_grid_over_the_networks_shape_trains_each_shape_in_turn_as_its_train_j
     assert settings[3]["test"]["accuracy"]["mean"] == pytest.approx(
         twin.result["splits"]["test"]["accuracy"]["mean"], abs=0.01)
     assert 0 <= outcome.result["chosen"] < 4
+
+
+@pytest.mark.parametrize("grid", [{"method.sd_lambda": [0.0, 3.0]}, {"optimizer.lr": [1e-3, 1e-2]}],
+                         ids=["stacked", "in-turn"])
+def test_every_setting_starts_from_the_initial_weights(tmp_path, grid):
+    """A sweep fine-tunes from `init_weights` as a train job does, stacked or not (a pretrained backbone's study)."""
+    from safetensors.torch import load_file
+
+    from starvation.networks import build_network
+
+    base = {**BASE, "seeds": [0], "steps": 3, "eval_every": 3, "model": {"arch": "mlp", "hidden": [64]},
+            "dataset": {"name": "colored_mnist", "params": {"n_train": 200}}}
+    torch.manual_seed(123)
+    given = build_network("mlp", {"hidden": [64]}, (2, 14, 14), 1).state_dict()
+    given = {name: value * 3 for name, value in given.items()}  # far from any seed's own initialisation
+    found = sweep({**base, "grid": grid, "selection": "oracle"}, out_dir=tmp_path / "s", init_weights=given)
+    fresh = sweep({**base, "grid": grid, "selection": "oracle"}, out_dir=tmp_path / "f")
+    for index, setting in enumerate(found.result["settings"]):
+        key, value = next(iter(setting["params"].items()))
+        part, field = key.split(".")
+        spec = {**base, part: {**base.get(part, {"name": "adam"} if part == "optimizer" else {}), field: value}}
+        twin = train(spec, out_dir=tmp_path / f"t{index}", init_weights=given).checkpoints[0]
+        weights = load_file(str(found.checkpoints[index][0].safetensors_path))
+        expected = load_file(str(twin.safetensors_path))
+        other = load_file(str(fresh.checkpoints[index][0].safetensors_path))
+        for name, tensor in expected.items():
+            assert torch.allclose(weights[name], tensor, atol=1e-5), name
+        assert max(float((other[name] - expected[name]).abs().max()) for name in expected) > 0.1

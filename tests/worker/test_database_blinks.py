@@ -4,7 +4,7 @@ from __future__ import annotations
 from core.settings import get_settings
 from models.db import Database
 from tests.conftest import free_port
-from worker.runner import JobContext, JobWriter
+from worker.context import JobContext, JobWriter
 
 
 def test_progress_and_cancel_checks_carry_on_while_the_database_is_unreachable(caplog):

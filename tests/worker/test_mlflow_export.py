@@ -281,7 +281,8 @@ def test_a_train_job_whose_mlflow_fails_succeeds_with_warnings(hostile_mlflow, m
     from models.migrate import upgrade
     from models.status import JobStatus
     from starvation.training import resolve_train_spec
-    from worker.runner import JobContext, JobWriter, run_kind
+    from worker.context import JobContext, JobWriter
+    from worker.runner import run_kind
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")  # what the job sets, kept to this test
     settings = get_settings().model_copy(update={"outbound_allow": "127.0.0.1", "mlflow_flush_s": 0.01,
