@@ -16,6 +16,7 @@ split and is marked as leaking it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import pathlib
@@ -239,9 +240,7 @@ def sweep(
                         torch_device,
                         clock,
                         should_stop,
-                        lambda step, steps, _seed, values, member=member, specs=specs: report(
-                            step, {member: values}, (member * steps + step) / (len(specs) * steps)
-                        ),
+                        functools.partial(_report_member, report, member, len(specs)),
                         graphs=graphs,
                         init_weights=init_weights,
                     )
@@ -287,8 +286,9 @@ def scores(network: nn.Module, data: Dataset, device: torch.device) -> dict[str,
 
 
 def split_scores(
-    network: nn.Module, split: Split, device: torch.device, *, with_groups: bool
+    network: Callable[[torch.Tensor], torch.Tensor], split: Split, device: torch.device, *, with_groups: bool
 ) -> dict[str, float | None]:
+    """Accuracy and worst-group accuracy (None `with_groups` off) on `split` of `network` (or a logits function)."""
     predicted = predictions(as_logits(batched(network, split.x, device, EVAL_CHUNK)))
     correct = (predicted == split.y).float()
     worst = None
@@ -302,14 +302,14 @@ def choose(spec: dict, finals: dict[tuple[int, int], dict], seeds: list[int]) ->
     """The result: each setting's scores (mean and std over seeds), and the setting chosen by the spec's rule."""
     selection, settings = spec["selection"], spec["settings"]
     scored = "holdout" if selection == "train_domain_validation" else "test"
-    summaries = []
+    summaries: list[dict[str, Any]] = []
     for index, setting in enumerate(settings):
-        summary = {"params": setting["params"]}
+        summary: dict[str, Any] = {"params": setting["params"]}
         for part, name in (("holdout", "validation"), ("test", "test")):
-            per_seed = [finals[index, seed].get(part) for seed in seeds]
+            per_seed = [finals[index, seed][part] for seed in seeds if part in finals[index, seed]]
             summary[name] = (
                 None
-                if per_seed[0] is None
+                if len(per_seed) < len(seeds)  # no holdout
                 else {
                     metric: _mean_std([values[metric] for values in per_seed])
                     for metric in ("accuracy", "worst_group_accuracy")
@@ -334,9 +334,23 @@ def choose(spec: dict, finals: dict[tuple[int, int], dict], seeds: list[int]) ->
 
 
 def _mean_std(values: list[float | None]) -> dict[str, float | None] | None:
-    if any(value is None for value in values):
+    present = [value for value in values if value is not None]
+    if len(present) < len(values):
         return None
-    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+    return {"mean": float(np.mean(present)), "std": float(np.std(present))}
+
+
+def _report_member(
+    report: Callable[[int, dict[int, dict], float], None],
+    member: int,
+    members: int,
+    step: int,
+    steps: int,
+    seed: int,
+    values: dict[tuple[str, str], float],
+) -> None:
+    """Sequential progress of a sweep's stack: member `member` of `members` is at `step` of `steps`."""
+    report(step, {member: values}, (member * steps + step) / (members * steps))
 
 
 __all__ = [
