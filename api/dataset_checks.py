@@ -23,6 +23,7 @@ from typing import Any
 from api.errors import without_server_paths
 from core.paths import dataset_index_path
 from core.settings import Settings, get_settings
+from core.storage import dataset_index_key, store
 from models import files as files_repo
 from models.db import database
 
@@ -113,6 +114,7 @@ def check_image_folder(settings: Settings, dataset_id: str, root: str, info: dic
     partial = path.with_suffix(".partial")
     save_index(index, partial)
     partial.replace(path)  # a worker never reads half an index
+    store(settings).put(dataset_index_key(dataset_id), path, move=True)  # the folder's own file: nothing moves
     opened = open_image_folder(root, index, dataset_id, info["image_size"])  # what a worker will see; reads no image
     summary = index.summary()
     return {

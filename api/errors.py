@@ -14,6 +14,7 @@ from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.storage import STORE_RETRY_AFTER_S, StoredFileMissing, StoreUnavailable
 from starvation.errors import CodedError
 
 log = logging.getLogger("gs.api")
@@ -113,6 +114,17 @@ def install(app: FastAPI) -> None:
 
     for unavailable in (OperationalError, InterfaceError, PoolTimeout):
         app.add_exception_handler(unavailable, _database_unavailable)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        log.warning("object store unavailable on %s %s: %s", request.method, request.url.path, exc)
+        message = "The file store is unavailable; nothing was changed. Retry shortly."
+        return JSONResponse(error_body("store_unavailable", message), 503, {"Retry-After": str(STORE_RETRY_AFTER_S)})
+
+    @app.exception_handler(StoredFileMissing)
+    async def _file_missing(request: Request, exc: StoredFileMissing) -> JSONResponse:
+        log.error("stored file %s missing on %s %s", exc.key, request.method, request.url.path)
+        return JSONResponse(error_body("file_missing", "The stored file is missing."), 404)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

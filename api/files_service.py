@@ -3,14 +3,15 @@ key stored (never while a queued or running job names it; never an image folder'
 
 from __future__ import annotations
 
-from pathlib import Path
+from urllib.parse import quote
 
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.deps import Principal
 from api.errors import ApiError
-from core.paths import dataset_index_path
-from core.settings import Settings
+from core.settings import Settings, get_settings
+from core.storage import dataset_index_key, key_of, store
 from models import files as files_repo
 from models.tables import Checkpoint, UserDataset
 
@@ -65,22 +66,44 @@ def delete_dataset(session: Session, dataset: UserDataset, settings: Settings) -
             f"Dataset {dataset.id} is being checked; delete it when it is ready or failed.",
             {"jobs": []},
         )
-    ours = dataset_index_path(settings, dataset.id) if dataset.format == "image_folder" else Path(dataset.path)
+    ours = dataset_index_key(dataset.id) if dataset.format == "image_folder" else key_of(settings, dataset.path)
     session.delete(dataset)
     session.commit()  # the row goes first: a file without a row is only space, a row without its file a broken job
-    remove_stored(ours, settings)
+    store(settings).delete(ours)
 
 
 def delete_checkpoint(session: Session, checkpoint: Checkpoint, settings: Settings) -> None:
     """The row (and the job artifact that is the same file), then the file."""
     refuse_if_in_use(session, checkpoint.owner_id, "checkpoint", checkpoint.id, checkpoint=checkpoint)
-    path = Path(checkpoint.path)
+    key = key_of(settings, checkpoint.path)  # a key of ours: a row never makes us delete anything else
     files_repo.remove_checkpoint(session, checkpoint)
     session.commit()
-    remove_stored(path, settings)
+    store(settings).delete(key)
 
 
-def remove_stored(path: Path, settings: Settings) -> None:
-    """Unlink `path` if it lies in the service's storage folder: a row never makes us delete anything else."""
-    if path.resolve().is_relative_to(settings.storage_dir.resolve()):
-        path.unlink(missing_ok=True)
+def stored_file(settings: Settings, recorded: str, *, media_type: str, filename: str) -> Response:
+    """The file a row recorded: from the shared folder as it is, or streamed from the object store (never whole in
+    memory). A missing one is a 404 `file_missing`, a store that does not answer a 503 (api/errors.py)."""
+    kept, key = store(settings), key_of(settings, recorded)
+    if kept.local:
+        return FileResponse(kept.fetch(key), media_type=media_type, filename=filename)
+    size = kept.stat(key).size
+    quoted = quote(filename)
+    disposition = (
+        f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'
+    )
+    headers = {"Content-Length": str(size), "Content-Disposition": disposition}
+    return StreamingResponse(kept.chunks(key), media_type=media_type, headers=headers)
+
+
+INLINED_BYTES = 16 << 20  # a plot a page inlines; anything larger is not ours to paste into HTML
+
+
+def stored_bytes(recorded: str) -> bytes:
+    """A small stored file (a plot) whole, for a page that inlines it; a missing or oversized one is left out
+    (FileNotFoundError)."""
+    settings = get_settings()
+    kept, key = store(settings), key_of(settings, recorded)
+    if kept.stat(key).size > INLINED_BYTES:
+        raise FileNotFoundError(f"{key} is too large to inline")
+    return kept.fetch(key).read_bytes()

@@ -6,8 +6,6 @@ the dashboard both call these, so a page can never do what the token could not.
 from __future__ import annotations
 
 import base64
-import shutil
-from pathlib import Path
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -17,13 +15,14 @@ from api.checks import check_callback_url, check_mlflow_uri, check_quota, queue_
 from api.deps import Principal
 from api.dispatch import dispatch
 from api.errors import ApiError, not_found, without_server_paths
+from api.files_service import stored_bytes
 from api.idempotency import body_hash, replay_or_create
 from api.job_bodies import job_out_adapter
 from api.kinds import KINDS
 from api.kinds.base import Submission
 from api.schemas import JobCreateFields, JobOutFields
-from core.paths import job_dir
 from core.settings import Settings
+from core.storage import job_key, store
 from models import files as files_repo
 from models import jobs as jobs_repo
 from models.status import TERMINAL
@@ -155,7 +154,7 @@ def delete(session: Session, job: Job, settings: Settings) -> None:
     """A finished job, its files and checkpoints; one still queued or running is a 409."""
     if job.status not in TERMINAL:
         raise ApiError(409, "job_active", f"Job {job.id} is {job.status}; cancel it first.")
-    shutil.rmtree(job_dir(settings, job.id), ignore_errors=True)
+    store(settings).delete_prefix(job_key(job.id))
     for checkpoint in files_repo.checkpoints_of_job(session, job.id):
         session.delete(checkpoint)
     jobs_repo.remove(session, job)
@@ -186,6 +185,9 @@ def _plot_urls(session: Session, job: Job, names: list[str]) -> dict[str, str]:
     for name in names:
         artifact = files_repo.get_artifact(session, job.id, name)
         if artifact is not None:
-            data = base64.b64encode(Path(artifact.path).read_bytes()).decode()
+            try:
+                data = base64.b64encode(stored_bytes(artifact.path)).decode()
+            except FileNotFoundError:
+                continue
             urls[name] = f"data:{artifact.media_type};base64,{data}"
     return urls

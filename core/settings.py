@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N, the worker's default when a spec says auto
     data_dir: Path | None = None  # full MNIST IDX files, when a user points the service at them
     worker_queues: str = "gpu,cpu"
+    # Files one process writes for another (docs/storage.md): unset or file://PATH, a folder every process shares
+    # (default GS_VAR_DIR/storage); s3://BUCKET/PREFIX, an S3-compatible store (credentials: the AWS_* variables).
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None  # a store other than AWS (MinIO, Ceph, GCS's S3 API)
+    cache_bytes: int = Field(4 << 30, ge=0, description="objects read from the store kept under GS_VAR_DIR/cache")
 
     # Limits: each enforced with a 4xx.
     max_steps: int = 100_000
@@ -110,8 +115,15 @@ class Settings(BaseSettings):
 
     @property
     def storage_dir(self) -> Path:
-        """Checkpoints, plots and uploaded files."""
+        """Checkpoints, plots and uploaded files, when they are kept in a folder (core/storage.py)."""
+        if self.storage_url and self.storage_url.startswith("file://"):
+            return Path(self.storage_url.removeprefix("file://"))
         return self.var_dir / "storage"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """This process's own files: uploads being checked, a job's outputs before they go to an object store."""
+        return self.var_dir / "scratch"
 
     @property
     def admin_token_file(self) -> Path:

@@ -54,3 +54,19 @@ def test_the_processes_that_run_jails_may_make_bubblewraps_namespaces():
     for name in ("api", "worker"):
         assert {"seccomp=unconfined", "apparmor=unconfined"} <= set(services[name]["security_opt"]), name
     assert "bubblewrap" in (ROOT / "Dockerfile").read_text()
+
+
+def test_api_and_workers_share_only_the_database_the_broker_and_a_store_made_at_start():
+    from core.settings import Settings
+    from core.storage import S3Store, store
+
+    services = load()["services"]
+    assert not {"volumes"} & (set(services["api"]) | set(services["worker"]))  # no shared folder
+    assert "gs" in services["minio-init"]["entrypoint"][-1] and "mb" in services["minio-init"]["entrypoint"]
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+        env = services[name]["environment"]
+        assert env["GS_STORAGE_URL"].startswith("s3://gs/") and env["GS_S3_ENDPOINT_URL"] == "http://minio:9000"
+    settings = Settings(storage_url=env["GS_STORAGE_URL"], s3_endpoint_url=env["GS_S3_ENDPOINT_URL"])
+    assert isinstance(store(settings), S3Store)
+    assert "--scale worker=N" in (ROOT / "docker-compose.yml").read_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from core.paths import dataset_index_path
+from core.storage import dataset_index_key, local_copy
 from models import files as files_repo
 from models import jobs as jobs_repo
 from results.audit import AuditResult
@@ -36,7 +36,7 @@ def load_dataset(ctx: JobContext, dataset_spec: dict[str, Any], seed: int, devic
             f"dataset {name!r} is {status}" + (f": {error}" if error else " (its images are still being checked)")
         )
     if fmt == "image_folder":
-        index = datasets.load_index(dataset_index_path(settings, name))
+        index = datasets.load_index(local_copy(settings, dataset_index_key(name)))
         return datasets.open_image_folder(
             path,
             index,
@@ -47,7 +47,10 @@ def load_dataset(ctx: JobContext, dataset_spec: dict[str, Any], seed: int, devic
             pin_memory=device.startswith("cuda"),
         )
     return datasets.load_npz(
-        path, label, max_bytes=settings.max_dataset_bytes, max_compression_ratio=settings.max_dataset_compression_ratio
+        local_copy(settings, path),
+        label,
+        max_bytes=settings.max_dataset_bytes,
+        max_compression_ratio=settings.max_dataset_compression_ratio,
     )
 
 
@@ -65,10 +68,13 @@ def audit_model(ctx: JobContext, model, dataset, *, spec: dict[str, Any], prefix
         out_dir=out_dir,
     )
     report["head"] = model.head_description()
-    report["plots"] = [add_artifact(ctx.db, ctx.job_id, out_dir / p, name=f"{prefix}{p}") for p in report["plots"]]
+    report["plots"] = [
+        add_artifact(ctx.db, ctx.job_id, out_dir / p, name=f"{prefix}{p}", settings=ctx.settings)
+        for p in report["plots"]
+    ]
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report, indent=2))
-    add_artifact(ctx.db, ctx.job_id, report_path, name=f"{prefix}report.json")
+    add_artifact(ctx.db, ctx.job_id, report_path, name=f"{prefix}report.json", settings=ctx.settings)
     return report
 
 
@@ -86,7 +92,7 @@ def checkpoint_to_audit(ctx: JobContext, spec: dict[str, Any]) -> tuple[str, str
             row = rows[0] if rows else None
         if row is None:
             raise FileNotFoundError("the checkpoint to audit no longer exists")
-        return row.path, row.format, dict(row.model_info)
+        return str(local_copy(ctx.settings, row.path)), row.format, dict(row.model_info)
 
 
 def load_model(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from core.storage import local_copy
 from models import files as files_repo
 from models import jobs as jobs_repo
 from results.repair import RepairResult
@@ -320,7 +321,7 @@ def checkpoint_to_repair(ctx: JobContext, spec: dict[str, Any]) -> tuple[str, st
             row = rows[0] if rows else None
         if row is None:
             raise FileNotFoundError("the checkpoint to repair no longer exists")
-        return row.id, row.path, row.format, dict(row.model_info)
+        return row.id, str(local_copy(ctx.settings, row.path)), row.format, dict(row.model_info)
 
 
 def read_head_and_features(model, dataset):
@@ -397,8 +398,9 @@ def register(
             path=path,
             model_info=model_info,
             parent_checkpoint_id=parent_id,
+            settings=ctx.settings,
         )
-        add_artifact(ctx.db, ctx.job_id, path)
+        add_artifact(ctx.db, ctx.job_id, path, settings=ctx.settings)
     return ids
 
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from core.paths import job_dir, resume_dir
 from core.settings import Settings, get_settings
+from core.storage import StoredFileTooLarge, StoreUnavailable, job_key, store
 from models import files as files_repo
 from models import jobs as jobs_repo
 from models import metrics as metrics_repo
@@ -25,6 +26,7 @@ from starvation.checkpoints import out_of_memory
 from starvation.errors import CodedError
 from starvation.training import Resume, TrainingStopped
 from worker.context import JobCancelled, JobContext, JobTimedOut, JobWriter
+from worker.files import patiently_stored, restore_resume
 from worker.kinds import KINDS
 from worker.outages import patiently
 
@@ -94,6 +96,8 @@ def run_job(job_id: str) -> None:
     finally:
         heartbeat.stop()
         writer.close()
+        if not store(settings).local:  # all it kept is in the store: this host's copy was scratch
+            shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
     patiently(lambda: record_outcome(db, job_id, status, result, error), f"outcome of job {job_id}")
     log.info("job %s %s", job_id, status)
 
@@ -108,10 +112,12 @@ def forget_earlier_attempt(db: Database, job_id: str, settings: Settings) -> dic
     job saved to resume from (`resume_dir`): that folder stays, and so do the metrics of the steps before each
     seed's saved step, which the resumed run does not report again. Returns those steps per seed."""
     folder = job_dir(settings, job_id)
-    kept = Resume.reported(resume_dir(folder)) if resume_dir(folder).is_dir() else {}
+    saved = restore_resume(settings, job_id)  # from the store: the lost worker may have been another host
+    kept = Resume.reported(saved) if saved.is_dir() else {}
     with db.session() as session:
         files_repo.forget_outputs(session, job_id)
         metrics_repo.forget(session, job_id, kept_before=kept)
+    patiently_stored(lambda: store(settings).delete_prefix(job_key(job_id), keep=job_key(job_id, "resume")), job_id)
     for path in folder.iterdir() if folder.is_dir() else ():
         if path != resume_dir(folder):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -159,6 +165,11 @@ def job_error(exc: Exception, ctx: JobContext) -> dict[str, str]:
     `CodedError`, the jail's too), else what the exception's type tells, else ours to look into."""
     if isinstance(exc, CodedError):  # a bad spec, dataset or upload, a foreign model that failed: messages we wrote
         return {"code": exc.code, "message": exc.message}
+    if isinstance(exc, StoreUnavailable):  # past the writes' patience (worker/files.py)
+        log.error("job %s: the object store stayed unavailable: %s", ctx.job_id, exc)
+        return {"code": "store_unavailable", "message": "The object store stayed unavailable; run the job again later."}
+    if isinstance(exc, StoredFileTooLarge):
+        return {"code": "input_too_large", "message": str(exc)}
     if isinstance(exc, FileNotFoundError):
         # Ours name what is missing; the operating system's would name a path on this server.
         return {

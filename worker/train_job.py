@@ -6,11 +6,12 @@ import logging
 from typing import Any
 
 from core.paths import resume_dir
+from core.storage import local_copy
 from results.train import TrainResult
 from worker import audit_job
 from worker.context import JobContext
 from worker.devices import pick_device
-from worker.files import add_artifact, add_checkpoint
+from worker.files import add_artifact, add_checkpoint, resume_kept
 
 log = logging.getLogger("gs.worker")
 
@@ -41,18 +42,19 @@ def run(spec: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
             mlflow.add(rows)
 
     try:
-        outcome = train(
-            engine_spec,
-            out_dir=ctx.work_dir,
-            device=device,
-            data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
-            on_metrics=on_metrics,
-            on_progress=lambda fraction: ctx.on_progress(0.9 * fraction if spec.get("audit") else fraction),
-            should_stop=ctx.should_stop,
-            dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0, device=device) if registered else None,
-            resume_dir=resume_dir(ctx.work_dir),
-            init_weights=initial_weights(ctx, spec.get("init_checkpoint_id")),
-        )
+        with resume_kept(ctx.settings, ctx.job_id):
+            outcome = train(
+                engine_spec,
+                out_dir=ctx.work_dir,
+                device=device,
+                data_dir=str(ctx.settings.data_dir) if ctx.settings.data_dir else None,
+                on_metrics=on_metrics,
+                on_progress=lambda fraction: ctx.on_progress(0.9 * fraction if spec.get("audit") else fraction),
+                should_stop=ctx.should_stop,
+                dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0, device=device) if registered else None,
+                resume_dir=resume_dir(ctx.work_dir),
+                init_weights=initial_weights(ctx, spec.get("init_checkpoint_id")),
+            )
         for seed, step in outcome.result.get("resumed", {}).items():
             ctx.say("info", f"seed {seed} resumed from its state saved at step {step}")
         result: dict[str, Any] = {
@@ -84,7 +86,7 @@ def initial_weights(ctx: JobContext, checkpoint_id: str | None) -> dict[str, Any
         path = row.path if row is not None else None
     if path is None:
         raise FileNotFoundError(f"the checkpoint {checkpoint_id!r} to start from no longer exists")
-    return load_file(path)
+    return load_file(local_copy(ctx.settings, path))
 
 
 def register_checkpoints(ctx: JobContext, checkpoints: list[Any], prefix: str = "") -> list[dict[str, Any]]:
@@ -102,8 +104,9 @@ def register_checkpoints(ctx: JobContext, checkpoints: list[Any], prefix: str = 
                 fmt=fmt,
                 path=path,
                 model_info=model_info(ckpt),
+                settings=ctx.settings,
             )
-            add_artifact(ctx.db, ctx.job_id, path, f"{prefix}{path.name}")
+            add_artifact(ctx.db, ctx.job_id, path, f"{prefix}{path.name}", settings=ctx.settings)
         registered.append({"seed": ckpt.seed, **ids})
     return registered
 

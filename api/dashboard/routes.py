@@ -24,11 +24,13 @@ from api.dashboard import session as browser
 from api.dashboard import views
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
+from api.files_service import stored_file
 from api.kinds import KINDS, repair
 from api.kinds.repair import RepairJobCreate
 from api.kinds.train import TrainJobCreate
 from api.routes.keys import may_manage
 from api.streams import open_stream
+from core.settings import get_settings
 from models import auth as auth_repo
 from models import files as files_repo
 from models.kinds import JobKind
@@ -297,10 +299,15 @@ def download_checkpoint(
 ) -> Response:
     """A checkpoint file for the signed-in browser (e.g. a repaired model from its job's page)."""
     checkpoint = files_repo.get_checkpoint(session, checkpoint_id, owner_id=principal.owner_id)
-    if checkpoint is None or not Path(checkpoint.path).is_file():
+    if checkpoint is None:
         return not_found_page(request, "checkpoint")
     suffix = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors"}.get(checkpoint.format, "")
-    return FileResponse(checkpoint.path, media_type="application/octet-stream", filename=f"{checkpoint.id}{suffix}")
+    try:
+        return stored_file(
+            get_settings(), checkpoint.path, media_type="application/octet-stream", filename=f"{checkpoint.id}{suffix}"
+        )
+    except FileNotFoundError:
+        return not_found_page(request, "checkpoint")
 
 
 @router.post("/jobs/{job_id}/cancel")
@@ -360,9 +367,12 @@ def download_artifact(
     """One of the job's artifacts (a plot, a JSON report) for the signed-in browser."""
     job = owned_job(session, job_id, principal.owner_id)
     artifact = files_repo.get_artifact(session, job.id, name) if job is not None else None
-    if artifact is None or not Path(artifact.path).is_file():
+    if artifact is None:
         return not_found_page(request, "artifact")
-    response = FileResponse(artifact.path, media_type=artifact.media_type, filename=artifact.name)
+    try:
+        response = stored_file(get_settings(), artifact.path, media_type=artifact.media_type, filename=artifact.name)
+    except FileNotFoundError:
+        return not_found_page(request, "artifact")
     response.headers.update(SECURITY_HEADERS)
     return response
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -12,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from api import jobs_service
 from api.errors import ApiError
+from api.files_service import stored_bytes
 from api.kinds import KINDS
 from models import files as files_repo
 from models.kinds import JobKind
@@ -262,9 +262,12 @@ def plot_images(session: Session, job: Job, report: dict | None) -> list[dict[st
     images = []
     for name in (report or {}).get("plots", []):
         artifact = files_repo.get_artifact(session, job.id, name)
-        if artifact is None or not Path(artifact.path).is_file():
+        if artifact is None:
             continue
-        data = base64.b64encode(Path(artifact.path).read_bytes()).decode()
+        try:
+            data = base64.b64encode(stored_bytes(artifact.path)).decode()
+        except FileNotFoundError:
+            continue
         images.append({"name": name, "src": f"data:{artifact.media_type};base64,{data}", "caption": plot_caption(name)})
     return images
 

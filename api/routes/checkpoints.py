@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Header, Query
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import ApiError, not_found
-from api.files_service import check_storage_quota
+from api.files_service import check_storage_quota, stored_file
 from api.files_service import delete_checkpoint as delete_stored_checkpoint
 from api.idempotency import replay_if_seen, replay_or_create
 from api.responses import CREATE_ERRORS, KEYED_ERRORS, error_responses, links_to, media_response
 from api.schemas import BinaryUpload, CheckpointOut, CheckpointPage
 from api.uploads import save_limited
+from core.paths import upload_dir
+from core.storage import checkpoint_key, store
 from models import files as files_repo
 from models.tables import Checkpoint, new_id
 
@@ -88,7 +89,7 @@ async def upload_checkpoint(
             check_arch_params(arch, params, input_shape=tuple(shape) if input_shape else None)
         except SpecError as exc:
             raise ApiError(422, "invalid_request", str(exc), details={"field": getattr(exc, "field", None)}) from None
-    folder = settings.storage_dir / "checkpoints"
+    folder = upload_dir(settings, "checkpoints")
     tmp_path, sha256, size = await save_limited(file, folder, settings.max_upload_bytes)
     fields = {"format": format, "arch": arch, "arch_params": params, "input_shape": shape, "num_classes": num_classes}
     request_hash = json.dumps({"sha256": sha256, **fields}, sort_keys=True)
@@ -110,19 +111,19 @@ async def upload_checkpoint(
         check_storage_quota(session, principal, settings, adding="checkpoints", adding_bytes=size)  # before the jail
         return None
 
-    placed: list[Path] = []  # the file `create` moved into place, removed if a concurrent twin won
+    placed: list[str] = []  # the key `create` stored, removed if a concurrent twin won
 
     def create() -> tuple[int, Any]:
         checkpoint_id = new_id()
-        final = folder / f"{checkpoint_id}{SUFFIX[format]}"
-        tmp_path.rename(final)
-        placed.append(final)
+        key = checkpoint_key(checkpoint_id, SUFFIX[format])
+        store(settings).put(key, tmp_path, move=True)
+        placed.append(key)
         checkpoint = files_repo.add_checkpoint(
             session,
             id=checkpoint_id,
             owner_id=principal.owner_id,
             format=format,
-            path=str(final),
+            path=key,
             sha256=sha256,
             size_bytes=size,
             model_info={**model_card, "num_outputs": info.get("num_outputs"), "head": info.get("head")},
@@ -136,7 +137,7 @@ async def upload_checkpoint(
             idempotency_key,
             request_hash,
             create,
-            discard=lambda: [path.unlink(missing_ok=True) for path in placed],
+            discard=lambda: [store(settings).delete(key) for key in placed],
         )
         session.commit()
         return response
@@ -194,12 +195,12 @@ def get_checkpoint(checkpoint_id: str, session: SessionDep, principal: Principal
         **error_responses(404),
     },
 )
-def download_checkpoint(checkpoint_id: str, session: SessionDep, principal: PrincipalDep):
+def download_checkpoint(checkpoint_id: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep):
     checkpoint = files_repo.get_checkpoint(session, checkpoint_id, owner_id=principal.owner_id)
     if checkpoint is None:
         raise not_found("checkpoint", checkpoint_id)
     filename = f"{checkpoint.id}{SUFFIX.get(checkpoint.format, '')}"
-    return FileResponse(checkpoint.path, media_type="application/octet-stream", filename=filename)
+    return stored_file(settings, checkpoint.path, media_type="application/octet-stream", filename=filename)
 
 
 @router.delete("/{checkpoint_id}", status_code=204, responses=error_responses(404, 409))

@@ -19,6 +19,8 @@ from api.idempotency import replay_or_create
 from api.responses import CREATE_ERRORS, KEYED_ERRORS, error_responses, links_to
 from api.schemas import BinaryUpload, DatasetList, DatasetOut
 from api.uploads import save_limited
+from core.paths import upload_dir
+from core.storage import dataset_key, store
 from models import files as files_repo
 from models.tables import new_id
 
@@ -100,7 +102,7 @@ async def register_npz(session, principal, settings, name: str, file: UploadFile
     from starvation.datasets import load_npz
     from starvation.errors import SpecError
 
-    folder = settings.storage_dir / "datasets"
+    folder = upload_dir(settings, "datasets")
     tmp_path, sha256, size = await save_limited(file, folder, settings.max_upload_bytes)
 
     def create() -> tuple[int, Any]:
@@ -117,12 +119,12 @@ async def register_npz(session, principal, settings, name: str, file: UploadFile
         except Exception as exc:  # numpy refuses pickles and broken zips with assorted errors
             raise ApiError(422, "invalid_dataset", f"Not a readable .npz file: {type(exc).__name__}.") from None
         dataset_id = new_id()
-        final = folder / f"{dataset_id}.npz"
-        tmp_path.rename(final)
-        placed.append(final)
-        return 201, add_row(session, principal, dataset_id, name, "npz", final, dataset, {"sha256": sha256}, size)
+        key = dataset_key(dataset_id)
+        store(settings).put(key, tmp_path, move=True)
+        placed.append(key)
+        return 201, add_row(session, principal, dataset_id, name, "npz", key, dataset, {"sha256": sha256}, size)
 
-    placed: list[Path] = []  # the file `create` moved into place, removed if a concurrent twin won
+    placed: list[str] = []  # the key `create` stored, removed if a concurrent twin won
     try:
         return await run_in_threadpool(
             replay_or_create,
@@ -131,7 +133,7 @@ async def register_npz(session, principal, settings, name: str, file: UploadFile
             idempotency_key,
             f"{sha256}:{name}",
             create,
-            discard=lambda: [path.unlink(missing_ok=True) for path in placed],
+            discard=lambda: [store(settings).delete(key) for key in placed],
         )
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import HTMLResponse, Response
 
 from api import job_streams, jobs_service, paging
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.errors import not_found
+from api.files_service import stored_file
 from api.hygiene import MAX_DB_INT
 from api.job_bodies import JobCreate, JobOut, JobPage
 from api.jobs_service import job_out, owned_job
@@ -221,9 +222,9 @@ def list_artifacts(job_id: str, session: SessionDep, principal: PrincipalDep):
 
 
 @router.get("/{job_id}/artifacts/{name}", response_class=Response, responses={**ARTIFACT_FILE, **OF_A_JOB})
-def get_artifact(job_id: str, name: str, session: SessionDep, principal: PrincipalDep):
+def get_artifact(job_id: str, name: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep):
     job_id = owned_job(session, job_id, principal.owner_id).id  # the full id, when given a prefix
     artifact = files_repo.get_artifact(session, job_id, name)
     if artifact is None:
         raise not_found("artifact", name)
-    return FileResponse(artifact.path, media_type=artifact.media_type, filename=artifact.name)
+    return stored_file(settings, artifact.path, media_type=artifact.media_type, filename=artifact.name)
