@@ -357,7 +357,7 @@ class JailedModel(AuditableModel):
     def _model_bytes(self, answer: tuple[dict[str, Any], dict[str, torch.Tensor]], max_bytes: int) -> bytes:
         """A model file the child sent. Untrusted: at most `max_bytes`, of this model's format by its bytes (it is
         only ever loaded again in a jail)."""
-        from starvation.checkpoints.detect import _identify
+        from starvation.checkpoints.detect import identify
 
         model = answer[1].get("model")
         if not isinstance(model, torch.Tensor) or model.dtype != torch.uint8 or model.dim() != 1:
@@ -365,7 +365,7 @@ class JailedModel(AuditableModel):
         if model.numel() > max_bytes:
             raise JailError("too_large", f"The repaired model is larger than {max_bytes} bytes.")
         data = model.numpy().tobytes()
-        if _identify(data, max_unpacked_bytes=4 * max_bytes)[0] != self.format:
+        if identify(data, max_unpacked_bytes=4 * max_bytes)[0] != self.format:
             raise JailError("model_crashed", f"The jailed process did not return a {self.format} model.")
         return data
 

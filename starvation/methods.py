@@ -17,11 +17,11 @@ data-dependent shapes, no read back to the host, and it batches under `vmap`):
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from starvation import params as P
 from starvation.errors import SpecError
@@ -50,7 +50,7 @@ def sd_penalty(
         if len(gamma) != num_classes:
             raise SpecError(f"sd_gamma has {len(gamma)} values but the task has {num_classes} classes")
         targets = torch.as_tensor(gamma, dtype=logits.dtype, device=logits.device)  # a tensor: no copy
-        target = targets[y] if binary else targets
+        target: float | torch.Tensor = targets[y] if binary else targets
     else:
         target = gamma
     squared = (logits - target) ** 2
@@ -61,6 +61,12 @@ def sd_penalty(
     members = F.one_hot(y, num_classes).to(squared.dtype)  # a matmul, not index_add: deterministic on CUDA too
     sums, counts = members.T @ squared, members.sum(dim=0)
     return (sums / counts.clamp(min=1)).sum()  # an absent class: 0 / 1 (a mask would sync and not vmap)
+
+
+class Parameterised(Protocol):
+    """What a loss sees as `model`: its parameters (a network, or one seed's slice of a stacked model)."""
+
+    def parameters(self) -> Iterator[torch.Tensor]: ...
 
 
 class Preparation(Protocol):
@@ -93,7 +99,7 @@ class Method:
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         self.params = P.resolve(f"method {self.NAME!r}", self.PARAMS, params)
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: Parameterised) -> torch.Tensor:
         raise NotImplementedError
 
     def prepare(self, offered: Preparation) -> dict[str, torch.Tensor]:
@@ -123,7 +129,7 @@ class ERM(Method):
     NAME: ClassVar[str] = "erm"
     DESCRIPTION: ClassVar[str] = "empirical risk minimisation: the cross-entropy alone"
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: Parameterised) -> torch.Tensor:
         return cross_entropy(logits, y)
 
 
@@ -137,7 +143,7 @@ class WeightDecay(Method):
     }
     TENSOR_PARAMS: ClassVar[tuple[str, ...]] = ("weight_decay",)
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: Parameterised) -> torch.Tensor:
         squared_norm = sum(w.pow(2).sum() for w in model.parameters() if w.ndim > 1)
         return cross_entropy(logits, y) + self.params["weight_decay"] * squared_norm
 
@@ -174,7 +180,7 @@ class SpectralDecoupling(Method):
         super().__init__(params)
         self._targets: torch.Tensor | None = None  # a list sd_gamma on the logits' device, made once
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, step: int, model: Parameterised) -> torch.Tensor:
         p = self.params
         penalty = sd_penalty(logits, y, self._gamma(logits), per_class_mean=p["per_class_mean"])
         if step < p["warmup_steps"]:
@@ -264,8 +270,8 @@ class IRM(Method):
     }
     NEEDS: ClassVar[tuple[str, ...]] = ("environment",)
 
-    def loss(
-        self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module, *, environment: torch.Tensor
+    def loss(  # type: ignore[override]  # `environment` is in NEEDS: the loop passes it
+        self, logits: torch.Tensor, y: torch.Tensor, step: int, model: Parameterised, *, environment: torch.Tensor
     ) -> torch.Tensor:
         p = self.params
         weight = p["penalty_weight"] if step >= p["penalty_anneal_steps"] else 1.0
@@ -309,8 +315,8 @@ class GroupDRO(Method):
         super().__init__(params)
         self.group_weights: torch.Tensor | None = None  # q, made on the first update on the logits' device
 
-    def loss(
-        self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module, *, group: torch.Tensor
+    def loss(  # type: ignore[override]  # `group` is in NEEDS: the loop passes it
+        self, logits: torch.Tensor, y: torch.Tensor, step: int, model: Parameterised, *, group: torch.Tensor
     ) -> torch.Tensor:
         group_losses, _ = mean_within(per_example_cross_entropy(logits, y), group)
         if self.group_weights is None:
@@ -354,8 +360,8 @@ class JTT(Method):
         wrong = offered.train_predictions({"name": "erm"}, self.params["identification_steps"]) != offered.labels
         return {"error_set": wrong.float()}
 
-    def loss(
-        self, logits: torch.Tensor, y: torch.Tensor, step: int, model: nn.Module, *, error_set: torch.Tensor
+    def loss(  # type: ignore[override]  # `error_set` is in NEEDS: the loop passes it
+        self, logits: torch.Tensor, y: torch.Tensor, step: int, model: Parameterised, *, error_set: torch.Tensor
     ) -> torch.Tensor:
         weights = 1.0 + (self.params["upweight"] - 1.0) * error_set
         return (weights * per_example_cross_entropy(logits, y)).sum() / weights.sum()
@@ -364,11 +370,11 @@ class JTT(Method):
 METHODS: dict[str, type[Method]] = {cls.NAME: cls for cls in (ERM, WeightDecay, SpectralDecoupling, IRM, GroupDRO, JTT)}
 
 
-def method_class(name: str) -> type[Method]:
-    try:
-        return METHODS[name]
-    except (KeyError, TypeError):
-        raise SpecError(f"unknown method {name!r}; methods: {', '.join(sorted(METHODS))}") from None
+def method_class(name: object) -> type[Method]:
+    """The method called `name` (a spec's, unchecked: anything else is a SpecError naming it)."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise SpecError(f"unknown method {name!r}; methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
 
 
 def build_method(spec: dict[str, Any]) -> Method:

@@ -41,10 +41,43 @@ def _init_xavier(module: nn.Module) -> None:
     for layer in module.modules():
         if isinstance(layer, (nn.Linear, nn.Conv2d)):
             nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:  # ours always have one
+                nn.init.zeros_(layer.bias)
 
 
-class MLP:
+class Arch:
+    """A built-in architecture, one class per name in `ARCHS`: its parameters and their bounds, how big a network
+    of it is (counted without building it), and how to build one."""
+
+    NAME: ClassVar[str]
+    DESCRIPTION: ClassVar[str]
+    PARAMS: ClassVar[dict[str, P.Param]]
+    WIDTHS: ClassVar[str]  # the parameter that sets the network's size
+    BATCH_NORM: ClassVar[bool] = False  # normalises over the batch: an update needs 2 examples at least
+    NOMINAL_SHAPE: ClassVar[tuple[int, ...]]  # the input `check_arch_params` counts without one given
+    TORCHVISION_NAMES: ClassVar[bool] = False  # weights may come with torchvision's key names
+
+    @classmethod
+    def parameter_count(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def activation_count(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
+        """Values one example keeps for the backward pass."""
+        raise NotImplementedError
+
+    @classmethod
+    def inference_count(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
+        """Values one example holds at once in a forward pass without gradients, its input aside; by default
+        `activation_count` (an upper bound: what a pass with gradients keeps)."""
+        return cls.activation_count(params, input_shape, num_outputs)
+
+    @classmethod
+    def build(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> Network:
+        raise NotImplementedError
+
+
+class MLP(Arch):
     NAME: ClassVar[str] = "mlp"
     DESCRIPTION: ClassVar[str] = "flatten, then Linear+ReLU per hidden width, then a Linear head"
     PARAMS: ClassVar[dict[str, P.Param]] = {
@@ -55,22 +88,21 @@ class MLP:
             P.list_of(P.int_between(1, MAX_WIDTH), max_length=MAX_DEPTH),
         ),
     }
-    WIDTHS: ClassVar[str] = "hidden"  # the parameter that sets the network's size
-    BATCH_NORM: ClassVar[bool] = False  # normalises over the batch: an update needs 2 examples at least
-    NOMINAL_SHAPE: ClassVar[tuple[int, ...]] = (1,)  # the input `check_arch_params` counts without one given
+    WIDTHS: ClassVar[str] = "hidden"
+    NOMINAL_SHAPE: ClassVar[tuple[int, ...]] = (1,)
 
-    @staticmethod
-    def parameter_count(params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
+    @classmethod
+    def parameter_count(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
         widths = [math.prod(input_shape), *params["hidden"], num_outputs]
         return sum(a * b + b for a, b in zip(widths, widths[1:]))
 
-    @staticmethod
-    def activation_count(params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
+    @classmethod
+    def activation_count(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
         """Values one example keeps for the backward pass: each hidden layer's ReLU output, and the logits."""
         return sum(params["hidden"]) + num_outputs
 
-    @staticmethod
-    def build(params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> Network:
+    @classmethod
+    def build(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> Network:
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for hidden in params["hidden"]:
@@ -81,7 +113,7 @@ class MLP:
         return network
 
 
-class CNN:
+class CNN(Arch):
     NAME: ClassVar[str] = "cnn"
     DESCRIPTION: ClassVar[str] = "3x3 Conv+ReLU blocks (max-pool between), global average pool, a Linear head"
     PARAMS: ClassVar[dict[str, P.Param]] = {
@@ -92,17 +124,16 @@ class CNN:
         ),
     }
     WIDTHS: ClassVar[str] = "channels"
-    BATCH_NORM: ClassVar[bool] = False
     NOMINAL_SHAPE: ClassVar[tuple[int, ...]] = (1, 1, 1)
 
-    @staticmethod
-    def parameter_count(params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
+    @classmethod
+    def parameter_count(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
         widths = [input_shape[0] if input_shape else 3, *params["channels"]]
         convs = sum(9 * a * b + b for a, b in zip(widths, widths[1:]))
         return convs + widths[-1] * num_outputs + num_outputs
 
-    @staticmethod
-    def activation_count(params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
+    @classmethod
+    def activation_count(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
         """Per example: each block's ReLU output and what its max-pool keeps, at that block's resolution."""
         height, width = (input_shape[1], input_shape[2]) if len(input_shape) == 3 else (1, 1)
         count = 0
@@ -112,8 +143,8 @@ class CNN:
             count += 2 * channels * height * width
         return count + params["channels"][-1] + num_outputs
 
-    @staticmethod
-    def build(params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> Network:
+    @classmethod
+    def build(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> Network:
         if len(input_shape) != 3:
             raise SpecError(f"arch 'cnn' needs image inputs [channels, height, width], got shape {list(input_shape)}")
         layers: list[nn.Module] = []
@@ -212,7 +243,7 @@ def _strided(size: int, stride: int) -> int:
     return (size - 1) // stride + 1
 
 
-class _ResNet:
+class _ResNet(Arch):
     """torchvision's ResNet: conv1 7x7/2, bn1, relu, maxpool 3x3/2, layer1..layer4 (planes width x 1, 2, 4, 8;
     layer2..4 start with stride 2), global average pool, flatten; `head` is torchvision's `fc`.
 
@@ -236,7 +267,7 @@ class _ResNet:
     WIDTHS: ClassVar[str] = "width"
     BATCH_NORM: ClassVar[bool] = True
     NOMINAL_SHAPE: ClassVar[tuple[int, ...]] = (1, RESNET_MIN_SIZE, RESNET_MIN_SIZE)
-    TORCHVISION_NAMES: ClassVar[bool] = True  # weights may come with torchvision's key names
+    TORCHVISION_NAMES: ClassVar[bool] = True
 
     @classmethod
     def _image_shape(cls, input_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -370,10 +401,10 @@ class ResNet50(_ResNet):
     LAYERS = (3, 4, 6, 3)
 
 
-ARCHS: dict[str, type] = {cls.NAME: cls for cls in (MLP, CNN, ResNet18, ResNet50)}
+ARCHS: dict[str, type[Arch]] = {cls.NAME: cls for cls in (MLP, CNN, ResNet18, ResNet50)}
 
 
-def arch_class(arch: str) -> type:
+def arch_class(arch: str) -> type[Arch]:
     try:
         return ARCHS[arch]
     except (KeyError, TypeError):
@@ -427,11 +458,9 @@ def activation_count(arch: str, params: dict[str, Any] | None, input_shape: Sequ
 
 def inference_count(arch: str, params: dict[str, Any] | None, input_shape: Sequence[int], num_outputs: int) -> int:
     """Values one example holds at once in a forward pass without gradients, its input aside (the budget's
-    evaluation, per example): the arch's `inference_count` where it declares one, else `activation_count` (an
-    upper bound: what a pass with gradients keeps)."""
+    evaluation, per example): `Arch.inference_count`."""
     cls = arch_class(arch)
-    count = getattr(cls, "inference_count", cls.activation_count)
-    return count(P.resolve(f"arch {arch!r}", cls.PARAMS, params), tuple(input_shape), num_outputs)
+    return cls.inference_count(P.resolve(f"arch {arch!r}", cls.PARAMS, params), tuple(input_shape), num_outputs)
 
 
 def build_network(arch: str, params: dict[str, Any] | None, input_shape: Sequence[int], num_outputs: int) -> Network:

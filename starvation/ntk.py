@@ -102,8 +102,10 @@ def balanced_sample(
 ) -> np.ndarray:
     """Indices of an equal number of examples from each (label, attribute) group present, at most
     `max_examples` in all, sorted."""
-    y, attribute = y.numpy(), attribute.numpy()
-    members = [np.flatnonzero((y == a) & (attribute == b)) for a in np.unique(y) for b in np.unique(attribute)]
+    labels, attributes = y.numpy(), attribute.numpy()
+    members = [
+        np.flatnonzero((labels == a) & (attributes == b)) for a in np.unique(labels) for b in np.unique(attributes)
+    ]
     members = [m for m in members if len(m)]
     per_group = min(min(len(m) for m in members), max_examples // len(members))
     rng = np.random.default_rng(seed)

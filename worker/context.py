@@ -4,6 +4,7 @@ two ways it stops early. Below every job module and the runner, so that none of 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -100,6 +101,7 @@ class JobContext:
     _last_poll: float = 0.0
     _stop: bool = False
     _blinking: bool = False
+    _said_non_finite: bool = False
 
     @property
     def work_dir(self) -> Path:
@@ -107,10 +109,21 @@ class JobContext:
 
     def on_metrics(self, batch: list[Any], *, log_lines: bool = True) -> list[dict[str, Any]]:
         """Store the rows and return them as stored; `log_lines`: and say each evaluation's accuracies in the
-        job's log."""
-        rows = [
-            {"step": m.step, "name": m.name, "value": float(m.value), "seed": m.seed, "split": m.split} for m in batch
-        ]
+        job's log. A NaN or infinite value (a diverged loss) is not stored: no database keeps it as a number and
+        JSON has none; the job's log says once where the first one came."""
+        rows = []
+        for m in batch:
+            value = float(m.value)
+            if math.isfinite(value):
+                rows.append({"step": m.step, "name": m.name, "value": value, "seed": m.seed, "split": m.split})
+            elif not self._said_non_finite:
+                self._said_non_finite = True
+                where = " ".join(f"{k} {v}" for k, v in (("split", m.split), ("seed", m.seed)) if v is not None)
+                self.writer.say(
+                    "warning",
+                    f"{m.name} is {value} at step {m.step} ({where}): the training diverged (a smaller learning rate "
+                    "may help); values that are not finite are not stored",
+                )
         self.writer.put(rows)
         for line in evaluation_lines(rows, self.steps) if log_lines else ():
             self.writer.say("info", line)

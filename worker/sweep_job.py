@@ -9,7 +9,7 @@ from results.sweep import SweepResult
 from worker import audit_job
 from worker.context import JobContext
 from worker.devices import pick_device
-from worker.train_job import SERVICE_FIELDS, audit_checkpoints, register_checkpoints
+from worker.train_job import SERVICE_FIELDS, audit_checkpoints, initial_weights, register_checkpoints
 
 Result = SweepResult  # what run() returns (worker/kinds.py checks it before it is recorded)
 
@@ -36,6 +36,7 @@ def run(spec: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
         should_stop=ctx.should_stop,
         dataset=audit_job.load_dataset(ctx, spec["dataset"], seed=0, device=device) if registered else None,
         user_datasets=(name,) if registered else (),
+        init_weights=initial_weights(ctx, spec.get("init_checkpoint_id")),
     )
     result: dict[str, Any] = {**outcome.result, "device": device}
     for index, (setting, checkpoints) in enumerate(zip(result["settings"], outcome.checkpoints)):

@@ -66,11 +66,6 @@ def resolve(submission: Submission) -> dict[str, Any]:
         raise invalid_spec(
             "A sweep does not export to MLflow (yet); train its chosen setting with mlflow.", {"field": "spec.mlflow"}
         )
-    if "init_checkpoint_id" in fields:
-        raise invalid_spec(
-            "A sweep starts from fresh weights (yet); train from init_checkpoint_id instead.",
-            {"field": "spec.init_checkpoint_id"},
-        )
     if "selection" in given:
         given["selection"] = str(given["selection"])
     spec, resolved = resolve_sweep(given, submission.settings, train.owned_datasets(submission))
@@ -81,6 +76,8 @@ def resolve(submission: Submission) -> dict[str, Any]:
     for group in stacks(resolved["settings"]):
         network = resolved["settings"][group[0]]["spec"]["model"]
         check_memory_budget({**spec, "model": network}, submission.settings, row, sweep_stack=len(group))
+    if "init_checkpoint_id" in spec:  # every setting starts from it, as a train job does
+        train.check_initial_weights(submission.session, spec, submission.owner_id)
     return spec
 
 

@@ -4,6 +4,7 @@ self-contained page. Every number shows with three decimals, as the dashboard's 
 from __future__ import annotations
 
 from html import escape
+from typing import Any
 
 from starvation.audit.plots import plot_caption
 
@@ -187,8 +188,8 @@ def _linear_probe(report: dict) -> str:
     if not probe:
         return ""
     if probe.get("core_accuracy") is None:
-        rows = [(key.replace("_", " "), value) for key, value in probe.items()]
-        return "<h2>Linear probe</h2>" + _table(["", ""], rows, header=False)
+        plain = [(key.replace("_", " "), value) for key, value in probe.items()]
+        return "<h2>Linear probe</h2>" + _table(["", ""], plain, header=False)
     baseline = probe.get("random_network") or {}
     rows = [
         (
@@ -303,8 +304,8 @@ def render_repair_html(before: dict, after: dict, repair: dict, plot_urls: dict[
 def render_repair_body(before: dict, after: dict, repair: dict, plot_urls: dict[str, str]) -> str:
     """`render_repair_html`'s sections, without a page around them."""
 
-    def number(report: dict, *path: str):
-        value = report
+    def number(report: dict, *path: str) -> Any:
+        value: Any = report
         for key in path:
             value = (value or {}).get(key)
         return value

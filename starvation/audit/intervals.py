@@ -94,16 +94,16 @@ def mean_interval(
     values: torch.Tensor, *, seed: int, confidence: float = CONFIDENCE, draws: int = BOOTSTRAP_DRAWS
 ) -> Interval | None:
     """Percentile bootstrap interval of the mean of `values`, resampling examples."""
-    values = values.detach().double().cpu().numpy().ravel()
-    if len(values) == 0:
+    array = values.detach().double().cpu().numpy().ravel()
+    if len(array) == 0:
         return None
     rng = np.random.default_rng(seed)
     # In chunks of draws: a [draws, n] index matrix at once would be large for big test splits.
     means = np.empty(draws)
     for start in range(0, draws, 250):
         stop = min(start + 250, draws)
-        index = rng.integers(0, len(values), size=(stop - start, len(values)))
-        means[start:stop] = values[index].mean(axis=1)
+        index = rng.integers(0, len(array), size=(stop - start, len(array)))
+        means[start:stop] = array[index].mean(axis=1)
     return percentile_interval(means, confidence)
 
 

@@ -120,7 +120,7 @@ def four_corners(report: dict) -> Figure:
 
 def decision_boundary(model: AuditableModel, dataset: Dataset) -> Figure:
     """The predicted class over the plane, with the training and test points."""
-    points = torch.cat([dataset.splits[s].x for s in dataset.splits]).double().numpy()
+    points = torch.cat([dataset.splits[s].inputs for s in dataset.splits]).double().numpy()
     low, high = points.min(axis=0), points.max(axis=0)
     pad = 0.15 * (high - low) + 1e-3
     xs = np.linspace(low[0] - pad[0], high[0] + pad[0], _GRID)
@@ -140,8 +140,8 @@ def decision_boundary(model: AuditableModel, dataset: Dataset) -> Figure:
     for name, marker in ((dataset.train_splits[0], "o"), (dataset.test_split, "x")):
         split = dataset.splits[name]
         ax.scatter(
-            split.x[:, 0].numpy(),
-            split.x[:, 1].numpy(),
+            split.inputs[:, 0].numpy(),
+            split.inputs[:, 1].numpy(),
             c=split.y.numpy(),
             cmap="RdBu_r",
             marker=marker,

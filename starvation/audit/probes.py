@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from starvation import ntk
 from starvation.audit.intervals import (
     difference_of_shares_interval,
     mean_interval,
@@ -136,6 +137,10 @@ def register(cls: type[Probe]) -> type[Probe]:
     return cls
 
 
+def _group_accuracy(group: dict[str, Any]) -> float:
+    return float(group["accuracy"])
+
+
 @register
 class GroupsProbe(Probe):
     """Accuracy per (label, attribute) group on the test split; aligned vs conflicting examples.
@@ -150,7 +155,7 @@ class GroupsProbe(Probe):
         test = dataset.splits[dataset.test_split]
         correct = ctx.predictions(model, test, "test") == test.y
         aligned = aligned_attributes(dataset)
-        groups = []
+        groups: list[dict[str, Any]] = []
         for label in torch.unique(test.y).tolist():
             for attribute in torch.unique(test.attribute[test.y == label]).tolist():
                 in_group = (test.y == label) & (test.attribute == attribute)
@@ -169,7 +174,7 @@ class GroupsProbe(Probe):
         for label, value in aligned.items():
             known |= test.y == label
             is_aligned |= (test.y == label) & (test.attribute == value)
-        worst = min(groups, key=lambda g: g["accuracy"], default=None)
+        worst = min(groups, key=_group_accuracy, default=None)
         aligned_correct, conflicting_correct = correct[known & is_aligned], correct[known & ~is_aligned]
         return {
             "groups": groups,
@@ -305,7 +310,7 @@ class LinearProbe(Probe):
             return self._unavailable(model.no_features_reason or "the model exposes no feature layer")
         test = dataset.splits[dataset.test_split]
         clean = test.core_label is not None
-        core = (test.core_label if clean else test.y).numpy()
+        core = (test.core_label if test.core_label is not None else test.y).numpy()
         attribute = test.attribute.numpy()
         targets = {"core": (core, attribute), "spurious": (attribute, core)}
         if clean:
@@ -317,8 +322,9 @@ class LinearProbe(Probe):
                 "the spurious attribute takes a single value in the test split", layer=model.feature_layer
             )
         rng = np.random.default_rng(ctx.seed)
-        halves = {name: _balanced_halves(target, other, rng) for name, (target, other) in targets.items()}
-        if any(h is None for h in halves.values()):
+        drawn = {name: _balanced_halves(target, other, rng) for name, (target, other) in targets.items()}
+        halves = {name: h for name, h in drawn.items() if h is not None}
+        if len(halves) < len(drawn):
             return self._unavailable(
                 f"some (label, attribute) group of the test split has fewer than {MIN_PROBE_EXAMPLES_PER_GROUP} "
                 "examples, so label and attribute cannot be decoded separately",
@@ -329,7 +335,7 @@ class LinearProbe(Probe):
 
         def decode_all(features_of) -> dict:
             features = batched(features_of, x, model.device, ctx.batch_size).double().numpy()
-            result = {}
+            result: dict[str, Any] = {}
             for name, (target, _) in targets.items():
                 fit, score = halves[name]
                 row_fit, row_score = np.searchsorted(chosen, fit), np.searchsorted(chosen, score)
@@ -405,8 +411,6 @@ class NtkProbe(Probe):
     by_default = False
 
     def run(self, model: AuditableModel, dataset: Dataset, ctx: AuditContext) -> dict:
-        from starvation import ntk
-
         module = getattr(model, "module", None)
         if not isinstance(module, torch.nn.Module) or isinstance(module, torch.jit.ScriptModule):
             return {

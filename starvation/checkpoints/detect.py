@@ -16,7 +16,7 @@ FORMATS = ("torchscript", "onnx", "safetensors")
 # --------------------------------------------------------------------------------------------
 
 
-def _identify(data: bytes, *, max_unpacked_bytes: int | None = None) -> tuple[str, object]:
+def identify(data: bytes, *, max_unpacked_bytes: int | None = None) -> tuple[str, object]:
     """What the file is: torchscript | onnx | safetensors | pickle | torch_save | damaged_zip |
     zip | unknown. For onnx, the parsed ModelProto comes along so it is parsed only once."""
     head = data[:16]
@@ -90,7 +90,8 @@ _HOW_TO_EXPORT = (
 )
 
 
-def _check_kind(kind: str, fmt: str) -> None:
+def check_kind(kind: str, fmt: str) -> None:
+    """A CheckpointError unless the file is what its declared format `fmt` says (`identify`'s kind)."""
     if kind == fmt:
         return
     if kind in FORMATS:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,8 +86,8 @@ class ScriptGraph:
     (and, behind a final sigmoid or softmax, the logits function) cut out of it."""
 
     site: HeadSite
-    features_fn: object  # a ScriptFunction taking (module._c, x)
-    logits_fn: object | None  # None: the model's output are its logits
+    features_fn: Callable[..., torch.Tensor]  # a ScriptFunction taking (module._c, x)
+    logits_fn: Callable[..., torch.Tensor] | None  # None: the model's output are its logits
 
 
 def read_script_graph(module: torch.jit.ScriptModule) -> ScriptGraph:
@@ -97,7 +98,7 @@ def read_script_graph(module: torch.jit.ScriptModule) -> ScriptGraph:
 
 
 def _read_script_graph(module: torch.jit.ScriptModule) -> ScriptGraph:
-    graph = module.forward.graph.copy()
+    graph = module.forward.graph.copy()  # type: ignore[attr-defined]  # a ScriptMethod; torch types it a Callable
     torch._C._jit_pass_inline(graph)
     nodes = list(graph.nodes())
     if len(nodes) > MAX_GRAPH_NODES:

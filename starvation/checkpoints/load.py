@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from starvation.checkpoints import script_ops
-from starvation.checkpoints.detect import FORMATS, _check_kind, _identify
+from starvation.checkpoints.detect import FORMATS, check_kind, identify
 from starvation.checkpoints.errors import CheckpointError, _exception_name, _first_line, _printable, out_of_memory
 from starvation.checkpoints.save import load_builtin
 from starvation.checkpoints.wrap import AuditableModel, OnnxModel, TorchModel, script_model, wrap_module
@@ -60,8 +60,8 @@ def load_checkpoint(
     _check_fmt(fmt)
     if input_shape is not None:
         input_shape = _check_input_shape(input_shape)
-    kind, parsed = _identify(data)
-    _check_kind(kind, fmt)
+    kind, parsed = identify(data)
+    check_kind(kind, fmt)
     if fmt == "torchscript":
         return _load_torchscript(data, input_shape, feature_layer, static_checks)
     if fmt == "onnx":
@@ -94,8 +94,8 @@ def validate_checkpoint(
         raise CheckpointError("empty_file", "The uploaded file is empty.")
     if size > max_bytes:
         raise CheckpointError("too_large", f"The file is {size} bytes; the limit is {max_bytes} bytes.")
-    kind, parsed = _identify(data, max_unpacked_bytes=max_bytes)
-    _check_kind(kind, fmt)
+    kind, parsed = identify(data, max_unpacked_bytes=max_bytes)
+    check_kind(kind, fmt)
 
     num_outputs = None
     if fmt == "safetensors":  # what the caller leaves out may be in the header's metadata

@@ -123,7 +123,7 @@ def _read_onnx_graph(graph) -> OnnxGraph:
     if weight is not None and len(weight.dims) == 2:
         rows = int(weight.dims[0 if rows_are_outputs else 1])
     bias = initializers.get(bias_name) if bias_name else None
-    if refusal is None and (rows is None or int(np.prod(bias.dims, dtype=np.int64)) != rows):
+    if refusal is None and (rows is None or bias is None or int(np.prod(bias.dims, dtype=np.int64)) != rows):
         refusal = "the head's weight is not a matrix with one bias value per output"
     kinds = "MatMul + Add" if node.op_type == "Add" else node.op_type
     site = HeadSite(

@@ -116,7 +116,7 @@ def load_builtin(
     except (OSError, SafetensorError) as error:
         raise SpecError(f"not a readable safetensors file ({error})") from None
     model = build_network(arch, arch_params, input_shape, num_outputs)
-    if getattr(arch_class(arch), "TORCHVISION_NAMES", False):
+    if arch_class(arch).TORCHVISION_NAMES:
         state = torchvision_state_dict_to_ours(state)
     try:
         model.load_state_dict(state, strict=True)

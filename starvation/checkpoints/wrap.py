@@ -229,8 +229,10 @@ class OnnxModel(AuditableModel):
         if self.feature_layer is None:
             return None
         out = self._run(x, self.feature_layer)
-        transposed = self.found is not None and self.found.site.features_transposed
-        return (out.T if transposed and self.feature_layer == self.found.features_tensor else out).flatten(1)
+        found = self.found
+        if found is not None and found.site.features_transposed and self.feature_layer == found.features_tensor:
+            out = out.T
+        return out.flatten(1)
 
     def _run(self, x: torch.Tensor, output: str) -> torch.Tensor:
         arr = x.detach().to("cpu").numpy().astype(self._dtype, copy=False)
@@ -294,7 +296,7 @@ def _script_feature_fn(
             return getattr(m, layer)(x)
 
         def rest(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
-            return m.head(h)
+            return m.get_submodule("head")(h)
     elif is_sequential and len(children) >= 2 and (feature_layer is None or layer in children):
         names = list(children)
         layer = feature_layer if feature_layer is not None else names[-2]
@@ -369,11 +371,12 @@ def script_model(
     logits = found.logits_fn if found is not None else None
     logits_fn = None if logits is None else lambda m, x: logits(m._c, x)
     head_site = found.site if found is not None else None
-    if feature_layer is None:
+    if feature_layer is None and found is not None:  # (no head found and no layer named: returned above)
+        features_fn = found.features_fn
         return TorchModel(
             module,
             fmt="torchscript",
-            feature_fn=lambda m, x: found.features_fn(m._c, x),
+            feature_fn=lambda m, x: features_fn(m._c, x),
             feature_layer=found.site.features,
             head_site=head_site,
             logits_fn=logits_fn,

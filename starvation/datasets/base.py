@@ -37,6 +37,20 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    @property
+    def inputs(self) -> torch.Tensor:
+        """`x` held in memory; a TypeError for an image folder's files (read those with `batches_of`)."""
+        if not isinstance(self.x, torch.Tensor):
+            raise TypeError(f"split {self.name!r} is an image folder's files, read per batch")
+        return self.x
+
+    @property
+    def files(self) -> ImageFiles:
+        """`x` as an image folder's files; a TypeError for inputs held in memory."""
+        if not isinstance(self.x, ImageFiles):
+            raise TypeError(f"split {self.name!r} holds its inputs in memory, not as files")
+        return self.x
+
 
 @dataclass
 class Dataset:
@@ -106,14 +120,14 @@ def hold_out(data: Dataset, fraction: float) -> Dataset:
 
 def concat(name: str, parts: list[Split]) -> Split:
     """`parts` one after another as one split (core labels only where every part has them)."""
+    in_memory = isinstance(parts[0].x, torch.Tensor)
+    core_labels = [p.core_label for p in parts if p.core_label is not None]
     return Split(
         name=name,
-        x=torch.cat([p.x for p in parts])
-        if isinstance(parts[0].x, torch.Tensor)
-        else type(parts[0].x).cat([p.x for p in parts]),
+        x=torch.cat([p.inputs for p in parts]) if in_memory else ImageFiles.cat([p.files for p in parts]),
         y=torch.cat([p.y for p in parts]),
         attribute=torch.cat([p.attribute for p in parts]),
-        core_label=None if any(p.core_label is None for p in parts) else torch.cat([p.core_label for p in parts]),
+        core_label=torch.cat(core_labels) if len(core_labels) == len(parts) else None,
     )
 
 

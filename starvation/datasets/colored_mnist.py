@@ -213,7 +213,7 @@ class ColoredMNIST(BuiltinDataset):
         """Colour swapped: the digit moves to the other channel; label and digit unchanged."""
         return Split(
             name=f"{split.name}_intervened",
-            x=split.x.flip(1).contiguous(),
+            x=split.inputs.flip(1).contiguous(),
             y=split.y.clone(),
             attribute=1 - split.attribute,
             core_label=split.core_label,
@@ -224,13 +224,14 @@ class ColoredMNIST(BuiltinDataset):
         grey digit (the digit at half intensity in both channels); blank grey (half the split's mean
         intensity in both channels: `gray=True` halves the blank image too); blank coloured (the
         mean intensity in the colour channel only)."""
-        digit = split.x.sum(dim=1)  # one channel is zero, so this is the grey digit
+        x = split.inputs
+        digit = x.sum(dim=1)  # one channel is zero, so this is the grey digit
         mean = digit.mean()
-        blank = torch.full_like(split.x, 0.5 * float(mean))
-        blank_coloured = torch.zeros_like(split.x)
+        blank = torch.full_like(x, 0.5 * float(mean))
+        blank_coloured = torch.zeros_like(x)
         blank_coloured[torch.arange(len(split)), split.attribute] = mean
         inputs = {
-            "core_and_spurious": split.x.clone(),
+            "core_and_spurious": x.clone(),
             "core_only": (0.5 * digit).unsqueeze(1).expand(-1, 2, -1, -1).contiguous(),
             "spurious_only": blank_coloured,
             "neither": blank,

@@ -69,7 +69,7 @@ class ImageFiles:
         """Every image as one tensor: for a few rows only (a check, a plot)."""
         return torch.stack([self.read(i) for i in range(len(self))]) if len(self) else torch.empty(0, 3, *self.size)
 
-    def loader(self, batch_rows: Iterable[Sequence[int]]) -> torch.utils.data.DataLoader:
+    def loader(self, batch_rows: Iterable[list[int]]) -> torch.utils.data.DataLoader:
         """(images [B, 3, H, W], rows [B]) for each list of rows `batch_rows` yields, in its order."""
         return torch.utils.data.DataLoader(
             _Reader(self),
@@ -107,7 +107,7 @@ def batches_of(x: torch.Tensor | ImageFiles, batch_size: int) -> Iterator[torch.
     """`x` in order, `batch_size` rows at a time (image files: at most IMAGE_BATCH, read as they are needed)."""
     if isinstance(x, ImageFiles):
         size = min(batch_size, IMAGE_BATCH)
-        chunks = [range(i, min(i + size, len(x))) for i in range(0, len(x), size)]
+        chunks = [list(range(i, min(i + size, len(x)))) for i in range(0, len(x), size)]
         for images, _ in x.loader(chunks):
             yield images
         return

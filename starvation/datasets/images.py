@@ -20,6 +20,7 @@ import pathlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,7 +79,12 @@ def index_image_folder(
     `counterfactual` column, at most `max_rows` rows (read one at a time), all within `time_limit_s` seconds.
     Raises `DatasetError` naming the line."""
     root = pathlib.Path(root).resolve()
-    paths, labels, attributes, splits, counterfactuals, lines = [], [], [], [], [], []
+    paths: list[str] = []
+    counterfactuals: list[str] = []
+    labels: list[int] = []
+    attributes: list[int] = []
+    lines: list[int] = []
+    splits: list[str] = []
     has_counterfactual = False
     deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     for number, row in _csv_rows(pathlib.Path(csv_path)):
@@ -147,7 +153,7 @@ def _strings(values: list[str]) -> np.ndarray:
 
 def save_index(index: ImageIndex, path: str | pathlib.Path) -> None:
     """Plain arrays only (strings as UTF-8 bytes and offsets), so `load_index` needs no pickle."""
-    arrays = {"labels": index.labels, "attributes": index.attributes, "splits": index.splits}
+    arrays: dict[str, Any] = {"labels": index.labels, "attributes": index.attributes, "splits": index.splits}
     for name in ("paths", "counterfactuals"):
         values = getattr(index, name)
         if values is not None:
@@ -227,11 +233,11 @@ class ImageFolderDataset(Dataset):
 
     @property
     def can_intervene(self) -> bool:  # type: ignore[override]
-        return self.splits[self.test_split].x.counterfactuals is not None
+        return self.splits[self.test_split].files.counterfactuals is not None
 
     def intervene(self, split: Split) -> Split:
         return Split(
-            name=f"{split.name}_intervened", x=split.x.swapped(), y=split.y.clone(), attribute=1 - split.attribute
+            name=f"{split.name}_intervened", x=split.files.swapped(), y=split.y.clone(), attribute=1 - split.attribute
         )
 
 

@@ -103,10 +103,11 @@ def _check_directory_size(path: str | pathlib.Path) -> None:
     """Refuse a zip directory of more entries or bytes than four arrays need, before zipfile reads it: each
     46-byte entry becomes a ~400-byte Python object, so a 512 MiB upload of empty entries would take 4 GiB."""
     with open(path, "rb") as handle:
-        end = zipfile._EndRecData(handle)  # the end record zipfile itself trusts (zip64 applied); private, but stable
+        # the end record zipfile itself trusts (zip64 applied); private, but stable, and not in typeshed
+        end = zipfile._EndRecData(handle)  # type: ignore[attr-defined]
     if end is None:
         raise zipfile.BadZipFile("File is not a zip file")
-    entries, directory_bytes = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+    entries, directory_bytes = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
     if entries > len(NPZ_ARRAYS) or directory_bytes > MAX_DIRECTORY_BYTES:
         raise DatasetError(
             f"the .npz lists {entries} members in {directory_bytes} bytes; it may hold only x, y, attribute and split",

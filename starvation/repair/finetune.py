@@ -21,7 +21,9 @@ from starvation.checkpoints.save import CheckpointFile
 from starvation.errors import SpecError
 from starvation.methods import build_method
 from starvation.repair.methods import FinetuneSD
+from starvation.training import train
 from starvation.training.state import Batches
+from starvation.training.sweep import split_scores
 from starvation.training.update import train_step
 
 Kept = TypeVar("Kept")
@@ -69,6 +71,8 @@ def finetune_sd(
         key = (scores[criterion] or 0.0, scores["accuracy"] or 0.0)
         if best is None or key > best[0]:  # ties go to the first
             best = (key, index, kept)
+    if best is None:
+        raise ValueError("no sd_lambda to try")
     _, chosen, kept = best
     return Finetuned(
         kept=kept, candidates=candidates, chosen=chosen, validation=holdout, original_validation=original_validation
@@ -92,8 +96,6 @@ def train_candidates(
     """Candidate runs of one of our own networks: a `train` run from `weights` per candidate, keeping (network,
     checkpoint files). `registered`: `dataset` is a user's, passed to `train` as it is (a built-in is drawn again by
     its seed); `train`'s `holdout` holds out the very rows `finetune_sd` scores on, so the run ignores `held`."""
-    from starvation.training import train
-
     runs = iter(range(len(method.params["sd_lambdas"])))
 
     def run(
@@ -156,7 +158,5 @@ class Finetuning:
 
 def scored(logits: Callable[[torch.Tensor], torch.Tensor], split: datasets.Split) -> dict[str, float | None]:
     """Accuracy and worst-group accuracy on `split` of the network whose logits function is `logits`."""
-    from starvation.training.sweep import split_scores
-
     with torch.no_grad():
         return split_scores(logits, split, torch.device("cpu"), with_groups=True)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from starvation.errors import SpecError
+from starvation.methods import cross_entropy
 from starvation.repair.heads import LinearHead
 
 
@@ -168,8 +169,6 @@ def _fit_linear(
 ) -> LinearHead:
     """Full-batch L-BFGS in float64 of: weighted mean cross-entropy + l2/2 * ||W||^2 +
     sd_lambda/2 * mean(squared logits), on standardised features (bias unpenalised by l2)."""
-    from starvation.methods import cross_entropy
-
     scale = Standardiser(data.features)
     x, y = scale(data.features), data.y
     weight = torch.zeros(num_outputs, x.shape[1], dtype=torch.float64, requires_grad=True)

@@ -52,9 +52,10 @@ class LinearHead:
         return LinearHead(self.weight.to(dtype), self.bias.to(dtype))
 
 
-def find_linear_head(module: nn.Module) -> nn.Module:
-    """The submodule holding the last linear layer: `module.head`, or the last child of a
-    Sequential. Raises NoLinearHead when neither is a linear layer with a bias."""
+def find_linear_head(module: nn.Module) -> LinearHead:
+    """The last linear layer's own weight and bias (written in place, they change the model): those of
+    `module.head`, or of the last child of a Sequential. Raises NoLinearHead when neither is a linear layer with a
+    bias."""
     children = dict(module.named_children())
     candidate = children.get("head")
     is_sequential = isinstance(module, nn.Sequential) or getattr(module, "original_name", "") == "Sequential"
@@ -69,7 +70,7 @@ def find_linear_head(module: nn.Module) -> nn.Module:
         raise NoLinearHead("the model's last layer is not a linear layer (no 2-D floating-point weight)")
     if not (isinstance(bias, torch.Tensor) and bias.shape == (weight.shape[0],)):
         raise NoLinearHead("the model's last linear layer has no bias of one value per output")
-    return candidate
+    return LinearHead(weight, bias)
 
 
 def read_head(module: nn.Module) -> LinearHead:
@@ -80,7 +81,7 @@ def read_head(module: nn.Module) -> LinearHead:
 def replace_head(module: nn.Module, new: LinearHead) -> None:
     """Overwrite the head's weight and bias in place; the shapes must be the old ones."""
     head = find_linear_head(module)
-    _check_new_head(LinearHead(head.weight, head.bias), new)
+    _check_new_head(head, new)
     with torch.no_grad():
         head.weight.copy_(new.weight.to(head.weight.dtype))
         head.bias.copy_(new.bias.to(head.bias.dtype))
@@ -98,8 +99,8 @@ def read_model_head(model) -> LinearHead:
     bias [k]; raises NoLinearHead where there is none, or where it cannot be rewritten (tied, computed at run time)."""
     site = _repairable_site(model)
     if model.format == "onnx":
-        weight, bias, _ = onnx_graph.onnx_weights(model.proto, model.found)
-        head = LinearHead(torch.from_numpy(weight).float(), torch.from_numpy(bias.copy()).float())
+        onnx_weight, onnx_bias, _ = onnx_graph.onnx_weights(model.proto, model.found)
+        head = LinearHead(torch.from_numpy(onnx_weight).float(), torch.from_numpy(onnx_bias.copy()).float())
     else:
         weight, bias = graph.script_weights(model.module, site)
         head = LinearHead(weight.detach().clone().float(), bias.detach().clone().float().reshape(-1))

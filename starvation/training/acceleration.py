@@ -45,7 +45,7 @@ class GraphedUpdates:
         phase = self.phases.at(step)
         if phase in self.graphs:
             graph, static_rows = self.graphs[phase]
-            if static_rows is not None:
+            if static_rows is not None and rows is not None:  # captured with rows: replayed with rows
                 static_rows.copy_(rows)
             graph.replay()
             return

@@ -99,9 +99,9 @@ def stacked_splits(data: Sequence[Dataset], device: torch.device, *, shared: boo
     """
     first, count = data[0], len(data)
 
-    def stack(split_of: Callable[[Dataset], Split], name: str) -> Split:
+    def stack(split_of: Callable[[Dataset], Split | None], name: str) -> Split:
         if shared:
-            one = split_to(split_of(first), device)
+            one = split_to(_present(split_of(first), name), device)
             return Split(
                 name=name,
                 **{
@@ -109,7 +109,7 @@ def stacked_splits(data: Sequence[Dataset], device: torch.device, *, shared: boo
                     for k in ("x", "y", "attribute")
                 },
             )
-        parts = [split_of(d) for d in data]
+        parts = [_present(split_of(d), name) for d in data]
         return Split(
             name=name, **{k: torch.stack([getattr(p, k) for p in parts]).to(device) for k in ("x", "y", "attribute")}
         )
@@ -121,7 +121,7 @@ def stacked_splits(data: Sequence[Dataset], device: torch.device, *, shared: boo
     names = ["train"] + [name for name in first.splits if name != "train"]  # evaluation_splits' order
     for name in names:
         if name not in splits:
-            splits[name] = stack(lambda d, name=name: d.splits[name], name)
+            splits[name] = stack(functools.partial(_split_named, name=name), name)
     if core_only_corner(first) is not None:
         names.append(CORE_ONLY)
         splits[CORE_ONLY] = stack(core_only_corner, CORE_ONLY)
@@ -168,7 +168,8 @@ def evaluate(
     `conflicting`: 'train''s bias-conflicting examples (`bias_conflicting`), or None (no attribute).
     """
     model.eval()
-    values, computed = {}, {}
+    values: dict[tuple[str, str], float] = {}
+    computed: dict[str, torch.Tensor] = {}
     for name, split in splits.items():
         if pooled and name in pooled:
             logits = computed["train"][pooled[name]]
@@ -197,7 +198,9 @@ def evaluate_stacked(
     """`evaluate` for every seed of a stacked model on stacked splits (`conflicting` [S, N]): one dict per seed,
     one host sync in all."""
     model.eval()
-    names, columns, computed = [], [], {}
+    names: list[tuple[str, str]] = []
+    columns: list[torch.Tensor] = []
+    computed: dict[str, torch.Tensor] = {}
     for name, split in splits.items():
         if pooled and name in pooled:
             logits = computed["train"][:, pooled[name]]
@@ -211,6 +214,17 @@ def evaluate_stacked(
         columns.append(vmap(functools.partial(split_metrics, split=name))(logits, split.y, *given))
         names += _metric_names(name, bool(given))
     return [dict(zip(names, row)) for row in torch.cat(columns, dim=1).tolist()]
+
+
+def _split_named(data: Dataset, name: str) -> Split:
+    return data.splits[name]
+
+
+def _present(split: Split | None, name: str) -> Split:
+    """A split every seed's dataset has (the core-only corner exists for all or none)."""
+    if split is None:
+        raise ValueError(f"a seed's dataset has no split {name!r}")
+    return split
 
 
 def predictions(logits: torch.Tensor) -> torch.Tensor:
@@ -239,12 +253,15 @@ def signed_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def summarise_seeds(finals: dict[int, dict[tuple[str, str], float]]) -> dict:
     """Mean and (population) std over seeds of the final accuracy and loss per split."""
     splits = sorted({split for values in finals.values() for split, _ in values}, key=_split_order)
-    summary = {}
+    summary: dict[str, dict[str, dict[str, float | None]]] = {}
     for split in splits:
         summary[split] = {}
         for name in ("accuracy", "loss"):
             per_seed = [values[(split, name)] for values in finals.values()]
-            summary[split][name] = {"mean": _json_float(np.mean(per_seed)), "std": _json_float(np.std(per_seed))}
+            summary[split][name] = {
+                "mean": _json_float(float(np.mean(per_seed))),
+                "std": _json_float(float(np.std(per_seed))),
+            }
     return summary
 
 
@@ -270,3 +287,8 @@ def kernel_alignments(kernel: KernelSample, model: nn.Module) -> dict[tuple[str,
     """The metrics ntk_alignment_label, _attribute, _core of `model` on the sample (split train)."""
     with torch.enable_grad():
         return {("train", f"ntk_alignment_{name}"): value for name, value in kernel.alignments(model).items()}
+
+
+def ntk_due(ntk_every: int | None, step: int, steps: int) -> bool:
+    """Whether the evaluation at `step` of `steps` records the NTK alignments: every `ntk_every`, and the last."""
+    return ntk_every is not None and (step % ntk_every == 0 or step == steps)

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from starvation import datasets
 from starvation.checkpoints.save import CheckpointFile, save_checkpoint
@@ -19,7 +18,7 @@ from starvation.datasets import Dataset, ImageFiles, batches_of
 from starvation.ensemble import StackedMLP
 from starvation.errors import SpecError
 from starvation.methods import build_method
-from starvation.networks import output_count
+from starvation.networks import Network, output_count
 from starvation.training.acceleration import GraphedUpdates, PhaseCompiled, tf32_matmuls
 from starvation.training.evaluation import (
     EVAL_CHUNK,
@@ -30,6 +29,7 @@ from starvation.training.evaluation import (
     evaluation_splits,
     kernel_alignments,
     kernel_sample,
+    ntk_due,
     pooled_slices,
     predictions,
     split_to,
@@ -262,7 +262,7 @@ def train_seed(
     graphs: bool,
     resume: Resume | None = None,
     init_weights: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[nn.Module, list[dict[tuple[str, str], float]]]:
+) -> tuple[Network, list[dict[tuple[str, str], float]]]:
     """One model: init under `seed`, full-batch or minibatch updates, evaluation on schedule.
 
     `resume`: the seed goes on from the state an earlier run saved there (or is taken as it finished), and saves
@@ -282,7 +282,7 @@ def train_seed(
     )
     start, history = 0, []
     state = resume.load(seed) if resume is not None else None
-    if state is not None:
+    if resume is not None and state is not None:
         model.load_state_dict(state["model"])
         history = [{(split, name): value for split, name, value in values} for values in state["history"]]
         if state["finished"]:
@@ -299,23 +299,28 @@ def train_seed(
         for step in range(start, steps):
             if resume is not None and resume.due(step):
                 drawn_before[step] = batches.state()
-            yield batches.next()[0].tolist()
+            rows = batches.next()
+            yield rows[0].tolist() if rows is not None else list(range(len(train_split)))  # None: a batch of all
 
-    if streamed:  # the same rows in the same order as in memory, read from disk (ahead) by the loader's workers
-        stream = iter(train_split.x.loader(rows_of_steps()))
-    train_x = None if streamed else update_inputs(train_split.x, precision)
+    if isinstance(train_split.x, ImageFiles):  # the same rows in the same order as in memory, read from disk
+        stream = iter(train_split.x.loader(rows_of_steps()))  # (ahead) by the loader's workers
 
-    def update(rows: torch.Tensor | None, step: int) -> None:
-        if streamed:
+        def update(rows: torch.Tensor | None, step: int) -> None:
             images, picked = next(stream)
             x, picked = images.to(device, non_blocking=True), picked.to(device)
             y, given = train_split.y[picked], {name: tensor[picked] for name, tensor in groups.items()}
-        elif rows is None:
-            x, y, given = train_x, train_split.y, groups
-        else:
-            x, y = train_x[rows[0]], train_split.y[rows[0]]
-            given = {name: tensor[rows[0]] for name, tensor in groups.items()}
-        train_step(model, optimizer, method, x, y, step, precision=precision, memberships=given)
+            train_step(model, optimizer, method, x, y, step, precision=precision, memberships=given)
+
+    else:
+        train_x = update_inputs(train_split.x, precision)
+
+        def update(rows: torch.Tensor | None, step: int) -> None:
+            if rows is None:
+                x, y, given = train_x, train_split.y, groups
+            else:
+                x, y = train_x[rows[0]], train_split.y[rows[0]]
+                given = {name: tensor[rows[0]] for name, tensor in groups.items()}
+            train_step(model, optimizer, method, x, y, step, precision=precision, memberships=given)
 
     if graphs:
         update = GraphedUpdates(update, method, device)
@@ -334,7 +339,7 @@ def train_seed(
         if step % eval_every == 0 or step == steps:
             with clock.evaluating(), tf32_matmuls(False):
                 values = evaluate(model, splits, pooled, conflicting)
-                if kernel is not None and (step % spec.ntk_every == 0 or step == steps):
+                if kernel is not None and ntk_due(spec.ntk_every, step, steps):
                     values.update(kernel_alignments(kernel, model))
                 history.append(values)
                 report(step, steps, seed, values)
@@ -362,7 +367,7 @@ def train_batched(
     seeds: Sequence[int] | None = None,
     member_params: dict[str, torch.Tensor] | None = None,
     init_weights: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[list[nn.Module], list[list[dict[tuple[str, str], float]]], Clock]:
+) -> tuple[list[Network], list[list[dict[tuple[str, str], float]]], Clock]:
     """Every seed at once as a StackedMLP: per seed the same init, data, minibatches and updates as `train_seed`.
 
     `seeds`: one per member of the stack (default the spec's); a sweep repeats a seed, one member per setting,
@@ -381,8 +386,8 @@ def train_batched(
         name: torch.stack([g[name] for g in per_seed_groups]).expand(len(seeds), -1, -1).to(device)
         for name in method.NEEDS
     }
-    masks = [bias_conflicting(d) for d in distinct]
-    conflicting = None if any(m is None for m in masks) else torch.stack(masks).expand(len(seeds), -1).to(device)
+    masks = [mask for mask in (bias_conflicting(d) for d in distinct) if mask is not None]
+    conflicting = torch.stack(masks).expand(len(seeds), -1).to(device) if len(masks) == len(distinct) else None
     first = data[0]
     kernels = [
         kernel_sample(spec.ntk_every, data[0 if shared_data else index], seed) for index, seed in enumerate(seeds)
@@ -398,6 +403,8 @@ def train_batched(
     batches = Batches(train_split.x.shape[1], spec.batch_size, seeds=seeds, device=device)
     seed_rows = torch.arange(len(seeds), device=device).unsqueeze(1)
     steps, eval_every, precision = spec.steps, spec.eval_every, spec.precision
+    if not isinstance(train_split.x, torch.Tensor):  # `train` streams an image folder one seed at a time
+        raise ValueError("a stacked model trains on inputs held in memory, not an image folder")
     train_x = update_inputs(train_split.x, precision)
     clock = Clock(device)
 
@@ -413,10 +420,9 @@ def train_batched(
     losses = None
     if compiled:
         losses = PhaseCompiled(stacked, method)
+        size = batches.batch_size
         shaped = (
-            None
-            if batches.full
-            else torch.arange(batches.batch_size, device=device).expand(len(seeds), batches.batch_size)
+            None if size is None or batches.full else torch.arange(size, device=device).expand(len(seeds), size)
         )  # rows of a minibatch's shape: what the compiled loss will be given
         clock.compile_s = losses.prepare(steps, list(model.parameters()), *inputs(shaped))
 
@@ -438,10 +444,11 @@ def train_batched(
         if step % eval_every == 0 or step == steps:
             with clock.evaluating(), tf32_matmuls(False):
                 per_seed = evaluate_stacked(model, splits, pooled, conflicting)
-                if kernels[0] is not None and (step % spec.ntk_every == 0 or step == steps):
-                    for index, (network, values) in enumerate(zip(networks, per_seed)):
-                        network.load_state_dict(model.network_state(index))
-                        values.update(kernel_alignments(kernels[index], network.to(device)))
+                if ntk_due(spec.ntk_every, step, steps):
+                    for index, (network, values, kernel) in enumerate(zip(networks, per_seed, kernels)):
+                        if kernel is not None:
+                            network.load_state_dict(model.network_state(index))
+                            values.update(kernel_alignments(kernel, network.to(device)))
                 for history, values in zip(histories, per_seed):
                     history.append(values)
                 report(step, dict(zip(keys, per_seed)), step / steps)

@@ -12,8 +12,8 @@ from torch import nn
 from starvation import datasets
 from starvation import params as P
 from starvation.errors import SpecError
-from starvation.methods import method_class
-from starvation.networks import arch_class, resolve_arch_params
+from starvation.methods import METHODS, method_class
+from starvation.networks import ARCHS, arch_class, resolve_arch_params
 from starvation.presets import PRESETS
 
 MAX_SEED = 2**31 - 1
@@ -318,8 +318,6 @@ def section_schemas() -> dict[str, dict]:
 
     The name may be left out to change parameters of what the preset (or the default) names.
     """
-    from starvation.methods import METHODS
-    from starvation.networks import ARCHS
 
     def variants(
         identity: str,

@@ -43,13 +43,14 @@ class Batches:
             generator.set_state(saved)
 
     def next(self) -> torch.Tensor | None:
-        if self.full:
+        size = self.batch_size
+        if size is None or size >= self.n:  # `full`
             return None
-        if self.position + self.batch_size > self.order.shape[1]:
+        if self.position + size > self.order.shape[1]:
             order = torch.stack([torch.randperm(self.n, generator=generator) for generator in self.generators])
             self.order, self.position = to_device(order, self.device), 0
-        rows = self.order[:, self.position : self.position + self.batch_size]
-        self.position += self.batch_size
+        rows = self.order[:, self.position : self.position + size]
+        self.position += size
         return rows
 
 
@@ -64,7 +65,7 @@ class Resume:
         self.resumed: dict[int, int] = {}
 
     def due(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0
+        return self.every is not None and self.every > 0 and step % self.every == 0
 
     def path(self, seed: int) -> pathlib.Path:
         return self.folder / f"seed{seed}.pt"

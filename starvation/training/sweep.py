@@ -16,6 +16,7 @@ split and is marked as leaking it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import pathlib
@@ -36,11 +37,12 @@ from starvation.methods import method_class
 from starvation.networks import ARCHS, output_count
 from starvation.params import ParamError
 from starvation.training.evaluation import EVAL_CHUNK, as_logits, predictions
-from starvation.training.execution import choose_execution, network_shape, per_seed_matmuls, update_rows
+from starvation.training.execution import choose_execution, init_network, network_shape, per_seed_matmuls, update_rows
 from starvation.training.loop import Metric, train_batched, train_seed
 from starvation.training.resolved import ResolvedTrainSpec
 from starvation.training.spec import resolve_device, resolve_train_spec
 from starvation.training.state import Clock
+from starvation.weights import load_initial_weights
 
 SELECTIONS = {
     "train_domain_validation": "a part of the training environments held out from training (holdout); "
@@ -176,6 +178,7 @@ def sweep(
     saved: dict[tuple[int, int], CheckpointFile] = {}
     finals: dict[tuple[int, int], dict] = {}
     executions, clock, runs_done, runs = [], Clock(torch_device), 0, len(groups) * len(seeds)
+    init: dict[str, Any] | None = None
 
     for seed in seeds:
         data = (
@@ -184,6 +187,8 @@ def sweep(
             else datasets.build(base.dataset.name, dict(base.dataset.params), seed=seed, data_dir=data_dir)
         )
         data = datasets.hold_out(data, base.holdout)
+        if init_weights is not None and init is None:  # what the weights fill, checked before any training
+            init = load_initial_weights(init_network(settings[0], data, seed), init_weights)
         for group in groups:
             specs = [settings[i] for i in group]
             lead = specs[0].replace(seeds=[seed])
@@ -235,9 +240,7 @@ def sweep(
                         torch_device,
                         clock,
                         should_stop,
-                        lambda step, steps, _seed, values, member=member, specs=specs: report(
-                            step, {member: values}, (member * steps + step) / (len(specs) * steps)
-                        ),
+                        functools.partial(_report_member, report, member, len(specs)),
                         graphs=graphs,
                         init_weights=init_weights,
                     )
@@ -262,6 +265,8 @@ def sweep(
     checkpoints = [[saved[index, seed] for seed in seeds] for index in range(len(settings))]
     result = choose(spec, finals, seeds)
     result["execution"] = executions
+    if init is not None:
+        result["init"] = init
     result["timing"] = {"train_s": clock.train_s, "eval_s": clock.eval_s, "total_s": time.perf_counter() - started}
     return SweepOutcome(result=result, checkpoints=checkpoints)
 
@@ -281,8 +286,9 @@ def scores(network: nn.Module, data: Dataset, device: torch.device) -> dict[str,
 
 
 def split_scores(
-    network: nn.Module, split: Split, device: torch.device, *, with_groups: bool
+    network: Callable[[torch.Tensor], torch.Tensor], split: Split, device: torch.device, *, with_groups: bool
 ) -> dict[str, float | None]:
+    """Accuracy and worst-group accuracy (None `with_groups` off) on `split` of `network` (or a logits function)."""
     predicted = predictions(as_logits(batched(network, split.x, device, EVAL_CHUNK)))
     correct = (predicted == split.y).float()
     worst = None
@@ -296,14 +302,14 @@ def choose(spec: dict, finals: dict[tuple[int, int], dict], seeds: list[int]) ->
     """The result: each setting's scores (mean and std over seeds), and the setting chosen by the spec's rule."""
     selection, settings = spec["selection"], spec["settings"]
     scored = "holdout" if selection == "train_domain_validation" else "test"
-    summaries = []
+    summaries: list[dict[str, Any]] = []
     for index, setting in enumerate(settings):
-        summary = {"params": setting["params"]}
+        summary: dict[str, Any] = {"params": setting["params"]}
         for part, name in (("holdout", "validation"), ("test", "test")):
-            per_seed = [finals[index, seed].get(part) for seed in seeds]
+            per_seed = [finals[index, seed][part] for seed in seeds if part in finals[index, seed]]
             summary[name] = (
                 None
-                if per_seed[0] is None
+                if len(per_seed) < len(seeds)  # no holdout
                 else {
                     metric: _mean_std([values[metric] for values in per_seed])
                     for metric in ("accuracy", "worst_group_accuracy")
@@ -328,9 +334,23 @@ def choose(spec: dict, finals: dict[tuple[int, int], dict], seeds: list[int]) ->
 
 
 def _mean_std(values: list[float | None]) -> dict[str, float | None] | None:
-    if any(value is None for value in values):
+    present = [value for value in values if value is not None]
+    if len(present) < len(values):
         return None
-    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+    return {"mean": float(np.mean(present)), "std": float(np.std(present))}
+
+
+def _report_member(
+    report: Callable[[int, dict[int, dict], float], None],
+    member: int,
+    members: int,
+    step: int,
+    steps: int,
+    seed: int,
+    values: dict[tuple[str, str], float],
+) -> None:
+    """Sequential progress of a sweep's stack: member `member` of `members` is at `step` of `steps`."""
+    report(step, {member: values}, (member * steps + step) / (members * steps))
 
 
 __all__ = [

@@ -98,3 +98,9 @@ def test_a_resnet_starts_from_uploaded_torchvision_weights_and_trains_on_the_fol
     init = done["result"]["init"]
     assert {**init, "skipped": sorted(init["skipped"])} == {"names": "torchvision", "loaded": 120, "head": "fresh",
                                                             "skipped": ["fc.bias", "fc.weight"]}
+    # a sweep fine-tunes every setting from the same weights (choosing, say, the learning rate of a pretrained net)
+    sweep = stack.client.post("/v1/jobs", json={"kind": "sweep", "spec": {**spec, "grid": {"optimizer.lr": [1e-3, 1e-2]}}})
+    assert sweep.status_code == 202, sweep.text
+    done = stack.wait_for(sweep.json()["id"], ("succeeded", "failed"), timeout_s=180)
+    assert done["status"] == "succeeded", done["error"]
+    assert len(done["result"]["settings"]) == 2 and done["result"]["init"]["head"] == "fresh"

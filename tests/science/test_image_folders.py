@@ -70,6 +70,15 @@ def test_a_streamed_folder_trains_exactly_as_its_images_in_memory(folder, tmp_pa
     assert disk.keys() == memory.keys() and all(torch.equal(disk[k], memory[k]) for k in disk)
 
 
+def test_a_folder_with_a_batch_larger_than_its_training_images_trains_on_all_of_them(folder, tmp_path) -> None:
+    streamed = datasets.load_image_folder(folder, folder / "metadata.csv", "coloured", 8)
+    spec = {"dataset": {"name": "coloured"}, "model": {"arch": "cnn", "channels": [4]}, "steps": 3, "eval_every": 3,
+            "batch_size": 2 * N_TRAIN, "seeds": [1]}
+    from_disk = train(spec, out_dir=tmp_path / "disk", dataset=streamed)
+    from_memory = train(spec, out_dir=tmp_path / "memory", dataset=in_memory_twin(streamed))
+    assert from_disk.result["splits"] == from_memory.result["splits"]
+
+
 def test_a_folder_trains_in_minibatches_only(folder, tmp_path) -> None:
     streamed = datasets.load_image_folder(folder, folder / "metadata.csv", "coloured", 8)
     spec = {"dataset": {"name": "coloured"}, "model": {"arch": "cnn", "channels": [4]}, "steps": 2}

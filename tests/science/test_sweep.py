@@ -147,6 +147,7 @@ def test_every_setting_starts_from_the_initial_weights(tmp_path, grid):
     given = {name: value * 3 for name, value in given.items()}  # far from any seed's own initialisation
     found = sweep({**base, "grid": grid, "selection": "oracle"}, out_dir=tmp_path / "s", init_weights=given)
     fresh = sweep({**base, "grid": grid, "selection": "oracle"}, out_dir=tmp_path / "f")
+    assert found.result["init"]["head"] == "loaded" and "init" not in fresh.result
     for index, setting in enumerate(found.result["settings"]):
         key, value = next(iter(setting["params"].items()))
         part, field = key.split(".")
