@@ -37,7 +37,8 @@ def test_a_write_waits_for_a_store_that_comes_back(tmp_path, monkeypatch):
         started.append(subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
 
-    threading.Thread(target=come_back).start()
+    coming = threading.Thread(target=come_back)
+    coming.start()
     kept = store(settings)
     assert isinstance(kept, S3Store)
     began = time.monotonic()
@@ -52,7 +53,7 @@ def test_a_write_waits_for_a_store_that_comes_back(tmp_path, monkeypatch):
         assert kept.fetch("jobs/j/report.json").read_text() == '{"ok": true}'
         assert time.monotonic() - began >= 3
     finally:
-        time.sleep(0.1)
+        coming.join()  # never leave a server behind, even when the test failed before it started
         for process in started:
             process.terminate()
             process.wait(10)
