@@ -45,10 +45,11 @@ browser:
 test: install browser gpu-dryrun lint
 	$(PY) -m pytest -q
 
-# Lint and format check of the service's packages (pyproject.toml's [tool.ruff]).
+# Lint, format check and type check of the service's packages (pyproject.toml's [tool.ruff] and [tool.mypy]).
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 gpu-wheels: .whl/.downloaded
 
