@@ -94,9 +94,9 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=6000)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--upstream-steps", type=int, default=1500)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3])
+    parser.add_argument("--upstream-steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3])
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
