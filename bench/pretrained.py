@@ -46,11 +46,11 @@ from starvation.audit import run_audit as audit  # noqa: E402
 from starvation.checkpoints import load_checkpoint  # noqa: E402
 from starvation.datasets.backgrounds import make_background_folder  # noqa: E402
 from starvation.networks import build_network  # noqa: E402
-from starvation.weights import load_initial_weights  # noqa: E402
 from starvation.ntk import balanced_sample, centred_alignment, ntk_gram  # noqa: E402
 from starvation.repair import TrainingFeatures, build_repair_method, read_head, replace_head  # noqa: E402
 from starvation.training import train  # noqa: E402
 from starvation.training.sweep import sweep  # noqa: E402
+from starvation.weights import load_initial_weights  # noqa: E402
 
 SGD = {"name": "sgd", "momentum": 0.9}
 METHODS = {
