@@ -29,7 +29,7 @@ class RepairReports(BaseModel):
 
 
 class RepairMethodOut(BaseModel):
-    """The repair method as resolved: its name and every parameter (starvation.repair.describe_all)."""
+    """The repair method as resolved: its name and every parameter (its class's PARAMS, defaults filled in)."""
 
     model_config = ConfigDict(extra="allow")
     name: RepairMethodName
