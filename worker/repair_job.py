@@ -49,8 +49,6 @@ def run(spec: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
             f"dataset {dataset.name!r} has no test split apart from its training data; a repair fits "
             "and chooses on the training splits only, so it needs a separate 'test' split to audit on"
         )
-    if method.WHOLE_NETWORK:
-        return finetune(ctx, spec, method, parent_id, path, fmt, model_info, dataset, audit_spec, device, seed)
     model = audit_job.load_model(
         path,
         fmt,
@@ -61,6 +59,8 @@ def run(spec: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
         repair=foreign,
         interrupt=ctx.stop_if_asked,
     )
+    if method.WHOLE_NETWORK:  # it closes the model
+        return finetune(ctx, spec, method, parent_id, model, path, fmt, model_info, dataset, audit_spec, device, seed)
     try:
         old_head, features, train = read_head_and_features(model, dataset)
         ctx.on_progress(0.1)
@@ -115,6 +115,7 @@ def finetune(
     spec: dict[str, Any],
     method,
     parent_id: str,
+    model: Any,
     path: str,
     fmt: str,
     model_info: dict[str, Any],
@@ -124,23 +125,14 @@ def finetune(
     seed: int,
 ) -> dict[str, Any]:
     """A whole-network repair (`starvation.repair.finetune`): the audit before, the candidates' runs (our own network
-    through `train`; a TorchScript program in its jail), the kept one registered with its parent and audited after."""
+    through `train`; a TorchScript program in its jail), the kept one registered with its parent and audited after.
+    `model`: the loaded parent, closed here."""
     from safetensors.torch import load_file
 
     from starvation import datasets
     from starvation.repair.finetune import finetune_sd, train_candidates
 
     foreign = fmt == "torchscript"
-    model = audit_job.load_model(
-        path,
-        fmt,
-        model_info,
-        device,
-        spec.get("layer"),
-        settings=ctx.settings,
-        repair=foreign,
-        interrupt=ctx.stop_if_asked,
-    )
     try:
         before = audit_job.audit_model(ctx, model, dataset, spec=audit_spec, prefix="before-")
         stop_if_asked(ctx)
