@@ -1,6 +1,6 @@
 """What a train job will hold in memory, from its resolved spec alone, so an over-budget job is refused at submit.
 
-The estimate (float32 bytes) is the sum of five parts: a fixed `runtime` allowance, and
+The estimate (float32 bytes) is the sum of five parts (six with `ntk_every`): a fixed `runtime` allowance, and
 - parameters: weights, gradients and the optimizer's state (Adam: two moments; SGD with momentum: one), for every
   seed, plus the per-seed networks kept beside a batched model;
 - activations: what one update's forward pass keeps for the backward pass, with its gradients and temporaries
@@ -11,7 +11,8 @@ The estimate (float32 bytes) is the sum of five parts: a fixed `runtime` allowan
 - dataset: every split's inputs, labels and attribute, for each seed (each seed draws its own built-in dataset;
   a registered one is shared), twice (the splits, and the pooled training set or the stacked copy beside them).
   An image folder (`DataSize.streamed`) holds labels only, and STREAM_BATCHES batches of inputs read ahead; its
-  evaluation reads IMAGE_BATCH images at a time.
+  evaluation reads IMAGE_BATCH images at a time;
+- kernel (`ntk_every` only): the NTK alignments' per-example gradients on their sample (`ntk.kernel_bytes`).
 It is an estimate from above: tests/science/test_budget.py checks it against the peak memory of real runs.
 The field named when a spec is over budget is the one whose reset (to the arch's default widths, one seed,
 minibatches of SMALL_BATCH, SMALL_DATASET training examples) shrinks the estimate most.
@@ -33,9 +34,11 @@ from starvation.networks import (
     arch_class,
     check_arch_params,
     inference_count,
+    largest_tensor,
     output_count,
     parameter_count,
 )
+from starvation.ntk import TRAINING_EXAMPLES, kernel_bytes
 
 BYTES = 4  # float32
 LABEL_BYTES = 16  # y and attribute, int64 each
@@ -122,6 +125,20 @@ def estimate_train_memory(spec: dict, data: DataSize, *, shared_dataset: bool = 
             "dataset": (2 * data.n_examples * LABEL_BYTES + STREAM_BATCHES * rows * input_values * BYTES)
             if data.streamed
             else 2 * data.n_examples * example_bytes * (1 if shared_dataset else seeds),
+            # `ntk_every`: one seed's kernel at a time, on its sample, while the training holds the rest
+            **(
+                {
+                    "kernel": kernel_bytes(
+                        min(TRAINING_EXAMPLES, data.n_train),
+                        parameters=n_parameters,
+                        largest_tensor=largest_tensor(arch, params, data.input_shape, outputs),
+                        input_values=input_values,
+                        activations=per_example,
+                    )
+                }
+                if spec.get("ntk_every")
+                else {}
+            ),
         }
     )
 
@@ -166,7 +183,9 @@ def check_train_budget(
     raise OverBudget(
         f"{what} would need about {_gib(estimate.total_bytes)} of memory (parameters and "
         f"optimizer {_gib(estimate.parts['parameters'])}, activations "
-        f"{_gib(estimate.parts['activations'])}, data {_gib(estimate.parts['dataset'])}); the worker's "
+        f"{_gib(estimate.parts['activations'])}, data {_gib(estimate.parts['dataset'])}"
+        + (f", NTK alignments {_gib(estimate.parts['kernel'])}" if "kernel" in estimate.parts else "")
+        + f"); the worker's "
         f"budget is {_gib(budget_bytes)}. Most of it comes from {field}: make it smaller "
         f"(or set batch_size, or use fewer {fewer}).",
         field,
@@ -192,6 +211,7 @@ def dominant_field(spec: dict, data: DataSize, *, shared_dataset: bool = False) 
         ("batch_size", {**spec, "batch_size": min(spec["batch_size"] or SMALL_BATCH, SMALL_BATCH)}, data),
         (f"dataset.params.{size_param}" if size_param else "dataset", spec, small_data),
         ("seeds", {**spec, "seeds": spec["seeds"][:1]}, data),
+        *([("ntk_every", {**spec, "ntk_every": None}, data)] if spec.get("ntk_every") else []),
     ]
     remaining = [
         (estimate_train_memory(s, d, shared_dataset=shared_dataset).total_bytes, index, field)

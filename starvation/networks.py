@@ -73,6 +73,12 @@ class Arch:
         return cls.activation_count(params, input_shape, num_outputs)
 
     @classmethod
+    def largest_tensor(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
+        """Values in the network's largest parameter tensor (the NTK's per-example gradients are held a tensor at
+        a time); by default `parameter_count`, a bound from above."""
+        return cls.parameter_count(params, input_shape, num_outputs)
+
+    @classmethod
     def build(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> Network:
         raise NotImplementedError
 
@@ -95,6 +101,11 @@ class MLP(Arch):
     def parameter_count(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
         widths = [math.prod(input_shape), *params["hidden"], num_outputs]
         return sum(a * b + b for a, b in zip(widths, widths[1:]))
+
+    @classmethod
+    def largest_tensor(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
+        widths = [math.prod(input_shape), *params["hidden"], num_outputs]
+        return max(a * b for a, b in zip(widths, widths[1:]))
 
     @classmethod
     def activation_count(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
@@ -131,6 +142,11 @@ class CNN(Arch):
         widths = [input_shape[0] if input_shape else 3, *params["channels"]]
         convs = sum(9 * a * b + b for a, b in zip(widths, widths[1:]))
         return convs + widths[-1] * num_outputs + num_outputs
+
+    @classmethod
+    def largest_tensor(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
+        widths = [input_shape[0] if input_shape else 3, *params["channels"]]
+        return max(widths[-1] * num_outputs, *(9 * a * b for a, b in zip(widths, widths[1:])))
 
     @classmethod
     def activation_count(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
@@ -335,6 +351,17 @@ class _ResNet(Arch):
         return cls._counts(params, input_shape, num_outputs)[0]
 
     @classmethod
+    def largest_tensor(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
+        channels, _, _ = cls._image_shape(input_shape)
+        base = params["width"]
+        convs = [
+            c_in * c_out * kernel * kernel
+            for _, inplanes, planes, stride, _ in cls._blocks(base)
+            for c_in, c_out, kernel, _ in cls.BLOCK.convs(inplanes, planes, stride)
+        ]
+        return max(channels * base * 49, 8 * base * cls.BLOCK.expansion * num_outputs, *convs)
+
+    @classmethod
     def activation_count(cls, params: dict[str, Any], input_shape: Sequence[int], num_outputs: int) -> int:
         """Per example: every conv's and BatchNorm's output at its resolution, the max-pool's, features, logits."""
         return cls._counts(params, input_shape, num_outputs)[1]
@@ -454,6 +481,12 @@ def activation_count(arch: str, params: dict[str, Any] | None, input_shape: Sequ
     """Values one example's forward pass keeps for the backward pass (the budget's activations, per example)."""
     cls = arch_class(arch)
     return cls.activation_count(P.resolve(f"arch {arch!r}", cls.PARAMS, params), tuple(input_shape), num_outputs)
+
+
+def largest_tensor(arch: str, params: dict[str, Any] | None, input_shape: Sequence[int], num_outputs: int) -> int:
+    """Values in the largest parameter tensor of the network `build_network` would make (`Arch.largest_tensor`)."""
+    cls = arch_class(arch)
+    return cls.largest_tensor(P.resolve(f"arch {arch!r}", cls.PARAMS, params), tuple(input_shape), num_outputs)
 
 
 def inference_count(arch: str, params: dict[str, Any] | None, input_shape: Sequence[int], num_outputs: int) -> int:

@@ -21,6 +21,7 @@ MAX_EXAMPLES = 1_024
 TOP_K = 10  # eigenvectors whose mass is shared out over groups; eigenvalues shown
 SHOWN_EIGENVALUES = 32
 EXAMPLES_PER_PASS = 128
+GROUP_BYTES = 256 << 20  # per-example gradients held at once, unless one parameter tensor's alone are more
 
 
 def scalar_logit(out: torch.Tensor) -> torch.Tensor:
@@ -34,7 +35,7 @@ def scalar_logit(out: torch.Tensor) -> torch.Tensor:
     raise ValueError("the NTK probe reads one logit: binary models only")
 
 
-def ntk_gram(module: nn.Module, x: torch.Tensor, *, memory_bytes: int = 256 << 20) -> torch.Tensor:
+def ntk_gram(module: nn.Module, x: torch.Tensor, *, memory_bytes: int = GROUP_BYTES) -> torch.Tensor:
     """K[i, j] = <d f(x_i) / dθ, d f(x_j) / dθ> over every trainable parameter θ of `module` (in eval mode), in
     float64 on the CPU. f is the module's binary logit (`scalar_logit`)."""
     params = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
@@ -64,6 +65,16 @@ def ntk_gram(module: nn.Module, x: torch.Tensor, *, memory_bytes: int = 256 << 2
             start += len(chunk)
         gram += (flat @ flat.T).double()
     return gram
+
+
+def kernel_bytes(n: int, *, parameters: int, largest_tensor: int, input_values: int, activations: int) -> int:
+    """What `ntk_gram` on `n` examples holds at its peak (float32 bytes, from above), for a network of `parameters`
+    values whose largest tensor holds `largest_tensor`, with `input_values` per input and `activations` kept per
+    example: one group's per-example gradients and a pass's copy of them, a pass's activations (x3, as training's),
+    the sample's inputs, and the Gram matrix in float64 with a temporary."""
+    chunk = min(n, EXAMPLES_PER_PASS)
+    group = min(n * parameters * 4, max(GROUP_BYTES, n * largest_tensor * 4))
+    return group + group * chunk // n + 3 * chunk * activations * 4 + n * input_values * 4 + 2 * n * n * 8
 
 
 def _parameter_groups(params: dict[str, torch.Tensor], n: int, memory_bytes: int) -> list[list[str]]:

@@ -54,9 +54,13 @@ def load_dataset(ctx: JobContext, dataset_spec: dict[str, Any], seed: int, devic
     )
 
 
-def audit_model(ctx: JobContext, model, dataset, *, spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Run the probes, register the plots and the JSON report as artifacts, return the report."""
+def audit_model(
+    ctx: JobContext, model, dataset, *, spec: dict[str, Any], prefix: str = "", history: list[dict] | None = None
+) -> dict[str, Any]:
+    """Run the probes, register the plots and the JSON report as artifacts, return the report. `history`: the
+    trained network's metric rows, whose NTK alignments over training (if any) become one more plot."""
     from starvation.audit import run_audit
+    from starvation.audit.plots import draw_alignment_curves
 
     out_dir = ctx.work_dir / f"{prefix}audit"
     report = run_audit(
@@ -68,6 +72,7 @@ def audit_model(ctx: JobContext, model, dataset, *, spec: dict[str, Any], prefix
         out_dir=out_dir,
     )
     report["head"] = model.head_description()
+    report["plots"] += draw_alignment_curves(history or [], out_dir)
     report["plots"] = [
         add_artifact(ctx.db, ctx.job_id, out_dir / p, name=f"{prefix}{p}", settings=ctx.settings)
         for p in report["plots"]

@@ -35,8 +35,12 @@ def run(spec: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     if mlflow is not None:
         mlflow.add(history)
 
+    # The NTK alignments over training, drawn in each seed's audit report (an earlier attempt's are stored already).
+    kernel_rows = [r for r in stored_metrics(ctx) if _kernel(r)] if spec.get("ntk_every") and spec.get("audit") else []
+
     def on_metrics(batch: list[Any]) -> None:
         rows = ctx.on_metrics(batch)
+        kernel_rows.extend(r for r in rows if _kernel(r))
         if mlflow is not None:
             history.extend(rows)
             mlflow.add(rows)
@@ -63,7 +67,7 @@ def run(spec: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
             "checkpoints": register_checkpoints(ctx, outcome.checkpoints),
         }
         if spec.get("audit"):
-            result["audit"] = audit_checkpoints(ctx, spec["dataset"], outcome.checkpoints, device)
+            result["audit"] = audit_checkpoints(ctx, spec["dataset"], outcome.checkpoints, device, kernel_rows)
     except BaseException as exc:
         if mlflow is not None:
             mlflow.abandon("KILLED" if isinstance(exc, TrainingStopped) else "FAILED")
@@ -120,10 +124,20 @@ def model_info(ckpt: Any) -> dict[str, Any]:
     }
 
 
+def _kernel(row: dict[str, Any]) -> bool:
+    return str(row["name"]).startswith("ntk_alignment_")
+
+
 def audit_checkpoints(
-    ctx, dataset_ref: dict[str, Any], checkpoints: list[Any], device: str, prefix: str = ""
+    ctx,
+    dataset_ref: dict[str, Any],
+    checkpoints: list[Any],
+    device: str,
+    history: list[dict[str, Any]] | None = None,
+    prefix: str = "",
 ) -> dict[str, Any]:
-    """Each network audited on its seed's data: {"reports": [{"seed", ...}], "summary": pooled over seeds}."""
+    """Each network audited on its seed's data: {"reports": [{"seed", ...}], "summary": pooled over seeds}.
+    `history`: metric rows of the training, each seed's drawn in its report where they hold NTK alignments."""
     from starvation.audit import pool_reliance
 
     reports = []
@@ -131,7 +145,10 @@ def audit_checkpoints(
         model = audit_job.load_model(str(ckpt.safetensors_path), "safetensors", model_info(ckpt), device)
         dataset = audit_job.load_dataset(ctx, dataset_ref, ckpt.seed, device)
         audit_spec = {"seed": ckpt.seed, "spurious_attribute": dataset.attribute_name or "attribute"}
-        report = audit_job.audit_model(ctx, model, dataset, spec=audit_spec, prefix=f"{prefix}seed{ckpt.seed}-")
+        seed_rows = [row for row in history or () if row.get("seed") == ckpt.seed]
+        report = audit_job.audit_model(
+            ctx, model, dataset, spec=audit_spec, prefix=f"{prefix}seed{ckpt.seed}-", history=seed_rows
+        )
         reports.append({"seed": ckpt.seed, **report})
     return {"reports": reports, "summary": pool_reliance(reports)}
 

@@ -16,6 +16,7 @@ from starvation.datasets.files import batched
 GROUP_ACCURACY = "group_accuracy.png"
 FOUR_CORNERS = "four_corners.png"
 DECISION_BOUNDARY = "decision_boundary.png"
+NTK_ALIGNMENT = "ntk_alignment.png"
 # The group plot's bars (matplotlib's tab:blue and tab:orange); pages that draw next to it keep off these two.
 ALIGNED_COLOUR, CONFLICTING_COLOUR = "#1f77b4", "#ff7f0e"
 CAPTIONS = {
@@ -27,6 +28,9 @@ CAPTIONS = {
     "removed, and the model stays confident with only the attribute left.",
     DECISION_BOUNDARY: "The predicted probability of class 1 over the input plane (the black line is 0.5), with the "
     "training points (circles) and the test points (crosses) coloured by label.",
+    NTK_ALIGNMENT: "Over training (a job with ntk_every): the centred alignment of the network's tangent kernel, on "
+    "a fixed sample of training examples, with the label, the spurious attribute and the core feature. A kernel "
+    "that turns towards the attribute and away from the core feature is the starvation the paper describes.",
 }
 _DPI = 100
 _GRID = 200  # decision boundary: points per axis
@@ -79,6 +83,31 @@ def group_accuracy(report: dict) -> Figure:
     ax.set_title("Accuracy per group (blue: bias-aligned, orange: bias-conflicting)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def draw_alignment_curves(rows: list[dict], out_dir: pathlib.Path) -> list[str]:
+    """The NTK alignments over training (metric rows {step, name, value} named `ntk_alignment_*`), as
+    NTK_ALIGNMENT in `out_dir`; [] when there are none."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        if row["name"].startswith("ntk_alignment_"):
+            curves.setdefault(row["name"].removeprefix("ntk_alignment_"), []).append((row["step"], row["value"]))
+    if not curves:
+        return []
+    fig = Figure(figsize=(5.5, 3.4), dpi=_DPI)
+    ax = fig.add_subplot()
+    for name, points in sorted(curves.items()):
+        steps, values = zip(*sorted(dict(points).items()))  # a step recorded twice (a resumed attempt) drawn once
+        ax.plot(steps, values, marker="o", markersize=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("centred kernel alignment")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title("NTK alignment over training", fontsize=9)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save(fig, out_dir / NTK_ALIGNMENT)
+    return [NTK_ALIGNMENT]
 
 
 def plot_caption(name: str) -> str:

@@ -85,9 +85,16 @@ def test_a_model_failing_on_real_data_leaves_only_our_words_in_the_job(stack):
 
 def test_an_ntk_audit_of_a_train_jobs_checkpoint_returns_the_kernel_and_a_torchscript_upload_is_refused(embedded_stack):
     trained = embedded_stack.client.post("/v1/jobs", json={"kind": "train", "spec": {
-        "preset": "paper_cmnist_erm", "steps": 5, "seeds": [0], "audit": False}})
+        "preset": "paper_cmnist_erm", "steps": 6, "eval_every": 3, "ntk_every": 3, "seeds": [0], "audit": True}})
     assert trained.status_code == 202, trained.text
     assert embedded_stack.wait_for(trained.json()["id"], ("succeeded", "failed"), timeout_s=180)["status"] == "succeeded"
+    # The train job's own report draws its alignments over training.
+    curves = embedded_stack.client.get(f"/v1/jobs/{trained.json()['id']}/report").json()
+    assert "seed0-ntk_alignment.png" in curves["plots"]
+    png = embedded_stack.client.get(f"/v1/jobs/{trained.json()['id']}/artifacts/seed0-ntk_alignment.png")
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+    page = embedded_stack.client.get(f"/v1/jobs/{trained.json()['id']}/report.html").text
+    assert "is the starvation the paper describes" in page  # the plot's caption
     spec = {"train_job_id": trained.json()["id"], "dataset": {"name": "colored_mnist"}, "probes": ["groups", "ntk"]}
     job = embedded_stack.client.post("/v1/jobs", json={"kind": "audit", "spec": spec})
     assert job.status_code == 202, job.text

@@ -65,11 +65,13 @@ def test_building_a_network_checks_the_bounds_before_allocating_anything(monkeyp
 
 @pytest.mark.parametrize("arch, params, shape, outputs", [
     ("mlp", {"hidden": [300, 300]}, (2, 14, 14), 1), ("mlp", {"hidden": []}, (5,), 3),
-    ("cnn", {"channels": [8, 16, 4]}, (3, 9, 7), 2),
+    ("cnn", {"channels": [8, 16, 4]}, (3, 9, 7), 2), ("resnet18", {"width": 8}, (3, 16, 16), 1),
+    ("resnet50", {"width": 4}, (1, 16, 16), 3),
 ])
 def test_parameter_count_is_what_build_network_makes(arch, params, shape, outputs) -> None:
     network = networks.build_network(arch, params, shape, outputs)
     assert networks.parameter_count(arch, params, shape, outputs) == sum(p.numel() for p in network.parameters())
+    assert networks.largest_tensor(arch, params, shape, outputs) == max(p.numel() for p in network.parameters())
 
 
 # ---- dataset size bounds -------------------------------------------------------------------
@@ -137,6 +139,16 @@ def test_an_over_budget_spec_is_refused_naming_the_field_that_dominates(spec, bu
     assert budget.check_train_budget(spec, error.value.estimate.total_bytes, budget.data_size(spec, None))
 
 
+def test_ntk_every_counts_the_gradients_its_kernel_holds() -> None:
+    spec = resolved(preset="paper_cmnist_sd", model={"arch": "mlp", "hidden": [5000, 5000]}, ntk_every=10)
+    without = {**spec, "ntk_every": None}
+    assert "kernel" not in estimate(without).parts
+    assert estimate(spec).parts["kernel"] > 256 * 5000 * 5000 * 4  # 256 examples' gradients of one 5000x5000 weight
+    assert budget.check_train_budget(without, 8 * GiB, budget.data_size(without, None))
+    with pytest.raises(budget.OverBudget, match="NTK alignments"):
+        budget.check_train_budget(spec, 8 * GiB, budget.data_size(spec, None))
+
+
 def test_the_estimate_grows_with_each_size_field() -> None:
     base = resolved(preset="paper_moons_erm", seeds=[0, 1])
     bigger = [
@@ -178,6 +190,7 @@ print(json.dumps({"used": status("VmHWM") - before,
     {"preset": "paper_moons_erm", "dataset": {"name": "two_moons", "params": {"n_samples": 20_000}},
      "model": {"arch": "mlp", "hidden": [1000]}, "seeds": [0, 1], "optimizer": {"name": "adam"}},
     {"preset": "paper_cmnist_sd", "model": {"arch": "mlp", "hidden": [1024]}, "seeds": [0]},
+    {"preset": "paper_cmnist_sd", "model": {"arch": "mlp", "hidden": [1024]}, "seeds": [0], "ntk_every": 2},
 ])
 def test_the_estimate_is_above_what_a_real_run_uses(spec) -> None:
     spec = {**spec, "steps": 2, "eval_every": 2, "audit": False}
