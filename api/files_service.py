@@ -3,15 +3,13 @@ key stored (never while a queued or running job names it; never an image folder'
 
 from __future__ import annotations
 
-from urllib.parse import quote
-
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.deps import Principal
 from api.errors import ApiError
 from core.settings import Settings, get_settings
-from core.storage import dataset_index_key, key_of, store
+from core.storage import attachment, dataset_index_key, key_of, store
 from models import files as files_repo
 from models.tables import Checkpoint, UserDataset
 
@@ -89,16 +87,17 @@ def discard_stored(settings: Settings, keys: list[str]) -> None:
 
 def stored_file(settings: Settings, recorded: str, *, media_type: str, filename: str) -> Response:
     """The file a row recorded: from the shared folder as it is, or streamed from the object store (never whole in
-    memory). A missing one is a 404 `file_missing`, a store that does not answer a 503 (api/errors.py)."""
+    memory), or, with GS_PRESIGNED_DOWNLOADS_S, a 307 to a presigned GET of the object (the caller checked the
+    owner first). A missing one is a 404 `file_missing`, a store that does not answer a 503 (api/errors.py)."""
     kept, key = store(settings), key_of(settings, recorded)
     if kept.local:
         return FileResponse(kept.fetch(key), media_type=media_type, filename=filename)
-    size = kept.stat(key).size
-    quoted = quote(filename)
-    disposition = (
-        f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'
-    )
-    headers = {"Content-Length": str(size), "Content-Disposition": disposition}
+    size = kept.stat(key).size  # a missing object is a 404 and a store that is down a 503, redirected or not
+    if settings.presigned_downloads_s and (
+        url := kept.presigned_get(key, expires_s=settings.presigned_downloads_s, filename=filename, media_type=media_type)
+    ):
+        return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
+    headers = {"Content-Length": str(size), "Content-Disposition": attachment(filename)}
     return StreamingResponse(kept.chunks(key), media_type=media_type, headers=headers)
 
 
