@@ -116,10 +116,10 @@ def stored_file(settings: Settings, recorded: str, *, media_type: str, filename:
     if kept.local:
         return FileResponse(kept.fetch(key), media_type=media_type, filename=filename)
     size = kept.stat(key).size  # a missing object is a 404 and a store that is down a 503, redirected or not
-    if settings.presigned_downloads_s and (
-        url := kept.presigned_get(key, expires_s=settings.presigned_downloads_s, filename=filename, media_type=media_type)
-    ):
-        return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
+    if lifetime_s := settings.presigned_downloads_s:
+        url = kept.presigned_get(key, expires_s=lifetime_s, filename=filename, media_type=media_type)
+        if url is not None:  # the URL expires: no cache may keep the redirect
+            return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
     headers = {"Content-Length": str(size), "Content-Disposition": attachment(filename)}
     return StreamingResponse(kept.chunks(key), media_type=media_type, headers=headers)
 

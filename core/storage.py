@@ -170,7 +170,13 @@ class S3Store:
     TIMEOUT_S = 10.0  # a store slower than this to connect or to send the next bytes is unavailable (tried twice)
 
     def __init__(
-        self, bucket: str, prefix: str, *, endpoint_url: str | None, cache: Cache, public_endpoint_url: str | None = None
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        endpoint_url: str | None,
+        cache: Cache,
+        public_endpoint_url: str | None = None,
     ) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -290,7 +296,6 @@ class S3Store:
             batch = [{"Key": self.name(k)} for k in doomed[start : start + 1000]]
             with self.answering(prefix):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
-
 
     def presigned_get(self, key: str, *, expires_s: int, filename: str, media_type: str) -> str:
         """A URL that GETs the object for `expires_s` seconds, without our credentials: it carries a signature
