@@ -127,3 +127,17 @@ def test_the_file_backend_ignores_the_setting(client, tenant, monkeypatch):
 def test_a_lifetime_past_an_hour_or_below_zero_is_refused_at_start(lifetime):
     with pytest.raises(pydantic.ValidationError):
         Settings(presigned_downloads_s=lifetime)
+
+
+def test_a_presigned_url_names_the_host_clients_reach(tmp_path, monkeypatch):
+    """GS_S3_PUBLIC_ENDPOINT_URL: the API reaches the store as http://minio:9000, clients as a public name."""
+    from core.storage import store
+    from tests.s3server import CREDENTIALS
+
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(var_dir=tmp_path, storage_url="s3://gs-pub/p", s3_endpoint_url="http://minio:9000",
+                        s3_public_endpoint_url="https://files.example.org")  # fmt: skip
+    url = store(settings).presigned_get("jobs/j/a.png", expires_s=30, filename="a.png", media_type="image/png")
+    assert url is not None and url.startswith("https://files.example.org/gs-pub/p/jobs/j/a.png?")
+    assert "X-Amz-Expires=30" in url
