@@ -52,15 +52,20 @@ def send(session: Session, job: Job) -> bool | None:
 def resend_lost(session: Session, settings: Settings) -> int:
     """Send again the jobs the broker was given long ago and no worker ever claimed."""
     lost = [
-        (job.id, job.queue, job.spec.get("timeout_s"))
+        (job.id, job.queue, job.spec.get("timeout_s"), job.enqueued_at)
         for job in jobs_repo.unclaimed(session, sent_before=timedelta(seconds=settings.resend_after_s))
     ]
     resent = 0
-    for job_id, queue_name, timeout_s in lost:
-        if not queue.send(job_id, queue_name, timeout_s):
-            break
-        jobs_repo.mark_enqueued(session, job_id)
+    for job_id, queue_name, timeout_s, sent_at in lost:
+        assert sent_at is not None  # unclaimed: sent, never claimed
+        if not jobs_repo.reserve_resending(session, job_id, sent_at=sent_at):
+            session.commit()
+            continue  # another API process's dispatcher sends it
         session.commit()
+        if not queue.send(job_id, queue_name, timeout_s):
+            jobs_repo.unreserve_resending(session, job_id, sent_at=sent_at)
+            session.commit()
+            break
         resent += 1
         log.warning("job %s was sent %ss ago and never claimed: sent again", job_id, settings.resend_after_s)
     return resent

@@ -3,17 +3,20 @@ key stored (never while a queued or running job names it; never an image folder'
 
 from __future__ import annotations
 
-from urllib.parse import quote
+import logging
+from contextlib import suppress
 
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.deps import Principal
 from api.errors import ApiError
 from core.settings import Settings, get_settings
-from core.storage import dataset_index_key, key_of, store
+from core.storage import StoredFileMissing, StoreUnavailable, attachment, dataset_index_key, key_of, store
 from models import files as files_repo
 from models.tables import Checkpoint, UserDataset
+
+log = logging.getLogger("gs.api")
 
 
 def check_storage_quota(
@@ -67,18 +70,36 @@ def delete_dataset(session: Session, dataset: UserDataset, settings: Settings) -
             {"jobs": []},
         )
     ours = dataset_index_key(dataset.id) if dataset.format == "image_folder" else key_of(settings, dataset.path)
+    answering(settings, ours)
     session.delete(dataset)
     session.commit()  # the row goes first: a file without a row is only space, a row without its file a broken job
-    store(settings).delete(ours)
+    delete_object(settings, ours)
 
 
 def delete_checkpoint(session: Session, checkpoint: Checkpoint, settings: Settings) -> None:
     """The row (and the job artifact that is the same file), then the file."""
     refuse_if_in_use(session, checkpoint.owner_id, "checkpoint", checkpoint.id, checkpoint=checkpoint)
     key = key_of(settings, checkpoint.path)  # a key of ours: a row never makes us delete anything else
+    answering(settings, key)
     files_repo.remove_checkpoint(session, checkpoint)
     session.commit()
-    store(settings).delete(key)
+    delete_object(settings, key)
+
+
+def answering(settings: Settings, key: str) -> None:
+    """The store answers for `key` (there or not): one that is down is a 503 before a row is deleted, so a 503
+    still means that nothing was changed."""
+    with suppress(StoredFileMissing):
+        store(settings).stat(key)
+
+
+def delete_object(settings: Settings, key: str) -> None:
+    """The object of a row already deleted: a store gone down since leaves it as space only (logged with its key),
+    not a 503 for a delete that was done."""
+    try:
+        store(settings).delete(key)
+    except StoreUnavailable as exc:
+        log.warning("stored file %s left behind, its row deleted: %s", key, exc)
 
 
 def discard_stored(settings: Settings, keys: list[str]) -> None:
@@ -89,16 +110,17 @@ def discard_stored(settings: Settings, keys: list[str]) -> None:
 
 def stored_file(settings: Settings, recorded: str, *, media_type: str, filename: str) -> Response:
     """The file a row recorded: from the shared folder as it is, or streamed from the object store (never whole in
-    memory). A missing one is a 404 `file_missing`, a store that does not answer a 503 (api/errors.py)."""
+    memory), or, with GS_PRESIGNED_DOWNLOADS_S, a 307 to a presigned GET of the object (the caller checked the
+    owner first). A missing one is a 404 `file_missing`, a store that does not answer a 503 (api/errors.py)."""
     kept, key = store(settings), key_of(settings, recorded)
     if kept.local:
         return FileResponse(kept.fetch(key), media_type=media_type, filename=filename)
-    size = kept.stat(key).size
-    quoted = quote(filename)
-    disposition = (
-        f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'
-    )
-    headers = {"Content-Length": str(size), "Content-Disposition": disposition}
+    size = kept.stat(key).size  # a missing object is a 404 and a store that is down a 503, redirected or not
+    if lifetime_s := settings.presigned_downloads_s:
+        url = kept.presigned_get(key, expires_s=lifetime_s, filename=filename, media_type=media_type)
+        if url is not None:  # the URL expires: no cache may keep the redirect
+            return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
+    headers = {"Content-Length": str(size), "Content-Disposition": attachment(filename)}
     return StreamingResponse(kept.chunks(key), media_type=media_type, headers=headers)
 
 

@@ -149,7 +149,9 @@ class ApiClient:
     def download(self, path: str, to: Path) -> int:
         """Stream a file of the API into `to`; the bytes written."""
         written = 0
-        with self.stream(path, f"download of {path}") as response, to.open("wb") as handle:
+        # An API on an object store may answer 307 to a presigned URL: httpx drops our token for another host.
+        stream = self.stream(path, f"download of {path}", follow_redirects=True)
+        with stream as response, to.open("wb") as handle:
             for chunk in response.iter_bytes():
                 written += handle.write(chunk)
         return written

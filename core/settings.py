@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     storage_url: str | None = None
     s3_endpoint_url: str | None = None  # a store other than AWS (MinIO, Ceph, GCS's S3 API)
     cache_bytes: int = Field(4 << 30, ge=0, description="objects read from the store kept under GS_VAR_DIR/cache")
+    # 0: the API streams downloads from the store. N: it answers 307 to a presigned GET valid N seconds (S3 only).
+    presigned_downloads_s: int = Field(0, ge=0, le=3600, description="lifetime of a download's presigned URL")
+    s3_public_endpoint_url: str | None = None  # the store as clients reach it, for presigned URLs (default: as we do)
 
     # Limits: each enforced with a 4xx.
     max_steps: int = 100_000

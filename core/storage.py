@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 from core.settings import Settings
 
@@ -97,6 +97,7 @@ class Store(Protocol):
     def keys(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str, *, keep: str | None = None) -> None: ...
+    def presigned_get(self, key: str, *, expires_s: int, filename: str, media_type: str) -> str | None: ...
 
 
 class FileStore:
@@ -155,6 +156,9 @@ class FileStore:
             if path != self.path(keep):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
+    def presigned_get(self, key: str, *, expires_s: int, filename: str, media_type: str) -> str | None:
+        return None  # a folder has no URL of its own: the API serves its files
+
 
 class S3Store:
     """An S3-compatible object store through boto3 (docs/storage.md: why boto3): multipart uploads past
@@ -165,22 +169,32 @@ class S3Store:
     MULTIPART_BYTES = 16 << 20
     TIMEOUT_S = 10.0  # a store slower than this to connect or to send the next bytes is unavailable (tried twice)
 
-    def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None, cache: Cache) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        endpoint_url: str | None,
+        cache: Cache,
+        public_endpoint_url: str | None = None,
+    ) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
         self.bucket, self.prefix, self.cache = bucket, prefix.strip("/") + "/" if prefix.strip("/") else "", cache
         # Credentials: boto3's chain (AWS_* variables, a profile, an instance role), never a request's.
-        self.client: Any = boto3.client(
-            "s3",
-            endpoint_url=endpoint_url,
-            config=Config(
-                connect_timeout=self.TIMEOUT_S,
-                read_timeout=self.TIMEOUT_S,
-                retries={"max_attempts": 2, "mode": "standard"},
-                tcp_keepalive=True,
-            ),
+        config = Config(
+            connect_timeout=self.TIMEOUT_S,
+            read_timeout=self.TIMEOUT_S,
+            retries={"max_attempts": 2, "mode": "standard"},
+            tcp_keepalive=True,
+            signature_version="s3v4",  # presigned URLs too: SigV4, expiring, the secret never in them
+        )
+        self.client: Any = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        # Presigned URLs name the host a client reaches (signing makes no request): the public endpoint if set.
+        self.signer: Any = (
+            boto3.client("s3", endpoint_url=public_endpoint_url, config=config) if public_endpoint_url else self.client
         )
         self.transfer = TransferConfig(
             multipart_threshold=self.MULTIPART_BYTES, multipart_chunksize=self.MULTIPART_BYTES, max_concurrency=4
@@ -283,6 +297,20 @@ class S3Store:
             with self.answering(prefix):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
+    def presigned_get(self, key: str, *, expires_s: int, filename: str, media_type: str) -> str:
+        """A URL that GETs the object for `expires_s` seconds, without our credentials: it carries a signature
+        derived from them, so it is handed to the one client that asked and never logged."""
+        params = {"Bucket": self.bucket, "Key": self.name(key), "ResponseContentType": media_type,
+                  "ResponseContentDisposition": attachment(filename)}  # fmt: skip
+        with self.answering(key):
+            return str(self.signer.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s))
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition that saves the download as `filename` (RFC 6266's filename* for non-ASCII)."""
+    escaped = quote(filename)
+    return f"attachment; filename*=utf-8''{escaped}" if escaped != filename else f'attachment; filename="{filename}"'
+
 
 def quoted(etag: str) -> str:
     return etag if etag.startswith('"') else f'"{etag}"'
@@ -331,18 +359,24 @@ class Cache:
 
 def store(settings: Settings) -> Store:
     """The process's store, as GS_STORAGE_URL names it."""
-    return _store(settings.storage_url, settings.s3_endpoint_url, settings.var_dir, settings.cache_bytes)
+    return _store(
+        settings.storage_url, settings.s3_endpoint_url, settings.var_dir, settings.cache_bytes,
+        settings.s3_public_endpoint_url,
+    )  # fmt: skip
 
 
 @lru_cache(maxsize=8)
-def _store(url: str | None, endpoint_url: str | None, var_dir: Path, cache_bytes: int) -> Store:
+def _store(
+    url: str | None, endpoint_url: str | None, var_dir: Path, cache_bytes: int, public_endpoint_url: str | None = None
+) -> Store:
     parsed = urlparse(url or "")
     if parsed.scheme in ("", "file"):
         return FileStore(Path(parsed.path) if parsed.path else var_dir / "storage")  # = Settings.storage_dir
     if parsed.scheme == "s3" and parsed.netloc:
         return S3Store(
-            parsed.netloc, parsed.path, endpoint_url=endpoint_url, cache=Cache(var_dir / "cache", cache_bytes)
-        )
+            parsed.netloc, parsed.path, endpoint_url=endpoint_url, cache=Cache(var_dir / "cache", cache_bytes),
+            public_endpoint_url=public_endpoint_url,
+        )  # fmt: skip
     raise ValueError(f"GS_STORAGE_URL must be file://PATH or s3://BUCKET/PREFIX, not {url!r}")
 
 

@@ -208,8 +208,20 @@ def remove(session: Session, job: Job) -> None:
     session.execute(delete(Job).where(Job.id == job.id))
 
 
-def mark_enqueued(session: Session, job_id: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+def reserve_resending(session: Session, job_id: str, *, sent_at: datetime) -> bool:
+    """Mark a job the broker lost (sent at `sent_at`, never claimed) as sent again; True for the one caller that
+    should send it: every API process's dispatcher reads it as lost, and only the first to swap `sent_at` wins."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.enqueued_at == sent_at)
+        .values(enqueued_at=utcnow())
+    )
+    return one_row_changed(result)
+
+
+def unreserve_resending(session: Session, job_id: str, *, sent_at: datetime) -> None:
+    """The broker refused the message again: the job is as lost as it was (the next round tries again)."""
+    session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(enqueued_at=sent_at))
 
 
 def active_count(session: Session, owner_id: str) -> int:

@@ -3,6 +3,9 @@
 Used by `make serve`, the demo and the end-to-end tests. Configuration comes from GS_* (see
 core/settings.py); with none set it runs on the embedded default (SQLite + filesystem broker
 under ./var/). A worker that dies (even by SIGKILL) is started again, as a process manager would.
+
+`--no-worker` runs an API-only node, `--no-api` a worker-only node (docs/storage.md, "Running API-only and
+worker-only nodes"): any number of each may share one database, broker and store.
 """
 from __future__ import annotations
 
@@ -46,6 +49,10 @@ def main() -> int:
     args = parser.parse_args()
     settings = get_settings()
     settings.var_dir.mkdir(parents=True, exist_ok=True)
+    if args.no_worker and not settings.admin_token:
+        # Each API process would make its own admin token in its GS_VAR_DIR: another node would refuse it, and the
+        # dashboard's forms (signed with it) would fail whenever the load balancer picks the other node.
+        print("an API-only node (--no-worker) of several needs GS_ADMIN_TOKEN, the same on every node", flush=True)
     upgrade(settings.database_url)
 
     procs: dict[str, subprocess.Popen] = {}

@@ -70,3 +70,17 @@ def test_api_and_workers_share_only_the_database_the_broker_and_a_store_made_at_
     settings = Settings(storage_url=env["GS_STORAGE_URL"], s3_endpoint_url=env["GS_S3_ENDPOINT_URL"])
     assert isinstance(store(settings), S3Store)
     assert "--scale worker=N" in (ROOT / "docker-compose.yml").read_text()
+
+
+def test_api_and_worker_replicas_can_be_scaled_and_the_way_is_written_down():
+    """`--scale` refuses a service with a container_name or a single fixed host port: each replica needs its own."""
+    services, text = load()["services"], (ROOT / "docker-compose.yml").read_text()
+    for name in ("api", "worker"):
+        assert "container_name" not in services[name], name
+    (published,) = services["api"]["ports"]
+    host, container = str(published).rsplit(":", 1)
+    first, last = (int(port) for port in host.split("-"))
+    assert container == "8000" and last - first + 1 >= 2  # two API replicas, each on a host port of its own
+    assert "ports" not in services["worker"]
+    assert "--scale worker=N" in text and "--scale api=2" in text
+    assert services["api"]["environment"]["GS_ADMIN_TOKEN"] == services["worker"]["environment"]["GS_ADMIN_TOKEN"]

@@ -81,6 +81,27 @@ def test_jobs_the_broker_lost_are_sent_again(client, monkeypatch):
         assert session.get(Job, fresh.id).enqueued_at == fresh_sent_at
 
 
+def test_a_lost_job_is_sent_again_by_one_of_several_dispatchers(client):
+    """Two API processes' dispatchers both read a job as lost; only the first to swap its sent time sends it."""
+    from models.db import database
+
+    with database().new_session() as first, database().new_session() as second:
+        (lost,) = add_jobs(first, "tenant-r", 1, queue="cpu")
+        jobs_repo.reserve_sending(first, lost.id)
+        first.get(Job, lost.id).enqueued_at = utcnow() - timedelta(minutes=5)
+        first.commit()
+        cutoff = timedelta(minutes=1)
+        seen = [
+            next(job.enqueued_at for job in jobs_repo.unclaimed(session, sent_before=cutoff) if job.id == lost.id)
+            for session in (first, second)
+        ]
+        assert jobs_repo.reserve_resending(first, lost.id, sent_at=seen[0])
+        first.commit()
+        assert not jobs_repo.reserve_resending(second, lost.id, sent_at=seen[1])
+        second.commit()
+        assert lost.id not in {job.id for job in jobs_repo.unclaimed(second, sent_before=cutoff)}
+
+
 def test_a_job_whose_cancel_was_accepted_never_ends_succeeded(client):
     with session_of(client) as session:
         [job] = add_jobs(session, "tenant-f", 1)

@@ -164,3 +164,19 @@ def test_the_progress_display_fits_an_80_column_terminal(monkeypatch):
     assert "100%" in shown[0] and "succeeded" in shown[0]
     assert shown[1].startswith("seed 2  step 400/2001") and "test acc 0.123" in shown[1]
     assert all(len(line) <= 80 for line in shown), shown
+
+
+def test_a_download_follows_a_presigned_redirect_without_the_token(tmp_path):
+    """An API with GS_PRESIGNED_DOWNLOADS_S answers 307 to the store: `gs` fetches it there, and its token stays home."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "x":
+            return httpx.Response(307, headers={"location": "http://store.test/b/jobs/j/a.png?X-Amz-Signature=s"})
+        return httpx.Response(200, content=b"stored bytes")
+
+    client = ApiClient(resolve("http://x", "t"), transport=httpx.MockTransport(handler))
+    assert client.download("/v1/jobs/j/artifacts/a.png", tmp_path / "a.png") == len(b"stored bytes")
+    assert (tmp_path / "a.png").read_bytes() == b"stored bytes"
+    assert [r.url.host for r in seen] == ["x", "store.test"] and "authorization" not in seen[1].headers
