@@ -91,7 +91,7 @@ class _Child:
         except (bwrap.SandboxUnavailable, OSError) as exc:
             for fd in (self.requests, self.replies, output_r):
                 os.close(fd)
-            log.error("the jail could not start: %s", _printable(str(exc)))
+            log.error("the jail could not start: %s", printable(str(exc)))
             raise JailError(
                 "jail_unavailable", "Foreign models cannot be run safely on this server right now."
             ) from None
@@ -201,7 +201,7 @@ class _Child:
 def _refusal(reply: dict[str, Any]) -> JailError:
     code = reply.get("code") if isinstance(reply.get("code"), str) and _CODE.match(reply["code"]) else "model_failed"
     if reply.get("detail"):
-        log.info("foreign model refused (%s): %s", code, _printable(str(reply["detail"])))
+        log.info("foreign model refused (%s): %s", code, printable(str(reply["detail"])))
     if code == "model_failed":
         # An exception's type name only, and only if it reads as one: a hijacked child could send any text.
         name = str(reply.get("exception", ""))
@@ -209,12 +209,12 @@ def _refusal(reply: dict[str, Any]) -> JailError:
     if code == "memory_limit":
         return JailError(code, "The model needed more memory than a foreign model may use.")
     if code == "jail_unavailable":
-        log.error("the jail could not lock down: %s", _printable(str(reply.get("detail"))))
+        log.error("the jail could not lock down: %s", printable(str(reply.get("detail"))))
         return JailError(code, "Foreign models cannot be run safely on this server right now.")
-    return JailError(str(code), _printable(str(reply.get("message") or "The model was refused.")))
+    return JailError(str(code), printable(str(reply.get("message") or "The model was refused.")))
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     return _UNPRINTABLE.sub("?", text)[:_MESSAGE_CHARS]
 
 
@@ -236,7 +236,7 @@ def _head_description(said: Any) -> dict[str, Any] | None:
         return None
     described: dict[str, Any] = {"repairable": said.get("repairable") is True}
     for key in ("node", "features", "output_form", "weight", "bias", "not_repairable_because"):
-        described[key] = _printable(said[key]) if isinstance(said.get(key), str) else None
+        described[key] = printable(said[key]) if isinstance(said.get(key), str) else None
     return described
 
 
@@ -270,9 +270,9 @@ class JailedModel(AuditableModel):
         self._child = _Child(path, fmt, "load", options, limits, wall_seconds, repair, interrupt)
         self.format = fmt
         hello = self._child.hello
-        self.feature_layer = _printable(hello["feature_layer"]) if isinstance(hello.get("feature_layer"), str) else None
+        self.feature_layer = printable(hello["feature_layer"]) if isinstance(hello.get("feature_layer"), str) else None
         reason = hello.get("no_features_reason")
-        self.no_features_reason = _printable(reason) if isinstance(reason, str) else None
+        self.no_features_reason = printable(reason) if isinstance(reason, str) else None
         self._head = _head_description(hello.get("head"))
         self.jail_layers = ["bubblewrap", *(str(layer) for layer in hello.get("jail", []))]
 

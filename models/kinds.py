@@ -13,3 +13,9 @@ class JobKind(StrEnum):
     AUDIT = "audit"
     REPAIR = "repair"
     SWEEP = "sweep"
+
+
+# A train or sweep spec's fields that the service acts on (the time limit, MLflow, the checkpoint its weights come
+# from), not the training engine: the API takes them out before the engine resolves the rest, the worker before it
+# runs it.
+SERVICE_FIELDS = ("timeout_s", "mlflow", "init_checkpoint_id")

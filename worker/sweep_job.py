@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from models.kinds import SERVICE_FIELDS
 from results.sweep import SweepResult
 from worker import audit_job
 from worker.context import JobContext
 from worker.devices import pick_device
-from worker.train_job import SERVICE_FIELDS, audit_checkpoints, initial_weights, register_checkpoints
+from worker.train_job import audit_checkpoints, initial_weights, register_checkpoints
 
 Result = SweepResult  # what run() returns (worker/kinds.py checks it before it is recorded)
 

@@ -15,7 +15,6 @@ from worker.files import add_artifact, add_checkpoint, resume_kept
 
 log = logging.getLogger("gs.worker")
 
-SERVICE_FIELDS = ("timeout_s", "mlflow", "init_checkpoint_id")  # spec fields the service acts on, not the engine
 
 Result = TrainResult  # what run() returns (worker/kinds.py checks it before it is recorded)
 

@@ -14,7 +14,7 @@ from api.kinds.base import Submission, reliance_report_body
 from api.schemas import JobCreateFields, JobOutFields, JobSummary, TimeoutSeconds
 from core.settings import Settings
 from models import files as files_repo
-from models.kinds import JobKind
+from models.kinds import SERVICE_FIELDS, JobKind
 from models.tables import Job
 from results.train import TrainResult
 from starvation.errors import SpecError
@@ -22,7 +22,6 @@ from starvation.training import resolve_train_spec, spec_warnings
 from starvation.training.spec import field_schemas as train_spec_fields
 
 # The spec's fields the service acts on; the rest is the engine's, resolved at submission.
-SERVICE_FIELDS = ("timeout_s", "mlflow", "init_checkpoint_id")
 
 
 class MlflowSpec(BaseModel):

@@ -19,7 +19,7 @@ class CheckpointError(CodedError, ValueError):
         self.detail = detail
 
 
-def _printable(name: str) -> str:
+def printable(name: str) -> str:
     """An op name as a person may see it: short, and only plain characters."""
     clean = "".join(c if c.isascii() and (c.isalnum() or c in ":_.") else "?" for c in name)
     return clean[:60]
@@ -30,12 +30,12 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)
 
 
-def _exception_name(exc: BaseException) -> str:
+def exception_name(exc: BaseException) -> str:
     """The type's name only: a model controls its exceptions' messages, not torch's class names."""
-    return _printable(type(exc).__name__)
+    return printable(type(exc).__name__)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
     return line[:_MESSAGE_CHARS]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from starvation.checkpoints.errors import CheckpointError, _printable
+from starvation.checkpoints.errors import CheckpointError, printable
 
 MAX_GRAPH_NODES = 50_000  # far above any classifier we audit; a bigger graph is refused before it is walked
 
@@ -132,12 +132,12 @@ def _read_script_graph(module: torch.jit.ScriptModule) -> ScriptGraph:
         weight_value, rows_are_outputs = _script_untranspose(node.inputsAt(1))
     else:
         raise NoHead(
-            f"the output is made by {_printable(kind)}, which is not a linear map (aten::linear, "
+            f"the output is made by {printable(kind)}, which is not a linear map (aten::linear, "
             "aten::addmm, or aten::matmul/aten::mm plus aten::add of a bias)"
         )
     if features.node().kind() == "prim::Param":
         raise NoHead(
-            f"the output's {_printable(kind)} reads the model's input directly: there is no hidden "
+            f"the output's {printable(kind)} reads the model's input directly: there is no hidden "
             "representation to call features"
         )
     weight, weight_why = _script_attribute(module, graph, weight_value, "weight")
@@ -232,7 +232,7 @@ def _script_attribute(module, graph, value, what: str) -> tuple[str | None, str 
                 return None, f"the head's {what} ({shown_name(path)}) is not a floating-point tensor"
             return path, None
         node = parent.node()
-    made_by = _printable(node.kind())
+    made_by = printable(node.kind())
     source = "from the model's input" if _reads_input(graph, value) else "at run time"
     return None, f"the head's {what} is computed {source} (by {made_by}), not read from one parameter"
 
@@ -378,7 +378,7 @@ def unreadable_is_no_head():
     except (NoHead, CheckpointError):
         raise
     except Exception as exc:  # whatever a strange graph makes torch's or onnx's graph API raise
-        raise NoHead(f"its graph could not be read ({_printable(type(exc).__name__)})") from None
+        raise NoHead(f"its graph could not be read ({printable(type(exc).__name__)})") from None
 
 
 def shown_name(name: str | None) -> str | None:

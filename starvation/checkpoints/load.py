@@ -14,7 +14,7 @@ import torch
 
 from starvation.checkpoints import script_ops
 from starvation.checkpoints.detect import FORMATS, check_kind, identify
-from starvation.checkpoints.errors import CheckpointError, _exception_name, _first_line, _printable, out_of_memory
+from starvation.checkpoints.errors import CheckpointError, exception_name, first_line, out_of_memory, printable
 from starvation.checkpoints.save import load_builtin
 from starvation.checkpoints.wrap import AuditableModel, OnnxModel, TorchModel, script_model, wrap_module
 from starvation.networks import output_count
@@ -134,8 +134,8 @@ def validate_checkpoint(
         raise CheckpointError(
             "bad_input_shape",
             f"The model failed a forward pass on a batch of shape "
-            f"{[DRY_RUN_BATCH, *input_shape]} (it raised {_exception_name(exc)}).",
-            detail=_first_line(exc),
+            f"{[DRY_RUN_BATCH, *input_shape]} (it raised {exception_name(exc)}).",
+            detail=first_line(exc),
         ) from None
     shape = list(out.shape)
     allowed = {1, num_classes} if num_classes is not None else None
@@ -178,7 +178,7 @@ def _load_torchscript(
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError and friends for damaged archives
         raise CheckpointError(
-            "load_failed", "TorchScript could not load the archive.", detail=_first_line(exc)
+            "load_failed", "TorchScript could not load the archive.", detail=first_line(exc)
         ) from None
     if static_checks:
         check_script_ops(module)
@@ -223,8 +223,8 @@ def _load_safetensors(
     except Exception as exc:  # unknown arch, missing or mis-shaped tensors
         raise CheckpointError(
             "load_failed",
-            f"The weights do not fit the {_printable(str(arch))!r} network.",
-            detail=_first_line(exc),
+            f"The weights do not fit the {printable(str(arch))!r} network.",
+            detail=first_line(exc),
         ) from None
     model = wrap_module(module, feature_layer=feature_layer)
     model.format = "safetensors"
@@ -244,7 +244,7 @@ def _safetensors_metadata(data: bytes) -> dict:
         if not isinstance(raw, dict):
             raise ValueError("__metadata__ is not an object")
     except Exception as exc:
-        raise CheckpointError("load_failed", "The safetensors header is malformed.", detail=_first_line(exc)) from None
+        raise CheckpointError("load_failed", "The safetensors header is malformed.", detail=first_line(exc)) from None
     declared: dict = {}
     try:
         if isinstance(raw.get("arch"), str):
@@ -275,7 +275,7 @@ def _check_onnx_proto(proto, static_checks: bool = True) -> None:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise CheckpointError(
-            "load_failed", "The ONNX model is not valid (onnx.checker refused it).", detail=_first_line(exc)
+            "load_failed", "The ONNX model is not valid (onnx.checker refused it).", detail=first_line(exc)
         ) from None
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from starvation.checkpoints.errors import CheckpointError, _printable
+from starvation.checkpoints.errors import CheckpointError, printable
 from starvation.checkpoints.graph import (
     MAX_GRAPH_NODES,
     HeadSite,
@@ -62,9 +62,9 @@ def _read_onnx_graph(graph) -> OnnxGraph:
         if node is None:
             break
         if set(node.output) & set(node.input):
-            raise NoHead(f"the ONNX graph's {_printable(node.op_type)} node feeds itself")
+            raise NoHead(f"the ONNX graph's {printable(node.op_type)} node feeds itself")
         if id(node) in seen:
-            raise NoHead(f"the ONNX graph has a cycle through its {_printable(node.op_type)} node")
+            raise NoHead(f"the ONNX graph has a cycle through its {printable(node.op_type)} node")
         seen.add(id(node))
         if node.op_type in _ONNX_PASS:
             tensor = node.input[0]
@@ -96,12 +96,12 @@ def _read_onnx_graph(graph) -> OnnxGraph:
         weight_name, rows_are_outputs = _onnx_untranspose(node.input[1], producer)
     else:
         raise NoHead(
-            f"the ONNX graph's output is made by a {_printable(node.op_type)} node, which is not a linear "
+            f"the ONNX graph's output is made by a {printable(node.op_type)} node, which is not a linear "
             "map (Gemm, or MatMul plus Add of a bias)"
         )
     if features in inputs:
         raise NoHead(
-            f"the ONNX graph's {_printable(node.op_type)} reads the model's input directly: there is no "
+            f"the ONNX graph's {printable(node.op_type)} reads the model's input directly: there is no "
             "hidden representation to call features"
         )
     refusal = None
@@ -114,7 +114,7 @@ def _read_onnx_graph(graph) -> OnnxGraph:
         elif name not in initializers:
             made_by = producer[name].op_type if name in producer else "a graph input"
             refusal = refusal or (
-                f"the head's {what} is computed at run time (by {_printable(made_by)}), not read from one initializer"
+                f"the head's {what} is computed at run time (by {printable(made_by)}), not read from one initializer"
             )
         elif uses.count(name) > 1:
             refusal = refusal or f"the head's {what} ({shown_name(name)}) is read by another node too (tied)"

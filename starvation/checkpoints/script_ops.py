@@ -17,7 +17,7 @@ import pickletools
 import zipfile
 from pathlib import Path
 
-from starvation.checkpoints.errors import CheckpointError, _printable
+from starvation.checkpoints.errors import CheckpointError, printable
 
 ALLOWED_OPS: frozenset[str] = frozenset(
     line.split("#", 1)[0].strip()
@@ -188,8 +188,7 @@ def _check_pickle(data: bytes, name: str) -> None:
             elif opcode.name in ("INST", "OBJ", "REDUCE_EX"):
                 raise CheckpointError(
                     "forbidden_op",
-                    f"The TorchScript archive's {_printable(name)} builds objects "
-                    "in a way TorchScript archives do not.",
+                    f"The TorchScript archive's {printable(name)} builds objects in a way TorchScript archives do not.",
                 )
     except CheckpointError:
         raise
@@ -207,8 +206,8 @@ def _check_global(qualified: str, name: str) -> None:
         return  # a class of the archive's own code, checked with it
     raise CheckpointError(
         "forbidden_op",
-        f"The TorchScript archive's {_printable(name)} refers to "
-        f"{_printable(qualified)[:80]!r}, which uploaded models may not use.",
+        f"The TorchScript archive's {printable(name)} refers to "
+        f"{printable(qualified)[:80]!r}, which uploaded models may not use.",
     )
 
 
@@ -236,7 +235,7 @@ def archive_ops(data: bytes) -> tuple[set[str], set[str]]:
 
 
 def forbidden(refused: set[str]) -> CheckpointError:
-    shown = ", ".join(_printable(op)[:60] for op in sorted(refused)[:5])
+    shown = ", ".join(printable(op)[:60] for op in sorted(refused)[:5])
     return CheckpointError(
         "forbidden_op",
         f"The TorchScript model calls {len(refused)} op(s) that uploaded models may not use: {shown}. "

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from starvation.checkpoints import graph, onnx_graph
-from starvation.checkpoints.errors import CheckpointError, _first_line
+from starvation.checkpoints.errors import CheckpointError, first_line
 
 DEFAULT_FEATURE_LAYER = "features"  # the built-in networks' penultimate representation
 
@@ -192,7 +192,7 @@ class OnnxModel(AuditableModel):
             self._session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise CheckpointError(
-                "load_failed", "onnxruntime could not load the model.", detail=_first_line(exc)
+                "load_failed", "onnxruntime could not load the model.", detail=first_line(exc)
             ) from None
         inputs = self._session.get_inputs()
         if len(inputs) != 1:
