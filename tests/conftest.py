@@ -60,11 +60,12 @@ def reset_postgres(url: str) -> None:
 def scratch_postgres(name: str) -> str:
     """A new empty database `name` on the test server (dropped first if it exists)."""
     import psycopg
+    from psycopg import sql
 
     base = require_postgres()
     with psycopg.connect(base.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name}")
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return base.rsplit("/", 1)[0] + f"/{name}"
 
 
