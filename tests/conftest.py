@@ -17,6 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get("GS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("GS_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 
+# One OpenMP thread per process, in this process and in every stack and worker the tests start (they inherit it),
+# set before torch is imported. The suite runs several processes at once on two cores (pytest, each stack's API and
+# worker, the embedded broker's polling): with torch's default of one thread per core their OpenMP threads spin
+# against each other. Measured here under load: the killed-ResNet drill in test_faults took 56-314 s with the
+# default and 23-25 s with one thread; 500 steps of the paper's two moons in this process 13.9 s against 1.5 s.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # In-process tests (tests/api) get a private embedded default; set before anything imports settings.
 _IN_PROCESS_VAR = Path(tempfile.mkdtemp(prefix="gs-test-var-"))
 os.environ.setdefault("GS_VAR_DIR", str(_IN_PROCESS_VAR))
