@@ -165,7 +165,9 @@ class S3Store:
     MULTIPART_BYTES = 16 << 20
     TIMEOUT_S = 10.0  # a store slower than this to connect or to send the next bytes is unavailable (tried twice)
 
-    def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None, cache: Cache) -> None:
+    def __init__(
+        self, bucket: str, prefix: str, *, endpoint_url: str | None, cache: Cache, connections: int = 10
+    ) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -180,6 +182,7 @@ class S3Store:
                 read_timeout=self.TIMEOUT_S,
                 retries={"max_attempts": 2, "mode": "standard"},
                 tcp_keepalive=True,
+                max_pool_connections=connections,  # requests in flight at once from this process's threads
             ),
         )
         self.transfer = TransferConfig(
@@ -311,7 +314,9 @@ class Cache:
         self.trim(keep=entry)
         return entry
 
-    def trim(self, keep: Path) -> None:
+    def trim(self, keep: Path, target: int | None = None) -> None:
+        """Oldest entries out until the folder holds at most `target` bytes (default: the limit)."""
+        target = self.limit if target is None else target
         with self.lock:
             entries = []
             for path in self.folder.iterdir():
@@ -322,7 +327,7 @@ class Cache:
                     continue
             total = sum(size for _, size, _ in entries)
             for _, size, path in sorted(entries):
-                if total <= self.limit:
+                if total <= target:
                     break
                 if path != keep:  # a file bigger than the whole cache is still handed over once
                     path.unlink(missing_ok=True)
