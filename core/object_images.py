@@ -27,16 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, TypeVar
 
-from core.settings import DATA_URL, Settings
+from core.settings import Settings
 from core.storage import CHUNK, Cache, S3Store, StoredFileTooLarge, StoreUnavailable, quoted
 
 HEAD_BYTES = 1 << 20  # what the check reads of each image: its header, or the whole of a small one
 READ_PATIENCE_S = 120.0  # how long a read waits for a store that does not answer (as a job's writes do)
 THREADS = 16  # images one process reads at once
-# A folder a request names: a bucket, then plain segments (no `.` or `..`), the last slash optional.
-FOLDER_URL = re.compile(
-    r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(?P<key>(?:[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*/?)*)"
-)
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")  # one part of a folder's key; `.` and `..` are refused besides
 REFUSED_IN_KEYS = re.compile(r"[\\%\x00-\x1f\x7f]")
 T = TypeVar("T")
 
@@ -59,18 +57,21 @@ class StoreFolder:
 
 
 def folder_of(url: str) -> StoreFolder | None:
-    """The folder `url` names, read strictly; None for anything else."""
-    found = FOLDER_URL.fullmatch(url)
-    if found is None or "//" in found["key"] or ".." in found["bucket"]:
+    """The folder `url` names, read strictly (s3://, a bucket's name, `/`, plain segments, the last `/` optional);
+    None for anything else."""
+    bucket, slash, key = url.removeprefix("s3://").partition("/")
+    if not url.startswith("s3://") or not slash or not BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
         return None
-    key = found["key"]
-    return StoreFolder(found["bucket"], key if key == "" or key.endswith("/") else key + "/")
+    parts = key.removesuffix("/").split("/") if key else []
+    if any(not SEGMENT.fullmatch(part) or part in (".", "..") for part in parts):
+        return None
+    return StoreFolder(bucket, "".join(f"{part}/" for part in parts))
 
 
 def listed_prefixes(settings: Settings) -> list[StoreFolder]:
-    """GS_DATA_URLS, each entry checked when the settings were read (core.settings.DATA_URL)."""
+    """GS_DATA_URLS, each entry checked when the settings were read (core.settings)."""
     entries = [part.strip() for part in settings.data_urls.split(",") if part.strip()]
-    return [StoreFolder(*url.removeprefix("s3://").split("/", 1)) for url in entries if DATA_URL.fullmatch(url)]
+    return [found for url in entries if url.endswith("/") and (found := folder_of(url)) is not None]
 
 
 def granted_folder(settings: Settings, url: str, *, owner_id: str, is_admin: bool) -> StoreFolder | None:

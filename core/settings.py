@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 VAR_DIR = Path("var")
 # One GS_DATA_URLS entry: a bucket's name, then plain path segments, each ended by a slash (core/object_images.py).
-DATA_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(?:[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*/)*")
+DATA_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(?:[A-Za-z0-9_.-]+/)*")
 
 
 class Settings(BaseSettings):
@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     @classmethod
     def _data_urls(cls, value: str) -> str:
         for url in filter(None, (part.strip() for part in value.split(","))):
-            if not DATA_URL.fullmatch(url):
+            if not DATA_URL.fullmatch(url) or {".", ".."} & set(url.split("/")) or ".." in url.split("/")[2]:
                 raise ValueError(f"GS_DATA_URLS lists {url!r}: each must be s3://BUCKET/ or s3://BUCKET/PREFIX/")
         return value
 
