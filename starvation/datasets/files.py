@@ -139,16 +139,33 @@ class ImageFiles:
             counterfactual_versions=self.versions,
         )
 
-    def read(self, index: int) -> torch.Tensor:
+    def read(self, index: int, opened: Callable[[], BinaryIO] | None = None) -> torch.Tensor:
+        """Image `index`, from the handle `opened` gives (`opened_now`), or opened here."""
         relative = str(self.paths[index])
-        version = None if self.versions is None else str(self.versions[index])
         where = f"image {relative!r}"  # one the check passed: a job's owner learns which went missing since
+        size = (self.size[1], self.size[0])
+        rgb = decode_image(opened or (lambda: self.open(index, where)), size, self.max_pixels, where)
+        return torch.from_numpy(np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+
+    def open(self, index: int, where: str) -> BinaryIO:
+        relative = str(self.paths[index])
         if (reason := self.source.refuses(relative)) is not None:
             raise DatasetError(f"{where}: {reason}")
-        rgb = decode_image(
-            lambda: self.source.open(relative, where, version), (self.size[1], self.size[0]), self.max_pixels, where
-        )
-        return torch.from_numpy(np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+        return self.source.open(relative, where, None if self.versions is None else str(self.versions[index]))
+
+    def opened_now(self, index: int) -> Callable[[], BinaryIO]:
+        """Image `index` opened now (its bytes read, in a reader thread), for `read` to decode later: a callable that
+        returns the handle, or raises what opening it raised."""
+        try:
+            handle = self.open(index, f"image {str(self.paths[index])!r}")
+        except Exception as error:
+            failure = error
+
+            def failed() -> BinaryIO:
+                raise failure
+
+            return failed
+        return lambda: handle
 
     def load(self) -> torch.Tensor:
         """Every image as one tensor: for a few rows only (a check, a plot)."""
@@ -209,18 +226,24 @@ class _Reader(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | _Failed, int]:
+        return self.decoded(index, None)
+
+    def decoded(self, index: int, opened: Callable[[], BinaryIO] | None) -> tuple[torch.Tensor | _Failed, int]:
         try:
-            return self.files.read(index), index
+            return (self.files.read(index) if opened is None else self.files.read(index, opened)), index
         except Exception as error:
             return _Failed(error), index
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor | _Failed, int]]:
-        """A batch's images, `source.threads` at a time (a store's reads wait on the network, not on this core)."""
+        """A batch's images: with a source that reads several at once (a store's reads wait on the network), their
+        bytes read `source.threads` at a time, then decoded one after the other in this thread (decoding holds the
+        interpreter: more threads would only take turns)."""
         threads = min(self.files.source.threads, len(indices))
         if threads <= 1:
             return [self[index] for index in indices]
         with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(self.__getitem__, indices))
+            opened = list(pool.map(self.files.opened_now, indices))
+        return [self.decoded(index, handle) for index, handle in zip(indices, opened)]
 
 
 def _collate(items: list[tuple[torch.Tensor | _Failed, int]]) -> tuple[torch.Tensor, torch.Tensor] | _Failed:
