@@ -118,3 +118,16 @@ def test_without_listed_prefixes_a_folder_in_the_store_is_refused(client, s3, mo
     monkeypatch.setattr(get_settings(), "data_urls", "")
     refused = register(client, f"s3://{BUCKET}/data/x/faces/")
     assert refused.status_code == 422 and "GS_DATA_URLS" in refused.json()["error"]["message"]
+
+
+def test_a_store_that_is_down_is_a_503_at_registration_with_nothing_registered(client, s3, monkeypatch):
+    from core.settings import get_settings
+    from scripts.stack import free_port
+
+    key_id, headers = new_key(client, "store-down")
+    before = client.get("/v1/datasets", headers=headers).json()["items"]
+    monkeypatch.setattr(get_settings(), "s3_endpoint_url", f"http://127.0.0.1:{free_port()}")
+    down = register(client, f"s3://{BUCKET}/data/{key_id}/faces/", headers)
+    assert down.status_code == 503 and down.json()["error"]["code"] == "store_unavailable", down.text
+    assert down.headers["Retry-After"] == "10"
+    assert client.get("/v1/datasets", headers=headers).json()["items"] == before
