@@ -238,10 +238,22 @@ class RangeNotSatisfiable(Exception):
     """A ranged read of an empty object."""
 
 
-@dataclass
 class Connection:
-    client: Any
-    cache: ImageCache
+    """One process's cache for a store's images, and its client, made at the first read the cache cannot answer."""
+
+    def __init__(self, images: StoreImages) -> None:
+        self.images, self.cache = images, ImageCache(images.cache_dir, images.cache_bytes)
+        self.made: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self.made is None:
+            with CONNECTING:
+                if self.made is None:
+                    kept = S3Store("unused", "", endpoint_url=self.images.endpoint_url, cache=self.cache,
+                                   connections=self.images.threads)  # fmt: skip
+                    self.made = kept.client
+        return self.made
 
 
 CONNECTIONS: dict[tuple[Any, ...], Connection] = {}
@@ -249,14 +261,12 @@ CONNECTING = threading.Lock()
 
 
 def connection(images: StoreImages) -> Connection:
-    """This process's client and cache for `images`' store: made on first use in each process, never inherited."""
+    """This process's connection for `images`' store: made on first use in each process, never inherited."""
     identity = (images.endpoint_url, images.threads, images.cache_dir, images.cache_bytes)
+    if (found := CONNECTIONS.get(identity)) is not None:
+        return found
     with CONNECTING:
-        if identity not in CONNECTIONS:
-            cache = ImageCache(images.cache_dir, images.cache_bytes)
-            kept = S3Store(images.bucket, "", endpoint_url=images.endpoint_url, cache=cache, connections=images.threads)
-            CONNECTIONS[identity] = Connection(kept.client, cache)
-        return CONNECTIONS[identity]
+        return CONNECTIONS.setdefault(identity, Connection(images))
 
 
 def forget_connections() -> None:

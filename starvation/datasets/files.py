@@ -221,6 +221,10 @@ class _Failed:
 class _Reader(torch.utils.data.Dataset):
     def __init__(self, files: ImageFiles) -> None:
         self.files = files
+        self.pool: tuple[int, ThreadPoolExecutor] | None = None  # this process's readers, made at the first batch
+
+    def __getstate__(self) -> dict:
+        return {"files": self.files, "pool": None}  # a loader process makes its own
 
     def __len__(self) -> int:
         return len(self.files)
@@ -238,11 +242,11 @@ class _Reader(torch.utils.data.Dataset):
         """A batch's images: with a source that reads several at once (a store's reads wait on the network), their
         bytes read `source.threads` at a time, then decoded one after the other in this thread (decoding holds the
         interpreter: more threads would only take turns)."""
-        threads = min(self.files.source.threads, len(indices))
-        if threads <= 1:
+        if self.files.source.threads <= 1 or len(indices) == 1:
             return [self[index] for index in indices]
-        with ThreadPoolExecutor(threads) as pool:
-            opened = list(pool.map(self.files.opened_now, indices))
+        if self.pool is None or self.pool[0] != os.getpid():  # forked with the parent's: its threads are not here
+            self.pool = (os.getpid(), ThreadPoolExecutor(self.files.source.threads))
+        opened = list(self.pool[1].map(self.files.opened_now, indices))
         return [self.decoded(index, handle) for index, handle in zip(indices, opened)]
 
 
