@@ -1,6 +1,6 @@
 """A 40,000-image 64x64 folder read by training from an S3 store against the same folder on local disk.
 
-    .venv/bin/python bench/store_images.py                     # 40,000 images, 2 epochs each (~15 min on 2 CPUs)
+    .venv/bin/python bench/store_images.py                     # 40,000 images, 2 epochs each (~22 min on 2 CPUs)
     .venv/bin/python bench/store_images.py --images 4000       # a quick run
 
 The folder is `starvation.datasets.backgrounds`' (digits on photo backgrounds, 64x64 PNG; its counterfactual column
