@@ -1,6 +1,7 @@
 """Image folders are checked in the background after registration: every CSV row and image header, a sample decoded
-(`starvation.datasets.index_image_folder`), into an index the workers read. A dataset is `pending` until then,
-`ready` or `failed` (with the row at fault) after.
+(`starvation.datasets.index_image_folder`), into an index the workers read, from this host's disk or from the object
+store (core/object_images.py: the CSV copied to this process's scratch, each image's size and ETag recorded). A
+dataset is `pending` until then, `ready` or `failed` (with the row at fault) after.
 
 The API process runs GS_DATASET_CHECK_SLOTS checks at once (api/background.py), tenants in turn: each claim goes to
 the owner with the fewest checks running, and at most GS_DATASET_CHECK_SLOTS_PER_KEY of one owner's run at once, so
@@ -16,14 +17,18 @@ import logging
 import multiprocessing
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from api.errors import without_server_paths
+from core import object_images
 from core.paths import dataset_index_path
 from core.settings import Settings, get_settings
-from core.storage import dataset_index_key, store
+from core.storage import StoredFileTooLarge, StoreUnavailable, dataset_index_key, store
 from models import files as files_repo
 from models.db import database
 
@@ -97,15 +102,20 @@ def check_image_folder(settings: Settings, dataset_id: str, root: str, info: dic
     from starvation.errors import SpecError
 
     try:
-        index = index_image_folder(
-            root,
-            info["metadata"],
-            max_image_pixels=settings.max_image_pixels,
-            max_rows=settings.max_dataset_rows,
-            time_limit_s=settings.dataset_check_timeout_s,
-        )
-    except SpecError as exc:
+        with folder_to_check(settings, dataset_id, root, info["metadata"]) as (folder, csv_path):
+            index = index_image_folder(
+                folder,
+                csv_path,
+                max_image_pixels=settings.max_image_pixels,
+                max_image_bytes=settings.max_image_bytes,
+                max_rows=settings.max_dataset_rows,
+                time_limit_s=settings.dataset_check_timeout_s,
+            )
+    except (SpecError, StoredFileTooLarge, object_images.ImageChanged) as exc:
         return {"error": without_server_paths(str(exc))}
+    except StoreUnavailable as exc:
+        log.warning("dataset %s: the object store did not answer its check: %s", dataset_id, exc)
+        return {"error": "the object store did not answer during the check; register the folder again later"}
     except Exception as exc:
         log.exception("dataset %s: the check failed", dataset_id)
         return {"error": f"the check failed ({type(exc).__name__})"}
@@ -115,14 +125,40 @@ def check_image_folder(settings: Settings, dataset_id: str, root: str, info: dic
     save_index(index, partial)
     partial.replace(path)  # a worker never reads half an index
     store(settings).put(dataset_index_key(dataset_id), path, move=True)  # the folder's own file: nothing moves
-    opened = open_image_folder(root, index, dataset_id, info["image_size"])  # what a worker will see; reads no image
+    opened = open_image_folder(folder, index, dataset_id, info["image_size"])  # what a worker will see; reads none
     summary = index.summary()
-    return {
-        "info": {
-            "splits": {name: split["n"] for name, split in summary.items()},
-            "groups": {name: split["groups"] for name, split in summary.items()},
-            "input_shape": list(opened.input_shape),
-            "num_classes": opened.num_classes,
-            "counterfactual": opened.can_intervene,
-        }
+    found = {
+        "splits": {name: split["n"] for name, split in summary.items()},
+        "groups": {name: split["groups"] for name, split in summary.items()},
+        "input_shape": list(opened.input_shape),
+        "num_classes": opened.num_classes,
+        "counterfactual": opened.can_intervene,
     }
+    if index.sizes is not None:  # what a worker's cache holds of it once read
+        found["image_bytes"] = int(index.sizes.sum())
+    return {"info": found}
+
+
+@contextmanager
+def folder_to_check(settings: Settings, dataset_id: str, root: str, metadata: str) -> Iterator[tuple[Any, Path]]:
+    """(the folder as the science package reads it, its metadata CSV on this host): a local folder as it is; a folder
+    in the object store as an `ImageSource`, with its CSV copied to this process's scratch for the check's length."""
+    if not object_images.is_store_folder(root):
+        yield root, Path(metadata)
+        return
+    from starvation.datasets import DatasetError
+
+    images = object_images.images_in_store(settings, root, cached=False)  # the API's folder keeps no images
+    relative = metadata.removeprefix(root)
+    if not metadata.startswith(root) or object_images.key_refusal(relative) is not None:
+        raise DatasetError("the metadata CSV is not in the image folder")
+    copy = settings.scratch_dir / "checks" / f"{dataset_id}.csv"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        try:
+            object_images.fetch_file(images, relative, copy, settings.max_upload_bytes)
+        except OSError as exc:
+            raise DatasetError(f"cannot read the metadata CSV ({exc.strerror or type(exc).__name__})") from None
+        yield images, copy
+    finally:
+        copy.unlink(missing_ok=True)

@@ -534,7 +534,10 @@ def register_folder(
     ctx: typer.Context,
     folder: Annotated[
         str,
-        typer.Argument(help="the image folder, a path inside your key's folder on the server, GS_DATA_DIR/<key id>"),
+        typer.Argument(
+            help="the image folder, a path inside your key's folder on the server, GS_DATA_DIR/<key id>, or "
+            "s3://BUCKET/PREFIX/<key id>/... under a prefix of GS_DATA_URLS"
+        ),
     ],
     name: Annotated[str | None, typer.Option(help="the dataset's name (default: the folder's)")] = None,
     metadata: Annotated[

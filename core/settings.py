@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 VAR_DIR = Path("var")
+# One GS_DATA_URLS entry: a bucket's name, then plain path segments, each ended by a slash (core/object_images.py).
+DATA_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(?:[A-Za-z0-9_.-]+/)*")
 
 
 class Settings(BaseSettings):
@@ -33,6 +36,9 @@ class Settings(BaseSettings):
     # 0: the API streams downloads from the store. N: it answers 307 to a presigned GET valid N seconds (S3 only).
     presigned_downloads_s: int = Field(0, ge=0, le=3600, description="lifetime of a download's presigned URL")
     s3_public_endpoint_url: str | None = None  # the store as clients reach it, for presigned URLs (default: as we do)
+    # Image folders in an object store (docs/storage.md): s3://BUCKET/PREFIX/ prefixes, comma-separated, on the store
+    # of GS_S3_ENDPOINT_URL; a key registers folders under <prefix><key id>/, the admin token anywhere under them.
+    data_urls: str = ""
 
     # Limits: each enforced with a 4xx.
     max_steps: int = 100_000
@@ -58,6 +64,7 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = 2 << 30  # an .npz dataset once loaded (its arrays, x as float32); image folders stream
     max_dataset_compression_ratio: float = 100.0  # an .npz member over 16 MiB unpacking more than this: a bomb
     max_image_pixels: int = 50_000_000  # one image of an image-folder dataset, read from its header
+    max_image_bytes: int = Field(64 << 20, ge=1)  # one image of a folder in an object store: larger is never read
     # Image folders: checked in the background after registration (api/dataset_checks.py), in child processes, tenants
     # taking turns; a check that has not finished dataset_check_stale_s after it began lost its API process and is
     # taken up again (so it must exceed dataset_check_timeout_s).
@@ -111,6 +118,14 @@ class Settings(BaseSettings):
     mlflow_flush_s: float = Field(5.0, gt=0)
     # Webhooks and MLflow reach public internet hosts only (core/outbound.py); these are admitted anyway:
     outbound_allow: str = ""  # comma-separated hostnames and/or CIDRs, e.g. "mlflow.internal,10.0.0.0/8"
+
+    @field_validator("data_urls")
+    @classmethod
+    def _data_urls(cls, value: str) -> str:
+        for url in filter(None, (part.strip() for part in value.split(","))):
+            if not DATA_URL.fullmatch(url) or {".", ".."} & set(url.split("/")) or ".." in url.split("/")[2]:
+                raise ValueError(f"GS_DATA_URLS lists {url!r}: each must be s3://BUCKET/ or s3://BUCKET/PREFIX/")
+        return value
 
     @property
     def broker_folder(self) -> Path:

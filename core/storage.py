@@ -177,6 +177,7 @@ class S3Store:
         endpoint_url: str | None,
         cache: Cache,
         public_endpoint_url: str | None = None,
+        connections: int = 10,
     ) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -190,6 +191,7 @@ class S3Store:
             retries={"max_attempts": 2, "mode": "standard"},
             tcp_keepalive=True,
             signature_version="s3v4",  # presigned URLs too: SigV4, expiring, the secret never in them
+            max_pool_connections=connections,  # requests in flight at once from this process's threads
         )
         self.client: Any = boto3.client("s3", endpoint_url=endpoint_url, config=config)
         # Presigned URLs name the host a client reaches (signing makes no request): the public endpoint if set.
@@ -339,7 +341,9 @@ class Cache:
         self.trim(keep=entry)
         return entry
 
-    def trim(self, keep: Path) -> None:
+    def trim(self, keep: Path, target: int | None = None) -> None:
+        """Oldest entries out until the folder holds at most `target` bytes (default: the limit)."""
+        target = self.limit if target is None else target
         with self.lock:
             entries = []
             for path in self.folder.iterdir():
@@ -350,7 +354,7 @@ class Cache:
                     continue
             total = sum(size for _, size, _ in entries)
             for _, size, path in sorted(entries):
-                if total <= self.limit:
+                if total <= target:
                     break
                 if path != keep:  # a file bigger than the whole cache is still handed over once
                     path.unlink(missing_ok=True)

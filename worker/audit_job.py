@@ -5,20 +5,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from core.object_images import images_in_store, is_store_folder
 from core.storage import dataset_index_key, local_copy
 from models import files as files_repo
 from models import jobs as jobs_repo
 from results.audit import AuditResult
 from worker.context import JobContext
 from worker.devices import pick_device
-from worker.files import add_artifact
+from worker.files import STORE_PATIENCE_S, add_artifact
 
 Result = AuditResult  # what run() returns (worker/kinds.py checks it before it is recorded)
 
 
 def load_dataset(ctx: JobContext, dataset_spec: dict[str, Any], seed: int, device: str = "cpu"):
     """A built-in dataset by name, or a dataset the job's owner registered, by id (an image folder streams from
-    its checked index, read by GS_DATA_WORKERS processes, pinned for a GPU `device`)."""
+    its checked index, read by GS_DATA_WORKERS processes, pinned for a GPU `device`, from this host's disk or from
+    the object store, each image as its check read it: core/object_images.py)."""
     from starvation import datasets
 
     name = dataset_spec["name"]
@@ -37,8 +39,9 @@ def load_dataset(ctx: JobContext, dataset_spec: dict[str, Any], seed: int, devic
         )
     if fmt == "image_folder":
         index = datasets.load_index(local_copy(settings, dataset_index_key(name)))
+        folder = images_in_store(settings, path, patience_s=STORE_PATIENCE_S) if is_store_folder(path) else path
         return datasets.open_image_folder(
-            path,
+            folder,
             index,
             label,
             info["image_size"],

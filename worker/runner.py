@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from core.object_images import ImageChanged
 from core.paths import job_dir, resume_dir
 from core.settings import Settings, get_settings
 from core.storage import StoredFileTooLarge, StoreUnavailable, job_key, store
@@ -165,7 +166,9 @@ def job_error(exc: Exception, ctx: JobContext) -> dict[str, str]:
     `CodedError`, the jail's too), else what the exception's type tells, else ours to look into."""
     if isinstance(exc, CodedError):  # a bad spec, dataset or upload, a foreign model that failed: messages we wrote
         return {"code": exc.code, "message": exc.message}
-    if isinstance(exc, StoreUnavailable):  # past the writes' patience (worker/files.py)
+    if isinstance(exc, ImageChanged):  # an image of a folder in the store replaced since its check
+        return {"code": "input_changed", "message": str(exc)}
+    if isinstance(exc, StoreUnavailable):  # past the writes' (or reads') patience (worker/files.py)
         log.error("job %s: the object store stayed unavailable: %s", ctx.job_id, exc)
         return {"code": "store_unavailable", "message": "The object store stayed unavailable; run the job again later."}
     if isinstance(exc, StoredFileTooLarge):

@@ -1,6 +1,6 @@
 """Datasets: the built-ins with their parameters, and datasets users register (.npz uploads, ready at once, or
-image folders with a metadata CSV under GS_DATA_DIR, answered at once and checked in the background:
-api/dataset_checks.py)."""
+image folders with a metadata CSV under GS_DATA_DIR or in an object store under GS_DATA_URLS, answered at once and
+checked in the background: api/dataset_checks.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from api.idempotency import replay_or_create
 from api.responses import CREATE_ERRORS, KEYED_ERRORS, error_responses, links_to
 from api.schemas import BinaryUpload, DatasetList, DatasetOut
 from api.uploads import save_limited
+from core import object_images
 from core.paths import upload_dir
 from core.storage import dataset_key, store
 from models import files as files_repo
@@ -80,7 +81,8 @@ async def register_dataset(
         str | None,
         Form(
             description="image_folder: a folder in your data folder, GS_DATA_DIR/<your key "
-            "id> (the admin token's: GS_DATA_DIR)"
+            "id> (the admin token's: GS_DATA_DIR), or in the object store, s3://BUCKET/PREFIX/<your key id>/... "
+            "under a prefix of GS_DATA_URLS (the admin token's: anywhere under one)"
         ),
     ] = None,
     metadata: Annotated[
@@ -151,19 +153,23 @@ def granted_folder(settings, principal: Principal) -> Path:
     return root if principal.is_admin else root / principal.owner_id
 
 
-def granted_image_folder(settings, principal: Principal, folder: str | None, metadata: str) -> tuple[Path, Path]:
-    """(the folder, its metadata CSV), both inside the caller's granted folder. One answer for a path that is
-    missing, leaves the grant (.., absolute, a link out) or is another key's: none of them tells what exists."""
-    if settings.data_dir is None:
-        raise ApiError(422, "invalid_request", "Image folders are read from GS_DATA_DIR, which is not set.")
+UNUSABLE_FOLDER = (
+    "No such image folder and metadata CSV in your data folder; paths are relative to it (GS_DATA_DIR/<your key "
+    "id>, given by the operator), or s3://BUCKET/PREFIX/<your key id>/... under a prefix the operator lists."
+)
+
+
+def granted_image_folder(settings, principal: Principal, folder: str | None, metadata: str) -> tuple[str, str]:
+    """(the folder, its metadata CSV), both inside the caller's granted folder, on this host's disk or in the
+    object store. One answer for a path that is missing, leaves the grant (.., absolute, a link out, another prefix)
+    or is another key's: none of them tells what exists."""
     if not folder:
         raise ApiError(422, "invalid_request", "folder is required.")
-    unusable = ApiError(
-        422,
-        "invalid_path",
-        "No such image folder and metadata CSV in your data folder; paths are "
-        "relative to it (GS_DATA_DIR/<your key id>, given by the operator).",
-    )
+    if folder.startswith("s3://"):
+        return granted_store_folder(settings, principal, folder, metadata)
+    if settings.data_dir is None:
+        raise ApiError(422, "invalid_request", "Image folders are read from GS_DATA_DIR, which is not set.")
+    unusable = ApiError(422, "invalid_path", UNUSABLE_FOLDER)
     grant = granted_folder(settings, principal)
     try:
         root, csv_path = (grant / folder).resolve(), (grant / folder / metadata).resolve()
@@ -171,7 +177,23 @@ def granted_image_folder(settings, principal: Principal, folder: str | None, met
         raise unusable from None
     if not (root.is_relative_to(grant) and csv_path.is_relative_to(grant) and root.is_dir() and csv_path.is_file()):
         raise unusable
-    return root, csv_path
+    return str(root), str(csv_path)
+
+
+def granted_store_folder(settings, principal: Principal, url: str, metadata: str) -> tuple[str, str]:
+    """An image folder in the object store, under the caller's grant of GS_DATA_URLS, whose CSV is a key in it."""
+    if not object_images.listed_prefixes(settings):
+        raise ApiError(
+            422, "invalid_request", "Image folders in an object store are read under GS_DATA_URLS, which is not set."
+        )
+    unusable = ApiError(422, "invalid_path", UNUSABLE_FOLDER)
+    found = object_images.granted_folder(settings, url, owner_id=principal.owner_id, is_admin=principal.is_admin)
+    if found is None or object_images.key_refusal(metadata) is not None:
+        raise unusable
+    images = object_images.images_in_store(settings, found.url, patience_s=0, cached=False)  # a request waits not
+    if not object_images.exists(images, metadata):
+        raise unusable
+    return found.url, found.url + metadata
 
 
 def register_image_folder(session, principal, settings, name, folder, metadata, image_size) -> tuple[int, Any]:
@@ -187,14 +209,14 @@ def register_image_folder(session, principal, settings, name, folder, metadata, 
         )
     root, csv_path = granted_image_folder(settings, principal, folder, metadata)
     check_storage_quota(session, principal, settings, adding="datasets", adding_bytes=0)
-    info = {"metadata": str(csv_path), "image_size": image_size}
+    info = {"metadata": csv_path, "image_size": image_size}
     row = files_repo.add_dataset(
         session,
         id=new_id(),
         owner_id=principal.owner_id,
         name=name,
         format="image_folder",
-        path=str(root),
+        path=root,
         info=info,
         status="pending",
     )

@@ -1,5 +1,7 @@
 """A user's files, read with care: `DatasetError` for what is refused, and `ImageFiles`, an image folder's split
-read from disk per batch (the `x` of a streaming `Split`). Below `base`, `user` and `images`, which all need them."""
+read per batch (the `x` of a streaming `Split`) from its `ImageSource`: a local folder (`FolderSource`) or anything
+else that reads an image's bytes by its path relative to the folder (the service's object store,
+core/object_images.py). Below `base`, `user` and `images`, which all need them."""
 
 from __future__ import annotations
 
@@ -7,14 +9,20 @@ import dataclasses
 import io
 import os
 import pathlib
+import pickle
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
 from starvation.errors import SpecError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_BATCH = 256  # images per batch when a consumer reads a whole split (evaluation, audits)
 MAX_IMAGE_PIXELS = 50_000_000  # one image (150 MB as RGB); below Pillow's own 89M warning, so ours decides
@@ -26,18 +34,75 @@ class DatasetError(SpecError):
     code = "invalid_dataset"
 
 
+class ImageHead(NamedTuple):
+    """What a source answers for an image the check reads: a file holding at least its header, its size in bytes
+    and its version (None where the source knows neither: a local folder)."""
+
+    handle: BinaryIO
+    size: int | None
+    version: str | None
+
+
+class ImageSource(Protocol):
+    """Where an image folder's files are read from, by paths relative to the folder. Picklable and comparable:
+    DataLoader workers get a copy, and splits of one folder are pooled. `open` raises OSError for an image it cannot
+    read (missing, say), which the row's error names; anything else it raises (a store that stays down, an image
+    changed since `version`) ends the read as it is."""
+
+    @property
+    def threads(self) -> int:
+        """Images one process reads at once (1: one after the other; a store's reads wait on the network)."""
+        ...
+
+    def refuses(self, relative: str) -> str | None:
+        """Why `relative` names nothing inside the folder (a reason that never repeats it), or None."""
+        ...
+
+    def head(self, relative: str, where: str) -> tuple[BinaryIO, int | None, str | None]:
+        """An `ImageHead` (or a plain tuple of the same): a source below the science package cannot name it."""
+        ...
+
+    def open(self, relative: str, where: str, version: str | None) -> BinaryIO:
+        """The whole image, as it was at `version` when that is given."""
+        ...
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """An image folder on this host's disk: a path is refused once it resolves outside `root` (`..`, a link)."""
+
+    root: pathlib.Path
+    threads: int = 1
+
+    def refuses(self, relative: str) -> str | None:
+        return None  # `open` resolves the path, links included, and refuses it there
+
+    def head(self, relative: str, where: str) -> ImageHead:
+        return ImageHead(self.open(relative, where, None), None, None)
+
+    def open(self, relative: str, where: str, version: str | None) -> BinaryIO:
+        return open_regular(inside(self.root, relative, where), f"{where}: the image")
+
+
+def source_of(folder: str | pathlib.Path | ImageSource) -> ImageSource:
+    """A folder's source: a local path read as a `FolderSource`, any other source as it is."""
+    return FolderSource(pathlib.Path(folder).resolve()) if isinstance(folder, (str, os.PathLike)) else folder
+
+
 @dataclass(frozen=True, eq=False)
 class ImageFiles:
     """A split's images as files: `x` of a streaming `Split`. Indexing gives a subset (still files); `batches_of`
     reads them. Each image is read as RGB and resized to `size` (height, width): float32 CHW in [0, 1]."""
 
-    root: pathlib.Path
-    paths: np.ndarray  # str, relative to root
+    source: ImageSource
+    paths: np.ndarray  # str, relative to the folder
     size: tuple[int, int]
     max_pixels: int = MAX_IMAGE_PIXELS
     workers: int = 0  # DataLoader worker processes reading batches (0: read in this process)
     pin_memory: bool = False  # page-locked batches, for a copy to a GPU that does not make the host wait
     counterfactuals: np.ndarray | None = None  # str, per row the same image with only the attribute changed
+    versions: np.ndarray | None = None  # str, per row the image's version when it was checked (a store's ETag)
+    counterfactual_versions: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -50,57 +115,146 @@ class ImageFiles:
     def __getitem__(self, rows) -> ImageFiles:
         if isinstance(rows, torch.Tensor):
             rows = rows.cpu().numpy()
-        swapped = None if self.counterfactuals is None else np.atleast_1d(self.counterfactuals[rows])
-        return dataclasses.replace(self, paths=np.atleast_1d(self.paths[rows]), counterfactuals=swapped)
+
+        def picked(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else np.atleast_1d(values[rows])
+
+        return dataclasses.replace(
+            self,
+            paths=np.atleast_1d(self.paths[rows]),
+            counterfactuals=picked(self.counterfactuals),
+            versions=picked(self.versions),
+            counterfactual_versions=picked(self.counterfactual_versions),
+        )
 
     def swapped(self) -> ImageFiles:
         """The counterfactual images in place of these (and these as theirs)."""
         if self.counterfactuals is None:
             raise NotImplementedError("these images have no counterfactuals (no counterfactual column in the CSV)")
-        return dataclasses.replace(self, paths=self.counterfactuals, counterfactuals=self.paths)
+        return dataclasses.replace(
+            self,
+            paths=self.counterfactuals,
+            counterfactuals=self.paths,
+            versions=self.counterfactual_versions,
+            counterfactual_versions=self.versions,
+        )
 
-    def read(self, index: int) -> torch.Tensor:
+    def read(self, index: int, opened: Callable[[], BinaryIO] | None = None) -> torch.Tensor:
+        """Image `index`, from the handle `opened` gives (`opened_now`), or opened here."""
         relative = str(self.paths[index])
         where = f"image {relative!r}"  # one the check passed: a job's owner learns which went missing since
-        rgb = read_image(inside(self.root, relative, where), (self.size[1], self.size[0]), self.max_pixels, where)
+        size = (self.size[1], self.size[0])
+        rgb = decode_image(opened or (lambda: self.open(index, where)), size, self.max_pixels, where)
         return torch.from_numpy(np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+
+    def open(self, index: int, where: str) -> BinaryIO:
+        relative = str(self.paths[index])
+        if (reason := self.source.refuses(relative)) is not None:
+            raise DatasetError(f"{where}: {reason}")
+        return self.source.open(relative, where, None if self.versions is None else str(self.versions[index]))
+
+    def opened_now(self, index: int) -> Callable[[], BinaryIO]:
+        """Image `index` opened now (its bytes read, in a reader thread), for `read` to decode later: a callable that
+        returns the handle, or raises what opening it raised."""
+        try:
+            handle = self.open(index, f"image {str(self.paths[index])!r}")
+        except Exception as error:
+            failure = error
+
+            def failed() -> BinaryIO:
+                raise failure
+
+            return failed
+        return lambda: handle
 
     def load(self) -> torch.Tensor:
         """Every image as one tensor: for a few rows only (a check, a plot)."""
         return torch.stack([self.read(i) for i in range(len(self))]) if len(self) else torch.empty(0, 3, *self.size)
 
-    def loader(self, batch_rows: Iterable[list[int]]) -> torch.utils.data.DataLoader:
-        """(images [B, 3, H, W], rows [B]) for each list of rows `batch_rows` yields, in its order."""
-        return torch.utils.data.DataLoader(
+    def loader(self, batch_rows: Iterable[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images [B, 3, H, W], rows [B]) for each list of rows `batch_rows` yields, in its order. An image that
+        cannot be read raises its own error here, as it was raised where it was read (a DataLoader worker's would
+        otherwise come back as its type around a traceback's text)."""
+        loader = torch.utils.data.DataLoader(
             _Reader(self),
             batch_sampler=batch_rows,
             num_workers=self.workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            collate_fn=_collate,
         )
+        for batch in loader:
+            if isinstance(batch, _Failed):
+                raise batch.error
+            yield batch
 
     @staticmethod
     def cat(parts: Sequence[ImageFiles]) -> ImageFiles:
         first = parts[0]
-        if any((p.root, p.size) != (first.root, first.size) for p in parts):
+        if any((p.source, p.size) != (first.source, first.size) for p in parts):
             raise ValueError("only image files of one folder and one size are pooled")
-        swapped = (
-            None
-            if any(p.counterfactuals is None for p in parts)
-            else np.concatenate([p.counterfactuals for p in parts])
+
+        def joined(name: str) -> np.ndarray | None:
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else np.concatenate(values)
+
+        return dataclasses.replace(
+            first,
+            paths=np.concatenate([p.paths for p in parts]),
+            counterfactuals=joined("counterfactuals"),
+            versions=joined("versions"),
+            counterfactual_versions=joined("counterfactual_versions"),
         )
-        return dataclasses.replace(first, paths=np.concatenate([p.paths for p in parts]), counterfactuals=swapped)
+
+
+class _Failed:
+    """An image's error, carried back from a DataLoader worker whole (its type, code and message)."""
+
+    def __init__(self, error: Exception) -> None:
+        try:
+            pickle.dumps(error)
+        except Exception:  # a foreign error that cannot travel: its type says enough
+            error = RuntimeError(f"an image could not be read ({type(error).__name__})")
+        self.error = error
 
 
 class _Reader(torch.utils.data.Dataset):
     def __init__(self, files: ImageFiles) -> None:
         self.files = files
+        self.pool: tuple[int, ThreadPoolExecutor] | None = None  # this process's readers, made at the first batch
+
+    def __getstate__(self) -> dict:
+        return {"files": self.files, "pool": None}  # a loader process makes its own
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.files.read(index), index
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | _Failed, int]:
+        return self.decoded(index, None)
+
+    def decoded(self, index: int, opened: Callable[[], BinaryIO] | None) -> tuple[torch.Tensor | _Failed, int]:
+        try:
+            return (self.files.read(index) if opened is None else self.files.read(index, opened)), index
+        except Exception as error:
+            return _Failed(error), index
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor | _Failed, int]]:
+        """A batch's images: with a source that reads several at once (a store's reads wait on the network), their
+        bytes read `source.threads` at a time, then decoded one after the other in this thread (decoding holds the
+        interpreter: more threads would only take turns)."""
+        if self.files.source.threads <= 1 or len(indices) == 1:
+            return [self[index] for index in indices]
+        if self.pool is None or self.pool[0] != os.getpid():  # forked with the parent's: its threads are not here
+            self.pool = (os.getpid(), ThreadPoolExecutor(self.files.source.threads))
+        opened = list(self.pool[1].map(self.files.opened_now, indices))
+        return [self.decoded(index, handle) for index, handle in zip(indices, opened)]
+
+
+def _collate(items: list[tuple[torch.Tensor | _Failed, int]]) -> tuple[torch.Tensor, torch.Tensor] | _Failed:
+    for image, _ in items:
+        if isinstance(image, _Failed):
+            return image
+    return torch.utils.data.default_collate(items)
 
 
 def batches_of(x: torch.Tensor | ImageFiles, batch_size: int) -> Iterator[torch.Tensor]:
@@ -153,14 +307,21 @@ def inside(root: pathlib.Path, relative: str, where: str) -> pathlib.Path:
     return path
 
 
-def read_image(path: pathlib.Path, size: tuple[int, int] | None, max_pixels: int, where: str):
-    """The image at `path` as RGB resized to `size` (width, height); its pixel count checked before decoding.
-    `size` None: the header alone is read and checked (None returned). Any failure is a `DatasetError` at `where`."""
+def decode_image(
+    open_image: Callable[[], BinaryIO], size: tuple[int, int] | None, max_pixels: int, where: str
+) -> Image.Image | None:
+    """The image `open_image()` opens, as RGB resized to `size` (width, height); its pixel count checked before
+    decoding. `size` None: the header alone is read and checked (None returned). An image that cannot be opened
+    (OSError) or decoded is a `DatasetError` at `where`; whatever else `open_image` raises is raised as it is."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own check agrees: a warning past it, an error past twice it
     try:
-        with open_regular(path, f"{where}: the image") as handle, Image.open(handle) as image:  # header only
+        opened = open_image()
+    except OSError as error:  # missing, unreadable: the row's fault, named as such (never with its path)
+        raise DatasetError(f"{where}: cannot read the image ({error.strerror or type(error).__name__})") from None
+    try:
+        with opened as handle, Image.open(handle) as image:  # header only
             pixels = image.width * image.height
             if pixels > max_pixels:
                 raise DatasetError(

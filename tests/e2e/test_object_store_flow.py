@@ -1,8 +1,8 @@
 """Workers on other hosts: one API process and two workers that share nothing but PostgreSQL, Redis and an S3 store
 (moto's standalone server; the code under test is the production client). Each worker runs in its own mount
 namespace with an empty tmpfs over the other processes' folders, so no file can pass except through the store.
-Every job kind succeeds, files download byte for byte as stored, a worker host lost mid-job costs only the steps
-since its last saved state, and the API's folder holds no job files."""
+Every job kind succeeds (an image folder in the store too), files download byte for byte as stored, a worker host
+lost mid-job costs only the steps since its last saved state, and the API's folder holds no job files."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from tests.s3server import CREDENTIALS, client_credentials, s3_server
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare for mount namespaces"
 )
-BUCKET, PREFIX = "gs-e2e", "service"
+BUCKET, PREFIX, DATA = "gs-e2e", "service", "data"  # the service's files; image folders (GS_DATA_URLS)
 FAST_REAPER = {"GS_HEARTBEAT_S": "0.5", "GS_HEARTBEAT_TIMEOUT_S": "4", "GS_SWEEP_EVERY_S": "1"}
 RESUMABLE = {"preset": "paper_cmnist_erm", "steps": 200, "eval_every": 50, "save_every": 10, "seeds": [0],
              "audit": False}  # fmt: skip
@@ -86,7 +86,8 @@ def cluster(tmp_path_factory):
     with s3_server() as server:
         server.make_bucket(BUCKET)
         env = {"GS_DATABASE_URL": postgres, "GS_BROKER_URL": broker, "GS_STORAGE_URL": f"s3://{BUCKET}/{PREFIX}",
-               "GS_S3_ENDPOINT_URL": server.endpoint, **CREDENTIALS, **FAST_REAPER}  # fmt: skip
+               "GS_S3_ENDPOINT_URL": server.endpoint, "GS_DATA_URLS": f"s3://{BUCKET}/{DATA}/", **CREDENTIALS,
+               **FAST_REAPER}  # fmt: skip
         api = Stack("api", env, folders["api"], serve_args=("--no-worker",)).start()
         workers = [
             Worker(name, env, folders[name], [folder for other, folder in folders.items() if other != name])
@@ -197,3 +198,34 @@ def test_a_lost_worker_host_costs_only_the_steps_since_its_last_saved_state(clus
     metrics = api.client.get(f"/v1/jobs/{job_id}/metrics", params={"name": "loss", "split": "train"}).json()
     assert [m["step"] for m in metrics["items"]] == [0, 50, 100, 150, 200]  # each evaluation once
     assert not list(api.var_dir.rglob("jobs"))
+
+
+def test_a_folder_in_the_store_is_trained_on_and_audited_by_workers_that_read_it_from_there(cluster, tmp_path):
+    from tests.science.test_image_folders import N_TEST, coloured_folder
+
+    api, workers, s3 = cluster
+    coloured_folder(tmp_path / "coloured")  # 72 12x12 images and their counterfactuals
+    for path in sorted(p for p in (tmp_path / "coloured").rglob("*") if p.is_file()):
+        s3.upload_file(str(path), BUCKET, f"{DATA}/coloured/{path.relative_to(tmp_path / 'coloured').as_posix()}")
+    response = api.client.post("/v1/datasets", data={"name": "coloured", "format": "image_folder",
+                                                     "folder": f"s3://{BUCKET}/{DATA}/coloured/", "image_size": "8"})  # fmt: skip
+    assert response.status_code == 202, response.text
+    deadline = time.monotonic() + 120
+    while (dataset := api.client.get(f"/v1/datasets/{response.json()['id']}").json())["status"] == "pending":
+        assert time.monotonic() < deadline, "the check never ended"
+        time.sleep(0.2)
+    assert dataset["status"] == "ready" and dataset["description"]["counterfactual"], dataset
+
+    spec = {"dataset": {"name": dataset["id"]}, "model": {"arch": "cnn", "channels": [4]}, "steps": 4,
+            "batch_size": 16, "eval_every": 4, "seeds": [0], "audit": False}  # fmt: skip
+    trained = api.wait_for(submit(api, "train", spec), ("succeeded", "failed"), 240)
+    assert trained["status"] == "succeeded", trained["error"]
+    checkpoint = trained["result"]["checkpoints"][0]["safetensors"]
+    audit = {"checkpoint_id": checkpoint, "dataset": {"name": dataset["id"]}, "spurious_attribute": "attribute"}
+    audited = api.wait_for(submit(api, "audit", audit), ("succeeded", "failed"), 240)
+    assert audited["status"] == "succeeded", audited["error"]
+    report = api.client.get(f"/v1/jobs/{audited['id']}/report").json()
+    assert sum(group["n"] for group in report["groups"]) == N_TEST and "counterfactual" in report
+    cached = [p for worker in workers for p in (worker.var_dir / "cache").glob("*.png")]
+    assert cached, "the workers read the images through their caches"
+    assert not [p for p in api.var_dir.rglob("*.png")]  # the API's check kept none of them

@@ -183,3 +183,15 @@ def test_a_check_past_its_time_limit_fails_naming_where_it_stopped(folder) -> No
         datasets.index_image_folder(folder, folder / "metadata.csv", time_limit_s=0)
     assert error.value.code == "too_large"
     assert len(datasets.index_image_folder(folder, folder / "metadata.csv", time_limit_s=60).paths) == N_TRAIN + N_TEST
+
+
+def test_an_image_gone_since_the_check_is_its_own_error_even_from_a_loader_process(folder, tmp_path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    data = datasets.load_image_folder(copy, copy / "metadata.csv", "coloured", 8, workers=2)
+    (copy / "img" / "0.png").unlink()
+    with pytest.raises(datasets.DatasetError) as gone:  # its type and message, not a traceback's text
+        list(datasets.batches_of(data.splits["train"].x, 16))
+    assert str(gone.value) == "image 'img/0.png': cannot read the image (No such file or directory)"
