@@ -64,6 +64,16 @@ def reset_postgres(url: str) -> None:
         conn.execute("CREATE SCHEMA public")
 
 
+def scratch_redis(db: int) -> str:
+    """Redis database `db` on the test server, emptied: a broker of one test module's own, whose jobs no other
+    stack's worker takes."""
+    import redis
+
+    url = require_redis().rsplit("/", 1)[0] + f"/{db}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
 def scratch_postgres(name: str) -> str:
     """A new empty database `name` on the test server (dropped first if it exists)."""
     import psycopg

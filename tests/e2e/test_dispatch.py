@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, Stack, free_port, require_redis, scratch_postgres
+from tests.conftest import ADMIN_TOKEN, Stack, free_port, scratch_postgres, scratch_redis
 
 QUICK = {"GS_SWEEP_EVERY_S": "1", "GS_DISPATCH_EVERY_S": "0.3"}
 # The drills' sizes: jobs the forgetful broker is given (the issue: 200) and tenant A's backlog (300); the suite
@@ -39,10 +39,7 @@ def wait_done(stack: Stack, job_id: str, headers: dict[str, str], timeout_s: flo
 
 
 def test_one_tenants_backlog_does_not_hold_up_anothers_job(tmp_path):
-    broker = require_redis().rsplit("/", 1)[0] + "/10"
-    import redis
-
-    redis.Redis.from_url(broker).flushdb()
+    broker = scratch_redis(10)
     stack = Stack("fair", {"GS_DATABASE_URL": scratch_postgres("gs_fair"), "GS_BROKER_URL": broker,
                            "GS_DISPATCH_WINDOW": "2", **QUICK}, tmp_path).start()
     try:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import Stack, free_port, require_redis, scratch_postgres
+from tests.conftest import Stack, free_port, scratch_postgres, scratch_redis
 
 FAST_REAPER = {"GS_HEARTBEAT_S": "0.5", "GS_HEARTBEAT_TIMEOUT_S": "4", "GS_SWEEP_EVERY_S": "1", "GS_MAX_ATTEMPTS": "3"}
 # Long enough to be killed mid-run (several seconds on 2 cores), short enough to finish.
@@ -40,10 +40,7 @@ def wait_running_attempt(stack: Stack, job_id: str, attempt: int, timeout_s: flo
 
 @pytest.fixture
 def fault_stack(tmp_path):
-    broker = require_redis().rsplit("/", 1)[0] + "/7"
-    import redis
-
-    redis.Redis.from_url(broker).flushdb()
+    broker = scratch_redis(7)
     stack = Stack("faults", {"GS_DATABASE_URL": scratch_postgres("gs_faults"), "GS_BROKER_URL": broker,
                              **FAST_REAPER}, tmp_path)
     yield stack.start()
@@ -198,10 +195,7 @@ class CuttableLink:
 def test_a_ten_second_database_outage_mid_job_is_503s_and_the_job_succeeds_once(tmp_path):
     from urllib.parse import urlsplit
 
-    broker = require_redis().rsplit("/", 1)[0] + "/7"
-    import redis
-
-    redis.Redis.from_url(broker).flushdb()
+    broker = scratch_redis(7)
     database = scratch_postgres("gs_outage")
     real = urlsplit(database)
     link = CuttableLink((real.hostname, real.port or 5432))

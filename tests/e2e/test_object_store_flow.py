@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from scripts.stack import ROOT
-from tests.conftest import Stack, require_postgres, require_redis, scratch_postgres
+from tests.conftest import Stack, require_postgres, scratch_postgres, scratch_redis
 from tests.fixtures_models import ColourBlind, ColourOnly, onnx_bytes, torchscript_bytes
 from tests.s3server import CREDENTIALS, client_credentials, s3_server
 
@@ -72,13 +72,11 @@ class Worker:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     import boto3
-    import redis
 
     # A database and a broker of its own: the session's PostgreSQL + Redis stack, whose worker shares no store with
     # these hosts, must not take their jobs.
     require_postgres()
-    postgres, broker = scratch_postgres("gs_store_hosts"), require_redis().rsplit("/", 1)[0] + "/11"
-    redis.Redis.from_url(broker).flushdb()
+    postgres, broker = scratch_postgres("gs_store_hosts"), scratch_redis(11)
     root = tmp_path_factory.mktemp("hosts")
     folders = {name: root / name for name in ("api", "worker1", "worker2")}
     for folder in folders.values():

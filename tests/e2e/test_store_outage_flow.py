@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from scripts.stack import ROOT, free_port
-from tests.conftest import Stack, require_postgres, require_redis, scratch_postgres
+from tests.conftest import Stack, require_postgres, scratch_postgres, scratch_redis
 from tests.fixtures_models import ColourOnly, torchscript_bytes
 from tests.s3server import CREDENTIALS, client_credentials, s3_server
 
@@ -104,11 +104,9 @@ class CuttableProxy:
 @pytest.fixture(scope="module")
 def outage(tmp_path_factory) -> Iterator[tuple[Stack, list[CuttableProxy], object, Path]]:
     import boto3
-    import redis
 
     require_postgres()
-    postgres, broker = scratch_postgres("gs_store_outage"), require_redis().rsplit("/", 1)[0] + "/14"
-    redis.Redis.from_url(broker).flushdb()
+    postgres, broker = scratch_postgres("gs_store_outage"), scratch_redis(14)
     root = tmp_path_factory.mktemp("outage")
     with s3_server() as server:
         server.make_bucket(BUCKET)

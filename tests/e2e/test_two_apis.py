@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from scripts.stack import ROOT
-from tests.conftest import Stack, free_port, require_postgres, require_redis, scratch_postgres
+from tests.conftest import Stack, free_port, require_postgres, scratch_postgres, scratch_redis
 
 QUICK = {"GS_SWEEP_EVERY_S": "0.5", "GS_DISPATCH_EVERY_S": "0.3", "GS_OUTBOUND_ALLOW": "127.0.0.1",
          "GS_DISPATCH_WINDOW": "1"}  # fmt: skip  (a window of 1: the backlog goes out from the loops, not the request)
@@ -45,11 +45,8 @@ class Hooks(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def two_apis(tmp_path_factory):
-    import redis
-
     require_postgres()
-    postgres, broker = scratch_postgres("gs_two_apis"), require_redis().rsplit("/", 1)[0] + "/15"
-    redis.Redis.from_url(broker).flushdb()
+    postgres, broker = scratch_postgres("gs_two_apis"), scratch_redis(15)
     root = tmp_path_factory.mktemp("two-apis")
     env = {"GS_DATABASE_URL": postgres, "GS_BROKER_URL": broker, "GS_STORAGE_URL": f"file://{root / 'files'}",
            **QUICK}  # fmt: skip
