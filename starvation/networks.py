@@ -12,6 +12,14 @@ from torch import nn
 
 from starvation import params as P
 from starvation.errors import SpecError
+from starvation.resnet_blocks import (
+    MAX_RESNET_WIDTH,
+    RESNET_MIN_SIZE,
+    BasicBlock,
+    Bottleneck,
+    conv1x1,
+    strided,
+)
 
 # Bounds on every architecture parameter, the same for a train spec and for uploaded weights (`check_arch_params`):
 # a width or a depth is a memory size, and an unbounded one lets a 100-byte request allocate gigabytes.
@@ -178,86 +186,6 @@ class CNN(Arch):
 
 # ---- ResNets: torchvision's resnet18 and resnet50 (v1.5), under torchvision's module names ----------------------
 
-RESNET_MIN_SIZE = 8  # pixels a side at least: 2x2 after the stem, 1x1 from layer2 on (CMNIST's 14x14 fits)
-MAX_RESNET_WIDTH = 256  # channels of the stem and layer1 (torchvision: 64); MAX_PARAMETERS bounds the total too
-
-
-def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
-
-
-def _conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
-
-
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock: two 3x3 convs (the first strided) with BatchNorm, plus the shortcut."""
-
-    expansion: int = 1
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = _conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    @staticmethod
-    def convs(inplanes: int, planes: int, stride: int) -> list[tuple[int, int, int, int]]:
-        """(in channels, out channels, kernel, stride of its output w.r.t. the block's input) of each conv but
-        the shortcut's, in order."""
-        return [(inplanes, planes, 3, stride), (planes, planes, 3, stride)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
-class Bottleneck(nn.Module):
-    """torchvision's Bottleneck (ResNet v1.5: the stride on the 3x3 conv): 1x1, 3x3, 1x1 to 4x the planes."""
-
-    expansion: int = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = _conv1x1(inplanes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = _conv1x1(planes, planes * self.expansion)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
-
-    @staticmethod
-    def convs(inplanes: int, planes: int, stride: int) -> list[tuple[int, int, int, int]]:
-        out = planes * Bottleneck.expansion
-        return [(inplanes, planes, 1, 1), (planes, planes, 3, stride), (planes, out, 1, stride)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
-def _strided(size: int, stride: int) -> int:
-    """A side after a conv or max-pool of this stride with 'same' padding (7x7 p3, 3x3 p1, 1x1 p0)."""
-    return (size - 1) // stride + 1
-
 
 class _ResNet(Arch):
     """torchvision's ResNet: conv1 7x7/2, bn1, relu, maxpool 3x3/2, layer1..layer4 (planes width x 1, 2, 4, 8;
@@ -321,11 +249,11 @@ class _ResNet(Arch):
         """
         channels, height, width = cls._image_shape(input_shape)
         base = params["width"]
-        height, width = _strided(height, 2), _strided(width, 2)
+        height, width = strided(height, 2), strided(width, 2)
         n_parameters = channels * base * 49 + 2 * base
         kept = peak = 2 * base * height * width  # conv1's output and bn1's (relu is in place)
         stem = base * height * width
-        height, width = _strided(height, 2), _strided(width, 2)
+        height, width = strided(height, 2), strided(width, 2)
         kept += 3 * base * height * width
         peak = max(peak, stem + base * height * width)
         block_input = base * height * width
@@ -335,12 +263,12 @@ class _ResNet(Arch):
                 convs.append((inplanes, planes * cls.BLOCK.expansion, 1, stride))
             largest = 0
             for c_in, c_out, kernel, out_stride in convs:
-                values = c_out * _strided(height, out_stride) * _strided(width, out_stride)
+                values = c_out * strided(height, out_stride) * strided(width, out_stride)
                 n_parameters += c_in * c_out * kernel * kernel + 2 * c_out
                 kept += 2 * values
                 largest = max(largest, values)
             peak = max(peak, block_input + 4 * largest)
-            height, width = _strided(height, stride), _strided(width, stride)
+            height, width = strided(height, stride), strided(width, stride)
             block_input = planes * cls.BLOCK.expansion * height * width
         features = 8 * base * cls.BLOCK.expansion
         n_parameters += features * num_outputs + num_outputs
@@ -380,7 +308,7 @@ class _ResNet(Arch):
         for stage, inplanes, planes, stride, downsample in cls._blocks(base):
             shortcut = (
                 nn.Sequential(
-                    _conv1x1(inplanes, planes * cls.BLOCK.expansion, stride),
+                    conv1x1(inplanes, planes * cls.BLOCK.expansion, stride),
                     nn.BatchNorm2d(planes * cls.BLOCK.expansion),
                 )
                 if downsample
