@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cli.app
+import cli.base
 from cli.client import ApiClient
 from cli.config import ConfigError, resolve
 from tests.conftest import ROOT
@@ -51,7 +52,7 @@ def test_url_and_token_flags_reach_the_server(monkeypatch):
 
 
 def fake_server(monkeypatch, handler) -> None:
-    monkeypatch.setattr(cli.app, "connect", lambda connection: ApiClient(connection,
+    monkeypatch.setattr(cli.base, "connect", lambda connection: ApiClient(connection,
                                                                          transport=httpx.MockTransport(handler)))
 
 
